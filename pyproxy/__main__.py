@@ -1,0 +1,5 @@
+"""`python -m pyproxy` is the `pyproxy` command."""
+
+from pyproxy.cli import main
+
+raise SystemExit(main())

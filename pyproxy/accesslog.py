@@ -1,0 +1,143 @@
+"""The access log: one line per session in `access_log_format`, compiled once per configuration.
+
+Variables follow nginx's stream module ($bytes_sent is what the client was sent, $bytes_received
+what it sent). Lines are buffered for the duration of one loop tick and written in chunks of at most
+PIPE_BUF bytes cut at line ends, so lines from several workers sharing stdout never tear.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from typing import Callable
+
+from pyproxy.log import open_append
+
+PIPE_BUF = 4096
+VARIABLE = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
+
+
+class _Clock:
+    """Formatted wall-clock strings, recomputed at most once per second."""
+
+    def __init__(self) -> None:
+        self.second = -1
+        self.local = self.iso = ""
+
+    def refresh(self) -> None:
+        now = int(time.time())
+        if now != self.second:
+            self.second = now
+            tm = time.localtime(now)
+            self.local = time.strftime("%d/%b/%Y:%H:%M:%S %z", tm)
+            offset = time.strftime("%z", tm)
+            self.iso = time.strftime("%Y-%m-%dT%H:%M:%S", tm) + offset[:3] + ":" + offset[3:]
+
+
+CLOCK = _Clock()
+
+
+def _dash(value) -> str:
+    return "-" if value is None or value == "" else str(value)
+
+
+# Each getter takes a finished session (pyproxy.session.Session) and returns the text to print.
+GETTERS: dict[str, Callable[[object], str]] = {
+    "remote_addr": lambda s: s.client_addr[0],
+    "remote_port": lambda s: str(s.client_addr[1]),
+    "server_addr": lambda s: s.local_ip(),
+    "server_port": lambda s: str(s.listen.port),
+    "protocol": lambda s: s.protocol,
+    "status": lambda s: str(s.status),
+    "bytes_sent": lambda s: str(s.bytes_sent()),
+    "bytes_received": lambda s: str(s.bytes_received()),
+    "session_time": lambda s: f"{s.ended - s.started:.3f}",
+    "upstream_addr": lambda s: ", ".join(p.name for p in s.tried) if s.tried else "-",
+    "upstream_bytes_sent": lambda s: str(s.upstream_bytes_sent()),
+    "upstream_bytes_received": lambda s: str(s.upstream_bytes_received()),
+    "upstream_connect_time": lambda s: "-" if s.connect_time is None else f"{s.connect_time:.3f}",
+    "ssl_server_name": lambda s: _dash(s.sni),
+    "ssl_protocol": lambda s: _dash(s.ssl_protocol),
+    "ssl_cipher": lambda s: _dash(s.ssl_cipher),
+    "route": lambda s: s.route.name if s.route is not None else "-",
+    "service": lambda s: s.route.service if s.route is not None else "-",
+    "time_local": lambda s: CLOCK.local,
+    "time_iso8601": lambda s: CLOCK.iso,
+    "connection": lambda s: str(s.serial),
+    "pid": lambda s: str(os.getpid()),
+}
+
+
+def compile_format(fmt: str) -> Callable[[object], str]:
+    """Turn `access_log_format` into a function session → line (without the newline)."""
+    parts: list = []
+    pos = 0
+    for m in VARIABLE.finditer(fmt):
+        if m.start() > pos:
+            parts.append(fmt[pos:m.start()])
+        name = m.group(1) or m.group(2)
+        parts.append(GETTERS[name])     # the config loader already rejected unknown names
+        pos = m.end()
+    if pos < len(fmt):
+        parts.append(fmt[pos:])
+
+    def render(session) -> str:
+        return "".join(p if p.__class__ is str else p(session) for p in parts)
+
+    return render
+
+
+class AccessLog:
+    """Buffered access-log writer; `flush()` runs once per loop tick."""
+
+    def __init__(self, target: str | None, fmt: str):
+        self.target = target
+        self.render = compile_format(fmt)
+        self.fd = -1
+        self.lines: list[str] = []
+        self.reopen()
+
+    def reopen(self) -> None:
+        old = self.fd
+        if self.target is None:
+            self.fd = -1
+        elif self.target == "stdout":
+            self.fd = 1
+        elif self.target == "stderr":
+            self.fd = 2
+        else:
+            try:
+                self.fd = open_append(self.target)
+            except OSError:
+                return      # keep writing to the old file; the error log says why at reload
+        if old > 2 and old != self.fd:
+            os.close(old)
+
+    def write(self, session) -> None:
+        if self.fd >= 0:
+            CLOCK.refresh()
+            self.lines.append(self.render(session) + "\n")
+
+    def flush(self) -> None:
+        if not self.lines:
+            return
+        data = "".join(self.lines).encode("utf-8", "replace")
+        self.lines.clear()
+        view = memoryview(data)
+        try:
+            while view:
+                chunk = view[:PIPE_BUF]
+                if len(view) > PIPE_BUF:
+                    cut = bytes(chunk).rfind(b"\n") + 1
+                    chunk = view[:cut or PIPE_BUF]
+                written = os.write(self.fd, chunk)
+                view = view[written:]
+        except OSError:
+            pass        # a full disk or closed stdout must not end sessions
+
+    def close(self) -> None:
+        self.flush()
+        if self.fd > 2:
+            os.close(self.fd)
+        self.fd = -1

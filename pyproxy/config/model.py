@@ -1,0 +1,213 @@
+"""The validated configuration: frozen dataclasses, the only shape the rest of pyproxy sees.
+
+The YAML never leaks past `pyproxy.config`: the loader turns the file into these objects (with every
+path made absolute, every duration in seconds, every address parsed) or into a list of errors.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
+# nginx's stream status codes, used in the access log and metrics.
+STATUS_OK = 200
+STATUS_BAD_REQUEST = 400
+STATUS_FORBIDDEN = 403
+STATUS_NO_ROUTE = 404
+STATUS_INTERNAL = 500
+STATUS_BAD_GATEWAY = 502
+STATUS_OVER_LIMIT = 503
+
+LOG_LEVELS = ("debug", "info", "notice", "warn", "error", "crit")
+ROUTE_PROTOCOLS = ("tcp", "tls", "tls_passthrough")
+ALGORITHMS = ("round-robin", "least-connections", "consistent-hashing")
+
+
+@dataclass(frozen=True)
+class Listen:
+    """One `stream_listen` entry: `address:port [ssl] [proxy_protocol] [backlog=N]`."""
+
+    host: str                     # literal IP as written: "0.0.0.0", "127.0.0.1", "::"
+    port: int
+    ssl: bool = False
+    proxy_protocol: bool = False
+    backlog: int = 511            # nginx's default
+    line: int = 0                 # where it was written, for messages
+
+    @property
+    def family(self) -> int:
+        import socket
+        return socket.AF_INET6 if ":" in self.host else socket.AF_INET
+
+    @property
+    def key(self) -> tuple[str, int]:
+        """Identity of the listening socket: a reload keeps sockets whose key is unchanged."""
+        return (self.host, self.port)
+
+    @property
+    def wildcard(self) -> bool:
+        return self.host in ("0.0.0.0", "::")
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class CertKey:
+    cert: str                     # absolute path
+    key: str                      # absolute path
+
+
+@dataclass(frozen=True)
+class Certificate:
+    cert: str
+    key: str
+    snis: tuple[str, ...] = ()    # lower-cased; empty = the names inside the certificate
+
+
+@dataclass(frozen=True)
+class SSLSettings:
+    protocols: tuple[str, ...] = ("TLSv1.2", "TLSv1.3")
+    ciphers: str = "ECDHE+AESGCM:ECDHE+CHACHA20"
+    default_certificate: Optional[CertKey] = None
+    preread_timeout: float = 5.0       # seconds to receive a whole ClientHello
+    handshake_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class ActiveHealthcheck:
+    type: str = "tcp"
+    interval: float = 0.0         # seconds; 0 = off
+    timeout: float = 1.0
+    send: Optional[bytes] = None  # optional bytes written after connect
+    expect: Optional[bytes] = None  # bytes the response must start with
+    healthy_successes: int = 2
+    unhealthy_tcp_failures: int = 2
+    unhealthy_timeouts: int = 2
+
+
+@dataclass(frozen=True)
+class PassiveHealthcheck:
+    """Failures seen on real sessions. `tcp_failures`/`timeouts` consecutive failures take the target
+    out for `fail_timeout` (nginx's max_fails/fail_timeout); 0 disables that counter."""
+
+    unhealthy_tcp_failures: int = 1
+    unhealthy_timeouts: int = 1
+    fail_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class Healthchecks:
+    active: ActiveHealthcheck = field(default_factory=ActiveHealthcheck)
+    passive: PassiveHealthcheck = field(default_factory=PassiveHealthcheck)
+
+
+@dataclass(frozen=True)
+class Target:
+    host: str                     # as written (hostname or IP)
+    port: int
+    weight: int = 100             # 0 = never picked
+    addresses: tuple[tuple[str, int], ...] = ()   # resolved (ip, port) pairs, filled at load
+    line: int = 0
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Upstream:
+    name: str
+    algorithm: str = "round-robin"
+    hash_on: str = "ip"           # ip | sni
+    healthchecks: Healthchecks = field(default_factory=Healthchecks)
+    targets: tuple[Target, ...] = ()
+
+
+@dataclass(frozen=True)
+class AddressMatch:
+    """One `sources`/`destinations` entry; a field left out matches anything."""
+
+    network: Optional[IPNetwork] = None
+    port: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class Route:
+    name: str
+    service: str                  # name of the owning service
+    protocols: tuple[str, ...] = ("tcp",)
+    sources: tuple[AddressMatch, ...] = ()
+    destinations: tuple[AddressMatch, ...] = ()
+    snis: tuple[str, ...] = ()    # lower-cased; "*.example.com" or "example.*" wildcards allowed
+    index: int = 0                # position in the file over all services: ties go to the first written
+    line: int = 0
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    protocol: str = "tcp"         # tcp | tls: encrypt towards the upstream
+    host: str = ""
+    port: int = 80
+    upstream: Optional[str] = None          # set when `host` names an upstream
+    addresses: tuple[tuple[str, int], ...] = ()   # resolved (ip, port) when host is not an upstream
+    connect_timeout: float = 60.0
+    read_timeout: float = 60.0
+    write_timeout: float = 60.0
+    retries: int = 5
+    tls_verify: bool = False
+    ca_certificates: tuple[str, ...] = ()   # absolute paths of PEM files
+    tls_server_name: Optional[str] = None
+    proxy_protocol: str = "off"   # off | v1 | v2
+    routes: tuple[Route, ...] = ()
+
+
+@dataclass(frozen=True)
+class Plugin:
+    name: str
+    route: Optional[str] = None
+    service: Optional[str] = None
+    config: tuple[tuple[str, object], ...] = ()   # validated later by the plugin itself
+    line: int = 0
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str                     # absolute path of the file this came from
+    worker_processes: int = 1     # "auto" already turned into the CPU count
+    worker_connections: int = 16384
+    worker_shutdown_timeout: float = 30.0
+    pid: Optional[str] = None     # absolute path, None = "off"
+    user: Optional[str] = None
+    status_listen: Optional[tuple[str, int]] = None
+    error_log: str = "stderr"     # "stderr" or an absolute path
+    log_level: str = "notice"
+    access_log: Optional[str] = "stdout"   # "stdout", "stderr", an absolute path, or None (off)
+    access_log_format: str = ('$remote_addr [$time_local] $protocol $status $bytes_sent $bytes_received '
+                              '$session_time "$upstream_addr" "$ssl_server_name" $route')
+    stream_listen: tuple[Listen, ...] = ()
+    ssl: SSLSettings = field(default_factory=SSLSettings)
+    certificates: tuple[Certificate, ...] = ()
+    upstreams: tuple[Upstream, ...] = ()
+    services: tuple[Service, ...] = ()
+    plugins: tuple[Plugin, ...] = ()
+
+    @property
+    def routes(self) -> tuple[Route, ...]:
+        """Every route of every service, in the order written."""
+        return tuple(r for s in self.services for r in s.routes)
+
+    def upstream(self, name: str) -> Upstream:
+        for u in self.upstreams:
+            if u.name == name:
+                return u
+        raise KeyError(name)
+
+    def service(self, name: str) -> Service:
+        for s in self.services:
+            if s.name == name:
+                return s
+        raise KeyError(name)

@@ -1,0 +1,92 @@
+"""An echo server that greets like the echo service in Kong's TCP how-to, then echoes every byte.
+
+    Welcome, you are connected to node <hostname>.
+    Running on Pod <name>.
+    In namespace default.
+    With IP address <ip>.
+
+Used by `make run` behind pyproxy, and by the tests as a real upstream. Run alone with
+`python -m pyproxy.demo.echo --listen 127.0.0.1:1025 [--name echo-1]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import socketserver
+import threading
+
+
+def greeting(name: str, ip: str) -> bytes:
+    return (f"Welcome, you are connected to node {socket.gethostname()}.\n"
+            f"Running on Pod {name}.\n"
+            f"In namespace default.\n"
+            f"With IP address {ip}.\n").encode()
+
+
+class _Handler(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        conn: socket.socket = self.request
+        try:
+            conn.sendall(greeting(self.server.name, conn.getsockname()[0]))
+            while True:
+                data = conn.recv(65536)
+                if not data:
+                    break
+                conn.sendall(data)
+            conn.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+
+class _Server(socketserver.ThreadingTCPServer):
+    allow_reuse_address = True
+    daemon_threads = True
+    request_queue_size = 128
+
+
+class EchoServer:
+    """A threaded echo server on (host, port); `start()` returns once it is listening."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 1025, name: str | None = None):
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        server_class = type("_Server", (_Server,), {"address_family": family})
+        self.server = server_class((host, port), _Handler)
+        self.server.name = name or f"echo-{port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.2},
+                                       daemon=True, name=f"echo {host}:{port}")
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.server.server_address[:2]
+
+    def start(self) -> "EchoServer":
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pyproxy.demo.echo", description=__doc__.splitlines()[0])
+    parser.add_argument("--listen", default="127.0.0.1:1025", help="address:port (default 127.0.0.1:1025)")
+    parser.add_argument("--name", default=None, help="the Pod name in the greeting")
+    args = parser.parse_args(argv)
+    host, _, port = args.listen.rpartition(":")
+    try:
+        server = EchoServer(host.strip("[]") or "127.0.0.1", int(port), args.name)
+    except OSError as exc:
+        print(f"echo: cannot listen on {args.listen}: {exc.strerror}")
+        return 1
+    print(f"echo: listening on {args.listen}")
+    try:
+        server.server.serve_forever(poll_interval=0.2)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

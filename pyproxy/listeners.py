@@ -1,0 +1,116 @@
+"""Listening sockets: one per worker slot per `stream_listen` address, all in one SO_REUSEPORT group.
+
+The master creates them and keeps them for its whole life. A worker slot's sockets are inherited by
+the worker that serves the slot, and on reload by its successor; because no socket of the group is
+ever closed while its address stays configured, a connection waiting in an accept queue is never
+reset (closing a SO_REUSEPORT socket resets what waits in its own queue unless the kernel's
+net.ipv4.tcp_migrate_req is on).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from dataclasses import dataclass
+
+from pyproxy.config.model import Listen
+
+
+class BindError(Exception):
+    """A listening socket could not be created; the message is ready for the operator."""
+
+
+@dataclass
+class ListenSocket:
+    """A bound, listening, non-blocking socket and the configuration it was made for."""
+
+    listen: Listen
+    slot: int
+    sock: socket.socket
+
+    @property
+    def fd(self) -> int:
+        return self.sock.fileno()
+
+
+def open_listener(listen: Listen, slot: int) -> ListenSocket:
+    """Bind and listen on one address for one worker slot."""
+    sock = socket.socket(listen.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if listen.family == socket.AF_INET6:
+            # nginx's ipv6only=on: "[::]:9000" and "0.0.0.0:9000" are separate sockets.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((listen.host, listen.port))
+        sock.listen(listen.backlog)
+    except OSError as exc:
+        sock.close()
+        raise BindError(f"bind() to {listen} failed ({exc.errno}: {os.strerror(exc.errno or errno.EIO)})") from None
+    return ListenSocket(listen, slot, sock)
+
+
+class ListenerSet:
+    """Every listening socket the master holds, keyed by (address key, slot)."""
+
+    def __init__(self) -> None:
+        self.sockets: dict[tuple[tuple[str, int], int], ListenSocket] = {}
+
+    def slots(self) -> int:
+        return 1 + max((slot for _, slot in self.sockets), default=-1)
+
+    def ensure(self, listens: tuple[Listen, ...], slots: int) -> list[ListenSocket]:
+        """Bind whatever `listens` x `slots` needs that is not bound yet; return what was created.
+
+        Sockets already bound keep serving (a reload that changes nothing about an address leaves
+        its sockets and their accept queues alone). On a bind failure everything created by this
+        call is closed again and BindError is raised, so a failed reload changes nothing.
+        """
+        created: list[ListenSocket] = []
+        try:
+            for listen in listens:
+                for slot in range(slots):
+                    key = (listen.key, slot)
+                    current = self.sockets.get(key)
+                    if current is None:
+                        ls = open_listener(listen, slot)
+                        created.append(ls)
+                    elif current.listen.backlog != listen.backlog:
+                        current.sock.listen(listen.backlog)   # listen() again just resizes the queue
+        except BindError:
+            for ls in created:
+                ls.sock.close()
+            raise
+        for ls in created:
+            self.sockets[(ls.listen.key, ls.slot)] = ls
+        for listen in listens:                      # remember the newest flags (ssl, proxy_protocol)
+            for slot in range(slots):
+                self.sockets[(listen.key, slot)].listen = listen
+        return created
+
+    def for_slot(self, listens: tuple[Listen, ...], slot: int, slots: int) -> list[ListenSocket]:
+        """The sockets a worker in `slot` of a `slots`-worker generation accepts on.
+
+        When a reload shrinks the worker count, the sockets of the slots beyond it stay open (their
+        queues must not be reset) and are served by the remaining workers: slot s by worker s % slots.
+        """
+        keys = {listen.key for listen in listens}
+        return [ls for (key, s), ls in self.sockets.items() if key in keys and s % slots == slot]
+
+    def close_unused(self, listens: tuple[Listen, ...]) -> list[ListenSocket]:
+        """Close the sockets of addresses that are no longer configured; return them."""
+        keys = {listen.key for listen in listens}
+        gone = [ls for (key, _), ls in self.sockets.items() if key not in keys]
+        for ls in gone:
+            del self.sockets[(ls.listen.key, ls.slot)]
+            ls.sock.close()
+        return gone
+
+    def all(self) -> list[ListenSocket]:
+        return list(self.sockets.values())
+
+    def close(self) -> None:
+        for ls in self.sockets.values():
+            ls.sock.close()
+        self.sockets.clear()

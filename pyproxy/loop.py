@@ -1,0 +1,136 @@
+"""A worker's event loop: one epoll, a timer heap and a queue of work to finish on the next tick.
+
+Why `select.epoll` and not `selectors.EpollSelector`: the selectors wrapper cannot ask for
+edge-triggered events (EPOLLET) nor EPOLLRDHUP, and it wraps every event in a key object. Sessions
+register each socket once, edge-triggered, for their whole life, and keep the readiness they were told
+about in plain flags, so forwarding costs no epoll_ctl calls at all (nginx does the same).
+
+Timers are lazy: a session keeps one timer and, when it fires, re-arms it if its activity moved the
+deadline on. Activity itself costs one float assignment, never a heap operation.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import select
+import time
+from collections import deque
+from typing import Callable
+
+EPOLLIN = select.EPOLLIN
+EPOLLOUT = select.EPOLLOUT
+EPOLLERR = select.EPOLLERR
+EPOLLHUP = select.EPOLLHUP
+EPOLLRDHUP = select.EPOLLRDHUP
+EPOLLET = select.EPOLLET
+
+# A stream socket's registration for life: readable, writable, peer half-close, edge-triggered.
+STREAM_EVENTS = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
+
+
+class Timer:
+    """A cancellable one-shot callback; `cancel()` is O(1) (the heap entry is skipped when it pops)."""
+
+    __slots__ = ("deadline", "callback", "cancelled")
+
+    def __init__(self, deadline: float, callback: Callable[[], None]):
+        self.deadline = deadline
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Loop:
+    """epoll + timers + call_soon; `now` is the monotonic time of the current tick."""
+
+    def __init__(self, max_events: int = 512):
+        self.epoll = select.epoll()
+        self.handlers: dict[int, Callable[[int], None]] = {}
+        self.timers: list[tuple[float, int, Timer]] = []
+        self.soon: deque[Callable[[], None]] = deque()
+        self.after_tick: list[Callable[[], None]] = []
+        self.seq = itertools.count()
+        self.max_events = max_events
+        self.now = time.monotonic()
+        self.running = False
+
+    # -- file descriptors -------------------------------------------------------------------
+    def add(self, fd: int, events: int, handler: Callable[[int], None]) -> None:
+        self.epoll.register(fd, events)
+        self.handlers[fd] = handler
+
+    def modify(self, fd: int, events: int) -> None:
+        self.epoll.modify(fd, events)
+
+    def remove(self, fd: int) -> None:
+        """Forget fd; call before closing it (a closed fd leaves epoll on its own, a dup'd one does not)."""
+        if self.handlers.pop(fd, None) is not None:
+            try:
+                self.epoll.unregister(fd)
+            except (OSError, ValueError):
+                pass
+
+    # -- time -------------------------------------------------------------------------------
+    def call_at(self, deadline: float, callback: Callable[[], None]) -> Timer:
+        timer = Timer(deadline, callback)
+        heapq.heappush(self.timers, (deadline, next(self.seq), timer))
+        return timer
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
+        return self.call_at(self.now + delay, callback)
+
+    def call_soon(self, callback: Callable[[], None]) -> None:
+        """Run callback on the next tick, after this tick's events (fairness for busy sessions)."""
+        self.soon.append(callback)
+
+    # -- running ----------------------------------------------------------------------------
+    def _poll_timeout(self) -> float:
+        if self.soon:
+            return 0
+        timers = self.timers
+        while timers and timers[0][2].cancelled:
+            heapq.heappop(timers)
+        if not timers:
+            return 1.0
+        return min(max(timers[0][0] - time.monotonic(), 0.0), 1.0)
+
+    def _run_timers(self) -> None:
+        timers = self.timers
+        now = self.now
+        while timers and timers[0][0] <= now:
+            timer = heapq.heappop(timers)[2]
+            if not timer.cancelled:
+                timer.cancelled = True
+                timer.callback()
+
+    def run_once(self) -> None:
+        try:
+            events = self.epoll.poll(self._poll_timeout(), self.max_events)
+        except InterruptedError:
+            events = ()
+        self.now = time.monotonic()
+        handlers = self.handlers
+        for fd, mask in events:
+            handler = handlers.get(fd)
+            if handler is not None:    # an earlier handler in this batch may have closed it
+                handler(mask)
+        soon = self.soon
+        for _ in range(len(soon)):
+            soon.popleft()()
+        self._run_timers()
+        for callback in self.after_tick:
+            callback()
+
+    def run(self) -> None:
+        self.running = True
+        while self.running:
+            self.run_once()
+
+    def stop(self) -> None:
+        self.running = False
+
+    def close(self) -> None:
+        self.epoll.close()

@@ -1,0 +1,320 @@
+"""Load balancing and passive health checks for one worker process.
+
+Each worker owns its own balancers (one per upstream, plus one per service that names a plain
+host:port). Nothing here does I/O or blocks, and the clock is passed in as `now` (a time.monotonic()
+value), so a test can play with time.
+
+The shapes follow nginx's `ngx_stream_upstream_round_robin`: passive health lives on the peer (its
+weight, current/effective weight, connection count, consecutive failures and the time it is out of
+rotation until), and the algorithms are nginx's smooth weighted round robin and least connections, plus
+a Ketama-style hash ring for consistent hashing.
+
+The session code drives a balancer like this:
+
+    tried = []
+    while (peer := balancer.pick(now, key, tried)) is not None and len(tried) <= retries:
+        tried.append(peer)
+        ...connect...  ->  balancer.connected(peer, now)   # then balancer.released(peer) at the end
+                       or  balancer.failed(peer, now, timeout=...)
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import math
+from collections.abc import Callable, Collection
+from typing import Optional
+
+from pyproxy.config.model import Config, PassiveHealthcheck
+
+__all__ = ["Peer", "Balancer", "build_balancers", "peer_name", "stable_hash", "ALGORITHMS"]
+
+ALGORITHMS = ("round-robin", "least-connections", "consistent-hashing")
+
+# Ring points per 100 units of weight (Ketama uses 160 per server of weight 1; nginx's `hash ...
+# consistent` uses 160 * weight). Enough for an even spread over a handful of targets.
+POINTS_PER_100_WEIGHT = 160
+
+LogFn = Callable[[str, str], None]
+
+
+def stable_hash(data: str) -> int:
+    """A 32-bit hash of `data` that is the same in every process and every run.
+
+    Python's `hash()` is salted per process (PYTHONHASHSEED), and workers must agree on which target a
+    key goes to, so the ring uses the first four bytes of MD5 — Ketama's choice — instead.
+    """
+    digest = hashlib.md5(data.encode("utf-8", "surrogatepass"), usedforsecurity=False).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
+def peer_name(addr: tuple[str, int]) -> str:
+    """How an address is written in logs and `$upstream_addr`: `127.0.0.1:1025` or `[::1]:1025`."""
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _seconds(value: float) -> str:
+    return f"{value:g}s"
+
+
+class Peer:
+    """One resolved address of a target, with its balancing and passive-health state."""
+
+    __slots__ = ("addr", "name", "weight", "current_weight", "effective_weight",
+                 "conns", "fails", "timeouts", "down_until")
+
+    def __init__(self, addr: tuple[str, int], weight: int = 100, name: Optional[str] = None):
+        self.addr = (addr[0], addr[1])
+        self.name = name if name is not None else peer_name(addr)
+        self.weight = weight
+        self.current_weight = 0           # smooth weighted round robin's running score
+        self.effective_weight = weight    # lowered by failures, recovers by one per pick (nginx)
+        self.conns = 0                    # sessions currently connected through this peer
+        self.fails = 0                    # consecutive connect failures (refused, unreachable)
+        self.timeouts = 0                 # consecutive connect timeouts
+        self.down_until = 0.0             # out of rotation until this monotonic time
+
+    def available(self, now: float) -> bool:
+        """Whether passive (or active) health lets new sessions use this peer at `now`."""
+        return now >= self.down_until
+
+    def __repr__(self) -> str:
+        return (f"Peer({self.name}, weight={self.weight}, conns={self.conns}, fails={self.fails}, "
+                f"timeouts={self.timeouts}, down_until={self.down_until})")
+
+
+class Balancer:
+    """Chooses a peer for each new connection attempt and keeps the peers' passive health.
+
+    One instance per upstream per worker; services naming the same upstream share it, so their
+    connection counts and failures add up.
+    """
+
+    __slots__ = ("name", "peers", "algorithm", "hash_on", "passive", "log",
+                 "_all_down", "_ring_points", "_ring_peers")
+
+    def __init__(self, name: str, peers: list[Peer], algorithm: str = "round-robin", hash_on: str = "ip",
+                 passive: PassiveHealthcheck = PassiveHealthcheck(), log: Optional[LogFn] = None):
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"unknown balancing algorithm {algorithm!r}")
+        for peer in peers:
+            if peer.weight < 0:
+                raise ValueError(f"negative weight for {peer.name}")
+        self.name = name
+        self.peers = list(peers)
+        self.algorithm = algorithm
+        self.hash_on = hash_on            # which key the session passes to pick(): "ip" or "sni"
+        self.passive = passive
+        self.log = log
+        self._all_down = False            # inside the "every target is unhealthy" state (logged once)
+        self._ring_points: list[int] = []
+        self._ring_peers: list[Peer] = []
+        if algorithm == "consistent-hashing":
+            self._build_ring()
+
+    # -- choosing -------------------------------------------------------------------------------
+
+    def pick(self, now: float, key: Optional[str] = None, tried: Collection[Peer] = ()) -> Optional[Peer]:
+        """The peer for a new connection attempt, or None when every peer has been tried.
+
+        `key` is the client IP or SNI for consistent hashing (None falls back to round robin for this
+        pick). Peers in `tried` and peers that are down are skipped; if every untried peer is down they
+        are tried anyway (as Kong does) rather than refusing the client, and the log says so once.
+        """
+        peer = self._choose(now, key, tried, True)
+        if peer is not None:
+            if self._all_down:
+                self._all_down = False
+                self._say("notice", f'upstream "{self.name}": target {peer.name} is available again')
+            return peer
+        peer = self._choose(now, key, tried, False)
+        if peer is not None and not self._all_down and not self._any_available(now):
+            # Only a real outage counts: a tried peer that is still up means this session was unlucky,
+            # not that the upstream is down.
+            self._all_down = True
+            self._say("warn", f'upstream "{self.name}": all targets are unhealthy, trying them anyway')
+        return peer
+
+    def _choose(self, now: float, key: Optional[str], tried: Collection[Peer], healthy_only: bool):
+        if self.algorithm == "consistent-hashing" and key is not None:
+            return self._pick_hash(now, key, tried, healthy_only)
+        if self.algorithm == "least-connections":
+            return self._pick_least_conns(now, tried, healthy_only)
+        return self._pick_round_robin(now, tried, healthy_only)
+
+    def _pick_round_robin(self, now: float, tried: Collection[Peer], healthy_only: bool) -> Optional[Peer]:
+        # nginx's ngx_stream_upstream_get_peer: every eligible peer gains its effective weight, the
+        # highest score wins and pays back the total. Picks interleave smoothly (a b a, not a a b).
+        best = None
+        total = 0
+        for peer in self.peers:
+            if peer.weight <= 0 or (tried and peer in tried) or (healthy_only and now < peer.down_until):
+                continue
+            peer.current_weight += peer.effective_weight
+            total += peer.effective_weight
+            if peer.effective_weight < peer.weight:
+                peer.effective_weight += 1
+            if best is None or peer.current_weight > best.current_weight:
+                best = peer
+        if best is not None:
+            best.current_weight -= total
+        return best
+
+    def _pick_least_conns(self, now: float, tried: Collection[Peer], healthy_only: bool) -> Optional[Peer]:
+        # nginx's ngx_stream_upstream_get_least_conn_peer: the fewest conns/weight wins (compared by
+        # cross-multiplying, no floats); ties are settled by smooth weighted round robin among them.
+        best = None
+        many = False
+        for peer in self.peers:
+            if peer.weight <= 0 or (tried and peer in tried) or (healthy_only and now < peer.down_until):
+                continue
+            if best is None or peer.conns * best.weight < best.conns * peer.weight:
+                best = peer
+                many = False
+            elif peer.conns * best.weight == best.conns * peer.weight:
+                many = True
+        if best is None or not many:
+            return best
+        conns, weight = best.conns, best.weight
+        chosen = None
+        total = 0
+        for peer in self.peers:
+            if (peer.weight <= 0 or peer.conns * weight != conns * peer.weight
+                    or (tried and peer in tried) or (healthy_only and now < peer.down_until)):
+                continue
+            peer.current_weight += peer.effective_weight
+            total += peer.effective_weight
+            if peer.effective_weight < peer.weight:
+                peer.effective_weight += 1
+            if chosen is None or peer.current_weight > chosen.current_weight:
+                chosen = peer
+        chosen.current_weight -= total
+        return chosen
+
+    def _pick_hash(self, now: float, key: str, tried: Collection[Peer], healthy_only: bool) -> Optional[Peer]:
+        # Walk clockwise from the key's point to the first usable peer: a peer that is down or already
+        # tried sends its keys to its neighbours on the ring, and only those keys move.
+        points = self._ring_points
+        count = len(points)
+        if not count:
+            return None
+        ring = self._ring_peers
+        start = bisect.bisect_left(points, stable_hash(key))
+        for i in range(start, start + count):
+            peer = ring[i % count]
+            if (tried and peer in tried) or (healthy_only and now < peer.down_until):
+                continue
+            return peer
+        return None
+
+    def _build_ring(self) -> None:
+        entries = []
+        for peer in self.peers:
+            if peer.weight <= 0:
+                continue
+            points = max(1, POINTS_PER_100_WEIGHT * peer.weight // 100)
+            # A point depends only on the peer's own address, never on its position in the list, so
+            # adding or removing a target moves only the keys that land next to its points.
+            entries.extend((stable_hash(f"{peer.name}-{i}"), peer.name, peer) for i in range(points))
+        entries.sort(key=lambda e: (e[0], e[1]))
+        self._ring_points = [e[0] for e in entries]
+        self._ring_peers = [e[2] for e in entries]
+
+    def _any_available(self, now: float) -> bool:
+        for peer in self.peers:
+            if peer.weight > 0 and now >= peer.down_until:
+                return True
+        return False
+
+    # -- outcomes -------------------------------------------------------------------------------
+
+    def connected(self, peer: Peer, now: float) -> None:
+        """The connect to `peer` succeeded: count the session and forget its failures."""
+        peer.conns += 1
+        peer.fails = 0
+        peer.timeouts = 0
+        if peer.down_until > now:
+            # Tried anyway while it was out, and it answered: it is back (a success is proof enough).
+            peer.down_until = 0.0
+            self._all_down = False
+            self._say("notice", f'upstream "{self.name}": target {peer.name} is up again')
+
+    def failed(self, peer: Peer, now: float, timeout: bool) -> None:
+        """The connect to `peer` was refused/unreachable (`timeout=False`) or timed out (`timeout=True`).
+
+        Consecutive failures of each kind are counted; reaching that kind's threshold (0 disables it)
+        takes the peer out of rotation for `fail_timeout` seconds (nginx's max_fails/fail_timeout).
+        """
+        if timeout:
+            peer.timeouts += 1
+            count, threshold, what = peer.timeouts, self.passive.unhealthy_timeouts, "connect timeout(s)"
+        else:
+            peer.fails += 1
+            count, threshold, what = peer.fails, self.passive.unhealthy_tcp_failures, "connect failure(s)"
+        if threshold <= 0:
+            return
+        # As nginx does, a failing peer also loses some weight, won back one point per pick.
+        peer.effective_weight = max(0, peer.effective_weight - peer.weight // threshold)
+        if count < threshold:
+            return
+        was_down = now < peer.down_until
+        peer.down_until = now + self.passive.fail_timeout
+        if not was_down:
+            self._say("warn", f'upstream "{self.name}": target {peer.name} is down for '
+                              f'{_seconds(self.passive.fail_timeout)} after {count} {what}')
+
+    def released(self, peer: Peer) -> None:
+        """A session through `peer` ended."""
+        if peer.conns > 0:
+            peer.conns -= 1
+
+    # -- active health checks -------------------------------------------------------------------
+
+    def mark_down(self, peer: Peer, now: float, duration: float = math.inf, reason: str = "") -> None:
+        """Take `peer` out of rotation for `duration` seconds (default: until `mark_up`)."""
+        was_down = now < peer.down_until
+        peer.down_until = max(peer.down_until, now + duration)
+        if not was_down:
+            why = f" ({reason})" if reason else ""
+            self._say("warn", f'upstream "{self.name}": target {peer.name} is down{why}')
+
+    def mark_up(self, peer: Peer, now: float) -> None:
+        """Put `peer` back in rotation now and forget its failures (an active check succeeded)."""
+        was_down = now < peer.down_until
+        peer.down_until = 0.0
+        peer.fails = 0
+        peer.timeouts = 0
+        if was_down:
+            self._say("notice", f'upstream "{self.name}": target {peer.name} is up again')
+
+    def _say(self, level: str, message: str) -> None:
+        if self.log is not None:
+            self.log(level, message)
+
+    def __repr__(self) -> str:
+        return f"Balancer({self.name!r}, {self.algorithm}, {self.peers!r})"
+
+
+def build_balancers(config: Config, log: Optional[LogFn] = None) -> dict[str, Balancer]:
+    """One balancer per service name, for one worker.
+
+    Services whose host names an upstream share that upstream's balancer (one object per upstream);
+    a service with a plain host:port gets its own round-robin balancer over its resolved addresses,
+    named `host:port` in the log as nginx names an implicit upstream.
+    """
+    by_upstream: dict[str, Balancer] = {}
+    for upstream in config.upstreams:
+        peers = [Peer(addr, target.weight) for target in upstream.targets for addr in target.addresses]
+        by_upstream[upstream.name] = Balancer(upstream.name, peers, upstream.algorithm, upstream.hash_on,
+                                              upstream.healthchecks.passive, log)
+    balancers: dict[str, Balancer] = {}
+    for service in config.services:
+        if service.upstream is not None:
+            balancers[service.name] = by_upstream[service.upstream]
+        else:
+            peers = [Peer(addr, 100) for addr in service.addresses]
+            host = f"[{service.host}]" if ":" in service.host else service.host
+            balancers[service.name] = Balancer(f"{host}:{service.port}", peers, log=log)
+    return balancers

@@ -1,0 +1,244 @@
+"""A worker process: one thread, one event loop, accepting on its slot's listening sockets.
+
+As in gunicorn, `Worker.__init__` runs in the master before the fork and touches nothing of the
+process; `init_process` runs in the child. A worker that cannot finish `init_process` exits with
+WORKER_BOOT_ERROR so the master stops instead of respawning it forever; after `init_process` it
+writes one byte on its ready pipe, which is how the master knows a reload may retire the old workers.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import pwd
+import signal
+import socket
+from typing import Iterable
+
+from setproctitle import setproctitle
+
+from pyproxy.accesslog import AccessLog
+from pyproxy.config.model import STATUS_OVER_LIMIT, Config
+from pyproxy.forward import PipePool
+from pyproxy.listeners import ListenSocket
+from pyproxy.log import ErrorLog
+from pyproxy.loop import EPOLLIN, Loop
+from pyproxy.router import Router
+from pyproxy.session import Session
+from pyproxy.upstream import build_balancers
+
+WORKER_BOOT_ERROR = 3
+ACCEPT_BATCH = 64             # connections taken per readiness event of a listening socket
+ACCEPT_PAUSE = 0.5            # seconds to stop accepting after EMFILE/ENFILE (nginx: accept_mutex_delay)
+
+
+def drop_privileges(user: str | None, log: ErrorLog) -> None:
+    """Become `user` (workers only, after the master bound the ports as root)."""
+    if user is None or os.geteuid() != 0:
+        return
+    entry = pwd.getpwnam(user)
+    os.setgroups([])
+    os.setgid(entry.pw_gid)
+    os.setuid(entry.pw_uid)
+    log.debug(f"worker runs as user {user} (uid {entry.pw_uid})")
+
+
+class Worker:
+    """One worker slot of one configuration generation."""
+
+    def __init__(self, slot: int, generation: int, config: Config, listeners: list[ListenSocket],
+                 log: ErrorLog):
+        self.slot = slot
+        self.generation = generation
+        self.config = config
+        self.listeners = listeners
+        self.log = log
+        self.master_pid = os.getpid()
+        self.sessions: set[Session] = set()
+        self.serial = 0
+        self.draining = False
+        self.accepting = False
+        self.signals: list[int] = []
+
+    # -- process setup ------------------------------------------------------------------------
+    def init_process(self, ready_fd: int) -> None:
+        config = self.config
+        setproctitle(f"pyproxy: worker process #{self.slot}")
+        self.log.slot = self.slot
+        self.loop = Loop()
+        self.pool = PipePool()
+        self.router = Router(config.routes, config.stream_listen)
+        self.services = {s.name: s for s in config.services}
+        self.balancers = build_balancers(config, log=self.log.log)
+        self.access_log = AccessLog(config.access_log, config.access_log_format)
+        drop_privileges(config.user, self.log)
+        self._install_signals()
+        self.resume_accepting()
+        self.loop.after_tick.append(self.after_tick)
+        self.loop.call_later(1.0, self.check_master)
+        os.write(ready_fd, b"R")
+        os.close(ready_fd)
+
+    def _install_signals(self) -> None:
+        r, w = socket.socketpair()
+        r.setblocking(False)
+        w.setblocking(False)
+        self._wakeup = (r, w)
+        signal.set_wakeup_fd(w.fileno(), warn_on_full_buffer=False)
+        self.loop.add(r.fileno(), EPOLLIN, self._drain_wakeup)
+        for sig in (signal.SIGQUIT, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            signal.signal(sig, self._queue_signal)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)          # the master reloads, not us
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+
+    def _queue_signal(self, signum, frame) -> None:
+        self.signals.append(signum)
+
+    def _drain_wakeup(self, mask: int) -> None:
+        try:
+            while self._wakeup[0].recv(512):
+                pass
+        except BlockingIOError:
+            pass
+
+    def run(self, ready_fd: int) -> int:
+        """The child's whole life: returns the exit code."""
+        try:
+            self.init_process(ready_fd)
+        except Exception as exc:   # anything at all: the master must hear "could not boot", not see a hang
+            self.log.crit(f"worker process #{self.slot} could not start: {exc!r}")
+            return WORKER_BOOT_ERROR
+        self.log.debug(f"worker process #{self.slot} started (generation {self.generation})")
+        self.loop.run()
+        self.access_log.close()
+        self.pool.close()
+        return 0
+
+    # -- accepting ------------------------------------------------------------------------------
+    def resume_accepting(self) -> None:
+        if self.draining or self.accepting:
+            return
+        self.accepting = True
+        for ls in self.listeners:
+            self.loop.add(ls.fd, EPOLLIN, self._acceptor(ls))
+
+    def pause_accepting(self) -> None:
+        if self.accepting:
+            self.accepting = False
+            for ls in self.listeners:
+                self.loop.remove(ls.fd)
+
+    def _acceptor(self, ls: ListenSocket):
+        listen = ls.listen
+        lsock = ls.sock
+        limit = self.config.worker_connections
+
+        def on_readable(mask: int) -> None:
+            for _ in range(ACCEPT_BATCH):
+                try:
+                    conn, addr = lsock.accept()
+                except BlockingIOError:
+                    return
+                except OSError as exc:
+                    if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                        self._out_of_resources(exc)
+                        return
+                    continue        # ECONNABORTED and friends: that client gave up, take the next
+                conn.setblocking(False)
+                self.serial += 1
+                session = Session(self, listen, conn, addr, self.serial)
+                if len(self.sessions) >= limit:
+                    self.log.warn(f"{limit} worker_connections are not enough, refusing; {session.describe()}")
+                    session.close(STATUS_OVER_LIMIT)
+                    continue
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self.sessions.add(session)
+                session.start()
+
+        return on_readable
+
+    def _out_of_resources(self, exc: OSError) -> None:
+        """EMFILE/ENFILE: stop accepting for a moment instead of spinning on a ready listener."""
+        self.log.error(f"accept() failed ({exc.errno}: {exc.strerror}); pausing accepts for {ACCEPT_PAUSE}s")
+        self.pause_accepting()
+        self.loop.call_later(ACCEPT_PAUSE, self.resume_accepting)
+
+    # -- sessions -------------------------------------------------------------------------------
+    def session_closed(self, session: Session) -> None:
+        self.sessions.discard(session)
+        self.access_log.write(session)
+        if self.draining and not self.sessions:
+            self.loop.stop()
+
+    # -- housekeeping ---------------------------------------------------------------------------
+    def after_tick(self) -> None:
+        self.access_log.flush()
+        if self.signals:
+            pending, self.signals = self.signals, []
+            for signum in pending:
+                self.handle_signal(signum)
+
+    def handle_signal(self, signum: int) -> None:
+        if signum == signal.SIGQUIT:
+            self.start_draining()
+        elif signum in (signal.SIGTERM, signal.SIGINT):
+            self.stop_now()
+        elif signum == signal.SIGUSR1:
+            self.log.reopen()
+            self.access_log.reopen()
+
+    def start_draining(self) -> None:
+        """Graceful stop: close our copies of the listening sockets, finish open sessions, exit."""
+        if self.draining:
+            return
+        self.pause_accepting()
+        self.draining = True
+        for ls in self.listeners:
+            ls.sock.close()     # the master (and a successor worker) still hold the socket: no reset
+        setproctitle(f"pyproxy: worker process #{self.slot} is shutting down")
+        if not self.sessions:
+            self.loop.stop()
+            return
+        self.log.notice(f"gracefully shutting down, {len(self.sessions)} open session(s)")
+        self.loop.call_later(self.config.worker_shutdown_timeout, self._shutdown_timeout)
+
+    def _shutdown_timeout(self) -> None:
+        self.log.notice(f"worker_shutdown_timeout ({self.config.worker_shutdown_timeout:g}s) reached, "
+                        f"closing {len(self.sessions)} open session(s)")
+        self.stop_now()
+
+    def stop_now(self) -> None:
+        for session in list(self.sessions):
+            session.close(session.status)
+        self.loop.stop()
+
+    def check_master(self) -> None:
+        """Exit if the master is gone (killed with SIGKILL): nobody would ever stop us otherwise."""
+        if os.getppid() != self.master_pid:
+            self.log.error("master process is gone, exiting")
+            self.stop_now()
+            return
+        self.loop.call_later(1.0, self.check_master)
+
+
+def close_inherited(keep: Iterable[int], close: Iterable[int]) -> None:
+    """In a fresh child: close the fds of the master that this worker must not hold."""
+    keep = set(keep)
+    for fd in close:
+        if fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def worker_main(worker: Worker, ready_fd: int) -> None:
+    """Entry point in the forked child; never returns."""
+    code = 1
+    try:
+        code = worker.run(ready_fd)
+    except KeyboardInterrupt:
+        code = 0
+    finally:
+        os._exit(code)

@@ -1,0 +1,282 @@
+"""The core, as a user meets it: a real pyproxy process in front of real loopback upstreams."""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import socket
+import threading
+
+import pytest
+
+from pyproxy.demo.echo import EchoServer
+from tests.support import (connect, echo_handler, expected_hash_reply, free_port, hash_handler,
+                           pattern_bytes, recv_all, recv_line, source_handler_for, tag_handler,
+                           upload_and_hash)
+
+
+def one_service(listen_port: int, targets: list[str], workers: int = 1, extra: str = "",
+                algorithm: str = "round-robin", service_extra: str = "") -> str:
+    target_lines = "\n".join(f"      - {{target: {t}}}" if " " not in t else f"      - {t}" for t in targets)
+    return f"""
+worker_processes: {workers}
+stream_listen:
+  - 127.0.0.1:{listen_port}
+{extra}
+upstreams:
+  - name: backend
+    algorithm: {algorithm}
+    targets:
+{target_lines}
+services:
+  - name: svc
+    host: backend
+    connect_timeout: 2s
+    retries: 3
+{service_extra}
+    routes:
+      - name: by-port
+        protocols: [tcp]
+        destinations: [{{port: {listen_port}}}]
+"""
+
+
+def test_seed_echo_greets_and_echoes(proxy):
+    """The seed's telnet session: the echo service's greeting, then our text echoed back."""
+    echo = EchoServer("127.0.0.1", free_port(), name="echo-test").start()
+    try:
+        port = free_port()
+        p = proxy(one_service(port, [f"127.0.0.1:{echo.address[1]}"], workers=2))
+        with connect(port) as sock:
+            lines = [recv_line(sock) for _ in range(4)]
+            assert lines[0].startswith(b"Welcome, you are connected to node ")
+            assert lines[1] == b"Running on Pod echo-test.\n"
+            assert lines[3] == b"With IP address 127.0.0.1.\n"
+            sock.sendall(b"This text will be echoed back.\n")
+            assert recv_line(sock) == b"This text will be echoed back.\n"
+        lines = p.wait_access(1)
+        assert " 200 " in lines[0] and "by-port" in lines[0]
+    finally:
+        echo.stop()
+
+
+def test_weighted_round_robin_follows_weights(proxy, upstreams):
+    a = upstreams(tag_handler, name="a")
+    b = upstreams(tag_handler, name="b")
+    port = free_port()
+    proxy(one_service(port, [f"{{target: {a.target}, weight: 100}}", f"{{target: {b.target}, weight: 50}}"]))
+    seen = collections.Counter()
+    for _ in range(30):
+        with connect(port) as sock:
+            seen[recv_line(sock).strip().decode()] += 1
+    assert seen == {"a": 20, "b": 10}
+
+
+def test_upload_8mib_then_half_close_gets_hash(proxy, upstreams):
+    up = upstreams(hash_handler)
+    port = free_port()
+    proxy(one_service(port, [up.target], workers=2))
+    payload = pattern_bytes(8 << 20, seed=1)
+    assert upload_and_hash(port, payload) == expected_hash_reply(payload)
+
+
+def test_download_32mib_arrives_intact(proxy, upstreams):
+    size = 32 << 20
+    up = upstreams(source_handler_for(size))
+    port = free_port()
+    p = proxy(one_service(port, [up.target]))
+    with connect(port, timeout=30) as sock:
+        data = recv_all(sock)
+    assert len(data) == size
+    assert hashlib.sha256(data).digest() == hashlib.sha256(pattern_bytes(size)).digest()
+    line = p.wait_access(1)[0]
+    assert f" {size} " in line          # $bytes_sent counts what the client got
+
+
+def test_many_concurrent_sessions_each_intact(proxy, upstreams):
+    up = upstreams(hash_handler)
+    port = free_port()
+    proxy(one_service(port, [up.target], workers=2))
+    results = {}
+
+    def client(i):
+        payload = pattern_bytes(200_000 + i * 997, seed=i)
+        results[i] = upload_and_hash(port, payload) == expected_hash_reply(payload)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(40)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(results) == 40 and all(results.values())
+
+
+def test_dead_target_is_skipped_by_retries(proxy, upstreams):
+    live = upstreams(tag_handler, name="live")
+    dead_port = free_port()        # nothing listens there: connect() is refused
+    port = free_port()
+    p = proxy(one_service(port, [f"127.0.0.1:{dead_port}", live.target]))
+    for _ in range(6):
+        with connect(port) as sock:
+            assert recv_line(sock) == b"live\n"
+    assert f"127.0.0.1:{dead_port}" in p.log_text()       # the refused connect was logged
+    assert "is down for" in p.log_text()                  # and passive health took it out
+
+
+def test_all_targets_dead_gives_502(proxy):
+    port = free_port()
+    p = proxy(one_service(port, [f"127.0.0.1:{free_port()}"]))
+    with connect(port) as sock:
+        assert recv_all(sock) == b""
+    line = p.wait_access(1)[0]
+    assert " 502 " in line
+
+
+def test_routing_by_source_address(proxy, upstreams):
+    one = upstreams(tag_handler, name="from-one")
+    two = upstreams(tag_handler, name="from-two")
+    port = free_port()
+    proxy(f"""
+stream_listen: [127.0.0.1:{port}]
+services:
+  - name: s1
+    host: 127.0.0.1
+    port: {one.port}
+    routes:
+      - name: r1
+        protocols: [tcp]
+        sources: [{{ip: 127.0.0.1}}]
+  - name: s2
+    host: 127.0.0.1
+    port: {two.port}
+    routes:
+      - name: r2
+        protocols: [tcp]
+        sources: [{{ip: 127.0.0.2/32}}]
+""")
+    with connect(port, source="127.0.0.1") as sock:
+        assert recv_line(sock) == b"from-one\n"
+    with connect(port, source="127.0.0.2") as sock:
+        assert recv_line(sock) == b"from-two\n"
+
+
+def test_most_specific_route_wins(proxy, upstreams):
+    wide = upstreams(tag_handler, name="wide")
+    narrow = upstreams(tag_handler, name="narrow")
+    port = free_port()
+    proxy(f"""
+stream_listen: [127.0.0.1:{port}]
+services:
+  - name: wide
+    host: 127.0.0.1
+    port: {wide.port}
+    routes:
+      - name: any-client
+        protocols: [tcp]
+        destinations: [{{port: {port}}}]
+  - name: narrow
+    host: 127.0.0.1
+    port: {narrow.port}
+    routes:
+      - name: loopback-3
+        protocols: [tcp]
+        destinations: [{{port: {port}}}]
+        sources: [{{ip: 127.0.0.3}}]
+""")
+    with connect(port, source="127.0.0.3") as sock:
+        assert recv_line(sock) == b"narrow\n"
+    with connect(port, source="127.0.0.4") as sock:
+        assert recv_line(sock) == b"wide\n"
+
+
+def test_no_route_closes_without_touching_upstream(proxy, upstreams):
+    up = upstreams(tag_handler)
+    port = free_port()
+    p = proxy(f"""
+stream_listen: [127.0.0.1:{port}]
+services:
+  - name: only-10
+    host: 127.0.0.1
+    port: {up.port}
+    routes:
+      - name: r
+        protocols: [tcp]
+        sources: [{{ip: 10.0.0.0/8}}]
+""")
+    with connect(port) as sock:
+        assert recv_all(sock) == b""
+    line = p.wait_access(1)[0]
+    assert " 404 " in line
+    assert up.connections == 0
+
+
+def test_half_close_is_passed_both_ways(proxy, upstreams):
+    """Client FIN reaches the upstream (it answers after EOF); upstream FIN reaches the client."""
+    up = upstreams(hash_handler)
+    port = free_port()
+    proxy(one_service(port, [up.target]))
+    with connect(port) as sock:
+        sock.sendall(b"hello")
+        sock.shutdown(socket.SHUT_WR)
+        assert recv_all(sock) == expected_hash_reply(b"hello")
+
+
+def test_upstream_reset_becomes_client_reset(proxy, upstreams):
+    def resetter(conn, up):
+        conn.recv(100)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        conn.close()
+
+    up = upstreams(resetter)
+    port = free_port()
+    p = proxy(one_service(port, [up.target]))
+    with connect(port) as sock:
+        sock.sendall(b"x")
+        with pytest.raises(ConnectionResetError):
+            while sock.recv(100):
+                pass
+    assert " 502 " in p.wait_access(1)[0]
+
+
+def test_idle_session_ends_at_read_timeout(proxy, upstreams):
+    up = upstreams(echo_handler)
+    port = free_port()
+    p = proxy(one_service(port, [up.target], service_extra="    read_timeout: 500ms"))
+    with connect(port) as sock:
+        sock.sendall(b"ping")
+        assert sock.recv(10) == b"ping"
+        assert recv_all(sock) == b""      # closed by pyproxy after 500 ms of silence
+    assert "read_timeout" in p.log_text()
+
+
+def test_worker_connections_limit_refuses_with_503(proxy, upstreams):
+    up = upstreams(echo_handler)
+    port = free_port()
+    p = proxy(one_service(port, [up.target], extra="worker_connections: 2"))
+    held = [connect(port), connect(port)]
+    for sock in held:
+        sock.sendall(b"a")
+        assert sock.recv(1) == b"a"
+    with connect(port) as third:
+        assert recv_all(third) == b""
+    assert any(" 503 " in line for line in p.wait_access(1))
+    for sock in held:
+        sock.sendall(b"b")
+        assert sock.recv(1) == b"b"      # the sessions inside the limit are untouched
+        sock.close()
+
+
+def test_access_log_variables(proxy, upstreams):
+    up = upstreams(echo_handler)
+    port = free_port()
+    fmt = ('$remote_addr $server_addr:$server_port $protocol $status $bytes_sent $bytes_received '
+           '$upstream_addr $upstream_bytes_sent $upstream_bytes_received $route $service $connection '
+           '$ssl_server_name')
+    p = proxy(one_service(port, [up.target], extra=f"access_log_format: '{fmt}'"))
+    with connect(port) as sock:
+        sock.sendall(b"0123456789")
+        sock.shutdown(socket.SHUT_WR)
+        assert recv_all(sock) == b"0123456789"
+    fields = p.wait_access(1)[0].split()
+    assert fields == ["127.0.0.1", f"127.0.0.1:{port}", "tcp", "200", "10", "10",
+                      up.target, "10", "10", "by-port", "svc", "1", "-"]
