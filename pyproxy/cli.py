@@ -76,7 +76,12 @@ def send_signal(path: str, name: str) -> int:
         pid_path = config.pid
     else:
         from pyproxy.config import pid_path_of
-        pid_path = pid_path_of(path)
+        try:
+            pid_path = pid_path_of(path)
+        except ConfigError as exc:
+            for issue in exc.errors:
+                console(f"pyproxy: [emerg] {issue}")
+            return 1
     if pid_path is None:
         console("pyproxy: the configuration sets `pid: off`, so there is no pid file to find the master by")
         return 1

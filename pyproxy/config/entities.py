@@ -1,0 +1,424 @@
+"""Kong-shaped entities: upstreams with targets and health checks, services with routes, plugins.
+
+Names are checked for uniqueness, references (a service's upstream, a plugin's route or service) are
+resolved, and hostnames are resolved to addresses once, here, so that no worker ever waits on DNS.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, replace
+from typing import Optional
+
+from .errors import Invalid, describe, key_path
+from .loader import YamlList, YamlMap
+from .model import (
+    ALGORITHMS, ROUTE_PROTOCOLS, ActiveHealthcheck, AddressMatch, Healthchecks, PassiveHealthcheck, Plugin,
+    Route, Service, Target, Upstream,
+)
+from .sections import Place, Report, Section
+from .tlsfiles import check_ca_file
+from .values import (
+    did_you_mean, in_folder, integer, is_hostname, is_ip_address, one_of, parse_bool, parse_duration,
+    parse_host, parse_host_port, parse_name, parse_network, parse_port, parse_sni, parse_text,
+    positive_duration,
+)
+
+UPSTREAM_KEYS = ("name", "algorithm", "hash_on", "healthchecks", "targets")
+HEALTHCHECKS_KEYS = ("active", "passive")
+ACTIVE_KEYS = ("type", "interval", "timeout", "healthy", "unhealthy", "send", "expect")
+# `fail_timeout` is ours, not Kong's: nginx's fail_timeout, how long a target stays out after failing.
+PASSIVE_KEYS = ("type", "unhealthy", "fail_timeout")
+TARGET_KEYS = ("target", "weight")
+SERVICE_KEYS = (
+    "name", "protocol", "host", "port", "connect_timeout", "read_timeout", "write_timeout", "retries",
+    "tls_verify", "ca_certificates", "tls_server_name", "proxy_protocol", "routes",
+)
+ROUTE_KEYS = ("name", "protocols", "sources", "destinations", "snis")
+ADDRESS_MATCH_KEYS = ("ip", "port")
+PLUGIN_KEYS = ("name", "route", "service", "config")
+
+DEFAULT_TARGET_PORT = 8000                  # Kong's default when a target omits its port
+HEALTH_COUNTER = integer(0, 255)            # Kong's range for health check counters
+TLS_ONLY_SERVICE_KEYS = ("tls_verify", "ca_certificates", "tls_server_name")
+
+
+@dataclass(frozen=True)
+class TLSContext:
+    """What the rest of the file offers routes that need TLS."""
+
+    can_terminate: bool          # a default certificate or at least one certificate
+    has_ssl_listener: bool
+
+
+class _UniqueNames:
+    """Remembers where each name of one kind was first written, to report a second use."""
+
+    def __init__(self, report: Report, kind: str):
+        self.report = report
+        self.kind = kind
+        self.lines: dict[str, int] = {}
+
+    def claim(self, place: Place, name: str) -> bool:
+        """Record `name` as written at `place`; False (and an error) if it was already used."""
+        if name in self.lines:
+            self.report.error(place, f"{self.kind} name {name!r} is already used at line {self.lines[name]}")
+            return False
+        self.lines[name] = place.line
+        return True
+
+
+def resolve(report: Report, place: Place, host: str, port: int) -> tuple[tuple[str, int], ...]:
+    """The (ip, port) pairs of `host`: itself if it is an IP address, else what DNS answers now."""
+    if is_ip_address(host):
+        return ((host, port),)
+    try:
+        answers = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as error:
+        # gaierror for an unknown name; UnicodeError from the IDNA codec for labels it refuses.
+        reason = getattr(error, "strerror", None) or str(error)
+        report.error(place, f"cannot resolve {host!r}: {reason}")
+        return ()
+    return tuple(dict.fromkeys((answer[4][0], answer[4][1]) for answer in answers))
+
+
+def read_snis(report: Report, place: Place, value: object) -> list[tuple[Place, str]]:
+    """The valid SNI patterns of a `snis` list, with their places."""
+    snis = []
+    for item_place, item in report.items(place, value):
+        sni = report.convert(item_place, item, parse_sni)
+        if sni is not None:
+            snis.append((item_place, sni))
+    return snis
+
+
+# --- upstreams --------------------------------------------------------------------------------------
+
+def read_upstreams(report: Report, root: Section) -> tuple[Upstream, ...]:
+    """Every valid `upstreams[]` entry."""
+    names = _UniqueNames(report, "upstream")
+    upstreams = []
+    for place, value in root.items("upstreams"):
+        upstream = _upstream(report, place, value, names)
+        if upstream is not None:
+            upstreams.append(upstream)
+    return tuple(upstreams)
+
+
+def _upstream(report: Report, place: Place, value: object, names: _UniqueNames) -> Optional[Upstream]:
+    section = report.section(place, value, UPSTREAM_KEYS)
+    if section is None:
+        return None
+    defaults = Upstream(name="")
+    name = section.get("name", parse_name, required=True)
+    if name is not None and not names.claim(section.place_of("name"), name):
+        name = None
+    upstream = Upstream(
+        name=name,
+        algorithm=section.get("algorithm", one_of(ALGORITHMS), defaults.algorithm),
+        hash_on=section.get("hash_on", one_of(("ip", "sni")), defaults.hash_on),
+        healthchecks=section.nested("healthchecks", _healthchecks, defaults.healthchecks),
+        targets=_targets(report, section),
+    )
+    if not section.has("targets") or section.mapping["targets"] == []:
+        report.warn(place, "the upstream has no targets: sessions sent to it will fail (502)")
+    return upstream if name is not None else None
+
+
+def _healthchecks(report: Report, place: Place, value: object) -> Healthchecks:
+    section = report.section(place, value, HEALTHCHECKS_KEYS)
+    if section is None:
+        return Healthchecks()
+    return Healthchecks(
+        active=section.nested("active", _active_healthcheck, ActiveHealthcheck()),
+        passive=section.nested("passive", _passive_healthcheck, PassiveHealthcheck()),
+    )
+
+
+def _active_healthcheck(report: Report, place: Place, value: object) -> ActiveHealthcheck:
+    defaults = ActiveHealthcheck()
+    section = report.section(place, value, ACTIVE_KEYS)
+    if section is None:
+        return defaults
+    healthy = _counters(section, "healthy", ("successes",))
+    unhealthy = _counters(section, "unhealthy", ("tcp_failures", "timeouts"))
+    check = ActiveHealthcheck(
+        type=section.get("type", one_of(("tcp",)), defaults.type),
+        interval=section.get("interval", parse_duration, defaults.interval),
+        timeout=section.get("timeout", positive_duration, defaults.timeout),
+        send=section.get("send", _bytes, defaults.send),
+        expect=section.get("expect", _bytes, defaults.expect),
+        healthy_successes=healthy.get("successes", defaults.healthy_successes),
+        unhealthy_tcp_failures=unhealthy.get("tcp_failures", defaults.unhealthy_tcp_failures),
+        unhealthy_timeouts=unhealthy.get("timeouts", defaults.unhealthy_timeouts),
+    )
+    if check.interval > 0:
+        report.warn(section.place_of("interval"), "active health checks are not implemented yet; ignored")
+    return check
+
+
+def _passive_healthcheck(report: Report, place: Place, value: object) -> PassiveHealthcheck:
+    defaults = PassiveHealthcheck()
+    section = report.section(place, value, PASSIVE_KEYS)
+    if section is None:
+        return defaults
+    section.get("type", one_of(("tcp",)))     # Kong's passive `type`: tcp is the only one we have
+    unhealthy = _counters(section, "unhealthy", ("tcp_failures", "timeouts"))
+    return PassiveHealthcheck(
+        unhealthy_tcp_failures=unhealthy.get("tcp_failures", defaults.unhealthy_tcp_failures),
+        unhealthy_timeouts=unhealthy.get("timeouts", defaults.unhealthy_timeouts),
+        fail_timeout=section.get("fail_timeout", parse_duration, defaults.fail_timeout),
+    )
+
+
+def _counters(parent: Section, key: str, names: tuple[str, ...]) -> dict[str, int]:
+    """The health counters written in the `key` sub-mapping (`healthy`, `unhealthy`), by name."""
+    if not parent.has(key):
+        return {}
+    section = parent.report.section(parent.place_of(key), parent.mapping[key], names)
+    if section is None:
+        return {}
+    counters = {name: section.get(name, HEALTH_COUNTER) for name in names}
+    return {name: count for name, count in counters.items() if count is not None}
+
+
+def _bytes(value: object) -> bytes:
+    """Bytes to send or expect: a string (UTF-8 encoded) or YAML `!!binary`."""
+    if isinstance(value, bytes) and value:
+        return value
+    return parse_text(value).encode("utf-8")
+
+
+def _targets(report: Report, upstream: Section) -> tuple[Target, ...]:
+    targets = []
+    first_lines: dict[tuple[str, int], int] = {}
+    for place, value in upstream.items("targets"):
+        section = report.section(place, value, TARGET_KEYS)
+        if section is None:
+            continue
+        host_port = section.get("target", lambda text: parse_host_port(text, DEFAULT_TARGET_PORT),
+                                required=True)
+        weight = section.get("weight", integer(0, 65535), Target("", 0).weight)
+        if host_port is None:
+            continue
+        host, port = host_port
+        target_place = section.place_of("target")
+        identity = (host.lower(), port)
+        if identity in first_lines:
+            report.error(target_place, f"target {describe(section.mapping['target'])} "
+                                       f"is already listed at line {first_lines[identity]}")
+            continue
+        first_lines[identity] = target_place.line
+        addresses = resolve(report, target_place, host, port)
+        targets.append(Target(host=host, port=port, weight=weight, addresses=addresses, line=place.line))
+    return tuple(targets)
+
+
+# --- services and routes ----------------------------------------------------------------------------
+
+def read_services(report: Report, root: Section, base: str, upstreams: tuple[Upstream, ...],
+                  tls: TLSContext) -> tuple[Service, ...]:
+    """Every valid `services[]` entry with its routes; route indexes count over the whole file."""
+    service_names = _UniqueNames(report, "service")
+    route_names = _UniqueNames(report, "route")
+    upstream_names = {upstream.name for upstream in upstreams}
+    services = []
+    route_count = 0
+    for place, value in root.items("services"):
+        section = report.section(place, value, SERVICE_KEYS)
+        if section is None:
+            continue
+        service = _service(report, section, base, upstream_names)
+        routes = []
+        for route_place, route_value in section.items("routes"):
+            route = _route(report, route_place, route_value, service.name, route_count, tls, route_names)
+            route_count += 1
+            if route is not None:
+                routes.append(route)
+        if service.name is not None and service_names.claim(section.place_of("name"), service.name):
+            services.append(replace(service, routes=tuple(routes)))
+    return tuple(services)
+
+
+def _service(report: Report, section: Section, base: str, upstream_names: set[str]) -> Service:
+    defaults = Service(name="")
+    name = section.get("name", parse_name, required=True)
+    protocol = section.get("protocol", one_of(("tcp", "tls")), defaults.protocol)
+    port = section.get("port", parse_port, defaults.port)
+    host = section.get("host", lambda text: _upstream_name_or_host(text, upstream_names), required=True)
+    upstream = host if host in upstream_names else None
+    addresses = ()
+    if host is not None and upstream is None:
+        addresses = resolve(report, section.place_of("host"), host, port)
+    ca_certificates = []
+    for place, value in section.items("ca_certificates"):
+        path = report.convert(place, value, lambda text: in_folder(base, text))
+        if path is not None and check_ca_file(report, place, path):
+            ca_certificates.append(path)
+    if protocol == "tcp":
+        for key in TLS_ONLY_SERVICE_KEYS:
+            if section.has(key) and section.mapping[key] not in (False, []):
+                report.warn(section.place_of(key), f"{key} is only used with protocol tls")
+    return Service(
+        name=name,
+        protocol=protocol,
+        host=host or "",
+        port=port,
+        upstream=upstream,
+        addresses=addresses,
+        connect_timeout=section.get("connect_timeout", positive_duration, defaults.connect_timeout),
+        read_timeout=section.get("read_timeout", positive_duration, defaults.read_timeout),
+        write_timeout=section.get("write_timeout", positive_duration, defaults.write_timeout),
+        retries=section.get("retries", integer(0, 32767), defaults.retries),
+        tls_verify=section.get("tls_verify", parse_bool, defaults.tls_verify),
+        ca_certificates=tuple(ca_certificates),
+        tls_server_name=section.get("tls_server_name", _server_name, defaults.tls_server_name),
+        proxy_protocol=section.get("proxy_protocol", _proxy_protocol_version, defaults.proxy_protocol),
+    )
+
+
+def _upstream_name_or_host(value: object, upstream_names: set[str]) -> str:
+    if isinstance(value, str) and value in upstream_names:
+        return value
+    return parse_host(value)
+
+
+def _server_name(value: object) -> str:
+    if not isinstance(value, str) or not is_hostname(value) or is_ip_address(value):
+        raise Invalid(f"expected a host name to send as SNI, got {describe(value)}")
+    return value
+
+
+def _proxy_protocol_version(value: object) -> str:
+    # YAML 1.1 reads a bare `off` (or `no`) as the boolean false.
+    if value is False:
+        return "off"
+    return one_of(("off", "v1", "v2"))(value)
+
+
+def _route(report: Report, place: Place, value: object, service: Optional[str], index: int,
+           tls: TLSContext, names: _UniqueNames) -> Optional[Route]:
+    section = report.section(place, value, ROUTE_KEYS)
+    if section is None:
+        return None
+    name = section.get("name", parse_name, required=True)
+    if name is not None and not names.claim(section.place_of("name"), name):
+        name = None
+    protocols = section.nested("protocols", _route_protocols, Route("", "").protocols)
+    sources = _address_matches(report, section, "sources")
+    destinations = _address_matches(report, section, "destinations")
+    snis = read_snis(report, section.place_of("snis"), section.mapping["snis"]) if section.has("snis") else []
+    if protocols is not None:
+        _check_route_rules(report, section, protocols, tls)
+    if name is None or protocols is None or service is None:
+        return None
+    return Route(name=name, service=service, protocols=protocols, sources=sources,
+                 destinations=destinations, snis=tuple(dict.fromkeys(sni for _, sni in snis)),
+                 index=index, line=place.line)
+
+
+def _route_protocols(report: Report, place: Place, value: object) -> Optional[tuple[str, ...]]:
+    """The route's protocols, or None when the list is wrong (the rules cannot be checked then)."""
+    items = report.items(place, value)
+    protocols = [report.convert(item_place, item, one_of(ROUTE_PROTOCOLS)) for item_place, item in items]
+    if not isinstance(value, YamlList) or None in protocols:
+        return None
+    if not protocols:
+        report.error(place, f"list at least one of {', '.join(ROUTE_PROTOCOLS)}")
+        return None
+    return tuple(dict.fromkeys(protocols))
+
+
+def _check_route_rules(report: Report, section: Section, protocols: tuple[str, ...], tls: TLSContext) -> None:
+    """Kong's rules on which fields each protocol needs, and whether the file can serve the route."""
+    def given(key: str) -> bool:
+        return section.has(key) and section.mapping[key] != []
+
+    where = section.place_of("protocols") if section.has("protocols") else section.place
+    if "tcp" in protocols and not (given("sources") or given("destinations")):
+        report.error(where, "a tcp route needs sources or destinations")
+    if "tls" in protocols and not (given("sources") or given("destinations") or given("snis")):
+        report.error(where, "a tls route needs sources, destinations or snis")
+    if "tls_passthrough" in protocols and not given("snis"):
+        report.error(where, "a tls_passthrough route needs snis")
+    if "tls" in protocols and "tls_passthrough" in protocols:
+        report.error(where, "a route either terminates TLS (tls) or passes it through (tls_passthrough), "
+                            "not both")
+    if given("snis") and protocols == ("tcp",):
+        report.error(section.place_of("snis"), "snis need TLS: add tls or tls_passthrough to protocols")
+    if "tls" in protocols and not tls.can_terminate:
+        report.error(where, "a tls route terminates TLS, but there is no certificate: "
+                            "add ssl.default_certificate or certificates")
+    if not tls.has_ssl_listener and any(protocol != "tcp" for protocol in protocols):
+        report.warn(where, "no stream_listen address has the ssl flag: this route never matches TLS")
+
+
+def _address_matches(report: Report, route: Section, key: str) -> tuple[AddressMatch, ...]:
+    matches = []
+    for place, value in route.items(key):
+        section = report.section(place, value, ADDRESS_MATCH_KEYS)
+        if section is None:
+            continue
+        if not (section.has("ip") or section.has("port")):
+            report.error(place, "give an ip, a port or both")
+            continue
+        matches.append(AddressMatch(network=section.get("ip", parse_network),
+                                    port=section.get("port", parse_port)))
+    return tuple(matches)
+
+
+# --- plugins ----------------------------------------------------------------------------------------
+
+def read_plugins(report: Report, root: Section, services: tuple[Service, ...]) -> tuple[Plugin, ...]:
+    """Every valid `plugins[]` entry; the route or service it names must exist."""
+    route_names = [route.name for service in services for route in service.routes]
+    service_names = [service.name for service in services]
+    plugins = []
+    for place, value in root.items("plugins"):
+        section = report.section(place, value, PLUGIN_KEYS)
+        if section is None:
+            continue
+        name = section.get("name", parse_text, required=True)
+        route = section.get("route", _reference("route", route_names))
+        service = section.get("service", _reference("service", service_names))
+        if section.has("route") and section.has("service"):
+            report.error(section.place_of("service"), "a plugin applies to a route or to a service, not both")
+        config = section.nested("config", _plugin_config, ())
+        if name is not None and config is not None:
+            plugins.append(Plugin(name=name, route=route, service=service, config=config, line=place.line))
+    return tuple(plugins)
+
+
+def _reference(kind: str, names: list[str]):
+    def convert(value: object) -> str:
+        if not isinstance(value, str):
+            raise Invalid(f"expected the name of a {kind}, got {describe(value)}")
+        if value not in names:
+            raise Invalid(f"no {kind} named {describe(value)}{did_you_mean(value, names)}")
+        return value
+    return convert
+
+
+def _plugin_config(report: Report, place: Place, value: object) -> Optional[tuple[tuple[str, object], ...]]:
+    if not isinstance(value, YamlMap):
+        report.error(place, f"expected a mapping, got {describe(value)}")
+        return None
+    return _frozen_settings(report, place, value)
+
+
+def _frozen_settings(report: Report, place: Place, value: object) -> object:
+    """A plugin's settings made immutable: lists become tuples, mappings tuples of (key, value) sorted by
+    key. Keys must be strings, as in Kong's JSON plugin configurations; None after reporting one that is not."""
+    if isinstance(value, YamlMap):
+        pairs = []
+        for key, item in value.items():
+            if not isinstance(key, str):
+                report.error(Place(place.path, value.key_lines[key]),
+                             f"plugin settings are named by strings, not {describe(key)}")
+                return None
+            item_place = Place(key_path(place.path, key), value.value_lines[key])
+            pairs.append((key, _frozen_settings(report, item_place, item)))
+        return tuple(sorted(pairs, key=lambda pair: pair[0]))
+    if isinstance(value, YamlList):
+        return tuple(_frozen_settings(report, item_place, item) for item_place, item in report.items(place, value))
+    return value

@@ -1,0 +1,134 @@
+"""Certificate, private key and CA files: present, readable, paired, in date, and the names they cover.
+
+`pyproxy -t` promises to load every certificate and key, so these checks use the same OpenSSL calls
+the workers will make (`load_cert_chain`, `create_default_context`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import ssl
+import stat
+import time
+from typing import Optional
+
+from .sections import Place, Report
+
+DecodedCertificate = dict   # the dict form of ssl.SSLSocket.getpeercert()
+
+
+class _EncryptedKey(Exception):
+    """Raised from the password callback: we never prompt for a passphrase."""
+
+
+def _refuse_password() -> bytes:
+    raise _EncryptedKey()
+
+
+def check_readable_file(report: Report, place: Place, path: str) -> bool:
+    """True if `path` is a regular file we can read; otherwise report why at `place`."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        report.error(place, f"no such file: {path}")
+        return False
+    except OSError as error:
+        report.error(place, f"cannot access {path}: {error.strerror or error}")
+        return False
+    if not stat.S_ISREG(mode):
+        report.error(place, f"not a regular file: {path}")
+        return False
+    if not os.access(path, os.R_OK):
+        report.error(place, f"permission denied: {path}")
+        return False
+    return True
+
+
+def load_certificate_pair(report: Report, cert_place: Place, key_place: Place,
+                          cert_path: str, key_path: str) -> Optional[DecodedCertificate]:
+    """Check a certificate and its private key as the workers will load them.
+
+    Returns the decoded certificate when it is usable, None after reporting why it is not.
+    """
+    cert_readable = check_readable_file(report, cert_place, cert_path)
+    key_readable = check_readable_file(report, key_place, key_path)
+    if not (cert_readable and key_readable):
+        return None
+    try:
+        # The only stdlib way to read a certificate's fields from a file.
+        decoded = ssl._ssl._test_decode_cert(cert_path)
+    except (ssl.SSLError, OSError) as error:
+        report.error(cert_place, f"not a PEM certificate: {cert_path} ({_reason(error)})")
+        return None
+    if not _check_dates(report, cert_place, cert_path, decoded):
+        return None
+    _check_key_permissions(report, key_place, key_path)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert_path, key_path, password=_refuse_password)
+    except _EncryptedKey:
+        report.error(key_place, f"the private key {key_path} is encrypted; pyproxy needs it without a passphrase")
+        return None
+    except (ssl.SSLError, OSError) as error:
+        if getattr(error, "reason", None) == "KEY_VALUES_MISMATCH":
+            report.error(key_place, f"the private key {key_path} does not match the certificate {cert_path}")
+        else:
+            report.error(key_place, f"cannot load the private key {key_path} with its certificate "
+                                    f"({_reason(error)})")
+        return None
+    return decoded
+
+
+def _check_dates(report: Report, place: Place, path: str, decoded: DecodedCertificate) -> bool:
+    try:
+        not_after = ssl.cert_time_to_seconds(decoded["notAfter"])
+        not_before = ssl.cert_time_to_seconds(decoded["notBefore"])
+    except (KeyError, ValueError):
+        report.error(place, f"cannot read the validity dates of {path}")
+        return False
+    now = time.time()
+    if not_after < now:
+        report.error(place, f"the certificate {path} expired on {decoded['notAfter']}")
+        return False
+    if not_before > now:
+        report.warn(place, f"the certificate {path} is not valid before {decoded['notBefore']}")
+    return True
+
+
+def _check_key_permissions(report: Report, place: Place, path: str) -> None:
+    mode = os.stat(path).st_mode
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        report.warn(place, f"the private key {path} is readable by group or others "
+                           f"(mode {stat.S_IMODE(mode):04o}); chmod 600 it")
+
+
+def _reason(error: OSError) -> str:
+    """OpenSSL's words for what went wrong, without the CPython source location."""
+    if getattr(error, "reason", None):
+        return error.reason
+    text = error.strerror or (error.args[-1] if error.args else "") or str(error)
+    return re.sub(r"^\[\w+\] | \(_ssl\.c:\d+\)$", "", str(text))
+
+
+def certificate_names(decoded: DecodedCertificate) -> tuple[str, ...]:
+    """The host names a certificate covers, lower-cased: its DNS subjectAltNames, else its CN."""
+    names = [value for kind, value in decoded.get("subjectAltName", ()) if kind == "DNS"]
+    if not names:
+        names = [value for rdn in decoded.get("subject", ()) for name, value in rdn if name == "commonName"]
+    unique: dict[str, None] = {}
+    for name in names:
+        unique[name.lower()] = None
+    return tuple(unique)
+
+
+def check_ca_file(report: Report, place: Place, path: str) -> bool:
+    """True if `path` is a PEM bundle of CA certificates OpenSSL can load; otherwise report why."""
+    if not check_readable_file(report, place, path):
+        return False
+    try:
+        ssl.create_default_context(cafile=path)
+    except (ssl.SSLError, OSError) as error:
+        report.error(place, f"cannot load CA certificates from {path} ({_reason(error)})")
+        return False
+    return True

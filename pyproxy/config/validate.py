@@ -1,0 +1,304 @@
+"""The top of the schema: global settings, `stream_listen`, `ssl` and `certificates`.
+
+Kong-shaped entities (upstreams, services, routes, plugins) live in `entities.py`. `build_config` reads
+the whole document, reports every problem it finds in `report`, and returns a Config that is only
+meaningful when the report has no errors.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import re
+import ssl
+from typing import Optional
+
+from . import entities
+from .errors import Invalid, describe
+from .model import LOG_LEVELS, CertKey, Certificate, Config, Listen, SSLSettings
+from .sections import Place, Report, Section
+from .tlsfiles import certificate_names, load_certificate_pair
+from .values import (
+    Converter, did_you_mean, in_folder, integer, one_of, parse_address, parse_duration, parse_log_format,
+    parse_sni, parse_text, positive_duration,
+)
+
+TOP_LEVEL_KEYS = (
+    "worker_processes", "worker_connections", "worker_shutdown_timeout", "pid", "user", "status_listen",
+    "error_log", "log_level", "access_log", "access_log_format", "stream_listen", "ssl", "certificates",
+    "upstreams", "services", "plugins",
+)
+SSL_KEYS = ("protocols", "ciphers", "default_certificate", "preread_timeout", "handshake_timeout")
+CERT_KEY_KEYS = ("cert", "key")
+CERTIFICATE_KEYS = ("cert", "key", "snis")
+TLS_VERSIONS = ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
+OBSOLETE_TLS_VERSIONS = ("TLSv1", "TLSv1.1")
+LISTEN_FLAGS = ("ssl", "proxy_protocol", "reuseport", "backlog")
+MAX_WORKER_PROCESSES = 1024
+C_INT_MAX = 2**31 - 1      # counts that reach C calls (listen's backlog, rlimits) must fit a C int
+
+
+def build_config(report: Report, document: object) -> Optional[Config]:
+    """The Config described by `document` (what the loader read from `report.file`).
+
+    Every problem goes to `report`; the result is None when the document is not even a mapping.
+    """
+    root = report.section(Place("", 1), document, TOP_LEVEL_KEYS)
+    if root is None:
+        return None
+    base = os.path.dirname(report.file)
+    defaults = Config(path=report.file)
+
+    stream_listen = _stream_listen(report, root)
+    status_listen = root.get("status_listen", parse_address)
+    if status_listen is not None:
+        _check_status_listen(report, root, status_listen, stream_listen)
+    ssl_settings = root.nested("ssl", lambda r, p, v: _ssl_settings(r, p, v, base), SSLSettings())
+    certificates = _certificates(report, root, base)
+    upstreams = entities.read_upstreams(report, root)
+    tls = entities.TLSContext(
+        can_terminate=bool(certificates) or ssl_settings.default_certificate is not None,
+        has_ssl_listener=any(listen.ssl for listen in stream_listen),
+    )
+    services = entities.read_services(report, root, base, upstreams, tls)
+    plugins = entities.read_plugins(report, root, services)
+
+    return Config(
+        path=report.file,
+        worker_processes=root.get("worker_processes", _worker_processes, defaults.worker_processes),
+        worker_connections=root.get("worker_connections", integer(1, C_INT_MAX), defaults.worker_connections),
+        worker_shutdown_timeout=root.get("worker_shutdown_timeout", parse_duration,
+                                         defaults.worker_shutdown_timeout),
+        pid=root.get("pid", pid_file(base), default_pid_path(base)),
+        user=root.get("user", _existing_user, defaults.user),
+        status_listen=status_listen,
+        error_log=root.get("error_log", _error_log(base), defaults.error_log),
+        log_level=root.get("log_level", one_of(LOG_LEVELS), defaults.log_level),
+        access_log=root.get("access_log", _file_or_words(base, "stdout", "stderr", off=True),
+                            defaults.access_log),
+        access_log_format=root.get("access_log_format", parse_log_format, defaults.access_log_format),
+        stream_listen=stream_listen,
+        ssl=ssl_settings,
+        certificates=certificates,
+        upstreams=upstreams,
+        services=services,
+        plugins=plugins,
+    )
+
+
+# --- global settings --------------------------------------------------------------------------------
+
+def _worker_processes(value: object) -> int:
+    if value == "auto":
+        return os.cpu_count() or 1
+    if isinstance(value, str):
+        raise Invalid(f"expected auto or a number of processes, got {describe(value)}")
+    return integer(1, MAX_WORKER_PROCESSES)(value)
+
+
+def _existing_user(value: object) -> str:
+    name = parse_text(value)
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        raise Invalid(f"no such user: {describe(name)}") from None
+    return name
+
+
+def _file_or_words(base: str, *words: str, off: bool = False) -> Converter:
+    """A converter for a file we write (pid, logs): one of `words` kept as is, `off` → None, or a path
+    whose folder must exist."""
+    def convert(value: object) -> Optional[str]:
+        if off and (value is False or value == "off"):
+            return None
+        if value in words:
+            return value
+        path = in_folder(base, value)
+        folder = os.path.dirname(path)
+        if not os.path.isdir(folder):
+            raise Invalid(f"the folder {folder} does not exist")
+        return path
+    return convert
+
+
+def default_pid_path(base: str) -> str:
+    """Like nginx, there is always a pid file unless `pid: off`: `pyproxy.pid` beside the config."""
+    return os.path.join(base, "pyproxy.pid")
+
+
+def pid_file(base: str) -> Converter:
+    """A converter for `pid`: `off` → None, else an absolute path in an existing folder."""
+    return _file_or_words(base, off=True)
+
+
+def _error_log(base: str) -> Converter:
+    write_file = _file_or_words(base, "stderr")
+
+    def convert(value: object) -> str:
+        # nginx has no `error_log off` (it would write a file named "off"); we refuse rather than guess.
+        if value is False or value in ("off", "stdout"):
+            raise Invalid(f"error_log goes to stderr or to a file, not {describe(value)}")
+        return write_file(value)
+    return convert
+
+
+# --- stream_listen ----------------------------------------------------------------------------------
+
+def _stream_listen(report: Report, root: Section) -> tuple[Listen, ...]:
+    place = root.place_of("stream_listen")
+    raw = root.mapping.get("stream_listen")
+    if isinstance(raw, (str, int)) and not isinstance(raw, bool):
+        # Kong writes stream_listen as one comma-separated string.
+        entries = [(Place(f"stream_listen[{index}]", place.line), text)
+                   for index, text in enumerate(str(raw).split(","))]
+    else:
+        entries = root.items("stream_listen")
+    if raw is None or raw == []:
+        report.error(place, "nothing to listen on: add at least one stream_listen address")
+    listens: list[Listen] = []
+    lines_by_address: dict[tuple[str, int], int] = {}
+    for entry_place, value in entries:
+        listen = _listen(report, entry_place, value)
+        if listen is None:
+            continue
+        if listen.key in lines_by_address:
+            report.error(entry_place, f"{listen} is already listed at line {lines_by_address[listen.key]}")
+            continue
+        lines_by_address[listen.key] = entry_place.line
+        listens.append(listen)
+    return tuple(listens)
+
+
+def _listen(report: Report, place: Place, value: object) -> Optional[Listen]:
+    """One `ADDR:PORT [ssl] [proxy_protocol] [backlog=N] [reuseport]` entry."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str) or not value.split():
+        report.error(place, f"expected 'ADDRESS:PORT [ssl] [proxy_protocol] [backlog=N]', got {describe(value)}")
+        return None
+    address, *words = value.split()
+    host_port = report.convert(place, address, parse_address)
+    flags: dict[str, object] = {}
+    for word in words:
+        name, equals, argument = word.partition("=")
+        if name not in LISTEN_FLAGS or (name == "backlog") != bool(equals):
+            report.error(place, f"unknown listen flag {describe(word)}{did_you_mean(name, LISTEN_FLAGS)}")
+        elif name in flags:
+            report.error(place, f"listen flag {name!r} is given twice")
+        elif name == "backlog":
+            number = int(argument) if re.fullmatch(r"[0-9]{1,10}", argument) else argument
+            flags[name] = report.convert(place, number, integer(1, C_INT_MAX))
+        else:
+            flags[name] = True
+    if "reuseport" in flags:
+        report.warn(place, "reuseport is always on in pyproxy; the flag is ignored")
+    if host_port is None or ("backlog" in flags and flags["backlog"] is None):
+        return None
+    host, port = host_port
+    defaults = Listen(host, port)
+    return Listen(host=host, port=port, ssl="ssl" in flags, proxy_protocol="proxy_protocol" in flags,
+                  backlog=flags.get("backlog", defaults.backlog), line=place.line)
+
+
+def _check_status_listen(report: Report, root: Section, address: tuple[str, int],
+                         stream_listen: tuple[Listen, ...]) -> None:
+    place = root.place_of("status_listen")
+    if any(listen.key == address for listen in stream_listen):
+        report.error(place, "the status address is also a stream_listen address")
+    report.warn(place, "status_listen is not served yet; ignored")
+
+
+# --- ssl and certificates ---------------------------------------------------------------------------
+
+def _ssl_settings(report: Report, place: Place, value: object, base: str) -> SSLSettings:
+    defaults = SSLSettings()
+    section = report.section(place, value, SSL_KEYS)
+    if section is None:
+        return defaults
+    default_certificate = section.nested("default_certificate",
+                                         lambda r, p, v: _default_certificate(r, p, v, base))
+    return SSLSettings(
+        protocols=section.nested("protocols", _tls_versions, defaults.protocols),
+        ciphers=section.get("ciphers", _cipher_list, defaults.ciphers),
+        default_certificate=default_certificate,
+        preread_timeout=section.get("preread_timeout", positive_duration, defaults.preread_timeout),
+        handshake_timeout=section.get("handshake_timeout", positive_duration, defaults.handshake_timeout),
+    )
+
+
+def _tls_versions(report: Report, place: Place, value: object) -> tuple[str, ...]:
+    versions: dict[str, None] = {}
+    items = report.items(place, value)
+    for item_place, item in items:
+        version = report.convert(item_place, item, one_of(TLS_VERSIONS))
+        if version in OBSOLETE_TLS_VERSIONS:
+            report.warn(item_place, f"{version} is obsolete and insecure; clients should use TLSv1.2 or later")
+        if version is not None:
+            versions[version] = None
+    if isinstance(value, list) and not items:
+        report.error(place, "list at least one TLS version")
+    return tuple(versions) or SSLSettings().protocols
+
+
+def _cipher_list(value: object) -> str:
+    ciphers = parse_text(value)
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).set_ciphers(ciphers)
+    except ssl.SSLError:
+        raise Invalid(f"OpenSSL accepts no cipher from {describe(ciphers)}") from None
+    return ciphers
+
+
+def _default_certificate(report: Report, place: Place, value: object, base: str) -> Optional[CertKey]:
+    section = report.section(place, value, CERT_KEY_KEYS)
+    if section is None:
+        return None
+    files = _certificate_files(report, section, base)
+    return CertKey(cert=files[0], key=files[1]) if files else None
+
+
+def _certificate_files(report: Report, section: Section, base: str) -> Optional[tuple[str, str, dict]]:
+    """`(cert, key, decoded certificate)` for a mapping with `cert` and `key`, or None if unusable."""
+    cert = section.get("cert", lambda v: in_folder(base, v), required=True)
+    key = section.get("key", lambda v: in_folder(base, v), required=True)
+    if cert is None or key is None:
+        return None
+    decoded = load_certificate_pair(report, section.place_of("cert"), section.place_of("key"), cert, key)
+    return (cert, key, decoded) if decoded is not None else None
+
+
+def _certificates(report: Report, root: Section, base: str) -> tuple[Certificate, ...]:
+    certificates: list[Certificate] = []
+    owner: dict[str, tuple[int, int]] = {}     # SNI → (index, line) of the first certificate serving it
+    for index, (place, value) in enumerate(root.items("certificates")):
+        section = report.section(place, value, CERTIFICATE_KEYS)
+        if section is None:
+            continue
+        files = _certificate_files(report, section, base)
+        if section.has("snis") and section.mapping["snis"] != []:
+            snis = entities.read_snis(report, section.place_of("snis"), section.mapping["snis"])
+        elif files is not None:
+            snis = _names_inside(report, section.place_of("cert"), files[2])
+        else:
+            snis = []
+        for sni_place, sni in snis:
+            first_index, first_line = owner.setdefault(sni, (index, place.line))
+            if first_index != index:
+                report.error(sni_place, f"server name {sni!r} is already served by the certificate "
+                                        f"at line {first_line}")
+        if files is not None:
+            unique_snis = tuple(dict.fromkeys(sni for _, sni in snis))
+            certificates.append(Certificate(cert=files[0], key=files[1], snis=unique_snis))
+    return tuple(certificates)
+
+
+def _names_inside(report: Report, place: Place, decoded: dict) -> list[tuple[Place, str]]:
+    names = []
+    for name in certificate_names(decoded):
+        try:
+            names.append((place, parse_sni(name)))
+        except Invalid:
+            report.warn(place, f"the certificate name {name!r} is not a server name; ignored")
+    if not names:
+        report.error(place, "the certificate names no host (no DNS subjectAltName or CN): list its snis")
+    return names
