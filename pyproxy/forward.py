@@ -17,6 +17,7 @@ import errno
 import fcntl
 import os
 import socket
+import ssl
 
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 PIPE_SIZE = 256 * 1024
@@ -85,10 +86,10 @@ class SplicePump:
     __slots__ = ("pool", "src", "dst", "readable", "writable", "eof", "done", "pending", "pipe",
                  "received", "sent", "error", "last_io", "blocked_at")
 
-    def __init__(self, pool: PipePool, src: socket.socket):
+    def __init__(self, pool: PipePool, src: socket.socket, dst: socket.socket):
         self.pool = pool
         self.src = src
-        self.dst: socket.socket | None = None
+        self.dst = dst
         self.readable = False
         self.writable = False
         self.eof = False          # the source sent its FIN (or the session decided it is over)
@@ -178,6 +179,122 @@ class SplicePump:
                 self.pool.put(self.pipe)
             self.pipe = None
             self.pending = 0
+
+
+_WANT = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+SCRATCH_SIZE = 64 * 1024
+
+
+class BufferPump:
+    """One direction where a side speaks TLS: recv_into a worker-wide scratch buffer, then send.
+
+    Only what a destination refuses is copied out of the scratch buffer (into `held`), so an idle
+    TLS session holds no buffer either, and a stuck one holds at most one read's worth. OpenSSL may
+    keep decrypted bytes that epoll never reports, so the source is read until it says "want read".
+    """
+
+    __slots__ = ("scratch", "src", "dst", "readable", "writable", "eof", "done", "held", "received",
+                 "sent", "error", "last_io", "blocked_at")
+
+    def __init__(self, scratch: memoryview, src: socket.socket, dst: socket.socket):
+        self.scratch = scratch
+        self.src = src
+        self.dst = dst
+        self.readable = False
+        self.writable = False
+        self.eof = False
+        self.done = False
+        self.held: memoryview | None = None    # bytes read but refused by dst, waiting for EPOLLOUT
+        self.received = 0
+        self.sent = 0
+        self.error = 0
+        self.last_io = 0.0
+        self.blocked_at = 0.0
+
+    @property
+    def pending(self) -> int:
+        return len(self.held) if self.held is not None else 0
+
+    def _send(self, data: memoryview, now: float, scratch: bool) -> int:
+        """Write what dst takes; keep the rest in `held`. Returns -1 on a write error."""
+        try:
+            n = self.dst.send(data)
+        except _WANT:
+            n = 0
+        except OSError as exc:
+            self.error = exc.errno or errno.ECONNRESET
+            return -1
+        self.sent += n
+        if n < len(data):
+            # The scratch buffer is shared by every session: keep a private copy of what is left.
+            # (TLS also insists on being retried with the same bytes after "want write".)
+            self.held = memoryview(bytes(data[n:])) if scratch else data[n:]
+            self.writable = False
+            if not self.blocked_at:
+                self.blocked_at = now
+        else:
+            self.held = None
+            self.blocked_at = 0.0
+        return n
+
+    def run(self, now: float) -> int:
+        if self.done:
+            return DONE
+        scratch = self.scratch
+        for _ in range(_BUDGET):
+            if self.held is not None:
+                if not self.writable:
+                    return WAIT
+                if self._send(self.held, now, scratch=False) < 0:
+                    return DST_ERROR
+                if self.held is not None:
+                    return WAIT
+                self.last_io = now
+                continue
+            if self.eof:
+                self.finish()
+                return DONE
+            if not self.readable:
+                return WAIT
+            try:
+                n = self.src.recv_into(scratch)
+            except _WANT:
+                self.readable = False
+                return WAIT
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                n = 0
+            except ssl.SSLError:
+                self.error = errno.EPROTO
+                return SRC_ERROR
+            except OSError as exc:
+                self.error = exc.errno or errno.ECONNRESET
+                return SRC_ERROR
+            if not n:
+                self.eof = True
+                continue
+            self.received += n
+            self.last_io = now
+            if not self.writable:
+                self.held = memoryview(bytes(scratch[:n]))
+                if not self.blocked_at:
+                    self.blocked_at = now
+                return WAIT
+            if self._send(scratch[:n], now, scratch=True) < 0:
+                return DST_ERROR
+        return MORE
+
+    def finish(self) -> None:
+        """Pass the FIN on. On a TLS socket this is a TCP FIN without close_notify (both ends'
+        OpenSSL treat it as end of data with suppress_ragged_eofs); SSLSocket.shutdown() would drop
+        the SSL object while the other direction may still be reading."""
+        self.done = True
+        try:
+            socket.socket.shutdown(self.dst, socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def release(self) -> None:
+        self.held = None
 
 
 def reset_errno(err: int) -> bool:

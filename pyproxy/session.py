@@ -10,16 +10,21 @@ when they appear; events only update readiness flags and then run whatever the c
 
 from __future__ import annotations
 
+import array
 import errno
+import fcntl
 import os
 import socket
+import ssl
 import struct
+import termios
 from typing import TYPE_CHECKING, Optional
 
-from pyproxy.config.model import (STATUS_BAD_GATEWAY, STATUS_INTERNAL, STATUS_NO_ROUTE, STATUS_OK,
-                                  Listen)
-from pyproxy.forward import DONE, DST_ERROR, MORE, SRC_ERROR, SplicePump
+from pyproxy.config.model import (STATUS_BAD_GATEWAY, STATUS_BAD_REQUEST, STATUS_INTERNAL,
+                                  STATUS_NO_ROUTE, STATUS_OK, Listen)
+from pyproxy.forward import DONE, DST_ERROR, MORE, SRC_ERROR, BufferPump, SplicePump
 from pyproxy.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, STREAM_EVENTS
+from pyproxy.tls.clienthello import ClientHelloError, parse_client_hello
 
 if TYPE_CHECKING:
     from pyproxy.upstream import Peer
@@ -29,8 +34,28 @@ IN_EVENTS = EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR
 OUT_EVENTS = EPOLLOUT | EPOLLHUP | EPOLLERR
 LINGER_RESET = struct.pack("ii", 1, 0)      # SO_LINGER {on, 0s}: close() sends a RST
 
+PREREAD_MAX = 65536                          # bytes of ClientHello we are willing to wait for
+_WANT = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
+
 # Phases
-PREREAD, ROUTING, CONNECTING, FORWARDING, CLOSED = range(5)
+PREREAD, HANDSHAKE, ROUTING, CONNECTING, UPSTREAM_HANDSHAKE, FORWARDING, CLOSED = range(7)
+
+
+def _bytes_waiting(sock: socket.socket) -> int:
+    """FIONREAD: how many bytes the socket holds, without copying them."""
+    buf = array.array("i", [0])
+    fcntl.ioctl(sock.fileno(), termios.FIONREAD, buf, True)
+    return buf[0]
+
+
+def _next_record_end(data: bytes) -> int:
+    """How many bytes must be there before the ClientHello can have grown: the end of the TLS
+    record being received, or the next record's header. Walking record headers lets preread peek
+    once per record instead of once per TCP segment (a hello sent a byte at a time stays cheap)."""
+    pos, size = 0, len(data)
+    while pos + 5 <= size:
+        pos += 5 + (data[pos + 3] << 8 | data[pos + 4])
+    return pos if pos > size else pos + 5
 
 
 def _send_reset(sock: socket.socket) -> None:
@@ -45,9 +70,10 @@ class Session:
     """One client connection and, once connected, its upstream connection."""
 
     __slots__ = ("worker", "loop", "listen", "client", "client_addr", "upstream", "c2u", "u2c", "phase",
-                 "route", "service", "balancer", "tried", "peer", "status", "started", "ended",
-                 "connect_started", "connect_time", "connect_timer", "timer", "scheduled", "serial",
-                 "protocol", "sni", "ssl_protocol", "ssl_cipher", "_local_ip")
+                 "route", "service", "balancer", "tried", "peer", "status",
+                 "started", "ended", "connect_started", "connect_time", "connect_timer", "timer",
+                 "scheduled", "serial", "protocol", "sni", "ssl_protocol", "ssl_cipher", "preread_need",
+                 "_local_ip")
 
     def __init__(self, worker: "Worker", listen: Listen, client: socket.socket, client_addr, serial: int):
         self.worker = worker
@@ -56,9 +82,8 @@ class Session:
         self.client = client
         self.client_addr = client_addr
         self.upstream: Optional[socket.socket] = None
-        self.c2u = SplicePump(worker.pool, client)
-        self.u2c = SplicePump(worker.pool, None)
-        self.phase = ROUTING
+        self.c2u = self.u2c = None         # the two pumps, made when forwarding starts
+        self.phase = PREREAD if listen.ssl else ROUTING
         self.route = None
         self.service = None
         self.balancer = None
@@ -76,12 +101,17 @@ class Session:
         self.sni: Optional[str] = None
         self.ssl_protocol: Optional[str] = None
         self.ssl_cipher: Optional[str] = None
+        self.preread_need = 1
         self._local_ip: Optional[str] = None
 
     # -- accept ---------------------------------------------------------------------------
     def start(self) -> None:
         self.loop.add(self.client.fileno(), STREAM_EVENTS, self.on_client_event)
-        self.route_phase()
+        if self.listen.ssl:
+            # Registration is edge-triggered: a hello already waiting is reported right away.
+            self.timer = self.loop.call_later(self.worker.config.ssl.preread_timeout, self.on_preread_timeout)
+        else:
+            self.route_phase()
 
     def local_ip(self) -> str:
         """The address the client connected to ($server_addr); one getsockname only if needed."""
@@ -97,7 +127,75 @@ class Session:
 
     def describe(self) -> str:
         """Where a log line about this session happened, nginx style."""
-        return f"client: {self.client_addr[0]}:{self.client_addr[1]}, server: {self.listen}"
+        where = f"client: {self.client_addr[0]}:{self.client_addr[1]}, server: {self.listen}"
+        return f"{where}, sni: {self.sni}" if self.sni else where
+
+    def on_client_event(self, mask: int) -> None:
+        phase = self.phase
+        if phase == FORWARDING:
+            if mask & IN_EVENTS:
+                self.c2u.readable = True
+            if mask & OUT_EVENTS:
+                self.u2c.writable = True
+            self.forward()
+            return
+        if phase == PREREAD:
+            self.preread(ended=bool(mask & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)))
+        elif phase == HANDSHAKE:
+            self.handshake()
+
+    # -- preread (ssl listeners) ----------------------------------------------------------
+    def preread(self, ended: bool = False) -> None:
+        """Peek at the ClientHello without consuming it: passthrough then splices it on untouched,
+        termination lets OpenSSL read it. Bounded by PREREAD_MAX bytes and ssl.preread_timeout.
+        `ended`: the client sent its FIN (or reset), so an incomplete hello will never complete."""
+        try:
+            waiting = _bytes_waiting(self.client)
+            hello = None
+            if waiting >= self.preread_need:
+                data = self.client.recv(min(waiting, PREREAD_MAX), socket.MSG_PEEK)
+                hello = parse_client_hello(data, PREREAD_MAX)
+                if hello is None:
+                    self.preread_need = _next_record_end(data)
+        except ClientHelloError as exc:
+            self._bad_preread(f"not a TLS ClientHello: {exc}")
+            return
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._bad_preread(f"reading the ClientHello failed ({exc.errno}: {exc.strerror})")
+            return
+        if hello is None:
+            if ended:
+                self._bad_preread("client closed the connection before a complete ClientHello")
+            return
+        self.timer.cancel()
+        self.timer = None
+        self.sni = hello.sni
+        self.ssl_protocol = hello.protocol
+        self.phase = ROUTING
+        self.route_phase()
+
+    def _bad_preread(self, reason: str) -> None:
+        self.worker.log.info(f"{reason}; {self.describe()}")
+        self._refuse(STATUS_BAD_REQUEST)
+
+    def _refuse(self, status: int) -> None:
+        """Close a client we will not serve with a FIN, not a RST: a close() with unread bytes
+        (peeked, or sent before we decided) would make the kernel reset the connection."""
+        try:
+            for _ in range(4):
+                if not self.client.recv(65536):
+                    break
+        except (OSError, ValueError):
+            pass
+        self.close(status)
+
+    def on_preread_timeout(self) -> None:
+        self.timer = None
+        if self.phase == PREREAD:
+            self._bad_preread(f"no complete ClientHello within {self.worker.config.ssl.preread_timeout:g}s "
+                              f"(ssl.preread_timeout)")
 
     # -- route ----------------------------------------------------------------------------
     def route_phase(self) -> None:
@@ -105,13 +203,67 @@ class Session:
         local_ip = self.local_ip() if routes.needs_local_ip else None
         route = routes.match(self.client_addr[0], self.client_addr[1], local_ip, self.listen.port, self.sni)
         if route is None:
-            self.worker.log.info(f"no route matched, closing; {self.describe()}")
-            self.close(STATUS_NO_ROUTE)
+            if self.listen.ssl and self.worker.server_tls is not None:
+                # Like Kong: the client still gets a certificate (its SNI's or the default one)
+                # and a completed handshake, and only then the close; nothing reaches an upstream.
+                self.start_handshake()
+                return
+            self._no_route()
             return
         self.route = route
         self.service = self.worker.services[route.service]
         self.balancer = self.worker.balancers[route.service]
+        if self.listen.ssl:
+            if "tls" in route.protocols:
+                self.start_handshake()
+                return
+            self.protocol = "tls_passthrough"
         self.access_phase()
+
+    def _no_route(self) -> None:
+        self.worker.log.info(f"no route matched, closing; {self.describe()}")
+        self._refuse(STATUS_NO_ROUTE)
+
+    # -- TLS termination ------------------------------------------------------------------
+    def start_handshake(self) -> None:
+        self.phase = HANDSHAKE
+        self.protocol = "tls"
+        self.ssl_protocol = None
+        try:
+            self.client = self.worker.server_tls.wrap(self.client)   # same fd: the registration stays
+        except (OSError, ValueError) as exc:
+            self.worker.log.error(f"cannot start TLS ({exc}); {self.describe()}")
+            self.close(STATUS_INTERNAL)
+            return
+        self.timer = self.loop.call_later(self.worker.config.ssl.handshake_timeout, self.on_handshake_timeout)
+        self.handshake()
+
+    def handshake(self) -> None:
+        try:
+            self.client.do_handshake()
+        except _WANT:
+            return
+        except (ssl.SSLError, OSError) as exc:
+            self.worker.log.info(f"SSL handshake with the client failed ({_ssl_reason(exc)}); {self.describe()}")
+            self.close(STATUS_BAD_REQUEST)
+            return
+        self.timer.cancel()
+        self.timer = None
+        self.ssl_protocol = self.client.version()
+        cipher = self.client.cipher()
+        self.ssl_cipher = cipher[0] if cipher else None
+        if self.route is None:
+            self._no_route()
+            return
+        self.phase = ROUTING
+        self.access_phase()
+
+    def on_handshake_timeout(self) -> None:
+        self.timer = None
+        if self.phase == HANDSHAKE:
+            self.worker.log.info(f"SSL handshake timed out after {self.worker.config.ssl.handshake_timeout:g}s; "
+                                 f"{self.describe()}")
+            self.close(STATUS_BAD_REQUEST)
 
     # -- access ---------------------------------------------------------------------------
     def access_phase(self) -> None:
@@ -139,6 +291,7 @@ class Session:
             self._give_up()
             return
         self.tried.append(peer)
+        self.phase = CONNECTING
         family = socket.AF_INET6 if ":" in peer.addr[0] else socket.AF_INET
         try:
             sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
@@ -152,7 +305,7 @@ class Session:
         err = sock.connect_ex(peer.addr)
         if err not in (0, errno.EINPROGRESS):
             sock.close()
-            self._connect_failed(peer, err, timed_out=False)
+            self._connect_failed(peer, f"failed ({err}: {os.strerror(err)})", timed_out=False)
             return
         self.upstream = sock
         self.loop.add(sock.fileno(), STREAM_EVENTS, self.on_upstream_event)
@@ -174,19 +327,64 @@ class Session:
             self.loop.remove(sock.fileno())
             sock.close()
 
-    def _connect_failed(self, peer: "Peer", err: int, timed_out: bool) -> None:
+    def _connect_failed(self, peer: "Peer", reason: str, timed_out: bool) -> None:
         self._drop_upstream()
         self.balancer.failed(peer, self.loop.now, timed_out)
-        reason = "timed out" if timed_out else f"failed ({err}: {os.strerror(err)})"
         self.worker.log.error(f"connect() to {peer.name} {reason} while connecting to upstream; {self.describe()}")
         self.try_next_peer()
 
     def on_connect_timeout(self) -> None:
         self.connect_timer = None
-        if self.phase == CONNECTING:
-            self._connect_failed(self.tried[-1], errno.ETIMEDOUT, timed_out=True)
+        if self.phase in (CONNECTING, UPSTREAM_HANDSHAKE):
+            self._connect_failed(self.tried[-1], f"timed out after {self.service.connect_timeout:g}s "
+                                                 f"(connect_timeout)", timed_out=True)
 
-    def _connected(self, mask: int) -> None:
+    def on_upstream_event(self, mask: int) -> None:
+        phase = self.phase
+        if phase == FORWARDING:
+            if mask & IN_EVENTS:
+                self.u2c.readable = True
+            if mask & OUT_EVENTS:
+                self.c2u.writable = True
+            self.forward()
+        elif phase == CONNECTING:
+            err = self.upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                self._connect_failed(self.tried[-1], f"failed ({err}: {os.strerror(err)})", timed_out=False)
+            elif mask & EPOLLOUT:
+                self._tcp_connected()
+        elif phase == UPSTREAM_HANDSHAKE:
+            self.upstream_handshake()
+
+    def _tcp_connected(self) -> None:
+        tls = self.worker.upstream_tls.get(self.service.name)
+        if tls is None:
+            self._connected()
+            return
+        self.phase = UPSTREAM_HANDSHAKE
+        try:
+            self.upstream = tls.wrap(self.upstream, self.sni)
+        except (OSError, ValueError) as exc:
+            self._connect_failed(self.tried[-1], f"could not start TLS ({exc})", timed_out=False)
+            return
+        self.upstream_handshake()
+
+    def upstream_handshake(self) -> None:
+        try:
+            self.upstream.do_handshake()
+        except _WANT:
+            return
+        except ssl.SSLCertVerificationError as exc:
+            self._connect_failed(self.tried[-1], f"failed: upstream SSL certificate verify failed "
+                                                 f"({exc.verify_message})", timed_out=False)
+            return
+        except (ssl.SSLError, OSError) as exc:
+            self._connect_failed(self.tried[-1], f"failed: SSL handshake with the upstream failed "
+                                                 f"({_ssl_reason(exc)})", timed_out=False)
+            return
+        self._connected()
+
+    def _connected(self) -> None:
         if self.connect_timer is not None:
             self.connect_timer.cancel()
             self.connect_timer = None
@@ -195,54 +393,39 @@ class Session:
         self.peer = peer
         self.balancer.connected(peer, now)
         self.connect_time = now - self.connect_started
-        sock = self.upstream
-        self.c2u.dst = sock
-        self.c2u.writable = True
-        self.u2c.src = sock
-        self.u2c.dst = self.client
-        self.u2c.readable = bool(mask & IN_EVENTS)
         self.forward_phase()
 
     # -- forward --------------------------------------------------------------------------
     def forward_phase(self) -> None:
+        client, upstream = self.client, self.upstream
+        if isinstance(client, ssl.SSLSocket) or isinstance(upstream, ssl.SSLSocket):
+            scratch = self.worker.scratch
+            self.c2u = BufferPump(scratch, client, upstream)
+            self.u2c = BufferPump(scratch, upstream, client)
+        else:
+            pool = self.worker.pool
+            self.c2u = SplicePump(pool, client, upstream)
+            self.u2c = SplicePump(pool, upstream, client)
+        # What we know of readiness so far; anything unknown is simply tried (EAGAIN costs little).
+        self.c2u.readable = True
+        self.c2u.writable = True
+        self.u2c.readable = True
+        self.u2c.writable = True
         self.phase = FORWARDING
         now = self.loop.now
         self.c2u.last_io = self.u2c.last_io = now
         self.timer = self.loop.call_at(now + self.service.read_timeout, self.on_timer)
         self.forward()
 
-    def on_client_event(self, mask: int) -> None:
-        if mask & IN_EVENTS:
-            self.c2u.readable = True
-        if mask & OUT_EVENTS:
-            self.u2c.writable = True
-        if self.phase == FORWARDING:
-            self.forward()
-
-    def on_upstream_event(self, mask: int) -> None:
-        if self.phase == CONNECTING:
-            err = self.upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if err:
-                self._connect_failed(self.tried[-1], err, timed_out=False)
-            elif mask & EPOLLOUT:
-                self._connected(mask)
-            return
-        if mask & IN_EVENTS:
-            self.u2c.readable = True
-        if mask & OUT_EVENTS:
-            self.c2u.writable = True
-        if self.phase == FORWARDING:
-            self.forward()
-
     def forward(self) -> None:
         now = self.loop.now
         up = self.c2u.run(now)
         if up >= SRC_ERROR:
-            self._pump_failed(self.c2u, up, client_side=up == SRC_ERROR)
+            self._pump_failed(self.c2u, client_side=up == SRC_ERROR)
             return
         down = self.u2c.run(now)
         if down >= SRC_ERROR:
-            self._pump_failed(self.u2c, down, client_side=down == DST_ERROR)
+            self._pump_failed(self.u2c, client_side=down == DST_ERROR)
             return
         if up == DONE and down == DONE:
             self.close(STATUS_OK)
@@ -255,7 +438,7 @@ class Session:
         if self.phase == FORWARDING:
             self.forward()
 
-    def _pump_failed(self, pump: SplicePump, result: int, client_side: bool) -> None:
+    def _pump_failed(self, pump, client_side: bool) -> None:
         """A reset (or a vanished peer) on one side becomes a reset on the other side."""
         err = pump.error
         side = "client" if client_side else "upstream"
@@ -293,16 +476,16 @@ class Session:
 
     # -- log ------------------------------------------------------------------------------
     def bytes_received(self) -> int:
-        return self.c2u.received
+        return self.c2u.received if self.c2u else 0
 
     def bytes_sent(self) -> int:
-        return self.u2c.sent
+        return self.u2c.sent if self.u2c else 0
 
     def upstream_bytes_sent(self) -> int:
-        return self.c2u.sent
+        return self.c2u.sent if self.c2u else 0
 
     def upstream_bytes_received(self) -> int:
-        return self.u2c.received
+        return self.u2c.received if self.u2c else 0
 
     def close(self, status: int) -> None:
         """End the session: close both sockets, give back pipes and the peer, write the log line."""
@@ -317,8 +500,19 @@ class Session:
         self._drop_upstream()
         self.loop.remove(self.client.fileno())
         self.client.close()
-        self.c2u.release()
-        self.u2c.release()
+        if self.c2u is not None:
+            self.c2u.release()
+            self.u2c.release()
         if self.peer is not None:
             self.balancer.released(self.peer)
         self.worker.session_closed(self)
+
+
+def _ssl_reason(exc: Exception) -> str:
+    """OpenSSL's short reason ("WRONG_VERSION_NUMBER") or the OS error, for one log line."""
+    reason = getattr(exc, "reason", None)
+    if reason:
+        return str(reason)
+    if isinstance(exc, OSError) and exc.errno:
+        return f"{exc.errno}: {exc.strerror}"
+    return str(exc) or exc.__class__.__name__

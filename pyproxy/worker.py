@@ -19,12 +19,13 @@ from setproctitle import setproctitle
 
 from pyproxy.accesslog import AccessLog
 from pyproxy.config.model import STATUS_OVER_LIMIT, Config
-from pyproxy.forward import PipePool
+from pyproxy.forward import SCRATCH_SIZE, PipePool
 from pyproxy.listeners import ListenSocket
 from pyproxy.log import ErrorLog
 from pyproxy.loop import EPOLLIN, Loop
 from pyproxy.router import Router
 from pyproxy.session import Session
+from pyproxy.tls.contexts import ServerTLS, build_upstream_tls
 from pyproxy.upstream import build_balancers
 
 WORKER_BOOT_ERROR = 3
@@ -70,6 +71,11 @@ class Worker:
         self.router = Router(config.routes, config.stream_listen)
         self.services = {s.name: s for s in config.services}
         self.balancers = build_balancers(config, log=self.log.log)
+        self.scratch = memoryview(bytearray(SCRATCH_SIZE))
+        # Keys are read here, before dropping privileges: a key readable only by root stays so.
+        needs_server_tls = any(listen.ssl for listen in config.stream_listen)
+        self.server_tls = ServerTLS(config) if needs_server_tls else None
+        self.upstream_tls = build_upstream_tls(config)
         self.access_log = AccessLog(config.access_log, config.access_log_format)
         drop_privileges(config.user, self.log)
         self._install_signals()

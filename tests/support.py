@@ -291,3 +291,74 @@ class Proxy:
             fh.close()
         # Workers never outlive their master (they poll getppid); make sure in tests anyway.
         return self.proc.returncode
+
+
+# -- TLS -----------------------------------------------------------------------------------------
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def make_ca(directory: Path, name: str = "test-ca") -> tuple[Path, Path]:
+    """A self-signed CA certificate and key."""
+    crt, key = directory / f"{name}.crt", directory / f"{name}.key"
+    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "3",
+             "-subj", f"/CN={name}", "-keyout", str(key), "-out", str(crt), cwd=directory)
+    return crt, key
+
+
+def make_cert(directory: Path, name: str, sans: list[str], ca: tuple[Path, Path] | None = None) -> tuple[Path, Path]:
+    """A leaf certificate for `sans` (DNS names), self-signed or signed by `ca`."""
+    stem = name.replace("*", "wildcard")
+    crt, key = directory / f"{stem}.crt", directory / f"{stem}.key"
+    san = "subjectAltName=" + ",".join(f"DNS:{s}" for s in sans)
+    if ca is None:
+        _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "3",
+                 "-subj", f"/CN={name}", "-addext", san, "-keyout", str(key), "-out", str(crt), cwd=directory)
+    else:
+        csr = directory / f"{stem}.csr"
+        ext = directory / f"{stem}.ext"
+        ext.write_text(san + "\n")
+        _openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                 "-subj", f"/CN={name}", "-keyout", str(key), "-out", str(csr), cwd=directory)
+        _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca[0]), "-CAkey", str(ca[1]), "-CAcreateserial",
+                 "-days", "3", "-extfile", str(ext), "-out", str(crt), cwd=directory)
+    os.chmod(key, 0o600)
+    return crt, key
+
+
+def tls_handler_for(cert: tuple[Path, Path], inner: Callable[[socket.socket, Upstream], None]):
+    """An upstream handler that terminates TLS with `cert`, then runs `inner` on the decrypted stream."""
+    import ssl
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(str(cert[0]), str(cert[1]))
+
+    def handler(conn: socket.socket, up: Upstream) -> None:
+        try:
+            tls = ctx.wrap_socket(conn, server_side=True)
+        except (ssl.SSLError, OSError):
+            return
+        inner(tls, up)
+    return handler
+
+
+def tls_client(port: int, server_name: str | None, host: str = "127.0.0.1", timeout: float = 10.0):
+    """A TLS client that accepts any certificate (the tests look at which one it got)."""
+    import ssl
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    sock = connect(port, host, timeout=timeout)
+    return ctx.wrap_socket(sock, server_hostname=server_name)
+
+
+def peer_common_name(tls_sock) -> str:
+    """The CN of the certificate the server presented (parsed from DER with the openssl CLI)."""
+    der = tls_sock.getpeercert(binary_form=True)
+    out = subprocess.run(["openssl", "x509", "-inform", "DER", "-noout", "-subject", "-nameopt", "multiline"],
+                         input=der, capture_output=True, timeout=10).stdout.decode()
+    for line in out.splitlines():
+        if "commonName" in line:
+            return line.split("=", 1)[1].strip()
+    return ""

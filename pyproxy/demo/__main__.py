@@ -1,18 +1,39 @@
 """`make run`: start the echo upstream on 127.0.0.1:1025, then pyproxy in the foreground.
 
-Ctrl-C stops both. The seed's check then works from another terminal:
+On first run it makes the demo's self-signed certificate for tls9443.kong.example (conf/certs/).
+Ctrl-C stops both. The seed's checks then work from another terminal:
 
     telnet 127.0.0.1 9000          (or: nc 127.0.0.1 9000)
+    echo "hello" | openssl s_client -connect 127.0.0.1:9443 -servername tls9443.kong.example -quiet
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import subprocess
 import sys
 
 from pyproxy.demo.echo import EchoServer
+
+
+DEMO_NAME = "tls9443.kong.example"
+
+
+def ensure_certificate(conf_dir: str) -> None:
+    """Create certs/tls9443.kong.example.{crt,key} beside the config, once (openssl CLI)."""
+    certs = os.path.join(conf_dir, "certs")
+    crt = os.path.join(certs, f"{DEMO_NAME}.crt")
+    key = os.path.join(certs, f"{DEMO_NAME}.key")
+    if os.path.exists(crt) and os.path.exists(key):
+        return
+    os.makedirs(certs, exist_ok=True)
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "365",
+                    "-subj", f"/CN={DEMO_NAME}", "-addext", f"subjectAltName=DNS:{DEMO_NAME}",
+                    "-keyout", key, "-out", crt], check=True, capture_output=True, timeout=60)
+    os.chmod(key, 0o600)
+    print(f"demo: made a self-signed certificate for {DEMO_NAME} in {certs}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,6 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--echo", default="127.0.0.1:1025", help="where the echo upstream listens")
     args = parser.parse_args(argv)
 
+    try:
+        ensure_certificate(os.path.dirname(os.path.abspath(args.conf)))
+    except (OSError, subprocess.SubprocessError) as exc:
+        print(f"demo: cannot make the demo certificate with openssl: {exc}", file=sys.stderr)
+        return 1
     host, _, port = args.echo.rpartition(":")
     try:
         echo = EchoServer(host, int(port), name="echo-1025").start()
@@ -28,7 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"demo: cannot start the echo upstream on {args.echo}: {exc.strerror}", file=sys.stderr)
         return 1
     print(f"demo: echo upstream on {args.echo}; starting pyproxy -c {args.conf}", file=sys.stderr)
-    print("demo: try `telnet 127.0.0.1 9000` (or `nc 127.0.0.1 9000`); Ctrl-C stops", file=sys.stderr)
+    print("demo: try `telnet 127.0.0.1 9000` (or `nc 127.0.0.1 9000`) and\n"
+          f"demo:     echo hello | openssl s_client -connect 127.0.0.1:9443 -servername {DEMO_NAME} -quiet\n"
+          "demo: Ctrl-C stops", file=sys.stderr)
     proxy = subprocess.Popen([sys.executable, "-m", "pyproxy", "-c", args.conf])
     signal.signal(signal.SIGTERM, _interrupt)       # stopped by a supervisor: stop pyproxy too
     try:

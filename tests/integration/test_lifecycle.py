@@ -13,8 +13,8 @@ import time
 import psutil
 
 from tests.integration.test_core import one_service
-from tests.support import (Proxy, connect, echo_handler, free_port, recv_all, recv_line, tag_handler,
-                           wait_until)
+from tests.support import (Proxy, connect, echo_handler, free_port, peer_common_name, recv_all, recv_line,
+                           tag_handler, tls_client, wait_until)
 
 
 def routed_to(port: int, target_port: int, name: str = "svc") -> str:
@@ -165,11 +165,11 @@ def test_port_in_use_is_a_clear_error(tmp_path):
 
 def test_demo_launcher_runs_the_seed_scenario(tmp_path):
     """`make run` = python -m pyproxy.demo: echo upstream + pyproxy; here on free ports."""
-    listen, echo_port = free_port(), free_port()
+    listen, tls_listen, echo_port = free_port(), free_port(), free_port()
     conf = tmp_path / "demo.conf"
     repo_conf = open(os.path.join(os.path.dirname(__file__), "..", "..", "conf", "pyproxy.conf")).read()
     conf.write_text(repo_conf.replace("9000", str(listen)).replace("1025", str(echo_port))
-                    .replace("pid: pyproxy.pid", f"pid: {tmp_path}/demo.pid"))
+                    .replace(":9443", f":{tls_listen}").replace("pid: pyproxy.pid", f"pid: {tmp_path}/demo.pid"))
     demo = subprocess.Popen([sys.executable, "-m", "pyproxy.demo", "-c", str(conf), "--echo",
                              f"127.0.0.1:{echo_port}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
@@ -187,6 +187,10 @@ def test_demo_launcher_runs_the_seed_scenario(tmp_path):
             assert recv_line(sock) == b"hello\n"
             sock.shutdown(socket.SHUT_WR)
             assert recv_all(sock) == b""
+        assert (tmp_path / "certs" / "tls9443.kong.example.crt").exists()    # made on first run
+        with tls_client(tls_listen, "tls9443.kong.example") as sock:
+            assert peer_common_name(sock) == "tls9443.kong.example"
+            assert recv_line(sock).startswith(b"Welcome, you are connected")
     finally:
         demo.send_signal(signal.SIGINT)
         demo.wait(20)

@@ -20,8 +20,7 @@ def make_pump(pool):
     """client ⇄ [src  pump  dst] ⇄ server, each side a real socketpair."""
     client, src = pair()
     dst, server = pair()
-    pump = SplicePump(pool, src)
-    pump.dst = dst
+    pump = SplicePump(pool, src, dst)
     pump.readable = pump.writable = True
     return client, pump, server
 

@@ -1,0 +1,139 @@
+"""SSL contexts: one server context per certificate, chosen by SNI; one client context per TLS service.
+
+Termination uses a single listening context whose `sni_callback` swaps in the context of the
+certificate for the name the client asked for (exact names first, then wildcards), or keeps the
+default certificate's context for no or unknown SNI — Kong's `certificates`/`snis` entities.
+Certificate wildcards follow RFC 6125: `*.example.com` covers one label (`a.example.com`, not
+`a.b.example.com`); `example.*` any ending, as Kong allows.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import ssl
+from typing import Optional
+
+from pyproxy.config.model import Config, Service, SSLSettings
+
+_VERSIONS = {
+    "TLSv1": ssl.TLSVersion.TLSv1,
+    "TLSv1.1": ssl.TLSVersion.TLSv1_1,
+    "TLSv1.2": ssl.TLSVersion.TLSv1_2,
+    "TLSv1.3": ssl.TLSVersion.TLSv1_3,
+}
+
+
+def _server_context(settings: SSLSettings, cert: Optional[str], key: Optional[str]) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    versions = [_VERSIONS[p] for p in settings.protocols]
+    if ssl.TLSVersion.TLSv1 in versions or ssl.TLSVersion.TLSv1_1 in versions:
+        ctx.set_ciphers(settings.ciphers + ":@SECLEVEL=0")    # old protocols need OpenSSL's level 0
+    else:
+        ctx.set_ciphers(settings.ciphers)
+    ctx.minimum_version = min(versions)
+    ctx.maximum_version = max(versions)
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_RENEGOTIATION
+    if cert is not None:
+        ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+class ServerTLS:
+    """Everything a worker needs to terminate TLS: the listening context and the SNI → context map."""
+
+    def __init__(self, config: Config):
+        settings = config.ssl
+        default = settings.default_certificate
+        self.has_default = default is not None
+        self.context = _server_context(settings, default.cert if default else None,
+                                       default.key if default else None)
+        self.exact: dict[str, ssl.SSLContext] = {}
+        self.wildcards: list[tuple[str, ssl.SSLContext]] = []
+        for certificate in config.certificates:
+            ctx = _server_context(settings, certificate.cert, certificate.key)
+            ctx.sni_callback = None
+            for name in certificate.snis:
+                if name.startswith("*.") or name.endswith(".*"):
+                    self.wildcards.append((name, ctx))
+                else:
+                    self.exact.setdefault(name, ctx)
+        self.context.sni_callback = self._on_sni
+
+    def context_for(self, server_name: Optional[str]) -> Optional[ssl.SSLContext]:
+        """The context of the certificate for this name, or None for the default certificate."""
+        if not server_name:
+            return None
+        name = server_name.lower()
+        ctx = self.exact.get(name)
+        if ctx is not None:
+            return ctx
+        for pattern, ctx in self.wildcards:
+            if pattern.startswith("*."):
+                suffix = pattern[1:]
+                if name.endswith(suffix) and "." not in name[:-len(suffix)] and len(name) > len(suffix):
+                    return ctx
+            elif name.startswith(pattern[:-1]) and len(name) > len(pattern) - 1:
+                return ctx
+        return None
+
+    def _on_sni(self, ssl_object, server_name, listening_context) -> None:
+        ctx = self.context_for(server_name)
+        if ctx is not None:
+            ssl_object.context = ctx
+        return None
+
+    def wrap(self, sock):
+        """A server-side SSLSocket over an accepted socket; the handshake is driven by the caller."""
+        return self.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False,
+                                        suppress_ragged_eofs=True)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+class UpstreamTLS:
+    """The client context of one `protocol: tls` service and the name it sends as SNI."""
+
+    def __init__(self, service: Service):
+        self.verify = service.tls_verify
+        self.context = self._context(service, check_hostname=True)
+        # With nothing to check the name against (no tls_server_name, an IP host, no client SNI)
+        # verification still checks the chain, through a second context.
+        self.chain_only = self._context(service, check_hostname=False) if self.verify else self.context
+        if service.tls_server_name:
+            self.server_name: Optional[str] = service.tls_server_name
+        elif service.upstream is None and not _is_ip(service.host):
+            self.server_name = service.host
+        else:
+            self.server_name = None
+
+    @staticmethod
+    def _context(service: Service, check_hostname: bool) -> ssl.SSLContext:
+        if service.tls_verify:
+            ctx = ssl.create_default_context()
+            for path in service.ca_certificates:
+                ctx.load_verify_locations(cafile=path)
+            ctx.check_hostname = check_hostname
+        else:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        return ctx
+
+    def wrap(self, sock, client_sni: Optional[str]):
+        """A client-side SSLSocket; SNI is tls_server_name, else the host, else the client's own SNI."""
+        name = self.server_name or client_sni
+        ctx = self.context if name is not None else self.chain_only
+        return ctx.wrap_socket(sock, server_side=False, server_hostname=name,
+                               do_handshake_on_connect=False, suppress_ragged_eofs=True)
+
+
+def build_upstream_tls(config: Config) -> dict[str, UpstreamTLS]:
+    """Client contexts for every service that encrypts towards its upstream, by service name."""
+    return {s.name: UpstreamTLS(s) for s in config.services if s.protocol == "tls"}

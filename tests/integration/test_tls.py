@@ -1,0 +1,278 @@
+"""TLS on `ssl` listeners, as a user meets it: termination by SNI, passthrough, TLS to upstreams."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import subprocess
+import time
+
+import pytest
+
+from pyproxy.demo.echo import EchoServer
+from tests.support import (connect, echo_handler, free_port, make_ca, make_cert, peer_common_name,
+                           recv_all, recv_line, tag_handler, tls_client, tls_handler_for)
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("certs")
+    ca = make_ca(d)
+    return {
+        "default": make_cert(d, "default.example", ["default.example"]),
+        "a": make_cert(d, "a.example", ["a.example"]),
+        "b": make_cert(d, "b.example", ["b.example"]),
+        "wild": make_cert(d, "*.wild.example", ["*.wild.example"]),
+        "kong": make_cert(d, "tls9443.kong.example", ["tls9443.kong.example"]),
+        "upstream": make_cert(d, "upstream.internal", ["upstream.internal"], ca=ca),
+        "ca": ca,
+        "other_ca": make_ca(d, "other-ca"),
+    }
+
+
+def sni_config(port: int, certs, services: str, extra: str = "") -> str:
+    return f"""
+worker_processes: 2
+stream_listen:
+  - 127.0.0.1:{port} ssl
+ssl:
+  default_certificate: {{cert: {certs['default'][0]}, key: {certs['default'][1]}}}
+certificates:
+  - {{cert: {certs['a'][0]}, key: {certs['a'][1]}}}
+  - {{cert: {certs['b'][0]}, key: {certs['b'][1]}}}
+  - {{cert: {certs['wild'][0]}, key: {certs['wild'][1]}}}
+  - {{cert: {certs['kong'][0]}, key: {certs['kong'][1]}}}
+{extra}
+services:
+{services}
+"""
+
+
+def service(name: str, port: int, route_protocols: str, snis: str, protocol: str = "tcp", extra: str = "") -> str:
+    return f"""
+  - name: {name}
+    protocol: {protocol}
+    host: 127.0.0.1
+    port: {port}
+{extra}
+    routes:
+      - name: {name}-route
+        protocols: [{route_protocols}]
+        snis: [{snis}]
+"""
+
+
+def test_two_snis_get_their_own_certificate_and_upstream(proxy, upstreams, certs):
+    a = upstreams(tag_handler, name="upstream-a")
+    b = upstreams(tag_handler, name="upstream-b")
+    port = free_port()
+    p = proxy(sni_config(port, certs, service("a", a.port, "tls", "a.example") +
+                         service("b", b.port, "tls", "b.example")))
+    for name, expected in (("a.example", b"upstream-a\n"), ("b.example", b"upstream-b\n")):
+        with tls_client(port, name) as sock:
+            assert peer_common_name(sock) == name
+            assert recv_line(sock) == expected
+            sock.sendall(b"over tls\n")
+            assert recv_line(sock) == b"over tls\n"
+    lines = p.wait_access(2)
+    assert any('"a.example"' in line and "a-route" in line for line in lines)
+
+
+def test_seed_openssl_s_client_command(proxy, certs):
+    """The seed's own check: echo "hello" | openssl s_client -connect …:9443 -servername … -quiet."""
+    echo = EchoServer("127.0.0.1", free_port(), name="echo-tls").start()
+    try:
+        port = free_port()
+        proxy(sni_config(port, certs, service("echo", echo.address[1], "tls", "tls9443.kong.example")))
+        # -quiet implies -ign_eof: like the seed says, s_client runs until interrupted.
+        client = subprocess.Popen(["openssl", "s_client", "-connect", f"127.0.0.1:{port}",
+                                   "-servername", "tls9443.kong.example", "-quiet"],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        try:
+            client.stdin.write(b"hello\n")
+            client.stdin.flush()
+            lines = [client.stdout.readline().decode().rstrip("\n") for _ in range(5)]
+        finally:
+            client.kill()
+            client.wait(10)
+        assert lines[0].startswith("Welcome, you are connected to node ")
+        assert lines[1] == "Running on Pod echo-tls."
+        assert lines[4] == "hello"
+    finally:
+        echo.stop()
+
+
+def test_wildcard_route_and_certificate(proxy, upstreams, certs):
+    up = upstreams(tag_handler, name="wild-up")
+    port = free_port()
+    proxy(sni_config(port, certs, service("w", up.port, "tls", '"*.wild.example"')))
+    with tls_client(port, "api.wild.example") as sock:
+        assert peer_common_name(sock) == "*.wild.example"
+        assert recv_line(sock) == b"wild-up\n"
+
+
+def test_unknown_sni_gets_default_certificate_and_no_upstream(proxy, upstreams, certs):
+    up = upstreams(tag_handler)
+    port = free_port()
+    p = proxy(sni_config(port, certs, service("a", up.port, "tls", "a.example")))
+    with tls_client(port, "nobody.example") as sock:
+        assert peer_common_name(sock) == "default.example"
+        assert recv_all(sock) == b""
+    assert " 404 " in p.wait_access(1)[0]
+    assert up.connections == 0
+
+
+def test_passthrough_client_sees_the_upstreams_certificate(proxy, upstreams, certs):
+    up = upstreams(tls_handler_for(certs["upstream"], tag_handler), name="tls-backend")
+    port = free_port()
+    p = proxy(sni_config(port, certs, service("pass", up.port, "tls_passthrough", '"*.pass.example"')))
+    with tls_client(port, "db.pass.example") as sock:
+        assert peer_common_name(sock) == "upstream.internal"      # not one of pyproxy's certificates
+        assert recv_line(sock) == b"tls-backend\n"
+        sock.sendall(b"end to end\n")
+        assert recv_line(sock) == b"end to end\n"
+    line = p.wait_access(1)[0]
+    assert "tls_passthrough" in line and '"db.pass.example"' in line
+
+
+def test_plain_listener_encrypts_towards_a_verified_upstream(proxy, upstreams, certs):
+    up = upstreams(tls_handler_for(certs["upstream"], tag_handler), name="verified")
+    port = free_port()
+    proxy(f"""
+stream_listen: [127.0.0.1:{port}]
+services:
+  - name: to-tls
+    protocol: tls
+    host: 127.0.0.1
+    port: {up.port}
+    tls_verify: true
+    tls_server_name: upstream.internal
+    ca_certificates: [{certs['ca'][0]}]
+    routes:
+      - name: r
+        protocols: [tcp]
+        destinations: [{{port: {port}}}]
+""")
+    with connect(port) as sock:
+        assert recv_line(sock) == b"verified\n"
+        sock.sendall(b"encrypted hop\n")
+        assert recv_line(sock) == b"encrypted hop\n"
+
+
+def test_upstream_verification_failure_is_logged_and_502(proxy, upstreams, certs):
+    up = upstreams(tls_handler_for(certs["upstream"], tag_handler))
+    port = free_port()
+    p = proxy(f"""
+stream_listen: [127.0.0.1:{port}]
+services:
+  - name: to-tls
+    protocol: tls
+    host: 127.0.0.1
+    port: {up.port}
+    tls_verify: true
+    tls_server_name: upstream.internal
+    ca_certificates: [{certs['other_ca'][0]}]
+    routes:
+      - name: r
+        protocols: [tcp]
+        destinations: [{{port: {port}}}]
+""")
+    with connect(port) as sock:
+        assert recv_all(sock) == b""
+    assert " 502 " in p.wait_access(1)[0]
+    assert "upstream SSL certificate verify failed" in p.log_text()
+
+
+@pytest.mark.parametrize("garbage", [
+    b"\x00\x01garbage garbage garbage\r\n",
+    b"GET / HTTP/1.1\r\nHost: example\r\n\r\n",
+    b"\x16\x03\x01\x00\x10\x01\x00\x00",          # a record promising more, then the client gives up
+])
+def test_non_tls_bytes_on_ssl_port_are_refused_and_proxy_keeps_serving(proxy, upstreams, certs, garbage):
+    up = upstreams(tag_handler, name="fine")
+    port = free_port()
+    p = proxy(sni_config(port, certs, service("a", up.port, "tls", "a.example")))
+    with connect(port) as sock:
+        sock.sendall(garbage)
+        sock.shutdown(socket.SHUT_WR)
+        assert recv_all(sock) == b""
+    assert " 400 " in p.wait_access(1)[0]
+    with tls_client(port, "a.example") as sock:
+        assert recv_line(sock) == b"fine\n"
+    assert up.connections == 1
+
+
+def test_client_hello_one_byte_per_segment_still_routes(proxy, upstreams, certs):
+    up = upstreams(tag_handler, name="slow-hello")
+    port = free_port()
+    proxy(sni_config(port, certs, service("a", up.port, "tls", "a.example")))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname="a.example")
+    with connect(port) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with pytest.raises(ssl.SSLWantReadError):
+            tls.do_handshake()
+        hello = outgoing.read()
+        for i in range(len(hello)):
+            sock.send(hello[i:i + 1])
+            time.sleep(0.002)
+        while True:                                # finish the handshake over the same socket
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                pending = outgoing.read()
+                if pending:
+                    sock.sendall(pending)
+                incoming.write(sock.recv(65536))
+        sock.sendall(outgoing.read())
+        data = b""
+        while not data.endswith(b"\n"):
+            try:
+                data += tls.read(100)
+            except ssl.SSLWantReadError:
+                incoming.write(sock.recv(65536))
+        assert data == b"slow-hello\n"
+
+
+def test_slowloris_on_tls_port_is_cut_at_preread_timeout(proxy, upstreams, certs):
+    up = upstreams(tag_handler)
+    port = free_port()
+    p = proxy(sni_config(port, certs, service("a", up.port, "tls", "a.example"),
+                         extra="").replace("ssl:\n", "ssl:\n  preread_timeout: 1s\n"))
+    with connect(port) as sock:
+        sock.sendall(b"\x16\x03\x01")              # a third of a record header, then nothing
+        started = time.monotonic()
+        assert recv_all(sock) == b""
+        assert 0.8 < time.monotonic() - started < 5
+    assert " 400 " in p.wait_access(1)[0]
+    assert "preread_timeout" in p.log_text()
+
+
+def test_access_log_tls_variables(proxy, upstreams, certs):
+    up = upstreams(echo_handler)
+    port = free_port()
+    p = proxy(sni_config(port, certs, service("a", up.port, "tls", "a.example"),
+                         extra="access_log_format: '$protocol $ssl_server_name $ssl_protocol $ssl_cipher $status'"))
+    with tls_client(port, "a.example") as sock:
+        sock.sendall(b"x")
+        assert sock.recv(1) == b"x"
+        version, cipher = sock.version(), sock.cipher()[0]
+    fields = p.wait_access(1)[0].split()
+    assert fields == ["tls", "a.example", version, cipher, "200"]
+
+
+def test_reload_picks_up_a_new_certificate(proxy, upstreams, certs, tmp_path):
+    up = upstreams(tag_handler)
+    port = free_port()
+    p = proxy(sni_config(port, certs, service("a", up.port, "tls", "a.example")))
+    with tls_client(port, "a.example") as sock:
+        assert peer_common_name(sock) == "a.example"
+    fresh = make_cert(tmp_path, "a-renewed.example", ["a.example"])
+    p.reload(sni_config(port, certs, service("a", up.port, "tls", "a.example"))
+             .replace(str(certs["a"][0]), str(fresh[0])).replace(str(certs["a"][1]), str(fresh[1])))
+    with tls_client(port, "a.example") as sock:
+        assert peer_common_name(sock) == "a-renewed.example"
