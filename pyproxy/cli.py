@@ -114,7 +114,7 @@ def run(path: str, daemon: bool) -> int:
         console(f"pyproxy: [emerg] {exc}")
         return 1
     if daemon:
-        daemonize()
+        daemonize(log)
     return master.run()
 
 

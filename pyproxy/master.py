@@ -342,8 +342,8 @@ class Master:
                         f"{len(old)} old worker process(es) draining")
 
     def handle_usr1(self) -> None:
-        self.log.notice("reopening logs (SIGUSR1)")
         self.log.reopen()
+        self.log.notice("reopening logs (SIGUSR1)")
         for path in (self.config.error_log, self.config.access_log):
             if self.config.user and os.geteuid() == 0 and path not in (None, "stderr", "stdout"):
                 import pwd
@@ -416,8 +416,9 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-def daemonize() -> None:
-    """Detach from the terminal (nginx's `daemon on`): fork twice, new session, stdio to /dev/null."""
+def daemonize(log: ErrorLog) -> None:
+    """Detach from the terminal (nginx's `daemon on`): fork twice, new session, stdin and stdout to
+    /dev/null, stderr to the error log file when there is one (else it stays for a supervisor)."""
     if os.fork():
         os._exit(0)
     os.setsid()
@@ -426,6 +427,8 @@ def daemonize() -> None:
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
     os.dup2(devnull, 1)
-    if sys.stderr.isatty():
+    if log.fd > 2:
+        os.dup2(log.fd, 2)      # nginx does the same: stray stderr output lands in the error log
+    elif sys.stderr.isatty():
         os.dup2(devnull, 2)     # a log on stderr stays where a supervisor collects it, never on a tty
     os.close(devnull)

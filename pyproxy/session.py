@@ -414,7 +414,8 @@ class Session:
         self.phase = FORWARDING
         now = self.loop.now
         self.c2u.last_io = self.u2c.last_io = now
-        self.timer = self.loop.call_at(now + self.service.read_timeout, self.on_timer)
+        self.timer = self.loop.call_at(now + min(self.service.read_timeout, self.service.write_timeout),
+                                       self.on_timer)
         self.forward()
 
     def forward(self) -> None:
@@ -450,14 +451,24 @@ class Session:
         self.close(STATUS_OK if client_side else STATUS_BAD_GATEWAY)
 
     def on_timer(self) -> None:
-        """The session's one lazy timer: idle (read_timeout) and stuck-write (write_timeout)."""
+        """The session's one lazy timer: idle (read_timeout) and stuck writes (write_timeout).
+
+        It comes due at the idle deadline, or sooner: within write_timeout of now when nothing is
+        stuck (so a stall that starts later is caught on time), at the stall's deadline when a
+        peer stopped taking bytes.
+        """
         self.timer = None
         if self.phase != FORWARDING:
             return
         now = self.loop.now
         service = self.service
         idle_deadline = max(self.c2u.last_io, self.u2c.last_io) + service.read_timeout
-        deadline = idle_deadline
+        if idle_deadline <= now:
+            self.worker.log.info(f"session idle for {service.read_timeout:g}s (read_timeout), closing; "
+                                 f"{self.describe()}")
+            self.close(STATUS_OK)
+            return
+        deadline = min(idle_deadline, now + service.write_timeout)
         for pump in (self.c2u, self.u2c):
             if pump.blocked_at and pump.pending:
                 write_deadline = pump.blocked_at + service.write_timeout
@@ -467,11 +478,6 @@ class Session:
                     self.close(STATUS_OK)
                     return
                 deadline = min(deadline, write_deadline)
-        if idle_deadline <= now:
-            self.worker.log.info(f"session idle for {service.read_timeout:g}s (read_timeout), closing; "
-                                 f"{self.describe()}")
-            self.close(STATUS_OK)
-            return
         self.timer = self.loop.call_at(deadline, self.on_timer)
 
     # -- log ------------------------------------------------------------------------------

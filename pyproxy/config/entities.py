@@ -386,6 +386,7 @@ def read_plugins(report: Report, root: Section, services: tuple[Service, ...]) -
         config = section.nested("config", _plugin_config, ())
         if name is not None and config is not None:
             plugins.append(Plugin(name=name, route=route, service=service, config=config, line=place.line))
+            report.warn(place, f"plugin {name!r} is not applied yet (plugins arrive in a later release); ignored")
     return tuple(plugins)
 
 
