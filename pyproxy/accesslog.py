@@ -96,9 +96,11 @@ class AccessLog:
         self.render = compile_format(fmt)
         self.fd = -1
         self.lines: list[str] = []
-        self.reopen()
+        self.reopen(first=True)
 
-    def reopen(self) -> None:
+    def reopen(self, first: bool = False) -> None:
+        """Open the target (again, after logrotate). The first open raises OSError, so a worker that
+        cannot write its access log does not start; a failed reopen keeps the old file."""
         old = self.fd
         if self.target is None:
             self.fd = -1
@@ -110,7 +112,9 @@ class AccessLog:
             try:
                 self.fd = open_append(self.target)
             except OSError:
-                return      # keep writing to the old file; the error log says why at reload
+                if first:
+                    raise
+                return      # keep writing to the old file
         if old > 2 and old != self.fd:
             os.close(old)
 

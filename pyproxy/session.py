@@ -203,7 +203,8 @@ class Session:
         local_ip = self.local_ip() if routes.needs_local_ip else None
         route = routes.match(self.client_addr[0], self.client_addr[1], local_ip, self.listen.port, self.sni)
         if route is None:
-            if self.listen.ssl and self.worker.server_tls is not None:
+            tls = self.worker.server_tls
+            if self.listen.ssl and tls is not None and (tls.has_default or tls.context_for(self.sni)):
                 # Like Kong: the client still gets a certificate (its SNI's or the default one)
                 # and a completed handshake, and only then the close; nothing reaches an upstream.
                 self.start_handshake()

@@ -112,6 +112,10 @@ class Worker:
         """The child's whole life: returns the exit code."""
         try:
             self.init_process(ready_fd)
+        except OSError as exc:
+            where = f' "{exc.filename}"' if exc.filename else ""
+            self.log.crit(f"worker process #{self.slot} could not start: {exc.strerror or exc}{where}")
+            return WORKER_BOOT_ERROR
         except Exception as exc:   # anything at all: the master must hear "could not boot", not see a hang
             self.log.crit(f"worker process #{self.slot} could not start: {exc!r}")
             return WORKER_BOOT_ERROR

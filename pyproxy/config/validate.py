@@ -117,6 +117,8 @@ def _file_or_words(base: str, *words: str, off: bool = False) -> Converter:
         folder = os.path.dirname(path)
         if not os.path.isdir(folder):
             raise Invalid(f"the folder {folder} does not exist")
+        if os.path.isdir(path):
+            raise Invalid(f"{path} is a directory; name a file in it")
         return path
     return convert
 

@@ -194,3 +194,24 @@ def test_demo_launcher_runs_the_seed_scenario(tmp_path):
     finally:
         demo.send_signal(signal.SIGINT)
         demo.wait(20)
+
+
+def test_worker_that_cannot_boot_stops_the_master_without_respawning(tmp_path):
+    """A worker that cannot start (here: too few file descriptors for its epoll and pipes) makes
+    the master stop with a message, instead of respawning it forever."""
+    import resource
+
+    p = Proxy(tmp_path, routed_to(free_port(), free_port()).replace("worker_processes: 2", "worker_processes: 1"))
+    for limit in range(6, 12):
+        def tight(limit=limit):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+        result = subprocess.run(p.command(), capture_output=True, text=True, timeout=30, preexec_fn=tight)
+        log = p.log_text()
+        if "could not start" in log:
+            assert result.returncode == 1
+            assert log.count("start worker process") == 1           # no respawn storm
+            assert "Too many open files" in log
+            assert "Traceback" not in log + result.stderr
+            return
+        p.error_log.unlink(missing_ok=True)
+    raise AssertionError("no file descriptor limit made the worker fail while the master started")
