@@ -92,7 +92,7 @@ class Balancer:
     connection counts and failures add up.
     """
 
-    __slots__ = ("name", "peers", "algorithm", "hash_on", "passive", "log",
+    __slots__ = ("name", "peers", "algorithm", "hash_on", "passive", "log", "revived_by_checks",
                  "_all_down", "_ring_points", "_ring_peers")
 
     def __init__(self, name: str, peers: list[Peer], algorithm: str = "round-robin", hash_on: str = "ip",
@@ -108,6 +108,9 @@ class Balancer:
         self.hash_on = hash_on            # which key the session passes to pick(): "ip" or "sni"
         self.passive = passive
         self.log = log
+        # With active health checks, a target that passive checks took out stays out until an
+        # active check sees it healthy again (Kong's model) instead of coming back after fail_timeout.
+        self.revived_by_checks = False
         self._all_down = False            # inside the "every target is unhealthy" state (logged once)
         self._ring_points: list[int] = []
         self._ring_peers: list[Peer] = []
@@ -260,6 +263,12 @@ class Balancer:
         if count < threshold:
             return
         was_down = now < peer.down_until
+        if self.revived_by_checks:
+            peer.down_until = math.inf
+            if not was_down:
+                self._say("warn", f'upstream "{self.name}": target {peer.name} is down after {count} {what}, '
+                                  f'until an active health check succeeds')
+            return
         peer.down_until = now + self.passive.fail_timeout
         if not was_down:
             self._say("warn", f'upstream "{self.name}": target {peer.name} is down for '

@@ -20,6 +20,7 @@ from setproctitle import setproctitle
 from pyproxy.accesslog import AccessLog
 from pyproxy.config.model import STATUS_OVER_LIMIT, Config
 from pyproxy.forward import SCRATCH_SIZE, PipePool
+from pyproxy.healthcheck import start_active_checks
 from pyproxy.listeners import ListenSocket
 from pyproxy.log import ErrorLog
 from pyproxy.loop import EPOLLIN, Loop
@@ -79,6 +80,7 @@ class Worker:
         self.access_log = AccessLog(config.access_log, config.access_log_format)
         drop_privileges(config.user, self.log)
         self._install_signals()
+        self.checkers = start_active_checks(self.loop, self.balancers, config.upstreams, self.log.log)
         self.resume_accepting()
         self.loop.after_tick.append(self.after_tick)
         self.loop.call_later(1.0, self.check_master)
@@ -204,6 +206,8 @@ class Worker:
             return
         self.pause_accepting()
         self.draining = True
+        for checker in self.checkers:
+            checker.stop()
         for ls in self.listeners:
             ls.sock.close()     # the master (and a successor worker) still hold the socket: no reset
         setproctitle(f"pyproxy: worker process #{self.slot} is shutting down")

@@ -152,8 +152,6 @@ def _active_healthcheck(report: Report, place: Place, value: object) -> ActiveHe
         unhealthy_tcp_failures=unhealthy.get("tcp_failures", defaults.unhealthy_tcp_failures),
         unhealthy_timeouts=unhealthy.get("timeouts", defaults.unhealthy_timeouts),
     )
-    if check.interval > 0:
-        report.warn(section.place_of("interval"), "active health checks are not implemented yet; ignored")
     return check
 
 
