@@ -29,6 +29,7 @@ MORE = 1        # budget spent with bytes still moving: run again on the next ti
 DONE = 2        # source ended and everything was delivered; the destination got a FIN
 SRC_ERROR = 3   # reading the source failed (a reset); errno in pump.error
 DST_ERROR = 4   # writing the destination failed (reset or broken pipe); errno in pump.error
+LOCAL_ERROR = 5  # our own resources failed (no fd for a pipe); errno in pump.error
 
 _BUDGET = 16    # splice round-trips per run: keeps one bulk session from starving the others
 
@@ -114,7 +115,11 @@ class SplicePump:
             if self.readable and not self.eof and self.pending < size:
                 pipe = self.pipe
                 if pipe is None:
-                    pipe = self.pipe = pool.get()
+                    try:
+                        pipe = self.pipe = pool.get()
+                    except OSError as exc:     # EMFILE/ENFILE: no pipe to be had right now
+                        self.error = exc.errno
+                        return LOCAL_ERROR
                 try:
                     n = os.splice(src_fd, pipe[1], size - self.pending, flags=SPLICE_FLAGS)
                 except BlockingIOError:

@@ -56,6 +56,9 @@ class Loop:
         self.max_events = max_events
         self.now = time.monotonic()
         self.running = False
+        # Called with (callback, exception) when a callback raises: a bug must cost one session,
+        # never the worker and every session it holds.
+        self.on_error: Callable[[Callable, BaseException], None] = _reraise
 
     # -- file descriptors -------------------------------------------------------------------
     def add(self, fd: int, events: int, handler: Callable[[int], None]) -> None:
@@ -104,7 +107,10 @@ class Loop:
             timer = heapq.heappop(timers)[2]
             if not timer.cancelled:
                 timer.cancelled = True
-                timer.callback()
+                try:
+                    timer.callback()
+                except Exception as exc:
+                    self.on_error(timer.callback, exc)
 
     def run_once(self) -> None:
         try:
@@ -116,10 +122,17 @@ class Loop:
         for fd, mask in events:
             handler = handlers.get(fd)
             if handler is not None:    # an earlier handler in this batch may have closed it
-                handler(mask)
+                try:
+                    handler(mask)
+                except Exception as exc:
+                    self.on_error(handler, exc)
         soon = self.soon
         for _ in range(len(soon)):
-            soon.popleft()()
+            callback = soon.popleft()
+            try:
+                callback()
+            except Exception as exc:
+                self.on_error(callback, exc)
         self._run_timers()
         for callback in self.after_tick:
             callback()
@@ -134,3 +147,7 @@ class Loop:
 
     def close(self) -> None:
         self.epoll.close()
+
+
+def _reraise(callback: Callable, exc: BaseException) -> None:
+    raise exc

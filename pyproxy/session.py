@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Optional
 
 from pyproxy.config.model import (STATUS_BAD_GATEWAY, STATUS_BAD_REQUEST, STATUS_INTERNAL,
                                   STATUS_NO_ROUTE, STATUS_OK, Listen)
-from pyproxy.forward import DONE, DST_ERROR, MORE, SRC_ERROR, BufferPump, SplicePump
+from pyproxy.forward import DONE, DST_ERROR, LOCAL_ERROR, MORE, SRC_ERROR, BufferPump, SplicePump
 from pyproxy.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, STREAM_EVENTS
 from pyproxy.tls.clienthello import ClientHelloError, parse_client_hello
 
@@ -423,11 +423,11 @@ class Session:
         now = self.loop.now
         up = self.c2u.run(now)
         if up >= SRC_ERROR:
-            self._pump_failed(self.c2u, client_side=up == SRC_ERROR)
+            self._pump_failed(self.c2u, up, client_is_source=True)
             return
         down = self.u2c.run(now)
         if down >= SRC_ERROR:
-            self._pump_failed(self.u2c, client_side=down == DST_ERROR)
+            self._pump_failed(self.u2c, down, client_is_source=False)
             return
         if up == DONE and down == DONE:
             self.close(STATUS_OK)
@@ -440,9 +440,16 @@ class Session:
         if self.phase == FORWARDING:
             self.forward()
 
-    def _pump_failed(self, pump, client_side: bool) -> None:
-        """A reset (or a vanished peer) on one side becomes a reset on the other side."""
+    def _pump_failed(self, pump, result: int, client_is_source: bool) -> None:
+        """A reset (or a vanished peer) on one side becomes a reset on the other side; a failure
+        of our own (no fd for a pipe) ends the session with 500 and resets nobody."""
         err = pump.error
+        if result == LOCAL_ERROR:
+            self.worker.log.error(f"cannot get a pipe ({err}: {os.strerror(err)}) while proxying; "
+                                  f"{self.describe()}")
+            self.close(STATUS_INTERNAL)
+            return
+        client_side = (result == SRC_ERROR) == client_is_source
         side = "client" if client_side else "upstream"
         self.worker.log.info(f"{side} connection {'reset' if err == errno.ECONNRESET else 'failed'} "
                              f"({err}: {os.strerror(err)}) while proxying; {self.describe()}")

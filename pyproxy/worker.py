@@ -13,12 +13,13 @@ import os
 import pwd
 import signal
 import socket
+import traceback
 from typing import Iterable
 
 from setproctitle import setproctitle
 
 from pyproxy.accesslog import AccessLog
-from pyproxy.config.model import STATUS_OVER_LIMIT, Config
+from pyproxy.config.model import STATUS_INTERNAL, STATUS_OVER_LIMIT, Config
 from pyproxy.forward import SCRATCH_SIZE, PipePool
 from pyproxy.healthcheck import start_active_checks
 from pyproxy.listeners import ListenSocket
@@ -68,6 +69,7 @@ class Worker:
         setproctitle(f"pyproxy: worker process #{self.slot}")
         self.log.slot = self.slot
         self.loop = Loop()
+        self.loop.on_error = self.on_callback_error
         self.pool = PipePool()
         self.router = Router(config.routes, config.stream_listen)
         self.services = {s.name: s for s in config.services}
@@ -177,6 +179,19 @@ class Worker:
         self.loop.call_later(ACCEPT_PAUSE, self.resume_accepting)
 
     # -- sessions -------------------------------------------------------------------------------
+    def on_callback_error(self, callback, exc: BaseException) -> None:
+        """A bug surfaced in a callback: log it with its traceback and end only the session it
+        belongs to (status 500); the worker and its other sessions carry on."""
+        owner = getattr(callback, "__self__", None)
+        where = f"; {owner.describe()}" if isinstance(owner, Session) else ""
+        trace = "".join(traceback.format_exception(exc)).rstrip().replace("\n", "\n    ")
+        self.log.error(f"internal error, please report it: {exc!r}{where}\n    {trace}")
+        if isinstance(owner, Session):
+            try:
+                owner.close(STATUS_INTERNAL)
+            except Exception:       # a session too broken to close cleanly: drop our reference
+                self.sessions.discard(owner)
+
     def session_closed(self, session: Session) -> None:
         self.sessions.discard(session)
         self.access_log.write(session)

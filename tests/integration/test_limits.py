@@ -1,0 +1,136 @@
+"""Limits and hostile peers: a squeeze on file descriptors, slow readers, connect storms, privileges."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import resource
+import socket
+import subprocess
+import threading
+import time
+
+import psutil
+import pytest
+
+from tests.integration.test_core import one_service
+from tests.support import (Proxy, connect, echo_handler, free_port, recv_all, source_handler_for,
+                           wait_until)
+
+
+def worker(p: Proxy) -> psutil.Process:
+    (pid,) = p.worker_pids()
+    return psutil.Process(pid)
+
+
+def echo_once(port: int, payload: bytes = b"ping") -> bytes:
+    with connect(port) as sock:
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        return recv_all(sock)
+
+
+def test_out_of_file_descriptors_pauses_accepting_then_resumes(tmp_path, upstreams):
+    up = upstreams(echo_handler)
+    port = free_port()
+    probe = Proxy(tmp_path, one_service(port, [up.target]))
+    probe.start()
+    assert echo_once(port) == b"ping"                 # warm: the pipe pool holds its pipe
+    idle_fds = worker(probe).num_fds()
+    probe.stop()
+    probe.error_log.unlink()
+
+    # Room for exactly two proxied sessions (two fds each) in the worker.
+    limit = idle_fds + 4
+    p = Proxy(tmp_path, one_service(port, [up.target]))
+    p.proc = subprocess.Popen(p.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit)))
+    p.stdout = p.stderr = open(os.devnull, "wb")
+    try:
+        p.wait_log("ready:")
+        held = [connect(port), connect(port)]
+        for sock in held:
+            sock.sendall(b"a")
+            assert sock.recv(1) == b"a"
+        waiting = connect(port)                       # lands in the accept queue: EMFILE on accept
+        waiting.sendall(b"patient")
+        p.wait_log("Too many open files); pausing accepts")
+        assert p.proc.poll() is None
+        for sock in held:
+            sock.close()
+        waiting.shutdown(socket.SHUT_WR)
+        assert recv_all(waiting) == b"patient"       # served once fds were free again, not reset
+        waiting.close()
+        assert echo_once(port) == b"ping"
+    finally:
+        p.stop()
+
+
+def test_slow_reader_cannot_make_pyproxy_buffer_without_bound(proxy, upstreams):
+    up = upstreams(source_handler_for(256 << 20))     # 256 MiB for a client that never reads
+    port = free_port()
+    p = proxy(one_service(port, [up.target]))
+    w = worker(p)
+    before = w.memory_info().rss
+    sock = connect(port)
+    time.sleep(1.5)                                   # everything that can fill up has filled up
+    grown = w.memory_info().rss - before
+    assert grown < 8 << 20, f"worker RSS grew by {grown} bytes for one stuck session"
+    sock.close()
+
+
+def test_connect_storm_to_a_dead_upstream_leaks_nothing(proxy):
+    port = free_port()
+    p = proxy(one_service(port, [f"127.0.0.1:{free_port()}"], workers=1))
+    w = worker(p)
+    fds_before = w.num_fds()
+    results = []
+
+    def client():
+        for _ in range(50):
+            try:
+                with connect(port) as sock:
+                    results.append(recv_all(sock))
+            except OSError as exc:
+                results.append(repr(exc))
+
+    threads = [threading.Thread(target=client) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results == [b""] * 400                     # each one closed cleanly (502), none refused
+    wait_until(lambda: len(p.access_lines()) == 400, what="400 access lines")
+    assert all(" 502 " in line for line in p.access_lines())
+    assert w.num_fds() == fds_before
+    assert p.log_text().count("all targets are unhealthy, trying them anyway") == 1
+
+
+def test_fds_and_memory_return_to_baseline_after_many_sessions(proxy, upstreams):
+    up = upstreams(echo_handler)
+    port = free_port()
+    p = proxy(one_service(port, [up.target]))
+    assert echo_once(port) == b"ping"
+    w = worker(p)
+    fds, rss = w.num_fds(), w.memory_info().rss
+    held = [connect(port) for _ in range(300)]
+    for sock in held:
+        sock.sendall(b"x")
+    for sock in held:
+        assert sock.recv(1) == b"x"
+    assert w.num_fds() >= fds + 600                   # two fds per open session, no more
+    for sock in held:
+        sock.close()
+    wait_until(lambda: w.num_fds() == fds, what="fds back to baseline")
+    assert w.memory_info().rss - rss < 4 << 20
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="privilege drop needs root")
+def test_workers_drop_to_user_after_the_master_binds(proxy, upstreams):
+    nobody = pwd.getpwnam("nobody")
+    up = upstreams(echo_handler)
+    port = free_port()
+    p = proxy(one_service(port, [up.target], extra="user: nobody"))
+    assert psutil.Process(p.pid).uids().real == 0
+    assert {psutil.Process(pid).uids().effective for pid in p.worker_pids()} == {nobody.pw_uid}
+    assert echo_once(port) == b"ping"
