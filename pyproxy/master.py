@@ -23,7 +23,7 @@ from pyproxy.config import ConfigError, load_config
 from pyproxy.config.model import Config
 from pyproxy.listeners import BindError, ListenerSet
 from pyproxy.log import ErrorLog
-from pyproxy.worker import WORKER_BOOT_ERROR, Worker, worker_main
+from pyproxy.worker import READY, WORKER_BOOT_ERROR, Worker, worker_main
 
 READY_TIMEOUT = 15.0          # seconds a new worker has to report ready
 KILL_GRACE = 5.0              # after worker_shutdown_timeout, SIGKILL a worker that still lingers
@@ -158,7 +158,7 @@ class Master:
             readable, _, _ = _select(list(waiting), min(timeout, 0.5))
             for fd in readable:
                 proc = waiting.pop(fd)
-                if os.read(fd, 1) == b"R":
+                if os.read(fd, 1) == READY:
                     proc.ready = True
                 else:
                     return self._boot_failure(proc)
@@ -209,6 +209,22 @@ class Master:
             proc.kill_at = deadline
         self.signal_workers(signal.SIGQUIT, procs)
 
+    def wait_quiesced(self, procs: list[WorkerProcess], timeout: float = 5.0) -> None:
+        """Wait until each retiring worker says it stopped accepting (or exited), so that once a
+        reload is reported complete, every new session meets the new configuration."""
+        waiting = {p.ready_fd: p for p in procs if p.pid in self.workers}
+        deadline = time.monotonic() + timeout
+        while waiting and time.monotonic() < deadline:
+            readable, _, _ = _select(list(waiting), min(0.2, max(deadline - time.monotonic(), 0)))
+            for fd in readable:
+                proc = waiting.pop(fd)
+                try:
+                    os.read(fd, 1)           # QUIESCED, or b"" when the worker already exited
+                except OSError:
+                    pass
+        for proc in waiting.values():
+            self.log.warn(f"worker process {proc.pid} (#{proc.slot}) did not confirm it stopped accepting")
+
     # -- main loop ----------------------------------------------------------------------------
     def run(self) -> int:
         """Serve until stopped; returns the process exit code."""
@@ -246,7 +262,7 @@ class Master:
                 continue
             for proc in self.workers.values():
                 if proc.ready_fd == fd:
-                    proc.ready = os.read(fd, 1) == b"R" or proc.ready
+                    proc.ready = os.read(fd, 1) == READY or proc.ready
 
     def reap_workers(self) -> None:
         """Collect exited workers; a current-generation worker that died is replaced by manage_workers."""
@@ -334,6 +350,7 @@ class Master:
             self.log.error(f"reload failed: {failure}; still serving generation {self.generation}")
             return
         self.retire(old, self.config.worker_shutdown_timeout)
+        self.wait_quiesced(old)
         self.listeners.close_unused(config.stream_listen)
         if (config.error_log, config.log_level) != (self.config.error_log, self.config.log_level):
             self.log.configure(config.error_log, config.log_level)

@@ -31,6 +31,8 @@ from pyproxy.tls.contexts import ServerTLS, build_upstream_tls
 from pyproxy.upstream import build_balancers
 
 WORKER_BOOT_ERROR = 3
+# Bytes a worker writes on its pipe to the master: ready to serve, and no longer accepting.
+READY, QUIESCED = b"R", b"Q"
 ACCEPT_BATCH = 64             # connections taken per readiness event of a listening socket
 ACCEPT_PAUSE = 0.5            # seconds to stop accepting after EMFILE/ENFILE (nginx: accept_mutex_delay)
 
@@ -86,8 +88,8 @@ class Worker:
         self.resume_accepting()
         self.loop.after_tick.append(self.after_tick)
         self.loop.call_later(1.0, self.check_master)
-        os.write(ready_fd, b"R")
-        os.close(ready_fd)
+        self.ready_fd = ready_fd
+        os.write(ready_fd, READY)
 
     def _install_signals(self) -> None:
         r, w = socket.socketpair()
@@ -225,6 +227,10 @@ class Worker:
             checker.stop()
         for ls in self.listeners:
             ls.sock.close()     # the master (and a successor worker) still hold the socket: no reset
+        try:
+            os.write(self.ready_fd, QUIESCED)   # tell the master: from now on only the new generation accepts
+        except OSError:
+            pass
         setproctitle(f"pyproxy: worker process #{self.slot} is shutting down")
         if not self.sessions:
             self.loop.stop()
