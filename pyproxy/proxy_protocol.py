@@ -29,24 +29,29 @@ Version 2 (spec §2.2), binary, network byte order::
                                             UNIX: src(108) dst(108) = 216; UNSPEC: none
     TLV*                                    uint8 type; uint16 length; opaque value[length]
 
-Every check is made at the first byte that can prove the header wrong: the signatures byte by
-byte, the v2 version/command byte, family byte and length field as each arrives, and each v1
-field character by character (a field is validated whole once the space or CR ending it is in).
-The TLVs and the CRC32C (spec §2.2.3, RFC 4960 appendix B) are checked once the v2 header is
-complete, since the spec gives the receiver nothing to check them against before. A call that
-needs more bytes copies at most 107 bytes (v1) or 16 (v2) and returns.
+Like ``parse_client_hello``, the parser is a pure function of the bytes: the caller keeps the
+buffer. Everything in the fixed parts is rejected at the first byte that proves it wrong: the
+signatures byte by byte, the v2 version/command byte, family byte and length field as each
+arrives, each v1 field character by character (and whole once the space or CR ending it is in),
+the 107-byte bound at byte 107. The v2 address block, TLVs and CRC32C (spec §2.2.3, RFC 4960
+appendix B) are looked at once the header is complete, as the spec asks ("the receiver must not
+start to parse an address before the whole address block is received") and as the checksum
+needs anyway; the length field has bounded the wait by then. So a call that needs more bytes
+copies at most 107 bytes (v1) or 16 (v2), does a few comparisons and returns.
 
 Choices where the spec leaves room, after HAProxy's ``conn_recv_proxy`` and ``make_proxy_line``:
 
-* Only the seven family/transport bytes the spec lists as valid are accepted (like HAProxy's and
-  Go's go-proxyproto); the length must cover the family's address block whatever the command.
+* Only the seven family/transport bytes the spec lists as valid are accepted (it says other
+  values "must be rejected as invalid by receivers"; HAProxy is laxer and accepts any byte,
+  ignoring the addresses). The length must cover the family's address block whatever the command.
 * ``source`` and ``destination`` are set only for TCP4/TCP6 (v1) and PROXY over AF_INET/AF_INET6
   (v2, UDP included). LOCAL, UNKNOWN, UNSPEC and AF_UNIX leave them ``None``: the caller uses the
   connection's own addresses (spec: LOCAL "must use the real connection endpoints"; a receiver
   may fall back to UNSPEC for combinations it does not support, and an AF_UNIX path is no use to
   address-based routing). ``family`` is ``None`` for LOCAL, UNKNOWN and UNSPEC.
-* IP addresses come out in :mod:`ipaddress`'s canonical text form (IPv6 compressed, lower case)
-  in both versions. An IPv4-mapped IPv6 address stays IPv6 (``::ffff:192.0.2.1``).
+* IP addresses come out as ``inet_ntop`` writes them (RFC 5952: IPv6 compressed and lower case,
+  IPv4-mapped ones dotted as in ``::ffff:192.0.2.1``, as HAProxy writes them), whatever form a v1
+  line used. An IPv4-mapped address stays IPv6: unmapping it is the caller's decision.
 * TLVs are returned as sent, in order, NOOP and CRC32C included. A CRC32C TLV must be 4 bytes and
   appear once, PP2_TYPE_UNIQUE_ID is at most 128 bytes (§2.2.5), and PP2_TYPE_SSL must hold its
   5-byte fixed part followed by well-formed sub-TLVs.
@@ -61,6 +66,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 __all__ = [
@@ -252,14 +258,12 @@ def _parse_v1(data, max_size: int) -> ProxyHeader | None:
         raise ProxyProtocolError("PROXY v1 line has more than 4 fields after the protocol (a space too many)")
     complete = len(fields) if cr >= 0 else len(fields) - 1
     ipv6 = protocol == b"TCP6 "
-    values = [
-        _check_v1_field(i, field, i < complete, ipv6) for i, field in enumerate(fields)
-    ]
+    values = [_check_v1_field(i, field, i < complete, ipv6) for i, field in enumerate(fields)]
+    if cr >= 0 and len(fields) < len(_V1_FIELDS):
+        raise ProxyProtocolError(f"PROXY v1 line ends after {len(fields)} of the 4 fields after the protocol")
     end = _find_line_end(line, start, limit)
     if end is None:
         return None
-    if len(fields) < len(_V1_FIELDS):
-        raise ProxyProtocolError(f"PROXY v1 line ends after {len(fields)} of the 4 fields after the protocol")
     source_ip, destination_ip, source_port, destination_port = values
     return ProxyHeader(
         version=1,
@@ -304,16 +308,23 @@ def _ipv6_prefix_viable(text: bytes) -> bool:
         return False
     if b":::" in text or text.count(b"::") > 1:
         return False
+    if text[:1] == b":" and text[1:2] not in (b"", b":"):
+        return False  # a leading colon is only valid as the start of "::"
     groups = text.split(b":")
-    if len(groups) > 9:
-        return False
     for group in groups[:-1]:
         if len(group) > 4 or b"." in group:
             return False
     last = groups[-1]
-    if b"." in last:
-        return _IPV4_PREFIX.fullmatch(last) is not None
-    return len(last) <= 4
+    ipv4_tail = b"." in last
+    if ipv4_tail and not _IPV4_PREFIX.fullmatch(last):
+        return False
+    if not ipv4_tail and len(last) > 4:
+        return False
+    # 128 bits are eight 16-bit groups (a dotted IPv4 tail counts two); "::" stands for one or more.
+    explicit = sum(1 for group in groups if group) + ipv4_tail
+    if b"::" in text:
+        return explicit <= 7
+    return len(groups) <= 8 and explicit <= 8
 
 
 def _find_line_end(line: bytes, start: int, limit: int) -> int | None:
@@ -351,7 +362,9 @@ def _parse_v2(data, max_size: int) -> ProxyHeader | None:
 
     family_byte = head[13]
     if family_byte not in _V2_FAMILIES:
-        raise ProxyProtocolError(f"PROXY v2 family/transport 0x{family_byte:02x} ({_describe_family(family_byte)}) is not supported")
+        raise ProxyProtocolError(
+            f"PROXY v2 family/transport 0x{family_byte:02x} ({_describe_family(family_byte)}) is not supported"
+        )
     if available < V2_HEADER_LENGTH:
         return None
 
@@ -484,7 +497,7 @@ def build_v1(source: tuple[str, int] | None, destination: tuple[str, int] | None
 def build_v2(
     source: tuple[str, int] | None,
     destination: tuple[str, int] | None,
-    tlvs=(),
+    tlvs: Iterable[tuple[int, bytes]] = (),
     *,
     checksum: bool = False,
 ) -> bytes:

@@ -24,6 +24,7 @@ from pyproxy.config.model import (STATUS_BAD_GATEWAY, STATUS_BAD_REQUEST, STATUS
                                   STATUS_NO_ROUTE, STATUS_OK, Listen)
 from pyproxy.forward import DONE, DST_ERROR, LOCAL_ERROR, MORE, SRC_ERROR, BufferPump, SplicePump
 from pyproxy.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, STREAM_EVENTS
+from pyproxy.proxy_protocol import ProxyProtocolError, build_v1, build_v2, parse_proxy_header
 from pyproxy.tls.clienthello import ClientHelloError, parse_client_hello
 
 if TYPE_CHECKING:
@@ -37,8 +38,11 @@ LINGER_RESET = struct.pack("ii", 1, 0)      # SO_LINGER {on, 0s}: close() sends 
 PREREAD_MAX = 65536                          # bytes of ClientHello we are willing to wait for
 _WANT = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
+PROXY_HEADER_MAX = 4096 + 16                 # the PROXY v2 header with generous TLVs
+SEND_PROXY_HEADER = {"v1": build_v1, "v2": build_v2}
+
 # Phases
-PREREAD, HANDSHAKE, ROUTING, CONNECTING, UPSTREAM_HANDSHAKE, FORWARDING, CLOSED = range(7)
+PROXY_HEADER, PREREAD, HANDSHAKE, ROUTING, CONNECTING, UPSTREAM_HANDSHAKE, FORWARDING, CLOSED = range(8)
 
 
 def _bytes_waiting(sock: socket.socket) -> int:
@@ -83,7 +87,7 @@ class Session:
         self.client_addr = client_addr
         self.upstream: Optional[socket.socket] = None
         self.c2u = self.u2c = None         # the two pumps, made when forwarding starts
-        self.phase = PREREAD if listen.ssl else ROUTING
+        self.phase = ROUTING
         self.route = None
         self.service = None
         self.balancer = None
@@ -106,9 +110,18 @@ class Session:
 
     # -- accept ---------------------------------------------------------------------------
     def start(self) -> None:
+        # Registration is edge-triggered: bytes already waiting are reported right away.
         self.loop.add(self.client.fileno(), STREAM_EVENTS, self.on_client_event)
+        if self.listen.proxy_protocol:
+            self.phase = PROXY_HEADER
+            self.timer = self.loop.call_later(self.worker.config.proxy_protocol_timeout,
+                                              self.on_proxy_header_timeout)
+        else:
+            self.after_proxy_header()
+
+    def after_proxy_header(self) -> None:
         if self.listen.ssl:
-            # Registration is edge-triggered: a hello already waiting is reported right away.
+            self.phase = PREREAD
             self.timer = self.loop.call_later(self.worker.config.ssl.preread_timeout, self.on_preread_timeout)
         else:
             self.route_phase()
@@ -141,8 +154,51 @@ class Session:
             return
         if phase == PREREAD:
             self.preread(ended=bool(mask & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)))
+        elif phase == PROXY_HEADER:
+            self.read_proxy_header(ended=bool(mask & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)))
         elif phase == HANDSHAKE:
             self.handshake()
+
+    # -- PROXY protocol (listeners with the proxy_protocol flag) -----------------------------
+    def read_proxy_header(self, ended: bool = False) -> None:
+        """Read the PROXY v1/v2 header a load balancer in front sends first, consuming exactly its
+        bytes; from then on the address it announces is the client's, for routing and logs."""
+        try:
+            waiting = _bytes_waiting(self.client)
+            header = None
+            if waiting >= self.preread_need:
+                data = self.client.recv(min(waiting, PROXY_HEADER_MAX), socket.MSG_PEEK)
+                header = parse_proxy_header(data, PROXY_HEADER_MAX)
+                if header is None:
+                    self.preread_need = len(data) + 1
+                else:
+                    self.client.recv(header.length)      # the header only; the stream stays queued
+        except ProxyProtocolError as exc:
+            self._bad_preread(f"broken PROXY protocol header: {exc}")
+            return
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._bad_preread(f"reading the PROXY protocol header failed ({exc.errno}: {exc.strerror})")
+            return
+        if header is None:
+            if ended:
+                self._bad_preread("client closed the connection before a complete PROXY protocol header")
+            return
+        self.timer.cancel()
+        self.timer = None
+        self.preread_need = 1
+        if header.source is not None:                 # LOCAL / UNKNOWN: the connection's own addresses
+            self.client_addr = header.source
+        self.after_proxy_header()
+        if self.phase == PREREAD:
+            self.preread(ended)                        # the hello may already be queued: no new edge comes
+
+    def on_proxy_header_timeout(self) -> None:
+        self.timer = None
+        if self.phase == PROXY_HEADER:
+            self._bad_preread(f"no PROXY protocol header within {self.worker.config.proxy_protocol_timeout:g}s "
+                              f"(proxy_protocol_timeout)")
 
     # -- preread (ssl listeners) ----------------------------------------------------------
     def preread(self, ended: bool = False) -> None:
@@ -358,6 +414,9 @@ class Session:
             self.upstream_handshake()
 
     def _tcp_connected(self) -> None:
+        send_header = SEND_PROXY_HEADER.get(self.service.proxy_protocol)
+        if send_header is not None and not self._send_proxy_header(send_header):
+            return
         tls = self.worker.upstream_tls.get(self.service.name)
         if tls is None:
             self._connected()
@@ -369,6 +428,22 @@ class Session:
             self._connect_failed(self.tried[-1], f"could not start TLS ({exc})", timed_out=False)
             return
         self.upstream_handshake()
+
+    def _send_proxy_header(self, build) -> bool:
+        """Tell the upstream who the client is (before any TLS: the header precedes the stream)."""
+        header = build((self.client_addr[0], self.client_addr[1]), (self.local_ip(), self.listen.port))
+        try:
+            # A fresh socket's send buffer is empty: a header of at most a few hundred bytes fits.
+            sent = self.upstream.send(header)
+        except OSError as exc:
+            self._connect_failed(self.tried[-1], f"failed sending the PROXY header ({exc.strerror})",
+                                 timed_out=False)
+            return False
+        if sent != len(header):
+            self._connect_failed(self.tried[-1], "failed sending the PROXY header (short write)",
+                                 timed_out=False)
+            return False
+        return True
 
     def upstream_handshake(self) -> None:
         try:

@@ -180,6 +180,7 @@ class Config:
     worker_processes: int = 1     # "auto" already turned into the CPU count
     worker_connections: int = 16384
     worker_shutdown_timeout: float = 30.0
+    proxy_protocol_timeout: float = 5.0   # nginx's proxy_protocol_timeout: time to receive the header
     pid: Optional[str] = None     # absolute path, None = "off"
     user: Optional[str] = None
     status_listen: Optional[tuple[str, int]] = None

@@ -24,7 +24,7 @@ from .values import (
 )
 
 TOP_LEVEL_KEYS = (
-    "worker_processes", "worker_connections", "worker_shutdown_timeout", "pid", "user", "status_listen",
+    "worker_processes", "worker_connections", "worker_shutdown_timeout", "proxy_protocol_timeout", "pid", "user", "status_listen",
     "error_log", "log_level", "access_log", "access_log_format", "stream_listen", "ssl", "certificates",
     "upstreams", "services", "plugins",
 )
@@ -69,6 +69,8 @@ def build_config(report: Report, document: object) -> Optional[Config]:
         worker_connections=root.get("worker_connections", integer(1, C_INT_MAX), defaults.worker_connections),
         worker_shutdown_timeout=root.get("worker_shutdown_timeout", parse_duration,
                                          defaults.worker_shutdown_timeout),
+        proxy_protocol_timeout=root.get("proxy_protocol_timeout", positive_duration,
+                                        defaults.proxy_protocol_timeout),
         pid=root.get("pid", pid_file(base), default_pid_path(base)),
         user=root.get("user", _existing_user, defaults.user),
         status_listen=status_listen,
