@@ -23,6 +23,7 @@ from pyproxy.config import ConfigError, load_config
 from pyproxy.config.model import Config
 from pyproxy.listeners import BindError, ListenerSet
 from pyproxy.log import ErrorLog
+from pyproxy.shared import SharedState
 from pyproxy.worker import READY, WORKER_BOOT_ERROR, Worker, worker_main
 
 READY_TIMEOUT = 15.0          # seconds a new worker has to report ready
@@ -44,6 +45,7 @@ class WorkerProcess:
     slot: int
     generation: int
     ready_fd: int
+    row: int = -1                    # its row in the shared counters (pyproxy.shared)
     ready: bool = False
     retiring: bool = False           # told to drain (reload or QUIT)
     kill_at: float = 0.0             # monotonic deadline for SIGKILL once retiring
@@ -58,6 +60,7 @@ class Master:
         self.log = log
         self.title = argv_title
         self.listeners = ListenerSet()
+        self.shared = SharedState()      # mapped before any fork: every worker sees the same memory
         self.workers: dict[int, WorkerProcess] = {}
         self.generation = 1
         self.signals: list[int] = []
@@ -125,7 +128,8 @@ class Master:
     def spawn_worker(self, slot: int, config: Config) -> WorkerProcess:
         sockets = self.listeners.for_slot(config.stream_listen, slot, config.worker_processes)
         ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
-        worker = Worker(slot, self.generation, config, sockets, self.log)
+        row = self.shared.take_row()
+        worker = Worker(slot, self.generation, config, sockets, self.log, self.shared, row)
         pid = os.fork()
         if pid == 0:
             # The child: keep only our slot's listening sockets and our end of the ready pipe.
@@ -141,7 +145,7 @@ class Master:
             signal.set_wakeup_fd(-1)
             worker_main(worker, ready_w)
         os.close(ready_w)
-        proc = WorkerProcess(pid, slot, self.generation, ready_r)
+        proc = WorkerProcess(pid, slot, self.generation, ready_r, row)
         self.workers[pid] = proc
         self.log.notice(f"start worker process {pid} (#{slot}, generation {self.generation})")
         return proc
@@ -186,6 +190,7 @@ class Master:
 
     def _forget(self, proc: WorkerProcess) -> None:
         if self.workers.pop(proc.pid, None) is not None:
+            self.shared.release_row(proc.row)   # its sessions died with it: stop counting them
             try:
                 os.close(proc.ready_fd)
             except OSError:

@@ -77,7 +77,7 @@ class Session:
                  "route", "service", "balancer", "tried", "peer", "status",
                  "started", "ended", "connect_started", "connect_time", "connect_timer", "timer",
                  "scheduled", "serial", "protocol", "sni", "ssl_protocol", "ssl_cipher", "preread_need",
-                 "_local_ip")
+                 "notes", "_local_ip")
 
     def __init__(self, worker: "Worker", listen: Listen, client: socket.socket, client_addr, serial: int):
         self.worker = worker
@@ -106,6 +106,7 @@ class Session:
         self.ssl_protocol: Optional[str] = None
         self.ssl_cipher: Optional[str] = None
         self.preread_need = 1
+        self.notes: Optional[dict] = None       # what plugins wrote on the session (annotate)
         self._local_ip: Optional[str] = None
 
     # -- accept ---------------------------------------------------------------------------
@@ -324,8 +325,22 @@ class Session:
 
     # -- access ---------------------------------------------------------------------------
     def access_phase(self) -> None:
-        """Preread plugins (ip-restriction and friends) run here once a later issue adds them."""
+        """The route's plugins, highest priority first; the first that answers a status refuses."""
+        for plugin in self.worker.plugins.for_route(self.route):
+            status = plugin.preread(self)
+            if status:
+                self._refuse(status)
+                return
         self.connect_phase()
+
+    def annotate(self, key: str, value) -> None:
+        """A plugin's note on this session, read back in its log hook (or by other plugins)."""
+        if self.notes is None:
+            self.notes = {}
+        self.notes[key] = value
+
+    def annotation(self, key: str, default=None):
+        return default if self.notes is None else self.notes.get(key, default)
 
     # -- connect --------------------------------------------------------------------------
     def connect_phase(self) -> None:

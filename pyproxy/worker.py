@@ -26,7 +26,9 @@ from pyproxy.listeners import ListenSocket
 from pyproxy.log import ErrorLog
 from pyproxy.loop import EPOLLIN, Loop
 from pyproxy.router import Router
+from pyproxy.plugins import PluginChains, PluginContext
 from pyproxy.session import Session
+from pyproxy.shared import SharedState
 from pyproxy.tls.contexts import ServerTLS, build_upstream_tls
 from pyproxy.upstream import build_balancers
 
@@ -52,8 +54,10 @@ class Worker:
     """One worker slot of one configuration generation."""
 
     def __init__(self, slot: int, generation: int, config: Config, listeners: list[ListenSocket],
-                 log: ErrorLog):
+                 log: ErrorLog, shared: SharedState, row: int):
         self.slot = slot
+        self.shared = shared
+        self.row = row
         self.generation = generation
         self.config = config
         self.listeners = listeners
@@ -82,6 +86,12 @@ class Worker:
         self.server_tls = ServerTLS(config) if needs_server_tls else None
         self.upstream_tls = build_upstream_tls(config)
         self.access_log = AccessLog(config.access_log, config.access_log_format)
+        self.shared.conns.claim(self.row)
+        if self.row < 0 and config.plugins:
+            self.log.warn("more worker processes alive than shared-state rows: limit-conn does not "
+                          "count this worker's sessions")
+        self.plugins = PluginChains(config, PluginContext(self.log.log, self.shared,
+                                                          os.path.dirname(config.path)))
         drop_privileges(config.user, self.log)
         self._install_signals()
         self.checkers = start_active_checks(self.loop, self.balancers, config.upstreams, self.log.log)
@@ -128,6 +138,7 @@ class Worker:
         self.log.debug(f"worker process #{self.slot} started (generation {self.generation})")
         self.loop.run()
         self.access_log.close()
+        self.plugins.close()
         self.pool.close()
         return 0
 
@@ -197,6 +208,8 @@ class Worker:
     def session_closed(self, session: Session) -> None:
         self.sessions.discard(session)
         self.access_log.write(session)
+        for plugin in self.plugins.for_route(session.route):
+            plugin.log(session)
         if self.draining and not self.sessions:
             self.loop.stop()
 
@@ -216,6 +229,7 @@ class Worker:
         elif signum == signal.SIGUSR1:
             self.log.reopen()
             self.access_log.reopen()
+            self.plugins.reopen()
 
     def start_draining(self) -> None:
         """Graceful stop: close our copies of the listening sockets, finish open sessions, exit."""

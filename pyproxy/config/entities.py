@@ -382,10 +382,39 @@ def read_plugins(report: Report, root: Section, services: tuple[Service, ...]) -
         if section.has("route") and section.has("service"):
             report.error(section.place_of("service"), "a plugin applies to a route or to a service, not both")
         config = section.nested("config", _plugin_config, ())
+        config_path = section.place_of("config").path
+        config_refused = any(e.key == config_path or e.key.startswith(config_path + ".")
+                             for e in report.errors)
+        if name is not None and not _known_plugin(report, section.place_of("name"), name):
+            continue
         if name is not None and config is not None:
+            if not config_refused:      # no second opinion on a mapping already refused
+                _check_plugin_config(report, section.place_of("config"), name, config)
             plugins.append(Plugin(name=name, route=route, service=service, config=config, line=place.line))
-            report.warn(place, f"plugin {name!r} is not applied yet (plugins arrive in a later release); ignored")
     return tuple(plugins)
+
+
+def _known_plugin(report: Report, place: Place, name: str) -> bool:
+    from pyproxy.plugins import REGISTRY   # here, not at the top: plugins import the model package
+    if name in REGISTRY:
+        return True
+    report.error(place, f"unknown plugin {name!r}{did_you_mean(name, REGISTRY)}; "
+                        f"built in: {', '.join(sorted(REGISTRY))}")
+    return False
+
+
+def _check_plugin_config(report: Report, place: Place, name: str, config) -> None:
+    """The plugin's own checks; its problems are reported at the config's line (their keys inside
+    `config` are named in the key path)."""
+    from pyproxy.plugins import check_plugin, plain
+    for key, message in check_plugin(name, plain(config) or {}):
+        head, bracket, index = key.partition("[")      # "allow[2]" → allow, then the index
+        path = key_path(place.path, head)
+        if path == place.path:                         # not a plain word: the path stays one word
+            message = f"{head!r}: {message}"
+        elif bracket:
+            path += bracket + index
+        report.error(Place(path, place.line), message)
 
 
 def _reference(kind: str, names: list[str]):

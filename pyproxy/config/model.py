@@ -195,6 +195,7 @@ class Config:
     upstreams: tuple[Upstream, ...] = ()
     services: tuple[Service, ...] = ()
     plugins: tuple[Plugin, ...] = ()
+    plugin_modules: tuple[str, ...] = ()   # imported at load: they register more plugins
 
     @property
     def routes(self) -> tuple[Route, ...]:

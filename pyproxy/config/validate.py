@@ -24,7 +24,8 @@ from .values import (
 )
 
 TOP_LEVEL_KEYS = (
-    "worker_processes", "worker_connections", "worker_shutdown_timeout", "proxy_protocol_timeout", "pid", "user", "status_listen",
+    "worker_processes", "worker_connections", "worker_shutdown_timeout", "proxy_protocol_timeout", "pid",
+    "plugin_modules", "user", "status_listen",
     "error_log", "log_level", "access_log", "access_log_format", "stream_listen", "ssl", "certificates",
     "upstreams", "services", "plugins",
 )
@@ -61,6 +62,7 @@ def build_config(report: Report, document: object) -> Optional[Config]:
         has_ssl_listener=any(listen.ssl for listen in stream_listen),
     )
     services = entities.read_services(report, root, base, upstreams, tls)
+    plugin_modules = _import_plugin_modules(report, root)
     plugins = entities.read_plugins(report, root, services)
 
     return Config(
@@ -85,14 +87,65 @@ def build_config(report: Report, document: object) -> Optional[Config]:
         upstreams=upstreams,
         services=services,
         plugins=plugins,
+        plugin_modules=plugin_modules,
     )
 
 
 # --- global settings --------------------------------------------------------------------------------
 
+def usable_cpus(cgroup_root: str = "/sys/fs/cgroup") -> int:
+    """The CPUs this process may really use: its affinity mask, capped by a cgroup CPU quota.
+
+    `os.cpu_count()` counts the host's CPUs; in a container limited to 2 CPUs on a 64-core node
+    that would start 64 workers. cgroup v2 says `cpu.max` = "QUOTA PERIOD" (or "max PERIOD");
+    cgroup v1 says cpu.cfs_quota_us (-1 for none) and cpu.cfs_period_us.
+    """
+    cpus = len(os.sched_getaffinity(0)) or 1
+    quota = period = None
+    try:
+        with open(os.path.join(cgroup_root, "cpu.max")) as fh:
+            fields = fh.read().split()
+        if len(fields) == 2 and fields[0] != "max":
+            quota, period = int(fields[0]), int(fields[1])
+    except (OSError, ValueError):
+        try:
+            with open(os.path.join(cgroup_root, "cpu", "cpu.cfs_quota_us")) as fh:
+                quota = int(fh.read())
+            with open(os.path.join(cgroup_root, "cpu", "cpu.cfs_period_us")) as fh:
+                period = int(fh.read())
+        except (OSError, ValueError):
+            quota = None
+    if quota is not None and quota > 0 and period:
+        cpus = min(cpus, max(1, -(-quota // period)))      # ceil: 1.5 CPUs → 2 workers
+    return cpus
+
+
+def _import_plugin_modules(report: Report, root: Section) -> tuple[str, ...]:
+    """Import `plugin_modules` (Python modules that register plugins) before plugin names are
+    checked. A module that fails to import is an error at its line; nothing of it is used."""
+    import importlib
+    import sys
+
+    names = []
+    folder = os.path.dirname(report.file)
+    if root.has("plugin_modules") and folder not in sys.path:
+        sys.path.append(folder)          # a plugin file may sit beside the configuration
+    for place, value in root.items("plugin_modules"):
+        name = report.convert(place, value, parse_text)
+        if name is None:
+            continue
+        try:
+            importlib.import_module(name)
+        except Exception as exc:         # any failure of someone else's module is a config error here
+            report.error(place, f"cannot import plugin module {name!r}: {exc.__class__.__name__}: {exc}")
+            continue
+        names.append(name)
+    return tuple(names)
+
+
 def _worker_processes(value: object) -> int:
     if value == "auto":
-        return os.cpu_count() or 1
+        return usable_cpus()
     if isinstance(value, str):
         raise Invalid(f"expected auto or a number of processes, got {describe(value)}")
     return integer(1, MAX_WORKER_PROCESSES)(value)
@@ -107,9 +160,9 @@ def _existing_user(value: object) -> str:
     return name
 
 
-def _file_or_words(base: str, *words: str, off: bool = False) -> Converter:
+def _file_or_words(base: str, *words: str, off: bool = False, folder_must_exist: bool = True) -> Converter:
     """A converter for a file we write (pid, logs): one of `words` kept as is, `off` → None, or a path
-    whose folder must exist."""
+    whose folder must exist (unless `folder_must_exist` is False)."""
     def convert(value: object) -> Optional[str]:
         if off and (value is False or value == "off"):
             return None
@@ -117,7 +170,7 @@ def _file_or_words(base: str, *words: str, off: bool = False) -> Converter:
             return value
         path = in_folder(base, value)
         folder = os.path.dirname(path)
-        if not os.path.isdir(folder):
+        if folder_must_exist and not os.path.isdir(folder):
             raise Invalid(f"the folder {folder} does not exist")
         if os.path.isdir(path):
             raise Invalid(f"{path} is a directory; name a file in it")
@@ -131,8 +184,10 @@ def default_pid_path(base: str) -> str:
 
 
 def pid_file(base: str) -> Converter:
-    """A converter for `pid`: `off` → None, else an absolute path in an existing folder."""
-    return _file_or_words(base, off=True)
+    """A converter for `pid`: `off` → None, else an absolute path. Like nginx, `-t` does not insist
+    that its folder exists yet (systemd's RuntimeDirectory= makes /run/pyproxy only at start);
+    the master says so plainly if it cannot write the file."""
+    return _file_or_words(base, off=True, folder_must_exist=False)
 
 
 def _error_log(base: str) -> Converter:

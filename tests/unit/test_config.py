@@ -245,7 +245,6 @@ def test_spec_example_loads_with_expected_values(conf_dir: Path):
 
     assert warnings == [
         f"{path}:6: status_listen: status_listen is not served yet; ignored",
-        f"{path}:65: plugins[0]: plugin 'ip-restriction' is not applied yet (plugins arrive in a later release); ignored",
     ]
 
 
@@ -986,24 +985,35 @@ certificates:
 def test_plugins(conf_dir: Path):
     text = MINIMAL + """\
 plugins:
-  - {name: ip-restriction, service: svc, config: {deny: [10.0.0.0/8], nested: {b: 1, a: [x]}}}
-  - {name: everywhere}
+  - {name: ip-restriction, service: svc, config: {deny: [10.0.0.0/8, "::1"]}}
+  - {name: rate-limit, config: {rate: 5, per: route}}
 """
     first, second = load(conf_dir, text).plugins
     assert (first.service, first.route, first.line) == ("svc", None, 10)
-    assert first.config == (("deny", ("10.0.0.0/8",)), ("nested", (("a", ("x",)), ("b", 1))))
-    assert (second.name, second.route, second.service, second.config) == ("everywhere", None, None, ())
+    assert first.config == (("deny", ("10.0.0.0/8", "::1")),)
+    assert (second.name, second.route, second.service) == ("rate-limit", None, None)
+    assert second.config == (("per", "route"), ("rate", 5))
+
+
+ALLOW = "config: {allow: [127.0.0.1]}"
 
 
 @pytest.mark.parametrize("plugin, key, message", [
-    ("{name: x, route: plan}", "plugins[0].route", "no route named 'plan'; did you mean 'plain'?"),
-    ("{name: x, service: nope}", "plugins[0].service", "no service named 'nope'"),
-    ("{name: x, route: plain, service: svc}", "plugins[0].service",
+    (f"{{name: ip-restriction, route: plan, {ALLOW}}}", "plugins[0].route",
+     "no route named 'plan'; did you mean 'plain'?"),
+    (f"{{name: ip-restriction, service: nope, {ALLOW}}}", "plugins[0].service", "no service named 'nope'"),
+    (f"{{name: ip-restriction, route: plain, service: svc, {ALLOW}}}", "plugins[0].service",
      "a plugin applies to a route or to a service, not both"),
-    ("{name: x, config: [1]}", "plugins[0].config", "expected a mapping, got a list"),
+    ("{name: ip-restriction, config: [1]}", "plugins[0].config", "expected a mapping, got a list"),
     ("{name: '', config: {}}", "plugins[0].name", "expected a non-empty string"),
     ("{route: plain}", "plugins[0].name", "required key is missing"),
-    ("{name: x, enabled: true}", "plugins[0].enabled", "unknown key 'enabled'"),
+    (f"{{name: ip-restriction, enabled: true, {ALLOW}}}", "plugins[0].enabled", "unknown key 'enabled'"),
+    ("{name: ip-restrictions, config: {}}", "plugins[0].name",
+     "unknown plugin 'ip-restrictions'; did you mean 'ip-restriction'?; built in: file-log, ip-restriction, "
+     "limit-conn, rate-limit"),
+    ("{name: limit-conn, config: {limit: many}}", "plugins[0].config.limit", "expected an integer ≥ 1, got 'many'"),
+    ("{name: ip-restriction, config: {allow: [300.1.1.1]}}", "plugins[0].config.allow[0]",
+     "not an IP address or CIDR network: '300.1.1.1'"),
 ])
 def test_bad_plugins(conf_dir: Path, plugin: str, key: str, message: str):
     error = only_error(conf_dir, MINIMAL + f"plugins:\n  - {plugin}\n")
@@ -1030,7 +1040,7 @@ def test_anchors_and_merge_keys(conf_dir: Path):
 
 
 def test_recursive_alias_is_an_error(conf_dir: Path):
-    error = only_error(conf_dir, MINIMAL + "plugins: &loop\n  - {name: x, config: {again: *loop}}\n")
+    error = only_error(conf_dir, MINIMAL + "plugins: &loop\n  - {name: ip-restriction, config: {allow: [127.0.0.1], again: *loop}}\n")
     assert error.message == "an alias refers to a collection that contains it (recursive YAML)"
     assert error.line == 9 and error.key == "plugins[0].config.again"     # where the anchor is
 
@@ -1077,7 +1087,7 @@ def test_huge_numbers_are_reported_not_crashed_on(conf_dir: Path):
 
 
 def test_plugin_setting_names_must_be_strings(conf_dir: Path):
-    text = MINIMAL + "plugins:\n  - name: x\n    config:\n      outer:\n        1: one\n"
+    text = MINIMAL + "plugins:\n  - name: ip-restriction\n    config:\n      outer:\n        1: one\n"
     error = only_error(conf_dir, text)
     assert (error.line, error.key, error.message) == \
         (13, "plugins[0].config.outer", "plugin settings are named by strings, not 1")
@@ -1101,3 +1111,21 @@ def test_a_bad_key_does_not_hide_the_errors_next_to_it(conf_dir: Path):
         (5, "services[0].port", "port 70000 is out of range (1-65535)"),
         (6, "services[0]", "bad key: unsupported YAML tag '!custom'"),
     ]
+
+
+@pytest.mark.parametrize("files, expected", [
+    ({"cpu.max": "max 100000\n"}, None),                       # no quota: the affinity mask decides
+    ({"cpu.max": "150000 100000\n"}, 2),                        # 1.5 CPUs → 2 workers
+    ({"cpu.max": "50000 100000\n"}, 1),
+    ({"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),   # cgroup v1
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+    ({}, None),
+])
+def test_auto_workers_follow_the_cgroup_cpu_quota(tmp_path: Path, files: dict, expected):
+    import os
+    from pyproxy.config.validate import usable_cpus
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    affinity = len(os.sched_getaffinity(0))
+    assert usable_cpus(str(tmp_path)) == (affinity if expected is None else min(expected, affinity))

@@ -1,0 +1,143 @@
+"""Plugins: code that runs in a session's preread phase and log phase, like Kong's stream plugins.
+
+A plugin is a small class registered under its `name`:
+
+    @register
+    class Greeter(Plugin):
+        name = "greeter"
+        priority = 500                      # higher runs first (Kong's PRIORITY)
+
+        @classmethod
+        def check(cls, config):             # at load and `pyproxy -t`: [(key, problem), ...]
+            return [] if isinstance(config.get("word", ""), str) else [("word", "expected a string")]
+
+        def preread(self, session):         # after routing, before the upstream is chosen:
+            return None                     # None lets the session go on; a status (403, 503) refuses it
+
+        def log(self, session):             # when the session has ended (every session the chain saw)
+            ...
+
+A plugin configured on a route wins over the same plugin on the route's service, which wins over
+a global one (Kong's precedence). Instances live in a worker for one configuration generation;
+`context` gives them the error log and the state shared across workers (`pyproxy.shared`).
+See docs/plugins.md for the whole guide.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+REGISTRY: dict[str, type["Plugin"]] = {}
+
+
+class Plugin:
+    """Base class of every plugin; subclasses override what they need."""
+
+    name = ""
+    priority = 0
+    scope = ""            # set by PluginChains: "route:NAME", "service:NAME" or "global"
+
+    @classmethod
+    def check(cls, config: dict) -> list[tuple[str, str]]:
+        """Problems with `config` as (key path inside `config`, message); empty when it is fine."""
+        return []
+
+    def __init__(self, config: dict, context: "PluginContext"):
+        self.config = config
+        self.context = context
+
+    def preread(self, session) -> Optional[int]:
+        return None
+
+    def log(self, session) -> None:
+        return None
+
+    def reopen(self) -> None:
+        """USR1: reopen files the plugin writes (logrotate)."""
+        return None
+
+    def close(self) -> None:
+        """The worker is done with this instance (shutdown, or a drained generation)."""
+        return None
+
+
+def register(cls: type[Plugin]) -> type[Plugin]:
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+@dataclass
+class PluginContext:
+    """What a plugin may use: the worker's error log (`log(level, message)`), the state shared by
+    all workers (`pyproxy.shared.SharedState`) and the config file's folder (for relative paths)."""
+
+    log: Any
+    shared: Any
+    base: str = ""
+
+
+def plain(value):
+    """The loader stores plugin config as sorted (key, value) tuples; give plugins dicts and lists."""
+    if isinstance(value, tuple) and all(isinstance(i, tuple) and len(i) == 2 and isinstance(i[0], str)
+                                        for i in value) and value:
+        return {k: plain(v) for k, v in value}
+    if isinstance(value, tuple):
+        return [plain(v) for v in value]
+    return value
+
+
+class PluginChains:
+    """For each route, the plugin instances that apply to it, highest priority first."""
+
+    def __init__(self, config, context: PluginContext):
+        self.instances = []
+        global_, by_service, by_route = {}, {}, {}
+        for entry in config.plugins:
+            cls = REGISTRY[entry.name]
+            instance = cls(plain(entry.config) or {}, context)
+            # Where the entry applies: shared counters are keyed by it, so two limit-conn entries
+            # on two routes keep two budgets, and a reload that keeps the entry keeps its counts.
+            instance.scope = (f"route:{entry.route}" if entry.route is not None else
+                              f"service:{entry.service}" if entry.service is not None else "global")
+            self.instances.append(instance)
+            if entry.route is not None:
+                by_route.setdefault(entry.route, {})[entry.name] = instance
+            elif entry.service is not None:
+                by_service.setdefault(entry.service, {})[entry.name] = instance
+            else:
+                global_[entry.name] = instance
+        self.global_chain = _ordered(global_)
+        self.chains = {}
+        for route in config.routes:
+            merged = dict(global_)
+            merged.update(by_service.get(route.service, {}))
+            merged.update(by_route.get(route.name, {}))
+            self.chains[route.name] = _ordered(merged)
+
+    def for_route(self, route) -> tuple[Plugin, ...]:
+        """The chain of a route, or the global chain for a session that matched no route."""
+        if route is None:
+            return self.global_chain
+        return self.chains.get(route.name, ())
+
+    def reopen(self) -> None:
+        for instance in self.instances:
+            instance.reopen()
+
+    def close(self) -> None:
+        for instance in self.instances:
+            instance.close()
+
+
+def _ordered(by_name: dict[str, Plugin]) -> tuple[Plugin, ...]:
+    return tuple(sorted(by_name.values(), key=lambda p: (-p.priority, p.name)))
+
+
+def check_plugin(name: str, config: dict) -> list[tuple[str, str]]:
+    """Validation entry point for the config loader."""
+    return REGISTRY[name].check(config)
+
+
+# Built-in plugins register themselves on import.
+from pyproxy.plugins import ip_restriction, limits, file_log  # noqa: E402,F401

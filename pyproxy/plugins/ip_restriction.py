@@ -1,0 +1,71 @@
+"""`ip-restriction`: allow or deny sessions by client address (IPv4 and IPv6 CIDRs), status 403.
+
+    config: {allow: [127.0.0.0/8, "::1"], deny: [127.0.0.5]}
+
+With `allow`, a client outside every allowed network is refused; a client inside a `deny` network
+is refused whatever `allow` says (Kong's ip-restriction: deny wins). The client address is the one
+PROXY protocol announced, when the listener has it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from pyproxy.plugins import Plugin, register
+
+FORBIDDEN = 403
+
+
+def _networks(items) -> list:
+    return [ipaddress.ip_network(str(item), strict=False) for item in items]
+
+
+@register
+class IpRestriction(Plugin):
+    name = "ip-restriction"
+    priority = 3000
+
+    @classmethod
+    def check(cls, config: dict) -> list[tuple[str, str]]:
+        problems = []
+        for key in config:
+            if key not in ("allow", "deny"):
+                problems.append((key, "unknown key; ip-restriction takes allow and deny"))
+        if not config.get("allow") and not config.get("deny"):
+            problems.append(("allow", "ip-restriction needs allow or deny (or both)"))
+        for key in ("allow", "deny"):
+            items = config.get(key, [])
+            if not isinstance(items, list):
+                problems.append((key, "expected a list of addresses or CIDR networks"))
+                continue
+            for i, item in enumerate(items):
+                try:
+                    ipaddress.ip_network(str(item), strict=False)
+                except ValueError:
+                    problems.append((f"{key}[{i}]", f"not an IP address or CIDR network: {item!r}"))
+        return problems
+
+    def __init__(self, config: dict, context):
+        super().__init__(config, context)
+        self.allow = _networks(config.get("allow", []))
+        self.deny = _networks(config.get("deny", []))
+        self.cache: dict[str, bool] = {}
+
+    def allowed(self, address: str) -> bool:
+        verdict = self.cache.get(address)
+        if verdict is None:
+            ip = ipaddress.ip_address(address)
+            denied = any(ip in net for net in self.deny if net.version == ip.version)
+            listed = not self.allow or any(ip in net for net in self.allow if net.version == ip.version)
+            verdict = listed and not denied
+            if len(self.cache) > 10000:          # bounded: a scan from many addresses cannot grow it
+                self.cache.clear()
+            self.cache[address] = verdict
+        return verdict
+
+    def preread(self, session):
+        if self.allowed(session.client_addr[0]):
+            return None
+        self.context.log("info", f"ip-restriction: client {session.client_addr[0]} is not allowed; "
+                                 f"{session.describe()}")
+        return FORBIDDEN

@@ -1,0 +1,113 @@
+"""`limit-conn` and `rate-limit`: concurrent sessions and new sessions per second, status 503.
+
+    - name: limit-conn
+      config: {limit: 100, per: ip}          # at most 100 open sessions per client address
+    - name: rate-limit
+      config: {rate: 10, burst: 20, per: ip}  # 10 new sessions/s per client, bursts of 20
+
+`per` is `ip` (the client address), `route` or `service` (one budget for everybody on it). The
+counts are shared by all workers and survive reloads (`pyproxy.shared`), like nginx's
+`limit_conn_zone` / `limit_req_zone`. rate-limit is a token bucket of `burst` tokens refilled at
+`rate` per second, kept as one GCRA timestamp per key.
+"""
+
+from __future__ import annotations
+
+import math
+
+from pyproxy.plugins import Plugin, register
+from pyproxy.shared import slot_of
+
+OVER_LIMIT = 503
+PER = ("ip", "route", "service")
+
+
+def _key(per: str, session) -> str:
+    if per == "ip":
+        return session.client_addr[0]
+    if per == "route":
+        return session.route.name
+    return session.route.service
+
+
+def _number(config: dict, key: str, integer: bool, minimum: float) -> list[tuple[str, str]]:
+    value = config.get(key)
+    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if value is None or isinstance(value, bool) or not ok or value < minimum:
+        kind = "an integer" if integer else "a number"
+        return [(key, f"expected {kind} ≥ {minimum:g}, got {value!r}")]
+    return []
+
+
+def _check_common(config: dict, allowed: tuple[str, ...]) -> list[tuple[str, str]]:
+    problems = [(key, f"unknown key; expected one of {', '.join(allowed)}") for key in config if key not in allowed]
+    if config.get("per", "ip") not in PER:
+        problems.append(("per", f"expected one of {', '.join(PER)}, got {config.get('per')!r}"))
+    return problems
+
+
+@register
+class LimitConn(Plugin):
+    name = "limit-conn"
+    priority = 1000
+
+    @classmethod
+    def check(cls, config: dict) -> list[tuple[str, str]]:
+        return _check_common(config, ("limit", "per")) + _number(config, "limit", True, 1)
+
+    def __init__(self, config: dict, context):
+        super().__init__(config, context)
+        self.limit = config["limit"]
+        self.per = config.get("per", "ip")
+        self.counts = context.shared.conns
+
+    def preread(self, session):
+        key = _key(self.per, session)
+        slot = slot_of(f"limit-conn|{self.scope}|{key}")
+        # Count first, then look: two workers admitting at the same instant both see both counts,
+        # so the limit can be undershot in a race but never exceeded.
+        self.counts.add(slot, 1)
+        if self.counts.total(slot) > self.limit:
+            self.counts.add(slot, -1)
+            self.context.log("info", f"limit-conn: {self.limit} open session(s) per {self.per} reached for "
+                                 f"{key}; {session.describe()}")
+            return OVER_LIMIT
+        session.annotate(self.name, slot)
+        return None
+
+    def log(self, session):
+        slot = session.annotation(self.name)
+        if slot is not None:
+            self.counts.add(slot, -1)
+
+
+@register
+class RateLimit(Plugin):
+    name = "rate-limit"
+    priority = 900
+
+    @classmethod
+    def check(cls, config: dict) -> list[tuple[str, str]]:
+        problems = _check_common(config, ("rate", "burst", "per")) + _number(config, "rate", False, 0.001)
+        if "burst" in config:
+            problems += _number(config, "burst", True, 1)
+        return problems
+
+    def __init__(self, config: dict, context):
+        super().__init__(config, context)
+        self.rate = float(config["rate"])
+        self.burst = int(config.get("burst", max(1, math.ceil(self.rate))))
+        self.per = config.get("per", "ip")
+        self.table = context.shared.rates
+
+    def preread(self, session):
+        key = _key(self.per, session)
+        verdict = self.table.admit(slot_of(f"rate-limit|{self.scope}|{key}"), self.rate, self.burst)
+        if verdict is None:
+            self.context.log("warn", "rate-limit: the shared table was busy for 10 ms; letting the session through")
+            return None
+        if verdict:
+            return None
+        self.context.log("info", f"rate-limit: more than {self.rate:g} new session(s)/s (burst {self.burst}) "
+                             f"per {self.per} for {key}; {session.describe()}")
+        return OVER_LIMIT

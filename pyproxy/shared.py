@@ -1,0 +1,105 @@
+"""State shared by every worker: anonymous shared memory the master maps once, before any fork.
+
+SO_REUSEPORT spreads one client's connections over all workers, so a per-client limit must be
+counted across them (nginx's `limit_conn_zone`, `limit_req_zone`). Two shapes:
+
+- `CounterRows`: rows × slots of int64 counters. Each worker process owns one row and is the only
+  writer of it, so counting needs no lock; a reader sums a slot over all rows. When a worker dies
+  the master zeroes its row, so the sessions it took with it stop counting.
+- `RateTable`: one float per slot (GCRA's "theoretical arrival time", the token bucket expressed as
+  a single timestamp) updated under one process-shared lock. The lock is only ever held for a few
+  instructions; a worker that cannot get it within 10 ms lets the session through and says so,
+  rather than stall (a worker killed while holding it must not freeze the others).
+
+Keys are hashed into a fixed number of slots: two keys that collide share a count, which can only
+make a limit stricter, never looser. The tables live as long as the master, across reloads, so
+sessions of draining workers still count against the new generation's limits.
+"""
+
+from __future__ import annotations
+
+import mmap
+import multiprocessing
+import time
+import zlib
+
+SLOTS = 4096
+ROWS = 256                 # worker processes alive at once, all generations together
+
+
+def slot_of(key: str, slots: int = SLOTS) -> int:
+    """A slot every process computes the same way (Python's hash() is randomized per process)."""
+    return zlib.crc32(key.encode("utf-8", "surrogateescape")) % slots
+
+
+class CounterRows:
+    """Per-process rows of counters; `add` writes this process's row, `total` reads all rows."""
+
+    def __init__(self, rows: int = ROWS, slots: int = SLOTS):
+        self.rows, self.slots = rows, slots
+        self._memory = mmap.mmap(-1, rows * slots * 8)          # MAP_SHARED | MAP_ANONYMOUS
+        self.view = memoryview(self._memory).cast("q")
+        self.base = -1          # start of this process's row; -1 until claim()
+
+    def claim(self, row: int) -> None:
+        """In a worker: from now on this process writes row `row` (given by the master)."""
+        self.base = row * self.slots
+
+    def add(self, slot: int, n: int) -> None:
+        if self.base >= 0:
+            self.view[self.base + slot] += n
+
+    def total(self, slot: int) -> int:
+        return sum(self.view[slot::self.slots])
+
+    def clear_row(self, row: int) -> None:
+        """In the master, after the row's worker exited: its sessions are gone."""
+        start = row * self.slots
+        self.view[start:start + self.slots] = memoryview(bytes(self.slots * 8)).cast("q")
+
+
+class RateTable:
+    """Token buckets as GCRA timestamps, one per slot, shared by all workers."""
+
+    def __init__(self, slots: int = SLOTS):
+        self.slots = slots
+        self._memory = mmap.mmap(-1, slots * 8)
+        self.view = memoryview(self._memory).cast("d")
+        self.lock = multiprocessing.Lock()
+
+    def admit(self, slot: int, rate: float, burst: int, now: float | None = None) -> bool | None:
+        """True if a new session fits `rate` per second with up to `burst` at once, False if not,
+        None if the lock was not had in time (the caller lets the session through)."""
+        if now is None:
+            now = time.monotonic()          # CLOCK_MONOTONIC: one clock for every process
+        interval = 1.0 / rate
+        tolerance = (burst - 1) * interval
+        if not self.lock.acquire(timeout=0.01):
+            return None
+        try:
+            arrival = max(self.view[slot], now)
+            if arrival - now > tolerance:
+                return False
+            self.view[slot] = arrival + interval
+            return True
+        finally:
+            self.lock.release()
+
+
+class SharedState:
+    """Everything the master maps for its workers, and the row bookkeeping for CounterRows."""
+
+    def __init__(self) -> None:
+        self.conns = CounterRows()
+        self.rates = RateTable()
+        self.free_rows = list(range(ROWS - 1, -1, -1))
+
+    def take_row(self) -> int:
+        """A row for a worker about to be forked; -1 when all are in use (then its sessions are not
+        counted, which the worker logs: only with more than ROWS worker processes alive)."""
+        return self.free_rows.pop() if self.free_rows else -1
+
+    def release_row(self, row: int) -> None:
+        if row >= 0:
+            self.conns.clear_row(row)
+            self.free_rows.append(row)
