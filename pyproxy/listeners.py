@@ -17,6 +17,14 @@ from dataclasses import dataclass
 from pyproxy.config.model import Listen
 
 
+def configured_listens(config) -> tuple[Listen, ...]:
+    """Every socket a configuration asks for: the stream listeners, plus status_listen."""
+    if config.status_listen is None:
+        return config.stream_listen
+    host, port = config.status_listen
+    return config.stream_listen + (Listen(host, port, status=True),)
+
+
 class BindError(Exception):
     """A listening socket could not be created; the message is ready for the operator."""
 

@@ -21,7 +21,8 @@ from setproctitle import setproctitle
 from pyproxy import __version__
 from pyproxy.config import ConfigError, load_config
 from pyproxy.config.model import Config
-from pyproxy.listeners import BindError, ListenerSet
+from pyproxy import metrics
+from pyproxy.listeners import BindError, ListenerSet, configured_listens
 from pyproxy.log import ErrorLog
 from pyproxy.shared import SharedState
 from pyproxy.worker import READY, WORKER_BOOT_ERROR, Worker, worker_main
@@ -61,6 +62,7 @@ class Master:
         self.title = argv_title
         self.listeners = ListenerSet()
         self.shared = SharedState()      # mapped before any fork: every worker sees the same memory
+        self.metrics_dir = metrics.prepare_directory(config.user)
         self.workers: dict[int, WorkerProcess] = {}
         self.generation = 1
         self.signals: list[int] = []
@@ -72,7 +74,7 @@ class Master:
     def bind(self) -> None:
         """Create every listening socket (before daemonizing, so bind errors reach the terminal)."""
         try:
-            self.listeners.ensure(self.config.stream_listen, self.config.worker_processes)
+            self.listeners.ensure(configured_listens(self.config), self.config.worker_processes)
         except BindError as exc:
             raise MasterError(str(exc)) from None
 
@@ -126,7 +128,7 @@ class Master:
 
     # -- workers ------------------------------------------------------------------------------
     def spawn_worker(self, slot: int, config: Config) -> WorkerProcess:
-        sockets = self.listeners.for_slot(config.stream_listen, slot, config.worker_processes)
+        sockets = self.listeners.for_slot(configured_listens(config), slot, config.worker_processes)
         ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
         row = self.shared.take_row()
         worker = Worker(slot, self.generation, config, sockets, self.log, self.shared, row)
@@ -191,6 +193,7 @@ class Master:
     def _forget(self, proc: WorkerProcess) -> None:
         if self.workers.pop(proc.pid, None) is not None:
             self.shared.release_row(proc.row)   # its sessions died with it: stop counting them
+            metrics.process_dead(proc.pid)
             try:
                 os.close(proc.ready_fd)
             except OSError:
@@ -252,6 +255,7 @@ class Master:
         finally:
             self.listeners.close()
             self.remove_pid()
+            metrics.remove_directory(self.metrics_dir)
 
     def sleep(self) -> None:
         """Wait for a signal (via the wakeup pipe) or a late ready byte, at most one second."""
@@ -333,11 +337,13 @@ class Master:
                 self.log.error(str(issue))
             self.log.error(f"reload failed: the configuration is invalid; still serving generation "
                            f"{self.generation}")
+            metrics.master_reloaded(False, self.generation)
             return
         try:
-            created = self.listeners.ensure(config.stream_listen, config.worker_processes)
+            created = self.listeners.ensure(configured_listens(config), config.worker_processes)
         except BindError as exc:
             self.log.error(f"reload failed: {exc}; still serving generation {self.generation}")
+            metrics.master_reloaded(False, self.generation)
             return
         old = self.current_workers()
         self.generation += 1
@@ -353,13 +359,15 @@ class Master:
                 ls.sock.close()
             self.generation -= 1
             self.log.error(f"reload failed: {failure}; still serving generation {self.generation}")
+            metrics.master_reloaded(False, self.generation)
             return
         self.retire(old, self.config.worker_shutdown_timeout)
         self.wait_quiesced(old)
-        self.listeners.close_unused(config.stream_listen)
+        self.listeners.close_unused(configured_listens(config))
         if (config.error_log, config.log_level) != (self.config.error_log, self.config.log_level):
             self.log.configure(config.error_log, config.log_level)
         self.config = config
+        metrics.master_reloaded(True, self.generation)
         self.log.notice(f"reload complete: generation {self.generation}, {len(new)} worker process(es), "
                         f"{len(old)} old worker process(es) draining")
 

@@ -303,8 +303,12 @@ class Session:
             return
         except (ssl.SSLError, OSError) as exc:
             self.worker.log.info(f"SSL handshake with the client failed ({_ssl_reason(exc)}); {self.describe()}")
+            if self.worker.metrics is not None:
+                self.worker.metrics.handshake(ok=False)
             self.close(STATUS_BAD_REQUEST)
             return
+        if self.worker.metrics is not None:
+            self.worker.metrics.handshake(ok=True)
         self.timer.cancel()
         self.timer = None
         self.ssl_protocol = self.client.version()

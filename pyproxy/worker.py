@@ -25,6 +25,7 @@ from pyproxy.healthcheck import start_active_checks
 from pyproxy.listeners import ListenSocket
 from pyproxy.log import ErrorLog
 from pyproxy.loop import EPOLLIN, Loop
+from pyproxy.metrics import StatusSession, WorkerMetrics
 from pyproxy.router import Router
 from pyproxy.plugins import PluginChains, PluginContext
 from pyproxy.session import Session
@@ -95,6 +96,9 @@ class Worker:
         drop_privileges(config.user, self.log)
         self._install_signals()
         self.checkers = start_active_checks(self.loop, self.balancers, config.upstreams, self.log.log)
+        self.metrics = WorkerMetrics(self) if config.status_listen is not None else None
+        if self.metrics is not None:
+            self.loop.call_later(1.0, self._sample_metrics)
         self.resume_accepting()
         self.loop.after_tick.append(self.after_tick)
         self.loop.call_later(1.0, self.check_master)
@@ -137,6 +141,8 @@ class Worker:
             return WORKER_BOOT_ERROR
         self.log.debug(f"worker process #{self.slot} started (generation {self.generation})")
         self.loop.run()
+        if self.metrics is not None:
+            self.metrics.flush()            # what this worker counted outlives it in its file
         self.access_log.close()
         self.plugins.close()
         self.pool.close()
@@ -160,6 +166,8 @@ class Worker:
         listen = ls.listen
         lsock = ls.sock
         limit = self.config.worker_connections
+        if listen.status:
+            return self._status_acceptor(lsock)
 
         def on_readable(mask: int) -> None:
             for _ in range(ACCEPT_BATCH):
@@ -185,6 +193,28 @@ class Worker:
 
         return on_readable
 
+    def _status_acceptor(self, lsock):
+        """status_listen: each connection is one HTTP request for /metrics or /status."""
+        def on_readable(mask: int) -> None:
+            for _ in range(ACCEPT_BATCH):
+                try:
+                    conn, _ = lsock.accept()
+                except BlockingIOError:
+                    return
+                except OSError as exc:
+                    if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                        self._out_of_resources(exc)
+                        return
+                    continue
+                conn.setblocking(False)
+                StatusSession(self, conn).start()
+        return on_readable
+
+    def _sample_metrics(self) -> None:
+        self.metrics.flush()
+        if not self.draining:
+            self.loop.call_later(1.0, self._sample_metrics)
+
     def _out_of_resources(self, exc: OSError) -> None:
         """EMFILE/ENFILE: stop accepting for a moment instead of spinning on a ready listener."""
         self.log.error(f"accept() failed ({exc.errno}: {exc.strerror}); pausing accepts for {ACCEPT_PAUSE}s")
@@ -208,6 +238,8 @@ class Worker:
     def session_closed(self, session: Session) -> None:
         self.sessions.discard(session)
         self.access_log.write(session)
+        if self.metrics is not None:
+            self.metrics.session_ended(session)
         for plugin in self.plugins.for_route(session.route):
             plugin.log(session)
         if self.draining and not self.sessions:

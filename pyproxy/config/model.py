@@ -36,6 +36,7 @@ class Listen:
     proxy_protocol: bool = False
     backlog: int = 511            # nginx's default
     line: int = 0                 # where it was written, for messages
+    status: bool = False          # the status_listen socket (HTTP /metrics, /status), not a stream
 
     @property
     def family(self) -> int:

@@ -264,7 +264,6 @@ def _check_status_listen(report: Report, root: Section, address: tuple[str, int]
     place = root.place_of("status_listen")
     if any(listen.key == address for listen in stream_listen):
         report.error(place, "the status address is also a stream_listen address")
-    report.warn(place, "status_listen is not served yet; ignored")
 
 
 # --- ssl and certificates ---------------------------------------------------------------------------
