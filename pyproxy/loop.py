@@ -30,17 +30,26 @@ STREAM_EVENTS = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
 
 
 class Timer:
-    """A cancellable one-shot callback; `cancel()` is O(1) (the heap entry is skipped when it pops)."""
+    """A cancellable one-shot callback; `cancel()` is O(1) (the heap entry is skipped when it pops).
 
-    __slots__ = ("deadline", "callback", "cancelled")
+    Cancelling drops the callback at once: a closed session's timer may sit in the heap until its
+    deadline (read_timeout, 60 s), and must not keep the session alive all that time.
+    """
 
-    def __init__(self, deadline: float, callback: Callable[[], None]):
+    __slots__ = ("deadline", "callback", "cancelled", "loop")
+
+    def __init__(self, deadline: float, callback: Callable[[], None], loop: "Loop"):
         self.deadline = deadline
         self.callback = callback
         self.cancelled = False
+        self.loop = loop
 
     def cancel(self) -> None:
-        self.cancelled = True
+        if not self.cancelled:
+            self.cancelled = True
+            self.callback = None
+            loop, self.loop = self.loop, None
+            loop.timer_cancelled()
 
 
 class Loop:
@@ -50,6 +59,7 @@ class Loop:
         self.epoll = select.epoll()
         self.handlers: dict[int, Callable[[int], None]] = {}
         self.timers: list[tuple[float, int, Timer]] = []
+        self.cancelled_timers = 0      # cancelled entries still in the heap
         self.soon: deque[Callable[[], None]] = deque()
         self.after_tick: list[Callable[[], None]] = []
         self.seq = itertools.count()
@@ -78,9 +88,18 @@ class Loop:
 
     # -- time -------------------------------------------------------------------------------
     def call_at(self, deadline: float, callback: Callable[[], None]) -> Timer:
-        timer = Timer(deadline, callback)
+        timer = Timer(deadline, callback, self)
         heapq.heappush(self.timers, (deadline, next(self.seq), timer))
         return timer
+
+    def timer_cancelled(self) -> None:
+        """Keep the heap mostly live: when cancelled entries are the majority, rebuild it (O(n),
+        amortised O(1) per cancel), so a burst of short sessions cannot grow it for 60 s."""
+        self.cancelled_timers += 1
+        if self.cancelled_timers > 1024 and self.cancelled_timers * 2 > len(self.timers):
+            self.timers = [entry for entry in self.timers if not entry[2].cancelled]
+            heapq.heapify(self.timers)
+            self.cancelled_timers = 0
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
         return self.call_at(self.now + delay, callback)
@@ -96,21 +115,25 @@ class Loop:
         timers = self.timers
         while timers and timers[0][2].cancelled:
             heapq.heappop(timers)
+            self.cancelled_timers -= 1
         if not timers:
             return 1.0
         return min(max(timers[0][0] - time.monotonic(), 0.0), 1.0)
 
     def _run_timers(self) -> None:
-        timers = self.timers
         now = self.now
-        while timers and timers[0][0] <= now:
-            timer = heapq.heappop(timers)[2]
-            if not timer.cancelled:
-                timer.cancelled = True
-                try:
-                    timer.callback()
-                except Exception as exc:
-                    self.on_error(timer.callback, exc)
+        # self.timers is re-read every time: a callback's cancel() may have rebuilt the heap.
+        while self.timers and self.timers[0][0] <= now:
+            timer = heapq.heappop(self.timers)[2]
+            if timer.cancelled:
+                self.cancelled_timers -= 1
+                continue
+            callback, timer.callback, timer.loop = timer.callback, None, None
+            timer.cancelled = True
+            try:
+                callback()
+            except Exception as exc:
+                self.on_error(callback, exc)
 
     def run_once(self) -> None:
         try:

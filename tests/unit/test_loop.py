@@ -77,3 +77,39 @@ def test_removed_fd_is_not_dispatched_later_in_the_same_batch():
     assert calls in (["first"], ["second", "first"])
     for s in (a, b, c, d):
         s.close()
+
+
+def test_cancelled_timers_release_their_callbacks_and_the_heap_is_compacted():
+    import gc
+    import weakref
+
+    class Owner:
+        def fire(self):
+            raise AssertionError("a cancelled timer fired")
+
+    loop = Loop()
+    owners = [Owner() for _ in range(5000)]
+    refs = [weakref.ref(o) for o in owners]
+    timers = [loop.call_later(60, o.fire) for o in owners]
+    keep = loop.call_later(60, lambda: None)
+    for t in timers:
+        t.cancel()
+    del owners, timers
+    gc.collect()
+    assert all(r() is None for r in refs)          # nothing keeps a closed session alive
+    assert len(loop.timers) < 2500                 # and the heap does not hold 5000 dead entries
+    assert any(entry[2] is keep for entry in loop.timers)
+
+
+def test_a_callback_cancelling_many_timers_does_not_confuse_the_run():
+    loop = Loop()
+    fired = []
+    later = [loop.call_later(0.001, lambda i=i: fired.append(i)) for i in range(3000)]
+
+    def cancel_most():
+        for t in later[1:]:
+            t.cancel()                             # triggers a heap rebuild mid-run
+    loop.call_later(0.0, cancel_most)
+    loop.call_later(0.02, loop.stop)
+    loop.run()
+    assert fired == [0]
