@@ -289,10 +289,20 @@ class BufferPump:
         return MORE
 
     def finish(self) -> None:
-        """Pass the FIN on. On a TLS socket this is a TCP FIN without close_notify (both ends'
-        OpenSSL treat it as end of data with suppress_ragged_eofs); SSLSocket.shutdown() would drop
-        the SSL object while the other direction may still be reading."""
+        """Pass the FIN on. Towards a TLS peer, first a close_notify: an OpenSSL 3 peer takes a bare
+        FIN for a truncation attack and answers with a fatal alert. SSLSocket.unwrap()/shutdown()
+        would drop the SSL object while the other direction may still be reading, so this calls
+        the SSL object's own shutdown, which sends close_notify and leaves reading possible (TLS
+        half-close). Then the TCP FIN."""
         self.done = True
+        sslobj = getattr(self.dst, "_sslobj", None)     # CPython's SSLSocket internals; see above
+        if sslobj is not None:
+            try:
+                sslobj.shutdown()
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                pass        # close_notify is out; OpenSSL now waits for the peer's, which we don't need
+            except (ssl.SSLError, OSError, ValueError):
+                pass
         try:
             socket.socket.shutdown(self.dst, socket.SHUT_WR)
         except OSError:

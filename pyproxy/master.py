@@ -337,13 +337,13 @@ class Master:
                 self.log.error(str(issue))
             self.log.error(f"reload failed: the configuration is invalid; still serving generation "
                            f"{self.generation}")
-            metrics.master_reloaded(False, self.generation)
+            self._count_reload(False)
             return
         try:
             created = self.listeners.ensure(configured_listens(config), config.worker_processes)
         except BindError as exc:
             self.log.error(f"reload failed: {exc}; still serving generation {self.generation}")
-            metrics.master_reloaded(False, self.generation)
+            self._count_reload(False)
             return
         old = self.current_workers()
         self.generation += 1
@@ -359,7 +359,7 @@ class Master:
                 ls.sock.close()
             self.generation -= 1
             self.log.error(f"reload failed: {failure}; still serving generation {self.generation}")
-            metrics.master_reloaded(False, self.generation)
+            self._count_reload(False)
             return
         self.retire(old, self.config.worker_shutdown_timeout)
         self.wait_quiesced(old)
@@ -367,9 +367,15 @@ class Master:
         if (config.error_log, config.log_level) != (self.config.error_log, self.config.log_level):
             self.log.configure(config.error_log, config.log_level)
         self.config = config
-        metrics.master_reloaded(True, self.generation)
+        self._count_reload(True)
         self.log.notice(f"reload complete: generation {self.generation}, {len(new)} worker process(es), "
                         f"{len(old)} old worker process(es) draining")
+
+    def _count_reload(self, ok: bool) -> None:
+        """Only with status_listen on: otherwise the master would open metric files that every
+        worker forked later inherits and never uses (workers must hold no fd they do not own)."""
+        if self.config.status_listen is not None:
+            metrics.master_reloaded(ok, self.generation)
 
     def handle_usr1(self) -> None:
         self.log.reopen()

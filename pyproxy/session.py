@@ -375,7 +375,7 @@ class Session:
             # EMFILE/ENFILE/ENOBUFS: this worker is out of resources, not the upstream's fault.
             self.worker.log.error(f"socket() failed ({exc.errno}: {exc.strerror}) while connecting to "
                                   f"upstream {peer.name}; {self.describe()}")
-            self.close(STATUS_INTERNAL)
+            self._refuse(STATUS_INTERNAL)
             return
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         err = sock.connect_ex(peer.addr)
@@ -391,7 +391,7 @@ class Session:
         tried = ", ".join(p.name for p in self.tried) or "none"
         self.worker.log.error(f'no upstream could be reached for service "{self.service.name}" '
                               f"(tried: {tried}); {self.describe()}")
-        self.close(STATUS_BAD_GATEWAY)
+        self._refuse(STATUS_BAD_GATEWAY)
 
     def _drop_upstream(self) -> None:
         if self.connect_timer is not None:

@@ -32,7 +32,11 @@ def _server_context(settings: SSLSettings, cert: Optional[str], key: Optional[st
         ctx.set_ciphers(settings.ciphers)
     ctx.minimum_version = min(versions)
     ctx.maximum_version = max(versions)
-    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_RENEGOTIATION
+    # OP_IGNORE_UNEXPECTED_EOF: a peer that half-closes with a bare TCP FIN (no close_notify) has
+    # ended its data, not broken the connection; OpenSSL 3 would otherwise fail the session with a
+    # fatal alert and lose the reply still to be sent. nginx sets it too.
+    ctx.options |= (ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_RENEGOTIATION
+                    | ssl.OP_IGNORE_UNEXPECTED_EOF)
     if cert is not None:
         ctx.load_cert_chain(cert, key)
     return ctx
@@ -124,6 +128,7 @@ class UpstreamTLS:
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.options |= ssl.OP_IGNORE_UNEXPECTED_EOF     # as on the server side: a FIN ends the data
         return ctx
 
     def wrap(self, sock, client_sni: Optional[str]):

@@ -280,3 +280,14 @@ def test_access_log_variables(proxy, upstreams):
     fields = p.wait_access(1)[0].split()
     assert fields == ["127.0.0.1", f"127.0.0.1:{port}", "tcp", "200", "10", "10",
                       up.target, "10", "10", "by-port", "svc", "1", "-"]
+
+
+def test_502_after_the_client_already_sent_bytes_is_a_clean_close(proxy):
+    """The client's unread bytes must not turn our close into a reset."""
+    port = free_port()
+    p = proxy(one_service(port, [f"127.0.0.1:{free_port()}"]))
+    for _ in range(10):
+        with connect(port) as sock:
+            sock.sendall(b"hello")
+            assert recv_all(sock) == b""         # FIN, not ConnectionResetError
+    assert all(" 502 " in line for line in p.wait_access(10))

@@ -215,3 +215,17 @@ def test_worker_that_cannot_boot_stops_the_master_without_respawning(tmp_path):
             return
         p.error_log.unlink(missing_ok=True)
     raise AssertionError("no file descriptor limit made the worker fail while the master started")
+
+
+def test_workers_after_a_reload_hold_no_fd_of_the_master(proxy, upstreams):
+    """Without status_listen, nothing about metrics may leak into workers forked after a reload."""
+    up = upstreams(tag_handler, name="up")
+    port = free_port()
+    p = proxy(routed_to(port, up.port))
+    before = {len(psutil.Process(pid).open_files()) for pid in p.worker_pids()}
+    p.reload()
+    p.reload()
+    for pid in p.worker_pids():
+        files = [f.path for f in psutil.Process(pid).open_files()]
+        assert not any("pyproxy-metrics" in path for path in files), files
+    assert {len(psutil.Process(pid).open_files()) for pid in p.worker_pids()} == before

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from pyproxy.demo.echo import EchoServer
-from tests.support import (connect, echo_handler, free_port, make_ca, make_cert, peer_common_name,
+from tests.support import (connect, echo_handler, free_port, make_ca, make_cert, peer_common_name, wait_until,
                            recv_all, recv_line, tag_handler, tls_client, tls_handler_for)
 
 
@@ -276,3 +276,48 @@ def test_reload_picks_up_a_new_certificate(proxy, upstreams, certs, tmp_path):
              .replace(str(certs["a"][0]), str(fresh[0])).replace(str(certs["a"][1]), str(fresh[1])))
     with tls_client(port, "a.example") as sock:
         assert peer_common_name(sock) == "a-renewed.example"
+
+
+def test_tls_client_half_close_still_gets_the_reply(proxy, upstreams, certs):
+    """Request, then a bare TCP FIN (no close_notify), then read the answer: OpenSSL 3 must not
+    treat the FIN as a truncation attack."""
+    from tests.support import expected_hash_reply, hash_handler, pattern_bytes
+
+    up = upstreams(hash_handler)
+    port = free_port()
+    proxy(sni_config(port, certs, service("a", up.port, "tls", "a.example")))
+    payload = pattern_bytes(100_000, seed=3)
+    with tls_client(port, "a.example") as sock:
+        sock.sendall(payload)
+        socket.socket.shutdown(sock, socket.SHUT_WR)
+        reply = b""
+        while not reply.endswith(b"\n"):
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            reply += chunk
+    assert reply == expected_hash_reply(payload)
+
+
+def test_upstream_closing_first_reaches_a_tls_client_as_close_notify(proxy, upstreams, certs):
+    seen = []
+
+    def says_bye(conn, up):
+        conn.sendall(b"bye\n")
+        conn.shutdown(socket.SHUT_WR)
+        try:
+            while conn.recv(100):
+                pass
+            seen.append("clean")
+        except ConnectionResetError:
+            seen.append("reset")
+
+    up = upstreams(says_bye)
+    port = free_port()
+    p = proxy(sni_config(port, certs, service("a", up.port, "tls", "a.example")))
+    with tls_client(port, "a.example") as sock:
+        assert recv_line(sock) == b"bye\n"
+        assert sock.recv(10) == b""              # close_notify: a clean end of data, no alert
+    wait_until(lambda: seen, what="the upstream's view of the close")
+    assert seen == ["clean"]
+    assert "Protocol error" not in p.log_text()
