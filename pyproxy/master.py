@@ -25,6 +25,7 @@ from pyproxy import metrics
 from pyproxy.listeners import BindError, ListenerSet, configured_listens
 from pyproxy.log import ErrorLog
 from pyproxy.shared import SharedState
+from pyproxy.tls.contexts import TLSContexts
 from pyproxy.worker import READY, WORKER_BOOT_ERROR, Worker, worker_main
 
 READY_TIMEOUT = 15.0          # seconds a new worker has to report ready
@@ -71,8 +72,16 @@ class Master:
         self.pid_written = False
 
     # -- startup ------------------------------------------------------------------------------
+    def load_tls(self, config: Config) -> TLSContexts:
+        """The SSL contexts for a generation, read as the master's user (keys may be root-only)."""
+        try:
+            return TLSContexts(config)
+        except (OSError, ValueError) as exc:      # ssl.SSLError is an OSError
+            raise MasterError(f"cannot load the TLS certificates and keys: {exc}") from None
+
     def bind(self) -> None:
         """Create every listening socket (before daemonizing, so bind errors reach the terminal)."""
+        self.tls = self.load_tls(self.config)
         try:
             self.listeners.ensure(configured_listens(self.config), self.config.worker_processes)
         except BindError as exc:
@@ -83,7 +92,7 @@ class Master:
         self.write_pid()
         self._install_signals()
         self.log.notice(f"pyproxy/{__version__} master started, configuration {self.config.path}")
-        new = [self.spawn_worker(slot, self.config) for slot in range(self.config.worker_processes)]
+        new = [self.spawn_worker(slot, self.config, self.tls) for slot in range(self.config.worker_processes)]
         failed = self.wait_ready(new)
         if failed:
             raise MasterError(failed)
@@ -127,11 +136,11 @@ class Master:
                 pass
 
     # -- workers ------------------------------------------------------------------------------
-    def spawn_worker(self, slot: int, config: Config) -> WorkerProcess:
+    def spawn_worker(self, slot: int, config: Config, tls: TLSContexts) -> WorkerProcess:
         sockets = self.listeners.for_slot(configured_listens(config), slot, config.worker_processes)
         ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
         row = self.shared.take_row()
-        worker = Worker(slot, self.generation, config, sockets, self.log, self.shared, row)
+        worker = Worker(slot, self.generation, config, sockets, self.log, self.shared, row, tls)
         pid = os.fork()
         if pid == 0:
             # The child: keep only our slot's listening sockets and our end of the ready pipe.
@@ -321,7 +330,7 @@ class Master:
             # A slot that keeps crashing is respawned at most once a second, never in a tight loop.
             if len(recent) > 3 and now - recent[-1] < 1.0:
                 continue
-            self.spawn_worker(slot, self.config)
+            self.spawn_worker(slot, self.config, self.tls)
 
     # -- signal handlers ----------------------------------------------------------------------
     def handle_chld(self) -> None:
@@ -340,6 +349,12 @@ class Master:
             self._count_reload(False)
             return
         try:
+            tls = self.load_tls(config)
+        except MasterError as exc:
+            self.log.error(f"reload failed: {exc}; still serving generation {self.generation}")
+            self._count_reload(False)
+            return
+        try:
             created = self.listeners.ensure(configured_listens(config), config.worker_processes)
         except BindError as exc:
             self.log.error(f"reload failed: {exc}; still serving generation {self.generation}")
@@ -347,7 +362,7 @@ class Master:
             return
         old = self.current_workers()
         self.generation += 1
-        new = [self.spawn_worker(slot, config) for slot in range(config.worker_processes)]
+        new = [self.spawn_worker(slot, config, tls) for slot in range(config.worker_processes)]
         failure = self.wait_ready(new)
         if failure:
             self.signal_workers(signal.SIGKILL, [p for p in new if p.pid in self.workers])
@@ -367,6 +382,7 @@ class Master:
         if (config.error_log, config.log_level) != (self.config.error_log, self.config.log_level):
             self.log.configure(config.error_log, config.log_level)
         self.config = config
+        self.tls = tls
         self._count_reload(True)
         self.log.notice(f"reload complete: generation {self.generation}, {len(new)} worker process(es), "
                         f"{len(old)} old worker process(es) draining")

@@ -30,7 +30,7 @@ from pyproxy.router import Router
 from pyproxy.plugins import PluginChains, PluginContext
 from pyproxy.session import Session
 from pyproxy.shared import SharedState
-from pyproxy.tls.contexts import ServerTLS, build_upstream_tls
+from pyproxy.tls.contexts import TLSContexts
 from pyproxy.upstream import build_balancers
 
 WORKER_BOOT_ERROR = 3
@@ -55,8 +55,10 @@ class Worker:
     """One worker slot of one configuration generation."""
 
     def __init__(self, slot: int, generation: int, config: Config, listeners: list[ListenSocket],
-                 log: ErrorLog, shared: SharedState, row: int):
+                 log: ErrorLog, shared: SharedState, row: int, tls: TLSContexts):
         self.slot = slot
+        self.server_tls = tls.server          # shared by the generation: see TLSContexts
+        self.upstream_tls = tls.upstream
         self.shared = shared
         self.row = row
         self.generation = generation
@@ -82,10 +84,6 @@ class Worker:
         self.services = {s.name: s for s in config.services}
         self.balancers = build_balancers(config, log=self.log.log)
         self.scratch = memoryview(bytearray(SCRATCH_SIZE))
-        # Keys are read here, before dropping privileges: a key readable only by root stays so.
-        needs_server_tls = any(listen.ssl for listen in config.stream_listen)
-        self.server_tls = ServerTLS(config) if needs_server_tls else None
-        self.upstream_tls = build_upstream_tls(config)
         self.access_log = AccessLog(config.access_log, config.access_log_format)
         self.shared.conns.claim(self.row)
         if self.row < 0 and config.plugins:

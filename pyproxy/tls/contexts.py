@@ -142,3 +142,18 @@ class UpstreamTLS:
 def build_upstream_tls(config: Config) -> dict[str, UpstreamTLS]:
     """Client contexts for every service that encrypts towards its upstream, by service name."""
     return {s.name: UpstreamTLS(s) for s in config.services if s.protocol == "tls"}
+
+
+class TLSContexts:
+    """The SSL contexts of one configuration generation.
+
+    Made once, in the master, before the workers of that generation are forked — as nginx makes its
+    SSL_CTX before forking. The contexts carry OpenSSL's session-ticket keys, so every worker can
+    resume a session another worker started; contexts made after the fork would give each worker
+    its own random key and turn about half of all resumptions into full handshakes.
+    """
+
+    def __init__(self, config: Config):
+        needs_server = any(listen.ssl for listen in config.stream_listen)
+        self.server: Optional[ServerTLS] = ServerTLS(config) if needs_server else None
+        self.upstream: dict[str, UpstreamTLS] = build_upstream_tls(config)

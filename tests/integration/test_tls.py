@@ -321,3 +321,22 @@ def test_upstream_closing_first_reaches_a_tls_client_as_close_notify(proxy, upst
     wait_until(lambda: seen, what="the upstream's view of the close")
     assert seen == ["clean"]
     assert "Protocol error" not in p.log_text()
+
+
+def test_sessions_resume_on_any_worker(proxy, upstreams, certs):
+    """Ticket keys are made once per generation in the master, so a ticket from one worker is
+    good on every other (SO_REUSEPORT sends reconnections to either)."""
+    up = upstreams(tag_handler, name="up")
+    port = free_port()
+    proxy(sni_config(port, certs, service("a", up.port, "tls", "a.example")))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    session = None
+    reused = []
+    for _ in range(16):
+        with ctx.wrap_socket(connect(port), server_hostname="a.example", session=session) as sock:
+            assert recv_line(sock) == b"up\n"          # reading also takes in the TLS 1.3 tickets
+            if session is not None:
+                reused.append(sock.session_reused)
+            session = sock.session
+    assert reused == [True] * 15
