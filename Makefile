@@ -18,7 +18,12 @@ install: $(STAMP)
 run: $(STAMP)
 	$(PY) -m pyproxy.demo -c conf/pyproxy.conf
 
+# Debian packages some tests need (real peers and tools); installed only when missing.
+TEST_PACKAGES := openssl:openssl haproxy:haproxy nginx:nginx \
+                 /usr/lib/nginx/modules/ngx_stream_module.so:libnginx-mod-stream
+
 test: $(STAMP)
+	bash scripts/ensure-debian-packages.sh $(TEST_PACKAGES)
 	$(PY) -m pytest -q tests
 
 unit: $(STAMP)
@@ -27,5 +32,24 @@ unit: $(STAMP)
 integration: $(STAMP)
 	$(PY) -m pytest -q tests/integration
 
+# The comparison with nginx stream and HAProxy (issue 4): installs what it needs, about 9 minutes.
+# BENCH_ARGS passes options, e.g. `make bench BENCH_ARGS="--only keepalive --rounds 5"`.
+bench: $(STAMP)
+	bash bench/install.sh $(PY)
+	$(PY) -m bench.run $(BENCH_ARGS)
+
+# The same harness, one short round of everything: proves it runs end to end (not part of `make test`).
+.PHONY: bench-smoke
+bench-smoke: $(STAMP)
+	bash bench/install.sh $(PY)
+	$(PY) -m bench.run --quick
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+
+# Soak (issue 5): ~3000 concurrent long sessions plus a mix of short ones through a real pyproxy for
+# SOAK_SECONDS (default 120), 2 reloads; reports RSS/PSS/fds/errors over time, checks for leaks.
+# Results in soak/results/latest.{json,md}; SOAK_ARGS passes options (see `python -m soak.run -h`).
+.PHONY: soak
+soak: $(STAMP)
+	$(PY) -m soak.run $(SOAK_ARGS)

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Install what `make bench` needs, only what is missing, quietly:
+#   Debian packages: nginx with its stream module, haproxy, wrk, iperf3, openssl (and strace for
+#   bench/profile.py), and the `bench` extra (matplotlib, py-spy) into the virtualenv.
+# Usage: bench/install.sh [PYTHON]   (PYTHON: the virtualenv's interpreter, default .venv/bin/python)
+set -euo pipefail
+
+PY="${1:-.venv/bin/python}"
+STREAM_MODULE=/usr/lib/nginx/modules/ngx_stream_module.so
+
+bash "$(dirname "$0")/../scripts/ensure-debian-packages.sh" \
+    nginx:nginx "$STREAM_MODULE":libnginx-mod-stream haproxy:haproxy wrk:wrk iperf3:iperf3 \
+    openssl:openssl strace:strace
+
+if ! "$PY" -c 'import matplotlib, shutil, sys; sys.exit(shutil.which("py-spy", path=sys.prefix + "/bin") is None)' \
+        >/dev/null 2>&1; then
+    echo "bench: installing the bench extra into $(dirname "$(dirname "$PY")")"
+    log=$(mktemp)
+    if ! "$PY" -m pip install --quiet -e '.[bench]' >"$log" 2>&1; then
+        cat "$log" >&2; rm -f "$log"; exit 1
+    fi
+    rm -f "$log"
+fi
