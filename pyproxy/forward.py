@@ -112,7 +112,8 @@ class SplicePump:
         size = pool.size
         for _ in range(_BUDGET):
             moved = False
-            if self.readable and not self.eof and self.pending < size:
+            room = size - self.pending
+            if self.readable and not self.eof and room > 0:
                 pipe = self.pipe
                 if pipe is None:
                     try:
@@ -121,7 +122,7 @@ class SplicePump:
                         self.error = exc.errno
                         return LOCAL_ERROR
                 try:
-                    n = os.splice(src_fd, pipe[1], size - self.pending, flags=SPLICE_FLAGS)
+                    n = os.splice(src_fd, pipe[1], room, flags=SPLICE_FLAGS)
                 except BlockingIOError:
                     # With an empty pipe EAGAIN means the socket is dry. With bytes in the pipe it
                     # may instead mean the pipe ran out of slots: keep `readable` and retry after
@@ -136,6 +137,9 @@ class SplicePump:
                         self.pending += n
                         self.received += n
                         moved = True
+                        # A short read does NOT prove the socket drained here (nginx's rule for
+                        # recv): a splice also stops when the pipe runs out of slots, one per skb
+                        # fragment, with bytes still queued. Only EAGAIN clears `readable`.
                     else:
                         self.eof = True
             if self.pending and self.writable:

@@ -136,7 +136,7 @@ class ActiveChecker:
             probe.timer.cancel()
             probe.timer = None
         if probe.sock is not None:
-            self.loop.remove(probe.sock.fileno())
+            self.loop.forget(probe.sock.fileno())
             probe.sock.close()
             probe.sock = None
 

@@ -48,6 +48,9 @@ def open_listener(listen: Listen, slot: int) -> ListenSocket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        # Accepted sockets inherit TCP_NODELAY from the listener (Linux): one setsockopt here
+        # instead of one per session. A byte-stream proxy must not add Nagle delays.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if listen.family == socket.AF_INET6:
             # nginx's ipv6only=on: "[::]:9000" and "0.0.0.0:9000" are separate sockets.
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)

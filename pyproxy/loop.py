@@ -60,6 +60,9 @@ class Loop:
         self.handlers: dict[int, Callable[[int], None]] = {}
         self.timers: list[tuple[float, int, Timer]] = []
         self.cancelled_timers = 0      # cancelled entries still in the heap
+        # fds closed while a batch of events is being dispatched: the rest of the batch may hold
+        # stale events for them, and a socket accepted in the same batch may reuse the number.
+        self.gone: set[int] = set()
         self.soon: deque[Callable[[], None]] = deque()
         self.after_tick: list[Callable[[], None]] = []
         self.seq = itertools.count()
@@ -79,12 +82,19 @@ class Loop:
         self.epoll.modify(fd, events)
 
     def remove(self, fd: int) -> None:
-        """Forget fd; call before closing it (a closed fd leaves epoll on its own, a dup'd one does not)."""
+        """Stop watching fd, which stays open (a listening socket that another process keeps)."""
         if self.handlers.pop(fd, None) is not None:
+            self.gone.add(fd)
             try:
                 self.epoll.unregister(fd)
             except (OSError, ValueError):
                 pass
+
+    def forget(self, fd: int) -> None:
+        """Stop watching fd because the caller is about to close it: no epoll_ctl, the close takes
+        it out of epoll (valid for fds never dup'd, which is every session socket)."""
+        if self.handlers.pop(fd, None) is not None:
+            self.gone.add(fd)
 
     # -- time -------------------------------------------------------------------------------
     def call_at(self, deadline: float, callback: Callable[[], None]) -> Timer:
@@ -142,9 +152,11 @@ class Loop:
             events = ()
         self.now = time.monotonic()
         handlers = self.handlers
+        gone = self.gone
+        gone.clear()
         for fd, mask in events:
             handler = handlers.get(fd)
-            if handler is not None:    # an earlier handler in this batch may have closed it
+            if handler is not None and not (gone and fd in gone):
                 try:
                     handler(mask)
                 except Exception as exc:

@@ -296,7 +296,7 @@ class StatusSession:
         if self.sock is None:
             return
         self.timer.cancel()
-        self.loop.remove(self.sock.fileno())
+        self.loop.forget(self.sock.fileno())
         self.sock.close()
         self.sock = None
 

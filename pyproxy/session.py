@@ -45,6 +45,16 @@ SEND_PROXY_HEADER = {"v1": build_v1, "v2": build_v2}
 PROXY_HEADER, PREREAD, HANDSHAKE, ROUTING, CONNECTING, UPSTREAM_HANDSHAKE, FORWARDING, CLOSED = range(8)
 
 
+def _handshake(sock: ssl.SSLSocket) -> None:
+    """One step of a non-blocking handshake. SSLSocket.do_handshake() wraps the SSL object's own
+    in a settimeout() that costs an ioctl on every call; a non-blocking socket needs none of it."""
+    sslobj = getattr(sock, "_sslobj", None)       # CPython's SSLSocket internals (3.7+)
+    if sslobj is None:
+        sock.do_handshake()
+    else:
+        sslobj.do_handshake()
+
+
 def _bytes_waiting(sock: socket.socket) -> int:
     """FIONREAD: how many bytes the socket holds, without copying them."""
     buf = array.array("i", [0])
@@ -298,7 +308,7 @@ class Session:
 
     def handshake(self) -> None:
         try:
-            self.client.do_handshake()
+            _handshake(self.client)
         except _WANT:
             return
         except (ssl.SSLError, OSError) as exc:
@@ -400,7 +410,7 @@ class Session:
         sock = self.upstream
         if sock is not None:
             self.upstream = None
-            self.loop.remove(sock.fileno())
+            self.loop.forget(sock.fileno())
             sock.close()
 
     def _connect_failed(self, peer: "Peer", reason: str, timed_out: bool) -> None:
@@ -466,7 +476,7 @@ class Session:
 
     def upstream_handshake(self) -> None:
         try:
-            self.upstream.do_handshake()
+            _handshake(self.upstream)
         except _WANT:
             return
         except ssl.SSLCertVerificationError as exc:
@@ -606,7 +616,7 @@ class Session:
             self.timer.cancel()
             self.timer = None
         self._drop_upstream()
-        self.loop.remove(self.client.fileno())
+        self.loop.forget(self.client.fileno())
         self.client.close()
         if self.c2u is not None:
             self.c2u.release()

@@ -9,6 +9,7 @@ writes one byte on its ready pipe, which is how the master knows a reload may re
 from __future__ import annotations
 
 import errno
+import gc
 import os
 import pwd
 import signal
@@ -38,6 +39,7 @@ WORKER_BOOT_ERROR = 3
 READY, QUIESCED = b"R", b"Q"
 ACCEPT_BATCH = 64             # connections taken per readiness event of a listening socket
 ACCEPT_PAUSE = 0.5            # seconds to stop accepting after EMFILE/ENFILE (nginx: accept_mutex_delay)
+GC_THRESHOLD = 20000          # young-generation allocations between collections (CPython's default: 700)
 
 
 def drop_privileges(user: str | None, log: ErrorLog) -> None:
@@ -101,6 +103,13 @@ class Worker:
         self.loop.after_tick.append(self.after_tick)
         self.loop.call_later(1.0, self.check_master)
         self.ready_fd = ready_fd
+        # The cyclic GC scans every tracked object on its older-generation passes; a worker holds
+        # thousands of long-lived ones (config, contexts, sessions), and a collection triggered by
+        # any small allocation stalls the loop. Startup objects never become garbage: freeze them
+        # out of the scan, and collect the young generation less often (sessions break their own
+        # cycles: cancelled timers and closed sockets drop their references).
+        gc.freeze()
+        gc.set_threshold(GC_THRESHOLD, 20, 20)
         os.write(ready_fd, READY)
 
     def _install_signals(self) -> None:
@@ -185,7 +194,6 @@ class Worker:
                     self.log.warn(f"{limit} worker_connections are not enough, refusing; {session.describe()}")
                     session.close(STATUS_OVER_LIMIT)
                     continue
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 self.sessions.add(session)
                 session.start()
 

@@ -61,7 +61,9 @@ class ServerTLS:
                     self.wildcards.append((name, ctx))
                 else:
                     self.exact.setdefault(name, ctx)
-        self.context.sni_callback = self._on_sni
+        if self.exact or self.wildcards:
+            # Only with per-name certificates: a Python callback on every handshake otherwise.
+            self.context.sni_callback = self._on_sni
 
     def context_for(self, server_name: Optional[str]) -> Optional[ssl.SSLContext]:
         """The context of the certificate for this name, or None for the default certificate."""
