@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pwd
 import resource
+import signal
 import socket
 import subprocess
 import threading
@@ -134,3 +135,73 @@ def test_workers_drop_to_user_after_the_master_binds(proxy, upstreams):
     assert psutil.Process(p.pid).uids().real == 0
     assert {psutil.Process(pid).uids().effective for pid in p.worker_pids()} == {nobody.pw_uid}
     assert echo_once(port) == b"ping"
+
+
+def test_upstream_that_accepts_and_never_answers_ends_at_read_timeout(proxy, upstreams):
+    import threading as _threading
+
+    release = _threading.Event()
+
+    def mute(conn, up):
+        release.wait(20)                        # accepts, reads nothing, says nothing
+
+    up = upstreams(mute)
+    port = free_port()
+    p = proxy(one_service(port, [up.target], service_extra="    read_timeout: 700ms"))
+    try:
+        with connect(port) as sock:
+            started = time.monotonic()
+            assert recv_all(sock) == b""
+            assert 0.5 < time.monotonic() - started < 5
+        assert " 200 " in p.wait_access(1)[0]
+        assert "read_timeout" in p.log_text()
+    finally:
+        release.set()
+
+
+def test_worker_killed_mid_transfer_costs_only_its_own_sessions(proxy, upstreams):
+    """Two workers, a long transfer on each; SIGKILL one worker: the other's transfer completes
+    intact and new sessions are served by the replacement."""
+    from tests.support import expected_hash_reply, hash_handler, pattern_bytes
+
+    up = upstreams(hash_handler)
+    port = free_port()
+    p = proxy(one_service(port, [up.target], workers=2))
+    def client_ports(pid):
+        """Client ports of the sessions a worker accepted (its sockets on the listening port)."""
+        return {c.raddr[1] for c in psutil.Process(pid).net_connections()
+                if c.laddr and c.laddr[1] == port and c.raddr}
+
+    socks = []
+    owned = {}
+    for _ in range(40):                       # SO_REUSEPORT hashes clients over both workers
+        sock = connect(port, timeout=30)
+        sock.sendall(b"x")
+        socks.append(sock)
+        time.sleep(0.05)
+        owned = {pid: [s for s in socks if s.getsockname()[1] in client_ports(pid)] for pid in p.worker_pids()}
+        if all(owned.values()):
+            break
+    victim, survivor = owned
+    assert owned[victim] and owned[survivor], "both workers must hold a session"
+    os.kill(victim, signal.SIGKILL)
+    payload = pattern_bytes(4 << 20, seed=11)
+    for sock in owned[survivor]:
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        assert recv_all(sock) == expected_hash_reply(b"x" + payload)   # untouched by the other's death
+    for sock in owned[victim]:
+        try:
+            sock.sendall(payload)
+            sock.shutdown(socket.SHUT_WR)
+            assert recv_all(sock) != expected_hash_reply(b"x" + payload)
+        except OSError:
+            pass                                                        # reset: it died with its worker
+    wait_until(lambda: len(p.worker_pids()) == 2 and victim not in p.worker_pids(), what="a replacement")
+    fresh = pattern_bytes(100_000, seed=12)
+    with connect(port) as sock:
+        sock.sendall(fresh)
+        sock.shutdown(socket.SHUT_WR)
+        assert recv_all(sock) == expected_hash_reply(fresh)
+    for sock in socks:
+        sock.close()
