@@ -170,11 +170,9 @@ class Worker:
                 self.loop.remove(ls.fd)
 
     def _acceptor(self, ls: ListenSocket):
-        listen = ls.listen
+        """The readiness handler of one listening socket: accept a batch, hand each connection on."""
         lsock = ls.sock
-        limit = self.config.worker_connections
-        if listen.status:
-            return self._status_acceptor(lsock)
+        start = self._start_status if ls.listen.status else self._start_session(ls.listen)
 
         def on_readable(mask: int) -> None:
             for _ in range(ACCEPT_BATCH):
@@ -188,33 +186,28 @@ class Worker:
                         return
                     continue        # ECONNABORTED and friends: that client gave up, take the next
                 conn.setblocking(False)
-                self.serial += 1
-                session = Session(self, listen, conn, addr, self.serial)
-                if len(self.sessions) >= limit:
-                    self.log.warn(f"{limit} worker_connections are not enough, refusing; {session.describe()}")
-                    session.close(STATUS_OVER_LIMIT)
-                    continue
-                self.sessions.add(session)
-                session.start()
+                start(conn, addr)
 
         return on_readable
 
-    def _status_acceptor(self, lsock):
+    def _start_session(self, listen):
+        limit = self.config.worker_connections
+
+        def start(conn, addr) -> None:
+            self.serial += 1
+            session = Session(self, listen, conn, addr, self.serial)
+            if len(self.sessions) >= limit:
+                self.log.warn(f"{limit} worker_connections are not enough, refusing; {session.describe()}")
+                session.close(STATUS_OVER_LIMIT)
+                return
+            self.sessions.add(session)
+            session.start()
+
+        return start
+
+    def _start_status(self, conn, addr) -> None:
         """status_listen: each connection is one HTTP request for /metrics or /status."""
-        def on_readable(mask: int) -> None:
-            for _ in range(ACCEPT_BATCH):
-                try:
-                    conn, _ = lsock.accept()
-                except BlockingIOError:
-                    return
-                except OSError as exc:
-                    if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                        self._out_of_resources(exc)
-                        return
-                    continue
-                conn.setblocking(False)
-                StatusSession(self, conn).start()
-        return on_readable
+        StatusSession(self, conn).start()
 
     def _sample_metrics(self) -> None:
         self.metrics.flush()

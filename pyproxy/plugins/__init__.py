@@ -62,6 +62,11 @@ class Plugin:
         return None
 
 
+def unknown_keys(config: dict, allowed: tuple[str, ...]) -> list[tuple[str, str]]:
+    """The problem list entries for keys a plugin does not take (a helper for `check`)."""
+    return [(key, f"unknown key; expected one of {', '.join(allowed)}") for key in config if key not in allowed]
+
+
 def register(cls: type[Plugin]) -> type[Plugin]:
     REGISTRY[cls.name] = cls
     return cls

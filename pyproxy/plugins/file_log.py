@@ -15,7 +15,7 @@ import json
 import os
 import time
 
-from pyproxy.plugins import Plugin, register
+from pyproxy.plugins import Plugin, register, unknown_keys
 
 
 def session_record(session) -> dict:
@@ -49,7 +49,7 @@ class FileLog(Plugin):
 
     @classmethod
     def check(cls, config: dict) -> list[tuple[str, str]]:
-        problems = [(key, "unknown key; file-log takes path") for key in config if key != "path"]
+        problems = unknown_keys(config, ("path",))
         path = config.get("path")
         if not isinstance(path, str) or not path:
             problems.append(("path", "expected the path of the file to write"))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from pyproxy.plugins import Plugin, register
+from pyproxy.plugins import Plugin, register, unknown_keys
 
 FORBIDDEN = 403
 
@@ -27,10 +27,7 @@ class IpRestriction(Plugin):
 
     @classmethod
     def check(cls, config: dict) -> list[tuple[str, str]]:
-        problems = []
-        for key in config:
-            if key not in ("allow", "deny"):
-                problems.append((key, "unknown key; ip-restriction takes allow and deny"))
+        problems = unknown_keys(config, ("allow", "deny"))
         if not config.get("allow") and not config.get("deny"):
             problems.append(("allow", "ip-restriction needs allow or deny (or both)"))
         for key in ("allow", "deny"):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 
-from pyproxy.plugins import Plugin, register
+from pyproxy.plugins import Plugin, register, unknown_keys
 from pyproxy.shared import slot_of
 
 OVER_LIMIT = 503
@@ -40,7 +40,7 @@ def _number(config: dict, key: str, integer: bool, minimum: float) -> list[tuple
 
 
 def _check_common(config: dict, allowed: tuple[str, ...]) -> list[tuple[str, str]]:
-    problems = [(key, f"unknown key; expected one of {', '.join(allowed)}") for key in config if key not in allowed]
+    problems = unknown_keys(config, allowed)
     if config.get("per", "ip") not in PER:
         problems.append(("per", f"expected one of {', '.join(PER)}, got {config.get('per')!r}"))
     return problems
