@@ -40,6 +40,23 @@ READY, QUIESCED = b"R", b"Q"
 ACCEPT_BATCH = 64             # connections taken per readiness event of a listening socket
 ACCEPT_PAUSE = 0.5            # seconds to stop accepting after EMFILE/ENFILE (nginx: accept_mutex_delay)
 GC_THRESHOLD = 20000          # young-generation allocations between collections (CPython's default: 700)
+TRIM_INTERVAL = 5.0           # seconds between checks for an idle worker's free heap to release
+
+
+def release_free_heap() -> None:
+    """glibc's malloc_trim(0): return free heap pages to the OS. A no-op elsewhere (musl, macOS)."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
 
 
 def drop_privileges(user: str | None, log: ErrorLog) -> None:
@@ -96,6 +113,8 @@ class Worker:
         drop_privileges(config.user, self.log)
         self._install_signals()
         self.checkers = start_active_checks(self.loop, self.balancers, config.upstreams, self.log.log)
+        self.trimmed_at = 0
+        self.loop.call_later(TRIM_INTERVAL, self._trim_when_idle)
         self.metrics = WorkerMetrics(self) if config.status_listen is not None else None
         if self.metrics is not None:
             self.loop.call_later(1.0, self._sample_metrics)
@@ -208,6 +227,17 @@ class Worker:
     def _start_status(self, conn, addr) -> None:
         """status_listen: each connection is one HTTP request for /metrics or /status."""
         StatusSession(self, conn).start()
+
+    def _trim_when_idle(self) -> None:
+        """Every few seconds: once no session is open and some ran since the last time, give the
+        C heap's free memory back to the OS. OpenSSL and socket objects are malloc()ed; after a
+        burst of sessions glibc keeps the freed memory, and RSS would stay at the burst's high
+        water for the worker's life."""
+        if not self.sessions and self.serial != self.trimmed_at:
+            self.trimmed_at = self.serial
+            release_free_heap()
+        if not self.draining:
+            self.loop.call_later(TRIM_INTERVAL, self._trim_when_idle)
 
     def _sample_metrics(self) -> None:
         self.metrics.flush()

@@ -69,6 +69,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 CONNECT_TIMEOUT = 15.0      # a long session's TCP connect + TLS handshake
 ECHO_TIMEOUT = 30.0         # a long session's oldest unanswered byte
+WARMUP_SETTLE = 6.0        # idle seconds after the warm-up: the workers' idle malloc_trim runs every 5 s
 SHORT_TIMEOUT = 30.0        # any blocking call of a short session
 LINGER_RESET = struct.pack("ii", 1, 0)
 
@@ -991,6 +992,35 @@ class Soak:
         log(f"reload #{number}: {'complete' if entry['ok'] else 'FAILED'} in {entry.get('seconds', '?')}s")
         return entry
 
+    def warm_up(self, seconds: float) -> None:
+        """The same session mix for `seconds`, then everything closed and a few idle seconds.
+
+        A process's memory first grows to the high-water mark of the load it carries (Python's
+        allocator and the C heap keep what they reserved; tables sized for 3000 sessions stay
+        that size) and the master imports what its first reload needs. Taking the baseline after
+        this warm-up makes the leak check measure growth that repeats, which is what a leak is.
+        """
+        a = self.args
+        self.phase = "warm-up"
+        log(f"warm-up: {seconds:g} s of the same load before the baseline")
+        long = LongSessions(self.stats, self.ports["echo"], self.ports["ssl"], a.long, a.long_tls,
+                            life=(seconds, seconds), interval=(a.interval_min, a.interval_max),
+                            open_rate=a.open_rate, seed=a.seed + 7)
+        short = ShortSessions(self.stats, self.ports, self.ders, a.clients, a.short_rate, a.seed + 2000)
+        long.start()
+        short.start()
+        time.sleep(seconds / 2)
+        self.reload(len(self.reloads) + 1)       # the master's first reload loads what reloads need
+        time.sleep(seconds / 2)
+        short.stop.set()
+        long.closing.set()
+        short.join(SHORT_TIMEOUT + 10)
+        long.join(ECHO_TIMEOUT + 15)
+        wait_until(lambda: measure(self.proxy.pid)["proxy_sockets"] == 0, timeout=45, interval=0.5,
+                   what="the warm-up sessions to close")
+        time.sleep(WARMUP_SETTLE)
+        self.sample("warm-up done: all sessions closed")
+
     # -- the run -------------------------------------------------------------------------------
     def run(self) -> int:
         a = self.args
@@ -998,7 +1028,10 @@ class Soak:
         time.sleep(2.0)
         self.phase = "start"
         self.last_sample = (time.monotonic(), self.tail.poll())
-        start = self.sample("baseline (idle, before any session)")
+        if a.warmup > 0:
+            self.warm_up(a.warmup)
+        start = self.sample("baseline (idle, after the warm-up)" if a.warmup > 0 else
+                            "baseline (idle, before any session)")
 
         self.long = LongSessions(self.stats, self.ports["echo"], self.ports["ssl"], a.long, a.long_tls,
                                  life=(min(a.life_min, a.seconds), max(a.seconds, a.life_min)),
@@ -1263,6 +1296,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reloads", type=int, default=2, help="SIGHUPs during the load (2)")
     p.add_argument("--sample", type=float, default=5.0, help="seconds between samples (5)")
     p.add_argument("--idle", type=float, default=5.0, help="idle seconds before the final sample (5)")
+    p.add_argument("--warmup", type=float, default=30.0,
+                   help="seconds of the same load before the baseline is taken (0: cold baseline) (30)")
     p.add_argument("--rss-margin", type=float, default=20.0,
                    help="leak check: pyproxy's total RSS at the end may exceed the start by this many MiB (20)")
     p.add_argument("--fd-margin", type=int, default=10,
