@@ -135,24 +135,29 @@ def test_passthrough_client_sees_the_upstreams_certificate(proxy, upstreams, cer
     assert "tls_passthrough" in line and '"db.pass.example"' in line
 
 
-def test_plain_listener_encrypts_towards_a_verified_upstream(proxy, upstreams, certs):
-    up = upstreams(tls_handler_for(certs["upstream"], tag_handler), name="verified")
-    port = free_port()
-    proxy(f"""
+def verified_upstream_config(port: int, upstream_port: int, ca_file) -> str:
+    """A plain listener whose service encrypts towards the upstream and verifies it against `ca_file`."""
+    return f"""
 stream_listen: [127.0.0.1:{port}]
 services:
   - name: to-tls
     protocol: tls
     host: 127.0.0.1
-    port: {up.port}
+    port: {upstream_port}
     tls_verify: true
     tls_server_name: upstream.internal
-    ca_certificates: [{certs['ca'][0]}]
+    ca_certificates: [{ca_file}]
     routes:
       - name: r
         protocols: [tcp]
         destinations: [{{port: {port}}}]
-""")
+"""
+
+
+def test_plain_listener_encrypts_towards_a_verified_upstream(proxy, upstreams, certs):
+    up = upstreams(tls_handler_for(certs["upstream"], tag_handler), name="verified")
+    port = free_port()
+    proxy(verified_upstream_config(port, up.port, certs["ca"][0]))
     with connect(port) as sock:
         assert recv_line(sock) == b"verified\n"
         sock.sendall(b"encrypted hop\n")
@@ -162,21 +167,7 @@ services:
 def test_upstream_verification_failure_is_logged_and_502(proxy, upstreams, certs):
     up = upstreams(tls_handler_for(certs["upstream"], tag_handler))
     port = free_port()
-    p = proxy(f"""
-stream_listen: [127.0.0.1:{port}]
-services:
-  - name: to-tls
-    protocol: tls
-    host: 127.0.0.1
-    port: {up.port}
-    tls_verify: true
-    tls_server_name: upstream.internal
-    ca_certificates: [{certs['other_ca'][0]}]
-    routes:
-      - name: r
-        protocols: [tcp]
-        destinations: [{{port: {port}}}]
-""")
+    p = proxy(verified_upstream_config(port, up.port, certs["other_ca"][0]))
     with connect(port) as sock:
         assert recv_all(sock) == b""
     assert " 502 " in p.wait_access(1)[0]
