@@ -145,7 +145,8 @@ class Worker:
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
 
     def _queue_signal(self, signum, frame) -> None:
-        self.signals.append(signum)
+        if signum not in self.signals:      # the same signal twice before a tick means it once
+            self.signals.append(signum)
 
     def _drain_wakeup(self, mask: int) -> None:
         try:

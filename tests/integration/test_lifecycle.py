@@ -229,3 +229,29 @@ def test_workers_after_a_reload_hold_no_fd_of_the_master(proxy, upstreams):
         files = [f.path for f in psutil.Process(pid).open_files()]
         assert not any("pyproxy-metrics" in path for path in files), files
     assert {len(psutil.Process(pid).open_files()) for pid in p.worker_pids()} == before
+
+
+def test_world_readable_key_is_warned_about_at_t_and_at_start(tmp_path):
+    from tests.support import make_cert
+
+    cert, key = make_cert(tmp_path, "warn.example", ["warn.example"])
+    os.chmod(key, 0o644)
+    port = free_port()
+    p = Proxy(tmp_path, f"""
+stream_listen: ["127.0.0.1:{port} ssl"]
+ssl:
+  default_certificate: {{cert: {cert}, key: {key}}}
+services:
+  - name: s
+    host: 127.0.0.1
+    port: 1
+    routes: [{{name: r, protocols: [tls], sources: [{{ip: 127.0.0.1}}]}}]
+""")
+    result = p.run_cli("-t")
+    assert result.returncode == 0
+    assert f"{key} is readable by group or others (mode 0644); chmod 600 it" in result.stderr
+    p.start()
+    try:
+        assert "readable by group or others" in (tmp_path / "stderr.txt").read_text()
+    finally:
+        p.stop()
