@@ -62,6 +62,11 @@ def _bytes_waiting(sock: socket.socket) -> int:
     return buf[0]
 
 
+def _one_more_byte(data: bytes) -> int:
+    """A PROXY header is at most a few hundred bytes: peek again once anything more arrived."""
+    return len(data) + 1
+
+
 def _next_record_end(data: bytes) -> int:
     """How many bytes must be there before the ClientHello can have grown: the end of the TLS
     record being received, or the next record's header. Walking record headers lets preread peek
@@ -174,27 +179,15 @@ class Session:
     def read_proxy_header(self, ended: bool = False) -> None:
         """Read the PROXY v1/v2 header a load balancer in front sends first, consuming exactly its
         bytes; from then on the address it announces is the client's, for routing and logs."""
+        header = self._peek_parse(parse_proxy_header, ProxyProtocolError, PROXY_HEADER_MAX,
+                                  _one_more_byte, "PROXY protocol header",
+                                  "broken PROXY protocol header", ended)
+        if header is None:
+            return
         try:
-            waiting = _bytes_waiting(self.client)
-            header = None
-            if waiting >= self.preread_need:
-                data = self.client.recv(min(waiting, PROXY_HEADER_MAX), socket.MSG_PEEK)
-                header = parse_proxy_header(data, PROXY_HEADER_MAX)
-                if header is None:
-                    self.preread_need = len(data) + 1
-                else:
-                    self.client.recv(header.length)      # the header only; the stream stays queued
-        except ProxyProtocolError as exc:
-            self._bad_preread(f"broken PROXY protocol header: {exc}")
-            return
-        except BlockingIOError:
-            return
+            self.client.recv(header.length)          # the header only; the stream stays queued
         except OSError as exc:
             self._bad_preread(f"reading the PROXY protocol header failed ({exc.errno}: {exc.strerror})")
-            return
-        if header is None:
-            if ended:
-                self._bad_preread("client closed the connection before a complete PROXY protocol header")
             return
         self.timer.cancel()
         self.timer = None
@@ -216,25 +209,9 @@ class Session:
         """Peek at the ClientHello without consuming it: passthrough then splices it on untouched,
         termination lets OpenSSL read it. Bounded by PREREAD_MAX bytes and ssl.preread_timeout.
         `ended`: the client sent its FIN (or reset), so an incomplete hello will never complete."""
-        try:
-            waiting = _bytes_waiting(self.client)
-            hello = None
-            if waiting >= self.preread_need:
-                data = self.client.recv(min(waiting, PREREAD_MAX), socket.MSG_PEEK)
-                hello = parse_client_hello(data, PREREAD_MAX)
-                if hello is None:
-                    self.preread_need = _next_record_end(data)
-        except ClientHelloError as exc:
-            self._bad_preread(f"not a TLS ClientHello: {exc}")
-            return
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            self._bad_preread(f"reading the ClientHello failed ({exc.errno}: {exc.strerror})")
-            return
+        hello = self._peek_parse(parse_client_hello, ClientHelloError, PREREAD_MAX, _next_record_end,
+                                 "ClientHello", "not a TLS ClientHello", ended)
         if hello is None:
-            if ended:
-                self._bad_preread("client closed the connection before a complete ClientHello")
             return
         self.timer.cancel()
         self.timer = None
@@ -242,6 +219,34 @@ class Session:
         self.ssl_protocol = hello.protocol
         self.phase = ROUTING
         self.route_phase()
+
+    def _peek_parse(self, parse, error, limit: int, next_need, what: str, broken: str, ended: bool):
+        """Peek at what the client has sent and `parse` it without consuming a byte.
+
+        Returns the parsed value, or None: when more bytes are needed (`self.preread_need` then
+        says how many must be queued before it is worth peeking again: `next_need(data)`), or when
+        the session was refused — the bytes prove it is not `what` (`broken`: the parser's reason),
+        the read failed, or the client sent its FIN (`ended`) before `what` was complete.
+        """
+        try:
+            waiting = _bytes_waiting(self.client)
+            parsed = None
+            if waiting >= self.preread_need:
+                data = self.client.recv(min(waiting, limit), socket.MSG_PEEK)
+                parsed = parse(data, limit)
+                if parsed is None:
+                    self.preread_need = next_need(data)
+        except error as exc:
+            self._bad_preread(f"{broken}: {exc}")
+            return None
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            self._bad_preread(f"reading the {what} failed ({exc.errno}: {exc.strerror})")
+            return None
+        if parsed is None and ended:
+            self._bad_preread(f"client closed the connection before a complete {what}")
+        return parsed
 
     def _bad_preread(self, reason: str) -> None:
         self.worker.log.info(f"{reason}; {self.describe()}")
