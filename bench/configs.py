@@ -25,6 +25,10 @@ HIGHEST_PORT = 32767                      # stay below the kernel's ephemeral ra
 LISTEN_BACKLOG = 4096                     # = net.core.somaxconn here: the idle test opens thousands at once
 IDLE_TIMEOUT = "300s"                     # far longer than any scenario: no proxy closes an idle session
 NGINX_STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"   # Debian's libnginx-mod-stream
+# The TLS versions every TLS endpoint offers: HAProxy's and pyproxy's defaults, and nginx's since
+# 1.23.4. Debian 12's nginx 1.22 would offer TLS 1.2 only, so its handshakes would be TLS 1.2 session
+# resumptions (no key exchange) against everyone else's TLS 1.3 ones (a fresh X25519 exchange each).
+SSL_PROTOCOLS = "TLSv1.2 TLSv1.3"
 NOFILE = 20000                            # this machine's hard RLIMIT_NOFILE (`ulimit -Hn`)
 
 
@@ -113,6 +117,7 @@ http {{
         listen {LOOPBACK}:{ports.https} ssl reuseport backlog={LISTEN_BACKLOG};
         ssl_certificate {cert.cert};
         ssl_certificate_key {cert.key};
+        ssl_protocols {SSL_PROTOCOLS};
         location / {{ return 200 "ok"; }}
     }}
 }}
@@ -139,6 +144,7 @@ stream {{
         listen {LOOPBACK}:{front.https} ssl {listen};
         ssl_certificate {cert.cert};
         ssl_certificate_key {cert.key};
+        ssl_protocols {SSL_PROTOCOLS};
         proxy_pass {LOOPBACK}:{up.http};
     }}
     server {{ listen {LOOPBACK}:{front.iperf} {listen}; proxy_pass {LOOPBACK}:{up.iperf}; }}

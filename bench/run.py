@@ -20,6 +20,7 @@ import platform
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -287,6 +288,22 @@ class Bench:
         """The memory of the long-running `target` now, after the load scenarios."""
         return {"pss_mib": total_pss(self.fleet.servers[target].processes()) / 2**20}
 
+    def tls_versions(self) -> str:
+        """The TLS version each target negotiates with a default OpenSSL client (as wrk's): the
+        handshake rows compare like with like only when it is the same everywhere."""
+        client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        client.check_hostname = False
+        client.verify_mode = ssl.CERT_NONE
+        found = []
+        for target in TARGETS:
+            try:
+                with socket.create_connection((LOOPBACK, self.layout.front(target).https), timeout=5) as raw:
+                    with client.wrap_socket(raw, server_hostname=self.host) as tls:
+                        found.append(f"{target} {tls.version()}")
+            except (OSError, ssl.SSLError) as problem:
+                found.append(f"{target} failed ({problem})")
+        return ", ".join(found)
+
     def warm_up(self) -> None:
         """One second of kept-alive load, plain and TLS, on every target: first-use costs (imports,
         caches, page faults) land here rather than in the first measured round."""
@@ -386,6 +403,7 @@ def main(argv=None) -> int:
                 fresh_files = configs.write_configs(fresh_dir, fresh_layout, WORKERS, args.cert)
                 fresh = FreshProxies(fresh_layout, fresh_files, fresh_dir, idle_upstream)
             bench = Bench(fleet, layout, settings, fresh)
+            tls_versions = bench.tls_versions()
             if settings.warmup:
                 bench.warm_up()
             runs = run_scenarios(bench, scenarios, fleet)
@@ -404,12 +422,17 @@ def main(argv=None) -> int:
                      "wrk": f"{settings.connections} connections, {settings.threads} threads",
                      "idle connections": settings.idle_connections, "workers per proxy": WORKERS,
                      "HTTP upstream workers": UPSTREAM_WORKERS, "certificate": args.cert,
+                     "TLS negotiated": tls_versions,
                      "scenarios": ", ".join(scenario.name for scenario in scenarios),
                      "wall time": f"{time.monotonic() - began:.0f} s"}
     notes = [
         "direct = the client talks to the upstream itself (for TLS: the upstream nginx terminates TLS).",
         "nginx: stream module, `worker_processes 2`, `reuseport`; HAProxy: `mode tcp`, `nbthread 2`, "
         "`option splice-auto`; pyproxy: `worker_processes: 2`. All on 127.0.0.1 with the same upstreams.",
+        "TLS: every endpoint offers TLS 1.2 and 1.3 (nginx 1.22 is told `ssl_protocols TLSv1.2 TLSv1.3`; "
+        "by default it offers TLS 1.2 only, and its handshakes would be TLS 1.2 session resumptions, "
+        "with no key exchange, against everyone else's TLS 1.3 ones). wrk resumes sessions, so the "
+        "handshake row is TLS 1.3 resumption with a fresh X25519 exchange on every target.",
         "Load generators share the machine's 2 cores with the proxy and the upstream: the figures compare "
         "proxies with each other on this machine, not with what a proxy does on its own hardware.",
         "Proxy CPU rows: user+system seconds of all the proxy's processes during the run, per request; "

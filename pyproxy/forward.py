@@ -19,6 +19,8 @@ import os
 import socket
 import ssl
 
+from pyproxy.tls.stream import TLSStream
+
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 PIPE_SIZE = 256 * 1024
 POOL_KEEP = 64          # idle pipes a worker keeps for reuse; more are closed when returned
@@ -197,18 +199,21 @@ SCRATCH_SIZE = 64 * 1024
 class BufferPump:
     """One direction where a side speaks TLS: recv_into a worker-wide scratch buffer, then send.
 
-    Only what a destination refuses is copied out of the scratch buffer (into `held`), so an idle
-    TLS session holds no buffer either, and a stuck one holds at most one read's worth. OpenSSL may
-    keep decrypted bytes that epoll never reports, so the source is read until it says "want read".
+    The TLS side is a TLSStream. Only what a destination refuses is copied out of the scratch buffer
+    (into `held`), so an idle TLS session holds no buffer either, and a stuck one holds at most one
+    read's worth (plus, towards TLS, the ciphertext of one write in the stream's backlog). OpenSSL
+    may keep decrypted bytes that epoll never reports, so the source is read until it says "want
+    read".
     """
 
-    __slots__ = ("scratch", "src", "dst", "readable", "writable", "eof", "done", "held", "received",
-                 "sent", "error", "last_io", "blocked_at")
+    __slots__ = ("scratch", "src", "dst", "tls_dst", "readable", "writable", "eof", "done", "held",
+                 "received", "sent", "error", "last_io", "blocked_at")
 
-    def __init__(self, scratch: memoryview, src: socket.socket, dst: socket.socket):
+    def __init__(self, scratch: memoryview, src, dst):
         self.scratch = scratch
         self.src = src
         self.dst = dst
+        self.tls_dst: TLSStream | None = dst if isinstance(dst, TLSStream) else None
         self.readable = False
         self.writable = False
         self.eof = False
@@ -222,7 +227,14 @@ class BufferPump:
 
     @property
     def pending(self) -> int:
-        return len(self.held) if self.held is not None else 0
+        held = len(self.held) if self.held is not None else 0
+        return held + self.tls_dst.pending if self.tls_dst is not None else held
+
+    def _blocked(self, now: float) -> int:
+        self.writable = False
+        if not self.blocked_at:
+            self.blocked_at = now
+        return WAIT
 
     def _send(self, data: memoryview, now: float, scratch: bool) -> int:
         """Write what dst takes; keep the rest in `held`. Returns -1 on a write error."""
@@ -236,21 +248,45 @@ class BufferPump:
         self.sent += n
         if n < len(data):
             # The scratch buffer is shared by every session: keep a private copy of what is left.
-            # (TLS also insists on being retried with the same bytes after "want write".)
             self.held = memoryview(bytes(data[n:])) if scratch else data[n:]
-            self.writable = False
-            if not self.blocked_at:
-                self.blocked_at = now
+            self._blocked(now)
         else:
             self.held = None
             self.blocked_at = 0.0
         return n
 
     def run(self, now: float) -> int:
+        result = self._move(now)
+        tls_dst = self.tls_dst
+        if tls_dst is not None and tls_dst.unsent and result < SRC_ERROR:
+            # What this run wrote towards TLS leaves in one send (see TLSStream.send).
+            try:
+                if not tls_dst.flush():
+                    self._blocked(now)
+            except OSError as exc:
+                self.error = exc.errno or errno.ECONNRESET
+                return DST_ERROR
+        return result
+
+    def _move(self, now: float) -> int:
         if self.done:
             return DONE
         scratch = self.scratch
+        tls_dst = self.tls_dst
         for _ in range(_BUDGET):
+            if tls_dst is not None and tls_dst.backlog is not None:
+                # Ciphertext of an earlier write goes out before anything else.
+                if not self.writable:
+                    return WAIT
+                try:
+                    flushed = tls_dst.flush()
+                except OSError as exc:
+                    self.error = exc.errno or errno.ECONNRESET
+                    return DST_ERROR
+                if not flushed:
+                    return self._blocked(now)
+                self.blocked_at = 0.0
+                self.last_io = now
             if self.held is not None:
                 if not self.writable:
                     return WAIT
@@ -261,8 +297,7 @@ class BufferPump:
                 self.last_io = now
                 continue
             if self.eof:
-                self.finish()
-                return DONE
+                return DONE if self.finish() else WAIT
             if not self.readable:
                 return WAIT
             try:
@@ -285,32 +320,23 @@ class BufferPump:
             self.last_io = now
             if not self.writable:
                 self.held = memoryview(bytes(scratch[:n]))
-                if not self.blocked_at:
-                    self.blocked_at = now
-                return WAIT
+                return self._blocked(now)
             if self._send(scratch[:n], now, scratch=True) < 0:
                 return DST_ERROR
         return MORE
 
-    def finish(self) -> None:
-        """Pass the FIN on. Towards a TLS peer, first a close_notify: an OpenSSL 3 peer takes a bare
-        FIN for a truncation attack and answers with a fatal alert. SSLSocket.unwrap()/shutdown()
-        would drop the SSL object while the other direction may still be reading, so this calls
-        the SSL object's own shutdown, which sends close_notify and leaves reading possible (TLS
-        half-close). Then the TCP FIN."""
+    def finish(self) -> bool:
+        """Pass the FIN on; towards a TLS peer, after a close_notify (see TLSStream.close_notify).
+        False while the close_notify has to wait: run() comes back here once it can go."""
+        tls = self.tls_dst
+        if tls is not None and not tls.close_notify():
+            return False
         self.done = True
-        sslobj = getattr(self.dst, "_sslobj", None)     # CPython's SSLSocket internals; see above
-        if sslobj is not None:
-            try:
-                sslobj.shutdown()
-            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-                pass        # close_notify is out; OpenSSL now waits for the peer's, which we don't need
-            except (ssl.SSLError, OSError, ValueError):
-                pass
         try:
-            socket.socket.shutdown(self.dst, socket.SHUT_WR)
+            self.dst.shutdown(socket.SHUT_WR)
         except OSError:
             pass
+        return True
 
     def release(self) -> None:
         self.held = None

@@ -20,6 +20,18 @@ from typing import Optional
 from pyproxy.config.model import AddressMatch, Listen, Route
 
 _UNRESOLVED = object()
+_ADDRESSES: dict = {}          # address text → ipaddress object: clients come back, parsing costs
+_ADDRESSES_MAX = 4096          # a worker's recent clients; emptied when full (no LRU bookkeeping)
+
+
+def parsed_address(text: str):
+    """ipaddress.ip_address(text), remembered for the next session from the same address."""
+    ip = _ADDRESSES.get(text)
+    if ip is None:
+        if len(_ADDRESSES) >= _ADDRESSES_MAX:
+            _ADDRESSES.clear()
+        ip = _ADDRESSES[text] = ipaddress.ip_address(text)
+    return ip
 
 
 def sni_rank(patterns: tuple[str, ...], sni: str) -> int:
@@ -95,8 +107,8 @@ class ListenerRoutes:
               sni: Optional[str] = None) -> Optional[Route]:
         if self.static is not _UNRESOLVED:
             return self.static
-        src = ipaddress.ip_address(src_ip)
-        dst = ipaddress.ip_address(dst_ip) if dst_ip is not None else None
+        src = parsed_address(src_ip)
+        dst = parsed_address(dst_ip) if dst_ip is not None else None
         return self._select(src, src_port, dst, dst_port, sni)
 
     def _select(self, src, src_port, dst, dst_port, sni) -> Optional[Route]:

@@ -10,22 +10,21 @@ when they appear; events only update readiness flags and then run whatever the c
 
 from __future__ import annotations
 
-import array
 import errno
-import fcntl
 import os
 import socket
 import ssl
 import struct
-import termios
 from typing import TYPE_CHECKING, Optional
 
 from pyproxy.config.model import (STATUS_BAD_GATEWAY, STATUS_BAD_REQUEST, STATUS_INTERNAL,
                                   STATUS_NO_ROUTE, STATUS_OK, Listen)
-from pyproxy.forward import DONE, DST_ERROR, LOCAL_ERROR, MORE, SRC_ERROR, BufferPump, SplicePump
+from pyproxy.forward import (DONE, DST_ERROR, LOCAL_ERROR, MORE, SCRATCH_SIZE, SRC_ERROR, BufferPump,
+                             SplicePump)
 from pyproxy.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, STREAM_EVENTS
 from pyproxy.proxy_protocol import ProxyProtocolError, build_v1, build_v2, parse_proxy_header
 from pyproxy.tls.clienthello import ClientHelloError, parse_client_hello
+from pyproxy.tls.stream import TLSStream
 
 if TYPE_CHECKING:
     from pyproxy.upstream import Peer
@@ -35,31 +34,13 @@ IN_EVENTS = EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR
 OUT_EVENTS = EPOLLOUT | EPOLLHUP | EPOLLERR
 LINGER_RESET = struct.pack("ii", 1, 0)      # SO_LINGER {on, 0s}: close() sends a RST
 
-PREREAD_MAX = 65536                          # bytes of ClientHello we are willing to wait for
-_WANT = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
+PREREAD_MAX = SCRATCH_SIZE                   # bytes of ClientHello we wait for (peeked into the scratch buffer)
 
 PROXY_HEADER_MAX = 4096 + 16                 # the PROXY v2 header with generous TLVs
 SEND_PROXY_HEADER = {"v1": build_v1, "v2": build_v2}
 
 # Phases
 PROXY_HEADER, PREREAD, HANDSHAKE, ROUTING, CONNECTING, UPSTREAM_HANDSHAKE, FORWARDING, CLOSED = range(8)
-
-
-def _handshake(sock: ssl.SSLSocket) -> None:
-    """One step of a non-blocking handshake. SSLSocket.do_handshake() wraps the SSL object's own
-    in a settimeout() that costs an ioctl on every call; a non-blocking socket needs none of it."""
-    sslobj = getattr(sock, "_sslobj", None)       # CPython's SSLSocket internals (3.7+)
-    if sslobj is None:
-        sock.do_handshake()
-    else:
-        sslobj.do_handshake()
-
-
-def _bytes_waiting(sock: socket.socket) -> int:
-    """FIONREAD: how many bytes the socket holds, without copying them."""
-    buf = array.array("i", [0])
-    fcntl.ioctl(sock.fileno(), termios.FIONREAD, buf, True)
-    return buf[0]
 
 
 def _one_more_byte(data: bytes) -> int:
@@ -228,11 +209,13 @@ class Session:
         the session was refused — the bytes prove it is not `what` (`broken`: the parser's reason),
         the read failed, or the client sent its FIN (`ended`) before `what` was complete.
         """
+        scratch = self.worker.scratch
         try:
-            waiting = _bytes_waiting(self.client)
+            # One peek into the worker's buffer (limit <= its size): no FIONREAD first.
+            waiting = self.client.recv_into(scratch, limit, socket.MSG_PEEK)
             parsed = None
             if waiting >= self.preread_need:
-                data = self.client.recv(min(waiting, limit), socket.MSG_PEEK)
+                data = bytes(scratch[:waiting])
                 parsed = parse(data, limit)
                 if parsed is None:
                     self.preread_need = next_need(data)
@@ -303,7 +286,8 @@ class Session:
         self.protocol = "tls"
         self.ssl_protocol = None
         try:
-            self.client = self.worker.server_tls.wrap(self.client)   # same fd: the registration stays
+            # Same fd: the registration stays.
+            self.client = self.worker.server_tls.wrap(self.client, self.worker.scratch)
         except (OSError, ValueError) as exc:
             self.worker.log.error(f"cannot start TLS ({exc}); {self.describe()}")
             self.close(STATUS_INTERNAL)
@@ -313,9 +297,8 @@ class Session:
 
     def handshake(self) -> None:
         try:
-            _handshake(self.client)
-        except _WANT:
-            return
+            if not self.client.handshake():
+                return
         except (ssl.SSLError, OSError) as exc:
             self.worker.log.info(f"SSL handshake with the client failed ({_ssl_reason(exc)}); {self.describe()}")
             if self.worker.metrics is not None:
@@ -457,7 +440,7 @@ class Session:
             return
         self.phase = UPSTREAM_HANDSHAKE
         try:
-            self.upstream = tls.wrap(self.upstream, self.sni)
+            self.upstream = tls.wrap(self.upstream, self.worker.scratch, self.sni)
         except (OSError, ValueError) as exc:
             self._connect_failed(self.tried[-1], f"could not start TLS ({exc})", timed_out=False)
             return
@@ -481,9 +464,8 @@ class Session:
 
     def upstream_handshake(self) -> None:
         try:
-            _handshake(self.upstream)
-        except _WANT:
-            return
+            if not self.upstream.handshake():
+                return
         except ssl.SSLCertVerificationError as exc:
             self._connect_failed(self.tried[-1], f"failed: upstream SSL certificate verify failed "
                                                  f"({exc.verify_message})", timed_out=False)
@@ -508,7 +490,7 @@ class Session:
     # -- forward --------------------------------------------------------------------------
     def forward_phase(self) -> None:
         client, upstream = self.client, self.upstream
-        if isinstance(client, ssl.SSLSocket) or isinstance(upstream, ssl.SSLSocket):
+        if isinstance(client, TLSStream) or isinstance(upstream, TLSStream):
             scratch = self.worker.scratch
             self.c2u = BufferPump(scratch, client, upstream)
             self.u2c = BufferPump(scratch, upstream, client)

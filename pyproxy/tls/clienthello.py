@@ -56,6 +56,7 @@ cannot multiply the work of a call by sending one-byte records: a call walks at 
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
 __all__ = [
@@ -276,7 +277,7 @@ def _parse_body(message: bytes, data, length: int) -> ClientHello:
         raise ClientHelloError(f"cipher_suites length {suites_length} is not a positive even number")
     pos += 2
     suites_end = _skip(pos, suites_length, end, "cipher_suites")
-    cipher_suites = tuple(message[i] << 8 | message[i + 1] for i in range(pos, suites_end, 2))
+    cipher_suites = struct.unpack_from(f">{suites_length // 2}H", message, pos)
     pos = suites_end
 
     if pos >= end:
@@ -411,7 +412,7 @@ def _parse_supported_versions(message: bytes, pos: int, end: int) -> tuple[int, 
         )
     if list_length < 2 or list_length % 2:
         raise ClientHelloError(f"supported_versions list length {list_length} is not a positive even number")
-    values = (message[i] << 8 | message[i + 1] for i in range(pos, end, 2))
+    values = struct.unpack_from(f">{list_length // 2}H", message, pos)
     return tuple(v for v in values if not is_grease(v))
 
 

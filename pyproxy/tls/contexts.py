@@ -14,6 +14,7 @@ import ssl
 from typing import Optional
 
 from pyproxy.config.model import Config, Service, SSLSettings
+from pyproxy.tls.stream import TLSStream
 
 _VERSIONS = {
     "TLSv1": ssl.TLSVersion.TLSv1,
@@ -37,6 +38,9 @@ def _server_context(settings: SSLSettings, cert: Optional[str], key: Optional[st
     # fatal alert and lose the reply still to be sent. nginx sets it too.
     ctx.options |= (ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_RENEGOTIATION
                     | ssl.OP_IGNORE_UNEXPECTED_EOF)
+    # One TLS 1.3 session ticket per handshake (OpenSSL sends two): a resuming client uses one,
+    # and gets a fresh one on every connection. Go's TLS server sends one too.
+    ctx.num_tickets = 1
     if cert is not None:
         ctx.load_cert_chain(cert, key)
     return ctx
@@ -88,10 +92,9 @@ class ServerTLS:
             ssl_object.context = ctx
         return None
 
-    def wrap(self, sock):
-        """A server-side SSLSocket over an accepted socket; the handshake is driven by the caller."""
-        return self.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False,
-                                        suppress_ragged_eofs=True)
+    def wrap(self, sock, scratch: memoryview) -> TLSStream:
+        """The server side of TLS over an accepted socket; the handshake is driven by the caller."""
+        return TLSStream(sock, self.context, True, scratch)
 
 
 def _is_ip(host: str) -> bool:
@@ -133,12 +136,12 @@ class UpstreamTLS:
         ctx.options |= ssl.OP_IGNORE_UNEXPECTED_EOF     # as on the server side: a FIN ends the data
         return ctx
 
-    def wrap(self, sock, client_sni: Optional[str]):
-        """A client-side SSLSocket; SNI is tls_server_name, else the host, else the client's own SNI."""
+    def wrap(self, sock, scratch: memoryview, client_sni: Optional[str]) -> TLSStream:
+        """The client side of TLS over a connected socket; SNI is tls_server_name, else the host,
+        else the client's own SNI."""
         name = self.server_name or client_sni
         ctx = self.context if name is not None else self.chain_only
-        return ctx.wrap_socket(sock, server_side=False, server_hostname=name,
-                               do_handshake_on_connect=False, suppress_ragged_eofs=True)
+        return TLSStream(sock, ctx, False, scratch, server_hostname=name)
 
 
 def build_upstream_tls(config: Config) -> dict[str, UpstreamTLS]:

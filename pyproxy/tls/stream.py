@@ -1,0 +1,201 @@
+"""One TLS connection over a non-blocking socket, driven through OpenSSL memory BIOs.
+
+CPython's SSLSocket hands OpenSSL the socket itself, and OpenSSL then reads each TLS record with two
+`read()`s (its 5-byte header, then the body) and writes each flight as it is produced; making one
+also costs four system calls (SO_TYPE, getsockname, getpeername, FIONBIO). Here OpenSSL only ever
+sees two memory buffers: one `recv_into` takes whatever the socket holds (a whole handshake flight,
+several records), and what OpenSSL produced leaves in one `send`. This is asyncio's design
+(`sslproto`), minus the coroutines.
+
+A TLSStream looks like a socket to the pumps: `recv_into` answers plaintext or raises
+`ssl.SSLWantReadError`, `send` takes plaintext or raises `BlockingIOError`, and `flush` puts what
+was written on the wire (a pump flushes once per pass, so what one pass wrote shares a `send`).
+Ciphertext the socket would not take waits in `backlog` and goes out first; while any waits, `send`
+accepts nothing new, so a slow reader holds at most about one buffer's worth of ciphertext here
+(backpressure as with sockets).
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from typing import Optional
+
+# Raised by recv_into when the socket has no more to give (like SSLSocket in non-blocking mode).
+WantRead = ssl.SSLWantReadError
+FLUSH_AT = 64 * 1024            # ciphertext that send() hands to the socket without waiting for flush()
+
+
+class TLSStream:
+    """A TLS connection (either side) over `sock`, whose readiness the caller tracks."""
+
+    __slots__ = ("sock", "tls", "obj", "incoming", "outgoing", "scratch", "backlog", "notified", "unsent",
+                 "_fileno")
+
+    def __init__(self, sock: socket.socket, context: ssl.SSLContext, server_side: bool,
+                 scratch: memoryview, server_hostname: Optional[str] = None):
+        self.sock = sock
+        self.incoming = ssl.MemoryBIO()
+        self.outgoing = ssl.MemoryBIO()
+        # The SSLObject stays referenced: OpenSSL callbacks (SNI) find it through a weak reference.
+        self.tls = context.wrap_bio(self.incoming, self.outgoing, server_side=server_side,
+                                    server_hostname=server_hostname)
+        self.obj = getattr(self.tls, "_sslobj", self.tls)   # CPython's C object: one call frame less
+        self.scratch = scratch          # the worker's receive buffer; only borrowed within a call
+        self.backlog: Optional[memoryview] = None   # ciphertext the socket has not taken yet
+        self.notified = False           # our close_notify is written
+        self.unsent = False             # send() left records in OpenSSL's buffer: flush() them
+        self._fileno = sock.fileno()
+
+    # -- the socket underneath --------------------------------------------------------------
+    def fileno(self) -> int:
+        return self._fileno
+
+    def close(self) -> None:
+        self.sock.close()
+        self.backlog = None
+
+    # What a session does with its client socket whatever it carries: drain it before closing,
+    # arrange a reset, ask which local address it has.
+    def recv(self, size: int, flags: int = 0) -> bytes:
+        return self.sock.recv(size, flags)
+
+    def setsockopt(self, *args) -> None:
+        self.sock.setsockopt(*args)
+
+    def getsockname(self):
+        return self.sock.getsockname()
+
+    def shutdown(self, how: int) -> None:
+        self.sock.shutdown(how)
+
+    def _fill(self) -> bool:
+        """Move what the socket holds into OpenSSL: False when there is nothing to read now.
+        Raises OSError when the connection failed; the peer's FIN becomes OpenSSL's EOF."""
+        scratch = self.scratch
+        try:
+            n = self.sock.recv_into(scratch)
+        except BlockingIOError:
+            return False
+        if n:
+            self.incoming.write(scratch[:n])
+        elif self.incoming.eof:
+            return False            # OpenSSL already knows, and still asks: nothing more to give
+        else:
+            self.incoming.write_eof()
+        return True
+
+    def flush(self) -> bool:
+        """Send what OpenSSL produced, after any backlog. True when nothing is left waiting."""
+        self.unsent = False
+        backlog = self.backlog
+        if backlog is None:
+            if not self.outgoing.pending:
+                return True
+            backlog = memoryview(self.outgoing.read())
+        elif self.outgoing.pending:
+            backlog = memoryview(bytes(backlog) + self.outgoing.read())
+        try:
+            n = self.sock.send(backlog)
+        except BlockingIOError:
+            n = 0
+        if n == len(backlog):
+            self.backlog = None
+            return True
+        self.backlog = backlog[n:]
+        return False
+
+    @property
+    def pending(self) -> int:
+        """Ciphertext bytes waiting for the socket."""
+        return len(self.backlog) if self.backlog is not None else 0
+
+    # -- TLS ---------------------------------------------------------------------------------
+    def handshake(self) -> bool:
+        """One step of the handshake: True once it completed, False while waiting for the peer.
+        Raises ssl.SSLError (or OSError) when it failed; an alert for the peer is sent first."""
+        obj = self.obj
+        if not self.incoming.pending and (obj.server_side or self.outgoing.pending or self.backlog):
+            # Nothing new for OpenSSL (it would only answer "want read"): read first. A client's
+            # very first step has nothing to read and writes its ClientHello instead.
+            self.flush()
+            if not self._fill():
+                return False
+        while True:
+            try:
+                obj.do_handshake()
+            except WantRead:
+                self.flush()
+                if not self._fill():
+                    return False
+            except ssl.SSLError:
+                self._flush_quietly()       # the alert that tells the peer why
+                raise
+            else:
+                # A TLS 1.3 server ends its handshake with session tickets, which the client does
+                # not wait for: they leave with the first reply (one send and one wake-up of the
+                # client less). Anything else may be a flight the peer is waiting for.
+                if not (obj.server_side and obj.version() == "TLSv1.3"):
+                    self.flush()
+                return True
+
+    def recv_into(self, buffer) -> int:
+        """Decrypt into `buffer`: the byte count, 0 at the peer's close_notify or FIN (with
+        OP_IGNORE_UNEXPECTED_EOF set), or WantRead when nothing more can be read now."""
+        obj = self.obj
+        while True:
+            try:
+                return obj.read(len(buffer), buffer)
+            except WantRead:
+                # What reading produced (a KeyUpdate's answer) leaves with the next write or the
+                # close_notify: RFC 8446 only asks for it before our next application data.
+                if not self._fill():
+                    raise
+            except ssl.SSLZeroReturnError:
+                return 0
+
+    def send(self, data) -> int:
+        """Encrypt all of `data`, or raise BlockingIOError and take none of it while earlier
+        ciphertext is still waiting for the socket. The records leave at the caller's flush()
+        (the pump's, once its run ends), so a reply and the close_notify after it, or several
+        small writes, share one send; a full buffer's worth leaves at once."""
+        if self.backlog is not None and not self.flush():
+            raise BlockingIOError
+        n = self.obj.write(data)
+        if self.outgoing.pending >= FLUSH_AT:
+            self.flush()
+        else:
+            self.unsent = True
+        return n
+
+    def close_notify(self) -> bool:
+        """Send TLS's close_notify, keeping the connection readable (TLS half-close): an OpenSSL 3
+        peer takes a bare FIN for a truncation attack. True once it left (with any backlog).
+
+        Not while the peer's records wait to be read (False then, try again later): CPython's
+        shutdown() calls SSL_shutdown twice, and the second call reads, discarding application
+        data; with nothing buffered it stops at "want read" and consumes nothing."""
+        if not self.notified:
+            if self.incoming.pending or self.obj.pending():
+                return False
+            self.notified = True
+            try:
+                self.obj.shutdown()
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                pass            # close_notify is written; OpenSSL would now wait for the peer's
+            except (ssl.SSLError, ValueError):
+                pass
+        return self._flush_quietly()
+
+    def _flush_quietly(self) -> bool:
+        try:
+            return self.flush()
+        except OSError:
+            self.backlog = None
+            return True
+
+    def version(self) -> Optional[str]:
+        return self.obj.version()
+
+    def cipher(self):
+        return self.obj.cipher()

@@ -1,0 +1,146 @@
+"""TLSStream on real sockets: handshakes through memory BIOs, bytes intact both ways under
+backpressure, close_notify that never discards the peer's data, tickets that ride the first reply."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import ssl
+
+import pytest
+
+from pyproxy.tls.stream import TLSStream
+from tests.support import make_cert
+
+
+@pytest.fixture(scope="module")
+def server_context(tmp_path_factory):
+    cert, key = make_cert(tmp_path_factory.mktemp("stream"), "stream.test", ["stream.test"])
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.options |= ssl.OP_IGNORE_UNEXPECTED_EOF
+    ctx.load_cert_chain(str(cert), str(key))
+    return ctx
+
+
+def client_context():
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.options |= ssl.OP_IGNORE_UNEXPECTED_EOF
+    return ctx
+
+
+def connected_pair(server_context):
+    """A client and a server TLSStream over a socketpair, handshake done."""
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.setblocking(False)
+    client = TLSStream(a, client_context(), False, memoryview(bytearray(65536)), "stream.test")
+    server = TLSStream(b, server_context, True, memoryview(bytearray(65536)))
+    done = {client: False, server: False}
+    for _ in range(20):
+        for side in (client, server):
+            if not done[side]:
+                done[side] = side.handshake()
+        if all(done.values()):
+            return client, server
+    raise AssertionError("handshake did not complete")
+
+
+def read_available(stream: TLSStream) -> tuple[bytes, bool]:
+    """Everything `stream` can decrypt now, and whether the peer ended its side."""
+    out = bytearray()
+    buf = memoryview(bytearray(65536))
+    while True:
+        try:
+            n = stream.recv_into(buf)
+        except ssl.SSLWantReadError:
+            return bytes(out), False
+        if n == 0:
+            return bytes(out), True
+        out += buf[:n]
+
+
+def test_handshake_then_bytes_both_ways(server_context):
+    client, server = connected_pair(server_context)
+    assert server.version() == client.version() == "TLSv1.3"
+    assert server.cipher()[0] == client.cipher()[0]
+    client.send(b"ping from the client")
+    client.flush()
+    assert read_available(server) == (b"ping from the client", False)
+    server.send(b"pong from the server")
+    server.flush()
+    assert read_available(client) == (b"pong from the server", False)
+
+
+def test_backpressure_holds_ciphertext_and_loses_nothing(server_context):
+    client, server = connected_pair(server_context)
+    payload = os.urandom(8 << 20)
+    view = memoryview(payload)
+    received = bytearray()
+    refused = 0
+    while not refused:                 # the client reads nothing until the server is refused
+        taken = _send_some(server, view)
+        if taken is None:
+            refused += 1
+        else:
+            view = view[taken:]
+    assert server.pending > 0          # the ciphertext the socket would not take waits
+    while view or server.pending:
+        taken = _send_some(server, view) if view else 0
+        if taken is None:
+            refused += 1
+        else:
+            view = view[taken:]
+        server.flush()
+        received += read_available(client)[0]
+    received += read_available(client)[0]
+    assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
+
+
+def _send_some(stream: TLSStream, view: memoryview):
+    """What send() took (then flushed), or None when it refused."""
+    try:
+        taken = stream.send(view[:65536])
+    except BlockingIOError:
+        return None
+    stream.flush()
+    return taken
+
+
+def test_close_notify_waits_until_the_peers_records_are_read(server_context):
+    client, server = connected_pair(server_context)
+    client.send(b"x" * 1000)
+    client.flush()
+    small = memoryview(bytearray(10))
+    assert server.recv_into(small) == 10          # the rest of the record waits inside OpenSSL
+    assert server.close_notify() is False           # it would be discarded by CPython's shutdown()
+    rest, ended = read_available(server)
+    assert (len(rest), ended) == (990, False)
+    assert server.close_notify() is True
+    server.shutdown(socket.SHUT_WR)
+    assert read_available(client) == (b"", True)
+    client.send(b"after the server's close_notify")  # TLS half-close: the other way still works
+    client.flush()
+    assert read_available(server) == (b"after the server's close_notify", False)
+
+
+def test_tls13_tickets_ride_the_first_reply(server_context):
+    client, server = connected_pair(server_context)
+    assert read_available(client) == (b"", False)
+    assert not client.tls.session.has_ticket        # nothing was sent after the handshake
+    server.send(b"first reply")
+    server.flush()
+    assert read_available(client) == (b"first reply", False)
+    assert client.tls.session.has_ticket
+
+
+def test_a_peer_that_is_not_tls_fails_the_handshake_with_an_error(server_context):
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.setblocking(False)
+    server = TLSStream(b, server_context, True, memoryview(bytearray(65536)))
+    a.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    with pytest.raises(ssl.SSLError):
+        server.handshake()
