@@ -68,6 +68,9 @@ class Loop:
         self.seq = itertools.count()
         self.max_events = max_events
         self.now = time.monotonic()
+        # epoll_waits so far. Readiness learned after poll N is only reported anew at poll N+1:
+        # a socket found empty in this tick stays "nothing new" until the next poll.
+        self.polls = 0
         self.running = False
         # Called with (callback, exception) when a callback raises: a bug must cost one session,
         # never the worker and every session it holds.
@@ -150,6 +153,7 @@ class Loop:
             events = self.epoll.poll(self._poll_timeout(), self.max_events)
         except InterruptedError:
             events = ()
+        self.polls += 1
         self.now = time.monotonic()
         handlers = self.handlers
         gone = self.gone

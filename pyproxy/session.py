@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 IN_EVENTS = EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR
 OUT_EVENTS = EPOLLOUT | EPOLLHUP | EPOLLERR
+HUP_EVENTS = EPOLLRDHUP | EPOLLHUP | EPOLLERR
 LINGER_RESET = struct.pack("ii", 1, 0)      # SO_LINGER {on, 0s}: close() sends a RST
 
 PREREAD_MAX = SCRATCH_SIZE                   # bytes of ClientHello we wait for (peeked into the scratch buffer)
@@ -141,6 +142,8 @@ class Session:
         return f"{where}, sni: {self.sni}" if self.sni else where
 
     def on_client_event(self, mask: int) -> None:
+        if mask & HUP_EVENTS and type(self.client) is TLSStream:
+            self.client.hup = True          # see TLSStream._fill
         phase = self.phase
         if phase == FORWARDING:
             if mask & IN_EVENTS:
@@ -150,9 +153,9 @@ class Session:
             self.forward()
             return
         if phase == PREREAD:
-            self.preread(ended=bool(mask & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)))
+            self.preread(ended=bool(mask & HUP_EVENTS))
         elif phase == PROXY_HEADER:
-            self.read_proxy_header(ended=bool(mask & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)))
+            self.read_proxy_header(ended=bool(mask & HUP_EVENTS))
         elif phase == HANDSHAKE:
             self.handshake()
 
@@ -287,7 +290,7 @@ class Session:
         self.ssl_protocol = None
         try:
             # Same fd: the registration stays.
-            self.client = self.worker.server_tls.wrap(self.client, self.worker.scratch)
+            self.client = self.worker.server_tls.wrap(self.client, self.worker.scratch, self.loop)
         except (OSError, ValueError) as exc:
             self.worker.log.error(f"cannot start TLS ({exc}); {self.describe()}")
             self.close(STATUS_INTERNAL)
@@ -414,6 +417,8 @@ class Session:
                                                  f"(connect_timeout)", timed_out=True)
 
     def on_upstream_event(self, mask: int) -> None:
+        if mask & HUP_EVENTS and type(self.upstream) is TLSStream:
+            self.upstream.hup = True
         phase = self.phase
         if phase == FORWARDING:
             if mask & IN_EVENTS:
@@ -440,7 +445,7 @@ class Session:
             return
         self.phase = UPSTREAM_HANDSHAKE
         try:
-            self.upstream = tls.wrap(self.upstream, self.worker.scratch, self.sni)
+            self.upstream = tls.wrap(self.upstream, self.worker.scratch, self.sni, self.loop)
         except (OSError, ValueError) as exc:
             self._connect_failed(self.tried[-1], f"could not start TLS ({exc})", timed_out=False)
             return

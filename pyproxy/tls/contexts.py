@@ -92,9 +92,9 @@ class ServerTLS:
             ssl_object.context = ctx
         return None
 
-    def wrap(self, sock, scratch: memoryview) -> TLSStream:
+    def wrap(self, sock, scratch: memoryview, loop=None) -> TLSStream:
         """The server side of TLS over an accepted socket; the handshake is driven by the caller."""
-        return TLSStream(sock, self.context, True, scratch)
+        return TLSStream(sock, self.context, True, scratch, loop=loop)
 
 
 def _is_ip(host: str) -> bool:
@@ -136,12 +136,12 @@ class UpstreamTLS:
         ctx.options |= ssl.OP_IGNORE_UNEXPECTED_EOF     # as on the server side: a FIN ends the data
         return ctx
 
-    def wrap(self, sock, scratch: memoryview, client_sni: Optional[str]) -> TLSStream:
+    def wrap(self, sock, scratch: memoryview, client_sni: Optional[str], loop=None) -> TLSStream:
         """The client side of TLS over a connected socket; SNI is tls_server_name, else the host,
         else the client's own SNI."""
         name = self.server_name or client_sni
         ctx = self.context if name is not None else self.chain_only
-        return TLSStream(sock, ctx, False, scratch, server_hostname=name)
+        return TLSStream(sock, ctx, False, scratch, server_hostname=name, loop=loop)
 
 
 def build_upstream_tls(config: Config) -> dict[str, UpstreamTLS]:

@@ -30,10 +30,10 @@ class TLSStream:
     """A TLS connection (either side) over `sock`, whose readiness the caller tracks."""
 
     __slots__ = ("sock", "tls", "obj", "incoming", "outgoing", "scratch", "backlog", "notified", "unsent",
-                 "_fileno")
+                 "loop", "empty_at", "hup", "_fileno")
 
     def __init__(self, sock: socket.socket, context: ssl.SSLContext, server_side: bool,
-                 scratch: memoryview, server_hostname: Optional[str] = None):
+                 scratch: memoryview, server_hostname: Optional[str] = None, loop=None):
         self.sock = sock
         self.incoming = ssl.MemoryBIO()
         self.outgoing = ssl.MemoryBIO()
@@ -45,6 +45,11 @@ class TLSStream:
         self.backlog: Optional[memoryview] = None   # ciphertext the socket has not taken yet
         self.notified = False           # our close_notify is written
         self.unsent = False             # send() left records in OpenSSL's buffer: flush() them
+        # nginx's short-read rule (see _fill): the loop's poll count when a recv came back short,
+        # and whether epoll reported the peer's FIN (then every read goes to the socket).
+        self.loop = loop
+        self.empty_at = -1
+        self.hup = False
         self._fileno = sock.fileno()
 
     # -- the socket underneath --------------------------------------------------------------
@@ -71,7 +76,15 @@ class TLSStream:
 
     def _fill(self) -> bool:
         """Move what the socket holds into OpenSSL: False when there is nothing to read now.
-        Raises OSError when the connection failed; the peer's FIN becomes OpenSSL's EOF."""
+        Raises OSError when the connection failed; the peer's FIN becomes OpenSSL's EOF.
+
+        A recv that came back short emptied the socket, and edge-triggered epoll reports whatever
+        arrives after it at the next poll: until then, another recv could only answer EAGAIN, so
+        none is made (nginx's rule). Not once a FIN was reported: a FIN queued before that short
+        read will not be reported again."""
+        loop = self.loop
+        if loop is not None and self.empty_at == loop.polls and not self.hup:
+            return False
         scratch = self.scratch
         try:
             n = self.sock.recv_into(scratch)
@@ -79,6 +92,8 @@ class TLSStream:
             return False
         if n:
             self.incoming.write(scratch[:n])
+            if n < len(scratch) and loop is not None:
+                self.empty_at = loop.polls
         elif self.incoming.eof:
             return False            # OpenSSL already knows, and still asks: nothing more to give
         else:

@@ -10,6 +10,7 @@ import ssl
 
 import pytest
 
+from pyproxy.loop import Loop
 from pyproxy.tls.stream import TLSStream
 from tests.support import make_cert
 
@@ -144,3 +145,27 @@ def test_a_peer_that_is_not_tls_fails_the_handshake_with_an_error(server_context
     a.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     with pytest.raises(ssl.SSLError):
         server.handshake()
+
+
+def test_a_short_read_spares_the_next_recv_until_the_next_poll(server_context):
+    """nginx's rule: after a recv that came back short, no recv until epoll could report more;
+    once a FIN was reported, every read goes to the socket."""
+    loop = Loop()
+    try:
+        client, server = connected_pair(server_context)
+        server.loop = loop
+        client.send(b"first")
+        client.flush()
+        assert read_available(server) == (b"first", False)       # short read at poll 0
+        client.send(b"second")
+        client.flush()
+        assert read_available(server) == (b"", False)            # same tick: not read yet
+        loop.polls += 1                                          # the next poll reports it
+        assert read_available(server) == (b"second", False)
+        client.send(b"third")
+        client.flush()
+        client.shutdown(socket.SHUT_WR)
+        server.hup = True                                        # epoll said: FIN
+        assert read_available(server) == (b"third", True)
+    finally:
+        loop.close()
