@@ -201,7 +201,7 @@ class BufferPump:
 
     The TLS side is a TLSStream. Only what a destination refuses is copied out of the scratch buffer
     (into `held`), so an idle TLS session holds no buffer either, and a stuck one holds at most one
-    read's worth (plus, towards TLS, the ciphertext of one write in the stream's backlog). OpenSSL
+    read's worth (plus, towards TLS, about a buffer of ciphertext in the stream's backlog). OpenSSL
     may keep decrypted bytes that epoll never reports, so the source is read until it says "want
     read".
     """
