@@ -305,8 +305,6 @@ class BufferPump:
             except _WANT:
                 self.readable = False
                 return WAIT
-            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                n = 0
             except ssl.SSLError:
                 self.error = errno.EPROTO
                 return SRC_ERROR

@@ -14,6 +14,7 @@ import ssl
 from typing import Optional
 
 from pyproxy.config.model import Config, Service, SSLSettings
+from pyproxy.loop import Loop
 from pyproxy.tls.stream import TLSStream
 
 _VERSIONS = {
@@ -92,7 +93,7 @@ class ServerTLS:
             ssl_object.context = ctx
         return None
 
-    def wrap(self, sock, scratch: memoryview, loop=None) -> TLSStream:
+    def wrap(self, sock, scratch: memoryview, loop: Loop) -> TLSStream:
         """The server side of TLS over an accepted socket; the handshake is driven by the caller."""
         return TLSStream(sock, self.context, True, scratch, loop=loop)
 
@@ -136,7 +137,7 @@ class UpstreamTLS:
         ctx.options |= ssl.OP_IGNORE_UNEXPECTED_EOF     # as on the server side: a FIN ends the data
         return ctx
 
-    def wrap(self, sock, scratch: memoryview, client_sni: Optional[str], loop=None) -> TLSStream:
+    def wrap(self, sock, scratch: memoryview, client_sni: Optional[str], loop: Loop) -> TLSStream:
         """The client side of TLS over a connected socket; SNI is tls_server_name, else the host,
         else the client's own SNI."""
         name = self.server_name or client_sni

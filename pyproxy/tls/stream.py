@@ -130,9 +130,9 @@ class TLSStream:
         """One step of the handshake: True once it completed, False while waiting for the peer.
         Raises ssl.SSLError (or OSError) when it failed; an alert for the peer is sent first."""
         obj = self.obj
-        if not self.incoming.pending and (obj.server_side or self.outgoing.pending or self.backlog):
-            # Nothing new for OpenSSL (it would only answer "want read"): read first. A client's
-            # very first step has nothing to read and writes its ClientHello instead.
+        if obj.server_side and not self.incoming.pending:
+            # Nothing new for OpenSSL (it would only answer "want read"): read first. (A client
+            # calls OpenSSL first: its first step has nothing to read and writes the ClientHello.)
             self.flush()
             if not self._fill():
                 return False
@@ -155,8 +155,8 @@ class TLSStream:
                 return True
 
     def recv_into(self, buffer) -> int:
-        """Decrypt into `buffer`: the byte count, 0 at the peer's close_notify or FIN (with
-        OP_IGNORE_UNEXPECTED_EOF set), or WantRead when nothing more can be read now."""
+        """Decrypt into `buffer`: the byte count, 0 at the peer's close_notify or FIN, or WantRead
+        when nothing more can be read now."""
         obj = self.obj
         while True:
             try:
@@ -166,8 +166,8 @@ class TLSStream:
                 # close_notify: RFC 8446 only asks for it before our next application data.
                 if not self._fill():
                     raise
-            except ssl.SSLZeroReturnError:
-                return 0
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                return 0            # EOF without close_notify: only without OP_IGNORE_UNEXPECTED_EOF
 
     def send(self, data) -> int:
         """Encrypt all of `data`, or raise BlockingIOError and take none of it while earlier
