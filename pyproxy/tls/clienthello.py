@@ -98,6 +98,10 @@ EXT_SERVER_NAME = 0
 EXT_ALPN = 16
 EXT_SUPPORTED_VERSIONS = 43
 EXT_PRE_SHARED_KEY = 41
+_HOST_NAME_BYTES = bytes(range(0x21, 0x7F))     # printable ASCII, no space
+_GREASE = frozenset(0x0A0A + 0x1010 * i for i in range(16))
+_PARSED_EXTENSIONS = frozenset((EXT_SERVER_NAME, EXT_ALPN, EXT_SUPPORTED_VERSIONS))
+_EXTENSION_HEADER = struct.Struct(">HH").unpack_from
 NAME_TYPE_HOST_NAME = 0
 
 TLS1_3 = 0x0304
@@ -170,6 +174,73 @@ def parse_client_hello(data: bytes | bytearray | memoryview, max_size: int = DEF
     ``length`` never exceeds ``max_size`` and a caller may size its preread buffer with it. Bytes
     after the hello are ignored.
     """
+    if type(data) is bytes:
+        hello = _parse_common_case(data, max_size)
+        if hello is not None:
+            return hello
+    return _parse_any(data, max_size)
+
+
+def _parse_common_case(data, max_size: int) -> ClientHello | None:
+    """The hello every client sends: one record, well formed. Parsed in place with fewer checks
+    per extension (a TLS termination pays for this parse on every handshake), it gives exactly what
+    `_parse_any` gives; anything else (more records, more bytes needed, any error) is None and
+    left to `_parse_any`, which says precisely what is wrong."""
+    try:
+        if data[0] != CONTENT_TYPE_HANDSHAKE or data[1] != 3 or data[5] != HANDSHAKE_CLIENT_HELLO:
+            return None
+        stop = RECORD_HEADER_LENGTH + (data[3] << 8 | data[4])
+        end = 9 + (data[6] << 16 | data[7] << 8 | data[8])       # the message ends here
+        if (end > stop or stop > len(data) or stop > max_size or stop - 5 > MAX_RECORD_LENGTH
+                or end - 9 < MIN_CLIENT_HELLO_LENGTH or data[9] != 3):
+            return None
+        legacy_version = data[9] << 8 | data[10]
+        session_id_length = data[43]               # after the versions and the random
+        pos = 44 + session_id_length
+        if session_id_length > MAX_SESSION_ID_LENGTH or pos + 2 > end:
+            return None
+        suites_length = data[pos] << 8 | data[pos + 1]
+        pos += 2
+        if not suites_length or suites_length & 1 or pos + suites_length >= end:
+            return None
+        cipher_suites = struct.unpack_from(f">{suites_length // 2}H", data, pos)
+        pos += suites_length
+        methods_length = data[pos]
+        pos += 1 + methods_length
+        # (A hello without extensions, which ends here, is left to the general parser.)
+        if not methods_length or pos + 2 > end or pos + 2 + (data[pos] << 8 | data[pos + 1]) != end:
+            return None
+        pos += 2
+        sni: str | None = None
+        alpn: tuple[str, ...] = ()
+        versions: tuple[int, ...] = (legacy_version,)
+        types = []
+        while pos < end:
+            ext_type, ext_length = _EXTENSION_HEADER(data, pos)
+            pos += 4
+            ext_end = pos + ext_length
+            if ext_end > end:                      # (a header past the end fails here too)
+                return None
+            types.append(ext_type)
+            if ext_type in _PARSED_EXTENSIONS:
+                if ext_type == EXT_SERVER_NAME:
+                    sni = _parse_server_name(data, pos, ext_end)
+                elif ext_type == EXT_ALPN:
+                    alpn = _parse_alpn(data, pos, ext_end)
+                else:
+                    versions = _parse_supported_versions(data, pos, ext_end)
+            pos = ext_end
+        if len(set(types)) != len(types) or (EXT_PRE_SHARED_KEY in types and types[-1] != EXT_PRE_SHARED_KEY):
+            return None
+    except (IndexError, struct.error, ClientHelloError):
+        return None
+    return ClientHello(sni=sni, alpn=alpn, versions=versions, legacy_version=legacy_version,
+                       record_version=data[1] << 8 | data[2], cipher_suites=cipher_suites,
+                       extensions=tuple(types), length=stop)
+
+
+def _parse_any(data, max_size: int = DEFAULT_MAX_SIZE) -> ClientHello | None:
+    """parse_client_hello for every input: any number of records and segments, and every error."""
     available = len(data)
     offset = 0  # start of the record header being examined
     spans: list[tuple[int, int]] = []  # [start, stop) of the fragment bytes present, per record
@@ -369,9 +440,9 @@ def _parse_server_name(message: bytes, pos: int, end: int) -> str:
         raw = message[pos : pos + name_length]
         # RFC 6066 says ASCII; we also refuse spaces and control bytes, which no DNS name has
         # and which would otherwise reach routing and the access log verbatim.
-        bad = next((b for b in raw if b <= 0x20 or b >= 0x7F), None)
-        if bad is not None:
-            raise ClientHelloError(f"server_name host_name contains byte 0x{bad:02x}")
+        bad = raw.translate(None, _HOST_NAME_BYTES)       # what is left are the bad bytes, in order
+        if bad:
+            raise ClientHelloError(f"server_name host_name contains byte 0x{bad[0]:02x}")
         host = raw.decode("ascii").lower()
         pos += name_length
     return host  # type: ignore[return-value]  # the list is non-empty, so host is set
@@ -413,7 +484,7 @@ def _parse_supported_versions(message: bytes, pos: int, end: int) -> tuple[int, 
     if list_length < 2 or list_length % 2:
         raise ClientHelloError(f"supported_versions list length {list_length} is not a positive even number")
     values = struct.unpack_from(f">{list_length // 2}H", message, pos)
-    return tuple(v for v in values if not is_grease(v))
+    return tuple([v for v in values if v not in _GREASE])
 
 
 def _read_u16(message: bytes, pos: int, end: int, what: str) -> int:
