@@ -10,6 +10,7 @@ when they appear; events only update readiness flags and then run whatever the c
 
 from __future__ import annotations
 
+import _socket
 import errno
 import os
 import socket
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 IN_EVENTS = EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR
 OUT_EVENTS = EPOLLOUT | EPOLLHUP | EPOLLERR
 HUP_EVENTS = EPOLLRDHUP | EPOLLHUP | EPOLLERR
+UPSTREAM_SOCKET_TYPE = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
 LINGER_RESET = struct.pack("ii", 1, 0)      # SO_LINGER {on, 0s}: close() sends a RST
 
 PREREAD_MAX = SCRATCH_SIZE                   # bytes of ClientHello we wait for (peeked into the scratch buffer)
@@ -72,7 +74,7 @@ class Session:
 
     __slots__ = ("worker", "loop", "listen", "client", "client_addr", "upstream", "c2u", "u2c", "phase",
                  "route", "service", "balancer", "tried", "peer", "status",
-                 "started", "ended", "connect_started", "connect_time", "connect_timer", "timer",
+                 "started", "ended", "connect_started", "connect_time", "timer", "deadline",
                  "scheduled", "serial", "protocol", "sni", "ssl_protocol", "ssl_cipher", "preread_need",
                  "notes", "_local_ip")
 
@@ -94,8 +96,8 @@ class Session:
         self.started = self.ended = self.loop.now
         self.connect_started = 0.0
         self.connect_time: Optional[float] = None
-        self.connect_timer = None
-        self.timer = None
+        self.timer = None                  # the session's one timer (see _phase_deadline)
+        self.deadline = 0.0                # when the current phase before forwarding times out
         self.scheduled = False
         self.serial = serial
         self.protocol = "tls" if listen.ssl else "tcp"
@@ -112,15 +114,14 @@ class Session:
         self.loop.add(self.client.fileno(), STREAM_EVENTS, self.on_client_event)
         if self.listen.proxy_protocol:
             self.phase = PROXY_HEADER
-            self.timer = self.loop.call_later(self.worker.config.proxy_protocol_timeout,
-                                              self.on_proxy_header_timeout)
+            self._phase_deadline(self.worker.config.proxy_protocol_timeout)
         else:
             self.after_proxy_header()
 
     def after_proxy_header(self) -> None:
         if self.listen.ssl:
             self.phase = PREREAD
-            self.timer = self.loop.call_later(self.worker.config.ssl.preread_timeout, self.on_preread_timeout)
+            self._phase_deadline(self.worker.config.ssl.preread_timeout)
         else:
             self.route_phase()
 
@@ -173,20 +174,12 @@ class Session:
         except OSError as exc:
             self._bad_preread(f"reading the PROXY protocol header failed ({exc.errno}: {exc.strerror})")
             return
-        self.timer.cancel()
-        self.timer = None
         self.preread_need = 1
         if header.source is not None:                 # LOCAL / UNKNOWN: the connection's own addresses
             self.client_addr = header.source
         self.after_proxy_header()
         if self.phase == PREREAD:
             self.preread(ended)                        # the hello may already be queued: no new edge comes
-
-    def on_proxy_header_timeout(self) -> None:
-        self.timer = None
-        if self.phase == PROXY_HEADER:
-            self._bad_preread(f"no PROXY protocol header within {self.worker.config.proxy_protocol_timeout:g}s "
-                              f"(proxy_protocol_timeout)")
 
     # -- preread (ssl listeners) ----------------------------------------------------------
     def preread(self, ended: bool = False) -> None:
@@ -197,8 +190,6 @@ class Session:
                                  "ClientHello", "not a TLS ClientHello", ended)
         if hello is None:
             return
-        self.timer.cancel()
-        self.timer = None
         self.sni = hello.sni
         self.ssl_protocol = hello.protocol
         self.phase = ROUTING
@@ -249,12 +240,6 @@ class Session:
             pass
         self.close(status)
 
-    def on_preread_timeout(self) -> None:
-        self.timer = None
-        if self.phase == PREREAD:
-            self._bad_preread(f"no complete ClientHello within {self.worker.config.ssl.preread_timeout:g}s "
-                              f"(ssl.preread_timeout)")
-
     # -- route ----------------------------------------------------------------------------
     def route_phase(self) -> None:
         routes = self.worker.router.for_listener(self.listen)
@@ -295,7 +280,7 @@ class Session:
             self.worker.log.error(f"cannot start TLS ({exc}); {self.describe()}")
             self.close(STATUS_INTERNAL)
             return
-        self.timer = self.loop.call_later(self.worker.config.ssl.handshake_timeout, self.on_handshake_timeout)
+        self._phase_deadline(self.worker.config.ssl.handshake_timeout)
         self.handshake()
 
     def handshake(self) -> None:
@@ -310,8 +295,6 @@ class Session:
             return
         if self.worker.metrics is not None:
             self.worker.metrics.handshake(ok=True)
-        self.timer.cancel()
-        self.timer = None
         self.ssl_protocol = self.client.version()
         cipher = self.client.cipher()
         self.ssl_cipher = cipher[0] if cipher else None
@@ -320,13 +303,6 @@ class Session:
             return
         self.phase = ROUTING
         self.access_phase()
-
-    def on_handshake_timeout(self) -> None:
-        self.timer = None
-        if self.phase == HANDSHAKE:
-            self.worker.log.info(f"SSL handshake timed out after {self.worker.config.ssl.handshake_timeout:g}s; "
-                                 f"{self.describe()}")
-            self.close(STATUS_BAD_REQUEST)
 
     # -- access ---------------------------------------------------------------------------
     def access_phase(self) -> None:
@@ -369,9 +345,9 @@ class Session:
             return
         self.tried.append(peer)
         self.phase = CONNECTING
-        family = socket.AF_INET6 if ":" in peer.addr[0] else socket.AF_INET
         try:
-            sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+            # The C socket type: socket.socket's Python __init__ and close() add nothing we use.
+            sock = _socket.socket(peer.family, UPSTREAM_SOCKET_TYPE)
         except OSError as exc:
             # EMFILE/ENFILE/ENOBUFS: this worker is out of resources, not the upstream's fault.
             self.worker.log.error(f"socket() failed ({exc.errno}: {exc.strerror}) while connecting to "
@@ -386,7 +362,7 @@ class Session:
             return
         self.upstream = sock
         self.loop.add(sock.fileno(), STREAM_EVENTS, self.on_upstream_event)
-        self.connect_timer = self.loop.call_later(service.connect_timeout, self.on_connect_timeout)
+        self._phase_deadline(service.connect_timeout)
 
     def _give_up(self) -> None:
         tried = ", ".join(p.name for p in self.tried) or "none"
@@ -395,9 +371,6 @@ class Session:
         self._refuse(STATUS_BAD_GATEWAY)
 
     def _drop_upstream(self) -> None:
-        if self.connect_timer is not None:
-            self.connect_timer.cancel()
-            self.connect_timer = None
         sock = self.upstream
         if sock is not None:
             self.upstream = None
@@ -409,12 +382,6 @@ class Session:
         self.balancer.failed(peer, self.loop.now, timed_out)
         self.worker.log.error(f"connect() to {peer.name} {reason} while connecting to upstream; {self.describe()}")
         self.try_next_peer()
-
-    def on_connect_timeout(self) -> None:
-        self.connect_timer = None
-        if self.phase in (CONNECTING, UPSTREAM_HANDSHAKE):
-            self._connect_failed(self.tried[-1], f"timed out after {self.service.connect_timeout:g}s "
-                                                 f"(connect_timeout)", timed_out=True)
 
     def on_upstream_event(self, mask: int) -> None:
         if mask & HUP_EVENTS and type(self.upstream) is TLSStream:
@@ -482,9 +449,6 @@ class Session:
         self._connected()
 
     def _connected(self) -> None:
-        if self.connect_timer is not None:
-            self.connect_timer.cancel()
-            self.connect_timer = None
         now = self.loop.now
         peer = self.tried[-1]
         self.peer = peer
@@ -511,8 +475,7 @@ class Session:
         self.phase = FORWARDING
         now = self.loop.now
         self.c2u.last_io = self.u2c.last_io = now
-        self.timer = self.loop.call_at(now + min(self.service.read_timeout, self.service.write_timeout),
-                                       self.on_timer)
+        self._due_by(now + min(self.service.read_timeout, self.service.write_timeout))
         self.forward()
 
     def forward(self) -> None:
@@ -554,16 +517,56 @@ class Session:
             _send_reset(other)
         self.close(STATUS_OK if client_side else STATUS_BAD_GATEWAY)
 
+    # -- timeouts -------------------------------------------------------------------------
+    def _phase_deadline(self, delay: float) -> None:
+        """The current phase (PROXY header, preread, handshake, connect attempt) must be over within
+        `delay` seconds. One timer serves every phase, lazily, like the forwarding one: it is only
+        moved when the new deadline comes sooner than it is set for; when it fires too early,
+        on_timer sets it again. A short session so costs one timer, not one per phase."""
+        self.deadline = self.loop.now + delay
+        self._due_by(self.deadline)
+
+    def _due_by(self, deadline: float) -> None:
+        """Have the timer fire no later than `deadline`; a timer set sooner stays as it is."""
+        if self.timer is None or self.timer.deadline > deadline:
+            self._set_timer(deadline)
+
+    def _set_timer(self, deadline: float) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = self.loop.call_at(deadline, self.on_timer)
+
     def on_timer(self) -> None:
-        """The session's one lazy timer: idle (read_timeout) and stuck writes (write_timeout).
+        """The current phase's timeout, or only a check that it is not due yet."""
+        self.timer = None
+        phase = self.phase
+        if phase == FORWARDING:
+            self._forwarding_timeouts()
+        elif phase == CLOSED:
+            return
+        elif self.loop.now < self.deadline:
+            self._set_timer(self.deadline)
+        elif phase == PREREAD:
+            self._bad_preread(f"no complete ClientHello within {self.worker.config.ssl.preread_timeout:g}s "
+                              f"(ssl.preread_timeout)")
+        elif phase == HANDSHAKE:
+            self.worker.log.info(f"SSL handshake timed out after {self.worker.config.ssl.handshake_timeout:g}s; "
+                                 f"{self.describe()}")
+            self.close(STATUS_BAD_REQUEST)
+        elif phase in (CONNECTING, UPSTREAM_HANDSHAKE):
+            self._connect_failed(self.tried[-1], f"timed out after {self.service.connect_timeout:g}s "
+                                                 f"(connect_timeout)", timed_out=True)
+        elif phase == PROXY_HEADER:
+            self._bad_preread(f"no PROXY protocol header within {self.worker.config.proxy_protocol_timeout:g}s "
+                              f"(proxy_protocol_timeout)")
+
+    def _forwarding_timeouts(self) -> None:
+        """Forwarding's lazy timer: idle (read_timeout) and stuck writes (write_timeout).
 
         It comes due at the idle deadline, or sooner: within write_timeout of now when nothing is
         stuck (so a stall that starts later is caught on time), at the stall's deadline when a
         peer stopped taking bytes.
         """
-        self.timer = None
-        if self.phase != FORWARDING:
-            return
         now = self.loop.now
         service = self.service
         idle_deadline = max(self.c2u.last_io, self.u2c.last_io) + service.read_timeout
@@ -582,7 +585,7 @@ class Session:
                     self.close(STATUS_OK)
                     return
                 deadline = min(deadline, write_deadline)
-        self.timer = self.loop.call_at(deadline, self.on_timer)
+        self._set_timer(deadline)
 
     # -- log ------------------------------------------------------------------------------
     def bytes_received(self) -> int:

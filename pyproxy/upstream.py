@@ -23,6 +23,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import math
+import socket
 from collections.abc import Callable, Collection
 from typing import Optional
 
@@ -62,11 +63,12 @@ def _seconds(value: float) -> str:
 class Peer:
     """One resolved address of a target, with its balancing and passive-health state."""
 
-    __slots__ = ("addr", "name", "weight", "current_weight", "effective_weight",
+    __slots__ = ("addr", "family", "name", "weight", "current_weight", "effective_weight",
                  "conns", "fails", "timeouts", "down_until")
 
     def __init__(self, addr: tuple[str, int], weight: int = 100, name: Optional[str] = None):
         self.addr = (addr[0], addr[1])
+        self.family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
         self.name = name if name is not None else peer_name(addr)
         self.weight = weight
         self.current_weight = 0           # smooth weighted round robin's running score

@@ -8,6 +8,7 @@ writes one byte on its ready pipe, which is how the master knows a reload may re
 
 from __future__ import annotations
 
+import _socket
 import errno
 import gc
 import os
@@ -191,13 +192,16 @@ class Worker:
 
     def _acceptor(self, ls: ListenSocket):
         """The readiness handler of one listening socket: accept a batch, hand each connection on."""
-        lsock = ls.sock
+        accept = ls.sock._accept
+        family = int(ls.listen.family)
         start = self._start_status if ls.listen.status else self._start_session(ls.listen)
 
         def on_readable(mask: int) -> None:
             for _ in range(ACCEPT_BATCH):
                 try:
-                    conn, addr = lsock.accept()
+                    # socket.accept() wraps the fd in Python: a Python __init__ and enum conversions
+                    # of the family and type. The C socket object does all a session needs.
+                    fd, addr = accept()
                 except BlockingIOError:
                     return
                 except OSError as exc:
@@ -205,6 +209,7 @@ class Worker:
                         self._out_of_resources(exc)
                         return
                     continue        # ECONNABORTED and friends: that client gave up, take the next
+                conn = _socket.socket(family, socket.SOCK_STREAM, 0, fd)
                 conn.setblocking(False)
                 start(conn, addr)
 

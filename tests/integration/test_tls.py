@@ -243,6 +243,28 @@ def test_slowloris_on_tls_port_is_cut_at_preread_timeout(proxy, upstreams, certs
     assert "preread_timeout" in p.log_text()
 
 
+def test_stalled_handshake_is_cut_at_handshake_timeout_not_preread_timeout(proxy, upstreams, certs):
+    """The ClientHello arrives, then nothing: the session ends at ssl.handshake_timeout, counted from
+    the hello, although the (shorter) preread deadline passes on the way."""
+    up = upstreams(tag_handler)
+    port = free_port()
+    p = proxy(sni_config(port, certs, service("a", up.port, "tls", "a.example"), extra="")
+              .replace("ssl:\n", "ssl:\n  preread_timeout: 500ms\n  handshake_timeout: 2s\n"))
+    outgoing = ssl.MemoryBIO()
+    client = ssl.create_default_context().wrap_bio(ssl.MemoryBIO(), outgoing, server_hostname="a.example")
+    with pytest.raises(ssl.SSLWantReadError):
+        client.do_handshake()
+    with connect(port) as sock:
+        started = time.monotonic()
+        sock.sendall(outgoing.read())                # the ClientHello, and never our Finished
+        server_flight = sock.recv(65536)           # the proxy answers the hello, then waits for us
+        assert server_flight[:1] == b"\x16"
+        assert recv_all(sock) == b""
+        elapsed = time.monotonic() - started
+    assert 1.8 < elapsed < 6, elapsed
+    assert " 400 " in p.wait_access(1)[0]
+    assert "SSL handshake timed out after 2s" in p.log_text()
+
 def test_access_log_tls_variables(proxy, upstreams, certs):
     up = upstreams(echo_handler)
     port = free_port()
