@@ -122,6 +122,14 @@ def _version(argv: list[str]) -> str:
     return (done.stdout or done.stderr).strip().splitlines()[0] if (done.stdout or done.stderr) else "?"
 
 
+def _host_congestion() -> str:
+    try:
+        with open("/proc/sys/net/ipv4/tcp_congestion_control") as current:
+            return current.read().strip()
+    except OSError:
+        return "unknown"
+
+
 def machine_info() -> dict:
     """What the figures depend on: the CPU, the kernel, and each program's version."""
     model = "?"
@@ -423,12 +431,16 @@ def main(argv=None) -> int:
                      "idle connections": settings.idle_connections, "workers per proxy": WORKERS,
                      "HTTP upstream workers": UPSTREAM_WORKERS, "certificate": args.cert,
                      "TLS negotiated": tls_versions,
+                     "TCP congestion control": f"host default {_host_congestion()}; pyproxy's bulk service "
+                                               f"{configs.BULK_CONGESTION or 'the host default'}",
                      "scenarios": ", ".join(scenario.name for scenario in scenarios),
                      "wall time": f"{time.monotonic() - began:.0f} s"}
     notes = [
         "direct = the client talks to the upstream itself (for TLS: the upstream nginx terminates TLS).",
         "nginx: stream module, `worker_processes 2`, `reuseport`; HAProxy: `mode tcp`, `nbthread 2`, "
         "`option splice-auto`; pyproxy: `worker_processes: 2`. All on 127.0.0.1 with the same upstreams.",
+        "Bulk: pyproxy's iperf3 service sets `tcp_congestion: cubic` on its upstream connections (nginx "
+        "and HAProxy have no such setting and use the host's default; see README, Performance).",
         "TLS: every endpoint offers TLS 1.2 and 1.3 (nginx 1.22 is told `ssl_protocols TLSv1.2 TLSv1.3`; "
         "by default it offers TLS 1.2 only, and its handshakes would be TLS 1.2 session resumptions, "
         "with no key exchange, against everyone else's TLS 1.3 ones). wrk resumes sessions, so the "

@@ -355,6 +355,12 @@ class Session:
             self._refuse(STATUS_INTERNAL)
             return
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        congestion = self.worker.congestion.get(service.name)
+        if congestion is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, congestion)
+            except OSError:
+                pass        # the worker tried it at start; this connection keeps the host's default
         err = sock.connect_ex(peer.addr)
         if err not in (0, errno.EINPROGRESS):
             sock.close()

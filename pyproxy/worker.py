@@ -22,6 +22,7 @@ from setproctitle import setproctitle
 
 from pyproxy.accesslog import AccessLog
 from pyproxy.config.model import STATUS_INTERNAL, STATUS_OVER_LIMIT, Config
+from pyproxy.config.values import congestion_control_refused
 from pyproxy.forward import SCRATCH_SIZE, PipePool
 from pyproxy.healthcheck import start_active_checks
 from pyproxy.listeners import ListenSocket
@@ -112,6 +113,7 @@ class Worker:
         self.plugins = PluginChains(config, PluginContext(self.log.log, self.shared,
                                                           os.path.dirname(config.path)))
         drop_privileges(config.user, self.log)
+        self.congestion = self._usable_congestion(config.services)
         self._install_signals()
         self.checkers = start_active_checks(self.loop, self.balancers, config.upstreams, self.log.log)
         self.trimmed_at = 0
@@ -189,6 +191,24 @@ class Worker:
             self.accepting = False
             for ls in self.listeners:
                 self.loop.remove(ls.fd)
+
+    def _usable_congestion(self, services) -> dict[str, bytes]:
+        """Service name -> the `tcp_congestion` to set on its upstream sockets, for the services
+        that ask for one this process may use. The configuration check tried each as the master's
+        user; a worker that became `user` may be refused one outside the kernel's
+        tcp_allowed_congestion_control: it says so once and keeps the host's default."""
+        usable: dict[str, bytes] = {}
+        for service in services:
+            if service.tcp_congestion is None:
+                continue
+            refused = congestion_control_refused(service.tcp_congestion)
+            if refused is not None:
+                self.log.warn(f'service "{service.name}": tcp_congestion {service.tcp_congestion} cannot be '
+                              f"used by this worker ({refused}); its upstream connections keep the "
+                              f"host's default")
+                continue
+            usable[service.name] = service.tcp_congestion.encode()
+        return usable
 
     def _acceptor(self, ls: ListenSocket):
         """The readiness handler of one listening socket: accept a batch, hand each connection on."""

@@ -21,7 +21,7 @@ from .tlsfiles import check_ca_file
 from .values import (
     did_you_mean, in_folder, integer, is_hostname, is_ip_address, one_of, parse_bool, parse_duration,
     parse_host, parse_host_port, parse_name, parse_network, parse_port, parse_sni, parse_text,
-    positive_duration,
+    positive_duration, usable_congestion_control,
 )
 
 UPSTREAM_KEYS = ("name", "algorithm", "hash_on", "healthchecks", "targets")
@@ -32,7 +32,7 @@ PASSIVE_KEYS = ("type", "unhealthy", "fail_timeout")
 TARGET_KEYS = ("target", "weight")
 SERVICE_KEYS = (
     "name", "protocol", "host", "port", "connect_timeout", "read_timeout", "write_timeout", "retries",
-    "tls_verify", "ca_certificates", "tls_server_name", "proxy_protocol", "routes",
+    "tls_verify", "ca_certificates", "tls_server_name", "proxy_protocol", "tcp_congestion", "routes",
 )
 ROUTE_KEYS = ("name", "protocols", "sources", "destinations", "snis")
 ADDRESS_MATCH_KEYS = ("ip", "port")
@@ -272,6 +272,7 @@ def _service(report: Report, section: Section, base: str, upstream_names: set[st
         ca_certificates=tuple(ca_certificates),
         tls_server_name=section.get("tls_server_name", _server_name, defaults.tls_server_name),
         proxy_protocol=section.get("proxy_protocol", _proxy_protocol_version, defaults.proxy_protocol),
+        tcp_congestion=section.get("tcp_congestion", usable_congestion_control, defaults.tcp_congestion),
     )
 
 

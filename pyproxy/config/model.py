@@ -163,6 +163,7 @@ class Service:
     ca_certificates: tuple[str, ...] = ()   # absolute paths of PEM files
     tls_server_name: Optional[str] = None
     proxy_protocol: str = "off"   # off | v1 | v2
+    tcp_congestion: Optional[str] = None    # TCP congestion control of upstream connections; None: the host's
     routes: tuple[Route, ...] = ()
 
 

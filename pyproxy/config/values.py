@@ -10,6 +10,7 @@ import difflib
 import ipaddress
 import os
 import re
+import socket
 from typing import Callable, Iterable, Optional
 
 from .errors import Invalid, describe
@@ -32,6 +33,8 @@ MAX_DURATION_MS = 365 * 86_400_000    # anything longer is a typo, and overflows
 
 _HOSTNAME_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 _NAME = re.compile(r"[A-Za-z0-9._~-]+")     # Kong's names: letters, digits and . - _ ~
+_CONGESTION_NAME = re.compile(r"[a-z0-9_]{1,15}")    # the kernel's TCP_CA_NAME_MAX is 16 with the NUL
+AVAILABLE_CONGESTION = "/proc/sys/net/ipv4/tcp_available_congestion_control"
 _LOG_VARIABLE = re.compile(r"\$(?:\{(?P<braced>[^}]*)\}|(?P<plain>[A-Za-z0-9_]+))?")
 
 
@@ -292,3 +295,33 @@ def parse_log_format(value: object) -> str:
         if name not in ACCESS_LOG_VARIABLES:
             raise Invalid(f"unknown variable {'$' + name!r}{did_you_mean(name, ACCESS_LOG_VARIABLES)}")
     return text
+
+
+def usable_congestion_control(value: object) -> str:
+    """A TCP congestion control algorithm (`cubic`, `reno`, `bbr`…) this host lets us set on a socket.
+
+    Tried for real on a throwaway socket: the kernel alone knows whether the module exists, can be
+    loaded, and is allowed for this user."""
+    if not isinstance(value, str) or not _CONGESTION_NAME.fullmatch(value):
+        raise Invalid(f"expected the name of a TCP congestion control algorithm such as cubic, got {describe(value)}")
+    refused = congestion_control_refused(value)
+    if refused is not None:
+        try:
+            with open(AVAILABLE_CONGESTION) as available:
+                names = available.read().split()
+        except OSError:
+            names = []
+        listed = f"; this host has {', '.join(names)}" if names else ""
+        raise Invalid(f"TCP congestion control {value!r} cannot be used here ({refused}){listed}"
+                      f"{did_you_mean(value, names)}")
+    return value
+
+
+def congestion_control_refused(name: str) -> Optional[str]:
+    """Why this process cannot set TCP congestion control `name` on a socket; None when it can."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, name.encode())
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None

@@ -5,14 +5,16 @@ from __future__ import annotations
 import collections
 import hashlib
 import socket
+import subprocess
 import threading
+from pathlib import Path
 
 import pytest
 
 from pyproxy.demo.echo import EchoServer
 from tests.support import (connect, echo_handler, expected_hash_reply, free_port, hash_handler,
                            pattern_bytes, recv_all, recv_line, source_handler_for, tag_handler,
-                           upload_and_hash)
+                           upload_and_hash, wait_until)
 
 
 def one_service(listen_port: int, targets: list[str], workers: int = 1, extra: str = "",
@@ -291,3 +293,28 @@ def test_502_after_the_client_already_sent_bytes_is_a_clean_close(proxy):
             sock.sendall(b"hello")
             assert recv_all(sock) == b""         # FIN, not ConnectionResetError
     assert all(" 502 " in line for line in p.wait_access(10))
+
+
+def _congestion_of_connections_to(port: int) -> list[str]:
+    """The congestion control `ss` shows for each established connection to `port` on this host."""
+    shown = subprocess.run(["ss", "-Htin", "state", "established", f"( dport = :{port} )"],
+                           capture_output=True, text=True, check=True).stdout
+    known = set(Path("/proc/sys/net/ipv4/tcp_available_congestion_control").read_text().split())
+    return [word for word in shown.split() if word in known]
+
+
+def test_tcp_congestion_applies_to_upstream_connections(proxy, upstreams):
+    """`tcp_congestion` is what the kernel uses on the proxy's connection to the upstream (and only
+    there: the client's own connection keeps the host's default); the bytes still arrive intact."""
+    default = Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
+    chosen = "reno" if default != "reno" else "cubic"
+    up = upstreams(hash_handler)
+    port = free_port()
+    proxy(one_service(port, [up.target], service_extra=f"    tcp_congestion: {chosen}"))
+    with connect(port) as sock:
+        sock.sendall(b"x")
+        wait_until(lambda: _congestion_of_connections_to(up.port), what="the upstream connection")
+        assert _congestion_of_connections_to(up.port) == [chosen]
+        assert _congestion_of_connections_to(port) == [default]
+    payload = pattern_bytes(4 << 20, seed=3)
+    assert upload_and_hash(port, payload) == expected_hash_reply(payload)

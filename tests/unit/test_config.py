@@ -422,6 +422,10 @@ def test_wrong_values(conf_dir: Path, line: str, key: str, message: str):
     ("proxy_protocol: true", "services[0].proxy_protocol", "expected one of off, v1, v2, got true"),
     ("tls_verify: maybe", "services[0].tls_verify", "expected true or false, got 'maybe'"),
     ("tls_server_name: '*.x'", "services[0].tls_server_name", "expected a host name to send as SNI, got '*.x'"),
+    ("tcp_congestion: 5", "services[0].tcp_congestion",
+     "expected the name of a TCP congestion control algorithm such as cubic, got 5"),
+    ("tcp_congestion: Cubic", "services[0].tcp_congestion",
+     "expected the name of a TCP congestion control algorithm such as cubic, got 'Cubic'"),
 ])
 def test_wrong_service_values(conf_dir: Path, fragment: str, key: str, message: str):
     text = MINIMAL.replace("    port: 1025\n", f"    port: 1025\n    {fragment}\n", 1)
@@ -430,6 +434,21 @@ def test_wrong_service_values(conf_dir: Path, fragment: str, key: str, message: 
     error = only_error(conf_dir, text)
     assert (error.key, error.message) == (key, message)
     assert error.line == line_of(text, fragment)
+
+
+def test_tcp_congestion_is_what_the_kernel_takes(conf_dir: Path):
+    text = MINIMAL.replace("    port: 1025\n", "    port: 1025\n    tcp_congestion: reno\n", 1)
+    assert load(conf_dir, text).services[0].tcp_congestion == "reno"     # reno is always built in
+    assert load(conf_dir, MINIMAL).services[0].tcp_congestion is None
+
+
+def test_tcp_congestion_the_kernel_refuses_names_what_it_has(conf_dir: Path):
+    text = MINIMAL.replace("    port: 1025\n", "    port: 1025\n    tcp_congestion: renoo\n", 1)
+    error = only_error(conf_dir, text)
+    assert (error.key, error.line) == ("services[0].tcp_congestion", line_of(text, "tcp_congestion"))
+    assert error.message.startswith("TCP congestion control 'renoo' cannot be used here (")
+    available = Path("/proc/sys/net/ipv4/tcp_available_congestion_control").read_text().split()
+    assert f"this host has {', '.join(available)}; did you mean 'reno'?" in error.message
 
 
 def test_names_use_kongs_alphabet(conf_dir: Path):
