@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 IN_EVENTS = EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR
 OUT_EVENTS = EPOLLOUT | EPOLLHUP | EPOLLERR
 HUP_EVENTS = EPOLLRDHUP | EPOLLHUP | EPOLLERR
+ERR_EVENTS = EPOLLHUP | EPOLLERR
 UPSTREAM_SOCKET_TYPE = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
 LINGER_RESET = struct.pack("ii", 1, 0)      # SO_LINGER {on, 0s}: close() sends a RST
 
@@ -400,7 +401,9 @@ class Session:
                 self.c2u.writable = True
             self.forward()
         elif phase == CONNECTING:
-            err = self.upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            # A failed connect always raises EPOLLERR (Linux sets the socket's error first), so
+            # only then is SO_ERROR worth a system call: a plain EPOLLOUT means connected.
+            err = self.upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if mask & ERR_EVENTS else 0
             if err:
                 self._connect_failed(self.tried[-1], f"failed ({err}: {os.strerror(err)})", timed_out=False)
             elif mask & EPOLLOUT:

@@ -29,7 +29,7 @@ FLUSH_AT = 64 * 1024            # ciphertext that send() hands to the socket wit
 class TLSStream:
     """A TLS connection (either side) over `sock`, whose readiness the caller tracks."""
 
-    __slots__ = ("sock", "tls", "obj", "incoming", "outgoing", "scratch", "backlog", "notified", "unsent",
+    __slots__ = ("sock", "obj", "incoming", "outgoing", "scratch", "backlog", "notified", "unsent",
                  "loop", "empty_at", "hup", "_fileno")
 
     def __init__(self, sock: socket.socket, context: ssl.SSLContext, server_side: bool,
@@ -37,10 +37,9 @@ class TLSStream:
         self.sock = sock
         self.incoming = ssl.MemoryBIO()
         self.outgoing = ssl.MemoryBIO()
-        # The SSLObject stays referenced: OpenSSL callbacks (SNI) find it through a weak reference.
-        self.tls = context.wrap_bio(self.incoming, self.outgoing, server_side=server_side,
-                                    server_hostname=server_hostname)
-        self.obj = getattr(self.tls, "_sslobj", self.tls)   # CPython's C object: one call frame less
+        # CPython's C object, without the pure-Python ssl.SSLObject around it (which only forwards
+        # calls): with no owner, an SNI callback is handed this object, whose `context` it may set.
+        self.obj = context._wrap_bio(self.incoming, self.outgoing, server_side, server_hostname)
         self.scratch = scratch          # the worker's receive buffer; only borrowed within a call
         self.backlog: Optional[memoryview] = None   # ciphertext the socket has not taken yet
         self.notified = False           # our close_notify is written
@@ -158,7 +157,14 @@ class TLSStream:
         """Decrypt into `buffer`: the byte count, 0 at the peer's close_notify or FIN, or WantRead
         when nothing more can be read now."""
         obj = self.obj
+        incoming = self.incoming
         while True:
+            if not incoming.pending and not incoming.eof and not obj.pending():
+                # OpenSSL has nothing to decrypt and would only raise "want read" (an exception
+                # built from its error queue, several times dearer than this test): refill first.
+                if not self._fill():
+                    raise WantRead
+                continue
             try:
                 return obj.read(len(buffer), buffer)
             except WantRead:

@@ -130,11 +130,11 @@ def test_close_notify_waits_until_the_peers_records_are_read(server_context):
 def test_tls13_tickets_ride_the_first_reply(server_context):
     client, server = connected_pair(server_context)
     assert read_available(client) == (b"", False)
-    assert not client.tls.session.has_ticket        # nothing was sent after the handshake
+    assert not client.obj.session.has_ticket        # nothing was sent after the handshake
     server.send(b"first reply")
     server.flush()
     assert read_available(client) == (b"first reply", False)
-    assert client.tls.session.has_ticket
+    assert client.obj.session.has_ticket
 
 
 def test_a_peer_that_is_not_tls_fails_the_handshake_with_an_error(server_context):
