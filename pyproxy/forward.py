@@ -1,7 +1,8 @@
-"""Moving bytes: one pump per direction, socket → pipe → socket with `os.splice` (zero copy).
+"""Moving bytes: one pump per direction, recv/send through a buffer, or socket → pipe → socket with
+`os.splice` (zero copy) once a plain direction carries bulk.
 
 A pump is told readiness by the session (edge-triggered epoll: `readable`/`writable` stay True until
-a syscall answers EAGAIN) and moves bytes until its source is dry, its destination is full, or its
+a syscall answers EAGAIN, or a plain recv comes back short) and moves bytes until its source is dry, its destination is full, or its
 budget for this tick is spent. Like nginx's `ngx_stream_proxy_process`, one function serves both
 directions; the session owns two pumps with source and destination swapped.
 
@@ -87,7 +88,8 @@ class SplicePump:
     """One direction of a plain-TCP session: src socket → pipe → dst socket."""
 
     __slots__ = ("pool", "src", "dst", "readable", "writable", "eof", "done", "pending", "pipe",
-                 "received", "sent", "error", "last_io", "blocked_at")
+                 "received", "sent", "error", "last_io", "blocked_at", "hup")
+    bulk = False            # already spliced (see BufferPump.bulk)
 
     def __init__(self, pool: PipePool, src: socket.socket, dst: socket.socket):
         self.pool = pool
@@ -104,6 +106,7 @@ class SplicePump:
         self.error = 0
         self.last_io = 0.0
         self.blocked_at = 0.0     # when dst last refused bytes we hold; 0 when nothing is stuck
+        self.hup = False          # told like BufferPump's, unused: only EAGAIN ever clears `readable`
 
     def run(self, now: float) -> int:
         if self.done:
@@ -197,23 +200,38 @@ SCRATCH_SIZE = 64 * 1024
 
 
 class BufferPump:
-    """One direction where a side speaks TLS: recv_into a worker-wide scratch buffer, then send.
+    """One direction through a worker-wide scratch buffer: recv_into, then send.
 
-    The TLS side is a TLSStream. Only what a destination refuses is copied out of the scratch buffer
-    (into `held`), so an idle TLS session holds no buffer either, and a stuck one holds at most one
-    read's worth (plus, towards TLS, about a buffer of ciphertext in the stream's backlog). OpenSSL
-    may keep decrypted bytes that epoll never reports, so the source is read until it says "want
-    read".
+    It serves every direction where a side speaks TLS (that side is a TLSStream), and every plain
+    direction until it turns out to be bulk (see `bulk`): for a small message recv/send costs less
+    than splice, which takes two system calls and a pipe for the same bytes.
+
+    Only what a destination refuses is copied out of the scratch buffer (into `held`), so an idle
+    session holds no buffer either, and a stuck one holds at most one read's worth (plus, towards
+    TLS, about a buffer of ciphertext in the stream's backlog). OpenSSL may keep decrypted bytes that
+    epoll never reports, so a TLS source is read until it says "want read"; a plain socket whose
+    recv came back short is empty (nginx's rule), unless its peer's FIN was reported (`hup`).
     """
 
     __slots__ = ("scratch", "src", "dst", "tls_dst", "readable", "writable", "eof", "done", "held",
-                 "received", "sent", "error", "last_io", "blocked_at")
+                 "received", "sent", "error", "last_io", "blocked_at", "plain_src", "hup",
+                 "splice_pool", "bulk")
 
-    def __init__(self, scratch: memoryview, src, dst):
+    def __init__(self, scratch: memoryview, src, dst, splice_pool: PipePool | None = None):
         self.scratch = scratch
         self.src = src
         self.dst = dst
         self.tls_dst: TLSStream | None = dst if isinstance(dst, TLSStream) else None
+        # A short recv empties a plain socket: edge-triggered epoll reports what arrives after it,
+        # so no recv is made only to hear EAGAIN. A FIN queued before that short read would not be
+        # reported again: once epoll reported one (`hup`), the socket is read until EAGAIN or EOF.
+        self.plain_src = not isinstance(src, TLSStream)
+        self.hup = False
+        # Both sides plain: a read that fills the scratch buffer means bulk is flowing, and from
+        # then on splice moves it without copying (HAProxy's splice-auto). The session swaps this
+        # pump for `spliced()` when run() returns MORE with `bulk` set.
+        self.splice_pool = splice_pool
+        self.bulk = False
         self.readable = False
         self.writable = False
         self.eof = False
@@ -296,6 +314,8 @@ class BufferPump:
                     return WAIT
                 self.last_io = now
                 continue
+            if self.bulk:
+                return MORE         # everything read was delivered: the session switches to splice
             if self.eof:
                 return DONE if self.finish() else WAIT
             if not self.readable:
@@ -316,6 +336,11 @@ class BufferPump:
                 continue
             self.received += n
             self.last_io = now
+            if n < len(scratch):
+                if self.plain_src and not self.hup:
+                    self.readable = False
+            elif self.splice_pool is not None:
+                self.bulk = True
             if not self.writable:
                 self.held = memoryview(bytes(scratch[:n]))
                 return self._blocked(now)
@@ -338,6 +363,17 @@ class BufferPump:
 
     def release(self) -> None:
         self.held = None
+
+    def spliced(self) -> SplicePump:
+        """This direction, from now on through a pipe: called once `bulk` is set and nothing is
+        held, so no byte can overtake another."""
+        pump = SplicePump(self.splice_pool, self.src, self.dst)
+        pump.readable = self.readable
+        pump.writable = self.writable
+        pump.received = self.received
+        pump.sent = self.sent
+        pump.last_io = self.last_io
+        return pump
 
 
 def reset_errno(err: int) -> bool:

@@ -20,8 +20,7 @@ from typing import TYPE_CHECKING, Optional
 
 from pyproxy.config.model import (STATUS_BAD_GATEWAY, STATUS_BAD_REQUEST, STATUS_INTERNAL,
                                   STATUS_NO_ROUTE, STATUS_OK, Listen)
-from pyproxy.forward import (DONE, DST_ERROR, LOCAL_ERROR, MORE, SCRATCH_SIZE, SRC_ERROR, BufferPump,
-                             SplicePump)
+from pyproxy.forward import DONE, DST_ERROR, LOCAL_ERROR, MORE, SCRATCH_SIZE, SRC_ERROR, BufferPump
 from pyproxy.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, STREAM_EVENTS
 from pyproxy.proxy_protocol import ProxyProtocolError, build_v1, build_v2, parse_proxy_header
 from pyproxy.tls.clienthello import ClientHelloError, parse_client_hello
@@ -36,6 +35,8 @@ OUT_EVENTS = EPOLLOUT | EPOLLHUP | EPOLLERR
 HUP_EVENTS = EPOLLRDHUP | EPOLLHUP | EPOLLERR
 ERR_EVENTS = EPOLLHUP | EPOLLERR
 UPSTREAM_SOCKET_TYPE = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+CLIENT_HUP = 1
+UPSTREAM_HUP = 2
 LINGER_RESET = struct.pack("ii", 1, 0)      # SO_LINGER {on, 0s}: close() sends a RST
 
 PREREAD_MAX = SCRATCH_SIZE                   # bytes of ClientHello we wait for (peeked into the scratch buffer)
@@ -77,7 +78,7 @@ class Session:
                  "route", "service", "balancer", "tried", "peer", "status",
                  "started", "ended", "connect_started", "connect_time", "timer", "deadline",
                  "scheduled", "serial", "protocol", "sni", "ssl_protocol", "ssl_cipher", "preread_need",
-                 "notes", "_local_ip")
+                 "notes", "_local_ip", "hups")
 
     def __init__(self, worker: "Worker", listen: Listen, client: socket.socket, client_addr, serial: int):
         self.worker = worker
@@ -108,6 +109,7 @@ class Session:
         self.preread_need = 1
         self.notes: Optional[dict] = None       # what plugins wrote on the session (annotate)
         self._local_ip: Optional[str] = None
+        self.hups = 0                           # CLIENT_HUP | UPSTREAM_HUP: a FIN or error epoll reported
 
     # -- accept ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -144,8 +146,14 @@ class Session:
         return f"{where}, sni: {self.sni}" if self.sni else where
 
     def on_client_event(self, mask: int) -> None:
-        if mask & HUP_EVENTS and type(self.client) is TLSStream:
-            self.client.hup = True          # see TLSStream._fill
+        if mask & HUP_EVENTS:
+            # Reported once (edge-triggered), perhaps in a phase that reads nothing: remembered, so
+            # that reads go on until EOF instead of trusting a short one (TLSStream._fill, BufferPump).
+            self.hups |= CLIENT_HUP
+            if type(self.client) is TLSStream:
+                self.client.hup = True
+            elif self.c2u is not None:
+                self.c2u.hup = True
         phase = self.phase
         if phase == FORWARDING:
             if mask & IN_EVENTS:
@@ -346,6 +354,7 @@ class Session:
             return
         self.tried.append(peer)
         self.phase = CONNECTING
+        self.hups &= ~UPSTREAM_HUP          # what the last attempt's socket reported is not ours
         try:
             # The C socket type: socket.socket's Python __init__ and close() add nothing we use.
             sock = _socket.socket(peer.family, UPSTREAM_SOCKET_TYPE)
@@ -391,8 +400,12 @@ class Session:
         self.try_next_peer()
 
     def on_upstream_event(self, mask: int) -> None:
-        if mask & HUP_EVENTS and type(self.upstream) is TLSStream:
-            self.upstream.hup = True
+        if mask & HUP_EVENTS:
+            self.hups |= UPSTREAM_HUP
+            if type(self.upstream) is TLSStream:
+                self.upstream.hup = True
+            elif self.u2c is not None:
+                self.u2c.hup = True
         phase = self.phase
         if phase == FORWARDING:
             if mask & IN_EVENTS:
@@ -468,14 +481,13 @@ class Session:
     # -- forward --------------------------------------------------------------------------
     def forward_phase(self) -> None:
         client, upstream = self.client, self.upstream
-        if isinstance(client, TLSStream) or isinstance(upstream, TLSStream):
-            scratch = self.worker.scratch
-            self.c2u = BufferPump(scratch, client, upstream)
-            self.u2c = BufferPump(scratch, upstream, client)
-        else:
-            pool = self.worker.pool
-            self.c2u = SplicePump(pool, client, upstream)
-            self.u2c = SplicePump(pool, upstream, client)
+        # recv/send first; two plain sockets switch a direction to splice once it carries bulk.
+        pool = None if isinstance(client, TLSStream) or isinstance(upstream, TLSStream) else self.worker.pool
+        scratch = self.worker.scratch
+        self.c2u = BufferPump(scratch, client, upstream, pool)
+        self.u2c = BufferPump(scratch, upstream, client, pool)
+        self.c2u.hup = bool(self.hups & CLIENT_HUP)
+        self.u2c.hup = bool(self.hups & UPSTREAM_HUP)
         # What we know of readiness so far; anything unknown is simply tried (EAGAIN costs little).
         self.c2u.readable = True
         self.c2u.writable = True
@@ -493,10 +505,14 @@ class Session:
         if up >= SRC_ERROR:
             self._pump_failed(self.c2u, up, client_is_source=True)
             return
+        if up == MORE and self.c2u.bulk:
+            self.c2u = self.c2u.spliced()
         down = self.u2c.run(now)
         if down >= SRC_ERROR:
             self._pump_failed(self.u2c, down, client_is_source=False)
             return
+        if down == MORE and self.u2c.bulk:
+            self.u2c = self.u2c.spliced()
         if up == DONE and down == DONE:
             self.close(STATUS_OK)
         elif (up == MORE or down == MORE) and not self.scheduled:

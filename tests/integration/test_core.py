@@ -82,6 +82,19 @@ def test_upload_8mib_then_half_close_gets_hash(proxy, upstreams):
     assert upload_and_hash(port, payload) == expected_hash_reply(payload)
 
 
+def test_bulk_both_ways_through_the_switch_to_splice(proxy, upstreams):
+    """Plain sessions start on recv/send and move a direction to splice once it carries bulk: a
+    large upload, then the reply, arrive intact across the switch, and nothing goes wrong on the
+    way (the splice pump then yields to other sessions every 16 round trips)."""
+    up = upstreams(hash_handler)
+    port = free_port()
+    p = proxy(one_service(port, [up.target]))
+    payload = pattern_bytes(96 << 20, seed=3)
+    assert upload_and_hash(port, payload) == expected_hash_reply(payload)
+    assert f" {len(payload)} " in p.wait_access(1)[0]      # $bytes_received counts the upload
+    assert "error" not in p.log_text()
+
+
 def test_download_32mib_arrives_intact(proxy, upstreams):
     size = 32 << 20
     up = upstreams(source_handler_for(size))

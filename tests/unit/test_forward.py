@@ -1,4 +1,5 @@
-"""The splice pump on real sockets: bytes arrive intact, half-close passes, backpressure holds."""
+"""The pumps on real sockets: bytes arrive intact, half-close passes, backpressure holds, and a plain
+direction moves from recv/send to splice once it carries bulk."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import hashlib
 import os
 import socket
 
-from pyproxy.forward import DONE, DST_ERROR, MORE, SRC_ERROR, WAIT, PipePool, SplicePump
+from pyproxy.forward import (DONE, DST_ERROR, MORE, SCRATCH_SIZE, SRC_ERROR, WAIT, BufferPump, PipePool,
+                             SplicePump)
 
 
 def pair():
@@ -101,3 +103,80 @@ def test_source_reset_and_destination_gone_are_reported():
     server.close()
     client.sendall(b"data")
     assert pump.run(0.0) == DST_ERROR
+
+
+# -- recv/send first, splice for bulk ------------------------------------------------------------
+class CountingSocket:
+    """A real socket whose recv_into calls are counted (the C socket type takes no attributes)."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.recvs = 0
+
+    def recv_into(self, buffer):
+        self.recvs += 1
+        return self.sock.recv_into(buffer)
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def shutdown(self, how):
+        self.sock.shutdown(how)
+
+
+def make_buffer_pump(pool):
+    client, src = pair()
+    dst, server = pair()
+    pump = BufferPump(memoryview(bytearray(SCRATCH_SIZE)), CountingSocket(src), dst, pool)
+    pump.readable = pump.writable = True
+    return client, pump, server
+
+
+def test_small_message_is_one_recv_and_no_pipe():
+    """nginx's rule: a short recv emptied the socket, so no second recv only to hear EAGAIN."""
+    pool = PipePool()
+    client, pump, server = make_buffer_pump(pool)
+    client.sendall(b"GET / HTTP/1.1\r\n\r\n")
+    assert pump.run(0.0) == WAIT
+    assert server.recv(100) == b"GET / HTTP/1.1\r\n\r\n"
+    assert pump.src.recvs == 1 and not pump.readable
+    assert not pump.bulk                               # stays on recv/send: no pipe for it
+
+
+def test_reported_fin_is_read_after_a_short_read():
+    """Bytes and FIN queued together: once epoll reported the FIN, a short read is not trusted."""
+    client, pump, server = make_buffer_pump(PipePool())
+    client.sendall(b"last words")
+    client.shutdown(socket.SHUT_WR)
+    pump.hup = True
+    assert pump.run(0.0) == DONE
+    assert drain(server) == b"last words"              # and then EOF: the FIN was passed on
+
+
+def test_bulk_switches_to_splice_without_reordering():
+    pool = PipePool()
+    client, pump, server = make_buffer_pump(pool)
+    payload = os.urandom(4 << 20)
+    received = bytearray()
+    view = memoryview(payload)
+    before_switch = None
+    while view or not pump.done:
+        if view:
+            try:
+                view = view[client.send(view[:1 << 18]):]
+            except BlockingIOError:
+                pass
+            if not view:
+                client.shutdown(socket.SHUT_WR)
+        pump.readable = pump.writable = True
+        result = pump.run(0.0)
+        assert result in (WAIT, MORE, DONE)
+        if result == MORE and pump.bulk:               # what Session.forward does
+            before_switch = pump.received
+            pump = pump.spliced()
+            assert isinstance(pump, SplicePump) and not pump.bulk
+        received += drain(server)
+    received += drain(server)
+    assert before_switch == SCRATCH_SIZE               # one full buffer read, then splice
+    assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
+    assert pump.received == pump.sent == len(payload)  # the counters carried over
