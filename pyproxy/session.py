@@ -192,7 +192,7 @@ class Session:
 
     # -- preread (ssl listeners) ----------------------------------------------------------
     def preread(self, ended: bool = False) -> None:
-        """Peek at the ClientHello without consuming it: passthrough then splices it on untouched,
+        """Peek at the ClientHello without consuming it: passthrough then forwards it untouched,
         termination lets OpenSSL read it. Bounded by PREREAD_MAX bytes and ssl.preread_timeout.
         `ended`: the client sent its FIN (or reset), so an incomplete hello will never complete."""
         hello = self._peek_parse(parse_client_hello, ClientHelloError, PREREAD_MAX, _next_record_end,
