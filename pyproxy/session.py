@@ -145,15 +145,19 @@ class Session:
         where = f"client: {self.client_addr[0]}:{self.client_addr[1]}, server: {self.listen}"
         return f"{where}, sni: {self.sni}" if self.sni else where
 
+    def _hung_up(self, side: int, sock, pump) -> None:
+        """epoll reported a FIN (or an error) on one side: once only (edge-triggered), perhaps in a
+        phase that reads nothing. Remembered, so that this side is read until EOF instead of
+        trusting a short read (TLSStream._fill, BufferPump)."""
+        self.hups |= side
+        if type(sock) is TLSStream:
+            sock.hup = True
+        elif pump is not None:
+            pump.hup = True
+
     def on_client_event(self, mask: int) -> None:
         if mask & HUP_EVENTS:
-            # Reported once (edge-triggered), perhaps in a phase that reads nothing: remembered, so
-            # that reads go on until EOF instead of trusting a short one (TLSStream._fill, BufferPump).
-            self.hups |= CLIENT_HUP
-            if type(self.client) is TLSStream:
-                self.client.hup = True
-            elif self.c2u is not None:
-                self.c2u.hup = True
+            self._hung_up(CLIENT_HUP, self.client, self.c2u)
         phase = self.phase
         if phase == FORWARDING:
             if mask & IN_EVENTS:
@@ -401,11 +405,7 @@ class Session:
 
     def on_upstream_event(self, mask: int) -> None:
         if mask & HUP_EVENTS:
-            self.hups |= UPSTREAM_HUP
-            if type(self.upstream) is TLSStream:
-                self.upstream.hup = True
-            elif self.u2c is not None:
-                self.u2c.hup = True
+            self._hung_up(UPSTREAM_HUP, self.upstream, self.u2c)
         phase = self.phase
         if phase == FORWARDING:
             if mask & IN_EVENTS:

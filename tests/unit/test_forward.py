@@ -39,16 +39,17 @@ def drain(sock):
         out += chunk
 
 
-def test_bytes_pass_intact_and_fin_is_forwarded():
-    pool = PipePool()
-    client, pump, server = make_pump(pool)
-    payload = os.urandom(3 << 20)
+def pump_through(client, pump, server, payload: bytes, chunk: int):
+    """Send payload and a FIN from `client`, run the pump as the session does (a BufferPump that
+    reports bulk is swapped for its SplicePump) until the FIN is passed on. Returns the bytes
+    `server` got, the last pump, and how many bytes were read before a switch (None: no switch)."""
     received = bytearray()
     view = memoryview(payload)
+    switched_at = None
     while view or not pump.done:
         if view:
             try:
-                view = view[client.send(view[:1 << 16]):]
+                view = view[client.send(view[:chunk]):]
             except BlockingIOError:
                 pass
             if not view:
@@ -56,8 +57,20 @@ def test_bytes_pass_intact_and_fin_is_forwarded():
         pump.readable = pump.writable = True
         result = pump.run(0.0)
         assert result in (WAIT, MORE, DONE)
+        if result == MORE and pump.bulk:               # what Session.forward does
+            switched_at = pump.received
+            pump = pump.spliced()
+            assert isinstance(pump, SplicePump) and not pump.bulk
         received += drain(server)
     received += drain(server)
+    return bytes(received), pump, switched_at
+
+
+def test_bytes_pass_intact_and_fin_is_forwarded():
+    pool = PipePool()
+    client, pump, server = make_pump(pool)
+    payload = os.urandom(3 << 20)
+    received, pump, _ = pump_through(client, pump, server, payload, 1 << 16)
     assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
     assert pump.received == pump.sent == len(payload)
     assert pump.pipe is None                     # the pipe went back to the pool
@@ -157,26 +170,7 @@ def test_bulk_switches_to_splice_without_reordering():
     pool = PipePool()
     client, pump, server = make_buffer_pump(pool)
     payload = os.urandom(4 << 20)
-    received = bytearray()
-    view = memoryview(payload)
-    before_switch = None
-    while view or not pump.done:
-        if view:
-            try:
-                view = view[client.send(view[:1 << 18]):]
-            except BlockingIOError:
-                pass
-            if not view:
-                client.shutdown(socket.SHUT_WR)
-        pump.readable = pump.writable = True
-        result = pump.run(0.0)
-        assert result in (WAIT, MORE, DONE)
-        if result == MORE and pump.bulk:               # what Session.forward does
-            before_switch = pump.received
-            pump = pump.spliced()
-            assert isinstance(pump, SplicePump) and not pump.bulk
-        received += drain(server)
-    received += drain(server)
-    assert before_switch == SCRATCH_SIZE               # one full buffer read, then splice
+    received, pump, switched_at = pump_through(client, pump, server, payload, 1 << 18)
+    assert switched_at == SCRATCH_SIZE                 # one full buffer read, then splice
     assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
     assert pump.received == pump.sent == len(payload)  # the counters carried over
