@@ -36,7 +36,8 @@ def test_out_of_file_descriptors_pauses_accepting_then_resumes(tmp_path, upstrea
     port = free_port()
     probe = Proxy(tmp_path, one_service(port, [up.target]))
     probe.start()
-    assert echo_once(port) == b"ping"                 # warm: the pipe pool holds its pipe
+    assert echo_once(port) == b"ping"
+    probe.wait_access(1)                              # that session is closed: its fds are not counted
     idle_fds = worker(probe).num_fds()
     probe.stop()
     probe.error_log.unlink()
@@ -112,6 +113,7 @@ def test_fds_and_memory_return_to_baseline_after_many_sessions(proxy, upstreams)
     port = free_port()
     p = proxy(one_service(port, [up.target]))
     assert echo_once(port) == b"ping"
+    p.wait_access(1)                                  # that session is closed: its fds are not in the baseline
     w = worker(p)
     fds, rss = w.num_fds(), w.memory_info().rss
     held = [connect(port) for _ in range(300)]
