@@ -2,8 +2,8 @@
 `os.splice` (zero copy) once a plain direction carries bulk.
 
 A pump is told readiness by the session (edge-triggered epoll: `readable`/`writable` stay True until
-a syscall answers EAGAIN, or a plain recv comes back short) and moves bytes until its source is dry, its destination is full, or its
-budget for this tick is spent. Like nginx's `ngx_stream_proxy_process`, one function serves both
+a syscall answers EAGAIN, or a plain recv comes back short) and moves bytes until its source is dry,
+its destination is full, or its budget for this tick is spent. Like nginx's `ngx_stream_proxy_process`, one function serves both
 directions; the session owns two pumps with source and destination swapped.
 
 Pipes are borrowed from the worker's pool only while bytes are in flight, so an idle session holds
