@@ -3,8 +3,9 @@
 
 A pump is told readiness by the session (edge-triggered epoll: `readable`/`writable` stay True until
 a syscall answers EAGAIN, or a plain recv comes back short) and moves bytes until its source is dry,
-its destination is full, or its budget for this tick is spent. Like nginx's `ngx_stream_proxy_process`, one function serves both
-directions; the session owns two pumps with source and destination swapped.
+its destination is full, or its budget for this tick is spent. Like nginx's
+`ngx_stream_proxy_process`, one function serves both directions; the session owns two pumps with
+source and destination swapped.
 
 Pipes are borrowed from the worker's pool only while bytes are in flight, so an idle session holds
 no pipe at all: two sockets, two fds. A pipe holds at most `PipePool.size` bytes, which bounds what a
@@ -88,7 +89,7 @@ class SplicePump:
     """One direction of a plain-TCP session: src socket → pipe → dst socket."""
 
     __slots__ = ("pool", "src", "dst", "readable", "writable", "eof", "done", "pending", "pipe",
-                 "received", "sent", "error", "last_io", "blocked_at", "hup")
+                 "received", "sent", "error", "last_io", "blocked_at")
     bulk = False            # already spliced (see BufferPump.bulk)
 
     def __init__(self, pool: PipePool, src: socket.socket, dst: socket.socket):
@@ -106,7 +107,6 @@ class SplicePump:
         self.error = 0
         self.last_io = 0.0
         self.blocked_at = 0.0     # when dst last refused bytes we hold; 0 when nothing is stuck
-        self.hup = False          # told like BufferPump's, unused: only EAGAIN ever clears `readable`
 
     def run(self, now: float) -> int:
         if self.done:

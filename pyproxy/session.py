@@ -148,11 +148,11 @@ class Session:
     def _hung_up(self, side: int, sock, pump) -> None:
         """epoll reported a FIN (or an error) on one side: once only (edge-triggered), perhaps in a
         phase that reads nothing. Remembered, so that this side is read until EOF instead of
-        trusting a short read (TLSStream._fill, BufferPump)."""
+        trusting a short read (TLSStream._fill, BufferPump; a SplicePump trusts none)."""
         self.hups |= side
         if type(sock) is TLSStream:
             sock.hup = True
-        elif pump is not None:
+        elif type(pump) is BufferPump:
             pump.hup = True
 
     def on_client_event(self, mask: int) -> None:
