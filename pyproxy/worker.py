@@ -98,6 +98,7 @@ class Worker:
         config = self.config
         setproctitle(f"pyproxy: worker process #{self.slot}")
         self.log.slot = self.slot
+        self._set_sched_policy(config.worker_sched_policy)
         self.loop = Loop()
         self.loop.on_error = self.on_callback_error
         self.pool = PipePool()
@@ -133,6 +134,18 @@ class Worker:
         gc.freeze()
         gc.set_threshold(GC_THRESHOLD, 20, 20)
         os.write(ready_fd, READY)
+
+    def _set_sched_policy(self, policy: str) -> None:
+        """`worker_sched_policy: batch`: SCHED_BATCH for this worker (any user may choose it). A worker
+        woken by bytes then waits for the running task's slice or an idle CPU instead of preempting
+        the process that produces them. "normal" keeps whatever policy the worker inherited."""
+        if policy != "batch":
+            return
+        try:
+            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+        except OSError as exc:      # a seccomp filter or an unusual kernel: run on as before
+            self.log.warn(f"worker_sched_policy batch cannot be set ({exc.strerror or exc}): "
+                          "the worker keeps its scheduling policy")
 
     def _install_signals(self) -> None:
         r, w = socket.socketpair()

@@ -22,6 +22,10 @@ STATUS_BAD_GATEWAY = 502
 STATUS_OVER_LIMIT = 503
 
 LOG_LEVELS = ("debug", "info", "notice", "warn", "error", "crit")
+# The Linux scheduling policy of the workers: "normal" is SCHED_OTHER (left as inherited), "batch" is
+# SCHED_BATCH: a worker woken by incoming bytes does not preempt the process that is running, it waits
+# for the next slice or an idle CPU (see README, Performance).
+WORKER_SCHED_POLICIES = ("normal", "batch")
 ROUTE_PROTOCOLS = ("tcp", "tls", "tls_passthrough")
 ALGORITHMS = ("round-robin", "least-connections", "consistent-hashing")
 
@@ -182,6 +186,7 @@ class Config:
     worker_processes: int = 1     # "auto" already turned into the CPU count
     worker_connections: int = 16384
     worker_shutdown_timeout: float = 30.0
+    worker_sched_policy: str = "normal"   # "batch": workers run as SCHED_BATCH (see WORKER_SCHED_POLICIES)
     proxy_protocol_timeout: float = 5.0   # nginx's proxy_protocol_timeout: time to receive the header
     pid: Optional[str] = None     # absolute path, None = "off"
     user: Optional[str] = None

@@ -15,7 +15,7 @@ from typing import Optional
 
 from . import entities
 from .errors import Invalid, describe
-from .model import LOG_LEVELS, CertKey, Certificate, Config, Listen, SSLSettings
+from .model import LOG_LEVELS, WORKER_SCHED_POLICIES, CertKey, Certificate, Config, Listen, SSLSettings
 from .sections import Place, Report, Section
 from .tlsfiles import certificate_names, load_certificate_pair
 from .values import (
@@ -24,7 +24,8 @@ from .values import (
 )
 
 TOP_LEVEL_KEYS = (
-    "worker_processes", "worker_connections", "worker_shutdown_timeout", "proxy_protocol_timeout", "pid",
+    "worker_processes", "worker_connections", "worker_shutdown_timeout", "worker_sched_policy",
+    "proxy_protocol_timeout", "pid",
     "plugin_modules", "user", "status_listen",
     "error_log", "log_level", "access_log", "access_log_format", "stream_listen", "ssl", "certificates",
     "upstreams", "services", "plugins",
@@ -71,6 +72,8 @@ def build_config(report: Report, document: object) -> Optional[Config]:
         worker_connections=root.get("worker_connections", integer(1, C_INT_MAX), defaults.worker_connections),
         worker_shutdown_timeout=root.get("worker_shutdown_timeout", parse_duration,
                                          defaults.worker_shutdown_timeout),
+        worker_sched_policy=root.get("worker_sched_policy", one_of(WORKER_SCHED_POLICIES),
+                                     defaults.worker_sched_policy),
         proxy_protocol_timeout=root.get("proxy_protocol_timeout", positive_duration,
                                         defaults.proxy_protocol_timeout),
         pid=root.get("pid", pid_file(base), default_pid_path(base)),

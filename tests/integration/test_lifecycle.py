@@ -13,8 +13,9 @@ import time
 import psutil
 
 from tests.integration.test_core import one_service
-from tests.support import (Proxy, connect, echo_handler, free_port, peer_common_name, recv_all, recv_line,
-                           tag_handler, tls_client, wait_until)
+from tests.support import (Proxy, connect, echo_handler, expected_hash_reply, free_port, hash_handler,
+                           pattern_bytes, peer_common_name, recv_all, recv_line, tag_handler, tls_client,
+                           upload_and_hash, wait_until)
 
 
 def routed_to(port: int, target_port: int, name: str = "svc") -> str:
@@ -76,6 +77,33 @@ def test_master_and_workers_are_named_and_pid_file_written(proxy, upstreams):
     assert titles == ["pyproxy: worker process #0", "pyproxy: worker process #1"]
     assert p.stop(signal.SIGTERM) == 0
     assert not p.pid_file.exists()
+
+
+def _sched_policies(pids: list[int]) -> list[int | None]:
+    """Each process's scheduling policy; None for one that exited meanwhile (an old worker)."""
+    policies: list[int | None] = []
+    for pid in pids:
+        try:
+            policies.append(os.sched_getscheduler(pid))
+        except ProcessLookupError:
+            policies.append(None)
+    return policies
+
+
+def test_worker_sched_policy_batch_applies_to_workers_only_and_follows_a_reload(proxy, upstreams):
+    """`worker_sched_policy: batch` makes each worker SCHED_BATCH (the master keeps its own policy);
+    a reload back to `normal` starts workers with the master's; bytes pass intact under both."""
+    up = upstreams(hash_handler)
+    port = free_port()
+    p = proxy(one_service(port, [up.target], workers=2, extra="worker_sched_policy: batch"))
+    assert {os.sched_getscheduler(pid) for pid in p.worker_pids()} == {os.SCHED_BATCH}
+    assert os.sched_getscheduler(p.pid) == os.SCHED_OTHER
+    payload = pattern_bytes(8 << 20, seed=11)
+    assert upload_and_hash(port, payload) == expected_hash_reply(payload)
+    p.reload(one_service(port, [up.target], workers=2))
+    wait_until(lambda: _sched_policies(p.worker_pids()) == [os.SCHED_OTHER] * 2,
+               what="the new generation of workers under SCHED_OTHER")
+    assert upload_and_hash(port, payload) == expected_hash_reply(payload)
 
 
 def test_hup_reroutes_new_sessions_while_open_session_keeps_working(proxy, upstreams):

@@ -193,6 +193,7 @@ def test_spec_example_loads_with_expected_values(conf_dir: Path):
     assert config.worker_processes == os.cpu_count()
     assert config.worker_connections == 16384
     assert config.worker_shutdown_timeout == 30.0
+    assert config.worker_sched_policy == "normal"
     assert config.pid == str(conf_dir / "pyproxy.pid")
     assert config.user == "nobody"
     assert config.status_listen == ("127.0.0.1", 9100)
@@ -399,6 +400,7 @@ def test_odd_unknown_key_stays_out_of_the_path(conf_dir: Path):
     ("log_level: warning", "log_level",
      "expected one of debug, info, notice, warn, error, crit, got 'warning'; did you mean 'warn'?"),
     ("user: no-such-user-here", "user", "no such user: 'no-such-user-here'"),
+    ("worker_sched_policy: fifo", "worker_sched_policy", "expected one of normal, batch, got 'fifo'"),
     ("status_listen: localhost:9100", "status_listen", "expected an IPv4 address to listen on, got 'localhost'"),
     ("status_listen: 127.0.0.1:9000", "status_listen", "the status address is also a stream_listen address"),
     ("error_log: off", "error_log", "error_log goes to stderr or to a file, not false"),
