@@ -81,6 +81,10 @@ class Loop:
         self.epoll.register(fd, events)
         self.handlers[fd] = handler
 
+    def rebind(self, fd: int, handler: Callable[[int], None]) -> None:
+        """Give a registered fd's events to another handler: same registration, no syscall."""
+        self.handlers[fd] = handler
+
     def modify(self, fd: int, events: int) -> None:
         self.epoll.modify(fd, events)
 

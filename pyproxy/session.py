@@ -27,6 +27,7 @@ from pyproxy.tls.clienthello import ClientHelloError, parse_client_hello
 from pyproxy.tls.stream import TLSStream
 
 if TYPE_CHECKING:
+    from pyproxy.loop import Loop
     from pyproxy.upstream import Peer
     from pyproxy.worker import Worker
 
@@ -41,6 +42,8 @@ LINGER_RESET = struct.pack("ii", 1, 0)      # SO_LINGER {on, 0s}: close() sends 
 
 PREREAD_MAX = SCRATCH_SIZE                   # bytes of ClientHello we wait for (peeked into the scratch buffer)
 
+LINGER_TIMEOUT = 2.0        # how long a refused client may keep sending after our FIN
+LINGER_READS = 16           # reads per event while lingering; the rest waits for the next edge
 PROXY_HEADER_MAX = 4096 + 16                 # the PROXY v2 header with generous TLVs
 SEND_PROXY_HEADER = {"v1": build_v1, "v2": build_v2}
 
@@ -244,14 +247,27 @@ class Session:
 
     def _refuse(self, status: int) -> None:
         """Close a client we will not serve with a FIN, not a RST: a close() with unread bytes
-        (peeked, or sent before we decided) would make the kernel reset the connection."""
+        (peeked, or sent before we decided) would make the kernel reset the connection. What has
+        arrived is read now; a plain client that has not sent its FIN yet gets ours and is then
+        read until it does (LingeringClose), so bytes it sends meanwhile are not answered by a RST."""
+        client = self.client
+        ended = False
         try:
             for _ in range(4):
-                if not self.client.recv(65536):
+                if not client.recv(65536):
+                    ended = True
                     break
-        except (OSError, ValueError):
+        except BlockingIOError:
             pass
-        self.close(status)
+        except (OSError, ValueError):
+            ended = True            # reset or gone: nothing to wait for
+        linger = not ended and type(client) is not TLSStream
+        if linger:
+            try:
+                client.shutdown(socket.SHUT_WR)
+            except OSError:
+                linger = False
+        self.close(status, linger)
 
     # -- route ----------------------------------------------------------------------------
     def route_phase(self) -> None:
@@ -625,8 +641,9 @@ class Session:
     def upstream_bytes_received(self) -> int:
         return self.u2c.received if self.u2c else 0
 
-    def close(self, status: int) -> None:
-        """End the session: close both sockets, give back pipes and the peer, write the log line."""
+    def close(self, status: int, linger: bool = False) -> None:
+        """End the session: close both sockets, give back pipes and the peer, write the log line.
+        `linger`: the client socket (already shut down for writing) goes to a LingeringClose instead."""
         if self.phase == CLOSED:
             return
         self.phase = CLOSED
@@ -636,14 +653,59 @@ class Session:
             self.timer.cancel()
             self.timer = None
         self._drop_upstream()
-        self.loop.forget(self.client.fileno())
-        self.client.close()
+        if linger:
+            self.worker.linger(self.client)
+        else:
+            self.loop.forget(self.client.fileno())
+            self.client.close()
         if self.c2u is not None:
             self.c2u.release()
             self.u2c.release()
         if self.peer is not None:
             self.balancer.released(self.peer)
         self.worker.session_closed(self)
+
+
+class LingeringClose:
+    """A refused plain client after our FIN: what it still sends is read and dropped until its own
+    FIN, an error, or LINGER_TIMEOUT, then the socket is closed. Closing at once with bytes arriving
+    would answer them with a RST, and a RST can destroy the refusal before the client read it
+    (nginx's HTTP `lingering_close` does the same for the same reason)."""
+
+    __slots__ = ("loop", "sock", "fd", "scratch", "held", "timer")
+
+    def __init__(self, loop: "Loop", sock: socket.socket, scratch: memoryview, held: set):
+        self.loop = loop
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.scratch = scratch
+        self.held = held
+        held.add(self)
+        loop.rebind(self.fd, self.on_event)     # still registered, edge-triggered: no epoll_ctl
+        self.timer = loop.call_later(LINGER_TIMEOUT, self.close)
+        self.on_event(0)                         # bytes may have come since the session's last read
+
+    def on_event(self, mask: int) -> None:
+        recv_into = self.sock.recv_into
+        scratch = self.scratch
+        try:
+            for _ in range(LINGER_READS):
+                if not recv_into(scratch):
+                    break                        # its FIN: done
+            else:
+                return                           # still streaming: the next edge comes back here
+        except BlockingIOError:
+            return
+        except OSError:
+            pass
+        self.timer.cancel()
+        self.close()
+
+    def close(self) -> None:
+        if self in self.held:
+            self.held.discard(self)
+            self.loop.forget(self.fd)
+            self.sock.close()
 
 
 def _ssl_reason(exc: Exception) -> str:

@@ -31,7 +31,7 @@ from pyproxy.loop import EPOLLIN, Loop
 from pyproxy.metrics import StatusSession, WorkerMetrics
 from pyproxy.router import Router
 from pyproxy.plugins import PluginChains, PluginContext
-from pyproxy.session import Session
+from pyproxy.session import LingeringClose, Session
 from pyproxy.shared import SharedState
 from pyproxy.tls.contexts import TLSContexts
 from pyproxy.upstream import build_balancers
@@ -41,6 +41,7 @@ WORKER_BOOT_ERROR = 3
 READY, QUIESCED = b"R", b"Q"
 ACCEPT_BATCH = 64             # connections taken per readiness event of a listening socket
 ACCEPT_PAUSE = 0.5            # seconds to stop accepting after EMFILE/ENFILE (nginx: accept_mutex_delay)
+LINGER_MAX = 1024             # refused clients read until their FIN at once, per worker
 GC_THRESHOLD = 20000          # young-generation allocations between collections (CPython's default: 700)
 TRIM_INTERVAL = 5.0           # seconds between checks for an idle worker's free heap to release
 
@@ -88,6 +89,7 @@ class Worker:
         self.log = log
         self.master_pid = os.getpid()
         self.sessions: set[Session] = set()
+        self.lingering: set[LingeringClose] = set()   # refused clients read until their FIN
         self.serial = 0
         self.draining = False
         self.accepting = False
@@ -312,6 +314,15 @@ class Worker:
             plugin.log(session)
         if self.draining and not self.sessions:
             self.loop.stop()
+
+    def linger(self, sock: socket.socket) -> None:
+        """Take a refused client that got our FIN (Session._refuse): read it until its own FIN, up to
+        LINGER_MAX at once; past that it is closed at once (a flood gets RSTs, not our fds)."""
+        if len(self.lingering) < LINGER_MAX:
+            LingeringClose(self.loop, sock, self.scratch, self.lingering)
+        else:
+            self.loop.forget(sock.fileno())
+            sock.close()
 
     # -- housekeeping ---------------------------------------------------------------------------
     def after_tick(self) -> None:

@@ -7,11 +7,14 @@ import hashlib
 import socket
 import subprocess
 import threading
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from pyproxy.demo.echo import EchoServer
+from pyproxy.session import LINGER_TIMEOUT
 from tests.support import (connect, echo_handler, expected_hash_reply, free_port, hash_handler,
                            pattern_bytes, recv_all, recv_line, source_handler_for, tag_handler,
                            upload_and_hash, wait_until)
@@ -306,6 +309,43 @@ def test_502_after_the_client_already_sent_bytes_is_a_clean_close(proxy):
             sock.sendall(b"hello")
             assert recv_all(sock) == b""         # FIN, not ConnectionResetError
     assert all(" 502 " in line for line in p.wait_access(10))
+
+
+def _worker_sockets_from(p, client_port: int) -> list[str]:
+    """States of the worker sockets whose peer is `client_port` (psutil: ESTABLISHED, FIN_WAIT2...)."""
+    return [c.status for pid in p.worker_pids() for c in psutil.Process(pid).net_connections()
+            if c.raddr and c.raddr[1] == client_port]
+
+
+def test_refused_client_that_keeps_sending_gets_a_fin_and_no_reset(proxy):
+    """After a 502 the client gets our FIN, and what it sends after reading it is still read
+    (lingering close): a close() at once would answer those bytes with a RST. Its own FIN ends it."""
+    port = free_port()
+    p = proxy(one_service(port, [f"127.0.0.1:{free_port()}"]))
+    with connect(port) as sock:
+        sock.sendall(b"hello")
+        assert recv_all(sock) == b""                  # our FIN
+        for _ in range(5):                            # a client that writes before it notices
+            time.sleep(0.02)
+            sock.sendall(b"x" * 4096)                 # EPIPE / ECONNRESET once the proxy reset it
+        client_port = sock.getsockname()[1]
+        assert _worker_sockets_from(p, client_port) == ["FIN_WAIT2"]   # still reading us
+    wait_until(lambda: _worker_sockets_from(p, client_port) in ([], ["TIME_WAIT"]),
+               what="the proxy to close once the client's FIN came")
+    assert " 502 " in p.wait_access(1)[0]
+
+
+def test_refused_client_that_never_closes_is_dropped_after_the_linger_timeout(proxy):
+    port = free_port()
+    p = proxy(one_service(port, [f"127.0.0.1:{free_port()}"]))
+    with connect(port) as sock:
+        assert recv_all(sock) == b""
+        client_port = sock.getsockname()[1]
+        assert _worker_sockets_from(p, client_port) == ["FIN_WAIT2"]
+        start = time.monotonic()
+        wait_until(lambda: not _worker_sockets_from(p, client_port), timeout=LINGER_TIMEOUT + 3,
+                   what="the lingering socket to be closed")
+        assert time.monotonic() - start < LINGER_TIMEOUT + 1
 
 
 def _congestion_of_connections_to(port: int) -> list[str]:
