@@ -683,7 +683,8 @@ class LingeringClose:
         held.add(self)
         loop.rebind(self.fd, self.on_event)     # still registered, edge-triggered: no epoll_ctl
         self.timer = loop.call_later(LINGER_TIMEOUT, self.close)
-        self.on_event(0)                         # bytes may have come since the session's last read
+        # The refusal's reads may have stopped with bytes still queued: no new edge reports them.
+        self.on_event(0)
 
     def on_event(self, mask: int) -> None:
         recv_into = self.sock.recv_into
