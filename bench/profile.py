@@ -1,15 +1,22 @@
-"""Where pyproxy's workers spend their time under one benchmark load: py-spy and strace.
+"""Where pyproxy's workers spend their time under one benchmark load: py-spy, strace and perf.
 
     python -m bench.profile                       # kept-alive small requests (wrk, 50 connections)
     python -m bench.profile --scenario tls-handshake --seconds 8
     python -m bench.profile --scenario tls-handshake --proxy nginx    # nginx's syscalls, to compare
+    python -m bench.profile --scenario tls-handshake --pin --proxy nginx   # then the same for pyproxy
 
 It starts the HTTP upstream and one proxy alone (the same configurations as `bench.run`), then:
   1. a plain wrk run: the request rate and the proxy's CPU time per request, no tracer attached;
   2. (pyproxy only) a wrk run with `py-spy record` on each worker: a flame graph (SVG) of worker #0
      and the collapsed stacks of worker #1, from which the top functions (own and inclusive time)
      are computed;
-  3. a wrk run with `strace -c -f` on all the proxy's processes: system calls per request.
+  3. a wrk run with `strace -c -f` on all the proxy's processes: system calls per request;
+  4. (where `perf` runs) a wrk run with `perf record` on the workers: their CPU time per request by
+     library (libcrypto, the kernel, libpython, nginx itself...), which shows what is the same work
+     in two proxies and what is not.
+`--pin` gives the proxy's processes the last CPU and everything else (wrk, the upstream) the
+others, so that the proxy's CPU per request is not mixed with cache and scheduling effects of
+sharing cores with the load generator (both proxies then run on one core: compare them pinned).
 The summary is printed and written, with the SVG and the raw files, to bench/results/profile-*/.
 """
 
@@ -41,6 +48,7 @@ from bench.scenarios import SCENARIOS                                  # noqa: E
 from bench.tools import WrkResult, run_wrk                             # noqa: E402
 
 SAMPLING_RATE = 250        # py-spy samples per second (its default is 100): more detail in a short run
+PERF_RATE = 2000           # perf samples per second and CPU
 TRACER_START = 1.0         # seconds for py-spy / strace to attach before the load starts
 TOP = 20                   # functions listed in each table
 WRK_SCENARIOS = [scenario.name for scenario in SCENARIOS if scenario.tool == "wrk"]
@@ -136,6 +144,8 @@ def main(argv=None) -> int:
     parser.add_argument("--proxy", choices=PROXIES, default="pyproxy",
                         help="the proxy to trace (py-spy only applies to pyproxy)")
     parser.add_argument("--base-port", type=int, default=DEFAULT_BASE_PORT)
+    parser.add_argument("--pin", action="store_true",
+                        help="the proxy on the last CPU, wrk and the upstream on the others")
     args = parser.parse_args(argv)
     scenario = next(s for s in SCENARIOS if s.name == args.scenario)
     proxy = args.proxy
@@ -158,6 +168,8 @@ def main(argv=None) -> int:
 
     with Fleet(run_dir) as fleet:
         workers = start_proxy_alone(fleet, layout, run_dir, proxy)
+        if args.pin:
+            say(pin_proxy(fleet, proxy) + "\n")
         bench = Bench(fleet, layout, settings, None)
         bench_wrk(bench, scenario, 1, proxy)                            # warm-up
 
@@ -170,11 +182,15 @@ def main(argv=None) -> int:
         if proxy == "pyproxy":
             profile_python(bench, scenario, workers, pyspy, args.seconds, run_dir, say)
         count_syscalls(bench, scenario, workers, proxy, args.seconds, run_dir, say)
+        if perf_works():
+            cpu_by_library(bench, scenario, workers, proxy, args.seconds, run_dir, say)
+        else:
+            say("\n(perf is missing or cannot sample here: no CPU time by library)")
 
     with open(os.path.join(run_dir, "profile.md"), "w") as out:
         out.write("\n".join(lines) + "\n")
     print(f"\nprofile: {os.path.relpath(run_dir, REPO_DIR)}/ (profile.md, strace.txt"
-          f"{', profile.svg, stacks.txt' if proxy == 'pyproxy' else ''})")
+          f"{', profile.svg, stacks.txt' if proxy == 'pyproxy' else ''}{', perf.data' if perf_works() else ''})")
     return 0
 
 
@@ -232,6 +248,67 @@ def count_syscalls(bench: Bench, scenario, workers: list[int], proxy: str, secon
         say(f"| {name} | {count:,} | {count / requests:.2f} | {errors:,} |")
     total_calls = sum(count for name, count, _ in calls if name != "total")
     say(f"| **all** | {total_calls:,} | {total_calls / requests:.2f} | |")
+
+
+def pin_proxy(fleet: Fleet, proxy: str) -> str:
+    """--pin: the proxy's processes on the last CPU; this process (so wrk, which it starts) and the
+    upstream on the others. Returns the line that says so."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return "--pin: only one CPU is usable here, nothing pinned"
+    mine, rest = {cpus[-1]}, set(cpus[:-1])
+    for process in fleet.servers[proxy].processes():
+        os.sched_setaffinity(process.pid, mine)
+    for process in fleet.servers["upstream-http"].processes():
+        os.sched_setaffinity(process.pid, rest)
+    os.sched_setaffinity(0, rest)
+    return f"pinned: {proxy} on CPU {cpus[-1]}; wrk and the upstream on CPU {', '.join(map(str, sorted(rest)))}"
+
+
+def perf_works() -> bool:
+    """Whether `perf record` can sample a process here (the tool exists and the kernel lets it)."""
+    if shutil.which("perf") is None:
+        return False
+    probe = subprocess.run(["perf", "record", "-e", "cpu-clock", "-o", "/dev/null", "--", "true"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return probe.returncode == 0
+
+
+def parse_perf_dsos(text: str) -> list[tuple[str, int]]:
+    """`perf report --sort dso -n --stdio` output → [(library, samples)], most samples first."""
+    rows = []
+    for line in text.splitlines():
+        fields = line.split()
+        # overhead %, samples, library
+        if len(fields) >= 3 and fields[0].endswith("%") and fields[1].isdigit():
+            rows.append((" ".join(fields[2:]), int(fields[1])))
+    return sorted(rows, key=lambda row: -row[1])
+
+
+def cpu_by_library(bench: Bench, scenario, workers: list[int], proxy: str, seconds: int, run_dir: str,
+                   say) -> None:
+    """`perf record` (a CPU clock sample PERF_RATE times a second while a worker runs) on the
+    proxy's workers for one wrk run: CPU microseconds per request in each library."""
+    data = os.path.join(run_dir, "perf.data")
+    recorder = subprocess.Popen(["perf", "record", "-e", "cpu-clock", "-F", str(PERF_RATE), "-o", data,
+                                 "-p", ",".join(map(str, workers)), "--", "sleep", str(seconds + TRACER_START)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(TRACER_START / 2)
+    sampled = bench_wrk(bench, scenario, seconds, proxy)
+    recorder.wait(timeout=seconds + 30)
+    report = subprocess.run(["perf", "report", "-i", data, "--no-children", "--sort", "dso", "--stdio",
+                             "-g", "none", "-n"], capture_output=True, text=True)
+    rows = parse_perf_dsos(report.stdout)
+    requests = max(sampled.requests, 1)
+    total = sum(samples for _, samples in rows)
+    say(f"\n## CPU time per request by library (perf record on {proxy}'s workers; "
+        f"{sampled.requests:,} requests, {sampled.rate:,.0f} req/s while sampled)\n")
+    say("| library | µs per request | % |\n|---|---:|---:|")
+    for library, samples in rows:
+        if samples * 1000 < total:          # under 0.1 %
+            continue
+        say(f"| {library} | {samples / PERF_RATE / requests * 1e6:.1f} | {100 * samples / total:.1f} |")
+    say(f"| **all** | {total / PERF_RATE / requests * 1e6:.1f} | |")
 
 
 if __name__ == "__main__":
