@@ -150,6 +150,7 @@ def main(argv=None) -> int:
     scenario = next(s for s in SCENARIOS if s.name == args.scenario)
     proxy = args.proxy
     pyspy = pyspy_binary() if proxy == "pyproxy" else None
+    perf = perf_works()
     if shutil.which("strace") is None:
         sys.exit("profile: strace is missing: `bash bench/install.sh` installs it")
     layout = Layout(args.base_port)
@@ -182,7 +183,7 @@ def main(argv=None) -> int:
         if proxy == "pyproxy":
             profile_python(bench, scenario, workers, pyspy, args.seconds, run_dir, say)
         count_syscalls(bench, scenario, workers, proxy, args.seconds, run_dir, say)
-        if perf_works():
+        if perf:
             cpu_by_library(bench, scenario, workers, proxy, args.seconds, run_dir, say)
         else:
             say("\n(perf is missing or cannot sample here: no CPU time by library)")
@@ -190,7 +191,7 @@ def main(argv=None) -> int:
     with open(os.path.join(run_dir, "profile.md"), "w") as out:
         out.write("\n".join(lines) + "\n")
     print(f"\nprofile: {os.path.relpath(run_dir, REPO_DIR)}/ (profile.md, strace.txt"
-          f"{', profile.svg, stacks.txt' if proxy == 'pyproxy' else ''}{', perf.data' if perf_works() else ''})")
+          f"{', profile.svg, stacks.txt' if proxy == 'pyproxy' else ''}{', perf.data' if perf else ''})")
     return 0
 
 
@@ -252,15 +253,16 @@ def count_syscalls(bench: Bench, scenario, workers: list[int], proxy: str, secon
 
 def pin_proxy(fleet: Fleet, proxy: str) -> str:
     """--pin: the proxy's processes on the last CPU; this process (so wrk, which it starts) and the
-    upstream on the others. Returns the line that says so."""
+    upstream on the others. Every thread of each (HAProxy's workers are threads). Returns the line
+    that says so."""
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
         return "--pin: only one CPU is usable here, nothing pinned"
     mine, rest = {cpus[-1]}, set(cpus[:-1])
-    for process in fleet.servers[proxy].processes():
-        os.sched_setaffinity(process.pid, mine)
-    for process in fleet.servers["upstream-http"].processes():
-        os.sched_setaffinity(process.pid, rest)
+    for server, where in ((proxy, mine), ("upstream-http", rest)):
+        for process in fleet.servers[server].processes():
+            for thread in process.threads():
+                os.sched_setaffinity(thread.id, where)
     os.sched_setaffinity(0, rest)
     return f"pinned: {proxy} on CPU {cpus[-1]}; wrk and the upstream on CPU {', '.join(map(str, sorted(rest)))}"
 
