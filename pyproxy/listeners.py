@@ -18,7 +18,8 @@ from pyproxy.config.model import Listen
 
 
 def configured_listens(config) -> tuple[Listen, ...]:
-    """Every socket a configuration asks for: the stream listeners, plus status_listen."""
+    """Every address a configuration asks for: the stream listeners, plus status_listen (bound
+    once, for the status process, not once per worker slot)."""
     if config.status_listen is None:
         return config.stream_listen
     host, port = config.status_listen
@@ -62,6 +63,11 @@ def open_listener(listen: Listen, slot: int) -> ListenSocket:
     return ListenSocket(listen, slot, sock)
 
 
+def _slots_of(listen: Listen, slots: int) -> int:
+    """Sockets an address needs: one per worker slot, or one for status_listen."""
+    return 1 if listen.status else slots
+
+
 class ListenerSet:
     """Every listening socket the master holds, keyed by (address key, slot)."""
 
@@ -81,7 +87,7 @@ class ListenerSet:
         created: list[ListenSocket] = []
         try:
             for listen in listens:
-                for slot in range(slots):
+                for slot in range(_slots_of(listen, slots)):
                     key = (listen.key, slot)
                     current = self.sockets.get(key)
                     if current is None:
@@ -96,7 +102,7 @@ class ListenerSet:
         for ls in created:
             self.sockets[(ls.listen.key, ls.slot)] = ls
         for listen in listens:                      # remember the newest flags (ssl, proxy_protocol)
-            for slot in range(slots):
+            for slot in range(_slots_of(listen, slots)):
                 self.sockets[(listen.key, slot)].listen = listen
         return created
 
@@ -106,13 +112,18 @@ class ListenerSet:
         When a reload shrinks the worker count, the sockets of the slots beyond it stay open (their
         queues must not be reset) and are served by the remaining workers: slot s by worker s % slots.
         """
-        keys = {listen.key for listen in listens}
+        keys = {listen.key for listen in listens if not listen.status}
         return [ls for (key, s), ls in self.sockets.items() if key in keys and s % slots == slot]
 
+    def status_sockets(self) -> list[ListenSocket]:
+        """The status_listen socket, which only the status process accepts on (pyproxy.status)."""
+        return [ls for ls in self.sockets.values() if ls.listen.status]
+
     def close_unused(self, listens: tuple[Listen, ...]) -> list[ListenSocket]:
-        """Close the sockets of addresses that are no longer configured; return them."""
-        keys = {listen.key for listen in listens}
-        gone = [ls for (key, _), ls in self.sockets.items() if key not in keys]
+        """Close the sockets of addresses that are no longer configured; return them. (So are the
+        extra slots of a stream address that became status_listen: nobody would accept on them.)"""
+        wanted = {(listen.key, slot) for listen in listens for slot in range(_slots_of(listen, self.slots()))}
+        gone = [ls for key, ls in self.sockets.items() if key not in wanted]
         for ls in gone:
             del self.sockets[(ls.listen.key, ls.slot)]
             ls.sock.close()

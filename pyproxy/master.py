@@ -25,6 +25,7 @@ from pyproxy import metrics
 from pyproxy.listeners import BindError, ListenerSet, configured_listens
 from pyproxy.log import ErrorLog
 from pyproxy.shared import SharedState
+from pyproxy.status import StatusProcess
 from pyproxy.tls.contexts import TLSContexts
 from pyproxy.worker import READY, WORKER_BOOT_ERROR, Worker, worker_main
 
@@ -63,7 +64,7 @@ class Master:
         self.title = argv_title
         self.listeners = ListenerSet()
         self.shared = SharedState()      # mapped before any fork: every worker sees the same memory
-        self.metrics_dir = metrics.prepare_directory(config.user)
+        self.status = StatusProcess(log)      # /metrics and /status, away from the workers
         self.workers: dict[int, WorkerProcess] = {}
         self.generation = 1
         self.signals: list[int] = []
@@ -92,6 +93,7 @@ class Master:
         self.write_pid()
         self._install_signals()
         self.log.notice(f"pyproxy/{__version__} master started, configuration {self.config.path}")
+        self.status.start(self.config, self.listeners)
         new = [self.spawn_worker(slot, self.config, self.tls) for slot in range(self.config.worker_processes)]
         failed = self.wait_ready(new)
         if failed:
@@ -202,7 +204,6 @@ class Master:
     def _forget(self, proc: WorkerProcess) -> None:
         if self.workers.pop(proc.pid, None) is not None:
             self.shared.release_row(proc.row)   # its sessions died with it: stop counting them
-            metrics.process_dead(proc.pid)
             try:
                 os.close(proc.ready_fd)
             except OSError:
@@ -256,6 +257,7 @@ class Master:
                 self.reap_workers()
                 self.murder_workers()
                 self.manage_workers()
+                self.status.manage()
             return 0
         except MasterError as exc:
             self.log.crit(str(exc))
@@ -264,7 +266,7 @@ class Master:
         finally:
             self.listeners.close()
             self.remove_pid()
-            metrics.remove_directory(self.metrics_dir)
+            self.status.stop()
 
     def sleep(self) -> None:
         """Wait for a signal (via the wakeup pipe) or a late ready byte, at most one second."""
@@ -293,6 +295,7 @@ class Master:
                 return
             proc = self.workers.get(pid)
             if proc is None:
+                self.status.reaped(pid, status)
                 continue
             self._forget(proc)
             code = os.waitstatus_to_exitcode(status)
@@ -383,6 +386,7 @@ class Master:
             self.log.configure(config.error_log, config.log_level)
         self.config = config
         self.tls = tls
+        self.status.follow(config, self.listeners)
         self._count_reload(True)
         self.log.notice(f"reload complete: generation {self.generation}, {len(new)} worker process(es), "
                         f"{len(old)} old worker process(es) draining")
@@ -405,6 +409,7 @@ class Master:
                 except OSError:
                     pass
         self.signal_workers(signal.SIGUSR1)
+        self.status.send(signal.SIGUSR1)
 
     def handle_quit(self) -> None:
         """Graceful stop: workers finish their sessions (up to worker_shutdown_timeout)."""

@@ -1,28 +1,51 @@
-"""Metrics: Prometheus text on `/metrics` and a JSON summary on `/status`, from every process.
+"""Metrics: what every process counts, and how the status process turns it into /metrics and /status.
 
 Why prometheus_client: its multiprocess mode is the pre-fork model exactly — every process writes
-its own memory-mapped file in one directory (no locks between processes, no IPC), and a scrape
-sums the files; counters of a worker that exited stay in its file, so totals never go backwards
-across reloads or crashes, and `mark_process_dead` drops a dead worker's live gauges. Writing the
-exposition format and that aggregation by hand would repeat a well-kept library.
+its own memory-mapped file in one folder (no locks between processes, no IPC), and a scrape sums
+the files. Writing the exposition format and that aggregation by hand would repeat a well-kept
+library.
 
 The session hot path never touches it: a worker counts in plain dicts and flushes the deltas at
 most 20 times a second (and 50 ms after the last session ended), so /metrics trails the truth by
 about 50 ms at most.
+
+Scrapes never run in a worker: the status process (pyproxy.status) answers them. Before each one it
+folds the files of processes that exited into one archive file per metric type (`fold_dead_files`),
+so counters keep their totals across reloads and crashes while a scrape reads only the live
+processes' files and the archive, however many reloads came before.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import stat
+import tempfile
 import time
 from collections import Counter as Tally
-from typing import Optional
+from typing import Callable, Optional
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 FLUSH_DELAY = 0.05
+FOLDER_PREFIX = "pyproxy-metrics-"
+ARCHIVE = "archive"             # `counter_archive.db`: what processes that exited counted
 
 _metrics = None      # the prometheus objects of this process, made after the fork (see _objects)
+_folder_owner: Optional[tuple[int, int]] = None     # (uid, gid) the master gave the folder to
+
+
+def load_library(scrapes: bool = False) -> None:
+    """Import prometheus_client now (and what answering scrapes needs, with `scrapes`), before the
+    process drops privileges: the `user` of the configuration may be unable to read the
+    interpreter's own library (a pyenv under /root, mode 700), and prometheus_client imports more
+    of it (gzip, http.server, ssl…) when it is first imported, not when it is first used."""
+    import prometheus_client  # noqa: F401
+    if scrapes:
+        import prometheus_client.core  # noqa: F401
+        import prometheus_client.mmap_dict  # noqa: F401
+        import prometheus_client.multiprocess  # noqa: F401
+        import psutil  # noqa: F401
 
 
 def _objects():
@@ -125,16 +148,25 @@ def master_reloaded(ok: bool, generation: int) -> None:
     m = _objects()
     m.reloads.labels("ok" if ok else "failed").inc()
     m.generation.set(generation)
+    _give_own_files_to_folder_owner()
 
 
-def process_dead(pid: int) -> None:
-    """In the master, after reaping a worker: its live gauges leave the sums (its counters stay)."""
-    if os.environ.get(MULTIPROC_ENV):
-        from prometheus_client import multiprocess
-        multiprocess.mark_process_dead(pid)
+def _give_own_files_to_folder_owner() -> None:
+    """The master runs as root while the status process reads the folder as `user`: the master's
+    own metric files are given to that user too, or a umask such as 027 would hide them."""
+    if _folder_owner is None:
+        return
+    folder = os.environ[MULTIPROC_ENV]
+    suffix = f"_{os.getpid()}.db"
+    for name in os.listdir(folder):
+        if name.endswith(suffix):
+            try:
+                os.chown(os.path.join(folder, name), *_folder_owner)
+            except OSError:
+                pass
 
 
-# -- rendering (in whichever worker answered the scrape) -------------------------------------------
+# -- rendering (in the status process) -------------------------------------------------------------
 def _registry(master_pid: int):
     from prometheus_client import CollectorRegistry
     from prometheus_client.multiprocess import MultiProcessCollector
@@ -146,7 +178,8 @@ def _registry(master_pid: int):
 
 
 class _ProcessCollector:
-    """RSS and CPU seconds of the master and each worker, read with psutil at scrape time."""
+    """RSS, CPU seconds and open fds of the master and each of its children, read with psutil at
+    scrape time."""
 
     def __init__(self, master_pid: int):
         self.master_pid = master_pid
@@ -168,7 +201,10 @@ class _ProcessCollector:
                     labels = [str(proc.pid), role]
                     rss.add_metric(labels, proc.memory_info().rss)
                     cpu.add_metric(labels, times.user + times.system)
-                    fds.add_metric(labels, proc.num_fds())
+                    try:
+                        fds.add_metric(labels, proc.num_fds())
+                    except psutil.AccessDenied:     # the root master, seen from `user`
+                        pass
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
         yield rss
@@ -177,12 +213,13 @@ class _ProcessCollector:
 
 
 def _processes(master_pid: int):
+    """The master, then each child: the status process (this one) and the workers."""
     import psutil
     try:
         master = psutil.Process(master_pid)
         yield master, "master"
         for child in master.children():
-            yield child, "worker"
+            yield child, "status" if child.pid == os.getpid() else "worker"
     except psutil.NoSuchProcess:
         return
 
@@ -221,100 +258,133 @@ def render_status(master_pid: int, version: str) -> bytes:
     return (json.dumps(status, indent=2, sort_keys=True) + "\n").encode()
 
 
-class StatusSession:
-    """One HTTP/1.x request on `status_listen`: GET /metrics or /status, answered, then closed."""
-
-    MAX_REQUEST = 8192
-    TIMEOUT = 5.0
-
-    def __init__(self, worker, sock):
-        self.worker = worker
-        self.loop = worker.loop
-        self.sock = sock
-        self.request = b""
-        self.response: Optional[memoryview] = None
-        self.timer = self.loop.call_later(self.TIMEOUT, self.close)
-
-    def start(self) -> None:
-        from pyproxy.loop import STREAM_EVENTS
-        self.loop.add(self.sock.fileno(), STREAM_EVENTS, self.on_event)
-
-    def on_event(self, mask: int) -> None:
-        if self.response is None:
-            self._read()
-        if self.response is not None:
-            self._write()
-
-    def _read(self) -> None:
-        try:
-            while b"\r\n\r\n" not in self.request and b"\n\n" not in self.request:
-                data = self.sock.recv(4096)
-                if not data:
-                    self.close()
-                    return
-                self.request += data
-                if len(self.request) > self.MAX_REQUEST:
-                    self._respond(431, "text/plain", b"request too large\n")
-                    return
-        except BlockingIOError:
-            return
-        except OSError:
-            self.close()
-            return
-        line = self.request.split(b"\n", 1)[0].decode("latin-1").split()
-        method, path = (line[0], line[1].split("?", 1)[0]) if len(line) >= 2 else ("", "")
-        if method not in ("GET", "HEAD"):
-            self._respond(405, "text/plain", b"only GET\n")
-        elif path == "/metrics":
-            from prometheus_client import CONTENT_TYPE_LATEST
-            self._respond(200, CONTENT_TYPE_LATEST, render_metrics(self.worker.master_pid), method == "HEAD")
-        elif path == "/status":
-            from pyproxy import __version__
-            self._respond(200, "application/json", render_status(self.worker.master_pid, __version__),
-                          method == "HEAD")
-        else:
-            self._respond(404, "text/plain", b"try /metrics or /status\n")
-
-    def _respond(self, code: int, content_type: str, body: bytes, head_only: bool = False) -> None:
-        reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 431: "Request Header Fields Too Large"}
-        head = (f"HTTP/1.1 {code} {reason[code]}\r\nContent-Type: {content_type}\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
-        self.response = memoryview(head + (b"" if head_only else body))
-
-    def _write(self) -> None:
-        try:
-            while self.response:
-                n = self.sock.send(self.response)
-                self.response = self.response[n:]
-        except BlockingIOError:
-            return
-        except OSError:
-            pass
-        self.close()
-
-    def close(self) -> None:
-        if self.sock is None:
-            return
-        self.timer.cancel()
-        self.loop.forget(self.sock.fileno())
-        self.sock.close()
-        self.sock = None
-
-
+# -- the folder of metric files ------------------------------------------------------------------
 def prepare_directory(user: Optional[str]) -> str:
-    """In the master, before any fork and before prometheus_client is imported: the folder where
-    every process keeps its metric files (given to the worker user when we start as root)."""
-    import tempfile
-
-    path = tempfile.mkdtemp(prefix="pyproxy-metrics-")
+    """In the master once it runs (its pid is final: after daemonizing), before any fork and before
+    prometheus_client is imported: the folder where every process keeps its metric files, named
+    after the master's pid (given to the worker user when we start as root). Folders that masters
+    killed with SIGKILL left behind are removed first."""
+    global _folder_owner
+    owners = {os.geteuid()}
     if user and os.geteuid() == 0:
         import pwd
         entry = pwd.getpwnam(user)
-        os.chown(path, entry.pw_uid, entry.pw_gid)
+        _folder_owner = (entry.pw_uid, entry.pw_gid)
+        owners.add(entry.pw_uid)
+    parent = tempfile.gettempdir()
+    remove_stale_directories(parent, owners)
+    path = tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{os.getpid()}-", dir=parent)
+    if _folder_owner is not None:
+        os.chown(path, *_folder_owner)
     os.environ[MULTIPROC_ENV] = path
     return path
 
 
 def remove_directory(path: str) -> None:
-    import shutil
     shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_stale_directories(parent: str, owners: set[int]) -> None:
+    """Remove the metric folders in `parent` whose master is gone (killed with SIGKILL, it could not
+    remove its own). Only folders owned by `owners` are looked at; a folder whose master runs is
+    left alone, and so is one whose owner cannot be told."""
+    for name in os.listdir(parent):
+        if not name.startswith(FOLDER_PREFIX):
+            continue
+        path = os.path.join(parent, name)
+        try:
+            info = os.lstat(path)
+        except OSError:
+            continue
+        if stat.S_ISDIR(info.st_mode) and info.st_uid in owners and _abandoned(name, path):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _abandoned(name: str, path: str) -> bool:
+    """`pyproxy-metrics-<master pid>-<random>`: abandoned when no pyproxy master has that pid.
+    Folders of older versions (`pyproxy-metrics-<random>`) do not name their master: abandoned when
+    they hold metric files and none of their writers is alive."""
+    import psutil
+
+    stem = name[len(FOLDER_PREFIX):]
+    head, dash, _ = stem.partition("-")
+    if dash and head.isdigit():
+        try:
+            title = psutil.Process(int(head)).cmdline()
+        except psutil.NoSuchProcess:
+            return True
+        except psutil.AccessDenied:
+            return False
+        return not (title and title[0].startswith("pyproxy: master process"))
+    pids = [_writer_pid(entry) for entry in os.listdir(path)]
+    pids = [pid for pid in pids if pid is not None]
+    return bool(pids) and not any(psutil.pid_exists(pid) for pid in pids)
+
+
+def _writer_pid(name: str) -> Optional[int]:
+    """The pid in a metric file's name (`counter_1234.db`), None for anything else."""
+    if not name.endswith(".db"):
+        return None
+    ident = name[:-3].rpartition("_")[2]
+    return int(ident) if ident.isdigit() else None
+
+
+def fold_dead_files(path: str, alive: Callable[[int], bool]) -> int:
+    """Fold the metric files of processes that exited into the archive; return how many went.
+
+    What a dead process counted (counters, and histograms and summaries should we have any) is
+    added into `<type>_archive.db`, so totals never go backwards across reloads and crashes; its
+    gauges are dropped, as prometheus_client's `mark_process_dead` does for live gauges (a gauge
+    describes a live process: its open sessions, the health it sees, its generation). Only the
+    status process calls this, between two scrapes, so no scrape sees a count in both the archive
+    and the dead file. The archive is written aside and renamed into place; a crash between that
+    rename and the unlinks would count those files twice, a crash before it changes nothing.
+    """
+    from prometheus_client.mmap_dict import MmapedDict
+
+    verdicts: dict[int, bool] = {}          # a process has several files: ask once per pid
+    dead = []
+    for name in os.listdir(path):
+        pid = _writer_pid(name)
+        if pid is None:
+            continue
+        if pid not in verdicts:
+            verdicts[pid] = alive(pid)
+        if not verdicts[pid]:
+            dead.append(name)
+    sums: dict[str, dict[str, float]] = {}
+    for name in dead:
+        kind = name.rpartition("_")[0]
+        if kind.startswith("gauge"):
+            continue
+        totals = sums.setdefault(kind, {})
+        for key, count, _, _ in MmapedDict.read_all_values_from_file(os.path.join(path, name)):
+            totals[key] = totals.get(key, 0.0) + count
+    for kind, totals in sums.items():
+        _add_to_archive(path, kind, totals)
+    for name in dead:
+        try:
+            os.unlink(os.path.join(path, name))
+        except FileNotFoundError:
+            pass
+    return len(dead)
+
+
+def _add_to_archive(path: str, kind: str, totals: dict[str, float]) -> None:
+    """Rewrite `<kind>_archive.db` with its counts plus `totals` (by prometheus_client's own keys)."""
+    from prometheus_client.mmap_dict import MmapedDict
+
+    archive = os.path.join(path, f"{kind}_{ARCHIVE}.db")
+    if os.path.exists(archive):
+        for key, count, _, _ in MmapedDict.read_all_values_from_file(archive):
+            totals[key] = totals.get(key, 0.0) + count
+    staged = archive + ".new"           # not *.db: a scrape never reads a half-written archive
+    if os.path.exists(staged):
+        os.unlink(staged)               # left by a status process that died while writing it
+    new = MmapedDict(staged)
+    try:
+        for key, count in totals.items():
+            new.write_value(key, count, 0.0)
+    finally:
+        new.close()
+    os.replace(staged, archive)

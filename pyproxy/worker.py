@@ -28,7 +28,7 @@ from pyproxy.healthcheck import start_active_checks
 from pyproxy.listeners import ListenSocket
 from pyproxy.log import ErrorLog
 from pyproxy.loop import EPOLLIN, Loop
-from pyproxy.metrics import StatusSession, WorkerMetrics
+from pyproxy.metrics import WorkerMetrics, load_library
 from pyproxy.router import Router
 from pyproxy.plugins import PluginChains, PluginContext
 from pyproxy.session import LingeringClose, Session
@@ -115,6 +115,8 @@ class Worker:
                           "count this worker's sessions")
         self.plugins = PluginChains(config, PluginContext(self.log.log, self.shared,
                                                           os.path.dirname(config.path)))
+        if config.status_listen is not None:
+            load_library()          # before the drop: `user` may not be able to read the library
         drop_privileges(config.user, self.log)
         self.congestion = self._usable_congestion(config.services)
         self._install_signals()
@@ -229,7 +231,7 @@ class Worker:
         """The readiness handler of one listening socket: accept a batch, hand each connection on."""
         accept = ls.sock._accept
         family = int(ls.listen.family)
-        start = self._start_status if ls.listen.status else self._start_session(ls.listen)
+        start = self._start_session(ls.listen)
 
         def on_readable(mask: int) -> None:
             for _ in range(ACCEPT_BATCH):
@@ -264,10 +266,6 @@ class Worker:
             session.start()
 
         return start
-
-    def _start_status(self, conn, addr) -> None:
-        """status_listen: each connection is one HTTP request for /metrics or /status."""
-        StatusSession(self, conn).start()
 
     def _trim_when_idle(self) -> None:
         """Every few seconds: once no session is open and some ran since the last time, give the

@@ -264,7 +264,18 @@ class Proxy:
         return self.proc.pid
 
     def worker_pids(self) -> list[int]:
-        return [child.pid for child in psutil.Process(self.pid).children()]
+        """The master's worker processes (not its status process), told apart by their title."""
+        return [pid for pid, title in self.children() if title.startswith("pyproxy: worker process")]
+
+    def children(self) -> list[tuple[int, str]]:
+        """(pid, process title) of each live child of the master."""
+        found = []
+        for child in psutil.Process(self.pid).children():
+            try:
+                found.append((child.pid, " ".join(part for part in child.cmdline() if part)))
+            except psutil.NoSuchProcess:        # it exited meanwhile (an old worker)
+                continue
+        return found
 
     def send_signal(self, sig: int) -> None:
         os.kill(self.pid, sig)
