@@ -7,11 +7,13 @@ import ssl
 import subprocess
 import time
 
+import psutil
 import pytest
 
 from pyproxy.demo.echo import EchoServer
-from tests.support import (connect, echo_handler, free_port, make_ca, make_cert, peer_common_name, wait_until,
-                           recv_all, recv_line, tag_handler, tls_client, tls_handler_for)
+from tests.support import (connect, echo_handler, expected_hash_reply, free_port, hash_handler, make_ca, make_cert,
+                           peer_common_name, wait_until, recv_all, recv_line, tag_handler, tls_client, tls_handler_for)
+from tests.unit.tls import one_byte_records
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +195,13 @@ def test_non_tls_bytes_on_ssl_port_are_refused_and_proxy_keeps_serving(proxy, up
     assert up.connections == 1
 
 
-def test_client_hello_one_byte_per_segment_still_routes(proxy, upstreams, certs):
+@pytest.mark.parametrize("split", ["segments", "records"])
+def test_client_hello_one_byte_per_segment_still_routes(proxy, upstreams, certs, split):
+    """The hello a byte per TCP segment, or re-framed as one TLS record per byte of it (the
+    handshake transcript covers the message, not its records): the proxy routes it, and OpenSSL,
+    which then reads it from the socket, completes the handshake."""
+    from tests.unit.tls import frame, handshake_message
+
     up = upstreams(tag_handler, name="slow-hello")
     port = free_port()
     proxy(sni_config(port, certs, service("a", up.port, "tls", "a.example")))
@@ -207,9 +215,12 @@ def test_client_hello_one_byte_per_segment_still_routes(proxy, upstreams, certs)
         with pytest.raises(ssl.SSLWantReadError):
             tls.do_handshake()
         hello = outgoing.read()
-        for i in range(len(hello)):
-            sock.send(hello[i:i + 1])
-            time.sleep(0.002)
+        if split == "segments":
+            for i in range(len(hello)):
+                sock.send(hello[i:i + 1])
+                time.sleep(0.002)
+        else:
+            sock.sendall(frame(handshake_message(hello), [1]))
         while True:                                # finish the handshake over the same socket
             try:
                 tls.do_handshake()
@@ -227,6 +238,35 @@ def test_client_hello_one_byte_per_segment_still_routes(proxy, upstreams, certs)
             except ssl.SSLWantReadError:
                 incoming.write(sock.recv(65536))
         assert data == b"slow-hello\n"
+
+
+def test_client_hello_as_thousands_of_one_byte_records_routes_at_a_constant_cost_per_byte(proxy, upstreams, certs):
+    """Issue 15: every look at a hello that arrives a record at a time copied and walked it from its
+    first byte, so a 64 KB hello of 10,900 one-byte records, sent at ~60 KB/s, kept a worker busy
+    for as long as it took to send (1 CPU-second here; minutes at slower rates). It must still
+    route, untouched, and cost the worker next to nothing (measured after the fix: 0.02 s)."""
+    up = upstreams(hash_handler)
+    port = free_port()
+    p = proxy(sni_config(port, certs, service("a", up.port, "tls_passthrough", "a.example"))
+              .replace("worker_processes: 2", "worker_processes: 1"))
+    worker = psutil.Process(p.worker_pids()[0])
+    wire = one_byte_records(10_900)
+    assert len(wire) <= 65536                      # within the preread limit
+    head = 6 * 10_900
+    before = worker.cpu_times()
+    with connect(port, timeout=30) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for pos in range(0, head, 60):             # ten records per segment, a segment a millisecond
+            sock.sendall(wire[pos:pos + 60])
+            time.sleep(0.001)
+        sock.sendall(wire[head:])
+        sock.shutdown(socket.SHUT_WR)
+        assert recv_all(sock) == expected_hash_reply(wire)
+    after = worker.cpu_times()
+    line = p.wait_access(1)[0]
+    assert " 200 " in line and "tls_passthrough" in line and '"a.example"' in line, line
+    spent = (after.user + after.system) - (before.user + before.system)
+    assert spent < 0.3, f"the worker spent {spent:.2f} CPU-seconds on one ClientHello"
 
 
 def test_slowloris_on_tls_port_is_cut_at_preread_timeout(proxy, upstreams, certs):
