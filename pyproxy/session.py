@@ -580,13 +580,20 @@ class Session:
             self.close(STATUS_INTERNAL)
             return
         client_side = (result == SRC_ERROR) == client_is_source
-        side = "client" if client_side else "upstream"
-        self.worker.log.info(f"{side} connection {'reset' if err == errno.ECONNRESET else 'failed'} "
-                             f"({err}: {os.strerror(err)}) while proxying; {self.describe()}")
+        status = STATUS_OK if client_side else STATUS_BAD_GATEWAY
+        if client_side and type(self.client) is TLSStream and self.client.renegotiation_refused:
+            # nginx logs "SSL renegotiation disabled" and drops the connection; the client has its
+            # no_renegotiation alert (TLSStream._answer_peer). A protocol violation: 400.
+            self.worker.log.notice(f"client tried to renegotiate TLS, which is disabled, closing; {self.describe()}")
+            status = STATUS_BAD_REQUEST
+        else:
+            side = "client" if client_side else "upstream"
+            self.worker.log.info(f"{side} connection {'reset' if err == errno.ECONNRESET else 'failed'} "
+                                 f"({err}: {os.strerror(err)}) while proxying; {self.describe()}")
         other = self.upstream if client_side else self.client
         if other is not None:
             _send_reset(other)
-        self.close(STATUS_OK if client_side else STATUS_BAD_GATEWAY)
+        self.close(status)
 
     # -- timeouts -------------------------------------------------------------------------
     def _phase_deadline(self, delay: float) -> None:

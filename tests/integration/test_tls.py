@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import ssl
 import subprocess
+import threading
 import time
 
 import psutil
@@ -304,6 +305,76 @@ def test_stalled_handshake_is_cut_at_handshake_timeout_not_preread_timeout(proxy
     assert 1.8 < elapsed < 6, elapsed
     assert " 400 " in p.wait_access(1)[0]
     assert "SSL handshake timed out after 2s" in p.log_text()
+
+class OpenSSLTool:
+    """`openssl s_client`/`s_server` with a pipe on stdin (kept open: at EOF they quit) and what
+    they print collected by a thread, so that a test can wait for a line without blocking."""
+
+    def __init__(self, *args: str):
+        self.proc = subprocess.Popen(["openssl", *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT)
+        self.lines: list[bytes] = []
+        threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True).start()
+
+    def type(self, line: bytes) -> None:
+        self.proc.stdin.write(line + b"\n")
+        self.proc.stdin.flush()
+
+    def said(self, text: bytes) -> bool:
+        return any(text in line for line in list(self.lines))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(5)
+
+
+def test_client_renegotiation_is_refused_at_once_with_400(proxy, upstreams, certs):
+    """Issue 15: OpenSSL answers a TLS 1.2 client's renegotiation with a no_renegotiation alert
+    that stayed in the memory BIO until the next write, so the client hung until read_timeout and
+    the session was logged 200. The alert must leave at once and the session end (400), as nginx
+    ends it ("SSL renegotiation disabled")."""
+    up = upstreams(echo_handler)
+    port = free_port()
+    p = proxy(sni_config(port, certs, service("a", up.port, "tls", "a.example", extra="    read_timeout: 30s")))
+    client = OpenSSLTool("s_client", "-connect", f"127.0.0.1:{port}", "-servername", "a.example", "-tls1_2")
+    try:
+        client.type(b"ping")
+        wait_until(lambda: client.said(b"ping"), what="the echo through the proxy")
+        client.type(b"R")                          # s_client: renegotiate
+        started = time.monotonic()
+        client.proc.wait(10)                      # it gives up on the alert, well before read_timeout
+        assert time.monotonic() - started < 5
+    finally:
+        client.stop()
+    assert client.said(b"RENEGOTIATING") and client.said(b"no renegotiation"), b"".join(client.lines)
+    assert " 400 " in p.wait_access(1)[0]
+    assert "client tried to renegotiate TLS, which is disabled, closing; client: 127.0.0.1:" in p.log_text()
+
+
+def test_upstream_renegotiation_is_answered_at_once(proxy, certs):
+    """The other way round, pyproxy is the TLS client: an upstream that asks for a renegotiation
+    (a HelloRequest) gets our ClientHello at once, not with the next bytes a client sends, and the
+    session goes on."""
+    upstream_port, port = free_port(), free_port()
+    server = OpenSSLTool("s_server", "-accept", f"127.0.0.1:{upstream_port}", "-cert", str(certs["upstream"][0]),
+                         "-key", str(certs["upstream"][1]), "-tls1_2")
+    try:
+        wait_until(lambda: server.said(b"ACCEPT"), what="s_server listening")
+        proxy(verified_upstream_config(port, upstream_port, certs["ca"][0]))
+        with connect(port) as sock:
+            sock.sendall(b"one\n")
+            wait_until(lambda: server.said(b"one"), what="the first line at the upstream")
+            server.type(b"r")                      # s_server: request a renegotiation
+            wait_until(lambda: server.said(b"SSL_do_handshake -> 1"), timeout=5,
+                       what="the renegotiation done, with nothing more from the client")
+            sock.sendall(b"two\n")
+            wait_until(lambda: server.said(b"two"), timeout=5, what="the line sent after the renegotiation")
+            server.type(b"back")
+            assert recv_line(sock) == b"back\n"
+    finally:
+        server.stop()
+
 
 def test_access_log_tls_variables(proxy, upstreams, certs):
     up = upstreams(echo_handler)
