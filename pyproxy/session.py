@@ -276,7 +276,7 @@ class Session:
         self._refuse(STATUS_BAD_REQUEST)
 
     def _refuse(self, status: int) -> None:
-        """Close a client we will not serve with a FIN, not a RST: a close() with unread bytes
+        """Close a client we will not serve (or no longer can) with a FIN, not a RST: a close() with unread bytes
         (peeked, or sent before we decided) would make the kernel reset the connection. What has
         arrived is read now; a plain client that has not sent its FIN yet gets ours and is then
         read until it does (LingeringClose), so bytes it sends meanwhile are not answered by a RST."""
@@ -572,7 +572,14 @@ class Session:
 
     def _pump_failed(self, pump, result: int, client_is_source: bool) -> None:
         """A reset (or a vanished peer) on one side becomes a reset on the other side; a failure
-        of our own (no fd for a pipe) ends the session with 500 and resets nobody."""
+        of our own (no fd for a pipe) ends the session with 500 and resets nobody.
+
+        An upstream that fails once it has done its part (see _upstream_done) has ended the
+        session, not broken it: PostgreSQL, say, closes on a client's Terminate with the client's
+        close_notify still unread, which makes its kernel send a reset. As nginx (whose stream
+        proxy takes a read error for the end of the stream), that is status 200, and the client
+        gets a FIN, not a RST that could destroy the reply it has not read yet. While pyproxy
+        still held bytes for either side, they are lost: 502, and the reset is passed on."""
         err = pump.error
         if result == LOCAL_ERROR:
             self.worker.log.error(f"cannot get a pipe ({err}: {os.strerror(err)}) while proxying; "
@@ -580,20 +587,37 @@ class Session:
             self.close(STATUS_INTERNAL)
             return
         client_side = (result == SRC_ERROR) == client_is_source
+        what = f"connection {'reset' if err == errno.ECONNRESET else 'failed'} ({err}: {os.strerror(err)})"
         status = STATUS_OK if client_side else STATUS_BAD_GATEWAY
         if client_side and type(self.client) is TLSStream and self.client.renegotiation_refused:
             # nginx logs "SSL renegotiation disabled" and drops the connection; the client has its
             # no_renegotiation alert (TLSStream._answer_peer). A protocol violation: 400.
             self.worker.log.notice(f"client tried to renegotiate TLS, which is disabled, closing; {self.describe()}")
             status = STATUS_BAD_REQUEST
+        elif not client_side and self._upstream_done():
+            self.worker.log.info(f"upstream {what} after all data was delivered, closing; {self.describe()}")
+            if type(self.client) is TLSStream:
+                self.client.close_notify()
+            self._refuse(STATUS_OK)
+            return
         else:
-            side = "client" if client_side else "upstream"
-            self.worker.log.info(f"{side} connection {'reset' if err == errno.ECONNRESET else 'failed'} "
-                                 f"({err}: {os.strerror(err)}) while proxying; {self.describe()}")
+            self.worker.log.info(f"{'client' if client_side else 'upstream'} {what} while proxying; "
+                                 f"{self.describe()}")
         other = self.upstream if client_side else self.client
         if other is not None:
             _send_reset(other)
         self.close(status)
+
+    def _upstream_done(self) -> bool:
+        """Whether a failing upstream had done its part: every byte read from either side went to
+        the other side's socket (none held in a buffer, a pipe or TLS records not sent yet, none
+        lost in a failed write), and the client had ended its stream or been answered. (An
+        upstream that resets a client still sending, without a word, failed it.)"""
+        c2u, u2c = self.c2u, self.u2c
+        for pump in (c2u, u2c):
+            if pump.received != pump.sent or pump.pending:
+                return False
+        return c2u.eof or u2c.received > 0
 
     # -- timeouts -------------------------------------------------------------------------
     def _phase_deadline(self, delay: float) -> None:

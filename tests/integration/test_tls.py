@@ -447,6 +447,42 @@ def test_upstream_closing_first_reaches_a_tls_client_as_close_notify(proxy, upst
     assert "Protocol error" not in p.log_text()
 
 
+@pytest.mark.parametrize("when", ["after the client's FIN", "right behind the reply"])
+def test_upstream_reset_after_its_reply_reaches_a_tls_client_intact(proxy, upstreams, certs, when):
+    """An upstream that replies and then resets, once the client has closed its side or at once
+    (the reply and the reset arrive together, and the reply is written to the client's TLS stream
+    in the very run that then reads the reset): the reply still leaves, the client gets a
+    close_notify, and the session is logged 200, not 502 with a reset that loses the reply."""
+    from tests.support import pattern_bytes
+
+    reply = pattern_bytes(200_000 if when == "after the client's FIN" else 2000, seed=9)
+
+    def replies_then_resets(conn, up):
+        conn.recv(5)
+        conn.sendall(reply)
+        if when == "after the client's FIN":
+            while conn.recv(65536):                # the client's close_notify and FIN
+                pass
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        conn.close()
+
+    up = upstreams(replies_then_resets)
+    port = free_port()
+    p = proxy(sni_config(port, certs, service("a", up.port, "tls", "a.example")))
+    with tls_client(port, "a.example") as sock:
+        sock.sendall(b"query")
+        got = b""
+        while len(got) < len(reply):
+            chunk = sock.recv(65536)
+            assert chunk
+            got += chunk
+        if when == "after the client's FIN":
+            socket.socket.shutdown(sock, socket.SHUT_WR)
+        assert sock.recv(10) == b""                # close_notify: a clean end, no reset
+    assert got == reply
+    assert " 200 " in p.wait_access(1)[0]
+
+
 def test_sessions_resume_on_any_worker(proxy, upstreams, certs):
     """Ticket keys are made once per generation in the master, so a ticket from one worker is
     good on every other (SO_REUSEPORT sends reconnections to either)."""
