@@ -281,8 +281,9 @@ class BufferPump:
     def run(self, now: float) -> int:
         result = self._move(now)
         tls_dst = self.tls_dst
-        if tls_dst is not None and tls_dst.unsent and result < SRC_ERROR:
-            # What this run wrote towards TLS leaves in one send (see TLSStream.send).
+        if tls_dst is not None and tls_dst.unsent and result != DST_ERROR:
+            # What this run wrote towards TLS leaves in one send (see TLSStream.send), also when
+            # the source has just failed: what it sent before is still owed to the destination.
             try:
                 if not tls_dst.flush():
                     self._blocked(now)

@@ -1,11 +1,12 @@
-"""Incremental, allocation-light parser for the TLS ClientHello (the ``ssl`` listener's preread).
+"""Parser for the TLS ClientHello (the ``ssl`` listener's preread), pure or incremental.
 
 A worker reading an ``ssl`` listener has to know the SNI (and ALPN, and offered versions) before it
 can pick a route, and it has to know it without a TLS library: for ``tls_passthrough`` routes the
-bytes go upstream untouched. So the worker calls :func:`parse_client_hello` with everything read
-so far after every ``recv``; the answer is a :class:`ClientHello` once the whole message is there,
-``None`` while more bytes are needed, or :class:`ClientHelloError` as soon as the bytes prove the
-peer is not sending one (HTTP on a TLS port, a scanner, a truncated-then-garbage stream).
+bytes go upstream untouched. :func:`parse_client_hello` takes everything read so far; the answer is
+a :class:`ClientHello` once the whole message is there, ``None`` while more bytes are needed, or
+:class:`ClientHelloError` as soon as the bytes prove the peer is not sending one (HTTP on a TLS
+port, a scanner, a truncated-then-garbage stream). A caller that looks again each time more bytes
+arrive keeps a :class:`ClientHelloReader`, which gives the same answers but walks only what is new.
 
 What is on the wire (the first flight of a TLS 1.0–1.3 client)::
 
@@ -38,20 +39,22 @@ What is on the wire (the first flight of a TLS 1.0–1.3 client)::
         ProtocolVersion versions<2..254>
 
 The record layer is walked the way nginx's ``ngx_stream_ssl_preread_module`` walks it: every
-record header is checked the moment its bytes arrive, and a record is parsed only once it is
-complete. Unlike nginx (which keeps a state machine in its per-session context), this parser is a
-pure function of the bytes, like mitmproxy's ``parse_client_hello``: the caller keeps the buffer,
-and a call that finds an incomplete message only looks at record headers and the four-byte
-handshake header — a few index operations per record, no copy beyond those four bytes. The body
-is copied and parsed once, when it is complete. Structural errors *inside* the body are
-therefore reported when the message is complete; everything in the headers (content type,
-versions, record and message lengths) is rejected at the first byte that proves it wrong.
+record header is checked the moment its bytes arrive, and a record is used only once it is
+complete. ``parse_client_hello`` is a pure function of the bytes, like mitmproxy's: each call
+walks the records from the first. The body is parsed once, when the message is complete, so
+structural errors *inside* it are reported then; everything in the headers (content type, versions,
+record and message lengths) is rejected at the first byte that proves it wrong.
 
 The hello may be split over any number of records (RFC 8446 §5.1 allows handshake messages to be
 fragmented arbitrarily, and clients with big post-quantum key shares do cross the 16 KiB record
-limit) and over any number of TCP segments. ``max_size`` counts record headers too, so a client
-cannot multiply the work of a call by sending one-byte records: a call walks at most
-``max_size / 6`` of them.
+limit) and over any number of TCP segments. Looking at the whole buffer again after every segment
+would make a hello sent as thousands of 1-byte records cost quadratic work, so a caller that looks
+again keeps a :class:`ClientHelloReader`, as nginx keeps its state in the session: it remembers
+where the last complete record ended and the handshake bytes gathered so far, walks only the
+records completed since, and says (``need``) how long the buffer must grow before the hello can be
+complete (the rest of it in one record), so the caller need not look in between. The work per byte
+of input is then constant. ``max_size`` counts record headers too, and a hello that can no longer
+fit in it is refused as soon as that is certain.
 """
 
 from __future__ import annotations
@@ -241,38 +244,88 @@ def _parse_common_case(data, max_size: int) -> ClientHello | None:
 
 def _parse_any(data, max_size: int = DEFAULT_MAX_SIZE) -> ClientHello | None:
     """parse_client_hello for every input: any number of records and segments, and every error."""
-    available = len(data)
-    offset = 0  # start of the record header being examined
-    spans: list[tuple[int, int]] = []  # [start, stop) of the fragment bytes present, per record
-    gathered = 0  # handshake bytes present so far
-    needed = 0  # header + body length of the handshake message, once its header is in
+    return ClientHelloReader()._walk(data, max_size)
 
-    while offset < available:
-        fragment_length = _check_record_header(data, offset, available, len(spans) + 1)
-        if fragment_length is None:
-            return None
-        start = offset + RECORD_HEADER_LENGTH
-        stop = start + fragment_length
-        if stop > max_size:
-            raise ClientHelloError(f"ClientHello does not fit in {max_size} bytes: record #{len(spans) + 1} ends at {stop}")
-        present = min(stop, available)
-        spans.append((start, present))
-        gathered += present - start
 
-        if len(spans) == 1 and present > start and data[start] != HANDSHAKE_CLIENT_HELLO:
-            raise ClientHelloError(f"not a ClientHello: handshake message type is {data[start]}, not 1")
-        if not needed and gathered >= HANDSHAKE_HEADER_LENGTH:
-            needed = HANDSHAKE_HEADER_LENGTH + _check_handshake_length(data, spans, max_size)
+class ClientHelloReader:
+    """``parse_client_hello`` for a buffer that grows between calls (a socket's queue, peeked again
+    as more arrives): the same answers, but a call walks only the records completed since the last
+    one, and after a ``None``, ``need`` says how long the buffer must be before the hello can be
+    complete, so that looking earlier is pointless.
 
-        if present < stop:
-            # Like nginx, never look at a record before it is complete: the rest of the handshake
-            # may well be in it, and a partial fragment proves nothing about the body.
-            return None
-        if needed and gathered >= needed:
-            message = _join(data, spans, needed)
-            return _parse_body(message, data, stop)
-        offset = stop
-    return None
+    Every call must see the same stream from its first byte, only longer (or as long): the reader
+    keeps offsets into it and the handshake bytes of the records it walked. Only complete records
+    are remembered, like nginx's ``ctx->pos``; a partial one is checked again at each call.
+    """
+
+    __slots__ = ("pos", "records", "message", "needed", "need")
+
+    def __init__(self) -> None:
+        self.pos = 0                    # where the next record header starts (the last complete one's end)
+        self.records = 0                # complete records walked
+        self.message = bytearray()      # their fragments: the handshake bytes so far
+        self.needed = 0                 # the message's length, 4-byte header included, once known
+        self.need = 1                   # after a None: the buffer length the hello needs at the least
+
+    def parse(self, data: bytes | bytearray | memoryview, max_size: int = DEFAULT_MAX_SIZE) -> ClientHello | None:
+        """``parse_client_hello(data, max_size)``, resumed where the previous call stopped."""
+        if not self.records and type(data) is bytes:
+            # Nothing complete was walked yet: a hello that arrived in two segments is one record
+            # (the common case's fast path applies).
+            hello = _parse_common_case(data, max_size)
+            if hello is not None:
+                return hello
+        return self._walk(data, max_size)
+
+    def _walk(self, data, max_size: int) -> ClientHello | None:
+        available = len(data)
+        pos = self.pos
+        message = self.message
+        while pos < available:
+            number = self.records + 1
+            fragment_length = _check_record_header(data, pos, available, number)
+            if fragment_length is None:
+                break
+            start = pos + RECORD_HEADER_LENGTH
+            stop = start + fragment_length
+            if stop > max_size:
+                raise ClientHelloError(f"ClientHello does not fit in {max_size} bytes: record #{number} ends at {stop}")
+            present = min(stop, available)
+            if number == 1 and present > start and data[start] != HANDSHAKE_CLIENT_HELLO:
+                raise ClientHelloError(f"not a ClientHello: handshake message type is {data[start]}, not 1")
+            have = len(message)
+            if not self.needed and have + present - start >= HANDSHAKE_HEADER_LENGTH:
+                # (from a partial record too: its bytes are the stream's, whenever they are seen)
+                header = bytes(message) + bytes(data[start : start + HANDSHAKE_HEADER_LENGTH - have])
+                self.needed = HANDSHAKE_HEADER_LENGTH + _check_handshake_length(header, max_size)
+            if present < stop:
+                # Like nginx, never use a record before it is complete: the rest of the handshake
+                # may well be in it, and a partial fragment proves nothing about the body.
+                break
+            message += data[start:stop]
+            self.records = number
+            self.pos = pos = stop
+            if self.needed and len(message) >= self.needed:
+                return _parse_body(bytes(message[: self.needed]), data, stop)
+        self.need = self._need(data, available, max_size)
+        return None
+
+    def _need(self, data, available: int, max_size: int) -> int:
+        """The least buffer length at which the hello can be complete: the rest of it in the
+        record being received, or else in one more record. Raises when that is beyond max_size."""
+        end = self.pos
+        gathered = len(self.message)
+        if available >= end + RECORD_HEADER_LENGTH:        # the partial record's end is known
+            fragment_length = data[end + 3] << 8 | data[end + 4]
+            end += RECORD_HEADER_LENGTH + fragment_length
+            gathered += fragment_length
+        left = (self.needed or HANDSHAKE_HEADER_LENGTH) - gathered
+        if left > 0:
+            end += RECORD_HEADER_LENGTH + left
+        if end > max_size:
+            raise ClientHelloError(f"ClientHello does not fit in {max_size} bytes: the rest of it cannot end "
+                                   f"before byte {end}")
+        return end
 
 
 def _check_record_header(data, offset: int, available: int, number: int) -> int | None:
@@ -302,30 +355,14 @@ def _check_record_header(data, offset: int, available: int, number: int) -> int 
     return length
 
 
-def _check_handshake_length(data, spans: list[tuple[int, int]], max_size: int) -> int:
-    """Read the uint24 handshake length (its bytes may straddle records) and bound it."""
-    header = _join(data, spans, HANDSHAKE_HEADER_LENGTH)
+def _check_handshake_length(header: bytes, max_size: int) -> int:
+    """Read the uint24 handshake length from the message's first four bytes and bound it."""
     length = header[1] << 16 | header[2] << 8 | header[3]
     if RECORD_HEADER_LENGTH + HANDSHAKE_HEADER_LENGTH + length > max_size:
         raise ClientHelloError(f"ClientHello length {length} (+9 header bytes) exceeds the {max_size}-byte limit")
     if length < MIN_CLIENT_HELLO_LENGTH:
         raise ClientHelloError(f"ClientHello length {length} is below the minimum of {MIN_CLIENT_HELLO_LENGTH}")
     return length
-
-
-def _join(data, spans: list[tuple[int, int]], count: int) -> bytes:
-    """The first ``count`` handshake bytes, gathered from the record fragments."""
-    start, stop = spans[0]
-    if stop - start >= count:  # the common case: one record holds everything asked for
-        return bytes(data[start : start + count])
-    parts = []
-    for start, stop in spans:
-        take = min(stop - start, count)
-        parts.append(bytes(data[start : start + take]))
-        count -= take
-        if not count:
-            break
-    return b"".join(parts)
 
 
 def _parse_body(message: bytes, data, length: int) -> ClientHello:

@@ -23,6 +23,12 @@ from typing import Optional
 
 # Raised by recv_into when the socket has no more to give (like SSLSocket in non-blocking mode).
 WantRead = ssl.SSLWantReadError
+TLS1_3 = "TLSv1.3"
+
+
+class RenegotiationRefused(ssl.SSLError):
+    """A TLS <= 1.2 client started a renegotiation, which the server refused (OP_NO_RENEGOTIATION:
+    OpenSSL answers a no_renegotiation alert, already sent when this is raised)."""
 FLUSH_AT = 64 * 1024            # ciphertext that send() hands to the socket without waiting for flush()
 
 
@@ -30,7 +36,7 @@ class TLSStream:
     """A TLS connection (either side) over `sock`, whose readiness the caller tracks."""
 
     __slots__ = ("sock", "obj", "incoming", "outgoing", "scratch", "backlog", "notified", "unsent",
-                 "loop", "empty_at", "hup", "_fileno")
+                 "loop", "empty_at", "hup", "renegotiation_refused", "_fileno")
 
     def __init__(self, sock: socket.socket, context: ssl.SSLContext, server_side: bool,
                  scratch: memoryview, server_hostname: Optional[str] = None, loop=None):
@@ -49,6 +55,7 @@ class TLSStream:
         self.loop = loop
         self.empty_at = -1
         self.hup = False
+        self.renegotiation_refused = False
         self._fileno = sock.fileno()
 
     # -- the socket underneath --------------------------------------------------------------
@@ -149,13 +156,13 @@ class TLSStream:
                 # A TLS 1.3 server ends its handshake with session tickets, which the client does
                 # not wait for: they leave with the first reply (one send and one wake-up of the
                 # client less). Anything else may be a flight the peer is waiting for.
-                if not (obj.server_side and obj.version() == "TLSv1.3"):
+                if not (obj.server_side and obj.version() == TLS1_3):
                     self.flush()
                 return True
 
     def recv_into(self, buffer) -> int:
         """Decrypt into `buffer`: the byte count, 0 at the peer's close_notify or FIN, or WantRead
-        when nothing more can be read now."""
+        when nothing more can be read now. Raises RenegotiationRefused (see _answer_peer)."""
         obj = self.obj
         incoming = self.incoming
         while True:
@@ -163,17 +170,35 @@ class TLSStream:
                 # OpenSSL has nothing to decrypt and would only raise "want read" (an exception
                 # built from its error queue, several times dearer than this test): refill first.
                 if not self._fill():
+                    if self.outgoing.pending:
+                        self._answer_peer()
                     raise WantRead
                 continue
             try:
                 return obj.read(len(buffer), buffer)
             except WantRead:
-                # What reading produced (a KeyUpdate's answer) leaves with the next write or the
-                # close_notify: RFC 8446 only asks for it before our next application data.
                 if not self._fill():
+                    if self.outgoing.pending:
+                        self._answer_peer()
                     raise
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                 return 0            # EOF without close_notify: only without OP_IGNORE_UNEXPECTED_EOF
+
+    def _answer_peer(self) -> None:
+        """Reading is over for now and OpenSSL has records to send. In TLS 1.3 they are session
+        tickets, or a KeyUpdate's answer: they leave with the next write or the close_notify (RFC
+        8446 only asks for the answer before our next application data). In TLS 1.2 and earlier,
+        reading writes only when the peer started a renegotiation, and the peer now waits for the
+        answer, so it leaves at once: our ClientHello when an upstream asked us to renegotiate,
+        the no_renegotiation alert when a client tried to (a server context has
+        OP_NO_RENEGOTIATION). Then, like nginx ("SSL renegotiation disabled"), the server ends the
+        connection: a client that renegotiates is in no state we can serve."""
+        if self.obj.version() == TLS1_3:
+            return
+        self._flush_quietly()
+        if self.obj.server_side:
+            self.renegotiation_refused = True
+            raise RenegotiationRefused("client tried to renegotiate TLS, which is disabled")
 
     def send(self, data) -> int:
         """Encrypt all of `data`, or raise BlockingIOError and take none of it while earlier

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import collections
+import fcntl
 import hashlib
 import socket
+import struct
 import subprocess
+import sys
+import termios
 import threading
 import time
 from pathlib import Path
@@ -254,6 +258,108 @@ def test_upstream_reset_becomes_client_reset(proxy, upstreams):
             while sock.recv(100):
                 pass
     assert " 502 " in p.wait_access(1)[0]
+
+
+def _abort(conn: socket.socket) -> None:
+    """close() with SO_LINGER {on, 0s}: the peer gets a RST, as from a server closing with bytes unread."""
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    conn.close()
+
+
+def _recv_exactly(sock: socket.socket, size: int) -> bytes:
+    data = bytearray()
+    while len(data) < size:
+        chunk = sock.recv(min(size - len(data), 262144))
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data)
+
+
+@pytest.mark.parametrize("last", ["fin", "bytes"])
+def test_upstream_reset_after_everything_was_delivered_is_a_normal_end(proxy, upstreams, last):
+    """Issue 15: `psql sslmode=require` through a plain route logged most of its successful sessions
+    502: PostgreSQL closes on the client's Terminate with the client's close_notify unread, and its
+    kernel sends a reset. An upstream that resets after its reply was delivered and after the
+    client's FIN (or the client's last bytes, read) ends the session as nginx ends it: 200, and the
+    client gets a FIN, not a reset."""
+    reply = pattern_bytes(1_000_000, seed=11)
+
+    def replies_then_resets(conn, up):
+        _recv_exactly(conn, 5)
+        conn.sendall(reply)
+        if last == "fin":
+            while conn.recv(65536):                # until the client's FIN, passed on
+                pass
+        else:
+            _recv_exactly(conn, 4)                 # the client's last bytes ("bye\n")
+        _abort(conn)
+
+    up = upstreams(replies_then_resets)
+    port = free_port()
+    p = proxy(one_service(port, [up.target]))
+    with connect(port) as sock:
+        sock.sendall(b"query")
+        got = _recv_exactly(sock, len(reply))
+        if last == "fin":
+            sock.shutdown(socket.SHUT_WR)
+        else:
+            sock.sendall(b"bye\n")
+        assert sock.recv(1) == b""                 # pyproxy's FIN (a reset would raise here)
+    assert hashlib.sha256(got).digest() == hashlib.sha256(reply).digest()
+    line = p.wait_access(1)[0]
+    assert " 200 " in line and f" {len(reply)} " in line, line
+    assert "upstream connection reset (104: Connection reset by peer) after all data was delivered" in p.log_text()
+
+
+def test_upstream_reset_while_client_bytes_are_still_held_is_502(proxy, upstreams):
+    """The other side of the rule: an upstream that answered, then stopped reading an upload and
+    reset it. pyproxy still holds bytes of the upload that can never be delivered: 502, and the
+    reset is passed on to the client."""
+    reset_now = threading.Event()
+
+    def answers_then_stops_reading(conn, up):
+        conn.sendall(b"ready\n")
+        reset_now.wait(30)
+        _abort(conn)
+
+    up = upstreams(answers_then_stops_reading)
+    port = free_port()
+    p = proxy(one_service(port, [up.target]))
+    chunk = pattern_bytes(1 << 20, seed=5)
+    pushed, errors = [0], []
+    with connect(port, timeout=30) as sock:
+        assert recv_line(sock) == b"ready\n"
+
+        def upload():
+            try:
+                for _ in range(512):
+                    sock.sendall(chunk)
+                    pushed[0] += len(chunk)
+            except OSError as exc:
+                errors.append(exc)
+
+        sender = threading.Thread(target=upload, daemon=True)
+        sender.start()
+        # The upstream reads nothing, so the upload stalls: once our send queue stays full and
+        # still, pyproxy has stopped reading us, which it only does while it holds bytes its
+        # upstream will not take (and it goes on holding them: the upstream never reads).
+        seen = {"last": None, "still": 0}
+
+        def stalled() -> bool:
+            now = (pushed[0], int.from_bytes(fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, bytes(4)), sys.byteorder))
+            seen["still"] = seen["still"] + 1 if now == seen["last"] and now[1] > 0 else 0
+            seen["last"] = now
+            return seen["still"] >= 5 or bool(errors)
+
+        wait_until(stalled, timeout=20, what="the upload stalled behind pyproxy")
+        assert not errors and pushed[0] >= 1 << 20, (errors, pushed)
+        reset_now.set()
+        sender.join(30)
+        assert errors and isinstance(errors[0], (ConnectionResetError, BrokenPipeError)), errors
+    line = p.wait_access(1)[0]
+    assert " 502 " in line, line
+    assert "upstream connection reset" in p.log_text() and "while proxying" in p.log_text()
 
 
 def test_idle_session_ends_at_read_timeout(proxy, upstreams):

@@ -5,13 +5,16 @@ from __future__ import annotations
 import socket
 import ssl
 import subprocess
+import threading
 import time
 
+import psutil
 import pytest
 
 from pyproxy.demo.echo import EchoServer
-from tests.support import (connect, echo_handler, free_port, make_ca, make_cert, peer_common_name, wait_until,
-                           recv_all, recv_line, tag_handler, tls_client, tls_handler_for)
+from tests.support import (connect, echo_handler, expected_hash_reply, free_port, hash_handler, make_ca, make_cert,
+                           peer_common_name, wait_until, recv_all, recv_line, tag_handler, tls_client, tls_handler_for)
+from tests.unit.tls import one_byte_records
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +196,13 @@ def test_non_tls_bytes_on_ssl_port_are_refused_and_proxy_keeps_serving(proxy, up
     assert up.connections == 1
 
 
-def test_client_hello_one_byte_per_segment_still_routes(proxy, upstreams, certs):
+@pytest.mark.parametrize("split", ["segments", "records"])
+def test_client_hello_one_byte_per_segment_still_routes(proxy, upstreams, certs, split):
+    """The hello a byte per TCP segment, or re-framed as one TLS record per byte of it (the
+    handshake transcript covers the message, not its records): the proxy routes it, and OpenSSL,
+    which then reads it from the socket, completes the handshake."""
+    from tests.unit.tls import frame, handshake_message
+
     up = upstreams(tag_handler, name="slow-hello")
     port = free_port()
     proxy(sni_config(port, certs, service("a", up.port, "tls", "a.example")))
@@ -207,9 +216,12 @@ def test_client_hello_one_byte_per_segment_still_routes(proxy, upstreams, certs)
         with pytest.raises(ssl.SSLWantReadError):
             tls.do_handshake()
         hello = outgoing.read()
-        for i in range(len(hello)):
-            sock.send(hello[i:i + 1])
-            time.sleep(0.002)
+        if split == "segments":
+            for i in range(len(hello)):
+                sock.send(hello[i:i + 1])
+                time.sleep(0.002)
+        else:
+            sock.sendall(frame(handshake_message(hello), [1]))
         while True:                                # finish the handshake over the same socket
             try:
                 tls.do_handshake()
@@ -227,6 +239,35 @@ def test_client_hello_one_byte_per_segment_still_routes(proxy, upstreams, certs)
             except ssl.SSLWantReadError:
                 incoming.write(sock.recv(65536))
         assert data == b"slow-hello\n"
+
+
+def test_client_hello_as_thousands_of_one_byte_records_routes_at_a_constant_cost_per_byte(proxy, upstreams, certs):
+    """Issue 15: every look at a hello that arrives a record at a time copied and walked it from its
+    first byte, so a 64 KB hello of 10,900 one-byte records, sent at ~60 KB/s, kept a worker busy
+    for as long as it took to send (1 CPU-second here; minutes at slower rates). It must still
+    route, untouched, and cost the worker next to nothing (measured after the fix: 0.02 s)."""
+    up = upstreams(hash_handler)
+    port = free_port()
+    p = proxy(sni_config(port, certs, service("a", up.port, "tls_passthrough", "a.example"))
+              .replace("worker_processes: 2", "worker_processes: 1"))
+    worker = psutil.Process(p.worker_pids()[0])
+    wire = one_byte_records(10_900)
+    assert len(wire) <= 65536                      # within the preread limit
+    head = 6 * 10_900
+    before = worker.cpu_times()
+    with connect(port, timeout=30) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for pos in range(0, head, 60):             # ten records per segment, a segment a millisecond
+            sock.sendall(wire[pos:pos + 60])
+            time.sleep(0.001)
+        sock.sendall(wire[head:])
+        sock.shutdown(socket.SHUT_WR)
+        assert recv_all(sock) == expected_hash_reply(wire)
+    after = worker.cpu_times()
+    line = p.wait_access(1)[0]
+    assert " 200 " in line and "tls_passthrough" in line and '"a.example"' in line, line
+    spent = (after.user + after.system) - (before.user + before.system)
+    assert spent < 0.3, f"the worker spent {spent:.2f} CPU-seconds on one ClientHello"
 
 
 def test_slowloris_on_tls_port_is_cut_at_preread_timeout(proxy, upstreams, certs):
@@ -264,6 +305,76 @@ def test_stalled_handshake_is_cut_at_handshake_timeout_not_preread_timeout(proxy
     assert 1.8 < elapsed < 6, elapsed
     assert " 400 " in p.wait_access(1)[0]
     assert "SSL handshake timed out after 2s" in p.log_text()
+
+class OpenSSLTool:
+    """`openssl s_client`/`s_server` with a pipe on stdin (kept open: at EOF they quit) and what
+    they print collected by a thread, so that a test can wait for a line without blocking."""
+
+    def __init__(self, *args: str):
+        self.proc = subprocess.Popen(["openssl", *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT)
+        self.lines: list[bytes] = []
+        threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True).start()
+
+    def type(self, line: bytes) -> None:
+        self.proc.stdin.write(line + b"\n")
+        self.proc.stdin.flush()
+
+    def said(self, text: bytes) -> bool:
+        return any(text in line for line in list(self.lines))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(5)
+
+
+def test_client_renegotiation_is_refused_at_once_with_400(proxy, upstreams, certs):
+    """Issue 15: OpenSSL answers a TLS 1.2 client's renegotiation with a no_renegotiation alert
+    that stayed in the memory BIO until the next write, so the client hung until read_timeout and
+    the session was logged 200. The alert must leave at once and the session end (400), as nginx
+    ends it ("SSL renegotiation disabled")."""
+    up = upstreams(echo_handler)
+    port = free_port()
+    p = proxy(sni_config(port, certs, service("a", up.port, "tls", "a.example", extra="    read_timeout: 30s")))
+    client = OpenSSLTool("s_client", "-connect", f"127.0.0.1:{port}", "-servername", "a.example", "-tls1_2")
+    try:
+        client.type(b"ping")
+        wait_until(lambda: client.said(b"ping"), what="the echo through the proxy")
+        client.type(b"R")                          # s_client: renegotiate
+        started = time.monotonic()
+        client.proc.wait(10)                      # it gives up on the alert, well before read_timeout
+        assert time.monotonic() - started < 5
+    finally:
+        client.stop()
+    assert client.said(b"RENEGOTIATING") and client.said(b"no renegotiation"), b"".join(client.lines)
+    assert " 400 " in p.wait_access(1)[0]
+    assert "client tried to renegotiate TLS, which is disabled, closing; client: 127.0.0.1:" in p.log_text()
+
+
+def test_upstream_renegotiation_is_answered_at_once(proxy, certs):
+    """The other way round, pyproxy is the TLS client: an upstream that asks for a renegotiation
+    (a HelloRequest) gets our ClientHello at once, not with the next bytes a client sends, and the
+    session goes on."""
+    upstream_port, port = free_port(), free_port()
+    server = OpenSSLTool("s_server", "-accept", f"127.0.0.1:{upstream_port}", "-cert", str(certs["upstream"][0]),
+                         "-key", str(certs["upstream"][1]), "-tls1_2")
+    try:
+        wait_until(lambda: server.said(b"ACCEPT"), what="s_server listening")
+        proxy(verified_upstream_config(port, upstream_port, certs["ca"][0]))
+        with connect(port) as sock:
+            sock.sendall(b"one\n")
+            wait_until(lambda: server.said(b"one"), what="the first line at the upstream")
+            server.type(b"r")                      # s_server: request a renegotiation
+            wait_until(lambda: server.said(b"SSL_do_handshake -> 1"), timeout=5,
+                       what="the renegotiation done, with nothing more from the client")
+            sock.sendall(b"two\n")
+            wait_until(lambda: server.said(b"two"), timeout=5, what="the line sent after the renegotiation")
+            server.type(b"back")
+            assert recv_line(sock) == b"back\n"
+    finally:
+        server.stop()
+
 
 def test_access_log_tls_variables(proxy, upstreams, certs):
     up = upstreams(echo_handler)
@@ -334,6 +445,42 @@ def test_upstream_closing_first_reaches_a_tls_client_as_close_notify(proxy, upst
     wait_until(lambda: seen, what="the upstream's view of the close")
     assert seen == ["clean"]
     assert "Protocol error" not in p.log_text()
+
+
+@pytest.mark.parametrize("when", ["after the client's FIN", "right behind the reply"])
+def test_upstream_reset_after_its_reply_reaches_a_tls_client_intact(proxy, upstreams, certs, when):
+    """An upstream that replies and then resets, once the client has closed its side or at once
+    (the reply and the reset arrive together, and the reply is written to the client's TLS stream
+    in the very run that then reads the reset): the reply still leaves, the client gets a
+    close_notify, and the session is logged 200, not 502 with a reset that loses the reply."""
+    from tests.support import pattern_bytes
+
+    reply = pattern_bytes(200_000 if when == "after the client's FIN" else 2000, seed=9)
+
+    def replies_then_resets(conn, up):
+        conn.recv(5)
+        conn.sendall(reply)
+        if when == "after the client's FIN":
+            while conn.recv(65536):                # the client's close_notify and FIN
+                pass
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        conn.close()
+
+    up = upstreams(replies_then_resets)
+    port = free_port()
+    p = proxy(sni_config(port, certs, service("a", up.port, "tls", "a.example")))
+    with tls_client(port, "a.example") as sock:
+        sock.sendall(b"query")
+        got = b""
+        while len(got) < len(reply):
+            chunk = sock.recv(65536)
+            assert chunk
+            got += chunk
+        if when == "after the client's FIN":
+            socket.socket.shutdown(sock, socket.SHUT_WR)
+        assert sock.recv(10) == b""                # close_notify: a clean end, no reset
+    assert got == reply
+    assert " 200 " in p.wait_access(1)[0]
 
 
 def test_sessions_resume_on_any_worker(proxy, upstreams, certs):

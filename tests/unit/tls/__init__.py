@@ -134,6 +134,13 @@ def build_hello(**kwargs) -> bytes:
     return frame(build_message(build_body(**kwargs)))
 
 
+def one_byte_records(count: int, sni: str = "a.example") -> bytes:
+    """A ClientHello for `sni` whose first `count` handshake bytes come one per record (the rest in
+    one more): padded so that it has that many, 6 bytes on the wire for each."""
+    message = build_message(build_body(extensions=[sni_ext(sni), (EXT_PADDING, bytes(count))]))
+    return frame(message, [1] * count + [len(message)])
+
+
 def length_field_offsets(wire: bytes) -> list[tuple[int, int]]:
     """(offset, width) of every length field of a one-record hello: record, handshake, session_id,
     cipher_suites, compression_methods, extensions block, each extension, and the inner lists of

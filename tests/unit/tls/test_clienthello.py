@@ -7,10 +7,12 @@ import random
 
 import pytest
 
+import pyproxy.tls.clienthello as clienthello
 from pyproxy.tls.clienthello import (
     MAX_RECORD_LENGTH,
     ClientHello,
     ClientHelloError,
+    ClientHelloReader,
     is_grease,
     parse_client_hello,
 )
@@ -27,6 +29,7 @@ from . import (
     ext,
     frame,
     handshake_message,
+    one_byte_records,
     records,
     sni_ext,
     u16,
@@ -179,7 +182,10 @@ def test_max_size_bounds_the_bytes_the_hello_occupies():
     assert parse_client_hello(padded[:8], max_size=16390) is None
     with pytest.raises(ClientHelloError, match=r"16996 \(\+9 header bytes\) exceeds the 16390-byte limit"):
         parse_client_hello(padded[:9], max_size=16390)
-    assert parse_client_hello(padded[:9], max_size=16996 + 9) is None
+    # The first record's header says the message needs a second one: 17010 bytes at the least.
+    assert parse_client_hello(padded[:9], max_size=17010) is None
+    with pytest.raises(ClientHelloError, match="does not fit in 17009 bytes: the rest of it cannot end before byte 17010"):
+        parse_client_hello(padded[:9], max_size=17009)
     with pytest.raises(ClientHelloError, match="does not fit in 17009 bytes: record #2 ends at 17010"):
         parse_client_hello(padded, max_size=17009)
     assert parse_client_hello(padded, max_size=17010).length == 17010
@@ -189,13 +195,15 @@ def test_max_size_bounds_the_bytes_the_hello_occupies():
 
 def test_max_size_counts_record_headers_so_tiny_records_cannot_blow_it_up():
     # 1-byte records cost six bytes of input per byte of hello: a 17 KB hello framed that way
-    # needs 102 KB, over the default limit, and is refused when the record crossing it arrives.
-    message = handshake_message(CAPTURED_BY_NAME["padded_pq_2records"].wire)
+    # needs 102 KB, over the default limit, and is refused as soon as that is certain: once the
+    # bytes still to come, even in a single record, would end past it.
+    message = handshake_message(CAPTURED_BY_NAME["padded_pq_2records"].wire)  # 17000 bytes
     wire = frame(message, [1])
-    at = 65536 // 6 * 6 + 5  # through the header of record #10923, whose fragment would end at 65538
-    assert parse_client_hello(wire[: at - 1]) is None
-    with pytest.raises(ClientHelloError, match="does not fit in 65536 bytes: record #10923 ends at 65538"):
-        parse_client_hello(wire[:at])
+    # After k records (6k bytes, k handshake bytes), the rest ends at 6k + 5 + 17000 - k at the least.
+    k = (65536 - 17005) // 5 + 1
+    assert parse_client_hello(wire[: 6 * (k - 1)]) is None
+    with pytest.raises(ClientHelloError, match=f"does not fit in 65536 bytes: the rest of it cannot end before byte {5 * k + 17005}"):
+        parse_client_hello(wire[: 6 * k])
     assert parse_client_hello(wire, max_size=len(wire)).length == len(wire)
 
 
@@ -382,3 +390,69 @@ def test_is_grease():
     grease = {0x0A0A + 0x1010 * i for i in range(16)}
     assert all(is_grease(v) for v in grease)
     assert not any(is_grease(v) for v in range(0x10000) if v not in grease)
+
+
+# -- ClientHelloReader: the preread of a hello that arrives a little at a time --------------------
+def test_reader_walks_each_record_once_however_often_it_is_asked(monkeypatch):
+    # The hello as 10,900 one-byte records (65 KB), looked at after every record as a session
+    # would if each arrived alone: every record header is checked about once, not once per look.
+    wire = one_byte_records(10_900)
+    assert len(wire) <= 65536
+    checked = 0
+    check = clienthello._check_record_header
+
+    def counting(*args):
+        nonlocal checked
+        checked += 1
+        return check(*args)
+
+    monkeypatch.setattr(clienthello, "_check_record_header", counting)
+    reader = ClientHelloReader()
+    hello = None
+    for end in range(6, len(wire) + 6, 6):
+        hello = reader.parse(wire[:end])
+        if hello is not None:
+            break
+    assert hello == parse_client_hello(wire)       # (which walks them all once more)
+    assert hello.sni == "a.example" and hello.length == len(wire)
+    assert checked < 3 * 10_900, checked
+
+
+def test_reader_need_spares_a_caller_all_but_a_few_looks():
+    # A caller that looks again only once `need` bytes are there (the session peeks only then)
+    # makes a few dozen looks at a hello of 10,900 records, and never one too late.
+    wire = one_byte_records(10_900)
+    reader, looks, seen = ClientHelloReader(), 0, 0
+    hello = None
+    for end in range(6, len(wire) + 6, 6):
+        end = min(end, len(wire))
+        if end < reader.need:
+            continue
+        looks += 1
+        hello = reader.parse(wire[:end])
+        if hello is not None:
+            break
+        seen = end
+    assert hello is not None and hello.length == len(wire)
+    assert looks <= 64, looks
+    assert parse_client_hello(wire[:seen]) is None
+
+
+def test_reader_refuses_a_hello_that_can_no_longer_fit_as_soon_as_that_is_certain():
+    # 2,000 one-byte records and ~100 bytes more: 12 KB. After k records the rest ends at
+    # 6k + 5 + (message length - k) at the least, over 10,000 from about k = 1,600 on.
+    wire = one_byte_records(2_000)
+    reader = ClientHelloReader()
+    assert reader.parse(wire[:600], max_size=10_000) is None
+    assert reader.need <= 10_000
+    with pytest.raises(ClientHelloError, match="does not fit in 10000 bytes: the rest of it cannot end before byte"):
+        reader.parse(wire[: 6 * 1620], max_size=10_000)     # before any record crosses 10,000
+    assert parse_client_hello(wire, max_size=len(wire)).length == len(wire)
+
+
+def test_reader_of_a_hello_in_two_segments_takes_the_one_record_path():
+    wire = CAPTURED_BY_NAME["openssl_sni"].wire
+    reader = ClientHelloReader()
+    assert reader.parse(wire[:100]) is None
+    assert reader.need == len(wire)               # the end of its one record
+    assert reader.parse(wire) == parse_client_hello(wire)

@@ -2,6 +2,8 @@
 
 Whatever the input, the parser answers with a ClientHello, None or ClientHelloError — never an
 IndexError, struct.error, UnicodeDecodeError or anything else a worker would have to guard for.
+A ClientHelloReader fed the same stream a piece at a time answers exactly what the pure parser
+answers for each prefix, and its `need` never skips past the point where the hello completes.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ import dataclasses
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pyproxy.tls.clienthello import MAX_RECORD_LENGTH, ClientHello, ClientHelloError, _parse_any, parse_client_hello
+from pyproxy.tls.clienthello import (MAX_RECORD_LENGTH, ClientHello, ClientHelloError, ClientHelloReader, _parse_any,
+                                     parse_client_hello)
 
 from . import CAPTURED, frame, handshake_message, length_field_offsets, records
 
@@ -21,6 +24,13 @@ fuzz = settings(max_examples=300, deadline=None)
 SMALL = [c for c in CAPTURED if len(c.wire) < 2**14]
 hellos = st.sampled_from(CAPTURED)
 small_hellos = st.sampled_from(SMALL)
+
+
+def answer(parse, data) -> ClientHello | None | str:
+    try:
+        return parse(data)
+    except ClientHelloError as e:
+        return f"error: {e}"
 
 
 def outcome(data) -> ClientHello | None | str:
@@ -157,3 +167,46 @@ def test_reframed_and_mutated_record_headers(captured, data):
     wire[start + index] = data.draw(st.integers(0, 255))
     outcome(bytes(wire))
 
+
+
+def stream_through_reader(wire: bytes, cuts: list[int]) -> None:
+    """Feed `wire` to one reader, growing to each of `cuts` (increasing) and then to its end: at
+    every step the reader says what a fresh parse of that prefix says, error message included;
+    after a None, `need` lies beyond the bytes seen, and no prefix shorter than it holds a hello."""
+    reader = ClientHelloReader()
+    for cut in sorted({min(c, len(wire)) for c in cuts}) + [len(wire)]:
+        prefix = wire[:cut]
+        got = answer(reader.parse, prefix)
+        assert got == answer(parse_client_hello, prefix)
+        if got is not None:
+            return
+        assert reader.need > cut
+        if reader.need - 1 < len(wire):
+            assert not isinstance(answer(parse_client_hello, wire[: reader.need - 1]), ClientHello)
+
+
+@fuzz
+@given(hellos, st.lists(st.integers(1, 400), min_size=1, max_size=20), st.data())
+def test_reader_fed_piece_by_piece_answers_as_a_fresh_parse(captured, sizes, data):
+    message = handshake_message(captured.wire)
+    if len(message) // min(sizes) > 2000:
+        sizes = [max(s, len(message) // 2000) for s in sizes]  # keep the test fast
+    wire = frame(message, sizes) + data.draw(st.binary(max_size=20))
+    cuts = data.draw(st.lists(st.integers(0, len(wire)), max_size=30))
+    stream_through_reader(wire, cuts)
+
+
+@fuzz
+@given(small_hellos, st.data())
+def test_reader_fed_piece_by_piece_answers_as_a_fresh_parse_on_damaged_streams(captured, data):
+    wire = bytearray(frame(handshake_message(captured.wire), [data.draw(st.integers(1, 120))]))
+    for _ in range(data.draw(st.integers(1, 3))):
+        wire[data.draw(st.integers(0, len(wire) - 1))] = data.draw(st.integers(0, 255))
+    cuts = data.draw(st.lists(st.integers(0, len(wire)), max_size=30))
+    stream_through_reader(bytes(wire), cuts)
+
+
+@fuzz
+@given(st.binary(max_size=300), st.lists(st.integers(0, 300), max_size=10))
+def test_reader_on_random_bytes(wire, cuts):
+    stream_through_reader(b"\x16\x03\x01" + wire, cuts)

@@ -169,3 +169,33 @@ def test_a_short_read_spares_the_next_recv_until_the_next_poll(server_context):
         assert read_available(server) == (b"third", True)
     finally:
         loop.close()
+
+
+def test_what_a_pump_wrote_to_tls_leaves_even_when_its_source_then_failed(server_context):
+    """A plain upstream that sends its last reply and resets at once: the pump reads the reply,
+    writes it to the client's TLS stream, then reads the reset. The records must still leave:
+    before, the end-of-run flush was skipped on a source error and the reply was lost."""
+    import select
+
+    from pyproxy.forward import SRC_ERROR, BufferPump
+
+    client, server = connected_pair(server_context)          # server: our side of the client
+    listener = socket.create_server(("127.0.0.1", 0))
+    upstream = socket.create_connection(listener.getsockname())
+    ours, _ = listener.accept()
+    listener.close()
+    ours.setblocking(False)
+    upstream.sendall(b"the last reply")
+    upstream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    upstream.close()
+    poller = select.poll()
+    poller.register(ours, select.POLLIN)
+    assert poller.poll(5000)[0][1] & (select.POLLHUP | select.POLLERR)   # the reply and the reset are queued
+
+    pump = BufferPump(memoryview(bytearray(65536)), ours, server)
+    pump.readable = pump.writable = True
+    pump.hup = True
+    assert pump.run(0.0) == SRC_ERROR
+    assert pump.received == pump.sent == len(b"the last reply") and not pump.pending
+    assert read_available(client)[0] == b"the last reply"
+    ours.close()
