@@ -8,9 +8,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 from typing import Callable, Optional
 
+from .dump import config_as_yaml, dump_config
 from .errors import ConfigError, ConfigIssue, Invalid
 from .loader import YamlMap, read_document
 from .model import (
@@ -22,7 +25,7 @@ from .validate import build_config, default_pid_path, pid_file
 from .values import ACCESS_LOG_VARIABLES, parse_address, parse_duration
 
 __all__ = [
-    "load_config", "pid_path_of", "ConfigError", "ConfigIssue", "Invalid", "parse_duration", "parse_address",
+    "load_config", "pid_path_of", "dump_config", "config_as_yaml", "ConfigError", "ConfigIssue", "Invalid", "parse_duration", "parse_address",
     "ACCESS_LOG_VARIABLES", "ALGORITHMS", "LOG_LEVELS", "ROUTE_PROTOCOLS",
     "ActiveHealthcheck", "AddressMatch", "Certificate", "CertKey", "Config", "Healthchecks", "Listen",
     "PassiveHealthcheck", "Plugin", "Route", "Service", "SSLSettings", "Target", "Upstream",

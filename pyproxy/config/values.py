@@ -64,6 +64,17 @@ def parse_duration(value: object) -> float:
     return milliseconds / 1000
 
 
+def format_duration(seconds: float) -> str:
+    """`seconds` as the file writes a duration (`1m30s`, `500ms`, `0s`): parse_duration reads it back."""
+    milliseconds = round(seconds * 1000)
+    parts = []
+    for unit, size in _DURATION_UNITS_MS.items():     # from days down to milliseconds
+        count, milliseconds = divmod(milliseconds, size)
+        if count:
+            parts.append(f"{count}{unit}")
+    return "".join(parts) or "0s"
+
+
 def _duration_text_ms(text: str) -> int:
     stripped = text.strip()
     if _DURATION_DIGITS.fullmatch(stripped):
