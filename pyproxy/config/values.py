@@ -38,12 +38,14 @@ AVAILABLE_CONGESTION = "/proc/sys/net/ipv4/tcp_available_congestion_control"
 _LOG_VARIABLE = re.compile(r"\$(?:\{(?P<braced>[^}]*)\}|(?P<plain>[A-Za-z0-9_]+))?")
 
 
-def did_you_mean(word: object, choices: Iterable[str]) -> str:
-    """`; did you mean 'x'?` when `word` is close to one of `choices`, else an empty string."""
+def did_you_mean(word: object, choices: Iterable[str], kind: str = "") -> str:
+    """`; did you mean 'x'?` (`; did you mean upstream 'x'?` with a `kind`) when `word` is close to one of
+    `choices`, else an empty string."""
     if not isinstance(word, str):
         return ""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else ""
+    what = f"{kind} " if kind else ""
+    return f"; did you mean {what}{close[0]!r}?" if close else ""
 
 
 def parse_duration(value: object) -> float:
