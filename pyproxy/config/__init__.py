@@ -40,9 +40,10 @@ def load_config(path: str, warn: Optional[Callable[[str], None]] = None) -> Conf
     `FILE:LINE: key: message` string each, whether or not there are errors.
     """
     path = os.path.abspath(path)
-    document = read_document(path)
-    report = Report(path)
-    config = build_config(report, document.root)
+    with _collector_paused():
+        document = read_document(path)
+        report = Report(path)
+        config = build_config(report, document.root)
     if warn is not None:
         for warning in sorted(report.warnings, key=lambda issue: issue.line):
             warn(str(warning))
@@ -50,6 +51,23 @@ def load_config(path: str, warn: Optional[Callable[[str], None]] = None) -> Conf
     if errors or config is None:
         raise ConfigError(sorted(errors, key=lambda issue: issue.line))
     return config
+
+
+@contextlib.contextmanager
+def _collector_paused():
+    """Python's cyclic garbage collector off while a file is read and validated.
+
+    Loading makes millions of objects and keeps them all until the end, and each collection of the
+    oldest generation walks every one of them: a 5 MB file took three times as long with the collector
+    running. What loading leaves behind is freed by reference counting or at the next collection.
+    """
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if paused:
+            gc.enable()
 
 
 def _follows_from(error: ConfigIssue, refused: set[str]) -> bool:
