@@ -29,6 +29,8 @@ HEALTHCHECKS_KEYS = ("active", "passive")
 ACTIVE_KEYS = ("type", "interval", "timeout", "healthy", "unhealthy", "send", "expect")
 # `fail_timeout` is ours, not Kong's: nginx's fail_timeout, how long a target stays out after failing.
 PASSIVE_KEYS = ("type", "unhealthy", "fail_timeout")
+HEALTHY_KEYS = ("successes",)                       # the counters of `healthy` and `unhealthy`
+UNHEALTHY_KEYS = ("tcp_failures", "timeouts")
 TARGET_KEYS = ("target", "weight")
 SERVICE_KEYS = (
     "name", "protocol", "host", "port", "connect_timeout", "read_timeout", "write_timeout", "retries",
@@ -149,8 +151,8 @@ def _active_healthcheck(report: Report, place: Place, value: object) -> ActiveHe
     section = report.section(place, value, ACTIVE_KEYS)
     if section is None:
         return defaults
-    healthy = _counters(section, "healthy", ("successes",))
-    unhealthy = _counters(section, "unhealthy", ("tcp_failures", "timeouts"))
+    healthy = _counters(section, "healthy", HEALTHY_KEYS)
+    unhealthy = _counters(section, "unhealthy", UNHEALTHY_KEYS)
     check = ActiveHealthcheck(
         type=section.get("type", one_of(("tcp",)), defaults.type),
         interval=section.get("interval", parse_duration, defaults.interval),
@@ -170,7 +172,7 @@ def _passive_healthcheck(report: Report, place: Place, value: object) -> Passive
     if section is None:
         return defaults
     section.get("type", one_of(("tcp",)))     # Kong's passive `type`: tcp is the only one we have
-    unhealthy = _counters(section, "unhealthy", ("tcp_failures", "timeouts"))
+    unhealthy = _counters(section, "unhealthy", UNHEALTHY_KEYS)
     return PassiveHealthcheck(
         unhealthy_tcp_failures=unhealthy.get("tcp_failures", defaults.unhealthy_tcp_failures),
         unhealthy_timeouts=unhealthy.get("timeouts", defaults.unhealthy_timeouts),
