@@ -3,6 +3,7 @@ the validator takes is in it, with its full path, and its complete example loads
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -117,3 +118,13 @@ def test_the_repository_explains_itself():
                  *sorted((REPOSITORY / "conf").rglob("*")), *sorted((REPOSITORY / "deploy").rglob("*"))]:
         if path.is_file() and path.suffix not in (".crt", ".key", ".pid"):
             assert "../shared" not in path.read_text(errors="replace"), path
+
+
+def test_the_readme_names_the_process_metrics_as_a_scrape_shows_them(tmp_path: Path, monkeypatch):
+    """The README's process metrics are the sample names /metrics prints (a counter's end in _total)."""
+    from pyproxy.metrics import MULTIPROC_ENV, render_metrics
+    monkeypatch.setenv(MULTIPROC_ENV, str(tmp_path))
+    exposition = render_metrics(os.getpid()).decode()
+    samples = {line.split("{")[0].split(" ")[0] for line in exposition.splitlines() if not line.startswith("#")}
+    named = set(re.findall(r"`(pyproxy_process_\w+)`", (REPOSITORY / "README.md").read_text()))
+    assert named and named <= samples, f"the README names {sorted(named - samples)}; a scrape has {sorted(samples)}"
