@@ -25,7 +25,8 @@ from .validate import build_config, default_pid_path, pid_file
 from .values import ACCESS_LOG_VARIABLES, parse_address, parse_duration
 
 __all__ = [
-    "load_config", "pid_path_of", "dump_config", "config_as_yaml", "ConfigError", "ConfigIssue", "Invalid", "parse_duration", "parse_address",
+    "load_config", "pid_path_of", "dump_config", "config_as_yaml",
+    "ConfigError", "ConfigIssue", "Invalid", "parse_duration", "parse_address",
     "ACCESS_LOG_VARIABLES", "ALGORITHMS", "LOG_LEVELS", "ROUTE_PROTOCOLS",
     "ActiveHealthcheck", "AddressMatch", "Certificate", "CertKey", "Config", "Healthchecks", "Listen",
     "PassiveHealthcheck", "Plugin", "Route", "Service", "SSLSettings", "Target", "Upstream",
