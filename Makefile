@@ -12,10 +12,17 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-install: $(STAMP)
+# The demo's self-signed certificate, which conf/pyproxy.conf names: made by `make install` so that
+# `.venv/bin/pyproxy -t -c conf/pyproxy.conf` passes in a fresh clone (needs the openssl command).
+DEMO_CERT := conf/certs/tls9443.kong.example.crt
+
+install: $(STAMP) $(DEMO_CERT)
+
+$(DEMO_CERT): | $(STAMP)
+	$(PY) -m pyproxy.demo --certificate-only -c conf/pyproxy.conf
 
 # The seed's demo: an echo upstream on 127.0.0.1:1025 behind pyproxy on :9000 (and :9443 with TLS).
-run: $(STAMP)
+run: install
 	$(PY) -m pyproxy.demo -c conf/pyproxy.conf
 
 # Debian packages some tests need (real peers and tools); installed only when missing.

@@ -18,7 +18,7 @@ import signal
 import sys
 
 from pyproxy import __version__
-from pyproxy.config import ConfigError, load_config
+from pyproxy.config import ConfigError, config_as_yaml, load_config
 from pyproxy.log import ErrorLog, console
 
 DEFAULT_CONFIG = "conf/pyproxy.conf"
@@ -59,8 +59,7 @@ def test_config(path: str, dump: bool = False) -> int:
         console(f"pyproxy: configuration file {os.path.abspath(path)} test failed")
         return 1
     if dump:
-        from pyproxy.config.dump import dump_config
-        sys.stdout.write(dump_config(config))
+        sys.stdout.write(config_as_yaml(config))
     console(f"pyproxy: configuration file {config.path} test is successful")
     return 0
 

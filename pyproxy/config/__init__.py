@@ -8,9 +8,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 from typing import Callable, Optional
 
+from .dump import config_as_yaml, dump_config
 from .errors import ConfigError, ConfigIssue, Invalid
 from .loader import YamlMap, read_document
 from .model import (
@@ -22,7 +25,8 @@ from .validate import build_config, default_pid_path, pid_file
 from .values import ACCESS_LOG_VARIABLES, parse_address, parse_duration
 
 __all__ = [
-    "load_config", "pid_path_of", "ConfigError", "ConfigIssue", "Invalid", "parse_duration", "parse_address",
+    "load_config", "pid_path_of", "dump_config", "config_as_yaml",
+    "ConfigError", "ConfigIssue", "Invalid", "parse_duration", "parse_address",
     "ACCESS_LOG_VARIABLES", "ALGORITHMS", "LOG_LEVELS", "ROUTE_PROTOCOLS",
     "ActiveHealthcheck", "AddressMatch", "Certificate", "CertKey", "Config", "Healthchecks", "Listen",
     "PassiveHealthcheck", "Plugin", "Route", "Service", "SSLSettings", "Target", "Upstream",
@@ -37,9 +41,10 @@ def load_config(path: str, warn: Optional[Callable[[str], None]] = None) -> Conf
     `FILE:LINE: key: message` string each, whether or not there are errors.
     """
     path = os.path.abspath(path)
-    document = read_document(path)
-    report = Report(path)
-    config = build_config(report, document.root)
+    with _collector_paused():
+        document = read_document(path)
+        report = Report(path)
+        config = build_config(report, document.root)
     if warn is not None:
         for warning in sorted(report.warnings, key=lambda issue: issue.line):
             warn(str(warning))
@@ -47,6 +52,23 @@ def load_config(path: str, warn: Optional[Callable[[str], None]] = None) -> Conf
     if errors or config is None:
         raise ConfigError(sorted(errors, key=lambda issue: issue.line))
     return config
+
+
+@contextlib.contextmanager
+def _collector_paused():
+    """Python's cyclic garbage collector off while a file is read and validated.
+
+    Loading makes millions of objects and keeps them all until the end, and each collection of the
+    oldest generation walks every one of them: a 5 MB file took three times as long with the collector
+    running. What loading leaves behind is freed by reference counting or at the next collection.
+    """
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if paused:
+            gc.enable()
 
 
 def _follows_from(error: ConfigIssue, refused: set[str]) -> bool:

@@ -1,30 +1,174 @@
-"""`pyproxy -T`: the effective configuration (defaults filled in, paths absolute) as YAML."""
+"""A Config written back in the file's own shape: `pyproxy -T`, and any export of the running configuration.
+
+`dump_config(config)` gives plain data (dicts, lists, strings, numbers, bytes) that, written as YAML, loads
+into an equal Config: every key is one the file takes, every value is in the form the file writes it
+(durations with units, addresses as text, `off` for what is switched off), every default is filled in
+and every path is absolute, so the dump loads from any folder. What the loader works out (lines, resolved
+addresses, route indexes) is left out: it is worked out again when the dump is loaded.
+"""
 
 from __future__ import annotations
 
-import dataclasses
-import ipaddress
+from typing import Optional
 
 import yaml
 
-from pyproxy.config.model import Config
+from .model import (
+    ActiveHealthcheck, AddressMatch, CertKey, Certificate, Config, Listen, PassiveHealthcheck, Plugin, Route,
+    Service, SSLSettings, Target, Upstream, host_port,
+)
+from .values import format_duration
 
 
-def _plain(value):
-    """Dataclasses, tuples, networks and bytes → what yaml.safe_dump can print."""
-    if dataclasses.is_dataclass(value):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, (tuple, list)):
-        return [_plain(v) for v in value]
-    if isinstance(value, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
-        return str(value)
-    if isinstance(value, bytes):
-        return value.decode("latin-1")
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
+def dump_config(config: Config) -> dict:
+    """The configuration as the document a user would write for it (see the module's docstring)."""
+    document = {
+        "worker_processes": config.worker_processes,
+        "worker_connections": config.worker_connections,
+        "worker_shutdown_timeout": format_duration(config.worker_shutdown_timeout),
+        "worker_sched_policy": config.worker_sched_policy,
+        "proxy_protocol_timeout": format_duration(config.proxy_protocol_timeout),
+        "pid": _off_if_none(config.pid),
+        "user": config.user,
+        "status_listen": host_port(*config.status_listen) if config.status_listen else None,
+        "error_log": config.error_log,
+        "log_level": config.log_level,
+        "access_log": _off_if_none(config.access_log),
+        "access_log_format": config.access_log_format,
+        "plugin_modules": list(config.plugin_modules),
+        "stream_listen": [_listen(listen) for listen in config.stream_listen],
+        "ssl": _ssl(config.ssl),
+        "certificates": [_certificate(certificate) for certificate in config.certificates],
+        "upstreams": [_upstream(upstream) for upstream in config.upstreams],
+        "services": [_service(service) for service in config.services],
+        "plugins": [_plugin(plugin) for plugin in config.plugins],
+    }
+    return _without_nones(document)
 
 
-def dump_config(config: Config) -> str:
-    header = f"# effective configuration of {config.path}\n"
-    return header + yaml.safe_dump(_plain(config), sort_keys=False, default_flow_style=False)
+def config_as_yaml(config: Config) -> str:
+    """`pyproxy -T`'s output: dump_config as YAML, headed by a comment naming the file it came from."""
+    header = f"# pyproxy -T: the effective configuration of {config.path} (defaults filled in, paths absolute)\n"
+    # Wide lines: a long value (access_log_format) stays on one line, where grep finds it.
+    return header + yaml.safe_dump(dump_config(config), sort_keys=False, default_flow_style=False, width=1 << 16)
+
+
+def _without_nones(mapping: dict) -> dict:
+    """`mapping` without its unset optional keys (absent and null mean the same to the loader)."""
+    return {key: value for key, value in mapping.items() if value is not None}
+
+
+def _off_if_none(path: Optional[str]) -> str:
+    # null would mean "the default", which for `pid` is a file: a switched-off setting is written `off`.
+    return "off" if path is None else path
+
+
+def _listen(listen: Listen) -> str:
+    flags = [flag for flag, on in (("ssl", listen.ssl), ("proxy_protocol", listen.proxy_protocol)) if on]
+    return " ".join([str(listen), *flags, f"backlog={listen.backlog}"])
+
+
+def _ssl(settings: SSLSettings) -> dict:
+    return _without_nones({
+        "protocols": list(settings.protocols),
+        "ciphers": settings.ciphers,
+        "default_certificate": _cert_key(settings.default_certificate) if settings.default_certificate else None,
+        "preread_timeout": format_duration(settings.preread_timeout),
+        "handshake_timeout": format_duration(settings.handshake_timeout),
+    })
+
+
+def _cert_key(files: CertKey) -> dict:
+    return {"cert": files.cert, "key": files.key}
+
+
+def _certificate(certificate: Certificate) -> dict:
+    # The SNIs the loader settled on (those written, or the certificate's own names), written out.
+    return {"cert": certificate.cert, "key": certificate.key, "snis": list(certificate.snis)}
+
+
+def _upstream(upstream: Upstream) -> dict:
+    return {
+        "name": upstream.name,
+        "algorithm": upstream.algorithm,
+        "hash_on": upstream.hash_on,
+        "healthchecks": {
+            "active": _active_healthcheck(upstream.healthchecks.active),
+            "passive": _passive_healthcheck(upstream.healthchecks.passive),
+        },
+        "targets": [_target(target) for target in upstream.targets],
+    }
+
+
+def _active_healthcheck(check: ActiveHealthcheck) -> dict:
+    return _without_nones({
+        "type": check.type,
+        "interval": format_duration(check.interval),
+        "timeout": format_duration(check.timeout),
+        "healthy": {"successes": check.healthy_successes},
+        "unhealthy": {"tcp_failures": check.unhealthy_tcp_failures, "timeouts": check.unhealthy_timeouts},
+        "send": _probe_bytes(check.send),
+        "expect": _probe_bytes(check.expect),
+    })
+
+
+def _passive_healthcheck(check: PassiveHealthcheck) -> dict:
+    return {
+        "unhealthy": {"tcp_failures": check.unhealthy_tcp_failures, "timeouts": check.unhealthy_timeouts},
+        "fail_timeout": format_duration(check.fail_timeout),
+    }
+
+
+def _probe_bytes(data: Optional[bytes]):
+    """Text where the loader would read the same bytes back from it, else the bytes (YAML `!!binary`)."""
+    if data is None:
+        return None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data
+    return data if "\0" in text else text      # the loader refuses NUL in text, not in !!binary
+
+
+def _target(target: Target) -> dict:
+    return {"target": host_port(target.host, target.port), "weight": target.weight}
+
+
+def _service(service: Service) -> dict:
+    return _without_nones({
+        "name": service.name,
+        "protocol": service.protocol,
+        "host": service.host,
+        "port": service.port,
+        "connect_timeout": format_duration(service.connect_timeout),
+        "read_timeout": format_duration(service.read_timeout),
+        "write_timeout": format_duration(service.write_timeout),
+        "retries": service.retries,
+        "tls_verify": service.tls_verify,
+        "ca_certificates": list(service.ca_certificates),
+        "tls_server_name": service.tls_server_name,
+        "proxy_protocol": service.proxy_protocol,
+        "tcp_congestion": service.tcp_congestion,
+        "routes": [_route(route) for route in service.routes],
+    })
+
+
+def _route(route: Route) -> dict:
+    return {
+        "name": route.name,
+        "protocols": list(route.protocols),
+        "sources": [_address_match(match) for match in route.sources],
+        "destinations": [_address_match(match) for match in route.destinations],
+        "snis": list(route.snis),
+    }
+
+
+def _address_match(match: AddressMatch) -> dict:
+    return _without_nones({"ip": str(match.network) if match.network is not None else None, "port": match.port})
+
+
+def _plugin(plugin: Plugin) -> dict:
+    from pyproxy.plugins import plain     # here, not at the top: the plugins package imports this one
+    # `or {}`: the loader keeps an empty mapping as (), which plain() would turn into a list.
+    return _without_nones({"name": plugin.name, "route": plugin.route, "service": plugin.service,
+                           "config": plain(plugin.config) or {}})

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Iterable, Optional
 
 from .errors import Invalid, describe, key_path
 from .loader import YamlList, YamlMap
@@ -29,6 +29,8 @@ HEALTHCHECKS_KEYS = ("active", "passive")
 ACTIVE_KEYS = ("type", "interval", "timeout", "healthy", "unhealthy", "send", "expect")
 # `fail_timeout` is ours, not Kong's: nginx's fail_timeout, how long a target stays out after failing.
 PASSIVE_KEYS = ("type", "unhealthy", "fail_timeout")
+HEALTHY_KEYS = ("successes",)                       # the counters of `healthy` and `unhealthy`
+UNHEALTHY_KEYS = ("tcp_failures", "timeouts")
 TARGET_KEYS = ("target", "weight")
 SERVICE_KEYS = (
     "name", "protocol", "host", "port", "connect_timeout", "read_timeout", "write_timeout", "retries",
@@ -68,8 +70,12 @@ class _UniqueNames:
         return True
 
 
-def resolve(report: Report, place: Place, host: str, port: int) -> tuple[tuple[str, int], ...]:
-    """The (ip, port) pairs of `host`: itself if it is an IP address, else what DNS answers now."""
+def resolve(report: Report, place: Place, host: str, port: int,
+            upstream_names: Iterable[str] = ()) -> tuple[tuple[str, int], ...]:
+    """The (ip, port) pairs of `host`: itself if it is an IP address, else what DNS answers now.
+
+    A name that does not resolve but is close to one of `upstream_names` is most likely that upstream
+    misspelt: the error says so rather than blame DNS."""
     if is_ip_address(host):
         return ((host, port),)
     try:
@@ -77,7 +83,12 @@ def resolve(report: Report, place: Place, host: str, port: int) -> tuple[tuple[s
     except (OSError, UnicodeError) as error:
         # gaierror for an unknown name; UnicodeError from the IDNA codec for labels it refuses.
         reason = getattr(error, "strerror", None) or str(error)
-        report.error(place, f"cannot resolve {host!r}: {reason}")
+        upstream = did_you_mean(host, upstream_names, kind="upstream")
+        if upstream:
+            report.error(place, f"no upstream is named {host!r}, and as a host name it does not resolve "
+                                f"({reason}){upstream}")
+        else:
+            report.error(place, f"cannot resolve {host!r}: {reason}")
         return ()
     return tuple(dict.fromkeys((answer[4][0], answer[4][1]) for answer in answers))
 
@@ -140,8 +151,8 @@ def _active_healthcheck(report: Report, place: Place, value: object) -> ActiveHe
     section = report.section(place, value, ACTIVE_KEYS)
     if section is None:
         return defaults
-    healthy = _counters(section, "healthy", ("successes",))
-    unhealthy = _counters(section, "unhealthy", ("tcp_failures", "timeouts"))
+    healthy = _counters(section, "healthy", HEALTHY_KEYS)
+    unhealthy = _counters(section, "unhealthy", UNHEALTHY_KEYS)
     check = ActiveHealthcheck(
         type=section.get("type", one_of(("tcp",)), defaults.type),
         interval=section.get("interval", parse_duration, defaults.interval),
@@ -161,7 +172,7 @@ def _passive_healthcheck(report: Report, place: Place, value: object) -> Passive
     if section is None:
         return defaults
     section.get("type", one_of(("tcp",)))     # Kong's passive `type`: tcp is the only one we have
-    unhealthy = _counters(section, "unhealthy", ("tcp_failures", "timeouts"))
+    unhealthy = _counters(section, "unhealthy", UNHEALTHY_KEYS)
     return PassiveHealthcheck(
         unhealthy_tcp_failures=unhealthy.get("tcp_failures", defaults.unhealthy_tcp_failures),
         unhealthy_timeouts=unhealthy.get("timeouts", defaults.unhealthy_timeouts),
@@ -247,7 +258,7 @@ def _service(report: Report, section: Section, base: str, upstream_names: set[st
     upstream = host if host in upstream_names else None
     addresses = ()
     if host is not None and upstream is None:
-        addresses = resolve(report, section.place_of("host"), host, port)
+        addresses = resolve(report, section.place_of("host"), host, port, upstream_names)
     ca_certificates = []
     for place, value in section.items("ca_certificates"):
         path = report.convert(place, value, lambda text: in_folder(base, text))
@@ -279,7 +290,11 @@ def _service(report: Report, section: Section, base: str, upstream_names: set[st
 def _upstream_name_or_host(value: object, upstream_names: set[str]) -> str:
     if isinstance(value, str) and value in upstream_names:
         return value
-    return parse_host(value)
+    try:
+        return parse_host(value)
+    except Invalid as problem:
+        # An upstream name may hold what a host name cannot (`~`): a misspelt one fails here, not at DNS.
+        raise Invalid(f"{problem}{did_you_mean(value, upstream_names, kind='upstream')}") from None
 
 
 def _server_name(value: object) -> str:

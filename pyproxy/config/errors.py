@@ -16,7 +16,8 @@ class Invalid(ValueError):
 class ConfigIssue:
     """One problem (or warning) found in the configuration file.
 
-    `key` is a path such as `services[0].routes[1].snis[0]`, or `-` for the file as a whole.
+    `key` is a path such as `services[0].routes[1].snis[0]`, or empty for the file as a whole (its
+    string then reads `FILE:LINE: message`).
     """
 
     file: str
@@ -27,7 +28,8 @@ class ConfigIssue:
     def __str__(self) -> str:
         # One issue is one line of output, whatever a YAML message or a value may contain.
         message = " ".join(self.message.split("\n"))
-        return f"{self.file}:{self.line}: {self.key}: {message}"
+        where = f"{self.file}:{self.line}: {self.key}" if self.key else f"{self.file}:{self.line}"
+        return f"{where}: {message}"
 
 
 class ConfigError(Exception):

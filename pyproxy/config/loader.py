@@ -1,18 +1,24 @@
 """YAML → plain Python values that remember the line where each was written.
 
-The file is composed into PyYAML nodes (SafeLoader rules) and walked by hand, so that every mapping
+The parser's events are built by hand into dicts and lists (SafeLoader's rules), so that every mapping
 knows the line of each of its keys and values and every list the line of each item. Everything that is
 YAML-specific (tags, anchors, merge keys, syntax errors) stays in this module.
+
+The events come from libyaml's parser (C) when PyYAML was built with it, as its wheels are: on a large
+file that is several times faster than PyYAML's pure-Python parser, which is the fallback. Events rather
+than PyYAML's composed nodes: a node tree holds two marks per value, and for a 50 MB file the tree
+alone took gigabytes.
 """
 
 from __future__ import annotations
 
+import codecs
 from dataclasses import dataclass, field
 from typing import Optional
 
 import yaml
 from yaml.constructor import SafeConstructor
-from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+from yaml.nodes import ScalarNode
 from yaml.resolver import Resolver
 
 from .errors import ConfigError, ConfigIssue, describe, item_path, key_path
@@ -21,11 +27,20 @@ _TAG = "tag:yaml.org,2002:"
 _MAP_TAG = _TAG + "map"
 _SEQ_TAG = _TAG + "seq"
 _MERGE_TAG = _TAG + "merge"
+_STR_TAG = _TAG + "str"
 _SCALAR_TAGS = {_TAG + name for name in ("str", "int", "float", "bool", "null", "timestamp", "binary")}
+_NON_SPECIFIC_TAGS = (None, "!")     # no tag, or `!`: the tag is the collection's kind, or resolved
 
 # Aliases let a small file expand into a huge tree ("billion laughs"); a real configuration is far below.
-MAX_NODES = 1_000_000
+MAX_ALIASED_VALUES = 1_000_000
 MAX_DEPTH = 64
+# The largest file read. A dense file costs some 20 bytes of Python objects per byte while it is
+# validated, and a configuration with 100,000 routes is under a tenth of this.
+MAX_CONFIG_BYTES = 64 << 20
+
+# libyaml's parser takes the file as UTF-8 bytes, PyYAML's own (the fallback) as text.
+_LIBYAML = yaml.__with_libyaml__
+_Parser = yaml.CSafeLoader if _LIBYAML else yaml.SafeLoader
 
 
 def _implicit_patterns() -> dict[str, list]:
@@ -38,6 +53,28 @@ def _implicit_patterns() -> dict[str, list]:
 
 
 _IMPLICIT_PATTERNS = _implicit_patterns()
+
+
+def _resolvers_by_first_character() -> dict[str, tuple]:
+    """SafeLoader's implicit resolvers, looked up by the first character of a plain scalar."""
+    resolvers = Resolver.yaml_implicit_resolvers
+    wildcard = tuple(resolvers.get(None, ()))
+    return {first: tuple(pairs) + wildcard for first, pairs in resolvers.items() if first is not None}
+
+
+_RESOLVERS = _resolvers_by_first_character()
+
+
+def _scalar_tag(event: yaml.ScalarEvent) -> str:
+    """The tag of a scalar: the one written, else SafeLoader's implicit one (int, bool, null…) for a
+    plain scalar, else str."""
+    if event.tag not in _NON_SPECIFIC_TAGS:
+        return event.tag
+    if event.implicit[0]:
+        for tag, pattern in _RESOLVERS.get(event.value[:1], ()):
+            if pattern.match(event.value):
+                return tag
+    return _STR_TAG
 
 
 class YamlMap(dict):
@@ -76,57 +113,84 @@ class Document:
 def read_document(path: str) -> Document:
     """Read and parse the YAML file at `path` (absolute); an empty file gives an empty YamlMap.
 
-    Raises ConfigError for a file that cannot be read or is not YAML at all.
+    Raises ConfigError for a file that cannot be read, is larger than MAX_CONFIG_BYTES or is not YAML.
     """
+    data = _read_file(path)
+    bom = data.startswith(codecs.BOM_UTF8)
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        _fail(path, data.count(b"\n", 0, error.start) + 1, f"not UTF-8 text (byte {data[error.start]:#04x})")
+    source = (data[len(codecs.BOM_UTF8):] if bom else data) if _LIBYAML else text
+    del data
+
+    builder = _Builder(path)
+    try:
+        root = builder.build(source)
+    except yaml.MarkedYAMLError as error:
+        _fail(path, _mark_line(error.problem_mark or error.context_mark), _describe_yaml_error(error, text),
+              builder.where)
+    except yaml.reader.ReaderError as error:
+        # Raised for characters YAML forbids (control characters), possibly before the parser reaches
+        # them; it carries an offset into the source (bytes for libyaml), not a mark.
+        newline = b"\n" if isinstance(source, bytes) else "\n"
+        _fail(path, source.count(newline, 0, error.position) + 1, f"invalid YAML: {_reader_problem(error)}",
+              _Builder(path).last_path(source[:error.position]))
+    except yaml.YAMLError as error:
+        _fail(path, 1, f"invalid YAML: {error}")
+    except _GiveUp:
+        raise ConfigError(builder.issues) from None
+    if root is None:
+        return Document(YamlMap(line=1))
+    return Document(root, builder.issues, builder.refused)
+
+
+def _read_file(path: str) -> bytes:
+    """The bytes of the file at `path`, at most MAX_CONFIG_BYTES of them (ConfigError if there are more)."""
     try:
         with open(path, "rb") as stream:
-            data = stream.read()
+            data = stream.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         _fail(path, 1, "no such file")
     except IsADirectoryError:
         _fail(path, 1, "is a directory, not a configuration file")
     except OSError as error:
         _fail(path, 1, f"cannot read the file: {error.strerror or error}")
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        _fail(path, data.count(b"\n", 0, error.start) + 1, f"not UTF-8 text (byte {data[error.start]:#04x})")
-
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.MarkedYAMLError as error:
-        _fail(path, _mark_line(error.problem_mark or error.context_mark), _describe_yaml_error(error))
-    except yaml.reader.ReaderError as error:
-        # Raised for characters YAML forbids (control characters); it carries an offset, not a mark.
-        _fail(path, text.count("\n", 0, error.position) + 1, f"invalid YAML: {_reader_problem(error)}")
-    except yaml.YAMLError as error:
-        _fail(path, 1, f"invalid YAML: {error}")
-    except RecursionError:
-        # PyYAML composes nested collections recursively.
-        _fail(path, 1, "invalid YAML: collections nested too deeply")
-    if root is None:
-        return Document(YamlMap(line=1))
-    converter = _Converter(path)
-    value = converter.convert(root, path="", depth=0)
-    if converter.hopeless:
-        raise ConfigError(converter.issues)
-    return Document(value, converter.issues, converter.refused)
+    if len(data) > MAX_CONFIG_BYTES:
+        _fail(path, 1, f"the file is larger than {MAX_CONFIG_BYTES >> 20} MiB, the most pyproxy reads "
+                       "as a configuration file")
+    return data
 
 
-def _fail(path: str, line: int, message: str):
-    raise ConfigError([ConfigIssue(path, line, "-", message)])
+def _fail(path: str, line: int, message: str, key: str = ""):
+    raise ConfigError([ConfigIssue(path, line, key, message)])
 
 
 def _mark_line(mark) -> int:
     return mark.line + 1 if mark is not None else 1
 
 
-def _describe_yaml_error(error: yaml.MarkedYAMLError) -> str:
+def _describe_yaml_error(error: yaml.MarkedYAMLError, text: str) -> str:
+    if _character_at(text, error.problem_mark) == "\t":
+        # Both parsers' words for this ("found character that cannot start any token") hide the cause.
+        return "invalid YAML: a tab character cannot indent YAML: use spaces"
     message = f"invalid YAML: {error.problem or error.context or 'syntax error'}"
     if error.problem and error.context:
         where = f" at line {_mark_line(error.context_mark)}" if error.context_mark is not None else ""
         message += f" ({error.context}{where})"
     return message
+
+
+def _character_at(text: str, mark) -> str:
+    """The character at a mark's line and column ('' when there is none)."""
+    if mark is None:
+        return ""
+    start = 0
+    for _ in range(mark.line):
+        start = text.find("\n", start) + 1
+        if start == 0:
+            return ""
+    return text[start + mark.column:start + mark.column + 1]
 
 
 def _reader_problem(error: yaml.reader.ReaderError) -> str:
@@ -136,109 +200,182 @@ def _reader_problem(error: yaml.reader.ReaderError) -> str:
     return f"{error.reason} (character #x{character:04x})"
 
 
-class _Converter:
-    """Walks composed nodes into YamlMap / YamlList / scalars, collecting problems instead of raising."""
+class _GiveUp(Exception):
+    """The document is too big or too deep to be worth validating (the problem is in the issues)."""
+
+
+@dataclass
+class _Anchor:
+    value: YamlValue = None
+    size: Optional[int] = None     # the values it stands for, None while its collection is being read
+
+
+class _Builder:
+    """Builds YamlMap / YamlList / scalars from the parser's events, collecting problems instead of raising.
+
+    A recursive descent: each method reads the events of one node. `where` follows the key path being
+    read, so that a syntax error the parser raises midway is reported there.
+    """
 
     def __init__(self, path: str):
         self.path = path
         self.issues: list[ConfigIssue] = []
         self.refused: set[str] = set()
-        self.nodes_seen = 0
-        self.hopeless = False                  # too big or too deep: not worth validating
-        self.in_progress: set[int] = set()     # ids of collections being converted: a cycle means recursion
+        self.where = ""           # key path of the value being read
+        self.last = ""            # key path of the last node started
+        self.anchors: dict[str, _Anchor] = {}
+        self.values = 0           # values read, an alias counting the values it stands for
+        self.aliased = 0          # of which through aliases
         self.constructor = SafeConstructor()
+        self.next_event = None
 
-    def problem(self, node: Node, path: str, message: str) -> None:
-        """Record a problem at the node's line."""
-        self.issues.append(ConfigIssue(self.path, _mark_line(node.start_mark), path or "-", message))
+    def build(self, source) -> YamlValue:
+        """The root value of the one document in `source` (None for an empty stream)."""
+        parser = _Parser(source)
+        self.next_event = parser.get_event
+        try:
+            self.next_event()                                   # StreamStart
+            if isinstance(self.next_event(), yaml.StreamEndEvent):
+                return None
+            root = self.node(self.next_event(), "", 0)          # after DocumentStart
+            self.next_event()                                   # DocumentEnd
+            event = self.next_event()
+        finally:
+            parser.dispose()
+        if not isinstance(event, yaml.StreamEndEvent):
+            raise ConfigError([ConfigIssue(self.path, _mark_line(event.start_mark), "",
+                                           "invalid YAML: a second document (---) in the file")])
+        return root
 
-    def refuse(self, node: Node, path: str, message: str) -> None:
+    def last_path(self, source) -> str:
+        """The key path of the last node `source` starts: where the file stops being readable."""
+        try:
+            self.build(source)
+        except (yaml.YAMLError, ConfigError, _GiveUp):
+            return self.where
+        return self.last
+
+    def problem(self, event: yaml.Event, path: str, message: str) -> None:
+        """Record a problem at the event's line."""
+        self.issues.append(ConfigIssue(self.path, _mark_line(event.start_mark), path, message))
+
+    def refuse(self, event: yaml.Event, path: str, message: str) -> None:
         """Record a problem with a value that will read as None."""
-        self.problem(node, path, message)
+        self.problem(event, path, message)
         self.refused.add(path)
 
-    def convert(self, node: Node, path: str, depth: int) -> YamlValue:
-        """The plain value of `node` (None where it has a problem); `path` is its key path, for messages."""
-        self.nodes_seen += 1
-        if self.nodes_seen > MAX_NODES:
-            if not self.hopeless:
-                self.problem(node, path, f"the document expands to more than {MAX_NODES} values (aliases?)")
-                self.hopeless = True
-            return None
-        if depth > MAX_DEPTH:
-            if not self.hopeless:
-                self.problem(node, "-", f"collections nested more than {MAX_DEPTH} deep")
-                self.hopeless = True
-            return None
-        if isinstance(node, ScalarNode):
-            return self.scalar(node, path)
-        if id(node) in self.in_progress:
-            self.refuse(node, path, "an alias refers to a collection that contains it (recursive YAML)")
-            return None
-        self.in_progress.add(id(node))
-        try:
-            if isinstance(node, SequenceNode):
-                return self.sequence(node, path, depth)
-            return self.mapping(node, path, depth)
-        finally:
-            self.in_progress.discard(id(node))
+    def give_up(self, event: yaml.Event, path: str, message: str):
+        self.problem(event, path, message)
+        raise _GiveUp()
 
-    def scalar(self, node: ScalarNode, path: str) -> YamlValue:
-        value, problem = self.construct_scalar(node)
-        if problem is not None:
-            self.refuse(node, path, problem)
+    def node(self, event: yaml.Event, path: str, depth: int) -> YamlValue:
+        """The value whose first event is `event` (None where it has a problem); `path` is its key path."""
+        self.last = path
+        if isinstance(event, yaml.AliasEvent):
+            return self.alias(event, path)
+        if depth > MAX_DEPTH:
+            self.give_up(event, "", f"collections nested more than {MAX_DEPTH} deep")
+        self.values += 1
+        first = self.values
+        anchor = None
+        if event.anchor is not None:
+            anchor = self.anchors[event.anchor] = _Anchor()
+        if isinstance(event, yaml.ScalarEvent):
+            value = self.scalar(event, path)
+        elif isinstance(event, yaml.SequenceStartEvent):
+            value = self.sequence(event, path, depth)
+        else:
+            value = self.mapping(event, path, depth)
+        if anchor is not None:
+            anchor.value, anchor.size = value, self.values - first + 1
         return value
 
-    def construct_scalar(self, node: ScalarNode) -> tuple[YamlValue, Optional[str]]:
-        """`(value, None)` for a scalar node SafeLoader would accept, else `(None, what is wrong)`."""
-        if node.tag not in _SCALAR_TAGS:
-            return None, f"unsupported YAML tag {node.tag!r}"
-        patterns = _IMPLICIT_PATTERNS.get(node.tag)
-        if patterns and not any(pattern.match(node.value) for pattern in patterns):
-            return None, f"{describe(node.value)} is not a valid {node.tag.replace(_TAG, '!!')}"
+    def alias(self, event: yaml.AliasEvent, path: str) -> YamlValue:
+        """What the anchor stands for: the very value built where it was written."""
+        anchor = self.anchors.get(event.anchor)
+        if anchor is None:
+            self.refuse(event, path, f"no anchor named {event.anchor!r} before this alias")
+            return None
+        if anchor.size is None:
+            self.refuse(event, path, "an alias refers to a collection that contains it (recursive YAML)")
+            return None
+        self.values += anchor.size
+        self.aliased += anchor.size
+        if self.aliased > MAX_ALIASED_VALUES:
+            self.give_up(event, path, f"the document expands to more than {MAX_ALIASED_VALUES} values "
+                                      "through aliases")
+        return anchor.value
+
+    def scalar(self, event: yaml.ScalarEvent, path: str) -> YamlValue:
+        value, problem = self.construct_scalar(event)
+        if problem is not None:
+            self.refuse(event, path, problem)
+        return value
+
+    def construct_scalar(self, event: yaml.ScalarEvent) -> tuple[YamlValue, Optional[str]]:
+        """`(value, None)` for a scalar SafeLoader would accept, else `(None, what is wrong)`."""
+        tag = _scalar_tag(event)
+        if tag == _STR_TAG:
+            return event.value, None       # most scalars: SafeConstructor keeps the text as it is
+        if tag not in _SCALAR_TAGS:
+            return None, f"unsupported YAML tag {tag!r}"
+        patterns = _IMPLICIT_PATTERNS.get(tag)
+        if patterns and not any(pattern.match(event.value) for pattern in patterns):
+            return None, f"{describe(event.value)} is not a valid {tag.replace(_TAG, '!!')}"
+        node = ScalarNode(tag, event.value, event.start_mark, event.end_mark, event.style)
         try:
-            return self.constructor.construct_object(node, deep=True), None
+            return self.constructor.yaml_constructors[tag](self.constructor, node), None
         except (yaml.YAMLError, ValueError) as error:
             # PyYAML's constructors raise ValueError on some values its resolver accepted
             # (`0b_`, `2001-13-45`); both are the user's text being wrong, not a bug here.
             problem = getattr(error, "problem", None) or str(error)
-            return None, f"invalid value {describe(node.value)}: {problem}"
+            return None, f"invalid value {describe(event.value)}: {problem}"
 
-    def sequence(self, node: SequenceNode, path: str, depth: int) -> YamlList:
-        result = YamlList(_mark_line(node.start_mark))
-        if node.tag != _SEQ_TAG:
-            self.refuse(node, path, f"unsupported YAML tag {node.tag!r}")
-            return result
-        for index, item in enumerate(node.value):
-            result.append(self.convert(item, item_path(path, index), depth + 1))
-            result.item_lines.append(_mark_line(item.start_mark))
-        return result
+    def refuse_tag(self, event: yaml.CollectionStartEvent, path: str, tag: str) -> bool:
+        """True (after refusing the value) when a collection is tagged other than `tag`."""
+        if event.tag in _NON_SPECIFIC_TAGS or event.tag == tag:
+            return False
+        self.refuse(event, path, f"unsupported YAML tag {event.tag!r}")
+        return True
 
-    def mapping(self, node: MappingNode, path: str, depth: int) -> YamlMap:
-        result = YamlMap(_mark_line(node.start_mark))
-        if node.tag != _MAP_TAG:
-            self.refuse(node, path, f"unsupported YAML tag {node.tag!r}")
-            return result
+    def sequence(self, start: yaml.SequenceStartEvent, path: str, depth: int) -> YamlList:
+        result = YamlList(_mark_line(start.start_mark))
+        refused = self.refuse_tag(start, path, _SEQ_TAG)
+        while True:
+            self.where = path
+            event = self.next_event()
+            if isinstance(event, yaml.SequenceEndEvent):
+                return YamlList(result.line) if refused else result
+            result.append(self.node(event, item_path(path, len(result)), depth + 1))
+            result.item_lines.append(_mark_line(event.start_mark))
+
+    def mapping(self, start: yaml.MappingStartEvent, path: str, depth: int) -> YamlMap:
+        result = YamlMap(_mark_line(start.start_mark))
+        refused = self.refuse_tag(start, path, _MAP_TAG)
         merged: list[YamlMap] = []
-        for key_node, value_node in node.value:
-            if key_node.tag == _MERGE_TAG:
-                merged.extend(self.merge_sources(value_node, path, depth))
+        while True:
+            self.where = path
+            event = self.next_event()
+            if isinstance(event, yaml.MappingEndEvent):
+                break
+            key, is_merge = self.key(event, path, depth)
+            value_path = path if key is _NO_KEY else key_path(path, key)
+            self.where = value_path
+            value_event = self.next_event()
+            if is_merge:
+                merged.extend(self.merge_sources(value_event, path, depth))
                 continue
-            if not isinstance(key_node, ScalarNode):
-                self.problem(key_node, path, "a mapping key must be a plain value, not a list or a mapping")
-                continue
-            key, problem = self.construct_scalar(key_node)
-            if problem is not None:
-                self.problem(key_node, path, f"bad key: {problem}")
-                continue
-            key_line = _mark_line(key_node.start_mark)
-            if key in result.key_lines:
-                self.problem(key_node, key_path(path, key),
+            if key is not _NO_KEY and key in result.key_lines:
+                self.problem(event, value_path,
                              f"duplicate key {describe(key)}: already set at line {result.key_lines[key]}")
-                continue
-            result[key] = self.convert(value_node, key_path(path, key), depth + 1)
-            result.key_lines[key] = key_line
-            result.value_lines[key] = _mark_line(value_node.start_mark)
+                key = _NO_KEY
+            value = self.node(value_event, value_path, depth + 1)    # read even when it is not kept
+            if key is not _NO_KEY:
+                result[key] = value
+                result.key_lines[key] = _mark_line(event.start_mark)
+                result.value_lines[key] = _mark_line(value_event.start_mark)
+        if refused:
+            return YamlMap(result.line)
         # YAML merge keys (`<<: *defaults`): keys written here win, then the first source listed.
         for source in merged:
             for key, value in source.items():
@@ -248,11 +385,30 @@ class _Converter:
                     result.value_lines[key] = source.value_lines[key]
         return result
 
-    def merge_sources(self, node: Node, path: str, depth: int) -> list[YamlMap]:
+    def key(self, event: yaml.Event, path: str, depth: int) -> tuple[object, bool]:
+        """`(key, is a merge key)` for a key whose first event is `event`; _NO_KEY if it cannot be one."""
+        if isinstance(event, yaml.ScalarEvent):
+            if _scalar_tag(event) == _MERGE_TAG:
+                return _NO_KEY, True
+            key, problem = self.construct_scalar(event)
+            if problem is not None:
+                self.problem(event, path, f"bad key: {problem}")
+                return _NO_KEY, False
+            return key, False
+        key = self.node(event, path, depth + 1)      # an alias, or a collection to read past
+        if isinstance(key, (YamlMap, YamlList)):
+            self.problem(event, path, "a mapping key must be a plain value, not a list or a mapping")
+            return _NO_KEY, False
+        return (key, False) if key is not None else (_NO_KEY, False)
+
+    def merge_sources(self, event: yaml.Event, path: str, depth: int) -> list[YamlMap]:
         """The mappings named by a `<<` merge key: one mapping or a list of them."""
-        value = self.convert(node, path, depth + 1)
+        value = self.node(event, path, depth + 1)
         sources = value if isinstance(value, YamlList) else [value]
         if not all(isinstance(source, YamlMap) for source in sources):
-            self.problem(node, path, "a merge key (<<) takes a mapping or a list of mappings")
+            self.problem(event, path, "a merge key (<<) takes a mapping or a list of mappings")
             return []
         return sources
+
+
+_NO_KEY = object()      # a mapping entry whose key is unusable: its value is read and dropped

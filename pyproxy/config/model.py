@@ -30,6 +30,11 @@ ROUTE_PROTOCOLS = ("tcp", "tls", "tls_passthrough")
 ALGORITHMS = ("round-robin", "least-connections", "consistent-hashing")
 
 
+def host_port(host: str, port: int) -> str:
+    """`host:port` as the file writes it: an IPv6 address goes in brackets (`[::1]:9000`)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 @dataclass(frozen=True)
 class Listen:
     """One `stream_listen` entry: `address:port [ssl] [proxy_protocol] [backlog=N]`."""
@@ -57,7 +62,7 @@ class Listen:
         return self.host in ("0.0.0.0", "::")
 
     def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return host_port(self.host, self.port)
 
 
 @dataclass(frozen=True)
@@ -119,7 +124,7 @@ class Target:
     line: int = 0
 
     def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return host_port(self.host, self.port)
 
 
 @dataclass(frozen=True)

@@ -34,11 +34,11 @@ class Report:
 
     def error(self, place: Place, message: str) -> None:
         """Record a problem that makes the configuration unusable."""
-        self.errors.append(ConfigIssue(self.file, place.line, place.path or "-", message))
+        self.errors.append(ConfigIssue(self.file, place.line, place.path, message))
 
     def warn(self, place: Place, message: str) -> None:
         """Record something that works but deserves the user's attention."""
-        self.warnings.append(ConfigIssue(self.file, place.line, place.path or "-", message))
+        self.warnings.append(ConfigIssue(self.file, place.line, place.path, message))
 
     def section(self, place: Place, value: object, known: Iterable[str]) -> Optional["Section"]:
         """`value` as a Section with the keys `known`, or None (and an error) if it is not a mapping."""

@@ -38,12 +38,14 @@ AVAILABLE_CONGESTION = "/proc/sys/net/ipv4/tcp_available_congestion_control"
 _LOG_VARIABLE = re.compile(r"\$(?:\{(?P<braced>[^}]*)\}|(?P<plain>[A-Za-z0-9_]+))?")
 
 
-def did_you_mean(word: object, choices: Iterable[str]) -> str:
-    """`; did you mean 'x'?` when `word` is close to one of `choices`, else an empty string."""
+def did_you_mean(word: object, choices: Iterable[str], kind: str = "") -> str:
+    """`; did you mean 'x'?` (`; did you mean upstream 'x'?` with a `kind`) when `word` is close to one of
+    `choices`, else an empty string."""
     if not isinstance(word, str):
         return ""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else ""
+    what = f"{kind} " if kind else ""
+    return f"; did you mean {what}{close[0]!r}?" if close else ""
 
 
 def parse_duration(value: object) -> float:
@@ -62,6 +64,17 @@ def parse_duration(value: object) -> float:
     if milliseconds > MAX_DURATION_MS:
         raise Invalid(f"duration {describe(value)} is too long (at most 365d)")
     return milliseconds / 1000
+
+
+def format_duration(seconds: float) -> str:
+    """`seconds` as the file writes a duration (`1m30s`, `500ms`, `0s`): parse_duration reads it back."""
+    milliseconds = round(seconds * 1000)
+    parts = []
+    for unit, size in _DURATION_UNITS_MS.items():     # from days down to milliseconds
+        count, milliseconds = divmod(milliseconds, size)
+        if count:
+            parts.append(f"{count}{unit}")
+    return "".join(parts) or "0s"
 
 
 def _duration_text_ms(text: str) -> int:

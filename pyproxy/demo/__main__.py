@@ -1,6 +1,7 @@
 """`make run`: start the echo upstream on 127.0.0.1:1025, then pyproxy in the foreground.
 
-On first run it makes the demo's self-signed certificate for tls9443.kong.example (conf/certs/).
+On first run it makes the demo's self-signed certificate for tls9443.kong.example (conf/certs/), unless
+`make install` already has (`--certificate-only`), so that `pyproxy -t -c conf/pyproxy.conf` passes.
 Ctrl-C stops both. The seed's checks then work from another terminal:
 
     telnet 127.0.0.1 9000          (or: nc 127.0.0.1 9000)
@@ -40,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pyproxy.demo")
     parser.add_argument("-c", "--conf", default="conf/pyproxy.conf")
     parser.add_argument("--echo", default="127.0.0.1:1025", help="where the echo upstream listens")
+    parser.add_argument("--certificate-only", action="store_true",
+                        help="make the demo certificate if it is missing, then exit (`make install`)")
     args = parser.parse_args(argv)
 
     try:
@@ -47,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, subprocess.SubprocessError) as exc:
         print(f"demo: cannot make the demo certificate with openssl: {exc}", file=sys.stderr)
         return 1
+    if args.certificate_only:
+        return 0
     host, _, port = args.echo.rpartition(":")
     try:
         echo = EchoServer(host, int(port), name="echo-1025").start()

@@ -12,7 +12,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
 
+from pyproxy.config import loader
+from pyproxy.config.loader import YamlList, YamlMap, read_document
 from pyproxy.config import (
     ACCESS_LOG_VARIABLES, AddressMatch, CertKey, Certificate, Config, ConfigError, ConfigIssue, Listen,
     load_config, parse_address, parse_duration, pid_path_of,
@@ -101,7 +104,7 @@ services:
         destinations: [{port: 9000}]
 """
 
-ISSUE_FORMAT = r"^.+:\d+: \S+: .+$"
+ISSUE_FORMAT = r"^.+:\d+: (\S+: )?.+$"
 
 
 # --- certificates made with the openssl command line ------------------------------------------------
@@ -262,7 +265,7 @@ def test_minimal_config_gets_the_model_defaults(conf_dir: Path):
 def test_missing_file(tmp_path: Path):
     with pytest.raises(ConfigError) as raised:
         load_config(str(tmp_path / "nope.conf"))
-    assert str(raised.value) == f"{tmp_path}/nope.conf:1: -: no such file"
+    assert str(raised.value) == f"{tmp_path}/nope.conf:1: no such file"
 
 
 def test_directory_instead_of_file(tmp_path: Path):
@@ -283,25 +286,25 @@ def test_not_utf8_names_the_line(conf_dir: Path):
     path.write_bytes(MINIMAL.encode() + b"user: caf\xe9\n")
     with pytest.raises(ConfigError) as raised:
         load_config(str(path))
-    assert str(raised.value) == f"{path}:9: -: not UTF-8 text (byte 0xe9)"
+    assert str(raised.value) == f"{path}:9: not UTF-8 text (byte 0xe9)"
 
 
 def test_yaml_syntax_error_names_the_line(conf_dir: Path):
     text = MINIMAL + "ssl:\n  protocols: [TLSv1.2\n  ciphers: x\n"
     error = only_error(conf_dir, text)
-    assert error.key == "-" and error.message.startswith("invalid YAML:")
+    assert error.key == "ssl.protocols" and error.message.startswith("invalid YAML:")
     assert error.line in (11, 12)
 
 
 def test_tab_indentation_is_a_yaml_error(conf_dir: Path):
     error = only_error(conf_dir, "stream_listen:\n\t- 127.0.0.1:9000\n")
-    assert (error.line, error.key) == (2, "-")
+    assert (error.line, error.key) == (2, "stream_listen")
     assert "invalid YAML" in error.message
 
 
 def test_control_character_is_a_yaml_error(conf_dir: Path):
     error = only_error(conf_dir, MINIMAL + "user: a\x07b\n")
-    assert (error.line, error.key) == (9, "-")
+    assert (error.line, error.key) == (9, "user")
 
 
 def test_empty_file_has_nothing_to_listen_on(conf_dir: Path):
@@ -315,7 +318,7 @@ def test_empty_file_has_nothing_to_listen_on(conf_dir: Path):
 ])
 def test_top_level_must_be_a_mapping(conf_dir: Path, text: str, message: str):
     error = only_error(conf_dir, text)
-    assert (error.line, error.key, error.message) == (1, "-", message)
+    assert (error.line, error.key, error.message) == (1, "", message)
 
 
 def test_duplicate_key_names_both_lines(conf_dir: Path):
@@ -1061,7 +1064,57 @@ def test_anchors_and_merge_keys(conf_dir: Path):
 def test_recursive_alias_is_an_error(conf_dir: Path):
     error = only_error(conf_dir, MINIMAL + "plugins: &loop\n  - {name: ip-restriction, config: {allow: [127.0.0.1], again: *loop}}\n")
     assert error.message == "an alias refers to a collection that contains it (recursive YAML)"
-    assert error.line == 9 and error.key == "plugins[0].config.again"     # where the anchor is
+    assert error.line == 10 and error.key == "plugins[0].config.again"    # where the alias is
+
+
+def test_undefined_alias_is_an_error_at_its_place(conf_dir: Path):
+    errors = errors_of(conf_dir, MINIMAL + "log_level: *nowhere\nworker_connections: 0\n")
+    assert [(e.line, e.key, e.message) for e in errors] == [
+        (9, "log_level", "no anchor named 'nowhere' before this alias"),
+        (10, "worker_connections", "0 is out of range (1-2147483647)"),
+    ]
+
+
+def _with_lines(value):
+    """A loaded value with the lines it remembers, for comparing two loads."""
+    if isinstance(value, YamlMap):
+        return ("map", value.line, [(key, value.key_lines[key], value.value_lines[key], _with_lines(item))
+                                    for key, item in value.items()])
+    if isinstance(value, YamlList):
+        return ("list", value.line, [(line, _with_lines(item)) for line, item in zip(value.item_lines, value)])
+    return value
+
+
+def _read(path: str):
+    try:
+        document = read_document(path)
+    except ConfigError as error:
+        return [(issue.line, issue.key) for issue in error.errors]
+    return _with_lines(document.root), [(issue.line, issue.key, issue.message) for issue in document.issues]
+
+
+@pytest.mark.parametrize("text", [
+    EXAMPLE,
+    "\ufeff" + MINIMAL + "log_level: *nowhere\nplugins: &p [{name: a, config: {b: *p}}]\nuser: !custom x\n",
+    MINIMAL + "services: [{<<: {name: x, host: y}, port: 1}]\nworker_connections: 0x10\nworker_processes: !!int x\n",
+    MINIMAL + "ssl:\n  protocols: [TLSv1.2\n  ciphers: x\n",
+    "stream_listen:\n\t- 127.0.0.1:9000\n",
+    "é: 1\n" + MINIMAL + "user: a\x07b\n",
+    MINIMAL + "---\nuser: x\n",
+])
+def test_libyaml_and_the_pure_python_fallback_read_the_same(conf_dir: Path, monkeypatch, text: str):
+    """PyYAML without libyaml (a wheel built without it) falls back to its own parser: same values, same
+    lines, same problems at the same places."""
+    path = write(conf_dir, text)
+    with_libyaml = _read(path)
+    monkeypatch.setattr(loader, "_LIBYAML", False)
+    monkeypatch.setattr(loader, "_Parser", yaml.SafeLoader)
+    assert _read(path) == with_libyaml
+
+
+def test_a_second_document_is_an_error(conf_dir: Path):
+    error = only_error(conf_dir, MINIMAL + "---\nlog_level: info\n")
+    assert (error.line, error.key, error.message) == (9, "", "invalid YAML: a second document (---) in the file")
 
 
 def test_billion_laughs_is_refused(conf_dir: Path):

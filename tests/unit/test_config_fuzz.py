@@ -1,5 +1,6 @@
 """Hypothesis: whatever the file holds, load_config returns a Config or raises a ConfigError whose every
-issue reads `FILE:LINE: key: message` — never any other exception."""
+issue reads `FILE:LINE: key: message` (`FILE:LINE: message` for the file as a whole) — never any other
+exception. And whatever loads, `pyproxy -T`'s dump of it loads again into the same Config."""
 
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pyproxy.config import Config, ConfigError, load_config
+from pyproxy.config import Config, ConfigError, config_as_yaml, load_config
 from tests.unit.test_config import EXAMPLE, make_certificate
+from tests.unit.test_config_dump import without_places
 
-ISSUE = re.compile(r"^.+:\d+: \S+: .+$")
+ISSUE = re.compile(r"^.+:\d+: (\S+: )?.+$")
 EXAMPLE_DOCUMENT = yaml.safe_load(EXAMPLE)
 FUZZ_SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -137,19 +139,28 @@ def no_dns():
         yield
 
 
-def assert_config_or_clean_errors(path: Path) -> None:
+def assert_config_or_clean_errors(path: Path) -> Config | None:
+    """The Config at `path`, or None after checking the shape of every error."""
     warnings: list[str] = []
+    config = None
     try:
         config = load_config(str(path), warn=warnings.append)
     except ConfigError as error:
         assert error.errors, "a ConfigError must list at least one issue"
         for issue in error.errors:
-            assert ISSUE.match(str(issue)), str(issue)
+            assert ISSUE.match(str(issue)) and issue.key != "-", str(issue)
     else:
         assert isinstance(config, Config)
         hash(config)        # frozen all the way down
     for warning in warnings:
         assert ISSUE.match(warning), warning
+    return config
+
+
+def assert_dump_loads_the_same(config: Config, folder: Path) -> None:
+    dumped = folder / "dumped.conf"
+    dumped.write_text(config_as_yaml(config))
+    assert without_places(load_config(str(dumped))) == without_places(config), dumped.read_text()
 
 
 def test_the_unmutated_example_loads(example_dir: Path):
@@ -162,7 +173,9 @@ def test_the_unmutated_example_loads(example_dir: Path):
 def test_mutated_documents(example_dir: Path, document):
     path = example_dir / "pyproxy.conf"
     path.write_text(yaml.safe_dump(document, sort_keys=False))
-    assert_config_or_clean_errors(path)
+    config = assert_config_or_clean_errors(path)
+    if config is not None:
+        assert_dump_loads_the_same(config, example_dir)
 
 
 @FUZZ_SETTINGS
