@@ -15,7 +15,6 @@ import os
 import pwd
 import signal
 import socket
-import traceback
 from typing import Iterable
 
 from setproctitle import setproctitle
@@ -297,8 +296,7 @@ class Worker:
         belongs to (status 500); the worker and its other sessions carry on."""
         owner = getattr(callback, "__self__", None)
         where = f"; {owner.describe()}" if isinstance(owner, Session) else ""
-        trace = "".join(traceback.format_exception(exc)).rstrip().replace("\n", "\n    ")
-        self.log.error(f"internal error, please report it: {exc!r}{where}\n    {trace}")
+        self.log.exception("error", f"internal error, please report it: {exc!r}{where}", exc)
         if isinstance(owner, Session):
             try:
                 owner.close(STATUS_INTERNAL)
@@ -394,11 +392,15 @@ def close_inherited(keep: Iterable[int], close: Iterable[int]) -> None:
 
 
 def worker_main(worker: Worker, ready_fd: int) -> None:
-    """Entry point in the forked child; never returns."""
+    """Entry point in the forked child; never returns. os._exit: the child must not run the
+    master's atexit handlers nor flush its copies of the master's buffers, so whatever escaped the
+    worker is logged here, or its traceback would be lost with the process."""
     code = 1
     try:
         code = worker.run(ready_fd)
     except KeyboardInterrupt:
         code = 0
+    except BaseException as exc:
+        worker.log.exception("crit", f"worker process #{worker.slot} failed, please report it: {exc!r}", exc)
     finally:
         os._exit(code)
