@@ -12,6 +12,7 @@ does, the old one stays.
 from __future__ import annotations
 
 import fcntl
+import importlib
 import os
 import pickle
 import select
@@ -593,6 +594,7 @@ class Master:
             return
         reload.config = config = value
         try:
+            import_plugin_modules(config)
             reload.tls = self.load_tls(config)
             reload.created = self.listeners.ensure(configured_listens(config), config.worker_processes)
             for slot in range(config.worker_processes):
@@ -732,6 +734,19 @@ class Master:
         self.stopping = True
         self.reload_wanted = None
         self._drop_reload()
+
+
+def import_plugin_modules(config: Config) -> None:
+    """Import the `plugin_modules` the loader child imported to validate the file: the workers are
+    forked from the master, and find a plugin only if its module registered it here."""
+    folder = os.path.dirname(config.path)
+    if config.plugin_modules and folder not in sys.path:
+        sys.path.append(folder)
+    for name in config.plugin_modules:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:     # changed since the loader imported it: as a config error would
+            raise MasterError(f"cannot import plugin module {name!r}: {exc.__class__.__name__}: {exc}") from None
 
 
 def _not_ready(procs: list[WorkerProcess]) -> str:

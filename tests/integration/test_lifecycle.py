@@ -469,3 +469,22 @@ def test_a_reload_stuck_reading_its_file_leaves_the_master_responsive(proxy, ups
     assert p.proc.wait(5) == 0
     assert not psutil.pid_exists(loaders[0].pid)
     assert "Traceback" not in p.log_text()
+
+
+def test_a_plugin_module_first_named_at_a_reload_reaches_the_new_workers(proxy, upstreams):
+    """The loader child imports plugin_modules to validate them; the workers are forked from the
+    master, so the master must have imported them too before the new generation starts."""
+    up = upstreams(tag_handler, name="up")
+    port = free_port()
+    p = proxy(routed_to(port, up.port))
+    (p.dir / "refuse_all.py").write_text(
+        "from pyproxy.plugins import Plugin, register\n\n\n"
+        "@register\n"
+        "class RefuseAll(Plugin):\n"
+        "    name = 'refuse-all'\n\n"
+        "    def preread(self, session):\n"
+        "        return 403\n")
+    p.reload(routed_to(port, up.port) + "plugin_modules: [refuse_all]\nplugins: [{name: refuse-all}]\n")
+    with connect(port) as sock:
+        assert recv_all(sock) == b""
+    assert " 403 " in p.wait_access(1)[-1]
