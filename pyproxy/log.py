@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import traceback
 
 from pyproxy.config.model import LOG_LEVELS
 
@@ -66,6 +67,12 @@ class ErrorLog:
         except OSError:
             # Nowhere left to complain to (a full disk, a closed stderr): never let logging kill a process.
             pass
+
+    def exception(self, level: str, message: str, exc: BaseException) -> None:
+        """`message`, then the traceback of `exc` indented under it, in one line's write (a bug's
+        report stays whole among the other processes' lines)."""
+        trace = "".join(traceback.format_exception(exc)).rstrip().replace("\n", "\n    ")
+        self.log(level, f"{message}\n    {trace}")
 
     def debug(self, message: str) -> None:
         self.log("debug", message)

@@ -1,20 +1,26 @@
 """The master process: config, listening sockets, workers, signals (gunicorn's arbiter, nginx's master).
 
-Signal handlers only queue the signal; the main loop dispatches by name (`handle_hup`,
-`handle_quit`, …) and otherwise sleeps, reaps and keeps the worker count right. A reload is
-uvicorn's rolling kind: the new generation of workers is started on the same listening sockets and
-must report ready before the old generation is told to drain; if it never does, the old one stays.
+Signal handlers only queue the signal; the main loop sleeps, dispatches the queued signals by name
+(`handle_hup`, `handle_quit`, …), then reaps, kills what must die and keeps the worker count right.
+Nothing in the loop blocks for long, so a stop signal is handled within a second whatever else is
+going on. A reload is uvicorn's rolling kind, driven step by step from the loop: a short-lived
+loader child reads and validates the file, the new generation of workers is started on the same
+listening sockets and must report ready before the old generation is told to drain; if it never
+does, the old one stays.
 """
 
 from __future__ import annotations
 
-import errno
+import fcntl
+import importlib
 import os
+import pickle
 import select
 import signal
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 from setproctitle import setproctitle
 
@@ -22,22 +28,41 @@ from pyproxy import __version__
 from pyproxy.config import ConfigError, load_config
 from pyproxy.config.model import Config
 from pyproxy import metrics
-from pyproxy.listeners import BindError, ListenerSet, configured_listens
+from pyproxy.listeners import BindError, ListenerSet, ListenSocket, configured_listens
 from pyproxy.log import ErrorLog
 from pyproxy.shared import SharedState
 from pyproxy.status import StatusProcess
 from pyproxy.tls.contexts import TLSContexts
-from pyproxy.worker import READY, WORKER_BOOT_ERROR, Worker, worker_main
+from pyproxy.worker import QUIESCED, READY, WORKER_BOOT_ERROR, Worker, worker_main
 
 READY_TIMEOUT = 15.0          # seconds a new worker has to report ready
-KILL_GRACE = 5.0              # after worker_shutdown_timeout, SIGKILL a worker that still lingers
+QUIESCE_TIMEOUT = 5.0         # seconds a retired worker has to confirm it stopped accepting
+KILL_GRACE = 5.0              # after worker_shutdown_timeout (or a SIGTERM), SIGKILL a worker that lingers
 RESPAWN_WINDOW = 10.0         # crashes of one slot within this window slow its respawn down
+SPAWN_RETRY = 1.0             # seconds before starting a worker again after fork() or pipe2() failed
+# A ready worker whose heartbeat (a timestamp it stores in shared memory every second) is older than
+# this is stopped (SIGSTOP, a debugger) or hung in a loop: it is SIGKILLed and replaced, and its
+# slot's listening socket, with what waits in its accept queue, passes to the replacement.
+HEARTBEAT_TIMEOUT = 10.0
+# At most one reload starts per RELOAD_COALESCE seconds (the SPEC's `reload_coalesce`, 200ms; a
+# module constant until the configuration has the key). Requests made meanwhile become one reload.
+RELOAD_COALESCE = 0.2
+# Generations allowed to drain at once (HAProxy's mworker-max-reloads, counted in generations): the
+# oldest beyond it are told to close their sessions now, so a burst of reloads under long sessions
+# cannot pile up processes and memory.
+DRAINING_GENERATIONS = 3
 SIGNAL_NAMES = {getattr(signal, f"SIG{name}"): name.lower()
                 for name in ("HUP", "QUIT", "INT", "TERM", "USR1", "CHLD")}
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 
 
 class MasterError(Exception):
     """The master cannot start or must stop; the message is for the operator."""
+
+
+class SpawnError(MasterError):
+    """A worker could not be forked (pipe2() or fork() failed): fatal at startup, retried later
+    for a respawn, a failed reload otherwise."""
 
 
 @dataclass
@@ -48,11 +73,38 @@ class WorkerProcess:
     slot: int
     generation: int
     ready_fd: int
-    row: int = -1                    # its row in the shared counters (pyproxy.shared)
+    row: int = -1                    # its row in the shared counters and heartbeats (pyproxy.shared)
     ready: bool = False
     retiring: bool = False           # told to drain (reload or QUIT)
-    kill_at: float = 0.0             # monotonic deadline for SIGKILL once retiring
+    quiesced: bool = False           # said it stopped accepting, or closed its pipe (it exited)
+    terminated: bool = False         # told to close its sessions now (SIGTERM)
+    hung: bool = False               # killed for a missing heartbeat; its slot is free at once
+    kill_at: float = 0.0             # monotonic deadline for SIGKILL once retiring or terminated
     started: float = field(default_factory=time.monotonic)
+
+    def awaited_byte(self) -> bool:
+        """True while the master waits for a byte on its pipe: READY, then QUIESCED once retiring."""
+        return not self.quiesced and (not self.ready or self.retiring)
+
+
+@dataclass
+class Reload:
+    """A reload in flight. Phases: "loading" (a loader child reads and validates the file and sends
+    the Config back through a pipe), "booting" (the new generation starts), "quiescing" (the old
+    generation confirms it stopped accepting; the reload is then reported complete)."""
+
+    generation: int                  # the number the new generation gets
+    loader_pid: int
+    result_fd: int                   # the master's end of the loader's pipe; -1 once closed
+    result: bytearray = field(default_factory=bytearray)
+    loader_status: int | None = None   # its wait status, once reaped
+    phase: str = "loading"
+    config: Config | None = None
+    tls: TLSContexts | None = None
+    created: list[ListenSocket] = field(default_factory=list)
+    procs: list[WorkerProcess] = field(default_factory=list)
+    old: list[WorkerProcess] = field(default_factory=list)
+    deadline: float = 0.0
 
 
 class Master:
@@ -70,7 +122,14 @@ class Master:
         self.signals: list[int] = []
         self.crashes: dict[int, list[float]] = {}
         self.stopping = False
+        self.fast_stopping = False
+        self.exit_code = 0
         self.pid_written = False
+        self.reload: Reload | None = None
+        self.reload_wanted: str | None = None    # why the next reload was asked for
+        self.reload_requests = 0                  # requests that the next reload answers
+        self.last_reload_at = -RELOAD_COALESCE
+        self.spawn_retry_at = 0.0
 
     # -- startup ------------------------------------------------------------------------------
     def load_tls(self, config: Config) -> TLSContexts:
@@ -94,7 +153,8 @@ class Master:
         self._install_signals()
         self.log.notice(f"pyproxy/{__version__} master started, configuration {self.config.path}")
         self.status.start(self.config, self.listeners)
-        new = [self.spawn_worker(slot, self.config, self.tls) for slot in range(self.config.worker_processes)]
+        new = [self.spawn_worker(slot, self.config, self.tls, self.generation)
+               for slot in range(self.config.worker_processes)]
         failed = self.wait_ready(new)
         if failed:
             raise MasterError(failed)
@@ -110,7 +170,9 @@ class Master:
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
 
     def _queue_signal(self, signum, frame) -> None:
-        if len(self.signals) < 32:
+        # Each signal is queued once: a burst of HUPs is one reload request anyway, and a queue
+        # of six distinct signals can never be full when a TERM arrives.
+        if signum not in self.signals:
             self.signals.append(signum)
 
     # -- pid file -----------------------------------------------------------------------------
@@ -137,13 +199,56 @@ class Master:
             except OSError:
                 pass
 
-    # -- workers ------------------------------------------------------------------------------
-    def spawn_worker(self, slot: int, config: Config, tls: TLSContexts) -> WorkerProcess:
+    # -- children -----------------------------------------------------------------------------
+    def fork_child(self) -> int:
+        """os.fork() with the master's signals blocked until the child has its own handlers.
+
+        A child starts with the master's Python handlers: a signal that reached it before it
+        installed its own (a stop sent to the whole process group) would be queued in the child's
+        copy of the master's queue, where nobody reads it. Blocked, it waits, pending, until the
+        child unblocks (Worker.take_signals, _run_loader)."""
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNAL_NAMES)
+        try:
+            pid = os.fork()
+        except OSError:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+            raise
+        if pid == 0:
+            self._close_master_fds()
+        else:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        return pid
+
+    def _close_master_fds(self) -> None:
+        """In a fresh child: close what only the master may hold (the listening sockets stay: a
+        worker closes the ones it does not serve, a loader child never touches them)."""
+        for other in self.workers.values():
+            os.close(other.ready_fd)
+        if self.reload is not None and self.reload.result_fd >= 0:
+            os.close(self.reload.result_fd)
+        os.close(self.wakeup_r)
+        os.close(self.wakeup_w)
+        signal.set_wakeup_fd(-1)
+
+    def spawn_worker(self, slot: int, config: Config, tls: TLSContexts, generation: int) -> WorkerProcess:
+        """Fork a worker for `slot`; raises SpawnError (and leaks nothing) if the system refuses."""
         sockets = self.listeners.for_slot(configured_listens(config), slot, config.worker_processes)
-        ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+        except OSError as exc:
+            raise SpawnError(f"cannot start worker process #{slot}: pipe2() failed "
+                             f"({exc.errno}: {exc.strerror})") from None
         row = self.shared.take_row()
-        worker = Worker(slot, self.generation, config, sockets, self.log, self.shared, row, tls)
-        pid = os.fork()
+        self.shared.beats.beat(row, time.monotonic())    # its first beat comes when it is ready
+        worker = Worker(slot, generation, config, sockets, self.log, self.shared, row, tls)
+        try:
+            pid = self.fork_child()
+        except OSError as exc:
+            os.close(ready_r)
+            os.close(ready_w)
+            self.shared.release_row(row)
+            raise SpawnError(f"cannot start worker process #{slot}: fork() failed "
+                             f"({exc.errno}: {exc.strerror})") from None
         if pid == 0:
             # The child: keep only our slot's listening sockets and our end of the ready pipe.
             os.close(ready_r)
@@ -151,27 +256,21 @@ class Master:
             for ls in self.listeners.all():
                 if ls.fd not in mine:
                     ls.sock.close()
-            for other in self.workers.values():
-                os.close(other.ready_fd)
-            os.close(self.wakeup_r)
-            os.close(self.wakeup_w)
-            signal.set_wakeup_fd(-1)
             worker_main(worker, ready_w)
         os.close(ready_w)
-        proc = WorkerProcess(pid, slot, self.generation, ready_r, row)
+        proc = WorkerProcess(pid, slot, generation, ready_r, row)
         self.workers[pid] = proc
-        self.log.notice(f"start worker process {pid} (#{slot}, generation {self.generation})")
+        self.log.notice(f"start worker process {pid} (#{slot}, generation {generation})")
         return proc
 
     def wait_ready(self, procs: list[WorkerProcess]) -> str | None:
-        """Wait until every process in `procs` reported ready; return why not, or None."""
+        """At startup: wait until every process in `procs` reported ready; return why not, or None."""
         deadline = time.monotonic() + READY_TIMEOUT
         waiting = {p.ready_fd: p for p in procs}
         while waiting:
             timeout = deadline - time.monotonic()
             if timeout <= 0:
-                slots = ", ".join(f"#{p.slot}" for p in waiting.values())
-                return f"worker process(es) {slots} did not become ready within {READY_TIMEOUT:g}s"
+                return _not_ready(list(waiting.values()))
             readable, _, _ = _select(list(waiting), min(timeout, 0.5))
             for fd in readable:
                 proc = waiting.pop(fd)
@@ -210,7 +309,9 @@ class Master:
                 pass
 
     def current_workers(self) -> list[WorkerProcess]:
-        return [p for p in self.workers.values() if not p.retiring]
+        """The workers serving the current generation's slots."""
+        return [p for p in self.workers.values()
+                if p.generation == self.generation and not p.retiring and not p.hung]
 
     def signal_workers(self, sig: int, procs=None) -> None:
         for proc in list(self.workers.values() if procs is None else procs):
@@ -227,65 +328,95 @@ class Master:
             proc.kill_at = deadline
         self.signal_workers(signal.SIGQUIT, procs)
 
-    def wait_quiesced(self, procs: list[WorkerProcess], timeout: float = 5.0) -> None:
-        """Wait until each retiring worker says it stopped accepting (or exited), so that once a
-        reload is reported complete, every new session meets the new configuration."""
-        waiting = {p.ready_fd: p for p in procs if p.pid in self.workers}
-        deadline = time.monotonic() + timeout
-        while waiting and time.monotonic() < deadline:
-            readable, _, _ = _select(list(waiting), min(0.2, max(deadline - time.monotonic(), 0)))
-            for fd in readable:
-                proc = waiting.pop(fd)
-                try:
-                    os.read(fd, 1)           # QUIESCED, or b"" when the worker already exited
-                except OSError:
-                    pass
-        for proc in waiting.values():
-            self.log.warn(f"worker process {proc.pid} (#{proc.slot}) did not confirm it stopped accepting")
+    def terminate(self, procs: list[WorkerProcess]) -> None:
+        """Tell workers to close their sessions and exit now (SIGTERM); SIGKILL them after KILL_GRACE."""
+        deadline = time.monotonic() + KILL_GRACE
+        for proc in procs:
+            proc.retiring = proc.terminated = True
+            proc.kill_at = min(proc.kill_at or deadline, deadline)
+        self.signal_workers(signal.SIGTERM, procs)
 
     # -- main loop ----------------------------------------------------------------------------
     def run(self) -> int:
         """Serve until stopped; returns the process exit code."""
         try:
-            self.start()
-            while not self.stopping:
-                if self.signals:
-                    signum = self.signals.pop(0)
-                    getattr(self, f"handle_{SIGNAL_NAMES[signum]}")()
-                    continue
-                self.sleep()
-                self.reap_workers()
-                self.murder_workers()
-                self.manage_workers()
-                self.status.manage()
-            return 0
-        except MasterError as exc:
-            self.log.crit(str(exc))
-            self.stop_workers(signal.SIGTERM, 5.0)
-            return 1
+            try:
+                self.start()
+            except MasterError as exc:
+                self.fail(exc)
+            while not (self.stopping and not self.workers):
+                try:
+                    self.sleep()
+                    # Queued signals first: a stop sent to the whole process group also made the
+                    # workers exit, and reaping them before it would respawn them.
+                    self.dispatch_signals()
+                    self.reap_workers()
+                    self.murder_workers()
+                    self.advance_reload()
+                    self.manage_workers()
+                    self.status.manage()
+                except MasterError as exc:
+                    self.fail(exc)
+            self.log.notice("exit")
+            return self.exit_code
         finally:
             self.listeners.close()
             self.remove_pid()
             self.status.stop()
 
+    def fail(self, exc: MasterError) -> None:
+        """Stop because the master cannot go on (a worker that cannot boot, a failed startup)."""
+        self.log.crit(str(exc))
+        self.exit_code = 1
+        self._stop_fast()
+
     def sleep(self) -> None:
-        """Wait for a signal (via the wakeup pipe) or a late ready byte, at most one second."""
-        fds = [self.wakeup_r] + [p.ready_fd for p in self.workers.values() if not p.ready]
-        readable, _, _ = _select(fds, 1.0)
+        """Wait for a signal (via the wakeup pipe), a worker's byte or the loader's result."""
+        by_fd = {p.ready_fd: p for p in self.workers.values() if p.awaited_byte()}
+        fds = [self.wakeup_r, *by_fd]
+        reload = self.reload
+        if reload is not None and reload.result_fd >= 0:
+            fds.append(reload.result_fd)
+        readable, _, _ = _select(fds, self._sleep_timeout())
         for fd in readable:
             if fd == self.wakeup_r:
-                try:
-                    while os.read(fd, 512):
-                        pass
-                except BlockingIOError:
-                    pass
-                continue
-            for proc in self.workers.values():
-                if proc.ready_fd == fd:
-                    proc.ready = os.read(fd, 1) == READY or proc.ready
+                _drain(fd)
+            elif fd in by_fd:
+                self._read_worker_byte(by_fd[fd])
+            else:
+                self._read_loader_result(reload)
+
+    def _sleep_timeout(self) -> float:
+        """At most a second (heartbeats and kill deadlines are checked once a second), less when
+        a coalesced reload or a reload deadline is due sooner."""
+        now = time.monotonic()
+        due = [now + 1.0]
+        if self.reload is not None and self.reload.deadline:
+            due.append(self.reload.deadline)
+        elif self.reload is None and self.reload_wanted is not None:
+            due.append(self.last_reload_at + RELOAD_COALESCE)
+        return max(min(due) - now, 0.0)
+
+    def _read_worker_byte(self, proc: WorkerProcess) -> None:
+        try:
+            byte = os.read(proc.ready_fd, 1)
+        except OSError:
+            byte = b""
+        if byte == READY:
+            proc.ready = True
+        elif byte == QUIESCED or not byte:
+            proc.quiesced = True        # b"": the worker exited (reaping tells how)
+
+    def dispatch_signals(self) -> None:
+        """Handle the queued signals, stops first (a reap triggered by CHLD must see `stopping`)."""
+        while self.signals:
+            pending, self.signals = self.signals, []
+            pending.sort(key=lambda signum: signum not in STOP_SIGNALS)
+            for signum in pending:
+                getattr(self, f"handle_{SIGNAL_NAMES[signum]}")()
 
     def reap_workers(self) -> None:
-        """Collect exited workers; a current-generation worker that died is replaced by manage_workers."""
+        """Collect exited children; a current-generation worker that died is replaced by manage_workers."""
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -293,38 +424,59 @@ class Master:
                 return
             if pid == 0:
                 return
+            if self.reload is not None and pid == self.reload.loader_pid:
+                self.reload.loader_status = status
+                continue
             proc = self.workers.get(pid)
             if proc is None:
                 self.status.reaped(pid, status)
                 continue
             self._forget(proc)
-            code = os.waitstatus_to_exitcode(status)
-            how = f"exited with code {code}" if code >= 0 else f"exited on signal {-code}"
-            if proc.retiring or self.stopping:
+            how = describe_exit(status)
+            if proc.retiring or proc.hung or self.stopping:
                 self.log.notice(f"worker process {pid} (#{proc.slot}, generation {proc.generation}) {how}")
                 continue
-            if code == WORKER_BOOT_ERROR or not proc.ready:
+            if self.reload is not None and self.reload.phase == "booting" and proc.generation == self.reload.generation:
+                self.reload_failed(f"worker process #{proc.slot} (pid {pid}) could not start ({how}); "
+                                   f"see the error log above for why")
+                continue
+            if os.waitstatus_to_exitcode(status) == WORKER_BOOT_ERROR or not proc.ready:
                 raise MasterError(f"worker process #{proc.slot} (pid {pid}) could not start ({how}); "
                                   f"stopping instead of respawning it")
             self.log.error(f"worker process {pid} (#{proc.slot}) {how} unexpectedly; starting a new one")
             self.crashes.setdefault(proc.slot, []).append(time.monotonic())
 
     def murder_workers(self) -> None:
-        """SIGKILL retiring workers that outlived worker_shutdown_timeout plus a grace period."""
+        """SIGKILL workers past their stop deadline, and ready workers whose heartbeat stopped
+        (gunicorn's murder_workers): a stopped or hung worker would otherwise keep its share of
+        new connections waiting in its accept queue forever."""
         now = time.monotonic()
         for proc in list(self.workers.values()):
-            if proc.retiring and proc.kill_at and now >= proc.kill_at:
-                self.log.warn(f"worker process {proc.pid} (#{proc.slot}) still running after "
-                              f"worker_shutdown_timeout, killing it")
+            if proc.kill_at and now >= proc.kill_at:
+                why = "a SIGTERM" if proc.terminated else "worker_shutdown_timeout"
+                self.log.warn(f"worker process {proc.pid} (#{proc.slot}) still running {KILL_GRACE:g}s "
+                              f"after {why}, killing it")
                 self.signal_workers(signal.SIGKILL, [proc])
                 proc.kill_at = 0.0
+            elif proc.ready and not proc.hung and proc.row >= 0:
+                silent = self.shared.beats.age(proc.row, now)
+                if silent > HEARTBEAT_TIMEOUT:
+                    self._kill_hung(proc, silent)
+
+    def _kill_hung(self, proc: WorkerProcess, silent: float) -> None:
+        current = not proc.retiring and proc.generation == self.generation
+        then = "; a new worker takes its slot" if current and not self.stopping else ""
+        self.log.error(f"worker process {proc.pid} (#{proc.slot}, generation {proc.generation}) sent no "
+                       f"heartbeat for {silent:.1f}s (stopped or hung), killing it{then}")
+        proc.hung = True
+        self.signal_workers(signal.SIGKILL, [proc])
 
     def manage_workers(self) -> None:
         """Start a worker for every slot of the current generation that has none."""
-        if self.stopping:
+        now = time.monotonic()
+        if self.stopping or now < self.spawn_retry_at:
             return
         taken = {p.slot for p in self.current_workers()}
-        now = time.monotonic()
         for slot in range(self.config.worker_processes):
             if slot in taken:
                 continue
@@ -333,69 +485,208 @@ class Master:
             # A slot that keeps crashing is respawned at most once a second, never in a tight loop.
             if len(recent) > 3 and now - recent[-1] < 1.0:
                 continue
-            self.spawn_worker(slot, self.config, self.tls)
+            try:
+                self.spawn_worker(slot, self.config, self.tls, self.generation)
+            except SpawnError as exc:
+                self.log.error(f"{exc}; trying again in {SPAWN_RETRY:g}s")
+                self.spawn_retry_at = now + SPAWN_RETRY
+                return
 
-    # -- signal handlers ----------------------------------------------------------------------
-    def handle_chld(self) -> None:
-        self.reap_workers()
+    # -- reloads ------------------------------------------------------------------------------
+    def request_reload(self, reason: str) -> None:
+        """Ask for a reload: SIGHUP today; a file watcher or the Admin API can ask the same way.
 
-    def handle_hup(self) -> None:
-        """Reload: validate the new file; on success roll a new worker generation over, else keep all."""
-        self.log.notice("reloading configuration (SIGHUP)")
+        Requests coalesce: one reload is in flight at a time, and requests made meanwhile become
+        one more reload after it, which reads the file as it is then (the last request wins). A
+        reload starts at most once per RELOAD_COALESCE."""
+        if self.stopping:
+            return
+        self.reload_wanted = reason
+        self.reload_requests += 1
+
+    def advance_reload(self) -> None:
+        """Start the reload that was asked for once it is due, or move the one in flight on."""
+        reload = self.reload
+        if self.stopping:
+            return
+        if reload is None:
+            if self.reload_wanted is not None and time.monotonic() >= self.last_reload_at + RELOAD_COALESCE:
+                self.start_reload()
+        elif reload.phase == "loading":
+            if reload.result_fd < 0:
+                self.boot_generation(reload)
+        elif reload.phase == "booting":
+            if all(p.ready for p in reload.procs):
+                self.switch_generation(reload)
+            elif time.monotonic() >= reload.deadline:
+                self.reload_failed(_not_ready([p for p in reload.procs if not p.ready]))
+        elif reload.phase == "quiescing":
+            self.finish_reload(reload)
+
+    def start_reload(self) -> None:
+        """Fork the loader child: reading a large file takes seconds, which the master spends
+        reaping, answering signals and replacing workers instead."""
+        why = self.reload_wanted
+        if self.reload_requests > 1:
+            why += f"; {self.reload_requests} requests coalesced into one reload"
+        self.reload_wanted, self.reload_requests = None, 0
+        self.last_reload_at = time.monotonic()
+        self.log.notice(f"reloading configuration ({why})")
         try:
-            config = load_config(self.config.path, warn=self.log.warn)
-        except ConfigError as exc:
-            for issue in exc.errors:
-                self.log.error(str(issue))
-            self.log.error(f"reload failed: the configuration is invalid; still serving generation "
-                           f"{self.generation}")
-            self._count_reload(False)
+            result_r, result_w = os.pipe2(os.O_CLOEXEC)
+        except OSError as exc:
+            self.reload_failed(f"cannot start the configuration loader: pipe2() failed "
+                               f"({exc.errno}: {exc.strerror})")
             return
         try:
-            tls = self.load_tls(config)
-        except MasterError as exc:
-            self.log.error(f"reload failed: {exc}; still serving generation {self.generation}")
-            self._count_reload(False)
+            pid = self.fork_child()
+        except OSError as exc:
+            os.close(result_r)
+            os.close(result_w)
+            self.reload_failed(f"cannot start the configuration loader: fork() failed "
+                               f"({exc.errno}: {exc.strerror})")
             return
-        try:
-            created = self.listeners.ensure(configured_listens(config), config.worker_processes)
-        except BindError as exc:
-            self.log.error(f"reload failed: {exc}; still serving generation {self.generation}")
-            self._count_reload(False)
-            return
-        old = self.current_workers()
-        self.generation += 1
-        new = [self.spawn_worker(slot, config, tls) for slot in range(config.worker_processes)]
-        failure = self.wait_ready(new)
-        if failure:
-            self.signal_workers(signal.SIGKILL, [p for p in new if p.pid in self.workers])
-            for proc in new:
-                if proc.pid in self.workers:
-                    self._reap_one(proc, block=True)
-            for ls in created:
-                self.listeners.sockets.pop((ls.listen.key, ls.slot), None)
+        if pid == 0:
+            os.close(result_r)
+            for ls in self.listeners.all():
                 ls.sock.close()
-            self.generation -= 1
-            self.log.error(f"reload failed: {failure}; still serving generation {self.generation}")
-            self._count_reload(False)
+            _run_loader(self.config.path, result_w, self.log)
+        os.close(result_w)
+        os.set_blocking(result_r, False)
+        try:
+            fcntl.fcntl(result_r, fcntl.F_SETPIPE_SZ, 1 << 20)    # fewer wakeups for a large Config
+        except OSError:
+            pass
+        self.reload = Reload(self.generation + 1, pid, result_r)
+
+    def _read_loader_result(self, reload: Reload) -> None:
+        """Take what the loader wrote so far; its end of the pipe closing means it is done."""
+        try:
+            while chunk := os.read(reload.result_fd, 1 << 20):
+                reload.result += chunk
+        except BlockingIOError:
             return
+        except OSError:
+            pass
+        os.close(reload.result_fd)
+        reload.result_fd = -1
+
+    def boot_generation(self, reload: Reload) -> None:
+        """The loader is done: on a valid Config, bind what is new and fork the new generation."""
+        if reload.loader_status is None:
+            try:
+                _, reload.loader_status = os.waitpid(reload.loader_pid, 0)   # it closed the pipe: exiting
+            except ChildProcessError:
+                reload.loader_status = 0
+        try:
+            kind, value = pickle.loads(reload.result)
+        except Exception:           # nothing, or a truncated result: the loader died on the way
+            self.reload_failed(f"the configuration loader process {describe_exit(reload.loader_status)} "
+                               f"without a result")
+            return
+        if kind == "invalid":
+            for issue in value:
+                self.log.error(issue)
+            self.reload_failed("the configuration is invalid")
+            return
+        if kind != "ok":
+            self.reload_failed(value)
+            return
+        reload.config = config = value
+        try:
+            import_plugin_modules(config)
+            reload.tls = self.load_tls(config)
+            reload.created = self.listeners.ensure(configured_listens(config), config.worker_processes)
+            for slot in range(config.worker_processes):
+                reload.procs.append(self.spawn_worker(slot, config, reload.tls, reload.generation))
+        except (MasterError, BindError) as exc:
+            self.reload_failed(str(exc))
+            return
+        reload.phase = "booting"
+        reload.deadline = time.monotonic() + READY_TIMEOUT
+
+    def switch_generation(self, reload: Reload) -> None:
+        """The new generation is ready: it becomes the current one, the old one drains."""
+        old = [p for p in self.workers.values()
+               if not p.retiring and not p.hung and p.generation != reload.generation]
+        self.generation = reload.generation
         self.retire(old, self.config.worker_shutdown_timeout)
-        self.wait_quiesced(old)
-        self.listeners.close_unused(configured_listens(config))
-        if (config.error_log, config.log_level) != (self.config.error_log, self.config.log_level):
-            self.log.configure(config.error_log, config.log_level)
-        self.config = config
-        self.tls = tls
-        self.status.follow(config, self.listeners)
+        self.bound_draining()
+        self.listeners.close_unused(configured_listens(reload.config))
+        self.log.configure(reload.config.error_log, reload.config.log_level)
+        self.config, self.tls = reload.config, reload.tls
+        self.status.follow(reload.config, self.listeners)
+        reload.old, reload.phase = old, "quiescing"
+        reload.deadline = time.monotonic() + QUIESCE_TIMEOUT
+
+    def bound_draining(self) -> None:
+        """Keep at most DRAINING_GENERATIONS generations draining: tell the oldest beyond that to
+        close their sessions now."""
+        draining = sorted({p.generation for p in self.workers.values() if p.retiring and not p.terminated})
+        for generation in draining[:-DRAINING_GENERATIONS]:
+            procs = [p for p in self.workers.values()
+                     if p.generation == generation and p.retiring and not p.terminated]
+            self.log.warn(f"generation {generation} told to close its sessions now ({len(procs)} worker "
+                          f"process(es)): more than {DRAINING_GENERATIONS} generations were draining")
+            self.terminate(procs)
+
+    def finish_reload(self, reload: Reload) -> None:
+        """Report the reload complete once every old worker stopped accepting: from then on every
+        new session meets the new configuration."""
+        waiting = [p for p in reload.old if p.pid in self.workers and not p.quiesced]
+        if waiting and time.monotonic() < reload.deadline:
+            return
+        for proc in waiting:
+            self.log.warn(f"worker process {proc.pid} (#{proc.slot}) did not confirm it stopped accepting")
+        self.reload = None
         self._count_reload(True)
-        self.log.notice(f"reload complete: generation {self.generation}, {len(new)} worker process(es), "
-                        f"{len(old)} old worker process(es) draining")
+        self.log.notice(f"reload complete: generation {self.generation}, {len(reload.procs)} worker "
+                        f"process(es), {len(reload.old)} old worker process(es) draining")
+
+    def reload_failed(self, reason: str) -> None:
+        """Undo the reload in flight, keep serving the current generation, say why."""
+        self._drop_reload()
+        self.log.error(f"reload failed: {reason}; still serving generation {self.generation}")
+        self._count_reload(False)
+
+    def _drop_reload(self) -> None:
+        """Stop the loader, and the new generation: workers not ready yet are killed, ready ones
+        drain (they may have accepted sessions already); close the sockets bound for it."""
+        reload, self.reload = self.reload, None
+        if reload is None or reload.phase == "quiescing":     # switched already: nothing to undo
+            return
+        if reload.result_fd >= 0:
+            os.close(reload.result_fd)
+        if reload.loader_status is None:
+            try:
+                os.kill(reload.loader_pid, signal.SIGKILL)
+                os.waitpid(reload.loader_pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+        new = [p for p in reload.procs if p.pid in self.workers]
+        self.signal_workers(signal.SIGKILL, [p for p in new if not p.ready])
+        for proc in new:
+            if not proc.ready:
+                self._reap_one(proc, block=True)
+        ready = [p for p in new if p.ready]
+        if ready:
+            self.retire(ready, reload.config.worker_shutdown_timeout)
+        for ls in reload.created:
+            self.listeners.sockets.pop((ls.listen.key, ls.slot), None)
+            ls.sock.close()
 
     def _count_reload(self, ok: bool) -> None:
         """Only with status_listen on: otherwise the master would open metric files that every
         worker forked later inherits and never uses (workers must hold no fd they do not own)."""
         if self.config.status_listen is not None:
             metrics.master_reloaded(ok, self.generation)
+
+    # -- signal handlers ----------------------------------------------------------------------
+    def handle_chld(self) -> None:
+        self.reap_workers()
+
+    def handle_hup(self) -> None:
+        self.request_reload("SIGHUP")
 
     def handle_usr1(self) -> None:
         self.log.reopen()
@@ -413,39 +704,97 @@ class Master:
 
     def handle_quit(self) -> None:
         """Graceful stop: workers finish their sessions (up to worker_shutdown_timeout)."""
+        if self.stopping:
+            return
         self.log.notice("graceful shutdown (SIGQUIT)")
-        self.stopping = True
+        self._begin_stop()
         self.listeners.close()
-        self.retire(list(self.workers.values()), self.config.worker_shutdown_timeout)
-        self.wait_workers(self.config.worker_shutdown_timeout + KILL_GRACE)
-        self.log.notice("exit")
+        self.retire([p for p in self.workers.values() if not p.retiring], self.config.worker_shutdown_timeout)
 
     def handle_term(self) -> None:
-        self.log.notice("fast shutdown (SIGTERM)")
-        self.stop_workers(signal.SIGTERM, KILL_GRACE)
-        self.log.notice("exit")
+        self._fast_shutdown("SIGTERM")
 
     def handle_int(self) -> None:
-        self.log.notice("fast shutdown (SIGINT)")
-        self.stop_workers(signal.SIGTERM, KILL_GRACE)
-        self.log.notice("exit")
+        self._fast_shutdown("SIGINT")
 
-    def stop_workers(self, sig: int, timeout: float) -> None:
+    def _fast_shutdown(self, name: str) -> None:
+        """Sessions are closed now, also after a QUIT (a second, impatient stop escalates)."""
+        if self.fast_stopping:
+            return
+        during = " during the graceful one" if self.stopping else ""
+        self.log.notice(f"fast shutdown ({name}{during})")
+        self._stop_fast()
+
+    def _stop_fast(self) -> None:
+        self._begin_stop()
+        self.fast_stopping = True
+        self.terminate(list(self.workers.values()))
+
+    def _begin_stop(self) -> None:
+        """From now on nothing is respawned and no reload starts; the main loop runs until the
+        last worker is reaped."""
         self.stopping = True
-        self.signal_workers(sig)
-        self.wait_workers(timeout)
+        self.reload_wanted = None
+        self._drop_reload()
 
-    def wait_workers(self, timeout: float) -> None:
-        """Reap workers until none is left; SIGKILL whatever remains after `timeout`."""
-        deadline = time.monotonic() + timeout
-        while self.workers:
-            self.reap_workers()
-            if not self.workers:
-                break
-            if time.monotonic() >= deadline:
-                self.signal_workers(signal.SIGKILL)
-                deadline = time.monotonic() + 5.0
-            time.sleep(0.05)
+
+def import_plugin_modules(config: Config) -> None:
+    """Import the `plugin_modules` the loader child imported to validate the file: the workers are
+    forked from the master, and find a plugin only if its module registered it here."""
+    folder = os.path.dirname(config.path)
+    if config.plugin_modules and folder not in sys.path:
+        sys.path.append(folder)
+    for name in config.plugin_modules:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:     # changed since the loader imported it: as a config error would
+            raise MasterError(f"cannot import plugin module {name!r}: {exc.__class__.__name__}: {exc}") from None
+
+
+def _not_ready(procs: list[WorkerProcess]) -> str:
+    slots = ", ".join(f"#{p.slot}" for p in procs)
+    return f"worker process(es) {slots} did not become ready within {READY_TIMEOUT:g}s"
+
+
+def _run_loader(path: str, result_fd: int, log: ErrorLog) -> NoReturn:
+    """The loader child's whole life: load and validate the file, send the outcome back pickled
+    (("ok", Config), ("invalid", [issue, …]) or ("error", message)), exit. Warnings are logged here."""
+    code = 1
+    try:
+        setproctitle("pyproxy: configuration loader")
+        for sig in STOP_SIGNALS + (signal.SIGCHLD,):
+            signal.signal(sig, signal.SIG_DFL)       # a stop for the group ends the loader too
+        for sig in (signal.SIGHUP, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        try:
+            outcome = ("ok", load_config(path, warn=log.warn))
+        except ConfigError as exc:
+            outcome = ("invalid", [str(issue) for issue in exc.errors])
+        except Exception as exc:     # a bug: the master must hear of it, not wait
+            log.exception("crit", f"internal error while loading {path}, please report it", exc)
+            outcome = ("error", f"internal error while loading the configuration: {exc!r}")
+        view = memoryview(pickle.dumps(outcome, pickle.HIGHEST_PROTOCOL))
+        while view:
+            view = view[os.write(result_fd, view):]
+        code = 0
+    except BaseException as exc:
+        log.exception("crit", "the configuration loader failed", exc)
+    finally:
+        os._exit(code)
+
+
+def describe_exit(status: int) -> str:
+    code = os.waitstatus_to_exitcode(status)
+    return f"exited with code {code}" if code >= 0 else f"exited on signal {-code}"
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 512):
+            pass
+    except BlockingIOError:
+        pass
 
 
 def _select(fds: list[int], timeout: float):

@@ -11,6 +11,10 @@ counted across them (nginx's `limit_conn_zone`, `limit_req_zone`). Two shapes:
   instructions; a worker that cannot get it within 10 ms lets the session through and says so,
   rather than stall (a worker killed while holding it must not freeze the others).
 
+- `Heartbeats`: one timestamp per row, stored by the row's worker every second and read by the
+  master, which kills a worker whose heartbeat stopped (gunicorn's WorkerTmp, without its fchmod:
+  a beat is one store to memory, no syscall).
+
 Keys are hashed into a fixed number of slots: two keys that collide share a count, which can only
 make a limit stricter, never looser. The tables live as long as the master, across reloads, so
 sessions of draining workers still count against the new generation's limits.
@@ -86,12 +90,30 @@ class RateTable:
             self.lock.release()
 
 
+class Heartbeats:
+    """CLOCK_MONOTONIC timestamps, one per row: `beat` in a worker, `age` in the master. An aligned
+    8-byte store is atomic on every platform Linux runs CPython on: no lock."""
+
+    def __init__(self, rows: int = ROWS):
+        self._memory = mmap.mmap(-1, rows * 8)
+        self.view = memoryview(self._memory).cast("d")
+
+    def beat(self, row: int, now: float) -> None:
+        if row >= 0:
+            self.view[row] = now
+
+    def age(self, row: int, now: float) -> float:
+        """Seconds since the row's last beat."""
+        return now - self.view[row]
+
+
 class SharedState:
     """Everything the master maps for its workers, and the row bookkeeping for CounterRows."""
 
     def __init__(self) -> None:
         self.conns = CounterRows()
         self.rates = RateTable()
+        self.beats = Heartbeats()
         self.free_rows = list(range(ROWS - 1, -1, -1))
 
     def take_row(self) -> int:

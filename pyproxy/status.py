@@ -36,6 +36,7 @@ FOLD_INTERVAL = 5.0           # seconds between folds of dead processes' files w
 NICENESS = 10                 # under full load a scrape waits; a session does not
 RESPAWN_DELAY = 1.0           # a status process that keeps dying is restarted after 1 s, then 2 s,
 RESPAWN_MAX_DELAY = 60.0      # 4 s… up to once a minute
+MASTER_SIGNALS = (signal.SIGHUP, signal.SIGQUIT, signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGCHLD)
 STOP_GRACE = 5.0              # seconds to exit after SIGTERM before the master sends SIGKILL
 
 
@@ -148,7 +149,17 @@ class StatusProcess:
 
     def _spawn(self) -> None:
         master_pid = os.getpid()
-        pid = os.fork()
+        # As for workers (Master.fork_child): the master's signals stay blocked in the child until
+        # it has its own handlers, so a stop sent to the whole process group is not lost.
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, MASTER_SIGNALS)
+        try:
+            pid = os.fork()
+        except OSError as exc:          # out of processes or memory: the master tries again later
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+            self.respawn_at = time.monotonic() + RESPAWN_DELAY
+            self.log.error(f"cannot start the status process: fork() failed ({exc.strerror}); "
+                           f"trying again in {RESPAWN_DELAY:g}s")
+            return
         if pid == 0:
             code = 1
             try:
@@ -156,6 +167,7 @@ class StatusProcess:
                 code = StatusServer(self.log, self.sockets, master_pid, self.user, self.directory).run()
             finally:
                 os._exit(code)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         self.pid = pid
         self.started = time.monotonic()
         where = ", ".join(str(ls.listen) for ls in self.sockets)
@@ -240,6 +252,7 @@ class StatusServer:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)            # the master reloads, not us
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, MASTER_SIGNALS)   # blocked by StatusProcess._spawn
 
     def _handle_signals(self, mask: int) -> None:
         try:

@@ -15,7 +15,7 @@ import os
 import pwd
 import signal
 import socket
-import traceback
+import time
 from typing import Iterable
 
 from setproctitle import setproctitle
@@ -96,10 +96,24 @@ class Worker:
         self.signals: list[int] = []
 
     # -- process setup ------------------------------------------------------------------------
+    def take_signals(self) -> None:
+        """First thing after the fork, while the master keeps its signals blocked for us: install
+        this worker's handlers, then unblock. A signal sent to the new process meanwhile (a stop
+        sent to the whole process group) waited, pending, for them; it is handled at the first tick."""
+        for sig in (signal.SIGQUIT, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            signal.signal(sig, self._queue_signal)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)          # the master reloads, not us
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
     def init_process(self, ready_fd: int) -> None:
         config = self.config
         setproctitle(f"pyproxy: worker process #{self.slot}")
         self.log.slot = self.slot
+        # This generation's error_log and log_level: the log object is the master's, copied by the
+        # fork, and the master switches its own only once the new generation is ready.
+        self.log.configure(config.error_log, config.log_level)
         self._set_sched_policy(config.worker_sched_policy)
         self.loop = Loop()
         self.loop.on_error = self.on_callback_error
@@ -128,7 +142,7 @@ class Worker:
             self.loop.call_later(1.0, self._sample_metrics)
         self.resume_accepting()
         self.loop.after_tick.append(self.after_tick)
-        self.loop.call_later(1.0, self.check_master)
+        self.loop.call_later(1.0, self.heartbeat)
         self.ready_fd = ready_fd
         # The cyclic GC scans every tracked object on its older-generation passes; a worker holds
         # thousands of long-lived ones (config, contexts, sessions), and a collection triggered by
@@ -137,6 +151,7 @@ class Worker:
         # cycles: cancelled timers and closed sockets drop their references).
         gc.freeze()
         gc.set_threshold(GC_THRESHOLD, 20, 20)
+        self.shared.beats.beat(self.row, time.monotonic())     # the master watches us from now on
         os.write(ready_fd, READY)
 
     def _set_sched_policy(self, policy: str) -> None:
@@ -152,17 +167,15 @@ class Worker:
                           "the worker keeps its scheduling policy")
 
     def _install_signals(self) -> None:
+        """Signals wake the loop through a socketpair (the handlers were installed by take_signals)."""
         r, w = socket.socketpair()
         r.setblocking(False)
         w.setblocking(False)
         self._wakeup = (r, w)
         signal.set_wakeup_fd(w.fileno(), warn_on_full_buffer=False)
         self.loop.add(r.fileno(), EPOLLIN, self._drain_wakeup)
-        for sig in (signal.SIGQUIT, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
-            signal.signal(sig, self._queue_signal)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)          # the master reloads, not us
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        if self.signals:
+            w.send(b"\0")          # queued while we were starting: handle them at the first tick
 
     def _queue_signal(self, signum, frame) -> None:
         if signum not in self.signals:      # the same signal twice before a tick means it once
@@ -177,6 +190,7 @@ class Worker:
 
     def run(self, ready_fd: int) -> int:
         """The child's whole life: returns the exit code."""
+        self.take_signals()
         try:
             self.init_process(ready_fd)
         except OSError as exc:
@@ -295,8 +309,7 @@ class Worker:
         belongs to (status 500); the worker and its other sessions carry on."""
         owner = getattr(callback, "__self__", None)
         where = f"; {owner.describe()}" if isinstance(owner, Session) else ""
-        trace = "".join(traceback.format_exception(exc)).rstrip().replace("\n", "\n    ")
-        self.log.error(f"internal error, please report it: {exc!r}{where}\n    {trace}")
+        self.log.exception("error", f"internal error, please report it: {exc!r}{where}", exc)
         if isinstance(owner, Session):
             try:
                 owner.close(STATUS_INTERNAL)
@@ -371,13 +384,16 @@ class Worker:
             session.close(session.status)
         self.loop.stop()
 
-    def check_master(self) -> None:
-        """Exit if the master is gone (killed with SIGKILL): nobody would ever stop us otherwise."""
+    def heartbeat(self) -> None:
+        """Every second: tell the master we are alive (one store to shared memory; a worker whose
+        heartbeat stops is killed and replaced, see pyproxy.master.HEARTBEAT_TIMEOUT), and exit if
+        the master is gone (killed with SIGKILL): nobody would ever stop us otherwise."""
+        self.shared.beats.beat(self.row, self.loop.now)
         if os.getppid() != self.master_pid:
             self.log.error("master process is gone, exiting")
             self.stop_now()
             return
-        self.loop.call_later(1.0, self.check_master)
+        self.loop.call_later(1.0, self.heartbeat)
 
 
 def close_inherited(keep: Iterable[int], close: Iterable[int]) -> None:
@@ -392,11 +408,15 @@ def close_inherited(keep: Iterable[int], close: Iterable[int]) -> None:
 
 
 def worker_main(worker: Worker, ready_fd: int) -> None:
-    """Entry point in the forked child; never returns."""
+    """Entry point in the forked child; never returns. os._exit: the child must not run the
+    master's atexit handlers nor flush its copies of the master's buffers, so whatever escaped the
+    worker is logged here, or its traceback would be lost with the process."""
     code = 1
     try:
         code = worker.run(ready_fd)
     except KeyboardInterrupt:
         code = 0
+    except BaseException as exc:
+        worker.log.exception("crit", f"worker process #{worker.slot} failed, please report it: {exc!r}", exc)
     finally:
         os._exit(code)

@@ -225,11 +225,12 @@ class Proxy:
     def run_cli(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
         return subprocess.run(self.command(*args), capture_output=True, text=True, timeout=timeout)
 
-    def start(self, wait: bool = True) -> "Proxy":
+    def start(self, wait: bool = True, own_group: bool = False) -> "Proxy":
+        """`own_group`: run in a process group of its own, which a test may signal as a whole."""
         self.stdout = open(self.dir / "stdout.txt", "wb")
         self.stderr = open(self.dir / "stderr.txt", "wb")
         self.proc = subprocess.Popen(self.command(*self.extra_args), stdout=self.stdout, stderr=self.stderr,
-                                     stdin=subprocess.DEVNULL)
+                                     stdin=subprocess.DEVNULL, process_group=0 if own_group else None)
         if wait:
             self.wait_log("ready:", timeout=20)
         return self

@@ -283,3 +283,208 @@ services:
         assert "readable by group or others" in (tmp_path / "stderr.txt").read_text()
     finally:
         p.stop()
+
+
+def _workers_of(pid: int) -> list[int]:
+    """The master's worker processes (not its configuration loader child)."""
+    found = []
+    for child in psutil.Process(pid).children():
+        try:
+            if child.cmdline()[0].startswith("pyproxy: worker process"):
+                found.append(child.pid)
+        except (psutil.NoSuchProcess, IndexError):
+            pass
+    return found
+
+
+def test_a_stop_sent_to_the_whole_process_group_exits_at_once_without_respawning(tmp_path, upstreams):
+    """`timeout`, a terminal's Ctrl-C, a container runtime: the signal reaches the master and every
+    worker at once. The workers' exits are not crashes to repair: the master stops within a second
+    or two, exit code 0, nothing respawned, nothing killed. Also right after a HUP, while workers fork."""
+    up = upstreams(tag_handler, name="up")
+    for name in ("TERM", "INT", "QUIT"):
+        for round_ in range(4):
+            workdir = tmp_path / f"{name}-{round_}"
+            workdir.mkdir()
+            port = free_port()
+            p = Proxy(workdir, routed_to(port, up.port)).start(own_group=True)
+            try:
+                with connect(port) as sock:
+                    assert recv_line(sock) == b"up\n"
+                if round_ == 3:
+                    p.send_signal(signal.SIGHUP)
+                started = time.monotonic()
+                os.killpg(p.pid, getattr(signal, f"SIG{name}"))
+                code = p.proc.wait(10)
+                elapsed = time.monotonic() - started
+            finally:
+                if p.proc.poll() is None:
+                    os.killpg(p.pid, signal.SIGKILL)
+                p.stop()
+            log = p.log_text()
+            assert code == 0, log
+            assert elapsed < 2.5, f"SIG{name} round {round_}: {elapsed:.1f}s\n{log}"
+            assert "unexpectedly" not in log and "starting a new one" not in log, log
+            assert "killing it" not in log, log
+
+
+def test_a_stopped_worker_is_replaced_and_what_waited_in_its_queue_is_served(proxy, upstreams):
+    """A worker that stops answering (SIGSTOP here, a hang in general) is found by its missing
+    heartbeat, killed and replaced on the same listening socket: connections that queued for it
+    meanwhile are served by the replacement, and new ones by both workers."""
+    from pyproxy.master import HEARTBEAT_TIMEOUT
+
+    up = upstreams(tag_handler, name="up")
+    port = free_port()
+    p = proxy(routed_to(port, up.port))
+    victim = _workers_of(p.pid)[0]
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        stopped_at = time.monotonic()
+        clients = [connect(port, timeout=HEARTBEAT_TIMEOUT + 20) for _ in range(16)]
+        served_after = []
+        for sock in clients:
+            assert recv_line(sock) == b"up\n"
+            served_after.append(time.monotonic() - stopped_at)
+            sock.close()
+        log = p.wait_log("sent no heartbeat", timeout=5)
+        line = next(text for text in log.splitlines() if "sent no heartbeat" in text)
+        assert f"worker process {victim} (#" in line and "killing it" in line, line
+        # Some clients waited in the stopped worker's queue: the replacement took them over.
+        assert max(served_after) > HEARTBEAT_TIMEOUT - 1, served_after
+        wait_until(lambda: len(_workers_of(p.pid)) == 2 and victim not in _workers_of(p.pid),
+                   what="a replacement worker")
+        for _ in range(20):
+            with connect(port, timeout=5) as sock:
+                assert recv_line(sock) == b"up\n"
+        assert "unexpectedly" not in p.log_text()
+    finally:
+        try:
+            os.kill(victim, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_a_log_level_change_applies_to_the_workers_of_that_reload(proxy, upstreams):
+    """`log_level: info` on reload: the new workers log their info lines at once, not one reload later."""
+    up = upstreams(tag_handler, name="up")
+    port, unrouted = free_port(), free_port()
+
+    def config(level: str) -> str:
+        return routed_to(port, up.port).replace(
+            f"stream_listen: [127.0.0.1:{port}]",
+            f"log_level: {level}\nstream_listen: [127.0.0.1:{port}, 127.0.0.1:{unrouted}]")
+
+    def refused(count: int) -> None:
+        for _ in range(count):          # no route for this port: refused, an info line each
+            with connect(unrouted) as sock:
+                assert recv_all(sock) == b""
+
+    p = proxy(config("notice"))
+    refused(4)
+    p.wait_access(4)
+    assert "no route matched" not in p.log_text()
+    p.reload(config("info"))
+    refused(4)
+    p.wait_access(8)
+    assert p.log_text().count("no route matched") == 4, p.log_text()
+
+
+def test_term_during_a_graceful_stop_closes_the_sessions_at_once(proxy, upstreams):
+    """QUIT waits for sessions (up to worker_shutdown_timeout); a TERM after it escalates."""
+    up = upstreams(tag_handler, name="up")
+    port = free_port()
+    p = proxy(routed_to(port, up.port) + "worker_shutdown_timeout: 60s\n")
+    held = connect(port)
+    assert recv_line(held) == b"up\n"
+    p.send_signal(signal.SIGQUIT)
+    p.wait_log("graceful shutdown")
+    held.sendall(b"still served\n")
+    assert recv_line(held) == b"still served\n"
+    p.send_signal(signal.SIGTERM)
+    assert p.proc.wait(5) == 0
+    assert recv_all(held) == b""
+    held.close()
+    assert "fast shutdown (SIGTERM during the graceful one)" in p.log_text()
+
+
+def test_a_worker_that_cannot_be_forked_is_retried_while_the_master_keeps_serving(proxy, upstreams):
+    """pipe2() failing (EMFILE) for a respawn is logged and retried; no traceback, no exit."""
+    up = upstreams(tag_handler, name="up")
+    port = free_port()
+    p = proxy(routed_to(port, up.port))
+    master = psutil.Process(p.pid)
+    open_fds = {int(fd) for fd in os.listdir(f"/proc/{p.pid}/fd")}
+    lowest_free = min(set(range(len(open_fds) + 1)) - open_fds)
+    limits = master.rlimit(psutil.RLIMIT_NOFILE)
+    # Every fd number below the limit is taken: the dead worker's pipe frees one, pipe2() needs two.
+    master.rlimit(psutil.RLIMIT_NOFILE, (lowest_free, limits[1]))
+    try:
+        victim = _workers_of(p.pid)[0]
+        os.kill(victim, signal.SIGKILL)
+        p.wait_log("pipe2() failed")
+        assert "cannot start worker process #" in p.log_text()
+        assert "trying again in 1s" in p.log_text()
+        assert p.proc.poll() is None
+        # Meanwhile the slot's socket stays open: what queues there waits for the next worker.
+        clients = [connect(port, timeout=20) for _ in range(8)]
+    finally:
+        master.rlimit(psutil.RLIMIT_NOFILE, limits)
+    wait_until(lambda: len(_workers_of(p.pid)) == 2, what="the worker started once fds are available")
+    for sock in clients:
+        assert recv_line(sock) == b"up\n"
+        sock.close()
+    assert "Traceback" not in p.log_text() + (p.dir / "stderr.txt").read_text()
+
+
+def test_a_reload_stuck_reading_its_file_leaves_the_master_responsive(proxy, upstreams):
+    """The file is read by a loader child, not by the master: while that read waits (a named pipe
+    here, a huge file or a slow disk in life), the master replaces a dead worker and answers TERM."""
+    first = upstreams(tag_handler, name="first")
+    second = upstreams(tag_handler, name="second")
+    port = free_port()
+    p = proxy(routed_to(port, first.port))
+    p.conf.unlink()
+    os.mkfifo(p.conf)               # the next read of the file waits for a writer
+    p.send_signal(signal.SIGHUP)
+    p.wait_log("reloading configuration (SIGHUP)")
+    victim = _workers_of(p.pid)[0]
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: len(_workers_of(p.pid)) == 2 and victim not in _workers_of(p.pid),
+               what="a replacement worker while the reload reads its file")
+    with connect(port) as sock:
+        assert recv_line(sock) == b"first\n"
+    p.write_config(routed_to(port, second.port))     # the loader reads it and the reload goes on
+    p.wait_log("reload complete")
+    with connect(port) as sock:
+        assert recv_line(sock) == b"second\n"
+
+    p.conf.unlink()
+    os.mkfifo(p.conf)
+    p.send_signal(signal.SIGHUP)
+    loaders = wait_until(lambda: [c for c in psutil.Process(p.pid).children()
+                                  if "configuration loader" in " ".join(c.cmdline())],
+                         what="the configuration loader")
+    p.send_signal(signal.SIGTERM)
+    assert p.proc.wait(5) == 0
+    assert not psutil.pid_exists(loaders[0].pid)
+    assert "Traceback" not in p.log_text()
+
+
+def test_a_plugin_module_first_named_at_a_reload_reaches_the_new_workers(proxy, upstreams):
+    """The loader child imports plugin_modules to validate them; the workers are forked from the
+    master, so the master must have imported them too before the new generation starts."""
+    up = upstreams(tag_handler, name="up")
+    port = free_port()
+    p = proxy(routed_to(port, up.port))
+    (p.dir / "refuse_all.py").write_text(
+        "from pyproxy.plugins import Plugin, register\n\n\n"
+        "@register\n"
+        "class RefuseAll(Plugin):\n"
+        "    name = 'refuse-all'\n\n"
+        "    def preread(self, session):\n"
+        "        return 403\n")
+    p.reload(routed_to(port, up.port) + "plugin_modules: [refuse_all]\nplugins: [{name: refuse-all}]\n")
+    with connect(port) as sock:
+        assert recv_all(sock) == b""
+    assert " 403 " in p.wait_access(1)[-1]

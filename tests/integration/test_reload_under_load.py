@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 import signal
 import socket
 import threading
 import time
 
 from tests.support import (connect, expected_hash_reply, free_port, hash_handler, pattern_bytes, recv_all,
-                           wait_until)
+                           recv_line, tag_handler, wait_until)
 
 
 def hashing_service(port: int, target_port: int, workers: int) -> str:
@@ -146,3 +148,83 @@ def test_quit_lets_the_bulk_transfer_finish(proxy, upstreams):
     assert recv_all(sock) == expected_hash_reply(payload)
     sock.close()
     assert p.proc.wait(20) == 0
+
+
+def test_a_burst_of_reloads_under_long_sessions_keeps_the_worker_count_bounded(proxy, upstreams):
+    """50 HUPs in 5 s while clients keep opening sessions and holding them: reloads coalesce, at
+    most DRAINING_GENERATIONS generations drain at once (older ones are told to close their
+    sessions), the number of worker processes stays bounded, and the last configuration wins."""
+    import psutil
+
+    from pyproxy.master import DRAINING_GENERATIONS
+
+    ups = [upstreams(tag_handler, name=name) for name in ("a", "b", "last")]
+    port = free_port()
+    p = proxy(tagged_service(port, ups[0].port, workers=2))
+    versions = []
+    for i, up in enumerate(ups):                 # complete files, swapped in atomically
+        p.write_config(tagged_service(port, up.port, workers=2))
+        versions.append(p.dir / f"v{i}.conf")
+        p.conf.rename(versions[-1])
+    bound = 2 * (DRAINING_GENERATIONS + 2) + 2   # draining + current + booting, + 2 told to stop
+    held: list[socket.socket] = []
+    peak = [0]
+    stop = threading.Event()
+
+    def churn() -> None:
+        while not stop.is_set():
+            try:
+                sock = connect(port, timeout=20)
+                recv_line(sock)
+                held.append(sock)
+            except OSError:
+                pass
+            time.sleep(0.02)
+
+    def workers() -> int:
+        count = 0
+        for child in psutil.Process(p.pid).children():
+            try:
+                if child.status() != psutil.STATUS_ZOMBIE and "worker process" in child.cmdline()[0]:
+                    count += 1
+            except (psutil.NoSuchProcess, IndexError):
+                pass
+        return count
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], workers())
+            time.sleep(0.02)
+
+    threads = [threading.Thread(target=churn), threading.Thread(target=sample)]
+    for t in threads:
+        t.start()
+    try:
+        for i in range(50):
+            shutil.copyfile(versions[2 if i == 49 else i % 2], p.dir / "next.conf")
+            os.replace(p.dir / "next.conf", p.conf)
+            p.send_signal(signal.SIGHUP)
+            time.sleep(0.1)
+            if peak[0] > bound:
+                break                             # failed already: do not pile up more processes
+        assert peak[0] <= bound, f"{peak[0]} worker processes at once"
+
+        def last_wins():
+            with connect(port) as sock:
+                return recv_line(sock) == b"last\n"
+        wait_until(last_wins, timeout=20, what="the last configuration to serve")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+        for sock in held:
+            sock.close()
+    log = p.log_text()
+    assert "requests coalesced into one reload" in log
+    assert "told to close its sessions now" in log
+    assert "reload failed" not in log
+    assert peak[0] <= bound, f"{peak[0]} worker processes at once"
+
+
+def tagged_service(port: int, target_port: int, workers: int) -> str:
+    return hashing_service(port, target_port, workers).replace("name: hash", "name: tagged")
