@@ -46,8 +46,9 @@ GC_THRESHOLD = 20000          # young-generation allocations between collections
 TRIM_INTERVAL = 5.0           # seconds between checks for an idle worker's free heap to release
 
 
-def release_free_heap() -> None:
-    """glibc's malloc_trim(0): return free heap pages to the OS. A no-op elsewhere (musl, macOS)."""
+def find_malloc_trim() -> None:
+    """Look up glibc's malloc_trim once. Workers do it before dropping privileges: `user` may not
+    be able to read the interpreter's ctypes module."""
     global _malloc_trim
     if _malloc_trim is None:
         try:
@@ -55,6 +56,11 @@ def release_free_heap() -> None:
             _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
         except (OSError, AttributeError):
             _malloc_trim = False
+
+
+def release_free_heap() -> None:
+    """glibc's malloc_trim(0): return free heap pages to the OS. A no-op elsewhere (musl, macOS)."""
+    find_malloc_trim()
     if _malloc_trim:
         _malloc_trim(0)
 
@@ -131,6 +137,7 @@ class Worker:
                                                           os.path.dirname(config.path)))
         if config.status_listen is not None:
             load_library()          # before the drop: `user` may not be able to read the library
+        find_malloc_trim()          # likewise for ctypes
         drop_privileges(config.user, self.log)
         self.congestion = self._usable_congestion(config.services)
         self._install_signals()

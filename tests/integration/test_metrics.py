@@ -7,6 +7,7 @@ import os
 import pwd
 import signal
 import socket
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -15,6 +16,7 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from pyproxy.worker import TRIM_INTERVAL
 from tests.support import Proxy, connect, free_port, recv_all, recv_line, tag_handler, wait_until
 
 
@@ -292,6 +294,12 @@ def test_user_with_status_listen_counts_sessions(proxy, upstreams):
     samples = scrape(status_port)
     assert value(samples, "pyproxy_reloads_total", result="ok") == 1
     assert "could not start" not in p.log_text()
+    # An idle worker gives its free heap back TRIM_INTERVAL after its sessions ended, through
+    # ctypes, which `nobody` cannot import from a private interpreter: it must be loaded before.
+    with connect(port) as sock:                          # a session in the new generation
+        assert recv_line(sock) == b"up\n"
+    time.sleep(TRIM_INTERVAL + 1.5)
+    assert "internal error" not in p.log_text()
 
 
 # -- the metrics folder of a master killed with SIGKILL (issue 15) --------------------------------
