@@ -215,6 +215,18 @@ def parse_proxy_header(data: bytes | bytearray | memoryview, max_size: int = DEF
     return header
 
 
+def proxy_header_need(data: bytes | bytearray | memoryview) -> int:
+    """How many bytes must be there before ``parse_proxy_header`` can say more than it did about
+    ``data`` (for which it returned None): a v2 header announces its length in its first 16 bytes,
+    so it is worth parsing again only once all of it arrived; a v1 line ends at its CRLF, at most
+    107 bytes in. A header sent a byte at a time so costs at most ~110 looks, not one per byte of
+    a 4 KiB v2 header."""
+    size = len(data)
+    if size >= V2_HEADER_LENGTH and data[0] == V2_SIGNATURE[0]:
+        return V2_HEADER_LENGTH + (data[14] << 8 | data[15])
+    return size + 1
+
+
 def parse_ssl_tlv(value: bytes) -> SslTlv:
     """Decode a PP2_TYPE_SSL value; :class:`ProxyProtocolError` if it is malformed."""
     if len(value) < SSL_TLV_FIXED_LENGTH:

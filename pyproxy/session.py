@@ -25,7 +25,9 @@ from pyproxy.config.model import (STATUS_BAD_GATEWAY, STATUS_BAD_REQUEST, STATUS
                                   STATUS_NO_ROUTE, STATUS_OK, Listen)
 from pyproxy.forward import DONE, DST_ERROR, LOCAL_ERROR, MORE, SCRATCH_SIZE, SRC_ERROR, BufferPump
 from pyproxy.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, STREAM_EVENTS
-from pyproxy.proxy_protocol import ProxyProtocolError, build_v1, build_v2, parse_proxy_header
+from pyproxy.proxy_protocol import DEFAULT_MAX_SIZE as PROXY_HEADER_MAX_SIZE
+from pyproxy.proxy_protocol import (ProxyProtocolError, build_v1, build_v2, parse_proxy_header,
+                                    proxy_header_need)
 from pyproxy.tls.clienthello import ClientHelloError, ClientHelloReader, parse_client_hello
 from pyproxy.tls.stream import TLSStream
 
@@ -49,16 +51,15 @@ _INT_BYTES = bytes(4)
 
 LINGER_TIMEOUT = 2.0        # how long a refused client may keep sending after our FIN
 LINGER_READS = 16           # reads per event while lingering; the rest waits for the next edge
-PROXY_HEADER_MAX = 4096 + 16                 # the PROXY v2 header with generous TLVs
 SEND_PROXY_HEADER = {"v1": build_v1, "v2": build_v2}
 
 # Phases
 PROXY_HEADER, PREREAD, HANDSHAKE, ROUTING, CONNECTING, UPSTREAM_HANDSHAKE, FORWARDING, CLOSED = range(8)
 
 
-def _one_more_byte(session: "Session", data: bytes) -> int:
-    """A PROXY header is at most a few hundred bytes: peek again once anything more arrived."""
-    return len(data) + 1
+def _proxy_header_need(session: "Session", data: bytes) -> int:
+    """When the PROXY header can have grown enough to parse again (see proxy_header_need)."""
+    return proxy_header_need(data)
 
 
 def _hello_need(session: "Session", data: bytes) -> int:
@@ -202,8 +203,8 @@ class Session:
     def read_proxy_header(self, ended: bool = False) -> None:
         """Read the PROXY v1/v2 header a load balancer in front sends first, consuming exactly its
         bytes; from then on the address it announces is the client's, for routing and logs."""
-        header = self._peek_parse(parse_proxy_header, ProxyProtocolError, PROXY_HEADER_MAX,
-                                  _one_more_byte, "PROXY protocol header",
+        header = self._peek_parse(parse_proxy_header, ProxyProtocolError, PROXY_HEADER_MAX_SIZE,
+                                  _proxy_header_need, "PROXY protocol header",
                                   "broken PROXY protocol header", ended)
         if header is None:
             return

@@ -22,6 +22,7 @@ from pyproxy.proxy_protocol import (
     PP2_TYPE_NOOP,
     PP2_TYPE_SSL,
     PP2_TYPE_UNIQUE_ID,
+    V2_HEADER_LENGTH,
     V2_SIGNATURE,
     ProxyHeader,
     ProxyProtocolError,
@@ -29,6 +30,7 @@ from pyproxy.proxy_protocol import (
     build_v2,
     crc32c,
     parse_proxy_header,
+    proxy_header_need,
     parse_ssl_tlv,
 )
 
@@ -161,6 +163,30 @@ def test_fed_one_byte_at_a_time(captured, container):
             assert result is None
         else:
             assert_matches(result, captured.expected)
+
+
+@pytest.mark.parametrize("captured", CAPTURED, ids=repr)
+def test_looks_that_follow_need_find_the_header_in_few_steps(captured):
+    """A reader that parses again only once proxy_header_need bytes are there never skips the
+    header's end and looks at most ~110 times (v1) or twice past the fixed part (v2), however
+    long the TLVs: a header sent a byte at a time is not parsed once per byte."""
+    header, looks, have = captured.header, 0, 1
+    while True:
+        looks += 1
+        result = parse_proxy_header(header[:have])
+        if result is not None:
+            break
+        need = proxy_header_need(header[:have])
+        assert have < need <= len(header)
+        have = need
+    assert result.length == len(header)
+    assert looks <= (V2_HEADER_LENGTH + 1 if header.startswith(V2_SIGNATURE) else 108)
+
+
+def test_a_long_v2_header_is_parsed_twice_not_once_per_byte():
+    header = build_v2(("10.0.0.1", 1000), ("10.0.0.2", 2000), [(PP2_TYPE_NOOP, bytes(4000))])
+    assert len(header) > 4000
+    assert proxy_header_need(header[:V2_HEADER_LENGTH]) == len(header)
 
 
 @pytest.mark.parametrize("captured", CAPTURED, ids=repr)
