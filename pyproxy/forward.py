@@ -380,9 +380,3 @@ class BufferPump:
         pump.sent = self.sent
         pump.last_io = self.last_io
         return pump
-
-
-def reset_errno(err: int) -> bool:
-    """True for the errors that mean the peer reset or vanished (as opposed to a bug of ours)."""
-    return err in (errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT, errno.EHOSTUNREACH,
-                   errno.ENETUNREACH, errno.ECONNABORTED, errno.ENOTCONN)

@@ -85,9 +85,6 @@ class Loop:
         """Give a registered fd's events to another handler: same registration, no syscall."""
         self.handlers[fd] = handler
 
-    def modify(self, fd: int, events: int) -> None:
-        self.epoll.modify(fd, events)
-
     def remove(self, fd: int) -> None:
         """Stop watching fd, which stays open (a listening socket that another process keeps)."""
         if self.handlers.pop(fd, None) is not None:

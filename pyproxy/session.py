@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Optional
 
 from pyproxy.config.model import (STATUS_BAD_GATEWAY, STATUS_BAD_REQUEST, STATUS_INTERNAL,
                                   STATUS_NO_ROUTE, STATUS_OK, Listen)
-from pyproxy.forward import DONE, DST_ERROR, LOCAL_ERROR, MORE, SCRATCH_SIZE, SRC_ERROR, BufferPump
+from pyproxy.forward import DONE, LOCAL_ERROR, MORE, SCRATCH_SIZE, SRC_ERROR, BufferPump
 from pyproxy.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, STREAM_EVENTS
 from pyproxy.proxy_protocol import DEFAULT_MAX_SIZE as PROXY_HEADER_MAX_SIZE
 from pyproxy.proxy_protocol import (ProxyProtocolError, build_v1, build_v2, parse_proxy_header,

@@ -16,7 +16,6 @@ import pwd
 import signal
 import socket
 import time
-from typing import Iterable
 
 from setproctitle import setproctitle
 
@@ -401,17 +400,6 @@ class Worker:
             self.stop_now()
             return
         self.loop.call_later(1.0, self.heartbeat)
-
-
-def close_inherited(keep: Iterable[int], close: Iterable[int]) -> None:
-    """In a fresh child: close the fds of the master that this worker must not hold."""
-    keep = set(keep)
-    for fd in close:
-        if fd not in keep:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
 
 
 def worker_main(worker: Worker, ready_fd: int) -> None:

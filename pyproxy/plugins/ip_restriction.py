@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import ipaddress
 
+from pyproxy.config.model import STATUS_FORBIDDEN
 from pyproxy.plugins import Plugin, register, unknown_keys
-
-FORBIDDEN = 403
 
 
 def _networks(items) -> list:
@@ -65,4 +64,4 @@ class IpRestriction(Plugin):
             return None
         self.context.log("info", f"ip-restriction: client {session.client_addr[0]} is not allowed; "
                                  f"{session.describe()}")
-        return FORBIDDEN
+        return STATUS_FORBIDDEN

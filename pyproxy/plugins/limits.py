@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import math
 
+from pyproxy.config.model import STATUS_OVER_LIMIT
 from pyproxy.plugins import Plugin, register, unknown_keys
 from pyproxy.shared import slot_of
 
-OVER_LIMIT = 503
 PER = ("ip", "route", "service")
 
 
@@ -71,7 +71,7 @@ class LimitConn(Plugin):
             self.counts.add(slot, -1)
             self.context.log("info", f"limit-conn: {self.limit} open session(s) per {self.per} reached for "
                                  f"{key}; {session.describe()}")
-            return OVER_LIMIT
+            return STATUS_OVER_LIMIT
         session.annotate(self.name, slot)
         return None
 
@@ -110,4 +110,4 @@ class RateLimit(Plugin):
             return None
         self.context.log("info", f"rate-limit: more than {self.rate:g} new session(s)/s (burst {self.burst}) "
                              f"per {self.per} for {key}; {session.describe()}")
-        return OVER_LIMIT
+        return STATUS_OVER_LIMIT
