@@ -27,11 +27,9 @@ import socket
 from collections.abc import Callable, Collection
 from typing import Optional
 
-from pyproxy.config.model import Config, PassiveHealthcheck
+from pyproxy.config.model import ALGORITHMS, Config, PassiveHealthcheck
 
-__all__ = ["Peer", "Balancer", "build_balancers", "peer_name", "stable_hash", "ALGORITHMS"]
-
-ALGORITHMS = ("round-robin", "least-connections", "consistent-hashing")
+__all__ = ["Peer", "Balancer", "build_balancers", "peer_name", "stable_hash"]
 
 # Ring points per 100 units of weight (Ketama uses 160 per server of weight 1; nginx's `hash ...
 # consistent` uses 160 * weight). Enough for an even spread over a handful of targets.
