@@ -67,9 +67,8 @@ class ActiveChecker:
         if probe.sock is not None or self.stopped:
             return
         addr = probe.peer.addr
-        family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
         try:
-            sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+            sock = socket.socket(probe.peer.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         except OSError:
             self._schedule(probe)            # out of fds: this worker has bigger problems; try later
             return

@@ -23,10 +23,10 @@ from __future__ import annotations
 import bisect
 import hashlib
 import math
-import socket
 from collections.abc import Callable, Collection
 from typing import Optional
 
+from pyproxy.addresses import family_of, host_port
 from pyproxy.config.model import ALGORITHMS, Config, PassiveHealthcheck
 
 __all__ = ["Peer", "Balancer", "build_balancers", "peer_name", "stable_hash"]
@@ -50,8 +50,7 @@ def stable_hash(data: str) -> int:
 
 def peer_name(addr: tuple[str, int]) -> str:
     """How an address is written in logs and `$upstream_addr`: `127.0.0.1:1025` or `[::1]:1025`."""
-    host, port = addr[0], addr[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return host_port(addr[0], addr[1])
 
 
 def _seconds(value: float) -> str:
@@ -66,7 +65,7 @@ class Peer:
 
     def __init__(self, addr: tuple[str, int], weight: int = 100, name: Optional[str] = None):
         self.addr = (addr[0], addr[1])
-        self.family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
+        self.family = family_of(addr[0])
         self.name = name if name is not None else peer_name(addr)
         self.weight = weight
         self.current_weight = 0           # smooth weighted round robin's running score
@@ -324,6 +323,5 @@ def build_balancers(config: Config, log: Optional[LogFn] = None) -> dict[str, Ba
             balancers[service.name] = by_upstream[service.upstream]
         else:
             peers = [Peer(addr, 100) for addr in service.addresses]
-            host = f"[{service.host}]" if ":" in service.host else service.host
-            balancers[service.name] = Balancer(f"{host}:{service.port}", peers, log=log)
+            balancers[service.name] = Balancer(host_port(service.host, service.port), peers, log=log)
     return balancers

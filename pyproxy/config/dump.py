@@ -13,9 +13,11 @@ from typing import Optional
 
 import yaml
 
+from pyproxy.addresses import host_port
+
 from .model import (
     ActiveHealthcheck, AddressMatch, CertKey, Certificate, Config, Listen, PassiveHealthcheck, Plugin, Route,
-    Service, SSLSettings, Target, Upstream, host_port,
+    Service, SSLSettings, Target, Upstream,
 )
 from .values import format_duration
 

@@ -10,6 +10,8 @@ import socket
 from dataclasses import dataclass, replace
 from typing import Iterable, Optional
 
+from pyproxy.addresses import is_ip_address
+
 from .errors import Invalid, describe, key_path
 from .loader import YamlList, YamlMap
 from .model import (
@@ -19,7 +21,7 @@ from .model import (
 from .sections import Place, Report, Section
 from .tlsfiles import check_ca_file
 from .values import (
-    did_you_mean, in_folder, integer, is_hostname, is_ip_address, one_of, parse_bool, parse_duration,
+    did_you_mean, in_folder, integer, is_hostname, one_of, parse_bool, parse_duration,
     parse_host, parse_host_port, parse_name, parse_network, parse_port, parse_sni, parse_text,
     positive_duration, usable_congestion_control,
 )

@@ -10,6 +10,8 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
+from pyproxy.addresses import family_of, host_port
+
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 # nginx's stream status codes, used in the access log and metrics.
@@ -30,11 +32,6 @@ ROUTE_PROTOCOLS = ("tcp", "tls", "tls_passthrough")
 ALGORITHMS = ("round-robin", "least-connections", "consistent-hashing")
 
 
-def host_port(host: str, port: int) -> str:
-    """`host:port` as the file writes it: an IPv6 address goes in brackets (`[::1]:9000`)."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 @dataclass(frozen=True)
 class Listen:
     """One `stream_listen` entry: `address:port [ssl] [proxy_protocol] [backlog=N]`."""
@@ -49,8 +46,7 @@ class Listen:
 
     @property
     def family(self) -> int:
-        import socket
-        return socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        return family_of(self.host)
 
     @property
     def key(self) -> tuple[str, int]:

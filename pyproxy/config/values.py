@@ -13,6 +13,8 @@ import re
 import socket
 from typing import Callable, Iterable, Optional
 
+from pyproxy.addresses import is_ip_address
+
 from .errors import Invalid, describe
 from .model import IPNetwork
 
@@ -138,15 +140,6 @@ def _listen_ip(host: str, version: int) -> str:
     if address.version != version:
         raise Invalid(f"expected an IPv{version} address to listen on, got {describe(host)}")
     return str(address)
-
-
-def is_ip_address(text: str) -> bool:
-    """True for a literal IPv4 or IPv6 address (no DNS needed)."""
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 def is_hostname(text: str) -> bool:

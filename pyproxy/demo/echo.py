@@ -16,6 +16,8 @@ import socket
 import socketserver
 import threading
 
+from pyproxy.addresses import family_of
+
 
 def greeting(name: str, ip: str) -> bytes:
     return (f"Welcome, you are connected to node {socket.gethostname()}.\n"
@@ -49,7 +51,7 @@ class EchoServer:
     """A threaded echo server on (host, port); `start()` returns once it is listening."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 1025, name: str | None = None):
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        family = family_of(host)
         server_class = type("_Server", (_Server,), {"address_family": family})
         self.server = server_class((host, port), _Handler)
         self.server.name = name or f"echo-{port}"

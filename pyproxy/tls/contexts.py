@@ -9,10 +9,10 @@ Certificate wildcards follow RFC 6125: `*.example.com` covers one label (`a.exam
 
 from __future__ import annotations
 
-import ipaddress
 import ssl
 from typing import Optional
 
+from pyproxy.addresses import is_ip_address
 from pyproxy.config.model import Config, Service, SSLSettings
 from pyproxy.loop import Loop
 from pyproxy.tls.stream import TLSStream
@@ -98,14 +98,6 @@ class ServerTLS:
         return TLSStream(sock, self.context, True, scratch, loop=loop)
 
 
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
 class UpstreamTLS:
     """The client context of one `protocol: tls` service and the name it sends as SNI."""
 
@@ -117,7 +109,7 @@ class UpstreamTLS:
         self.chain_only = self._context(service, check_hostname=False) if self.verify else self.context
         if service.tls_server_name:
             self.server_name: Optional[str] = service.tls_server_name
-        elif service.upstream is None and not _is_ip(service.host):
+        elif service.upstream is None and not is_ip_address(service.host):
             self.server_name = service.host
         else:
             self.server_name = None
