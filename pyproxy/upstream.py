@@ -146,13 +146,17 @@ class Balancer:
             return self._pick_least_conns(now, tried, healthy_only)
         return self._pick_round_robin(now, tried, healthy_only)
 
-    def _pick_round_robin(self, now: float, tried: Collection[Peer], healthy_only: bool) -> Optional[Peer]:
+    def _pick_round_robin(self, now: float, tried: Collection[Peer], healthy_only: bool,
+                          tie: Optional[Peer] = None) -> Optional[Peer]:
         # nginx's ngx_stream_upstream_get_peer: every eligible peer gains its effective weight, the
         # highest score wins and pays back the total. Picks interleave smoothly (a b a, not a a b).
+        # With `tie`, only the peers as loaded as it (the same conns/weight) are eligible.
         best = None
         total = 0
         for peer in self.peers:
             if peer.weight <= 0 or (tried and peer in tried) or (healthy_only and now < peer.down_until):
+                continue
+            if tie is not None and peer.conns * tie.weight != tie.conns * peer.weight:
                 continue
             peer.current_weight += peer.effective_weight
             total += peer.effective_weight
@@ -179,21 +183,7 @@ class Balancer:
                 many = True
         if best is None or not many:
             return best
-        conns, weight = best.conns, best.weight
-        chosen = None
-        total = 0
-        for peer in self.peers:
-            if (peer.weight <= 0 or peer.conns * weight != conns * peer.weight
-                    or (tried and peer in tried) or (healthy_only and now < peer.down_until)):
-                continue
-            peer.current_weight += peer.effective_weight
-            total += peer.effective_weight
-            if peer.effective_weight < peer.weight:
-                peer.effective_weight += 1
-            if chosen is None or peer.current_weight > chosen.current_weight:
-                chosen = peer
-        chosen.current_weight -= total
-        return chosen
+        return self._pick_round_robin(now, tried, healthy_only, tie=best)
 
     def _pick_hash(self, now: float, key: str, tried: Collection[Peer], healthy_only: bool) -> Optional[Peer]:
         # Walk clockwise from the key's point to the first usable peer: a peer that is down or already
