@@ -171,6 +171,14 @@ class Session:
         where = f"client: {self.client_addr[0]}:{self.client_addr[1]}, server: {self.listen}"
         return f"{where}, sni: {self.sni}" if self.sni else where
 
+    def log(self, level: str, message: str) -> None:
+        """A line about this session in the error log, ending with where it happened (`describe`),
+        like nginx's `..., client: ..., server: ...`. The place is only written out for a line
+        that the log level lets through."""
+        log = self.worker.log
+        if log.enabled(level):
+            log.log(level, f"{message}; {self.describe()}")
+
     def _hung_up(self, side: int, sock, pump) -> None:
         """epoll reported a FIN (or an error) on one side: once only (edge-triggered), perhaps in a
         phase that reads nothing. Remembered, so that this side is read until EOF instead of
@@ -273,7 +281,7 @@ class Session:
         return parsed
 
     def _bad_preread(self, reason: str) -> None:
-        self.worker.log.info(f"{reason}; {self.describe()}")
+        self.log("info", reason)
         self._refuse(STATUS_BAD_REQUEST)
 
     def _refuse(self, status: int) -> None:
@@ -325,7 +333,7 @@ class Session:
         self.access_phase()
 
     def _no_route(self) -> None:
-        self.worker.log.info(f"no route matched, closing; {self.describe()}")
+        self.log("info", "no route matched, closing")
         self._refuse(STATUS_NO_ROUTE)
 
     # -- TLS termination ------------------------------------------------------------------
@@ -337,7 +345,7 @@ class Session:
             # Same fd: the registration stays.
             self.client = self.worker.server_tls.wrap(self.client, self.worker.scratch, self.loop)
         except (OSError, ValueError) as exc:
-            self.worker.log.error(f"cannot start TLS ({exc}); {self.describe()}")
+            self.log("error", f"cannot start TLS ({exc})")
             self.close(STATUS_INTERNAL)
             return
         self._phase_deadline(self.worker.config.ssl.handshake_timeout)
@@ -348,7 +356,7 @@ class Session:
             if not self.client.handshake():
                 return
         except (ssl.SSLError, OSError) as exc:
-            self.worker.log.info(f"SSL handshake with the client failed ({_ssl_reason(exc)}); {self.describe()}")
+            self.log("info", f"SSL handshake with the client failed ({_ssl_reason(exc)})")
             if self.worker.metrics is not None:
                 self.worker.metrics.handshake(ok=False)
             self.close(STATUS_BAD_REQUEST)
@@ -411,8 +419,8 @@ class Session:
             sock = _socket.socket(peer.family, UPSTREAM_SOCKET_TYPE)
         except OSError as exc:
             # EMFILE/ENFILE/ENOBUFS: this worker is out of resources, not the upstream's fault.
-            self.worker.log.error(f"socket() failed ({exc.errno}: {exc.strerror}) while connecting to "
-                                  f"upstream {peer.name}; {self.describe()}")
+            self.log("error", f"socket() failed ({exc.errno}: {exc.strerror}) while connecting to "
+                              f"upstream {peer.name}")
             self._refuse(STATUS_INTERNAL)
             return
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -433,8 +441,7 @@ class Session:
 
     def _give_up(self) -> None:
         tried = ", ".join(p.name for p in self.tried) or "none"
-        self.worker.log.error(f'no upstream could be reached for service "{self.service.name}" '
-                              f"(tried: {tried}); {self.describe()}")
+        self.log("error", f'no upstream could be reached for service "{self.service.name}" (tried: {tried})')
         self._refuse(STATUS_BAD_GATEWAY)
 
     def _drop_upstream(self) -> None:
@@ -447,7 +454,7 @@ class Session:
     def _connect_failed(self, peer: "Peer", reason: str, timed_out: bool) -> None:
         self._drop_upstream()
         self.balancer.failed(peer, self.loop.now, timed_out)
-        self.worker.log.error(f"connect() to {peer.name} {reason} while connecting to upstream; {self.describe()}")
+        self.log("error", f"connect() to {peer.name} {reason} while connecting to upstream")
         self.try_next_peer()
 
     def on_upstream_event(self, mask: int) -> None:
@@ -583,8 +590,7 @@ class Session:
         still held bytes for either side, they are lost: 502, and the reset is passed on."""
         err = pump.error
         if result == LOCAL_ERROR:
-            self.worker.log.error(f"cannot get a pipe ({err}: {os.strerror(err)}) while proxying; "
-                                  f"{self.describe()}")
+            self.log("error", f"cannot get a pipe ({err}: {os.strerror(err)}) while proxying")
             self.close(STATUS_INTERNAL)
             return
         client_side = (result == SRC_ERROR) == client_is_source
@@ -593,17 +599,16 @@ class Session:
         if client_side and type(self.client) is TLSStream and self.client.renegotiation_refused:
             # nginx logs "SSL renegotiation disabled" and drops the connection; the client has its
             # no_renegotiation alert (TLSStream._answer_peer). A protocol violation: 400.
-            self.worker.log.notice(f"client tried to renegotiate TLS, which is disabled, closing; {self.describe()}")
+            self.log("notice", "client tried to renegotiate TLS, which is disabled, closing")
             status = STATUS_BAD_REQUEST
         elif not client_side and self._upstream_done():
-            self.worker.log.info(f"upstream {what} after all data was delivered, closing; {self.describe()}")
+            self.log("info", f"upstream {what} after all data was delivered, closing")
             if type(self.client) is TLSStream:
                 self.client.close_notify()
             self._refuse(STATUS_OK)
             return
         else:
-            self.worker.log.info(f"{'client' if client_side else 'upstream'} {what} while proxying; "
-                                 f"{self.describe()}")
+            self.log("info", f"{'client' if client_side else 'upstream'} {what} while proxying")
         other = self.upstream if client_side else self.client
         if other is not None:
             _send_reset(other)
@@ -653,8 +658,7 @@ class Session:
             self._bad_preread(f"no complete ClientHello within {self.worker.config.ssl.preread_timeout:g}s "
                               f"(ssl.preread_timeout)")
         elif phase == HANDSHAKE:
-            self.worker.log.info(f"SSL handshake timed out after {self.worker.config.ssl.handshake_timeout:g}s; "
-                                 f"{self.describe()}")
+            self.log("info", f"SSL handshake timed out after {self.worker.config.ssl.handshake_timeout:g}s")
             self.close(STATUS_BAD_REQUEST)
         elif phase in (CONNECTING, UPSTREAM_HANDSHAKE):
             self._connect_failed(self.tried[-1], f"timed out after {self.service.connect_timeout:g}s "
@@ -674,8 +678,7 @@ class Session:
         service = self.service
         idle_deadline = max(self.c2u.last_io, self.u2c.last_io) + service.read_timeout
         if idle_deadline <= now:
-            self.worker.log.info(f"session idle for {service.read_timeout:g}s (read_timeout), closing; "
-                                 f"{self.describe()}")
+            self.log("info", f"session idle for {service.read_timeout:g}s (read_timeout), closing")
             self.close(STATUS_OK)
             return
         deadline = min(idle_deadline, now + service.write_timeout)
@@ -683,8 +686,8 @@ class Session:
             if pump.blocked_at and pump.pending:
                 write_deadline = pump.blocked_at + service.write_timeout
                 if write_deadline <= now:
-                    self.worker.log.info(f"write timed out after {service.write_timeout:g}s "
-                                         f"(write_timeout) while proxying; {self.describe()}")
+                    self.log("info", f"write timed out after {service.write_timeout:g}s "
+                                     f"(write_timeout) while proxying")
                     self.close(STATUS_OK)
                     return
                 deadline = min(deadline, write_deadline)

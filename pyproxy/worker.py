@@ -279,7 +279,7 @@ class Worker:
             self.serial += 1
             session = Session(self, listen, conn, addr, self.serial)
             if len(self.sessions) >= limit:
-                self.log.warn(f"{limit} worker_connections are not enough, refusing; {session.describe()}")
+                session.log("warn", f"{limit} worker_connections are not enough, refusing")
                 session.close(STATUS_OVER_LIMIT)
                 return
             self.sessions.add(session)

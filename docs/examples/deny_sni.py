@@ -44,7 +44,7 @@ class DenySni(Plugin):
         if sni and (sni in self.exact or sni.endswith(self.suffixes)):
             self.refused += 1
             session.annotate(self.name, sni)                # seen again in log()
-            self.context.log("info", f"deny-sni: refusing {sni}; {session.describe()}")
+            session.log("info", f"deny-sni: refusing {sni}")     # "...; client: ..., server: ..."
             return self.status
         return None
 

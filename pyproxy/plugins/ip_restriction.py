@@ -62,6 +62,5 @@ class IpRestriction(Plugin):
     def preread(self, session):
         if self.allowed(session.client_addr[0]):
             return None
-        self.context.log("info", f"ip-restriction: client {session.client_addr[0]} is not allowed; "
-                                 f"{session.describe()}")
+        session.log("info", f"ip-restriction: client {session.client_addr[0]} is not allowed")
         return STATUS_FORBIDDEN

@@ -69,8 +69,7 @@ class LimitConn(Plugin):
         self.counts.add(slot, 1)
         if self.counts.total(slot) > self.limit:
             self.counts.add(slot, -1)
-            self.context.log("info", f"limit-conn: {self.limit} open session(s) per {self.per} reached for "
-                                 f"{key}; {session.describe()}")
+            session.log("info", f"limit-conn: {self.limit} open session(s) per {self.per} reached for {key}")
             return STATUS_OVER_LIMIT
         session.annotate(self.name, slot)
         return None
@@ -108,6 +107,6 @@ class RateLimit(Plugin):
             return None
         if verdict:
             return None
-        self.context.log("info", f"rate-limit: more than {self.rate:g} new session(s)/s (burst {self.burst}) "
-                             f"per {self.per} for {key}; {session.describe()}")
+        session.log("info", f"rate-limit: more than {self.rate:g} new session(s)/s (burst {self.burst}) "
+                            f"per {self.per} for {key}")
         return STATUS_OVER_LIMIT
