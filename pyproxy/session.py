@@ -376,7 +376,7 @@ class Session:
     def access_phase(self) -> None:
         """The route's plugins, highest priority first; the first that answers a status refuses."""
         for plugin in self.worker.plugins.for_route(self.route):
-            status = plugin.preread(self)
+            status = plugin.access(self)
             if status:
                 self._refuse(status)
                 return

@@ -1,4 +1,4 @@
-"""Plugins: code that runs in a session's preread phase and log phase, like Kong's stream plugins.
+"""Plugins: code that runs in a session's access phase and log phase, like Kong's stream plugins.
 
 A plugin is a small class registered under its `name`:
 
@@ -11,7 +11,7 @@ A plugin is a small class registered under its `name`:
         def check(cls, config):             # at load and `pyproxy -t`: [(key, problem), ...]
             return [] if isinstance(config.get("word", ""), str) else [("word", "expected a string")]
 
-        def preread(self, session):         # after routing, before the upstream is chosen:
+        def access(self, session):          # after routing, before the upstream is chosen:
             return None                     # None lets the session go on; a status (403, 503) refuses it
 
         def log(self, session):             # when the session has ended (every session the chain saw)
@@ -25,6 +25,7 @@ See docs/plugins.md for the whole guide.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -47,8 +48,26 @@ class Plugin:
         self.config = config
         self.context = context
 
-    def preread(self, session) -> Optional[int]:
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Keep plugins written for the hook's first name working. It was `preread`, although it
+        runs in nginx's access phase (after routing and, for TLS, after the handshake), not in the
+        preread phase that reads the ClientHello. Whichever name a class defines, the other is the
+        same function, so the session calls `access` and `super().preread(...)` still reaches a
+        parent's `access`. Settled when the class is made: nothing is added per session."""
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__
+        if "preread" in own and "access" not in own:
+            warnings.warn(f"plugin class {cls.__qualname__}: preread() is deprecated, name it access()",
+                          DeprecationWarning, stacklevel=2)
+            cls.access = own["preread"]     # type: ignore[method-assign]  # the deprecated alias
+        elif "access" in own and "preread" not in own:
+            cls.preread = own["access"]     # type: ignore[method-assign]  # the deprecated alias
+
+    def access(self, session) -> Optional[int]:
+        """The access phase, after routing: None lets the session go on, a status refuses it."""
         return None
+
+    preread = access                        # deprecated name of access (see __init_subclass__)
 
     def log(self, session) -> None:
         return None

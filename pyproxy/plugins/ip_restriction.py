@@ -59,7 +59,7 @@ class IpRestriction(Plugin):
             self.cache[address] = verdict
         return verdict
 
-    def preread(self, session):
+    def access(self, session):
         if self.allowed(session.client_addr[0]):
             return None
         session.log("info", f"ip-restriction: client {session.client_addr[0]} is not allowed")

@@ -61,7 +61,7 @@ class LimitConn(Plugin):
         self.per = config.get("per", "ip")
         self.counts = context.shared.conns
 
-    def preread(self, session):
+    def access(self, session):
         key = _key(self.per, session)
         slot = slot_of(f"limit-conn|{self.scope}|{key}")
         # Count first, then look: two workers admitting at the same instant both see both counts,
@@ -99,7 +99,7 @@ class RateLimit(Plugin):
         self.per = config.get("per", "ip")
         self.table = context.shared.rates
 
-    def preread(self, session):
+    def access(self, session):
         key = _key(self.per, session)
         verdict = self.table.admit(slot_of(f"rate-limit|{self.scope}|{key}"), self.rate, self.burst)
         if verdict is None:
