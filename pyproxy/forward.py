@@ -3,9 +3,12 @@
 
 A pump is told readiness by the session (edge-triggered epoll: `readable`/`writable` stay True until
 a syscall answers EAGAIN, or a plain recv comes back short) and moves bytes until its source is dry,
-its destination is full, or its budget for this tick is spent. Like nginx's
-`ngx_stream_proxy_process`, one function serves both directions; the session owns two pumps with
-source and destination swapped.
+its destination is full, or its budget for this tick is spent. As in nginx's
+`ngx_stream_proxy_process`, the direction is not a code path: the session owns two pumps of the same
+class with source and destination swapped, where nginx passes a `from_upstream` flag. What differs
+is how bytes move, so there are two pump classes, each serving both directions: `BufferPump`
+(recv/send through the worker's scratch buffer; any side may be TLS) and `SplicePump` (plain to
+plain, zero copy), to which a BufferPump hands its direction over once it carries bulk.
 
 Pipes are borrowed from the worker's pool only while bytes are in flight, so an idle session holds
 no pipe at all: two sockets, two fds. A pipe holds at most `PipePool.size` bytes, which bounds what a
