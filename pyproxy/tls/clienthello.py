@@ -447,12 +447,7 @@ def _parse_body(message: bytes, data, length: int) -> ClientHello:
 
 def _parse_server_name(message: bytes, pos: int, end: int) -> str:
     """RFC 6066 §3 server_name: exactly one host_name entry, returned lower-cased."""
-    list_length = _read_u16(message, pos, end, "server_name list length")
-    pos += 2
-    if pos + list_length != end:
-        raise ClientHelloError(f"server_name list length {list_length} does not match the extension ({end - pos} bytes)")
-    if list_length == 0:
-        raise ClientHelloError("server_name list is empty")
+    pos = _list_start(message, pos, end, "server_name")
     host = None
     while pos < end:
         if end - pos < 3:
@@ -487,12 +482,7 @@ def _parse_server_name(message: bytes, pos: int, end: int) -> str:
 
 def _parse_alpn(message: bytes, pos: int, end: int) -> tuple[str, ...]:
     """RFC 7301 §3.1 protocol_name_list: non-empty list of non-empty names."""
-    list_length = _read_u16(message, pos, end, "ALPN list length")
-    pos += 2
-    if pos + list_length != end:
-        raise ClientHelloError(f"ALPN list length {list_length} does not match the extension ({end - pos} bytes)")
-    if list_length == 0:
-        raise ClientHelloError("ALPN list is empty")
+    pos = _list_start(message, pos, end, "ALPN")
     names = []
     while pos < end:
         name_length = message[pos]
@@ -522,6 +512,20 @@ def _parse_supported_versions(message: bytes, pos: int, end: int) -> tuple[int, 
         raise ClientHelloError(f"supported_versions list length {list_length} is not a positive even number")
     values = struct.unpack_from(f">{list_length // 2}H", message, pos)
     return tuple([v for v in values if v not in _GREASE])
+
+
+def _list_start(message: bytes, pos: int, end: int, what: str) -> int:
+    """Where the entries of an extension's list begin: a uint16 length, which must cover the rest of
+    the extension exactly, and at least one entry (server_name and ALPN alike)."""
+    if pos + 2 > end:
+        raise ClientHelloError(f"{what} list length truncated ({end - pos} bytes left)")
+    list_length = message[pos] << 8 | message[pos + 1]
+    pos += 2
+    if pos + list_length != end:
+        raise ClientHelloError(f"{what} list length {list_length} does not match the extension ({end - pos} bytes)")
+    if list_length == 0:
+        raise ClientHelloError(f"{what} list is empty")
+    return pos
 
 
 def _read_u16(message: bytes, pos: int, end: int, what: str) -> int:
