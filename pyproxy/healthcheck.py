@@ -17,7 +17,7 @@ import math
 import os
 import random
 import socket
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from pyproxy.config.model import ActiveHealthcheck
 from pyproxy.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, STREAM_EVENTS, Loop
@@ -32,7 +32,7 @@ class _Probe:
     def __init__(self, peer: Peer):
         self.peer = peer
         self.successes = self.failures = self.timeouts = 0
-        self.sock: Optional[socket.socket] = None
+        self.sock: socket.socket | None = None
         self.timer = None
         self.reply = b""
         self.sent = False
@@ -68,7 +68,8 @@ class ActiveChecker:
             return
         addr = probe.peer.addr
         try:
-            sock = socket.socket(probe.peer.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+            sock = socket.socket(probe.peer.family,
+                                 socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         except OSError:
             self._schedule(probe)            # out of fds: this worker has bigger problems; try later
             return

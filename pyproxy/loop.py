@@ -16,7 +16,7 @@ import itertools
 import select
 import time
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 EPOLLIN = select.EPOLLIN
 EPOLLOUT = select.EPOLLOUT
@@ -38,7 +38,7 @@ class Timer:
 
     __slots__ = ("deadline", "callback", "cancelled", "loop")
 
-    def __init__(self, deadline: float, callback: Callable[[], None], loop: "Loop"):
+    def __init__(self, deadline: float, callback: Callable[[], None], loop: Loop):
         self.deadline = deadline
         self.callback = callback
         self.cancelled = False

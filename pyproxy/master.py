@@ -24,10 +24,9 @@ from typing import NoReturn
 
 from setproctitle import setproctitle
 
-from pyproxy import __version__
+from pyproxy import __version__, metrics
 from pyproxy.config import ConfigError, load_config
 from pyproxy.config.model import Config
-from pyproxy import metrics
 from pyproxy.listeners import BindError, ListenerSet, ListenSocket, configured_listens
 from pyproxy.log import ErrorLog
 from pyproxy.shared import SharedState
@@ -436,7 +435,8 @@ class Master:
             if proc.retiring or proc.hung or self.stopping:
                 self.log.notice(f"worker process {pid} (#{proc.slot}, generation {proc.generation}) {how}")
                 continue
-            if self.reload is not None and self.reload.phase == "booting" and proc.generation == self.reload.generation:
+            if (self.reload is not None and self.reload.phase == "booting"
+                    and proc.generation == self.reload.generation):
                 self.reload_failed(f"worker process #{proc.slot} (pid {pid}) could not start ({how}); "
                                    f"see the error log above for why")
                 continue
@@ -748,7 +748,8 @@ def import_plugin_modules(config: Config) -> None:
         try:
             importlib.import_module(name)
         except Exception as exc:     # changed since the loader imported it: as a config error would
-            raise MasterError(f"cannot import plugin module {name!r}: {exc.__class__.__name__}: {exc}") from None
+            raise MasterError(f"cannot import plugin module {name!r}: {exc.__class__.__name__}: "
+                              f"{exc}") from None
 
 
 def _not_ready(procs: list[WorkerProcess]) -> str:
@@ -762,7 +763,7 @@ def _run_loader(path: str, result_fd: int, log: ErrorLog) -> NoReturn:
     code = 1
     try:
         setproctitle("pyproxy: configuration loader")
-        for sig in STOP_SIGNALS + (signal.SIGCHLD,):
+        for sig in (*STOP_SIGNALS, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)       # a stop for the group ends the loader too
         for sig in (signal.SIGHUP, signal.SIGUSR1):
             signal.signal(sig, signal.SIG_IGN)

@@ -24,7 +24,7 @@ import stat
 import tempfile
 import time
 from collections import Counter as Tally
-from typing import Callable, Optional
+from collections.abc import Callable
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 FLUSH_DELAY = 0.05
@@ -32,7 +32,7 @@ FOLDER_PREFIX = "pyproxy-metrics-"
 ARCHIVE = "archive"             # `counter_archive.db`: what processes that exited counted
 
 _metrics = None      # the prometheus objects of this process, made after the fork (see _objects)
-_folder_owner: Optional[tuple[int, int]] = None     # (uid, gid) the master gave the folder to
+_folder_owner: tuple[int, int] | None = None     # (uid, gid) the master gave the folder to
 
 
 def load_library(scrapes: bool = False) -> None:
@@ -40,10 +40,10 @@ def load_library(scrapes: bool = False) -> None:
     process drops privileges: the `user` of the configuration may be unable to read the
     interpreter's own library (a pyenv under /root, mode 700), and prometheus_client imports more
     of it (gzip, http.server, ssl…) when it is first imported, not when it is first used."""
-    import prometheus_client  # noqa: F401
+    import prometheus_client
     if scrapes:
-        import prometheus_client.core  # noqa: F401
-        import prometheus_client.mmap_dict  # noqa: F401
+        import prometheus_client.core
+        import prometheus_client.mmap_dict
         import prometheus_client.multiprocess  # noqa: F401
         import psutil  # noqa: F401
 
@@ -61,9 +61,10 @@ def _objects():
             received = Counter("pyproxy_client_received_bytes_total", "Bytes received from clients",
                                ["service"])
             sent = Counter("pyproxy_client_sent_bytes_total", "Bytes sent to clients", ["service"])
-            upstream_sent = Counter("pyproxy_upstream_sent_bytes_total", "Bytes sent to upstreams", ["service"])
-            upstream_received = Counter("pyproxy_upstream_received_bytes_total", "Bytes received from upstreams",
-                                        ["service"])
+            upstream_sent = Counter("pyproxy_upstream_sent_bytes_total", "Bytes sent to upstreams",
+                                    ["service"])
+            upstream_received = Counter("pyproxy_upstream_received_bytes_total",
+                                        "Bytes received from upstreams", ["service"])
             handshakes = Counter("pyproxy_tls_handshakes_total", "TLS handshakes with clients, by result",
                                  ["result"])
             active = Gauge("pyproxy_active_sessions", "Sessions open now", multiprocess_mode="livesum")
@@ -254,12 +255,13 @@ def render_status(master_pid: int, version: str) -> bytes:
             elif name == "pyproxy_config_generation":
                 status["generation"] = int(value)
             elif name == "pyproxy_process_resident_memory_bytes":
-                status["processes"].append({"pid": int(labels["pid"]), "role": labels["role"], "rss": int(value)})
+                status["processes"].append({"pid": int(labels["pid"]), "role": labels["role"],
+                                            "rss": int(value)})
     return (json.dumps(status, indent=2, sort_keys=True) + "\n").encode()
 
 
 # -- the folder of metric files ------------------------------------------------------------------
-def prepare_directory(user: Optional[str]) -> str:
+def prepare_directory(user: str | None) -> str:
     """In the master once it runs (its pid is final: after daemonizing), before any fork and before
     prometheus_client is imported: the folder where every process keeps its metric files, named
     after the master's pid (given to the worker user when we start as root). Folders that masters
@@ -321,7 +323,7 @@ def _abandoned(name: str, path: str) -> bool:
     return bool(pids) and not any(psutil.pid_exists(pid) for pid in pids)
 
 
-def _writer_pid(name: str) -> Optional[int]:
+def _writer_pid(name: str) -> int | None:
     """The pid in a metric file's name (`counter_1234.db`), None for anything else."""
     if not name.endswith(".db"):
         return None

@@ -15,7 +15,6 @@ depend on the client is resolved once and never evaluated per session.
 from __future__ import annotations
 
 import ipaddress
-from typing import Optional
 
 from pyproxy.config.model import AddressMatch, Listen, Route
 
@@ -43,13 +42,12 @@ def sni_rank(patterns: tuple[str, ...], sni: str) -> int:
         if pattern.startswith("*."):
             if sni.endswith(pattern[1:]) and len(sni) > len(pattern) - 1:
                 best = 1
-        elif pattern.endswith(".*"):
-            if sni.startswith(pattern[:-1]) and len(sni) > len(pattern) - 1:
-                best = 1
+        elif pattern.endswith(".*") and sni.startswith(pattern[:-1]) and len(sni) > len(pattern) - 1:
+            best = 1
     return best
 
 
-def _address_score(entries: tuple[AddressMatch, ...], ip, port: int) -> Optional[tuple[int, int]]:
+def _address_score(entries: tuple[AddressMatch, ...], ip, port: int) -> tuple[int, int] | None:
     """(prefix length, ports written) of the best entry matching ip:port, or None when none does."""
     best = None
     for entry in entries:
@@ -75,9 +73,9 @@ def _could_match_listener(route: Route, listen: Listen) -> bool:
     for entry in route.destinations:
         if entry.port is not None and entry.port != listen.port:
             continue
-        if entry.network is not None and listener_ip is not None:
-            if listener_ip.version != entry.network.version or listener_ip not in entry.network:
-                continue
+        if (entry.network is not None and listener_ip is not None
+                and (listener_ip.version != entry.network.version or listener_ip not in entry.network)):
+            continue
         return True
     return False
 
@@ -103,15 +101,15 @@ class ListenerRoutes:
             listener_ip = None if listen.wildcard else ipaddress.ip_address(listen.host)
             self.static = self._select(None, 0, listener_ip, listen.port, None)
 
-    def match(self, src_ip: str, src_port: int, dst_ip: Optional[str], dst_port: int,
-              sni: Optional[str] = None) -> Optional[Route]:
+    def match(self, src_ip: str, src_port: int, dst_ip: str | None, dst_port: int,
+              sni: str | None = None) -> Route | None:
         if self.static is not _UNRESOLVED:
             return self.static
         src = parsed_address(src_ip)
         dst = parsed_address(dst_ip) if dst_ip is not None else None
         return self._select(src, src_port, dst, dst_port, sni)
 
-    def _select(self, src, src_port, dst, dst_port, sni) -> Optional[Route]:
+    def _select(self, src, src_port, dst, dst_port, sni) -> Route | None:
         best_route, best_score = None, None
         for route in self.candidates:
             score = _route_score(route, src, src_port, dst, dst_port, sni)
@@ -120,7 +118,7 @@ class ListenerRoutes:
         return best_route
 
 
-def _route_score(route: Route, src, src_port, dst, dst_port, sni) -> Optional[tuple]:
+def _route_score(route: Route, src, src_port, dst, dst_port, sni) -> tuple | None:
     rank = 0
     if route.snis:
         if sni is None:

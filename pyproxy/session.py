@@ -19,15 +19,26 @@ import ssl
 import struct
 import sys
 import termios
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
-from pyproxy.config.model import (STATUS_BAD_GATEWAY, STATUS_BAD_REQUEST, STATUS_INTERNAL,
-                                  STATUS_NO_ROUTE, STATUS_OK, Listen)
+from pyproxy.config.model import (
+    STATUS_BAD_GATEWAY,
+    STATUS_BAD_REQUEST,
+    STATUS_INTERNAL,
+    STATUS_NO_ROUTE,
+    STATUS_OK,
+    Listen,
+)
 from pyproxy.forward import DONE, LOCAL_ERROR, MORE, SCRATCH_SIZE, SRC_ERROR, BufferPump
 from pyproxy.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, STREAM_EVENTS
 from pyproxy.proxy_protocol import DEFAULT_MAX_SIZE as PROXY_HEADER_MAX_SIZE
-from pyproxy.proxy_protocol import (ProxyProtocolError, build_v1, build_v2, parse_proxy_header,
-                                    proxy_header_need)
+from pyproxy.proxy_protocol import (
+    ProxyProtocolError,
+    build_v1,
+    build_v2,
+    parse_proxy_header,
+    proxy_header_need,
+)
 from pyproxy.tls.clienthello import ClientHelloError, ClientHelloReader, parse_client_hello
 from pyproxy.tls.stream import TLSStream
 
@@ -45,7 +56,7 @@ CLIENT_HUP = 1
 UPSTREAM_HUP = 2
 LINGER_RESET = struct.pack("ii", 1, 0)      # SO_LINGER {on, 0s}: close() sends a RST
 
-PREREAD_MAX = SCRATCH_SIZE                   # bytes of ClientHello we wait for (peeked into the scratch buffer)
+PREREAD_MAX = SCRATCH_SIZE                   # bytes of ClientHello we wait for (peeked into scratch)
 MSG_PEEK = socket.MSG_PEEK
 _INT_BYTES = bytes(4)
 
@@ -57,12 +68,12 @@ SEND_PROXY_HEADER = {"v1": build_v1, "v2": build_v2}
 PROXY_HEADER, PREREAD, HANDSHAKE, ROUTING, CONNECTING, UPSTREAM_HANDSHAKE, FORWARDING, CLOSED = range(8)
 
 
-def _proxy_header_need(session: "Session", data: bytes) -> int:
+def _proxy_header_need(session: Session, data: bytes) -> int:
     """When the PROXY header can have grown enough to parse again (see proxy_header_need)."""
     return proxy_header_need(data)
 
 
-def _hello_need(session: "Session", data: bytes) -> int:
+def _hello_need(session: Session, data: bytes) -> int:
     """How many bytes must be queued before the ClientHello can be complete (see ClientHelloReader).
     From the first look that found it incomplete on, the session keeps a reader, so each later look
     walks only the records completed since the last one and the next comes no sooner than the hello
@@ -105,36 +116,36 @@ class Session:
                  "scheduled", "serial", "protocol", "sni", "ssl_protocol", "ssl_cipher", "preread_need",
                  "hello_reader", "notes", "_local_ip", "hups")
 
-    def __init__(self, worker: "Worker", listen: Listen, client: socket.socket, client_addr, serial: int):
+    def __init__(self, worker: Worker, listen: Listen, client: socket.socket, client_addr, serial: int):
         self.worker = worker
         self.loop = worker.loop
         self.listen = listen
         self.client = client
         self.client_addr = client_addr
-        self.upstream: Optional[socket.socket] = None
+        self.upstream: socket.socket | None = None
         self.c2u = self.u2c = None         # the two pumps, made when forwarding starts
         self.phase = ROUTING
         self.route = None
         self.service = None
         self.balancer = None
-        self.tried: list["Peer"] = []
-        self.peer: Optional["Peer"] = None
+        self.tried: list[Peer] = []
+        self.peer: Peer | None = None
         self.status = STATUS_OK
         self.started = self.ended = self.loop.now
         self.connect_started = 0.0
-        self.connect_time: Optional[float] = None
+        self.connect_time: float | None = None
         self.timer = None                  # the session's one timer (see _phase_deadline)
         self.deadline = 0.0                # when the current phase before forwarding times out
         self.scheduled = False
         self.serial = serial
         self.protocol = "tls" if listen.ssl else "tcp"
-        self.sni: Optional[str] = None
-        self.ssl_protocol: Optional[str] = None
-        self.ssl_cipher: Optional[str] = None
+        self.sni: str | None = None
+        self.ssl_protocol: str | None = None
+        self.ssl_cipher: str | None = None
         self.preread_need = 1
-        self.hello_reader: Optional[ClientHelloReader] = None    # once a look found the hello incomplete
-        self.notes: Optional[dict] = None       # what plugins wrote on the session (annotate)
-        self._local_ip: Optional[str] = None
+        self.hello_reader: ClientHelloReader | None = None    # once a look found the hello incomplete
+        self.notes: dict | None = None       # what plugins wrote on the session (annotate)
+        self._local_ip: str | None = None
         self.hups = 0                           # CLIENT_HUP | UPSTREAM_HUP: a FIN or error epoll reported
 
     # -- accept ---------------------------------------------------------------------------
@@ -285,8 +296,8 @@ class Session:
         self._refuse(STATUS_BAD_REQUEST)
 
     def _refuse(self, status: int) -> None:
-        """Close a client we will not serve (or no longer can) with a FIN, not a RST: a close() with unread bytes
-        (peeked, or sent before we decided) would make the kernel reset the connection. What has
+        """Close a client we will not serve (or no longer can) with a FIN, not a RST: a close() with
+        unread bytes (peeked, or sent before we decided) would make the kernel reset the connection. What has
         arrived is read now; a plain client that has not sent its FIN yet gets ours and is then
         read until it does (LingeringClose), so bytes it sends meanwhile are not answered by a RST."""
         client = self.client
@@ -451,7 +462,7 @@ class Session:
             self.loop.forget(sock.fileno())
             sock.close()
 
-    def _connect_failed(self, peer: "Peer", reason: str, timed_out: bool) -> None:
+    def _connect_failed(self, peer: Peer, reason: str, timed_out: bool) -> None:
         self._drop_upstream()
         self.balancer.failed(peer, self.loop.now, timed_out)
         self.log("error", f"connect() to {peer.name} {reason} while connecting to upstream")
@@ -664,7 +675,8 @@ class Session:
             self._connect_failed(self.tried[-1], f"timed out after {self.service.connect_timeout:g}s "
                                                  f"(connect_timeout)", timed_out=True)
         elif phase == PROXY_HEADER:
-            self._bad_preread(f"no PROXY protocol header within {self.worker.config.proxy_protocol_timeout:g}s "
+            self._bad_preread("no PROXY protocol header within "
+                              f"{self.worker.config.proxy_protocol_timeout:g}s "
                               f"(proxy_protocol_timeout)")
 
     def _forwarding_timeouts(self) -> None:
@@ -739,7 +751,7 @@ class LingeringClose:
 
     __slots__ = ("loop", "sock", "fd", "scratch", "held", "timer")
 
-    def __init__(self, loop: "Loop", sock: socket.socket, scratch: memoryview, held: set):
+    def __init__(self, loop: Loop, sock: socket.socket, scratch: memoryview, held: set):
         self.loop = loop
         self.sock = sock
         self.fd = sock.fileno()

@@ -20,7 +20,6 @@ import os
 import signal
 import time
 import traceback
-from typing import Optional
 
 from setproctitle import setproctitle
 
@@ -36,7 +35,8 @@ FOLD_INTERVAL = 5.0           # seconds between folds of dead processes' files w
 NICENESS = 10                 # under full load a scrape waits; a session does not
 RESPAWN_DELAY = 1.0           # a status process that keeps dying is restarted after 1 s, then 2 s,
 RESPAWN_MAX_DELAY = 60.0      # 4 s… up to once a minute
-MASTER_SIGNALS = (signal.SIGHUP, signal.SIGQUIT, signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGCHLD)
+MASTER_SIGNALS = (signal.SIGHUP, signal.SIGQUIT, signal.SIGINT, signal.SIGTERM, signal.SIGUSR1,
+                  signal.SIGCHLD)
 STOP_GRACE = 5.0              # seconds to exit after SIGTERM before the master sends SIGKILL
 
 
@@ -47,11 +47,11 @@ class StatusProcess:
         self.log = log
         self.pid = 0
         self.retired: list[int] = []        # told to stop, not reaped yet
-        self.listeners: Optional[ListenerSet] = None
+        self.listeners: ListenerSet | None = None
         self.sockets: list[ListenSocket] = []
         self.settings: tuple = ()           # what the running process was started with
-        self.user: Optional[str] = None
-        self.directory: Optional[str] = None
+        self.user: str | None = None
+        self.directory: str | None = None
         self.started = 0.0
         self.delay = 0.0                    # before the next restart after a crash
         self.respawn_at = 0.0
@@ -64,7 +64,7 @@ class StatusProcess:
         try:
             self.directory = metrics.prepare_directory(config.user)
         except OSError as exc:
-            from pyproxy.master import MasterError      # not at the top: pyproxy.master imports us
+            from pyproxy.master import MasterError  # not at the top: pyproxy.master imports us
             where = f' "{exc.filename}"' if exc.filename else ""
             raise MasterError(f"cannot create the metrics folder{where}: {exc.strerror or exc}") from None
         self.follow(config, listeners)
@@ -203,7 +203,7 @@ def _kill(pid: int, sig: int) -> None:
 class StatusServer:
     """The status process: accepts on the status_listen socket and answers one request per connection."""
 
-    def __init__(self, log: ErrorLog, sockets: list[ListenSocket], master_pid: int, user: Optional[str],
+    def __init__(self, log: ErrorLog, sockets: list[ListenSocket], master_pid: int, user: str | None,
                  directory: str):
         self.log = log
         self.sockets = sockets
@@ -292,7 +292,7 @@ class StatusServer:
             session.start()
         self.backlogged = True
 
-    def session_closed(self, session: "StatusSession") -> None:
+    def session_closed(self, session: StatusSession) -> None:
         self.sessions.discard(session)
         if self.backlogged:
             self.backlogged = False
@@ -314,7 +314,8 @@ class StatusServer:
         try:
             metrics.fold_dead_files(self.directory, self._alive)
         except OSError as exc:
-            self.log.error(f'cannot fold the metric files of exited processes ("{exc.filename or self.directory}"): '
+            self.log.error('cannot fold the metric files of exited processes '
+                           f'("{exc.filename or self.directory}"): '
                            f"{exc.strerror or exc}")
 
     def _alive(self, pid: int) -> bool:
@@ -362,7 +363,7 @@ class StatusSession:
         self.loop = server.loop
         self.sock = sock
         self.request = b""
-        self.response: Optional[memoryview] = None
+        self.response: memoryview | None = None
         self.timer = self.loop.call_later(self.TIMEOUT, self.close)
 
     def start(self) -> None:
@@ -403,7 +404,8 @@ class StatusSession:
             self._respond(404, "text/plain", b"try /metrics or /status\n")
 
     def _respond(self, code: int, content_type: str, body: bytes, head_only: bool = False) -> None:
-        reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 431: "Request Header Fields Too Large"}
+        reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed",
+                  431: "Request Header Fields Too Large"}
         head = (f"HTTP/1.1 {code} {reason[code]}\r\nContent-Type: {content_type}\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
         self.response = memoryview(head + (b"" if head_only else body))

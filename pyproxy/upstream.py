@@ -24,7 +24,6 @@ import bisect
 import hashlib
 import math
 from collections.abc import Callable, Collection
-from typing import Optional
 
 from pyproxy.addresses import family_of, host_port
 from pyproxy.config.model import ALGORITHMS, Config, PassiveHealthcheck
@@ -63,7 +62,7 @@ class Peer:
     __slots__ = ("addr", "family", "name", "weight", "current_weight", "effective_weight",
                  "conns", "fails", "timeouts", "down_until")
 
-    def __init__(self, addr: tuple[str, int], weight: int = 100, name: Optional[str] = None):
+    def __init__(self, addr: tuple[str, int], weight: int = 100, name: str | None = None):
         self.addr = (addr[0], addr[1])
         self.family = family_of(addr[0])
         self.name = name if name is not None else peer_name(addr)
@@ -95,7 +94,7 @@ class Balancer:
                  "_all_down", "_ring_points", "_ring_peers")
 
     def __init__(self, name: str, peers: list[Peer], algorithm: str = "round-robin", hash_on: str = "ip",
-                 passive: PassiveHealthcheck = PassiveHealthcheck(), log: Optional[LogFn] = None):
+                 passive: PassiveHealthcheck = PassiveHealthcheck(), log: LogFn | None = None):
         if algorithm not in ALGORITHMS:
             raise ValueError(f"unknown balancing algorithm {algorithm!r}")
         for peer in peers:
@@ -118,7 +117,7 @@ class Balancer:
 
     # -- choosing -------------------------------------------------------------------------------
 
-    def pick(self, now: float, key: Optional[str] = None, tried: Collection[Peer] = ()) -> Optional[Peer]:
+    def pick(self, now: float, key: str | None = None, tried: Collection[Peer] = ()) -> Peer | None:
         """The peer for a new connection attempt, or None when every peer has been tried.
 
         `key` is the client IP or SNI for consistent hashing (None falls back to round robin for this
@@ -139,7 +138,7 @@ class Balancer:
             self._say("warn", f'upstream "{self.name}": all targets are unhealthy, trying them anyway')
         return peer
 
-    def _choose(self, now: float, key: Optional[str], tried: Collection[Peer], healthy_only: bool):
+    def _choose(self, now: float, key: str | None, tried: Collection[Peer], healthy_only: bool):
         if self.algorithm == "consistent-hashing" and key is not None:
             return self._pick_hash(now, key, tried, healthy_only)
         if self.algorithm == "least-connections":
@@ -147,7 +146,7 @@ class Balancer:
         return self._pick_round_robin(now, tried, healthy_only)
 
     def _pick_round_robin(self, now: float, tried: Collection[Peer], healthy_only: bool,
-                          tie: Optional[Peer] = None) -> Optional[Peer]:
+                          tie: Peer | None = None) -> Peer | None:
         # nginx's ngx_stream_upstream_get_peer: every eligible peer gains its effective weight, the
         # highest score wins and pays back the total. Picks interleave smoothly (a b a, not a a b).
         # With `tie`, only the peers as loaded as it (the same conns/weight) are eligible.
@@ -168,7 +167,7 @@ class Balancer:
             best.current_weight -= total
         return best
 
-    def _pick_least_conns(self, now: float, tried: Collection[Peer], healthy_only: bool) -> Optional[Peer]:
+    def _pick_least_conns(self, now: float, tried: Collection[Peer], healthy_only: bool) -> Peer | None:
         # nginx's ngx_stream_upstream_get_least_conn_peer: the fewest conns/weight wins (compared by
         # cross-multiplying, no floats); ties are settled by smooth weighted round robin among them.
         best = None
@@ -185,7 +184,7 @@ class Balancer:
             return best
         return self._pick_round_robin(now, tried, healthy_only, tie=best)
 
-    def _pick_hash(self, now: float, key: str, tried: Collection[Peer], healthy_only: bool) -> Optional[Peer]:
+    def _pick_hash(self, now: float, key: str, tried: Collection[Peer], healthy_only: bool) -> Peer | None:
         # Walk clockwise from the key's point to the first usable peer: a peer that is down or already
         # tried sends its keys to its neighbours on the ring, and only those keys move.
         points = self._ring_points
@@ -215,10 +214,7 @@ class Balancer:
         self._ring_peers = [e[2] for e in entries]
 
     def _any_available(self, now: float) -> bool:
-        for peer in self.peers:
-            if peer.weight > 0 and now >= peer.down_until:
-                return True
-        return False
+        return any(peer.weight > 0 and now >= peer.down_until for peer in self.peers)
 
     # -- outcomes -------------------------------------------------------------------------------
 
@@ -295,7 +291,7 @@ class Balancer:
         return f"Balancer({self.name!r}, {self.algorithm}, {self.peers!r})"
 
 
-def build_balancers(config: Config, log: Optional[LogFn] = None) -> dict[str, Balancer]:
+def build_balancers(config: Config, log: LogFn | None = None) -> dict[str, Balancer]:
     """One balancer per service name, for one worker.
 
     Services whose host names an upstream share that upstream's balancer (one object per upstream);

@@ -28,8 +28,8 @@ from pyproxy.listeners import ListenSocket
 from pyproxy.log import ErrorLog
 from pyproxy.loop import EPOLLIN, Loop
 from pyproxy.metrics import WorkerMetrics, load_library
-from pyproxy.router import Router
 from pyproxy.plugins import PluginChains, PluginContext
+from pyproxy.router import Router
 from pyproxy.session import LingeringClose, Session
 from pyproxy.shared import SharedState
 from pyproxy.tls.contexts import TLSContexts

@@ -9,15 +9,24 @@ addresses, route indexes) is left out: it is worked out again when the dump is l
 
 from __future__ import annotations
 
-from typing import Optional
-
 import yaml
 
 from pyproxy.addresses import host_port
 
 from .model import (
-    ActiveHealthcheck, AddressMatch, CertKey, Certificate, Config, Listen, PassiveHealthcheck, Plugin, Route,
-    Service, SSLSettings, Target, Upstream,
+    ActiveHealthcheck,
+    AddressMatch,
+    Certificate,
+    CertKey,
+    Config,
+    Listen,
+    PassiveHealthcheck,
+    Plugin,
+    Route,
+    Service,
+    SSLSettings,
+    Target,
+    Upstream,
 )
 from .values import format_duration
 
@@ -50,9 +59,11 @@ def dump_config(config: Config) -> dict:
 
 def config_as_yaml(config: Config) -> str:
     """`pyproxy -T`'s output: dump_config as YAML, headed by a comment naming the file it came from."""
-    header = f"# pyproxy -T: the effective configuration of {config.path} (defaults filled in, paths absolute)\n"
+    header = (f"# pyproxy -T: the effective configuration of {config.path} (defaults "
+              "filled in, paths absolute)\n")
     # Wide lines: a long value (access_log_format) stays on one line, where grep finds it.
-    return header + yaml.safe_dump(dump_config(config), sort_keys=False, default_flow_style=False, width=1 << 16)
+    return header + yaml.safe_dump(dump_config(config), sort_keys=False, default_flow_style=False,
+                                   width=1 << 16)
 
 
 def _without_nones(mapping: dict) -> dict:
@@ -60,7 +71,7 @@ def _without_nones(mapping: dict) -> dict:
     return {key: value for key, value in mapping.items() if value is not None}
 
 
-def _off_if_none(path: Optional[str]) -> str:
+def _off_if_none(path: str | None) -> str:
     # null would mean "the default", which for `pid` is a file: a switched-off setting is written `off`.
     return "off" if path is None else path
 
@@ -74,7 +85,8 @@ def _ssl(settings: SSLSettings) -> dict:
     return _without_nones({
         "protocols": list(settings.protocols),
         "ciphers": settings.ciphers,
-        "default_certificate": _cert_key(settings.default_certificate) if settings.default_certificate else None,
+        "default_certificate": (_cert_key(settings.default_certificate) if settings.default_certificate
+                                else None),
         "preread_timeout": format_duration(settings.preread_timeout),
         "handshake_timeout": format_duration(settings.handshake_timeout),
     })
@@ -121,7 +133,7 @@ def _passive_healthcheck(check: PassiveHealthcheck) -> dict:
     }
 
 
-def _probe_bytes(data: Optional[bytes]):
+def _probe_bytes(data: bytes | None):
     """Text where the loader would read the same bytes back from it, else the bytes (YAML `!!binary`)."""
     if data is None:
         return None
@@ -166,11 +178,12 @@ def _route(route: Route) -> dict:
 
 
 def _address_match(match: AddressMatch) -> dict:
-    return _without_nones({"ip": str(match.network) if match.network is not None else None, "port": match.port})
+    return _without_nones({"ip": str(match.network) if match.network is not None else None,
+                           "port": match.port})
 
 
 def _plugin(plugin: Plugin) -> dict:
-    from pyproxy.plugins import plain     # here, not at the top: the plugins package imports this one
+    from pyproxy.plugins import plain  # here, not at the top: the plugins package imports this one
     # `or {}`: the loader keeps an empty mapping as (), which plain() would turn into a list.
     return _without_nones({"name": plugin.name, "route": plugin.route, "service": plugin.service,
                            "config": plain(plugin.config) or {}})

@@ -7,23 +7,45 @@ resolved, and hostnames are resolved to addresses once, here, so that no worker 
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from typing import Iterable, Optional
 
 from pyproxy.addresses import is_ip_address
 
 from .errors import Invalid, describe, key_path
 from .loader import YamlList, YamlMap
 from .model import (
-    ALGORITHMS, ROUTE_PROTOCOLS, ActiveHealthcheck, AddressMatch, Healthchecks, PassiveHealthcheck, Plugin,
-    Route, Service, Target, Upstream,
+    ALGORITHMS,
+    ROUTE_PROTOCOLS,
+    ActiveHealthcheck,
+    AddressMatch,
+    Healthchecks,
+    PassiveHealthcheck,
+    Plugin,
+    Route,
+    Service,
+    Target,
+    Upstream,
 )
 from .sections import Place, Report, Section
 from .tlsfiles import check_ca_file
 from .values import (
-    did_you_mean, in_folder, integer, is_hostname, one_of, parse_bool, parse_duration,
-    parse_host, parse_host_port, parse_name, parse_network, parse_port, parse_sni, parse_text,
-    positive_duration, usable_congestion_control,
+    did_you_mean,
+    in_folder,
+    integer,
+    is_hostname,
+    one_of,
+    parse_bool,
+    parse_duration,
+    parse_host,
+    parse_host_port,
+    parse_name,
+    parse_network,
+    parse_port,
+    parse_sni,
+    parse_text,
+    positive_duration,
+    usable_congestion_control,
 )
 
 UPSTREAM_KEYS = ("name", "algorithm", "hash_on", "healthchecks", "targets")
@@ -118,7 +140,7 @@ def read_upstreams(report: Report, root: Section) -> tuple[Upstream, ...]:
     return tuple(upstreams)
 
 
-def _upstream(report: Report, place: Place, value: object, names: _UniqueNames) -> Optional[Upstream]:
+def _upstream(report: Report, place: Place, value: object, names: _UniqueNames) -> Upstream | None:
     section = report.section(place, value, UPSTREAM_KEYS)
     if section is None:
         return None
@@ -312,8 +334,8 @@ def _proxy_protocol_version(value: object) -> str:
     return one_of(("off", "v1", "v2"))(value)
 
 
-def _route(report: Report, place: Place, value: object, service: Optional[str], index: int,
-           tls: TLSContext, names: _UniqueNames) -> Optional[Route]:
+def _route(report: Report, place: Place, value: object, service: str | None, index: int,
+           tls: TLSContext, names: _UniqueNames) -> Route | None:
     section = report.section(place, value, ROUTE_KEYS)
     if section is None:
         return None
@@ -333,7 +355,7 @@ def _route(report: Report, place: Place, value: object, service: Optional[str], 
                  index=index, line=place.line)
 
 
-def _route_protocols(report: Report, place: Place, value: object) -> Optional[tuple[str, ...]]:
+def _route_protocols(report: Report, place: Place, value: object) -> tuple[str, ...] | None:
     """The route's protocols, or None when the list is wrong (the rules cannot be checked then)."""
     items = report.items(place, value)
     protocols = [report.convert(item_place, item, one_of(ROUTE_PROTOCOLS)) for item_place, item in items]
@@ -413,7 +435,7 @@ def read_plugins(report: Report, root: Section, services: tuple[Service, ...]) -
 
 
 def _known_plugin(report: Report, place: Place, name: str) -> bool:
-    from pyproxy.plugins import REGISTRY   # here, not at the top: plugins import the model package
+    from pyproxy.plugins import REGISTRY  # here, not at the top: plugins import the model package
     if name in REGISTRY:
         return True
     report.error(place, f"unknown plugin {name!r}{did_you_mean(name, REGISTRY)}; "
@@ -445,7 +467,7 @@ def _reference(kind: str, names: list[str]):
     return convert
 
 
-def _plugin_config(report: Report, place: Place, value: object) -> Optional[tuple[tuple[str, object], ...]]:
+def _plugin_config(report: Report, place: Place, value: object) -> tuple[tuple[str, object], ...] | None:
     if not isinstance(value, YamlMap):
         report.error(place, f"expected a mapping, got {describe(value)}")
         return None
@@ -454,7 +476,8 @@ def _plugin_config(report: Report, place: Place, value: object) -> Optional[tupl
 
 def _frozen_settings(report: Report, place: Place, value: object) -> object:
     """A plugin's settings made immutable: lists become tuples, mappings tuples of (key, value) sorted by
-    key. Keys must be strings, as in Kong's JSON plugin configurations; None after reporting one that is not."""
+    key. Keys must be strings, as in Kong's JSON plugin configurations; None after reporting one that
+    is not."""
     if isinstance(value, YamlMap):
         pairs = []
         for key, item in value.items():
@@ -466,5 +489,6 @@ def _frozen_settings(report: Report, place: Place, value: object) -> object:
             pairs.append((key, _frozen_settings(report, item_place, item)))
         return tuple(sorted(pairs, key=lambda pair: pair[0]))
     if isinstance(value, YamlList):
-        return tuple(_frozen_settings(report, item_place, item) for item_place, item in report.items(place, value))
+        return tuple(_frozen_settings(report, item_place, item)
+                     for item_place, item in report.items(place, value))
     return value

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import codecs
 from dataclasses import dataclass, field
-from typing import Optional
 
 import yaml
 from yaml.constructor import SafeConstructor
@@ -107,7 +106,8 @@ class Document:
 
     root: YamlValue
     issues: list[ConfigIssue] = field(default_factory=list)
-    refused: set[str] = field(default_factory=set)    # key paths of values that read as None because of an issue
+    # Key paths of values that read as None because of an issue.
+    refused: set[str] = field(default_factory=set)
 
 
 def read_document(path: str) -> Document:
@@ -207,7 +207,7 @@ class _GiveUp(Exception):
 @dataclass
 class _Anchor:
     value: YamlValue = None
-    size: Optional[int] = None     # the values it stands for, None while its collection is being read
+    size: int | None = None     # the values it stands for, None while its collection is being read
 
 
 class _Builder:
@@ -312,7 +312,7 @@ class _Builder:
             self.refuse(event, path, problem)
         return value
 
-    def construct_scalar(self, event: yaml.ScalarEvent) -> tuple[YamlValue, Optional[str]]:
+    def construct_scalar(self, event: yaml.ScalarEvent) -> tuple[YamlValue, str | None]:
         """`(value, None)` for a scalar SafeLoader would accept, else `(None, what is wrong)`."""
         tag = _scalar_tag(event)
         if tag == _STR_TAG:

@@ -6,8 +6,9 @@ reports its unknown keys, and converts its values, so that schema code reads as 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional, TypeVar
+from typing import TypeVar
 
 from .errors import ConfigIssue, Invalid, describe, item_path, key_path
 from .loader import YamlList, YamlMap
@@ -40,7 +41,7 @@ class Report:
         """Record something that works but deserves the user's attention."""
         self.warnings.append(ConfigIssue(self.file, place.line, place.path, message))
 
-    def section(self, place: Place, value: object, known: Iterable[str]) -> Optional["Section"]:
+    def section(self, place: Place, value: object, known: Iterable[str]) -> Section | None:
         """`value` as a Section with the keys `known`, or None (and an error) if it is not a mapping."""
         if not isinstance(value, YamlMap):
             self.error(place, f"expected a mapping, got {describe(value)}")
@@ -53,9 +54,9 @@ class Report:
             self.error(place, f"expected a list, got {describe(value)}")
             return []
         return [(Place(item_path(place.path, index), line), item)
-                for index, (item, line) in enumerate(zip(value, value.item_lines))]
+                for index, (item, line) in enumerate(zip(value, value.item_lines, strict=True))]
 
-    def convert(self, place: Place, value: object, convert: Callable[[object], T]) -> Optional[T]:
+    def convert(self, place: Place, value: object, convert: Callable[[object], T]) -> T | None:
         """`convert(value)`, or None after reporting the Invalid it raised at `place`."""
         try:
             return convert(value)

@@ -11,7 +11,6 @@ import re
 import ssl
 import stat
 import time
-from typing import Optional
 
 from .sections import Place, Report
 
@@ -46,7 +45,7 @@ def check_readable_file(report: Report, place: Place, path: str) -> bool:
 
 
 def load_certificate_pair(report: Report, cert_place: Place, key_place: Place,
-                          cert_path: str, key_path: str) -> Optional[DecodedCertificate]:
+                          cert_path: str, key_path: str) -> DecodedCertificate | None:
     """Check a certificate and its private key as the workers will load them.
 
     Returns the decoded certificate when it is usable, None after reporting why it is not.
@@ -68,7 +67,8 @@ def load_certificate_pair(report: Report, cert_place: Place, key_place: Place,
     try:
         context.load_cert_chain(cert_path, key_path, password=_refuse_password)
     except _EncryptedKey:
-        report.error(key_place, f"the private key {key_path} is encrypted; pyproxy needs it without a passphrase")
+        report.error(key_place,
+                     f"the private key {key_path} is encrypted; pyproxy needs it without a passphrase")
         return None
     except (ssl.SSLError, OSError) as error:
         if getattr(error, "reason", None) == "KEY_VALUES_MISMATCH":

@@ -11,16 +11,24 @@ import os
 import pwd
 import re
 import ssl
-from typing import Optional
 
 from . import entities
 from .errors import Invalid, describe
-from .model import LOG_LEVELS, WORKER_SCHED_POLICIES, CertKey, Certificate, Config, Listen, SSLSettings
+from .model import LOG_LEVELS, WORKER_SCHED_POLICIES, Certificate, CertKey, Config, Listen, SSLSettings
 from .sections import Place, Report, Section
 from .tlsfiles import certificate_names, load_certificate_pair
 from .values import (
-    Converter, did_you_mean, in_folder, integer, one_of, parse_address, parse_duration, parse_log_format,
-    parse_sni, parse_text, positive_duration,
+    Converter,
+    did_you_mean,
+    in_folder,
+    integer,
+    one_of,
+    parse_address,
+    parse_duration,
+    parse_log_format,
+    parse_sni,
+    parse_text,
+    positive_duration,
 )
 
 TOP_LEVEL_KEYS = (
@@ -40,7 +48,7 @@ MAX_WORKER_PROCESSES = 1024
 C_INT_MAX = 2**31 - 1      # counts that reach C calls (listen's backlog, rlimits) must fit a C int
 
 
-def build_config(report: Report, document: object) -> Optional[Config]:
+def build_config(report: Report, document: object) -> Config | None:
     """The Config described by `document` (what the loader read from `report.file`).
 
     Every problem goes to `report`; the result is None when the document is not even a mapping.
@@ -166,7 +174,7 @@ def _existing_user(value: object) -> str:
 def _file_or_words(base: str, *words: str, off: bool = False, folder_must_exist: bool = True) -> Converter:
     """A converter for a file we write (pid, logs): one of `words` kept as is, `off` → None, or a path
     whose folder must exist (unless `folder_must_exist` is False)."""
-    def convert(value: object) -> Optional[str]:
+    def convert(value: object) -> str | None:
         if off and (value is False or value == "off"):
             return None
         if value in words:
@@ -231,12 +239,13 @@ def _stream_listen(report: Report, root: Section) -> tuple[Listen, ...]:
     return tuple(listens)
 
 
-def _listen(report: Report, place: Place, value: object) -> Optional[Listen]:
+def _listen(report: Report, place: Place, value: object) -> Listen | None:
     """One `ADDR:PORT [ssl] [proxy_protocol] [backlog=N] [reuseport]` entry."""
     if isinstance(value, int) and not isinstance(value, bool):
         value = str(value)
     if not isinstance(value, str) or not value.split():
-        report.error(place, f"expected 'ADDRESS:PORT [ssl] [proxy_protocol] [backlog=N]', got {describe(value)}")
+        report.error(place,
+                     f"expected 'ADDRESS:PORT [ssl] [proxy_protocol] [backlog=N]', got {describe(value)}")
         return None
     address, *words = value.split()
     host_port = report.convert(place, address, parse_address)
@@ -293,7 +302,8 @@ def _tls_versions(report: Report, place: Place, value: object) -> tuple[str, ...
     for item_place, item in items:
         version = report.convert(item_place, item, one_of(TLS_VERSIONS))
         if version in OBSOLETE_TLS_VERSIONS:
-            report.warn(item_place, f"{version} is obsolete and insecure; clients should use TLSv1.2 or later")
+            report.warn(item_place,
+                        f"{version} is obsolete and insecure; clients should use TLSv1.2 or later")
         if version is not None:
             versions[version] = None
     if isinstance(value, list) and not items:
@@ -310,7 +320,7 @@ def _cipher_list(value: object) -> str:
     return ciphers
 
 
-def _default_certificate(report: Report, place: Place, value: object, base: str) -> Optional[CertKey]:
+def _default_certificate(report: Report, place: Place, value: object, base: str) -> CertKey | None:
     section = report.section(place, value, CERT_KEY_KEYS)
     if section is None:
         return None
@@ -318,7 +328,7 @@ def _default_certificate(report: Report, place: Place, value: object, base: str)
     return CertKey(cert=files[0], key=files[1]) if files else None
 
 
-def _certificate_files(report: Report, section: Section, base: str) -> Optional[tuple[str, str, dict]]:
+def _certificate_files(report: Report, section: Section, base: str) -> tuple[str, str, dict] | None:
     """`(cert, key, decoded certificate)` for a mapping with `cert` and `key`, or None if unusable."""
     cert = section.get("cert", lambda v: in_folder(base, v), required=True)
     key = section.get("key", lambda v: in_folder(base, v), required=True)

@@ -11,7 +11,7 @@ import ipaddress
 import os
 import re
 import socket
-from typing import Callable, Iterable, Optional
+from collections.abc import Callable, Iterable
 
 from pyproxy.addresses import is_ip_address
 
@@ -88,7 +88,8 @@ def _duration_text_ms(text: str) -> int:
     written = "".join(number + unit for number, unit in parts)
     # Like nginx: units from the largest to the smallest, each at most once ("1m30s", not "30s1m").
     in_order = sorted(units, key=lambda unit: -_DURATION_UNITS_MS[unit])
-    if not parts or written != re.sub(r"\s+", "", stripped) or units != in_order or len(set(units)) < len(units):
+    if (not parts or written != re.sub(r"\s+", "", stripped) or units != in_order
+            or len(set(units)) < len(units)):
         raise Invalid(f"expected a duration such as 500ms, 30s, 5m or 1m30s, got {describe(text)}")
     return sum(int(number) * _DURATION_UNITS_MS[unit] for number, unit in parts)
 
@@ -258,7 +259,7 @@ def parse_bool(value: object) -> bool:
     return value
 
 
-def integer(minimum: int, maximum: Optional[int] = None) -> Converter:
+def integer(minimum: int, maximum: int | None = None) -> Converter:
     """A converter for an integer in [minimum, maximum]."""
     def convert(value: object) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -309,7 +310,8 @@ def usable_congestion_control(value: object) -> str:
     Tried for real on a throwaway socket: the kernel alone knows whether the module exists, can be
     loaded, and is allowed for this user."""
     if not isinstance(value, str) or not _CONGESTION_NAME.fullmatch(value):
-        raise Invalid(f"expected the name of a TCP congestion control algorithm such as cubic, got {describe(value)}")
+        raise Invalid("expected the name of a TCP congestion control algorithm such as "
+                      f"cubic, got {describe(value)}")
     refused = congestion_control_refused(value)
     if refused is not None:
         try:
@@ -323,7 +325,7 @@ def usable_congestion_control(value: object) -> str:
     return value
 
 
-def congestion_control_refused(name: str) -> Optional[str]:
+def congestion_control_refused(name: str) -> str | None:
     """Why this process cannot set TCP congestion control `name` on a socket; None when it can."""
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:

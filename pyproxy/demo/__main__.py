@@ -18,7 +18,6 @@ import sys
 
 from pyproxy.demo.echo import EchoServer
 
-
 DEMO_NAME = "tls9443.kong.example"
 
 

@@ -62,7 +62,7 @@ class EchoServer:
     def address(self) -> tuple[str, int]:
         return self.server.server_address[:2]
 
-    def start(self) -> "EchoServer":
+    def start(self) -> EchoServer:
         self.thread.start()
         return self
 

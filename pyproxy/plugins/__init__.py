@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
-REGISTRY: dict[str, type["Plugin"]] = {}
+REGISTRY: dict[str, type[Plugin]] = {}
 
 
 class Plugin:
@@ -44,7 +44,7 @@ class Plugin:
         """Problems with `config` as (key path inside `config`, message); empty when it is fine."""
         return []
 
-    def __init__(self, config: dict, context: "PluginContext"):
+    def __init__(self, config: dict, context: PluginContext):
         self.config = config
         self.context = context
 
@@ -63,7 +63,7 @@ class Plugin:
         elif "access" in own and "preread" not in own:
             cls.preread = own["access"]     # type: ignore[method-assign]  # the deprecated alias
 
-    def access(self, session) -> Optional[int]:
+    def access(self, session) -> int | None:
         """The access phase, after routing: None lets the session go on, a status refuses it."""
         return None
 
@@ -83,7 +83,8 @@ class Plugin:
 
 def unknown_keys(config: dict, allowed: tuple[str, ...]) -> list[tuple[str, str]]:
     """The problem list entries for keys a plugin does not take (a helper for `check`)."""
-    return [(key, f"unknown key; expected one of {', '.join(allowed)}") for key in config if key not in allowed]
+    return [(key, f"unknown key; expected one of {', '.join(allowed)}")
+            for key in config if key not in allowed]
 
 
 def register(cls: type[Plugin]) -> type[Plugin]:
@@ -164,4 +165,4 @@ def check_plugin(name: str, config: dict) -> list[tuple[str, str]]:
 
 
 # Built-in plugins register themselves on import.
-from pyproxy.plugins import ip_restriction, limits, file_log  # noqa: E402,F401
+from pyproxy.plugins import file_log, ip_restriction, limits  # noqa: E402,F401

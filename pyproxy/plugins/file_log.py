@@ -33,7 +33,8 @@ def session_record(session) -> dict:
         "server": {"ip": session.local_ip(), "port": session.listen.port},
         "upstream": {"tried": [p.name for p in session.tried],
                      "sent": session.upstream_bytes_sent(), "received": session.upstream_bytes_received(),
-                     "connect_time": None if session.connect_time is None else round(session.connect_time, 6)},
+                     "connect_time": (None if session.connect_time is None
+                                      else round(session.connect_time, 6))},
         "tls": tls,
         "route": session.route.name if session.route else None,
         "service": session.route.service if session.route else None,

@@ -103,7 +103,8 @@ class RateLimit(Plugin):
         key = _key(self.per, session)
         verdict = self.table.admit(slot_of(f"rate-limit|{self.scope}|{key}"), self.rate, self.burst)
         if verdict is None:
-            self.context.log("warn", "rate-limit: the shared table was busy for 10 ms; letting the session through")
+            self.context.log("warn",
+                             "rate-limit: the shared table was busy for 10 ms; letting the session through")
             return None
         if verdict:
             return None

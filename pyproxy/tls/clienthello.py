@@ -167,7 +167,8 @@ class ClientHello:
         return _VERSION_NAMES[max(known)] if known else ""
 
 
-def parse_client_hello(data: bytes | bytearray | memoryview, max_size: int = DEFAULT_MAX_SIZE) -> ClientHello | None:
+def parse_client_hello(data: bytes | bytearray | memoryview,
+                       max_size: int = DEFAULT_MAX_SIZE) -> ClientHello | None:
     """Parse the ClientHello at the start of ``data`` (everything read from the client so far).
 
     Returns the :class:`ClientHello` once the whole handshake message (and the record that
@@ -267,7 +268,8 @@ class ClientHelloReader:
         self.needed = 0                 # the message's length, 4-byte header included, once known
         self.need = 1                   # after a None: the buffer length the hello needs at the least
 
-    def parse(self, data: bytes | bytearray | memoryview, max_size: int = DEFAULT_MAX_SIZE) -> ClientHello | None:
+    def parse(self, data: bytes | bytearray | memoryview,
+              max_size: int = DEFAULT_MAX_SIZE) -> ClientHello | None:
         """``parse_client_hello(data, max_size)``, resumed where the previous call stopped."""
         if not self.records and type(data) is bytes:
             # Nothing complete was walked yet: a hello that arrived in two segments is one record
@@ -289,7 +291,8 @@ class ClientHelloReader:
             start = pos + RECORD_HEADER_LENGTH
             stop = start + fragment_length
             if stop > max_size:
-                raise ClientHelloError(f"ClientHello does not fit in {max_size} bytes: record #{number} ends at {stop}")
+                raise ClientHelloError(f"ClientHello does not fit in {max_size} bytes: "
+                                       f"record #{number} ends at {stop}")
             present = min(stop, available)
             if number == 1 and present > start and data[start] != HANDSHAKE_CLIENT_HELLO:
                 raise ClientHelloError(f"not a ClientHello: handshake message type is {data[start]}, not 1")
@@ -342,7 +345,8 @@ def _check_record_header(data, offset: int, available: int, number: int) -> int 
     if offset + 1 < available and data[offset + 1] != 3:
         # Every SSL 3.0 / TLS record version is 3.x. Like nginx, check only this byte: the minor
         # is legacy_record_version, which RFC 8446 §5.1 says "MUST be ignored for all purposes".
-        raise ClientHelloError(f"not TLS: record #{number} version major byte is 0x{data[offset + 1]:02x}, not 0x03")
+        raise ClientHelloError(f"not TLS: record #{number} version major byte is "
+                               f"0x{data[offset + 1]:02x}, not 0x03")
     if offset + RECORD_HEADER_LENGTH > available:
         return None
     length = data[offset + 3] << 8 | data[offset + 4]
@@ -359,9 +363,11 @@ def _check_handshake_length(header: bytes, max_size: int) -> int:
     """Read the uint24 handshake length from the message's first four bytes and bound it."""
     length = header[1] << 16 | header[2] << 8 | header[3]
     if RECORD_HEADER_LENGTH + HANDSHAKE_HEADER_LENGTH + length > max_size:
-        raise ClientHelloError(f"ClientHello length {length} (+9 header bytes) exceeds the {max_size}-byte limit")
+        raise ClientHelloError(f"ClientHello length {length} (+9 header bytes) exceeds "
+                               f"the {max_size}-byte limit")
     if length < MIN_CLIENT_HELLO_LENGTH:
-        raise ClientHelloError(f"ClientHello length {length} is below the minimum of {MIN_CLIENT_HELLO_LENGTH}")
+        raise ClientHelloError(f"ClientHello length {length} is below the minimum of "
+                               f"{MIN_CLIENT_HELLO_LENGTH}")
     return length
 
 
@@ -404,7 +410,8 @@ def _parse_body(message: bytes, data, length: int) -> ClientHello:
         pos += 2
         if pos + block_length != end:
             raise ClientHelloError(
-                f"extensions length {block_length} does not match the {end - pos} bytes left in the ClientHello"
+                f"extensions length {block_length} does not match the {end - pos} "
+                "bytes left in the ClientHello"
             )
         seen = set()
         while pos < end:
@@ -415,7 +422,8 @@ def _parse_body(message: bytes, data, length: int) -> ClientHello:
             pos += 4
             if pos + ext_length > end:
                 raise ClientHelloError(
-                    f"extension 0x{ext_type:04x} length {ext_length} overruns the extensions block ({end - pos} bytes left)"
+                    f"extension 0x{ext_type:04x} length {ext_length} overruns the extensions "
+                    f"block ({end - pos} bytes left)"
                 )
             if ext_type in seen:
                 # RFC 8446 §4.2: a duplicate is fatal for the server, and two server_names would
@@ -468,7 +476,8 @@ def _parse_server_name(message: bytes, pos: int, end: int) -> str:
                 f"server_name host_name length {name_length} overruns the list ({end - pos} bytes left)"
             )
         if name_length > MAX_HOST_NAME_LENGTH:
-            raise ClientHelloError(f"server_name host_name is {name_length} bytes, over {MAX_HOST_NAME_LENGTH}")
+            raise ClientHelloError(f"server_name host_name is {name_length} bytes, "
+                                   f"over {MAX_HOST_NAME_LENGTH}")
         raw = message[pos : pos + name_length]
         # RFC 6066 says ASCII; we also refuse spaces and control bytes, which no DNS name has
         # and which would otherwise reach routing and the access log verbatim.
@@ -490,7 +499,8 @@ def _parse_alpn(message: bytes, pos: int, end: int) -> tuple[str, ...]:
         if name_length == 0:
             raise ClientHelloError("ALPN protocol name is empty")
         if pos + name_length > end:
-            raise ClientHelloError(f"ALPN protocol name length {name_length} overruns the list ({end - pos} bytes left)")
+            raise ClientHelloError(f"ALPN protocol name length {name_length} overruns the "
+                                   f"list ({end - pos} bytes left)")
         # Protocol IDs are opaque bytes (registered ones are ASCII); latin-1 maps each byte to one
         # character, so nothing is lost and nothing can fail to decode.
         names.append(message[pos : pos + name_length].decode("latin-1"))
@@ -522,7 +532,8 @@ def _list_start(message: bytes, pos: int, end: int, what: str) -> int:
     list_length = message[pos] << 8 | message[pos + 1]
     pos += 2
     if pos + list_length != end:
-        raise ClientHelloError(f"{what} list length {list_length} does not match the extension ({end - pos} bytes)")
+        raise ClientHelloError(f"{what} list length {list_length} does not match the "
+                               f"extension ({end - pos} bytes)")
     if list_length == 0:
         raise ClientHelloError(f"{what} list is empty")
     return pos
@@ -553,7 +564,9 @@ def _describe_first_byte(byte: int) -> str:
         # SSLv2 (and SSLv3/TLS clients in SSLv2-compatible mode) start with a 2-byte length whose
         # top bit is set. Nothing current sends it, and it has no room for SNI; nginx passes it
         # through unrouted, we refuse it.
-        return f"not TLS: first byte 0x{byte:02x} is not a handshake record (an SSLv2-format hello is not supported)"
+        return (f"not TLS: first byte 0x{byte:02x} is not a handshake record (an "
+                "SSLv2-format hello is not supported)")
     if 0x20 <= byte < 0x7F:
-        return f"not TLS: first byte 0x{byte:02x} ({chr(byte)!r}) is not a handshake record (plain text, HTTP?)"
+        return (f"not TLS: first byte 0x{byte:02x} ({chr(byte)!r}) is not a handshake "
+                "record (plain text, HTTP?)")
     return f"not TLS: first byte 0x{byte:02x} is not a handshake record"

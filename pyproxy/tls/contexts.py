@@ -10,7 +10,6 @@ Certificate wildcards follow RFC 6125: `*.example.com` covers one label (`a.exam
 from __future__ import annotations
 
 import ssl
-from typing import Optional
 
 from pyproxy.addresses import is_ip_address
 from pyproxy.config.model import Config, Service, SSLSettings
@@ -25,7 +24,7 @@ _VERSIONS = {
 }
 
 
-def _server_context(settings: SSLSettings, cert: Optional[str], key: Optional[str]) -> ssl.SSLContext:
+def _server_context(settings: SSLSettings, cert: str | None, key: str | None) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     versions = [_VERSIONS[p] for p in settings.protocols]
     if ssl.TLSVersion.TLSv1 in versions or ssl.TLSVersion.TLSv1_1 in versions:
@@ -70,7 +69,7 @@ class ServerTLS:
             # Only with per-name certificates: a Python callback on every handshake otherwise.
             self.context.sni_callback = self._on_sni
 
-    def context_for(self, server_name: Optional[str]) -> Optional[ssl.SSLContext]:
+    def context_for(self, server_name: str | None) -> ssl.SSLContext | None:
         """The context of the certificate for this name, or None for the default certificate."""
         if not server_name:
             return None
@@ -108,7 +107,7 @@ class UpstreamTLS:
         # verification still checks the chain, through a second context.
         self.chain_only = self._context(service, check_hostname=False) if self.verify else self.context
         if service.tls_server_name:
-            self.server_name: Optional[str] = service.tls_server_name
+            self.server_name: str | None = service.tls_server_name
         elif service.upstream is None and not is_ip_address(service.host):
             self.server_name = service.host
         else:
@@ -129,7 +128,7 @@ class UpstreamTLS:
         ctx.options |= ssl.OP_IGNORE_UNEXPECTED_EOF     # as on the server side: a FIN ends the data
         return ctx
 
-    def wrap(self, sock, scratch: memoryview, client_sni: Optional[str], loop: Loop) -> TLSStream:
+    def wrap(self, sock, scratch: memoryview, client_sni: str | None, loop: Loop) -> TLSStream:
         """The client side of TLS over a connected socket; SNI is tls_server_name, else the host,
         else the client's own SNI."""
         name = self.server_name or client_sni
@@ -153,5 +152,5 @@ class TLSContexts:
 
     def __init__(self, config: Config):
         needs_server = any(listen.ssl for listen in config.stream_listen)
-        self.server: Optional[ServerTLS] = ServerTLS(config) if needs_server else None
+        self.server: ServerTLS | None = ServerTLS(config) if needs_server else None
         self.upstream: dict[str, UpstreamTLS] = build_upstream_tls(config)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import socket
 import ssl
-from typing import Optional
 
 # Raised by recv_into when the socket has no more to give (like SSLSocket in non-blocking mode).
 WantRead = ssl.SSLWantReadError
@@ -39,7 +38,7 @@ class TLSStream:
                  "loop", "empty_at", "hup", "renegotiation_refused", "_fileno")
 
     def __init__(self, sock: socket.socket, context: ssl.SSLContext, server_side: bool,
-                 scratch: memoryview, server_hostname: Optional[str] = None, loop=None):
+                 scratch: memoryview, server_hostname: str | None = None, loop=None):
         self.sock = sock
         self.incoming = ssl.MemoryBIO()
         self.outgoing = ssl.MemoryBIO()
@@ -47,7 +46,7 @@ class TLSStream:
         # calls): with no owner, an SNI callback is handed this object, whose `context` it may set.
         self.obj = context._wrap_bio(self.incoming, self.outgoing, server_side, server_hostname)
         self.scratch = scratch          # the worker's receive buffer; only borrowed within a call
-        self.backlog: Optional[memoryview] = None   # ciphertext the socket has not taken yet
+        self.backlog: memoryview | None = None   # ciphertext the socket has not taken yet
         self.notified = False           # our close_notify is written
         self.unsent = False             # send() left records in OpenSSL's buffer: flush() them
         # nginx's short-read rule (see _fill): the loop's poll count when a recv came back short,
@@ -240,7 +239,7 @@ class TLSStream:
             self.backlog = None
             return True
 
-    def version(self) -> Optional[str]:
+    def version(self) -> str | None:
         return self.obj.version()
 
     def cipher(self):

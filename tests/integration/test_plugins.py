@@ -207,6 +207,7 @@ services:
 """)
     result = p.run_cli("-t")
     assert result.returncode == 1
-    assert "plugin_modules[0]: cannot import plugin module 'broken_plugin': RuntimeError: half-written" in result.stderr
+    assert ("plugin_modules[0]: cannot import plugin module 'broken_plugin': RuntimeError: half-written"
+            in result.stderr)
     assert "plugin_modules[1]: cannot import plugin module 'not_there': ModuleNotFoundError" in result.stderr
     assert "Traceback" not in result.stderr
