@@ -14,10 +14,10 @@ import os
 import socket
 from dataclasses import dataclass
 
-from pyproxy.config.model import Listen
+from pyproxy.config.model import Config, Listen
 
 
-def configured_listens(config) -> tuple[Listen, ...]:
+def configured_listens(config: Config) -> tuple[Listen, ...]:
     """Every address a configuration asks for: the stream listeners, plus status_listen (bound
     once, for the status process, not once per worker slot)."""
     if config.status_listen is None:

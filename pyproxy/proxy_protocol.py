@@ -68,6 +68,7 @@ import re
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = [
     "DEFAULT_MAX_SIZE",
@@ -90,6 +91,7 @@ __all__ = [
     "parse_ssl_tlv",
 ]
 
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 V1_PREFIX = b"PROXY "
 # "PROXY UNKNOWN ffff:...:ffff ffff:...:ffff 65535 65535\r\n", the spec's worst case (§2.1).
 V1_MAX_LENGTH = 107
@@ -240,7 +242,7 @@ def parse_ssl_tlv(value: bytes) -> SslTlv:
 # --- version 1 ----------------------------------------------------------------------------------
 
 
-def _parse_v1(data, max_size: int) -> ProxyHeader | None:
+def _parse_v1(data: bytes | bytearray | memoryview, max_size: int) -> ProxyHeader | None:
     limit = min(V1_MAX_LENGTH, max_size)
     line = bytes(data[:limit])
     _check_signature(line, V1_PREFIX, "v1")
@@ -290,8 +292,9 @@ def _parse_v1(data, max_size: int) -> ProxyHeader | None:
     )
 
 
-def _check_v1_field(index: int, field: bytes, complete: bool, ipv6: bool):
-    """Validate a v1 field, complete or still arriving; the decoded value of a complete one."""
+def _check_v1_field(index: int, field: bytes, complete: bool, ipv6: bool) -> Any:
+    """Validate a v1 field, complete or still arriving; the decoded value of a complete one: the
+    text of an address (fields 0 and 1), the number of a port (2 and 3); None while incomplete."""
     what = _V1_FIELDS[index]
     if index >= 2:
         if not (_PORT.fullmatch(field) and int(field) <= 0xFFFF) and (complete or field):
@@ -361,7 +364,7 @@ def _find_line_end(line: bytes, start: int, limit: int) -> int | None:
 # --- version 2 ----------------------------------------------------------------------------------
 
 
-def _parse_v2(data, max_size: int) -> ProxyHeader | None:
+def _parse_v2(data: bytes | bytearray | memoryview, max_size: int) -> ProxyHeader | None:
     available = len(data)
     head = bytes(data[:V2_HEADER_LENGTH])
     _check_signature(head, V2_SIGNATURE, "v2")
@@ -563,7 +566,8 @@ def build_v2(
     return bytes(header)
 
 
-def _endpoints(source, destination):
+def _endpoints(source: tuple[str, int],
+               destination: tuple[str, int]) -> tuple[tuple[IPAddress, int], tuple[IPAddress, int]]:
     """Both endpoints as (ip_address, port), in one family (IPv4 mapped into IPv6 if mixed)."""
     src, src_port = _endpoint(source, "source")
     dst, dst_port = _endpoint(destination, "destination")
@@ -572,7 +576,7 @@ def _endpoints(source, destination):
     return (src, src_port), (dst, dst_port)
 
 
-def _endpoint(endpoint, what: str):
+def _endpoint(endpoint: tuple[str, int], what: str) -> tuple[IPAddress, int]:
     ip, port = endpoint
     if not isinstance(ip, str):
         raise ValueError(f"{what} address {ip!r} is not a string")
@@ -590,8 +594,8 @@ def _ipv6_text(packed: bytes) -> str:
     return socket.inet_ntop(socket.AF_INET6, packed)
 
 
-def _as_ipv6(address):
-    if address.version == 6:
+def _as_ipv6(address: IPAddress) -> ipaddress.IPv6Address:
+    if isinstance(address, ipaddress.IPv6Address):
         return address
     return ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + address.packed)
 

@@ -18,12 +18,12 @@ import ipaddress
 
 from pyproxy.config.model import AddressMatch, Listen, Route
 
-_UNRESOLVED = object()
-_ADDRESSES: dict = {}          # address text → ipaddress object: clients come back, parsing costs
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+_ADDRESSES: dict[str, IPAddress] = {}   # address text → ipaddress object: clients come back, parsing costs
 _ADDRESSES_MAX = 4096          # a worker's recent clients; emptied when full (no LRU bookkeeping)
 
 
-def parsed_address(text: str):
+def parsed_address(text: str) -> IPAddress:
     """ipaddress.ip_address(text), remembered for the next session from the same address."""
     ip = _ADDRESSES.get(text)
     if ip is None:
@@ -47,7 +47,8 @@ def sni_rank(patterns: tuple[str, ...], sni: str) -> int:
     return best
 
 
-def _address_score(entries: tuple[AddressMatch, ...], ip, port: int) -> tuple[int, int] | None:
+def _address_score(entries: tuple[AddressMatch, ...], ip: IPAddress | None,
+                   port: int) -> tuple[int, int] | None:
     """(prefix length, ports written) of the best entry matching ip:port, or None when none does."""
     best = None
     for entry in entries:
@@ -90,27 +91,31 @@ def _client_independent(route: Route, listen: Listen) -> bool:
 class ListenerRoutes:
     """The routes that can match on one listener for one protocol, in the order written."""
 
-    __slots__ = ("candidates", "static", "needs_local_ip")
+    __slots__ = ("candidates", "resolved", "static", "needs_local_ip")
 
     def __init__(self, routes: list[Route], listen: Listen):
         self.candidates = routes
         self.needs_local_ip = listen.wildcard and any(
             e.network is not None for r in routes for e in r.destinations)
-        self.static = _UNRESOLVED
-        if all(_client_independent(r, listen) for r in routes):
+        # When no route looks at the client, the answer is the same for every session: found once.
+        self.resolved = all(_client_independent(r, listen) for r in routes)
+        self.static: Route | None = None
+        if self.resolved:
             listener_ip = None if listen.wildcard else ipaddress.ip_address(listen.host)
             self.static = self._select(None, 0, listener_ip, listen.port, None)
 
     def match(self, src_ip: str, src_port: int, dst_ip: str | None, dst_port: int,
               sni: str | None = None) -> Route | None:
-        if self.static is not _UNRESOLVED:
+        if self.resolved:
             return self.static
         src = parsed_address(src_ip)
         dst = parsed_address(dst_ip) if dst_ip is not None else None
         return self._select(src, src_port, dst, dst_port, sni)
 
-    def _select(self, src, src_port, dst, dst_port, sni) -> Route | None:
-        best_route, best_score = None, None
+    def _select(self, src: IPAddress | None, src_port: int, dst: IPAddress | None, dst_port: int,
+                sni: str | None) -> Route | None:
+        best_route: Route | None = None
+        best_score: tuple[int, int, int, int] | None = None
         for route in self.candidates:
             score = _route_score(route, src, src_port, dst, dst_port, sni)
             if score is not None and (best_score is None or score > best_score):
@@ -118,7 +123,8 @@ class ListenerRoutes:
         return best_route
 
 
-def _route_score(route: Route, src, src_port, dst, dst_port, sni) -> tuple | None:
+def _route_score(route: Route, src: IPAddress | None, src_port: int, dst: IPAddress | None, dst_port: int,
+                 sni: str | None) -> tuple[int, int, int, int] | None:
     rank = 0
     if route.snis:
         if sni is None:

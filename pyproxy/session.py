@@ -19,7 +19,8 @@ import ssl
 import struct
 import sys
 import termios
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pyproxy.config.model import (
     STATUS_BAD_GATEWAY,
@@ -29,7 +30,7 @@ from pyproxy.config.model import (
     STATUS_OK,
     Listen,
 )
-from pyproxy.forward import DONE, LOCAL_ERROR, MORE, SCRATCH_SIZE, SRC_ERROR, BufferPump
+from pyproxy.forward import DONE, LOCAL_ERROR, MORE, SCRATCH_SIZE, SRC_ERROR, BufferPump, SplicePump
 from pyproxy.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, STREAM_EVENTS
 from pyproxy.proxy_protocol import DEFAULT_MAX_SIZE as PROXY_HEADER_MAX_SIZE
 from pyproxy.proxy_protocol import (
@@ -43,9 +44,17 @@ from pyproxy.tls.clienthello import ClientHelloError, ClientHelloReader, parse_c
 from pyproxy.tls.stream import TLSStream
 
 if TYPE_CHECKING:
-    from pyproxy.loop import Loop
-    from pyproxy.upstream import Peer
+    from pyproxy.config.model import Route, Service
+    from pyproxy.loop import Loop, Timer
+    from pyproxy.upstream import Balancer, Peer
     from pyproxy.worker import Worker
+
+# A socket as accept() gives it (the C type), or the TLS connection over it once terminated.
+Connection = _socket.socket | TLSStream
+# The client's address: accept()'s (an IPv6 one has four fields), or what a PROXY header announced.
+ClientAddress = tuple[str, int] | tuple[str, int, int, int]
+Pump = BufferPump | SplicePump
+T = TypeVar("T")
 
 IN_EVENTS = EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR
 OUT_EVENTS = EPOLLOUT | EPOLLHUP | EPOLLERR
@@ -85,7 +94,7 @@ def _hello_need(session: Session, data: bytes) -> int:
     return reader.need
 
 
-def _queued(sock) -> int:
+def _queued(sock: Connection) -> int:
     """Bytes waiting in a socket's receive queue, without copying them (FIONREAD, 0.8 µs); on an
     error, as many as could be wanted (the peek that follows reports the error).
 
@@ -99,7 +108,7 @@ def _queued(sock) -> int:
         return sys.maxsize
 
 
-def _send_reset(sock: socket.socket) -> None:
+def _send_reset(sock: Connection) -> None:
     """Make the coming close() abort the connection with a RST instead of a FIN."""
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
@@ -115,36 +124,41 @@ class Session:
                  "started", "ended", "connect_started", "connect_time", "timer", "deadline",
                  "scheduled", "serial", "protocol", "sni", "ssl_protocol", "ssl_cipher", "preread_need",
                  "hello_reader", "notes", "_local_ip", "hups")
+    started: float          # monotonic seconds (the loop's clock) when accepted
+    ended: float            # and when closed
 
-    def __init__(self, worker: Worker, listen: Listen, client: socket.socket, client_addr, serial: int):
+    def __init__(self, worker: Worker, listen: Listen, client: _socket.socket, client_addr: ClientAddress,
+                 serial: int):
         self.worker = worker
         self.loop = worker.loop
-        self.listen = listen
-        self.client = client
-        self.client_addr = client_addr
-        self.upstream: socket.socket | None = None
-        self.c2u = self.u2c = None         # the two pumps, made when forwarding starts
+        self.listen: Listen = listen
+        self.client: Connection = client
+        self.client_addr: ClientAddress = client_addr
+        self.upstream: Connection | None = None
+        # The two pumps, made when forwarding starts.
+        self.c2u: Pump | None = None
+        self.u2c: Pump | None = None
         self.phase = ROUTING
-        self.route = None
-        self.service = None
-        self.balancer = None
+        self.route: Route | None = None
+        self.service: Service | None = None
+        self.balancer: Balancer | None = None
         self.tried: list[Peer] = []
         self.peer: Peer | None = None
-        self.status = STATUS_OK
+        self.status: int = STATUS_OK
         self.started = self.ended = self.loop.now
         self.connect_started = 0.0
         self.connect_time: float | None = None
-        self.timer = None                  # the session's one timer (see _phase_deadline)
+        self.timer: Timer | None = None    # the session's one timer (see _phase_deadline)
         self.deadline = 0.0                # when the current phase before forwarding times out
         self.scheduled = False
-        self.serial = serial
-        self.protocol = "tls" if listen.ssl else "tcp"
+        self.serial: int = serial
+        self.protocol: str = "tls" if listen.ssl else "tcp"
         self.sni: str | None = None
         self.ssl_protocol: str | None = None
         self.ssl_cipher: str | None = None
         self.preread_need = 1
         self.hello_reader: ClientHelloReader | None = None    # once a look found the hello incomplete
-        self.notes: dict | None = None       # what plugins wrote on the session (annotate)
+        self.notes: dict[str, Any] | None = None    # what plugins wrote on the session (annotate)
         self._local_ip: str | None = None
         self.hups = 0                           # CLIENT_HUP | UPSTREAM_HUP: a FIN or error epoll reported
 
@@ -190,7 +204,7 @@ class Session:
         if log.enabled(level):
             log.log(level, f"{message}; {self.describe()}")
 
-    def _hung_up(self, side: int, sock, pump) -> None:
+    def _hung_up(self, side: int, sock: Connection | None, pump: Pump | None) -> None:
         """epoll reported a FIN (or an error) on one side: once only (edge-triggered), perhaps in a
         phase that reads nothing. Remembered, so that this side is read until EOF instead of
         trusting a short read (TLSStream._fill, BufferPump; a SplicePump trusts none)."""
@@ -260,7 +274,9 @@ class Session:
         self.phase = ROUTING
         self.route_phase()
 
-    def _peek_parse(self, parse, error, limit: int, next_need, what: str, broken: str, ended: bool):
+    def _peek_parse(self, parse: Callable[[bytes, int], T | None], error: type[Exception], limit: int,
+                    next_need: Callable[[Session, bytes], int], what: str, broken: str,
+                    ended: bool) -> T | None:
         """Peek at what the client has sent and `parse` it without consuming a byte.
 
         Returns the parsed value, or None: when more bytes are needed (`self.preread_need` then
@@ -393,13 +409,13 @@ class Session:
                 return
         self.connect_phase()
 
-    def annotate(self, key: str, value) -> None:
+    def annotate(self, key: str, value: Any) -> None:
         """A plugin's note on this session, read back in its log hook (or by other plugins)."""
         if self.notes is None:
             self.notes = {}
         self.notes[key] = value
 
-    def annotation(self, key: str, default=None):
+    def annotation(self, key: str, default: Any = None) -> Any:
         return default if self.notes is None else self.notes.get(key, default)
 
     # -- connect --------------------------------------------------------------------------
@@ -505,7 +521,7 @@ class Session:
             return
         self.upstream_handshake()
 
-    def _send_proxy_header(self, build) -> bool:
+    def _send_proxy_header(self, build: Callable[[tuple[str, int], tuple[str, int]], bytes]) -> bool:
         """Tell the upstream who the client is (before any TLS: the header precedes the stream)."""
         header = build((self.client_addr[0], self.client_addr[1]), (self.local_ip(), self.listen.port))
         try:
@@ -589,7 +605,7 @@ class Session:
         if self.phase == FORWARDING:
             self.forward()
 
-    def _pump_failed(self, pump, result: int, client_is_source: bool) -> None:
+    def _pump_failed(self, pump: Pump, result: int, client_is_source: bool) -> None:
         """A reset (or a vanished peer) on one side becomes a reset on the other side; a failure
         of our own (no fd for a pipe) ends the session with 500 and resets nobody.
 
@@ -751,7 +767,7 @@ class LingeringClose:
 
     __slots__ = ("loop", "sock", "fd", "scratch", "held", "timer")
 
-    def __init__(self, loop: Loop, sock: socket.socket, scratch: memoryview, held: set):
+    def __init__(self, loop: Loop, sock: Connection, scratch: memoryview, held: set[LingeringClose]):
         self.loop = loop
         self.sock = sock
         self.fd = sock.fileno()

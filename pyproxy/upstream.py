@@ -138,7 +138,8 @@ class Balancer:
             self._say("warn", f'upstream "{self.name}": all targets are unhealthy, trying them anyway')
         return peer
 
-    def _choose(self, now: float, key: str | None, tried: Collection[Peer], healthy_only: bool):
+    def _choose(self, now: float, key: str | None, tried: Collection[Peer],
+                healthy_only: bool) -> Peer | None:
         if self.algorithm == "consistent-hashing" and key is not None:
             return self._pick_hash(now, key, tried, healthy_only)
         if self.algorithm == "least-connections":
@@ -201,7 +202,7 @@ class Balancer:
         return None
 
     def _build_ring(self) -> None:
-        entries = []
+        entries: list[tuple[int, str, Peer]] = []
         for peer in self.peers:
             if peer.weight <= 0:
                 continue

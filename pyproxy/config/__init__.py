@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from .dump import config_as_yaml, dump_config
 from .errors import ConfigError, ConfigIssue, Invalid
@@ -71,7 +71,7 @@ def load_config(path: str, warn: Callable[[str], None] | None = None) -> Config:
 
 
 @contextlib.contextmanager
-def _collector_paused():
+def _collector_paused() -> Iterator[None]:
     """Python's cyclic garbage collector off while a file is read and validated.
 
     Loading makes millions of objects and keeps them all until the end, and each collection of the

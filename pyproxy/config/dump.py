@@ -9,6 +9,8 @@ addresses, route indexes) is left out: it is worked out again when the dump is l
 
 from __future__ import annotations
 
+from typing import Any
+
 import yaml
 
 from pyproxy.addresses import host_port
@@ -30,8 +32,11 @@ from .model import (
 )
 from .values import format_duration
 
+# A mapping of the dump: plain data (str, int, bool, bytes, lists and such mappings), as YAML writes it.
+Mapping = dict[str, Any]
 
-def dump_config(config: Config) -> dict:
+
+def dump_config(config: Config) -> Mapping:
     """The configuration as the document a user would write for it (see the module's docstring)."""
     document = {
         "worker_processes": config.worker_processes,
@@ -66,7 +71,7 @@ def config_as_yaml(config: Config) -> str:
                                    width=1 << 16)
 
 
-def _without_nones(mapping: dict) -> dict:
+def _without_nones(mapping: Mapping) -> Mapping:
     """`mapping` without its unset optional keys (absent and null mean the same to the loader)."""
     return {key: value for key, value in mapping.items() if value is not None}
 
@@ -81,7 +86,7 @@ def _listen(listen: Listen) -> str:
     return " ".join([str(listen), *flags, f"backlog={listen.backlog}"])
 
 
-def _ssl(settings: SSLSettings) -> dict:
+def _ssl(settings: SSLSettings) -> Mapping:
     return _without_nones({
         "protocols": list(settings.protocols),
         "ciphers": settings.ciphers,
@@ -92,16 +97,16 @@ def _ssl(settings: SSLSettings) -> dict:
     })
 
 
-def _cert_key(files: CertKey) -> dict:
+def _cert_key(files: CertKey) -> Mapping:
     return {"cert": files.cert, "key": files.key}
 
 
-def _certificate(certificate: Certificate) -> dict:
+def _certificate(certificate: Certificate) -> Mapping:
     # The SNIs the loader settled on (those written, or the certificate's own names), written out.
     return {"cert": certificate.cert, "key": certificate.key, "snis": list(certificate.snis)}
 
 
-def _upstream(upstream: Upstream) -> dict:
+def _upstream(upstream: Upstream) -> Mapping:
     return {
         "name": upstream.name,
         "algorithm": upstream.algorithm,
@@ -114,7 +119,7 @@ def _upstream(upstream: Upstream) -> dict:
     }
 
 
-def _active_healthcheck(check: ActiveHealthcheck) -> dict:
+def _active_healthcheck(check: ActiveHealthcheck) -> Mapping:
     return _without_nones({
         "type": check.type,
         "interval": format_duration(check.interval),
@@ -126,14 +131,14 @@ def _active_healthcheck(check: ActiveHealthcheck) -> dict:
     })
 
 
-def _passive_healthcheck(check: PassiveHealthcheck) -> dict:
+def _passive_healthcheck(check: PassiveHealthcheck) -> Mapping:
     return {
         "unhealthy": {"tcp_failures": check.unhealthy_tcp_failures, "timeouts": check.unhealthy_timeouts},
         "fail_timeout": format_duration(check.fail_timeout),
     }
 
 
-def _probe_bytes(data: bytes | None):
+def _probe_bytes(data: bytes | None) -> str | bytes | None:
     """Text where the loader would read the same bytes back from it, else the bytes (YAML `!!binary`)."""
     if data is None:
         return None
@@ -144,11 +149,11 @@ def _probe_bytes(data: bytes | None):
     return data if "\0" in text else text      # the loader refuses NUL in text, not in !!binary
 
 
-def _target(target: Target) -> dict:
+def _target(target: Target) -> Mapping:
     return {"target": host_port(target.host, target.port), "weight": target.weight}
 
 
-def _service(service: Service) -> dict:
+def _service(service: Service) -> Mapping:
     return _without_nones({
         "name": service.name,
         "protocol": service.protocol,
@@ -167,7 +172,7 @@ def _service(service: Service) -> dict:
     })
 
 
-def _route(route: Route) -> dict:
+def _route(route: Route) -> Mapping:
     return {
         "name": route.name,
         "protocols": list(route.protocols),
@@ -177,12 +182,12 @@ def _route(route: Route) -> dict:
     }
 
 
-def _address_match(match: AddressMatch) -> dict:
+def _address_match(match: AddressMatch) -> Mapping:
     return _without_nones({"ip": str(match.network) if match.network is not None else None,
                            "port": match.port})
 
 
-def _plugin(plugin: Plugin) -> dict:
+def _plugin(plugin: Plugin) -> Mapping:
     from pyproxy.plugins import plain  # here, not at the top: the plugins package imports this one
     # `or {}`: the loader keeps an empty mapping as (), which plain() would turn into a list.
     return _without_nones({"name": plugin.name, "route": plugin.route, "service": plugin.service,

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TypeVar, overload
 
 from .errors import ConfigIssue, Invalid, describe, item_path, key_path
 from .loader import YamlList, YamlMap
-from .values import Converter, did_you_mean
+from .values import did_you_mean
 
 T = TypeVar("T")
+D = TypeVar("D")
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,14 @@ class Section:
         line = self.mapping.value_lines.get(key, self.mapping.line)
         return Place(key_path(self.place.path, key), line)
 
-    def get(self, key: str, convert: Converter, default=None, required: bool = False):
+    @overload
+    def get(self, key: str, convert: Callable[[object], T], default: None = None,
+            required: bool = False) -> T | None: ...
+    @overload
+    def get(self, key: str, convert: Callable[[object], T], default: D, required: bool = False) -> T | D: ...
+
+    def get(self, key: str, convert: Callable[[object], T], default: D | None = None,
+            required: bool = False) -> T | D | None:
         """The value of `key` passed through `convert`; `default` if it is absent or wrong."""
         value = self.mapping.get(key)
         if value is None:
@@ -99,7 +107,13 @@ class Section:
             self.report.error(self.place_of(key), str(problem))
             return default
 
-    def nested(self, key: str, build: Callable[[Report, Place, object], T], default=None):
+    @overload
+    def nested(self, key: str, build: Callable[[Report, Place, object], T]) -> T | None: ...
+    @overload
+    def nested(self, key: str, build: Callable[[Report, Place, object], T], default: D) -> T | D: ...
+
+    def nested(self, key: str, build: Callable[[Report, Place, object], T],
+               default: D | None = None) -> T | D | None:
         """`build(report, place, value)` for a key holding a structure; `default` if it is absent."""
         value = self.mapping.get(key)
         if value is None:

@@ -12,13 +12,16 @@ import os
 import re
 import socket
 from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 from pyproxy.addresses import is_ip_address
 
 from .errors import Invalid, describe
 from .model import IPNetwork
 
-Converter = Callable[[object], object]
+T = TypeVar("T")
+# Turns what YAML gave into the model's value of type T, or raises Invalid.
+Converter = Callable[[object], T]
 
 ACCESS_LOG_VARIABLES = (
     "remote_addr", "remote_port", "server_addr", "server_port", "protocol", "status", "bytes_sent",
@@ -259,7 +262,7 @@ def parse_bool(value: object) -> bool:
     return value
 
 
-def integer(minimum: int, maximum: int | None = None) -> Converter:
+def integer(minimum: int, maximum: int | None = None) -> Converter[int]:
     """A converter for an integer in [minimum, maximum]."""
     def convert(value: object) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -271,7 +274,7 @@ def integer(minimum: int, maximum: int | None = None) -> Converter:
     return convert
 
 
-def one_of(choices: Iterable[str]) -> Converter:
+def one_of(choices: Iterable[str]) -> Converter[str]:
     """A converter accepting exactly one of `choices`."""
     choices = tuple(choices)
 

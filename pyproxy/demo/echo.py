@@ -27,6 +27,8 @@ def greeting(name: str, ip: str) -> bytes:
 
 
 class _Handler(socketserver.BaseRequestHandler):
+    server: _Server
+
     def handle(self) -> None:
         conn: socket.socket = self.request
         try:
@@ -45,14 +47,18 @@ class _Server(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
     daemon_threads = True
     request_queue_size = 128
+    name = ""
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
 
 
 class EchoServer:
     """A threaded echo server on (host, port); `start()` returns once it is listening."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 1025, name: str | None = None):
-        family = family_of(host)
-        server_class = type("_Server", (_Server,), {"address_family": family})
+        server_class = _Server6 if family_of(host) == socket.AF_INET6 else _Server
         self.server = server_class((host, port), _Handler)
         self.server.name = name or f"echo-{port}"
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.2},
@@ -60,7 +66,8 @@ class EchoServer:
 
     @property
     def address(self) -> tuple[str, int]:
-        return self.server.server_address[:2]
+        host, port = self.server.server_address[:2]
+        return str(host), int(port)
 
     def start(self) -> EchoServer:
         self.thread.start()

@@ -71,6 +71,9 @@ __all__ = [
     "parse_client_hello",
 ]
 
+# What the parsers read: a peek's bytes, or a buffer the caller keeps.
+Data = bytes | bytearray | memoryview
+
 CONTENT_TYPE_HANDSHAKE = 0x16
 HANDSHAKE_CLIENT_HELLO = 0x01
 RECORD_HEADER_LENGTH = 5
@@ -167,7 +170,7 @@ class ClientHello:
         return _VERSION_NAMES[max(known)] if known else ""
 
 
-def parse_client_hello(data: bytes | bytearray | memoryview,
+def parse_client_hello(data: Data,
                        max_size: int = DEFAULT_MAX_SIZE) -> ClientHello | None:
     """Parse the ClientHello at the start of ``data`` (everything read from the client so far).
 
@@ -185,7 +188,7 @@ def parse_client_hello(data: bytes | bytearray | memoryview,
     return _parse_any(data, max_size)
 
 
-def _parse_common_case(data, max_size: int) -> ClientHello | None:
+def _parse_common_case(data: bytes, max_size: int) -> ClientHello | None:
     """The hello every client sends: one record, well formed. Parsed in place with fewer checks
     per extension (a TLS termination pays for this parse on every handshake), it gives exactly what
     `_parse_any` gives; anything else (more records, more bytes needed, any error) is None and
@@ -243,7 +246,7 @@ def _parse_common_case(data, max_size: int) -> ClientHello | None:
                        extensions=tuple(types), length=stop)
 
 
-def _parse_any(data, max_size: int = DEFAULT_MAX_SIZE) -> ClientHello | None:
+def _parse_any(data: Data, max_size: int = DEFAULT_MAX_SIZE) -> ClientHello | None:
     """parse_client_hello for every input: any number of records and segments, and every error."""
     return ClientHelloReader()._walk(data, max_size)
 
@@ -268,7 +271,7 @@ class ClientHelloReader:
         self.needed = 0                 # the message's length, 4-byte header included, once known
         self.need = 1                   # after a None: the buffer length the hello needs at the least
 
-    def parse(self, data: bytes | bytearray | memoryview,
+    def parse(self, data: Data,
               max_size: int = DEFAULT_MAX_SIZE) -> ClientHello | None:
         """``parse_client_hello(data, max_size)``, resumed where the previous call stopped."""
         if not self.records and type(data) is bytes:
@@ -279,7 +282,7 @@ class ClientHelloReader:
                 return hello
         return self._walk(data, max_size)
 
-    def _walk(self, data, max_size: int) -> ClientHello | None:
+    def _walk(self, data: Data, max_size: int) -> ClientHello | None:
         available = len(data)
         pos = self.pos
         message = self.message
@@ -313,7 +316,7 @@ class ClientHelloReader:
         self.need = self._need(data, available, max_size)
         return None
 
-    def _need(self, data, available: int, max_size: int) -> int:
+    def _need(self, data: Data, available: int, max_size: int) -> int:
         """The least buffer length at which the hello can be complete: the rest of it in the
         record being received, or else in one more record. Raises when that is beyond max_size."""
         end = self.pos
@@ -331,7 +334,7 @@ class ClientHelloReader:
         return end
 
 
-def _check_record_header(data, offset: int, available: int, number: int) -> int | None:
+def _check_record_header(data: Data, offset: int, available: int, number: int) -> int | None:
     """Validate the (possibly partial) record header at ``offset``; its fragment length, or
     ``None`` when the header is not all there yet."""
     content_type = data[offset]
@@ -371,7 +374,7 @@ def _check_handshake_length(header: bytes, max_size: int) -> int:
     return length
 
 
-def _parse_body(message: bytes, data, length: int) -> ClientHello:
+def _parse_body(message: bytes, data: Data, length: int) -> ClientHello:
     """Decode a complete ClientHello message (handshake header included)."""
     end = len(message)
     pos = HANDSHAKE_HEADER_LENGTH  # the minimum length checked earlier covers the fixed part

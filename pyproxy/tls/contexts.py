@@ -9,6 +9,7 @@ Certificate wildcards follow RFC 6125: `*.example.com` covers one label (`a.exam
 
 from __future__ import annotations
 
+import _socket
 import ssl
 
 from pyproxy.addresses import is_ip_address
@@ -86,13 +87,14 @@ class ServerTLS:
                 return ctx
         return None
 
-    def _on_sni(self, ssl_object, server_name, listening_context) -> None:
+    def _on_sni(self, ssl_object: ssl.SSLObject, server_name: str | None,
+                listening_context: ssl.SSLContext) -> None:
         ctx = self.context_for(server_name)
         if ctx is not None:
             ssl_object.context = ctx
         return None
 
-    def wrap(self, sock, scratch: memoryview, loop: Loop) -> TLSStream:
+    def wrap(self, sock: _socket.socket, scratch: memoryview, loop: Loop) -> TLSStream:
         """The server side of TLS over an accepted socket; the handshake is driven by the caller."""
         return TLSStream(sock, self.context, True, scratch, loop=loop)
 
@@ -128,7 +130,8 @@ class UpstreamTLS:
         ctx.options |= ssl.OP_IGNORE_UNEXPECTED_EOF     # as on the server side: a FIN ends the data
         return ctx
 
-    def wrap(self, sock, scratch: memoryview, client_sni: str | None, loop: Loop) -> TLSStream:
+    def wrap(self, sock: _socket.socket, scratch: memoryview, client_sni: str | None,
+             loop: Loop) -> TLSStream:
         """The client side of TLS over a connected socket; SNI is tls_server_name, else the host,
         else the client's own SNI."""
         name = self.server_name or client_sni
