@@ -21,6 +21,8 @@ from pathlib import Path
 
 import psutil
 
+from pyproxy.demo.echo import echo
+
 PORT_RANGE = (20000, 32000)     # below the ephemeral range (32768+), where client ports live
 _used_ports: set[int] = set()
 _port_lock = threading.Lock()
@@ -103,12 +105,7 @@ class Upstream:
 
 def echo_handler(conn: socket.socket, up: Upstream) -> None:
     """Echo until EOF, then half-close back."""
-    while True:
-        data = conn.recv(65536)
-        if not data:
-            break
-        conn.sendall(data)
-    conn.shutdown(socket.SHUT_WR)
+    echo(conn)
 
 
 def tag_handler(conn: socket.socket, up: Upstream) -> None:

@@ -15,28 +15,14 @@ import yaml
 
 from pyproxy.addresses import host_port
 
-from .model import (
-    ActiveHealthcheck,
-    AddressMatch,
-    Certificate,
-    CertKey,
-    Config,
-    Listen,
-    PassiveHealthcheck,
-    Plugin,
-    Route,
-    Service,
-    SSLSettings,
-    Target,
-    Upstream,
-)
+from . import model
 from .values import format_duration
 
 # A mapping of the dump: plain data (str, int, bool, bytes, lists and such mappings), as YAML writes it.
 Mapping = dict[str, Any]
 
 
-def dump_config(config: Config) -> Mapping:
+def dump_config(config: model.Config) -> Mapping:
     """The configuration as the document a user would write for it (see the module's docstring)."""
     document = {
         "worker_processes": config.worker_processes,
@@ -62,7 +48,7 @@ def dump_config(config: Config) -> Mapping:
     return _without_nones(document)
 
 
-def config_as_yaml(config: Config) -> str:
+def config_as_yaml(config: model.Config) -> str:
     """`pyproxy -T`'s output: dump_config as YAML, headed by a comment naming the file it came from."""
     header = (f"# pyproxy -T: the effective configuration of {config.path} (defaults "
               "filled in, paths absolute)\n")
@@ -81,12 +67,12 @@ def _off_if_none(path: str | None) -> str:
     return "off" if path is None else path
 
 
-def _listen(listen: Listen) -> str:
+def _listen(listen: model.Listen) -> str:
     flags = [flag for flag, on in (("ssl", listen.ssl), ("proxy_protocol", listen.proxy_protocol)) if on]
     return " ".join([str(listen), *flags, f"backlog={listen.backlog}"])
 
 
-def _ssl(settings: SSLSettings) -> Mapping:
+def _ssl(settings: model.SSLSettings) -> Mapping:
     return _without_nones({
         "protocols": list(settings.protocols),
         "ciphers": settings.ciphers,
@@ -97,16 +83,16 @@ def _ssl(settings: SSLSettings) -> Mapping:
     })
 
 
-def _cert_key(files: CertKey) -> Mapping:
+def _cert_key(files: model.CertKey) -> Mapping:
     return {"cert": files.cert, "key": files.key}
 
 
-def _certificate(certificate: Certificate) -> Mapping:
+def _certificate(certificate: model.Certificate) -> Mapping:
     # The SNIs the loader settled on (those written, or the certificate's own names), written out.
     return {"cert": certificate.cert, "key": certificate.key, "snis": list(certificate.snis)}
 
 
-def _upstream(upstream: Upstream) -> Mapping:
+def _upstream(upstream: model.Upstream) -> Mapping:
     return {
         "name": upstream.name,
         "algorithm": upstream.algorithm,
@@ -119,7 +105,7 @@ def _upstream(upstream: Upstream) -> Mapping:
     }
 
 
-def _active_healthcheck(check: ActiveHealthcheck) -> Mapping:
+def _active_healthcheck(check: model.ActiveHealthcheck) -> Mapping:
     return _without_nones({
         "type": check.type,
         "interval": format_duration(check.interval),
@@ -131,7 +117,7 @@ def _active_healthcheck(check: ActiveHealthcheck) -> Mapping:
     })
 
 
-def _passive_healthcheck(check: PassiveHealthcheck) -> Mapping:
+def _passive_healthcheck(check: model.PassiveHealthcheck) -> Mapping:
     return {
         "unhealthy": {"tcp_failures": check.unhealthy_tcp_failures, "timeouts": check.unhealthy_timeouts},
         "fail_timeout": format_duration(check.fail_timeout),
@@ -149,11 +135,11 @@ def _probe_bytes(data: bytes | None) -> str | bytes | None:
     return data if "\0" in text else text      # the loader refuses NUL in text, not in !!binary
 
 
-def _target(target: Target) -> Mapping:
+def _target(target: model.Target) -> Mapping:
     return {"target": host_port(target.host, target.port), "weight": target.weight}
 
 
-def _service(service: Service) -> Mapping:
+def _service(service: model.Service) -> Mapping:
     return _without_nones({
         "name": service.name,
         "protocol": service.protocol,
@@ -172,7 +158,7 @@ def _service(service: Service) -> Mapping:
     })
 
 
-def _route(route: Route) -> Mapping:
+def _route(route: model.Route) -> Mapping:
     return {
         "name": route.name,
         "protocols": list(route.protocols),
@@ -182,12 +168,12 @@ def _route(route: Route) -> Mapping:
     }
 
 
-def _address_match(match: AddressMatch) -> Mapping:
+def _address_match(match: model.AddressMatch) -> Mapping:
     return _without_nones({"ip": str(match.network) if match.network is not None else None,
                            "port": match.port})
 
 
-def _plugin(plugin: Plugin) -> Mapping:
+def _plugin(plugin: model.Plugin) -> Mapping:
     from pyproxy.plugins import plain  # here, not at the top: the plugins package imports this one
     # `or {}`: the loader keeps an empty mapping as (), which plain() would turn into a list.
     return _without_nones({"name": plugin.name, "route": plugin.route, "service": plugin.service,

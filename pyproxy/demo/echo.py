@@ -26,6 +26,17 @@ def greeting(name: str, ip: str) -> bytes:
             f"With IP address {ip}.\n").encode()
 
 
+def echo(conn: socket.socket) -> None:
+    """Send back what `conn` sends until its EOF, then half-close (the test suite's echo upstream
+    uses it too)."""
+    while True:
+        data = conn.recv(65536)
+        if not data:
+            break
+        conn.sendall(data)
+    conn.shutdown(socket.SHUT_WR)
+
+
 class _Handler(socketserver.BaseRequestHandler):
     server: _Server
 
@@ -33,12 +44,7 @@ class _Handler(socketserver.BaseRequestHandler):
         conn: socket.socket = self.request
         try:
             conn.sendall(greeting(self.server.name, conn.getsockname()[0]))
-            while True:
-                data = conn.recv(65536)
-                if not data:
-                    break
-                conn.sendall(data)
-            conn.shutdown(socket.SHUT_WR)
+            echo(conn)
         except OSError:
             pass
 
