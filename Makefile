@@ -1,10 +1,11 @@
-# pyproxy: `make run` starts the demo, `make test` runs the suite, `make bench` measures against nginx/HAProxy.
+# pyproxy: `make run` starts the demo, `make test` runs lint and the suite, `make bench` measures against
+# nginx/HAProxy.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test unit integration bench clean
+.PHONY: install run lint test unit integration bench clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,7 +30,13 @@ run: install
 TEST_PACKAGES := openssl:openssl haproxy:haproxy nginx:nginx \
                  /usr/lib/nginx/modules/ngx_stream_module.so:libnginx-mod-stream
 
-test: $(STAMP)
+# Lint (ruff) and types (mypy, strict on pyproxy/): settings in pyproject.toml.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+# Lint first: a finding fails `make test`, and so CI (.ci/run).
+test: lint
 	bash scripts/ensure-debian-packages.sh $(TEST_PACKAGES)
 	$(PY) -m pytest -q tests
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pyproxy.config.values import congestion_control_refused
 
 PROXIES = ("nginx", "haproxy", "pyproxy")
-TARGETS = ("direct",) + PROXIES          # what every scenario is run against
+TARGETS = ("direct", *PROXIES)         # what every scenario is run against
 LOOPBACK = "127.0.0.1"
 PORT_STRIDE = 10                          # ports reserved per proxy in the layout above
 HIGHEST_PORT = 32767                      # stay below the kernel's ephemeral range (32768-60999)
@@ -160,7 +160,8 @@ def haproxy_conf(folder: str, layout: Layout, cert: Certificate, threads: int) -
     front, up = layout.front("haproxy"), layout.upstream
 
     def proxy(name: str, port: int, upstream: int, bind_options: str = "") -> str:
-        return (f"frontend fe_{name}\n    bind {LOOPBACK}:{port}{bind_options}\n    default_backend be_{name}\n"
+        return (f"frontend fe_{name}\n    bind {LOOPBACK}:{port}{bind_options}\n    "
+                f"default_backend be_{name}\n"
                 f"backend be_{name}\n    server s1 {LOOPBACK}:{upstream}\n")
 
     return f"""# HAProxy (mode tcp) for the benchmark.

@@ -16,8 +16,8 @@ import selectors
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import psutil
 
@@ -46,7 +46,7 @@ class IdleUpstream:
         while self._running:
             try:
                 conn, _ = self.listener.accept()
-            except (socket.timeout, BlockingIOError):
+            except (TimeoutError, BlockingIOError):
                 continue
             except OSError:
                 return                        # listener closed
@@ -82,7 +82,8 @@ def ensure_descriptors(connections: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
 
 
-def open_idle_clients(host: str, port: int, count: int, timeout: float = CONNECT_TIMEOUT) -> list[socket.socket]:
+def open_idle_clients(host: str, port: int, count: int,
+                      timeout: float = CONNECT_TIMEOUT) -> list[socket.socket]:
     """Open `count` connections to host:port with non-blocking connects, CONNECT_BATCH at a time."""
     clients: list[socket.socket] = []
     deadline = time.monotonic() + timeout
@@ -150,7 +151,8 @@ def measure_idle_memory(processes: Callable[[], Iterable[psutil.Process]], upstr
         deadline = time.monotonic() + CONNECT_TIMEOUT
         while upstream.count < count:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"the upstream saw {upstream.count} of {count} sessions through port {port}")
+                raise TimeoutError(f"the upstream saw {upstream.count} of {count} "
+                                   f"sessions through port {port}")
             time.sleep(0.05)
         time.sleep(settle)
         after = _weigh(processes)

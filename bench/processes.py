@@ -11,8 +11,8 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable, Optional
 
 import psutil
 
@@ -40,7 +40,7 @@ class Server:
         """The server's process and all its descendants (nginx's or pyproxy's workers)."""
         try:
             root = psutil.Process(self.pid)
-            return [root] + root.children(recursive=True)
+            return [root, *root.children(recursive=True)]
         except psutil.NoSuchProcess:
             return []
 
@@ -59,13 +59,13 @@ class Fleet:
         self.log_dir = log_dir
         self.servers: dict[str, Server] = {}
 
-    def __enter__(self) -> "Fleet":
+    def __enter__(self) -> Fleet:
         return self
 
     def __exit__(self, *exc_info) -> None:
         self.stop_all()
 
-    def start(self, name: str, argv: list[str], cwd: Optional[str] = None) -> Server:
+    def start(self, name: str, argv: list[str], cwd: str | None = None) -> Server:
         """Start `argv` in a new process group, output to `<log_dir>/<name>.log`."""
         log_path = os.path.join(self.log_dir, f"{name}.log")
         with open(log_path, "ab") as log:

@@ -37,15 +37,21 @@ import time
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench import configs                                              # noqa: E402
-from bench.configs import Layout                                       # noqa: E402
-from bench.processes import Fleet, listening_ports                     # noqa: E402
-from bench.configs import PROXIES                                      # noqa: E402
-from bench.processes import total_cpu_seconds                          # noqa: E402
-from bench.run import (DEFAULT_BASE_PORT, REPO_DIR, RESULTS_DIR, UPSTREAM_WORKERS, WORKERS,  # noqa: E402
-                       Bench, Settings, start_proxy)
-from bench.scenarios import SCENARIOS                                  # noqa: E402
-from bench.tools import WrkResult, run_wrk                             # noqa: E402
+from bench import configs
+from bench.configs import PROXIES, Layout
+from bench.processes import Fleet, listening_ports, total_cpu_seconds
+from bench.run import (
+    DEFAULT_BASE_PORT,
+    REPO_DIR,
+    RESULTS_DIR,
+    UPSTREAM_WORKERS,
+    WORKERS,
+    Bench,
+    Settings,
+    start_proxy,
+)
+from bench.scenarios import SCENARIOS
+from bench.tools import WrkResult, run_wrk
 
 SAMPLING_RATE = 250        # py-spy samples per second (its default is 100): more detail in a short run
 PERF_RATE = 2000           # perf samples per second and CPU
@@ -264,7 +270,8 @@ def pin_proxy(fleet: Fleet, proxy: str) -> str:
             for thread in process.threads():
                 os.sched_setaffinity(thread.id, where)
     os.sched_setaffinity(0, rest)
-    return f"pinned: {proxy} on CPU {cpus[-1]}; wrk and the upstream on CPU {', '.join(map(str, sorted(rest)))}"
+    return (f"pinned: {proxy} on CPU {cpus[-1]}; wrk and the upstream on CPU "
+            f"{', '.join(map(str, sorted(rest)))}")
 
 
 def perf_works() -> bool:
@@ -293,7 +300,8 @@ def cpu_by_library(bench: Bench, scenario, workers: list[int], proxy: str, secon
     proxy's workers for one wrk run: CPU microseconds per request in each library."""
     data = os.path.join(run_dir, "perf.data")
     recorder = subprocess.Popen(["perf", "record", "-e", "cpu-clock", "-F", str(PERF_RATE), "-o", data,
-                                 "-p", ",".join(map(str, workers)), "--", "sleep", str(seconds + TRACER_START)],
+                                 "-p", ",".join(map(str, workers)),
+                                 "--", "sleep", str(seconds + TRACER_START)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(TRACER_START / 2)
     sampled = bench_wrk(bench, scenario, seconds, proxy)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import statistics
 from dataclasses import asdict, dataclass, field
-from typing import Optional
 
 from bench.configs import TARGETS
 from bench.scenarios import METRICS, Metric
@@ -22,7 +21,7 @@ class Run:
     round: int
     target: str
     measures: dict[str, float] = field(default_factory=dict)
-    error: Optional[str] = None
+    error: str | None = None
 
 
 @dataclass
@@ -33,27 +32,28 @@ class Row:
     title: str
     unit: str
     higher_is_better: bool
-    values: dict[str, Optional[float]]           # target → median (None: not measured or failed)
+    values: dict[str, float | None]           # target → median (None: not measured or failed)
     runs: dict[str, list[float]]                 # target → each round's value
-    ratio_to_nginx: dict[str, Optional[float]]
-    pyproxy_to_direct: Optional[float] = None
+    ratio_to_nginx: dict[str, float | None]
+    pyproxy_to_direct: float | None = None
     target: str = ""                             # issue 4's goal, in words
-    verdict: Optional[str] = None                # PASS, FAIL, NO DATA, or None when there is no goal
-    overhead_of: Optional[str] = None            # set on "− direct" rows: the metric they derive from
+    verdict: str | None = None                # PASS, FAIL, NO DATA, or None when there is no goal
+    overhead_of: str | None = None            # set on "− direct" rows: the metric they derive from
 
 
-def _ratio(value: Optional[float], base: Optional[float]) -> Optional[float]:
+def _ratio(value: float | None, base: float | None) -> float | None:
     if value is None or not base:
         return None
     return value / base
 
 
-def _median_values(runs: list[Run], metric: Metric) -> tuple[dict[str, Optional[float]], dict[str, list[float]]]:
+def _median_values(runs: list[Run], metric: Metric) -> tuple[dict[str, float | None], dict[str, list[float]]]:
     per_target: dict[str, list[float]] = {target: [] for target in TARGETS}
     for run in runs:
         if run.scenario == metric.scenario and run.error is None and metric.measure in run.measures:
             per_target[run.target].append(run.measures[metric.measure])
-    medians = {target: (statistics.median(values) if values else None) for target, values in per_target.items()}
+    medians = {target: (statistics.median(values) if values else None)
+               for target, values in per_target.items()}
     return medians, per_target
 
 
@@ -83,7 +83,7 @@ def build_rows(runs: list[Run]) -> list[Row]:
     return rows
 
 
-def fmt(value: Optional[float]) -> str:
+def fmt(value: float | None) -> str:
     """A figure with as many digits as it deserves."""
     if value is None:
         return "–"
@@ -97,7 +97,7 @@ def fmt(value: Optional[float]) -> str:
     return f"{value:.3f}"
 
 
-def fmt_ratio(value: Optional[float]) -> str:
+def fmt_ratio(value: float | None) -> str:
     return "–" if value is None else f"{value:.2f}×"
 
 
@@ -117,7 +117,7 @@ def text_table(rows: list[Row]) -> str:
     lines = []
     for index, line in enumerate(table):
         cells = [line[0].ljust(widths[0]), line[1].ljust(widths[1])]
-        cells += [cell.rjust(width) for cell, width in zip(line[2:-2], widths[2:-2])]
+        cells += [cell.rjust(width) for cell, width in zip(line[2:-2], widths[2:-2], strict=True)]
         cells += [line[-2].ljust(widths[-2]), line[-1]]
         lines.append("  ".join(cells).rstrip())
         if index == 0:
@@ -217,7 +217,7 @@ def chart(rows: list[Row], path: str, subtitle: str) -> None:
     ax.axvline(1.0, color="black", linestyle="--", linewidth=1)
     ax.text(1.0, len(shown) - 0.45, " nginx = 1", fontsize=9)
     ratios = [ratio for row in shown for ratio in row.ratio_to_nginx.values() if ratio is not None]
-    ax.set_xlim(0, min(max([2.0] + ratios), RATIO_AXIS_MAX) * 1.1)
+    ax.set_xlim(0, min(max([2.0, *ratios]), RATIO_AXIS_MAX) * 1.1)
     ax.set_ylim(-0.7, len(shown) - 0.2)
     ax.set_xlabel("ratio to nginx stream (same run, same worker count)")
     ax.set_title(f"pyproxy and HAProxy relative to nginx stream\n{subtitle}", fontsize=11)

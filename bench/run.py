@@ -29,13 +29,13 @@ from dataclasses import dataclass
 if __package__ in (None, ""):              # `python bench/run.py`: make `bench` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench import configs, report                                      # noqa: E402
-from bench.configs import LOOPBACK, PROXIES, TARGETS, Layout           # noqa: E402
-from bench.idle import IdleUpstream, measure_idle_memory               # noqa: E402
-from bench.processes import Fleet, StartError, listening_ports, total_cpu_seconds, total_pss   # noqa: E402
-from bench.report import Run                                           # noqa: E402
-from bench.scenarios import SCENARIO_NAMES, SCENARIOS, Scenario        # noqa: E402
-from bench.tools import ToolError, run_iperf3, run_wrk                 # noqa: E402
+from bench import configs, report
+from bench.configs import LOOPBACK, PROXIES, TARGETS, Layout
+from bench.idle import IdleUpstream, measure_idle_memory
+from bench.processes import Fleet, StartError, listening_ports, total_cpu_seconds, total_pss
+from bench.report import Run
+from bench.scenarios import SCENARIO_NAMES, SCENARIOS, Scenario
+from bench.tools import ToolError, run_iperf3, run_wrk
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_DIR = os.path.dirname(BENCH_DIR)
@@ -65,7 +65,7 @@ class Settings:
     iperf_bytes: int = 0     # iperf3 sends this many bytes instead of running `duration` (0: use duration)
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "Settings":
+    def from_args(cls, args: argparse.Namespace) -> Settings:
         if args.quick:
             base = cls(rounds=1, duration=1, connections=10, threads=2, idle_connections=200, settle=0.2,
                        warmup=False, iperf_bytes=QUICK_IPERF_BYTES)
@@ -82,12 +82,14 @@ class Settings:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smoke mode: one round, 1 s runs, few connections")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke mode: one round, 1 s runs, few connections")
     parser.add_argument("--only", action="append", choices=SCENARIO_NAMES, metavar="SCENARIO",
                         help=f"run only this scenario (repeatable): {', '.join(SCENARIO_NAMES)}")
     parser.add_argument("--rounds", type=int, help="interleaved rounds per scenario (default 3, quick 1)")
     parser.add_argument("--duration", type=int, help="seconds per wrk/iperf3 run (default 5, quick 1)")
-    parser.add_argument("--idle-connections", type=int, help="idle sessions for the memory figure (default 4000)")
+    parser.add_argument("--idle-connections", type=int,
+                        help="idle sessions for the memory figure (default 4000)")
     parser.add_argument("--base-port", type=int, default=DEFAULT_BASE_PORT, help="first port of the layout")
     parser.add_argument("--cert", choices=("ec", "rsa"), default="ec",
                         help="certificate key type for the TLS scenarios (default: ECDSA P-256)")
@@ -305,9 +307,9 @@ class Bench:
         found = []
         for target in TARGETS:
             try:
-                with socket.create_connection((LOOPBACK, self.layout.front(target).https), timeout=5) as raw:
-                    with client.wrap_socket(raw, server_hostname=self.host) as tls:
-                        found.append(f"{target} {tls.version()}")
+                with (socket.create_connection((LOOPBACK, self.layout.front(target).https), timeout=5) as raw,
+                      client.wrap_socket(raw, server_hostname=self.host) as tls):
+                    found.append(f"{target} {tls.version()}")
             except (OSError, ssl.SSLError) as problem:
                 found.append(f"{target} failed ({problem})")
         return ", ".join(found)
@@ -339,7 +341,8 @@ def describe(scenario: Scenario, measures: dict[str, float]) -> str:
     if scenario.tool == "iperf3":
         cpu = f"  {measures['cpu_s_per_gb']:.3f} CPU s/GB" if "cpu_s_per_gb" in measures else ""
         return f"{measures['gbit_s']:>10.2f} Gbit/s{cpu}"
-    return (f"{measures['kib_per_connection']:>10.2f} KiB/connection  (PSS {measures['pss_before_mib']:.1f} → "
+    return (f"{measures['kib_per_connection']:>10.2f} KiB/connection  (PSS "
+            f"{measures['pss_before_mib']:.1f} → "
             f"{measures['pss_after_mib']:.1f} MiB)")
 
 
@@ -361,7 +364,8 @@ def run_scenarios(bench: Bench, scenarios: list[Scenario], fleet: Fleet) -> list
                 raise ToolError(f"{target} has exited (see {fleet.servers[target].log_path})")
             measures = bench.measure(scenario, target)
         except (ToolError, TimeoutError, ConnectionError, OSError) as problem:
-            first_line = str(problem).strip().splitlines()[0] if str(problem).strip() else type(problem).__name__
+            text = str(problem).strip()
+            first_line = text.splitlines()[0] if text else type(problem).__name__
             print(f"{label} FAILED: {first_line}", flush=True)
             runs.append(Run(scenario.name, round_, target, error=str(problem)))
         else:

@@ -8,7 +8,6 @@ results table. A target compares pyproxy with nginx in the same run (and, for bu
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 
 @dataclass(frozen=True)
@@ -20,8 +19,8 @@ class Scenario:
     tool: str
     tls: bool = False              # wrk: https to the TLS-terminating port
     close: bool = False            # wrk: `Connection: close`, so one connection per request
-    connections: Optional[int] = None   # wrk: None = the run's default (50, or fewer in --quick)
-    threads: Optional[int] = None       # wrk: None = the run's default (2)
+    connections: int | None = None   # wrk: None = the run's default (50, or fewer in --quick)
+    threads: int | None = None       # wrk: None = the run's default (2)
     streams: int = 1               # iperf3: parallel streams
     duration_scale: float = 1.0    # a fraction of the run's duration (the latency probe needs less)
     direct: bool = True            # run against the upstream alone too
@@ -47,9 +46,9 @@ class Target:
     """Issue 4's goal for a metric: pyproxy / nginx at least `ratio_min` or at most `ratio_max`, and
     pyproxy / direct at least `direct_min`."""
 
-    ratio_min: Optional[float] = None
-    ratio_max: Optional[float] = None
-    direct_min: Optional[float] = None
+    ratio_min: float | None = None
+    ratio_max: float | None = None
+    direct_min: float | None = None
 
     def describe(self) -> str:
         parts = []
@@ -61,7 +60,7 @@ class Target:
             parts.append(f"≥ {self.direct_min:g}× direct")
         return ", ".join(parts)
 
-    def met(self, ratio: Optional[float], ratio_direct: Optional[float]) -> Optional[bool]:
+    def met(self, ratio: float | None, ratio_direct: float | None) -> bool | None:
         """Whether the ratios meet the target; None when a figure it needs is missing."""
         checks = []
         if self.ratio_min is not None or self.ratio_max is not None:
@@ -86,7 +85,7 @@ class Metric:
     title: str
     unit: str
     higher_is_better: bool
-    target: Optional[Target] = None
+    target: Target | None = None
     overhead_row: bool = False     # also show "value − direct" (latency added by the proxy)
 
 
@@ -96,8 +95,10 @@ METRICS = (
     Metric("bulk-4", "bulk-4", "gbit_s", "Bulk throughput, 4 streams", "Gbit/s", True),
     Metric("cpu-per-gb-1", "bulk-1", "cpu_s_per_gb", "CPU per GB moved, 1 stream", "CPU s/GB", False),
     Metric("cpu-per-gb-4", "bulk-4", "cpu_s_per_gb", "CPU per GB moved, 4 streams", "CPU s/GB", False),
-    Metric("keepalive", "keepalive", "rate", "Kept-alive small requests", "req/s", True, Target(ratio_min=0.6)),
-    Metric("keepalive-cpu", "keepalive", "cpu_us_per_request", "Proxy CPU per kept-alive request", "µs", False),
+    Metric("keepalive", "keepalive", "rate", "Kept-alive small requests", "req/s", True,
+           Target(ratio_min=0.6)),
+    Metric("keepalive-cpu", "keepalive", "cpu_us_per_request", "Proxy CPU per kept-alive request", "µs",
+           False),
     Metric("keepalive-p50", "keepalive", "p50_ms", "Kept-alive latency p50 (under load)", "ms", False,
            overhead_row=True),
     Metric("keepalive-p99", "keepalive", "p99_ms", "Kept-alive latency p99 (under load)", "ms", False,
@@ -115,7 +116,7 @@ METRICS = (
     Metric("latency-p99", "latency", "p99_ms", "Latency p99, 1 connection", "ms", False, overhead_row=True),
     Metric("idle-memory", "idle-memory", "kib_per_connection", "Memory per idle connection", "KiB", False,
            Target(ratio_max=1.0)),
-    Metric("idle-memory-total", "idle-memory", "pss_after_mib", "Memory with the idle connections (PSS)", "MiB",
-           False),
+    Metric("idle-memory-total", "idle-memory", "pss_after_mib", "Memory with the idle connections (PSS)",
+           "MiB", False),
     Metric("footprint", "footprint", "pss_mib", "Memory after the load scenarios (PSS)", "MiB", False),
 )

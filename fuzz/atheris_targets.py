@@ -78,7 +78,7 @@ def main() -> None:
     if len(sys.argv) < 2 or sys.argv[1] not in TARGETS:
         sys.exit(f"usage: {sys.argv[0]} {{{'|'.join(TARGETS)}}} [libFuzzer options]")
     target, folder = TARGETS[sys.argv[1]]
-    atheris.Setup([sys.argv[0]] + sys.argv[2:] + seeds(folder), target)
+    atheris.Setup([sys.argv[0], *sys.argv[2:], *seeds(folder)], target)
     atheris.Fuzz()
 
 

@@ -10,9 +10,15 @@ from __future__ import annotations
 import os
 import re
 import time
-from typing import Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from pyproxy.log import open_append
+
+if TYPE_CHECKING:
+    from pyproxy.session import Session
+
+Getter = Callable[["Session"], str]
 
 PIPE_BUF = 4096
 VARIABLE = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
@@ -38,12 +44,12 @@ class _Clock:
 CLOCK = _Clock()
 
 
-def _dash(value) -> str:
+def _dash(value: object) -> str:
     return "-" if value is None or value == "" else str(value)
 
 
 # Each getter takes a finished session (pyproxy.session.Session) and returns the text to print.
-GETTERS: dict[str, Callable[[object], str]] = {
+GETTERS: dict[str, Getter] = {
     "remote_addr": lambda s: s.client_addr[0],
     "remote_port": lambda s: str(s.client_addr[1]),
     "server_addr": lambda s: s.local_ip(),
@@ -69,9 +75,9 @@ GETTERS: dict[str, Callable[[object], str]] = {
 }
 
 
-def compile_format(fmt: str) -> Callable[[object], str]:
+def compile_format(fmt: str) -> Getter:
     """Turn `access_log_format` into a function session → line (without the newline)."""
-    parts: list = []
+    parts: list[str | Getter] = []
     pos = 0
     for m in VARIABLE.finditer(fmt):
         if m.start() > pos:
@@ -82,8 +88,10 @@ def compile_format(fmt: str) -> Callable[[object], str]:
     if pos < len(fmt):
         parts.append(fmt[pos:])
 
-    def render(session) -> str:
-        return "".join(p if p.__class__ is str else p(session) for p in parts)
+    def render(session: Session) -> str:
+        # `type(p) is str` is the fastest test in CPython 3.11 (isinstance and p.__class__ cost ~20 %
+        # more per line), but mypy cannot rule out a str subclass after it: the rest are getters.
+        return "".join(p if type(p) is str else p(session) for p in parts)  # type: ignore[operator]
 
     return render
 
@@ -118,7 +126,7 @@ class AccessLog:
         if old > 2 and old != self.fd:
             os.close(old)
 
-    def write(self, session) -> None:
+    def write(self, session: Session) -> None:
         if self.fd >= 0:
             CLOCK.refresh()
             self.lines.append(self.render(session) + "\n")

@@ -18,7 +18,7 @@ import signal
 import sys
 
 from pyproxy import __version__
-from pyproxy.config import ConfigError, config_as_yaml, load_config
+from pyproxy.config import Config, ConfigError, config_as_yaml, load_config
 from pyproxy.log import ErrorLog, console
 
 DEFAULT_CONFIG = "conf/pyproxy.conf"
@@ -43,7 +43,7 @@ def _warn(message: str) -> None:
     console(f"pyproxy: [warn] {message}")
 
 
-def _load(path: str):
+def _load(path: str) -> Config | None:
     """The validated configuration, or None after printing every error."""
     try:
         return load_config(path, warn=_warn)

@@ -3,9 +3,12 @@
 
 A pump is told readiness by the session (edge-triggered epoll: `readable`/`writable` stay True until
 a syscall answers EAGAIN, or a plain recv comes back short) and moves bytes until its source is dry,
-its destination is full, or its budget for this tick is spent. Like nginx's
-`ngx_stream_proxy_process`, one function serves both directions; the session owns two pumps with
-source and destination swapped.
+its destination is full, or its budget for this tick is spent. As in nginx's
+`ngx_stream_proxy_process`, the direction is not a code path: the session owns two pumps of the same
+class with source and destination swapped, where nginx passes a `from_upstream` flag. What differs
+is how bytes move, so there are two pump classes, each serving both directions: `BufferPump`
+(recv/send through the worker's scratch buffer; any side may be TLS) and `SplicePump` (plain to
+plain, zero copy), to which a BufferPump hands its direction over once it carries bulk.
 
 Pipes are borrowed from the worker's pool only while bytes are in flight, so an idle session holds
 no pipe at all: two sockets, two fds. A pipe holds at most `PipePool.size` bytes, which bounds what a
@@ -20,6 +23,7 @@ import fcntl
 import os
 import socket
 import ssl
+from typing import Protocol
 
 from pyproxy.tls.stream import TLSStream
 
@@ -41,6 +45,15 @@ DST_ERROR = 4   # writing the destination failed (reset or broken pipe); errno i
 LOCAL_ERROR = 5  # our own resources failed (no fd for a pipe); errno in pump.error
 
 _BUDGET = 16    # splice round-trips per run: keeps one bulk session from starving the others
+
+
+class Stream(Protocol):
+    """What a pump moves bytes between: a socket, or a TLSStream, which looks like one."""
+
+    def fileno(self) -> int: ...
+    def recv_into(self, buffer: memoryview, /) -> int: ...
+    def send(self, data: memoryview, /) -> int: ...
+    def shutdown(self, how: int, /) -> None: ...
 
 
 class PipePool:
@@ -97,7 +110,7 @@ class SplicePump:
                  "received", "sent", "error", "last_io", "blocked_at")
     bulk = False            # already spliced (see BufferPump.bulk)
 
-    def __init__(self, pool: PipePool, src: socket.socket, dst: socket.socket):
+    def __init__(self, pool: PipePool, src: Stream, dst: Stream):
         self.pool = pool
         self.src = src
         self.dst = dst
@@ -129,7 +142,7 @@ class SplicePump:
                     try:
                         pipe = self.pipe = pool.get()
                     except OSError as exc:     # EMFILE/ENFILE: no pipe to be had right now
-                        self.error = exc.errno
+                        self.error = exc.errno or errno.EMFILE
                         return LOCAL_ERROR
                 try:
                     n = os.splice(src_fd, pipe[1], room, flags=SPLICE_FLAGS)
@@ -140,7 +153,7 @@ class SplicePump:
                     if not self.pending:
                         self.readable = False
                 except OSError as exc:
-                    self.error = exc.errno
+                    self.error = exc.errno or errno.ECONNRESET
                     return SRC_ERROR
                 else:
                     if n:
@@ -154,13 +167,16 @@ class SplicePump:
                         self.eof = True
             if self.pending and self.writable:
                 try:
-                    n = os.splice(self.pipe[0], dst_fd, self.pending, flags=SPLICE_FLAGS)
+                    # Bytes pending are bytes in a pipe: self.pipe is set. (A check here would cost
+                    # on every write of a bulk transfer, for mypy's sake only.)
+                    n = os.splice(self.pipe[0], dst_fd, self.pending,  # type: ignore[index]
+                                  flags=SPLICE_FLAGS)
                 except BlockingIOError:
                     self.writable = False
                     if not self.blocked_at:
                         self.blocked_at = now
                 except OSError as exc:
-                    self.error = exc.errno
+                    self.error = exc.errno or errno.ECONNRESET
                     return DST_ERROR
                 else:
                     self.pending -= n
@@ -222,7 +238,7 @@ class BufferPump:
                  "received", "sent", "error", "last_io", "blocked_at", "plain_src", "hup",
                  "splice_pool", "bulk")
 
-    def __init__(self, scratch: memoryview, src, dst, splice_pool: PipePool | None = None):
+    def __init__(self, scratch: memoryview, src: Stream, dst: Stream, splice_pool: PipePool | None = None):
         self.scratch = scratch
         self.src = src
         self.dst = dst
@@ -373,16 +389,12 @@ class BufferPump:
     def spliced(self) -> SplicePump:
         """This direction, from now on through a pipe: called once `bulk` is set and nothing is
         held, so no byte can overtake another."""
-        pump = SplicePump(self.splice_pool, self.src, self.dst)
+        pool = self.splice_pool
+        assert pool is not None, "only a pump between two plain sockets turns bulk"
+        pump = SplicePump(pool, self.src, self.dst)
         pump.readable = self.readable
         pump.writable = self.writable
         pump.received = self.received
         pump.sent = self.sent
         pump.last_io = self.last_io
         return pump
-
-
-def reset_errno(err: int) -> bool:
-    """True for the errors that mean the peer reset or vanished (as opposed to a bug of ours)."""
-    return err in (errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT, errno.EHOSTUNREACH,
-                   errno.ENETUNREACH, errno.ECONNABORTED, errno.ENOTCONN)

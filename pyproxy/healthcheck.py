@@ -17,10 +17,11 @@ import math
 import os
 import random
 import socket
-from typing import Callable, Optional
+from collections.abc import Callable, Iterable
+from functools import partial
 
-from pyproxy.config.model import ActiveHealthcheck
-from pyproxy.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, STREAM_EVENTS, Loop
+from pyproxy.config.model import ActiveHealthcheck, Upstream
+from pyproxy.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, STREAM_EVENTS, Loop, Timer
 from pyproxy.upstream import Balancer, Peer
 
 
@@ -32,8 +33,8 @@ class _Probe:
     def __init__(self, peer: Peer):
         self.peer = peer
         self.successes = self.failures = self.timeouts = 0
-        self.sock: Optional[socket.socket] = None
-        self.timer = None
+        self.sock: socket.socket | None = None
+        self.timer: Timer | None = None
         self.reply = b""
         self.sent = False
 
@@ -54,7 +55,7 @@ class ActiveChecker:
     def start(self) -> None:
         # Spread the first probes over one interval so that targets (and workers) do not probe in step.
         for probe in self.probes:
-            self.loop.call_later(random.uniform(0, self.settings.interval), lambda p=probe: self._probe(p))
+            self.loop.call_later(random.uniform(0, self.settings.interval), partial(self._probe, probe))
 
     def stop(self) -> None:
         """No more probes (a draining worker): end the ones under way, skip the scheduled ones."""
@@ -67,9 +68,9 @@ class ActiveChecker:
         if probe.sock is not None or self.stopped:
             return
         addr = probe.peer.addr
-        family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
         try:
-            sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+            sock = socket.socket(probe.peer.family,
+                                 socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         except OSError:
             self._schedule(probe)            # out of fds: this worker has bigger problems; try later
             return
@@ -79,8 +80,8 @@ class ActiveChecker:
             self._failed(probe, f"connect failed ({err}: {os.strerror(err)})", timed_out=False)
             return
         probe.sock, probe.reply, probe.sent = sock, b"", False
-        self.loop.add(sock.fileno(), STREAM_EVENTS, lambda mask, p=probe: self._on_event(p, mask))
-        probe.timer = self.loop.call_later(self.settings.timeout, lambda p=probe: self._on_timeout(p))
+        self.loop.add(sock.fileno(), STREAM_EVENTS, partial(self._on_event, probe))
+        probe.timer = self.loop.call_later(self.settings.timeout, partial(self._on_timeout, probe))
 
     def _on_event(self, probe: _Probe, mask: int) -> None:
         sock = probe.sock
@@ -107,10 +108,12 @@ class ActiveChecker:
             self._read_reply(probe)
 
     def _read_reply(self, probe: _Probe) -> None:
-        expect = self.settings.expect
+        expect, sock = self.settings.expect, probe.sock
+        if expect is None or sock is None:
+            return                  # nothing to wait for: the probe succeeded on connect
         while len(probe.reply) < len(expect):
             try:
-                data = probe.sock.recv(len(expect) - len(probe.reply))
+                data = sock.recv(len(expect) - len(probe.reply))
             except BlockingIOError:
                 return
             except OSError as exc:
@@ -141,7 +144,7 @@ class ActiveChecker:
             probe.sock = None
 
     def _schedule(self, probe: _Probe) -> None:
-        self.loop.call_later(self.settings.interval, lambda p=probe: self._probe(p))
+        self.loop.call_later(self.settings.interval, partial(self._probe, probe))
 
     # -- verdicts ---------------------------------------------------------------------------------
     def _succeeded(self, probe: _Probe) -> None:
@@ -168,7 +171,8 @@ class ActiveChecker:
         self._schedule(probe)
 
 
-def start_active_checks(loop: Loop, balancers: dict[str, Balancer], upstreams, log) -> list[ActiveChecker]:
+def start_active_checks(loop: Loop, balancers: dict[str, Balancer], upstreams: Iterable[Upstream],
+                        log: Callable[[str, str], None]) -> list[ActiveChecker]:
     """Start a checker for every upstream with `healthchecks.active.interval` > 0."""
     by_name = {b.name: b for b in balancers.values()}   # implicit balancers are "host:port": no clash
     checkers = []

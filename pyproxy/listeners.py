@@ -14,16 +14,16 @@ import os
 import socket
 from dataclasses import dataclass
 
-from pyproxy.config.model import Listen
+from pyproxy.config.model import Config, Listen
 
 
-def configured_listens(config) -> tuple[Listen, ...]:
+def configured_listens(config: Config) -> tuple[Listen, ...]:
     """Every address a configuration asks for: the stream listeners, plus status_listen (bound
     once, for the status process, not once per worker slot)."""
     if config.status_listen is None:
         return config.stream_listen
     host, port = config.status_listen
-    return config.stream_listen + (Listen(host, port, status=True),)
+    return (*config.stream_listen, Listen(host, port, status=True))
 
 
 class BindError(Exception):
@@ -59,7 +59,8 @@ def open_listener(listen: Listen, slot: int) -> ListenSocket:
         sock.listen(listen.backlog)
     except OSError as exc:
         sock.close()
-        raise BindError(f"bind() to {listen} failed ({exc.errno}: {os.strerror(exc.errno or errno.EIO)})") from None
+        reason = os.strerror(exc.errno or errno.EIO)
+        raise BindError(f"bind() to {listen} failed ({exc.errno}: {reason})") from None
     return ListenSocket(listen, slot, sock)
 
 

@@ -16,7 +16,7 @@ import itertools
 import select
 import time
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 EPOLLIN = select.EPOLLIN
 EPOLLOUT = select.EPOLLOUT
@@ -38,17 +38,18 @@ class Timer:
 
     __slots__ = ("deadline", "callback", "cancelled", "loop")
 
-    def __init__(self, deadline: float, callback: Callable[[], None], loop: "Loop"):
+    def __init__(self, deadline: float, callback: Callable[[], None], loop: Loop):
         self.deadline = deadline
-        self.callback = callback
+        self.callback: Callable[[], None] | None = callback     # None once cancelled or run
         self.cancelled = False
-        self.loop = loop
+        self.loop: Loop | None = loop                            # None once cancelled or run
 
     def cancel(self) -> None:
-        if not self.cancelled:
+        loop = self.loop
+        if loop is not None:            # neither cancelled nor run yet
             self.cancelled = True
             self.callback = None
-            loop, self.loop = self.loop, None
+            self.loop = None
             loop.timer_cancelled()
 
 
@@ -74,7 +75,7 @@ class Loop:
         self.running = False
         # Called with (callback, exception) when a callback raises: a bug must cost one session,
         # never the worker and every session it holds.
-        self.on_error: Callable[[Callable, BaseException], None] = _reraise
+        self.on_error: Callable[[Callable[..., object], BaseException], None] = _reraise
 
     # -- file descriptors -------------------------------------------------------------------
     def add(self, fd: int, events: int, handler: Callable[[int], None]) -> None:
@@ -84,9 +85,6 @@ class Loop:
     def rebind(self, fd: int, handler: Callable[[int], None]) -> None:
         """Give a registered fd's events to another handler: same registration, no syscall."""
         self.handlers[fd] = handler
-
-    def modify(self, fd: int, events: int) -> None:
-        self.epoll.modify(fd, events)
 
     def remove(self, fd: int) -> None:
         """Stop watching fd, which stays open (a listening socket that another process keeps)."""
@@ -142,10 +140,11 @@ class Loop:
         # self.timers is re-read every time: a callback's cancel() may have rebuilt the heap.
         while self.timers and self.timers[0][0] <= now:
             timer = heapq.heappop(self.timers)[2]
-            if timer.cancelled:
+            callback = timer.callback
+            if callback is None:                # cancelled
                 self.cancelled_timers -= 1
                 continue
-            callback, timer.callback, timer.loop = timer.callback, None, None
+            timer.callback = timer.loop = None
             timer.cancelled = True
             try:
                 callback()
@@ -156,7 +155,7 @@ class Loop:
         try:
             events = self.epoll.poll(self._poll_timeout(), self.max_events)
         except InterruptedError:
-            events = ()
+            events = []
         self.polls += 1
         self.now = time.monotonic()
         handlers = self.handlers
@@ -192,5 +191,5 @@ class Loop:
         self.epoll.close()
 
 
-def _reraise(callback: Callable, exc: BaseException) -> None:
+def _reraise(callback: Callable[..., object], exc: BaseException) -> None:
     raise exc

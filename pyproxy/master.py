@@ -19,15 +19,16 @@ import select
 import signal
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from types import FrameType
 from typing import NoReturn
 
 from setproctitle import setproctitle
 
-from pyproxy import __version__
+from pyproxy import __version__, metrics
 from pyproxy.config import ConfigError, load_config
 from pyproxy.config.model import Config
-from pyproxy import metrics
 from pyproxy.listeners import BindError, ListenerSet, ListenSocket, configured_listens
 from pyproxy.log import ErrorLog
 from pyproxy.shared import SharedState
@@ -169,7 +170,7 @@ class Master:
             signal.signal(sig, self._queue_signal)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
 
-    def _queue_signal(self, signum, frame) -> None:
+    def _queue_signal(self, signum: int, frame: FrameType | None) -> None:
         # Each signal is queued once: a burst of HUPs is one reload request anyway, and a queue
         # of six distinct signals can never be full when a TERM arrives.
         if signum not in self.signals:
@@ -313,7 +314,7 @@ class Master:
         return [p for p in self.workers.values()
                 if p.generation == self.generation and not p.retiring and not p.hung]
 
-    def signal_workers(self, sig: int, procs=None) -> None:
+    def signal_workers(self, sig: int, procs: Iterable[WorkerProcess] | None = None) -> None:
         for proc in list(self.workers.values() if procs is None else procs):
             try:
                 os.kill(proc.pid, sig)
@@ -383,7 +384,7 @@ class Master:
                 _drain(fd)
             elif fd in by_fd:
                 self._read_worker_byte(by_fd[fd])
-            else:
+            elif reload is not None:        # the one other fd: the loader's pipe
                 self._read_loader_result(reload)
 
     def _sleep_timeout(self) -> float:
@@ -436,7 +437,8 @@ class Master:
             if proc.retiring or proc.hung or self.stopping:
                 self.log.notice(f"worker process {pid} (#{proc.slot}, generation {proc.generation}) {how}")
                 continue
-            if self.reload is not None and self.reload.phase == "booting" and proc.generation == self.reload.generation:
+            if (self.reload is not None and self.reload.phase == "booting"
+                    and proc.generation == self.reload.generation):
                 self.reload_failed(f"worker process #{proc.slot} (pid {pid}) could not start ({how}); "
                                    f"see the error log above for why")
                 continue
@@ -527,6 +529,7 @@ class Master:
         """Fork the loader child: reading a large file takes seconds, which the master spends
         reaping, answering signals and replacing workers instead."""
         why = self.reload_wanted
+        assert why is not None, "a reload starts only when one was asked for"
         if self.reload_requests > 1:
             why += f"; {self.reload_requests} requests coalesced into one reload"
         self.reload_wanted, self.reload_requests = None, 0
@@ -609,13 +612,15 @@ class Master:
         """The new generation is ready: it becomes the current one, the old one drains."""
         old = [p for p in self.workers.values()
                if not p.retiring and not p.hung and p.generation != reload.generation]
+        config, tls = reload.config, reload.tls
+        assert config is not None and tls is not None, "a generation boots from a loaded configuration"
         self.generation = reload.generation
         self.retire(old, self.config.worker_shutdown_timeout)
         self.bound_draining()
-        self.listeners.close_unused(configured_listens(reload.config))
-        self.log.configure(reload.config.error_log, reload.config.log_level)
-        self.config, self.tls = reload.config, reload.tls
-        self.status.follow(reload.config, self.listeners)
+        self.listeners.close_unused(configured_listens(config))
+        self.log.configure(config.error_log, config.log_level)
+        self.config, self.tls = config, tls
+        self.status.follow(config, self.listeners)
         reload.old, reload.phase = old, "quiescing"
         reload.deadline = time.monotonic() + QUIESCE_TIMEOUT
 
@@ -669,8 +674,8 @@ class Master:
             if not proc.ready:
                 self._reap_one(proc, block=True)
         ready = [p for p in new if p.ready]
-        if ready:
-            self.retire(ready, reload.config.worker_shutdown_timeout)
+        if ready:                   # booted, so from reload.config
+            self.retire(ready, (reload.config or self.config).worker_shutdown_timeout)
         for ls in reload.created:
             self.listeners.sockets.pop((ls.listen.key, ls.slot), None)
             ls.sock.close()
@@ -748,7 +753,8 @@ def import_plugin_modules(config: Config) -> None:
         try:
             importlib.import_module(name)
         except Exception as exc:     # changed since the loader imported it: as a config error would
-            raise MasterError(f"cannot import plugin module {name!r}: {exc.__class__.__name__}: {exc}") from None
+            raise MasterError(f"cannot import plugin module {name!r}: {exc.__class__.__name__}: "
+                              f"{exc}") from None
 
 
 def _not_ready(procs: list[WorkerProcess]) -> str:
@@ -762,11 +768,12 @@ def _run_loader(path: str, result_fd: int, log: ErrorLog) -> NoReturn:
     code = 1
     try:
         setproctitle("pyproxy: configuration loader")
-        for sig in STOP_SIGNALS + (signal.SIGCHLD,):
+        for sig in (*STOP_SIGNALS, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)       # a stop for the group ends the loader too
         for sig in (signal.SIGHUP, signal.SIGUSR1):
             signal.signal(sig, signal.SIG_IGN)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        outcome: tuple[str, object]
         try:
             outcome = ("ok", load_config(path, warn=log.warn))
         except ConfigError as exc:
@@ -797,7 +804,7 @@ def _drain(fd: int) -> None:
         pass
 
 
-def _select(fds: list[int], timeout: float):
+def _select(fds: list[int], timeout: float) -> tuple[list[int], list[int], list[int]]:
     try:
         return select.select(fds, [], [], timeout)
     except InterruptedError:

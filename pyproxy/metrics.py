@@ -24,15 +24,43 @@ import stat
 import tempfile
 import time
 from collections import Counter as Tally
-from typing import Callable, Optional
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import psutil
+    from prometheus_client import CollectorRegistry, Gauge
+    from prometheus_client import Counter as PromCounter
+    from prometheus_client.metrics_core import Metric
+
+    from pyproxy.loop import Timer
+    from pyproxy.session import Session
+    from pyproxy.worker import Worker
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 FLUSH_DELAY = 0.05
 FOLDER_PREFIX = "pyproxy-metrics-"
 ARCHIVE = "archive"             # `counter_archive.db`: what processes that exited counted
 
-_metrics = None      # the prometheus objects of this process, made after the fork (see _objects)
-_folder_owner: Optional[tuple[int, int]] = None     # (uid, gid) the master gave the folder to
+
+
+class _Metrics(Protocol):
+    """The prometheus_client objects of one process (the class `_objects` makes)."""
+
+    sessions: PromCounter
+    received: PromCounter
+    sent: PromCounter
+    upstream_sent: PromCounter
+    upstream_received: PromCounter
+    handshakes: PromCounter
+    active: Gauge
+    healthy: Gauge
+    reloads: PromCounter
+    generation: Gauge
+
+
+_metrics: _Metrics | None = None     # this process's prometheus objects, made after the fork (see _objects)
+_folder_owner: tuple[int, int] | None = None     # (uid, gid) the master gave the folder to
 
 
 def load_library(scrapes: bool = False) -> None:
@@ -40,15 +68,15 @@ def load_library(scrapes: bool = False) -> None:
     process drops privileges: the `user` of the configuration may be unable to read the
     interpreter's own library (a pyenv under /root, mode 700), and prometheus_client imports more
     of it (gzip, http.server, ssl…) when it is first imported, not when it is first used."""
-    import prometheus_client  # noqa: F401
+    import prometheus_client
     if scrapes:
-        import prometheus_client.core  # noqa: F401
-        import prometheus_client.mmap_dict  # noqa: F401
+        import prometheus_client.core
+        import prometheus_client.mmap_dict
         import prometheus_client.multiprocess  # noqa: F401
         import psutil  # noqa: F401
 
 
-def _objects():
+def _objects() -> _Metrics:
     """Create this process's metric objects once (prometheus_client must be imported after the
     master set PROMETHEUS_MULTIPROC_DIR, so it is imported here, not at module level)."""
     global _metrics
@@ -61,9 +89,10 @@ def _objects():
             received = Counter("pyproxy_client_received_bytes_total", "Bytes received from clients",
                                ["service"])
             sent = Counter("pyproxy_client_sent_bytes_total", "Bytes sent to clients", ["service"])
-            upstream_sent = Counter("pyproxy_upstream_sent_bytes_total", "Bytes sent to upstreams", ["service"])
-            upstream_received = Counter("pyproxy_upstream_received_bytes_total", "Bytes received from upstreams",
-                                        ["service"])
+            upstream_sent = Counter("pyproxy_upstream_sent_bytes_total", "Bytes sent to upstreams",
+                                    ["service"])
+            upstream_received = Counter("pyproxy_upstream_received_bytes_total",
+                                        "Bytes received from upstreams", ["service"])
             handshakes = Counter("pyproxy_tls_handshakes_total", "TLS handshakes with clients, by result",
                                  ["result"])
             active = Gauge("pyproxy_active_sessions", "Sessions open now", multiprocess_mode="livesum")
@@ -73,24 +102,24 @@ def _objects():
             reloads = Counter("pyproxy_reloads_total", "Configuration reloads, by result", ["result"])
             generation = Gauge("pyproxy_config_generation", "Configuration generation being served",
                                multiprocess_mode="max")
-        _metrics = M
+        _metrics = M()
     return _metrics
 
 
 class WorkerMetrics:
     """A worker's tallies: O(1) dict updates per session, flushed in batches."""
 
-    def __init__(self, worker):
+    def __init__(self, worker: Worker):
         self.worker = worker
         self.loop = worker.loop
-        self.sessions: Tally = Tally()
+        self.sessions: Tally[tuple[str, str, str]] = Tally()
         self.bytes: dict[str, list[int]] = {}
-        self.handshakes: Tally = Tally()
-        self.flush_timer = None
+        self.handshakes: Tally[str] = Tally()
+        self.flush_timer: Timer | None = None
         self.last_flush = 0.0
         self.metrics = _objects()
 
-    def session_ended(self, session) -> None:
+    def session_ended(self, session: Session) -> None:
         route = session.route
         service = route.service if route is not None else "-"
         self.sessions[(service, route.name if route is not None else "-", str(session.status))] += 1
@@ -167,7 +196,7 @@ def _give_own_files_to_folder_owner() -> None:
 
 
 # -- rendering (in the status process) -------------------------------------------------------------
-def _registry(master_pid: int):
+def _registry(master_pid: int) -> CollectorRegistry:
     from prometheus_client import CollectorRegistry
     from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -184,7 +213,7 @@ class _ProcessCollector:
     def __init__(self, master_pid: int):
         self.master_pid = master_pid
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         import psutil
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
@@ -212,7 +241,7 @@ class _ProcessCollector:
         yield fds
 
 
-def _processes(master_pid: int):
+def _processes(master_pid: int) -> Iterator[tuple[psutil.Process, str]]:
     """The master, then each child: the status process (this one) and the workers."""
     import psutil
     try:
@@ -232,7 +261,7 @@ def render_metrics(master_pid: int) -> bytes:
 def render_status(master_pid: int, version: str) -> bytes:
     """/status: the same numbers as /metrics, summed into a small JSON document."""
     registry = _registry(master_pid)
-    status: dict = {"version": version, "master_pid": master_pid, "time": time.time(),
+    status: dict[str, Any] = {"version": version, "master_pid": master_pid, "time": time.time(),
                     "sessions": {"active": 0, "total": 0, "by_status": {}}, "bytes": {},
                     "upstreams": {}, "processes": [], "reloads": {}, "generation": None}
     for family in registry.collect():
@@ -254,12 +283,13 @@ def render_status(master_pid: int, version: str) -> bytes:
             elif name == "pyproxy_config_generation":
                 status["generation"] = int(value)
             elif name == "pyproxy_process_resident_memory_bytes":
-                status["processes"].append({"pid": int(labels["pid"]), "role": labels["role"], "rss": int(value)})
+                status["processes"].append({"pid": int(labels["pid"]), "role": labels["role"],
+                                            "rss": int(value)})
     return (json.dumps(status, indent=2, sort_keys=True) + "\n").encode()
 
 
 # -- the folder of metric files ------------------------------------------------------------------
-def prepare_directory(user: Optional[str]) -> str:
+def prepare_directory(user: str | None) -> str:
     """In the master once it runs (its pid is final: after daemonizing), before any fork and before
     prometheus_client is imported: the folder where every process keeps its metric files, named
     after the master's pid (given to the worker user when we start as root). Folders that masters
@@ -316,12 +346,12 @@ def _abandoned(name: str, path: str) -> bool:
         except psutil.AccessDenied:
             return False
         return not (title and title[0].startswith("pyproxy: master process"))
-    pids = [_writer_pid(entry) for entry in os.listdir(path)]
-    pids = [pid for pid in pids if pid is not None]
+    writers = [_writer_pid(entry) for entry in os.listdir(path)]
+    pids = [pid for pid in writers if pid is not None]
     return bool(pids) and not any(psutil.pid_exists(pid) for pid in pids)
 
 
-def _writer_pid(name: str) -> Optional[int]:
+def _writer_pid(name: str) -> int | None:
     """The pid in a metric file's name (`counter_1234.db`), None for anything else."""
     if not name.endswith(".db"):
         return None

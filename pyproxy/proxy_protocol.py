@@ -68,6 +68,7 @@ import re
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = [
     "DEFAULT_MAX_SIZE",
@@ -90,6 +91,7 @@ __all__ = [
     "parse_ssl_tlv",
 ]
 
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 V1_PREFIX = b"PROXY "
 # "PROXY UNKNOWN ffff:...:ffff ffff:...:ffff 65535 65535\r\n", the spec's worst case (§2.1).
 V1_MAX_LENGTH = 107
@@ -192,7 +194,8 @@ class SslTlv:
     tlvs: tuple[tuple[int, bytes], ...]
 
 
-def parse_proxy_header(data: bytes | bytearray | memoryview, max_size: int = DEFAULT_MAX_SIZE) -> ProxyHeader | None:
+def parse_proxy_header(data: bytes | bytearray | memoryview,
+                       max_size: int = DEFAULT_MAX_SIZE) -> ProxyHeader | None:
     """Parse the PROXY protocol header (v1 or v2) at the start of ``data``.
 
     ``data`` is everything received from the client so far. Returns the :class:`ProxyHeader` once
@@ -230,7 +233,8 @@ def proxy_header_need(data: bytes | bytearray | memoryview) -> int:
 def parse_ssl_tlv(value: bytes) -> SslTlv:
     """Decode a PP2_TYPE_SSL value; :class:`ProxyProtocolError` if it is malformed."""
     if len(value) < SSL_TLV_FIXED_LENGTH:
-        raise ProxyProtocolError(f"PP2_TYPE_SSL TLV is {len(value)} bytes, shorter than its 5-byte fixed part")
+        raise ProxyProtocolError(f"PP2_TYPE_SSL TLV is {len(value)} bytes, shorter than its 5-byte "
+                                 "fixed part")
     subtlvs = _parse_tlvs(value, SSL_TLV_FIXED_LENGTH, len(value), "PP2_TYPE_SSL sub-TLV", False)
     return SslTlv(client=value[0], verify=int.from_bytes(value[1:5], "big"), tlvs=subtlvs)
 
@@ -238,7 +242,7 @@ def parse_ssl_tlv(value: bytes) -> SslTlv:
 # --- version 1 ----------------------------------------------------------------------------------
 
 
-def _parse_v1(data, max_size: int) -> ProxyHeader | None:
+def _parse_v1(data: bytes | bytearray | memoryview, max_size: int) -> ProxyHeader | None:
     limit = min(V1_MAX_LENGTH, max_size)
     line = bytes(data[:limit])
     _check_signature(line, V1_PREFIX, "v1")
@@ -258,7 +262,8 @@ def _parse_v1(data, max_size: int) -> ProxyHeader | None:
     if protocol == b"UNKNOWN":
         # §2.1: for UNKNOWN "the receiver must ignore anything presented before the CRLF".
         if len(line) > start and line[start] not in b" \r":
-            raise ProxyProtocolError(f"PROXY v1 'UNKNOWN' is followed by {line[start:start + 1]!r}, not a space or CRLF")
+            raise ProxyProtocolError("PROXY v1 'UNKNOWN' is followed by "
+                                     f"{line[start:start + 1]!r}, not a space or CRLF")
         end = _find_line_end(line, start, limit)
         if end is None:
             return None
@@ -287,12 +292,14 @@ def _parse_v1(data, max_size: int) -> ProxyHeader | None:
     )
 
 
-def _check_v1_field(index: int, field: bytes, complete: bool, ipv6: bool):
-    """Validate a v1 field, complete or still arriving; the decoded value of a complete one."""
+def _check_v1_field(index: int, field: bytes, complete: bool, ipv6: bool) -> Any:
+    """Validate a v1 field, complete or still arriving; the decoded value of a complete one: the
+    text of an address (fields 0 and 1), the number of a port (2 and 3); None while incomplete."""
     what = _V1_FIELDS[index]
     if index >= 2:
         if not (_PORT.fullmatch(field) and int(field) <= 0xFFFF) and (complete or field):
-            raise ProxyProtocolError(f"PROXY v1 {what} {_show(field)} is not a decimal 0-65535 without leading zeros")
+            raise ProxyProtocolError(f"PROXY v1 {what} {_show(field)} is not a decimal "
+                                     "0-65535 without leading zeros")
         return int(field) if complete else None
     if complete and not field:
         raise ProxyProtocolError(f"PROXY v1 {what} is empty (two spaces in a row?)")
@@ -357,7 +364,7 @@ def _find_line_end(line: bytes, start: int, limit: int) -> int | None:
 # --- version 2 ----------------------------------------------------------------------------------
 
 
-def _parse_v2(data, max_size: int) -> ProxyHeader | None:
+def _parse_v2(data: bytes | bytearray | memoryview, max_size: int) -> ProxyHeader | None:
     available = len(data)
     head = bytes(data[:V2_HEADER_LENGTH])
     _check_signature(head, V2_SIGNATURE, "v2")
@@ -375,7 +382,8 @@ def _parse_v2(data, max_size: int) -> ProxyHeader | None:
     family_byte = head[13]
     if family_byte not in _V2_FAMILIES:
         raise ProxyProtocolError(
-            f"PROXY v2 family/transport 0x{family_byte:02x} ({_describe_family(family_byte)}) is not supported"
+            f"PROXY v2 family/transport 0x{family_byte:02x} "
+            f"({_describe_family(family_byte)}) is not supported"
         )
     if available < V2_HEADER_LENGTH:
         return None
@@ -383,7 +391,8 @@ def _parse_v2(data, max_size: int) -> ProxyHeader | None:
     block_length = head[14] << 8 | head[15]
     total = V2_HEADER_LENGTH + block_length
     if total > max_size:
-        raise ProxyProtocolError(f"PROXY v2 header of 16+{block_length} bytes exceeds the {max_size}-byte limit")
+        raise ProxyProtocolError(f"PROXY v2 header of 16+{block_length} bytes exceeds "
+                                 f"the {max_size}-byte limit")
     family, address_length = _V2_FAMILIES[family_byte]
     if block_length < address_length:
         raise ProxyProtocolError(
@@ -401,7 +410,8 @@ def _parse_v2(data, max_size: int) -> ProxyHeader | None:
         size = 4 if family == socket.AF_INET else 16
         ports = V2_HEADER_LENGTH + 2 * size
         source = (socket.inet_ntop(family, header[16 : 16 + size]), header[ports] << 8 | header[ports + 1])
-        destination = (socket.inet_ntop(family, header[16 + size : ports]), header[ports + 2] << 8 | header[ports + 3])
+        destination = (socket.inet_ntop(family, header[16 + size : ports]),
+                       header[ports + 2] << 8 | header[ports + 3])
 
     tlvs = _parse_tlvs(header, V2_HEADER_LENGTH + address_length, total, "TLV", True)
     _verify_crc32c(header, tlvs)
@@ -416,18 +426,21 @@ def _parse_v2(data, max_size: int) -> ProxyHeader | None:
     )
 
 
-def _parse_tlvs(buffer: bytes, pos: int, end: int, what: str, check_types: bool) -> tuple[tuple[int, bytes], ...]:
+def _parse_tlvs(buffer: bytes, pos: int, end: int, what: str,
+                check_types: bool) -> tuple[tuple[int, bytes], ...]:
     """The TLVs filling ``buffer[pos:end]`` exactly, with the per-type checks of the module doc."""
     tlvs = []
     while pos < end:
         if end - pos < TLV_HEADER_LENGTH:
-            raise ProxyProtocolError(f"PROXY v2 {what} header truncated: {end - pos} byte(s) left at offset {pos}")
+            raise ProxyProtocolError(f"PROXY v2 {what} header truncated: {end - pos} "
+                                     f"byte(s) left at offset {pos}")
         tlv_type = buffer[pos]
         length = buffer[pos + 1] << 8 | buffer[pos + 2]
         start = pos + TLV_HEADER_LENGTH
         if start + length > end:
             raise ProxyProtocolError(
-                f"PROXY v2 {what} 0x{tlv_type:02x} length {length} overruns the header ({end - start} bytes left)"
+                f"PROXY v2 {what} 0x{tlv_type:02x} length {length} overruns the header "
+                f"({end - start} bytes left)"
             )
         value = buffer[start : start + length]
         if check_types:
@@ -461,7 +474,8 @@ def _verify_crc32c(header: bytes, tlvs: tuple[tuple[int, bytes], ...]) -> None:
     expected = int.from_bytes(header[field : field + 4], "big")
     actual = crc32c(header[:field] + bytes(4) + header[field + 4 :])
     if actual != expected:
-        raise ProxyProtocolError(f"PROXY v2 CRC32C mismatch: header says 0x{expected:08x}, bytes give 0x{actual:08x}")
+        raise ProxyProtocolError(f"PROXY v2 CRC32C mismatch: header says 0x{expected:08x}, "
+                                 f"bytes give 0x{actual:08x}")
 
 
 # --- CRC32C (Castagnoli, reflected polynomial 0x82F63B78, RFC 4960 appendix B) -----------------
@@ -535,7 +549,8 @@ def build_v2(
             raise ValueError(f"TLV type {tlv_type!r} is not 0-255")
         value = bytes(value)
         if tlv_type == PP2_TYPE_CRC32C:
-            raise ValueError("pass checksum=True rather than a CRC32C TLV: its value depends on the whole header")
+            raise ValueError("pass checksum=True rather than a CRC32C TLV: its value "
+                             "depends on the whole header")
         _check_tlv(tlv_type, value)
         if len(value) > 0xFFFF:
             raise ValueError(f"TLV 0x{tlv_type:02x} value is {len(value)} bytes, over 65535")
@@ -543,14 +558,16 @@ def build_v2(
     body = b"".join(parts)
     if len(body) > 0xFFFF:
         raise ValueError(f"PROXY v2 header would be 16+{len(body)} bytes, over 16+65535")
-    header = bytearray(V2_SIGNATURE + bytes((0x20 | command, family_byte)) + len(body).to_bytes(2, "big") + body)
+    header = bytearray(V2_SIGNATURE + bytes((0x20 | command, family_byte)) + len(body).to_bytes(2, "big")
+                       + body)
     if checksum:
         field = V2_HEADER_LENGTH + len(block) + TLV_HEADER_LENGTH
         header[field : field + 4] = crc32c(header).to_bytes(4, "big")
     return bytes(header)
 
 
-def _endpoints(source, destination):
+def _endpoints(source: tuple[str, int],
+               destination: tuple[str, int]) -> tuple[tuple[IPAddress, int], tuple[IPAddress, int]]:
     """Both endpoints as (ip_address, port), in one family (IPv4 mapped into IPv6 if mixed)."""
     src, src_port = _endpoint(source, "source")
     dst, dst_port = _endpoint(destination, "destination")
@@ -559,7 +576,7 @@ def _endpoints(source, destination):
     return (src, src_port), (dst, dst_port)
 
 
-def _endpoint(endpoint, what: str):
+def _endpoint(endpoint: tuple[str, int], what: str) -> tuple[IPAddress, int]:
     ip, port = endpoint
     if not isinstance(ip, str):
         raise ValueError(f"{what} address {ip!r} is not a string")
@@ -577,8 +594,10 @@ def _ipv6_text(packed: bytes) -> str:
     return socket.inet_ntop(socket.AF_INET6, packed)
 
 
-def _as_ipv6(address):
-    return address if address.version == 6 else ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + address.packed)
+def _as_ipv6(address: IPAddress) -> ipaddress.IPv6Address:
+    if isinstance(address, ipaddress.IPv6Address):
+        return address
+    return ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + address.packed)
 
 
 # --- error messages -----------------------------------------------------------------------------
@@ -591,7 +610,8 @@ def _check_signature(head: bytes, signature: bytes, version: str) -> None:
         return
     at = next(i for i in range(n) if head[i] != signature[i])
     raise ProxyProtocolError(
-        f"not a PROXY {version} header: byte {at + 1} is {_show_byte(head[at])}, the signature has {_show_byte(signature[at])}"
+        f"not a PROXY {version} header: byte {at + 1} is {_show_byte(head[at])}, the signature has "
+        f"{_show_byte(signature[at])}"
     )
 
 

@@ -15,16 +15,15 @@ depend on the client is resolved once and never evaluated per session.
 from __future__ import annotations
 
 import ipaddress
-from typing import Optional
 
 from pyproxy.config.model import AddressMatch, Listen, Route
 
-_UNRESOLVED = object()
-_ADDRESSES: dict = {}          # address text → ipaddress object: clients come back, parsing costs
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+_ADDRESSES: dict[str, IPAddress] = {}   # address text → ipaddress object: clients come back, parsing costs
 _ADDRESSES_MAX = 4096          # a worker's recent clients; emptied when full (no LRU bookkeeping)
 
 
-def parsed_address(text: str):
+def parsed_address(text: str) -> IPAddress:
     """ipaddress.ip_address(text), remembered for the next session from the same address."""
     ip = _ADDRESSES.get(text)
     if ip is None:
@@ -43,13 +42,13 @@ def sni_rank(patterns: tuple[str, ...], sni: str) -> int:
         if pattern.startswith("*."):
             if sni.endswith(pattern[1:]) and len(sni) > len(pattern) - 1:
                 best = 1
-        elif pattern.endswith(".*"):
-            if sni.startswith(pattern[:-1]) and len(sni) > len(pattern) - 1:
-                best = 1
+        elif pattern.endswith(".*") and sni.startswith(pattern[:-1]) and len(sni) > len(pattern) - 1:
+            best = 1
     return best
 
 
-def _address_score(entries: tuple[AddressMatch, ...], ip, port: int) -> Optional[tuple[int, int]]:
+def _address_score(entries: tuple[AddressMatch, ...], ip: IPAddress | None,
+                   port: int) -> tuple[int, int] | None:
     """(prefix length, ports written) of the best entry matching ip:port, or None when none does."""
     best = None
     for entry in entries:
@@ -75,9 +74,9 @@ def _could_match_listener(route: Route, listen: Listen) -> bool:
     for entry in route.destinations:
         if entry.port is not None and entry.port != listen.port:
             continue
-        if entry.network is not None and listener_ip is not None:
-            if listener_ip.version != entry.network.version or listener_ip not in entry.network:
-                continue
+        if (entry.network is not None and listener_ip is not None
+                and (listener_ip.version != entry.network.version or listener_ip not in entry.network)):
+            continue
         return True
     return False
 
@@ -92,27 +91,31 @@ def _client_independent(route: Route, listen: Listen) -> bool:
 class ListenerRoutes:
     """The routes that can match on one listener for one protocol, in the order written."""
 
-    __slots__ = ("candidates", "static", "needs_local_ip")
+    __slots__ = ("candidates", "resolved", "static", "needs_local_ip")
 
     def __init__(self, routes: list[Route], listen: Listen):
         self.candidates = routes
         self.needs_local_ip = listen.wildcard and any(
             e.network is not None for r in routes for e in r.destinations)
-        self.static = _UNRESOLVED
-        if all(_client_independent(r, listen) for r in routes):
+        # When no route looks at the client, the answer is the same for every session: found once.
+        self.resolved = all(_client_independent(r, listen) for r in routes)
+        self.static: Route | None = None
+        if self.resolved:
             listener_ip = None if listen.wildcard else ipaddress.ip_address(listen.host)
             self.static = self._select(None, 0, listener_ip, listen.port, None)
 
-    def match(self, src_ip: str, src_port: int, dst_ip: Optional[str], dst_port: int,
-              sni: Optional[str] = None) -> Optional[Route]:
-        if self.static is not _UNRESOLVED:
+    def match(self, src_ip: str, src_port: int, dst_ip: str | None, dst_port: int,
+              sni: str | None = None) -> Route | None:
+        if self.resolved:
             return self.static
         src = parsed_address(src_ip)
         dst = parsed_address(dst_ip) if dst_ip is not None else None
         return self._select(src, src_port, dst, dst_port, sni)
 
-    def _select(self, src, src_port, dst, dst_port, sni) -> Optional[Route]:
-        best_route, best_score = None, None
+    def _select(self, src: IPAddress | None, src_port: int, dst: IPAddress | None, dst_port: int,
+                sni: str | None) -> Route | None:
+        best_route: Route | None = None
+        best_score: tuple[int, int, int, int] | None = None
         for route in self.candidates:
             score = _route_score(route, src, src_port, dst, dst_port, sni)
             if score is not None and (best_score is None or score > best_score):
@@ -120,7 +123,8 @@ class ListenerRoutes:
         return best_route
 
 
-def _route_score(route: Route, src, src_port, dst, dst_port, sni) -> Optional[tuple]:
+def _route_score(route: Route, src: IPAddress | None, src_port: int, dst: IPAddress | None, dst_port: int,
+                 sni: str | None) -> tuple[int, int, int, int] | None:
     rank = 0
     if route.snis:
         if sni is None:

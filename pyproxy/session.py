@@ -19,22 +19,42 @@ import ssl
 import struct
 import sys
 import termios
-from typing import TYPE_CHECKING, Optional
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from pyproxy.config.model import (STATUS_BAD_GATEWAY, STATUS_BAD_REQUEST, STATUS_INTERNAL,
-                                  STATUS_NO_ROUTE, STATUS_OK, Listen)
-from pyproxy.forward import DONE, DST_ERROR, LOCAL_ERROR, MORE, SCRATCH_SIZE, SRC_ERROR, BufferPump
+from pyproxy.config.model import (
+    STATUS_BAD_GATEWAY,
+    STATUS_BAD_REQUEST,
+    STATUS_INTERNAL,
+    STATUS_NO_ROUTE,
+    STATUS_OK,
+    Listen,
+)
+from pyproxy.forward import DONE, LOCAL_ERROR, MORE, SCRATCH_SIZE, SRC_ERROR, BufferPump, SplicePump
 from pyproxy.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, STREAM_EVENTS
 from pyproxy.proxy_protocol import DEFAULT_MAX_SIZE as PROXY_HEADER_MAX_SIZE
-from pyproxy.proxy_protocol import (ProxyProtocolError, build_v1, build_v2, parse_proxy_header,
-                                    proxy_header_need)
+from pyproxy.proxy_protocol import (
+    ProxyProtocolError,
+    build_v1,
+    build_v2,
+    parse_proxy_header,
+    proxy_header_need,
+)
 from pyproxy.tls.clienthello import ClientHelloError, ClientHelloReader, parse_client_hello
 from pyproxy.tls.stream import TLSStream
 
 if TYPE_CHECKING:
-    from pyproxy.loop import Loop
-    from pyproxy.upstream import Peer
+    from pyproxy.config.model import Route, Service
+    from pyproxy.loop import Loop, Timer
+    from pyproxy.upstream import Balancer, Peer
     from pyproxy.worker import Worker
+
+# A socket as accept() gives it (the C type), or the TLS connection over it once terminated.
+Connection = _socket.socket | TLSStream
+# The client's address: accept()'s (an IPv6 one has four fields), or what a PROXY header announced.
+ClientAddress = tuple[str, int] | tuple[str, int, int, int]
+Pump = BufferPump | SplicePump
+T = TypeVar("T")
 
 IN_EVENTS = EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR
 OUT_EVENTS = EPOLLOUT | EPOLLHUP | EPOLLERR
@@ -45,7 +65,7 @@ CLIENT_HUP = 1
 UPSTREAM_HUP = 2
 LINGER_RESET = struct.pack("ii", 1, 0)      # SO_LINGER {on, 0s}: close() sends a RST
 
-PREREAD_MAX = SCRATCH_SIZE                   # bytes of ClientHello we wait for (peeked into the scratch buffer)
+PREREAD_MAX = SCRATCH_SIZE                   # bytes of ClientHello we wait for (peeked into scratch)
 MSG_PEEK = socket.MSG_PEEK
 _INT_BYTES = bytes(4)
 
@@ -57,12 +77,12 @@ SEND_PROXY_HEADER = {"v1": build_v1, "v2": build_v2}
 PROXY_HEADER, PREREAD, HANDSHAKE, ROUTING, CONNECTING, UPSTREAM_HANDSHAKE, FORWARDING, CLOSED = range(8)
 
 
-def _proxy_header_need(session: "Session", data: bytes) -> int:
+def _proxy_header_need(session: Session, data: bytes) -> int:
     """When the PROXY header can have grown enough to parse again (see proxy_header_need)."""
     return proxy_header_need(data)
 
 
-def _hello_need(session: "Session", data: bytes) -> int:
+def _hello_need(session: Session, data: bytes) -> int:
     """How many bytes must be queued before the ClientHello can be complete (see ClientHelloReader).
     From the first look that found it incomplete on, the session keeps a reader, so each later look
     walks only the records completed since the last one and the next comes no sooner than the hello
@@ -74,7 +94,7 @@ def _hello_need(session: "Session", data: bytes) -> int:
     return reader.need
 
 
-def _queued(sock) -> int:
+def _queued(sock: Connection) -> int:
     """Bytes waiting in a socket's receive queue, without copying them (FIONREAD, 0.8 µs); on an
     error, as many as could be wanted (the peek that follows reports the error).
 
@@ -88,7 +108,7 @@ def _queued(sock) -> int:
         return sys.maxsize
 
 
-def _send_reset(sock: socket.socket) -> None:
+def _send_reset(sock: Connection) -> None:
     """Make the coming close() abort the connection with a RST instead of a FIN."""
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
@@ -104,37 +124,42 @@ class Session:
                  "started", "ended", "connect_started", "connect_time", "timer", "deadline",
                  "scheduled", "serial", "protocol", "sni", "ssl_protocol", "ssl_cipher", "preread_need",
                  "hello_reader", "notes", "_local_ip", "hups")
+    started: float          # monotonic seconds (the loop's clock) when accepted
+    ended: float            # and when closed
 
-    def __init__(self, worker: "Worker", listen: Listen, client: socket.socket, client_addr, serial: int):
+    def __init__(self, worker: Worker, listen: Listen, client: _socket.socket, client_addr: ClientAddress,
+                 serial: int):
         self.worker = worker
         self.loop = worker.loop
-        self.listen = listen
-        self.client = client
-        self.client_addr = client_addr
-        self.upstream: Optional[socket.socket] = None
-        self.c2u = self.u2c = None         # the two pumps, made when forwarding starts
+        self.listen: Listen = listen
+        self.client: Connection = client
+        self.client_addr: ClientAddress = client_addr
+        self.upstream: Connection | None = None
+        # The two pumps, made when forwarding starts.
+        self.c2u: Pump | None = None
+        self.u2c: Pump | None = None
         self.phase = ROUTING
-        self.route = None
-        self.service = None
-        self.balancer = None
-        self.tried: list["Peer"] = []
-        self.peer: Optional["Peer"] = None
-        self.status = STATUS_OK
+        self.route: Route | None = None
+        self.service: Service | None = None
+        self.balancer: Balancer | None = None
+        self.tried: list[Peer] = []
+        self.peer: Peer | None = None
+        self.status: int = STATUS_OK
         self.started = self.ended = self.loop.now
         self.connect_started = 0.0
-        self.connect_time: Optional[float] = None
-        self.timer = None                  # the session's one timer (see _phase_deadline)
+        self.connect_time: float | None = None
+        self.timer: Timer | None = None    # the session's one timer (see _phase_deadline)
         self.deadline = 0.0                # when the current phase before forwarding times out
         self.scheduled = False
-        self.serial = serial
-        self.protocol = "tls" if listen.ssl else "tcp"
-        self.sni: Optional[str] = None
-        self.ssl_protocol: Optional[str] = None
-        self.ssl_cipher: Optional[str] = None
+        self.serial: int = serial
+        self.protocol: str = "tls" if listen.ssl else "tcp"
+        self.sni: str | None = None
+        self.ssl_protocol: str | None = None
+        self.ssl_cipher: str | None = None
         self.preread_need = 1
-        self.hello_reader: Optional[ClientHelloReader] = None    # once a look found the hello incomplete
-        self.notes: Optional[dict] = None       # what plugins wrote on the session (annotate)
-        self._local_ip: Optional[str] = None
+        self.hello_reader: ClientHelloReader | None = None    # once a look found the hello incomplete
+        self.notes: dict[str, Any] | None = None    # what plugins wrote on the session (annotate)
+        self._local_ip: str | None = None
         self.hups = 0                           # CLIENT_HUP | UPSTREAM_HUP: a FIN or error epoll reported
 
     # -- accept ---------------------------------------------------------------------------
@@ -171,7 +196,15 @@ class Session:
         where = f"client: {self.client_addr[0]}:{self.client_addr[1]}, server: {self.listen}"
         return f"{where}, sni: {self.sni}" if self.sni else where
 
-    def _hung_up(self, side: int, sock, pump) -> None:
+    def log(self, level: str, message: str) -> None:
+        """A line about this session in the error log, ending with where it happened (`describe`),
+        like nginx's `..., client: ..., server: ...`. The place is only written out for a line
+        that the log level lets through."""
+        log = self.worker.log
+        if log.enabled(level):
+            log.log(level, f"{message}; {self.describe()}")
+
+    def _hung_up(self, side: int, sock: Connection | None, pump: Pump | None) -> None:
         """epoll reported a FIN (or an error) on one side: once only (edge-triggered), perhaps in a
         phase that reads nothing. Remembered, so that this side is read until EOF instead of
         trusting a short read (TLSStream._fill, BufferPump; a SplicePump trusts none)."""
@@ -241,7 +274,9 @@ class Session:
         self.phase = ROUTING
         self.route_phase()
 
-    def _peek_parse(self, parse, error, limit: int, next_need, what: str, broken: str, ended: bool):
+    def _peek_parse(self, parse: Callable[[bytes, int], T | None], error: type[Exception], limit: int,
+                    next_need: Callable[[Session, bytes], int], what: str, broken: str,
+                    ended: bool) -> T | None:
         """Peek at what the client has sent and `parse` it without consuming a byte.
 
         Returns the parsed value, or None: when more bytes are needed (`self.preread_need` then
@@ -273,12 +308,12 @@ class Session:
         return parsed
 
     def _bad_preread(self, reason: str) -> None:
-        self.worker.log.info(f"{reason}; {self.describe()}")
+        self.log("info", reason)
         self._refuse(STATUS_BAD_REQUEST)
 
     def _refuse(self, status: int) -> None:
-        """Close a client we will not serve (or no longer can) with a FIN, not a RST: a close() with unread bytes
-        (peeked, or sent before we decided) would make the kernel reset the connection. What has
+        """Close a client we will not serve (or no longer can) with a FIN, not a RST: a close() with
+        unread bytes (peeked, or sent before we decided) would make the kernel reset the connection. What has
         arrived is read now; a plain client that has not sent its FIN yet gets ours and is then
         read until it does (LingeringClose), so bytes it sends meanwhile are not answered by a RST."""
         client = self.client
@@ -325,7 +360,7 @@ class Session:
         self.access_phase()
 
     def _no_route(self) -> None:
-        self.worker.log.info(f"no route matched, closing; {self.describe()}")
+        self.log("info", "no route matched, closing")
         self._refuse(STATUS_NO_ROUTE)
 
     # -- TLS termination ------------------------------------------------------------------
@@ -337,7 +372,7 @@ class Session:
             # Same fd: the registration stays.
             self.client = self.worker.server_tls.wrap(self.client, self.worker.scratch, self.loop)
         except (OSError, ValueError) as exc:
-            self.worker.log.error(f"cannot start TLS ({exc}); {self.describe()}")
+            self.log("error", f"cannot start TLS ({exc})")
             self.close(STATUS_INTERNAL)
             return
         self._phase_deadline(self.worker.config.ssl.handshake_timeout)
@@ -348,7 +383,7 @@ class Session:
             if not self.client.handshake():
                 return
         except (ssl.SSLError, OSError) as exc:
-            self.worker.log.info(f"SSL handshake with the client failed ({_ssl_reason(exc)}); {self.describe()}")
+            self.log("info", f"SSL handshake with the client failed ({_ssl_reason(exc)})")
             if self.worker.metrics is not None:
                 self.worker.metrics.handshake(ok=False)
             self.close(STATUS_BAD_REQUEST)
@@ -368,19 +403,19 @@ class Session:
     def access_phase(self) -> None:
         """The route's plugins, highest priority first; the first that answers a status refuses."""
         for plugin in self.worker.plugins.for_route(self.route):
-            status = plugin.preread(self)
+            status = plugin.access(self)
             if status:
                 self._refuse(status)
                 return
         self.connect_phase()
 
-    def annotate(self, key: str, value) -> None:
+    def annotate(self, key: str, value: Any) -> None:
         """A plugin's note on this session, read back in its log hook (or by other plugins)."""
         if self.notes is None:
             self.notes = {}
         self.notes[key] = value
 
-    def annotation(self, key: str, default=None):
+    def annotation(self, key: str, default: Any = None) -> Any:
         return default if self.notes is None else self.notes.get(key, default)
 
     # -- connect --------------------------------------------------------------------------
@@ -411,8 +446,8 @@ class Session:
             sock = _socket.socket(peer.family, UPSTREAM_SOCKET_TYPE)
         except OSError as exc:
             # EMFILE/ENFILE/ENOBUFS: this worker is out of resources, not the upstream's fault.
-            self.worker.log.error(f"socket() failed ({exc.errno}: {exc.strerror}) while connecting to "
-                                  f"upstream {peer.name}; {self.describe()}")
+            self.log("error", f"socket() failed ({exc.errno}: {exc.strerror}) while connecting to "
+                              f"upstream {peer.name}")
             self._refuse(STATUS_INTERNAL)
             return
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -433,8 +468,7 @@ class Session:
 
     def _give_up(self) -> None:
         tried = ", ".join(p.name for p in self.tried) or "none"
-        self.worker.log.error(f'no upstream could be reached for service "{self.service.name}" '
-                              f"(tried: {tried}); {self.describe()}")
+        self.log("error", f'no upstream could be reached for service "{self.service.name}" (tried: {tried})')
         self._refuse(STATUS_BAD_GATEWAY)
 
     def _drop_upstream(self) -> None:
@@ -444,10 +478,10 @@ class Session:
             self.loop.forget(sock.fileno())
             sock.close()
 
-    def _connect_failed(self, peer: "Peer", reason: str, timed_out: bool) -> None:
+    def _connect_failed(self, peer: Peer, reason: str, timed_out: bool) -> None:
         self._drop_upstream()
         self.balancer.failed(peer, self.loop.now, timed_out)
-        self.worker.log.error(f"connect() to {peer.name} {reason} while connecting to upstream; {self.describe()}")
+        self.log("error", f"connect() to {peer.name} {reason} while connecting to upstream")
         self.try_next_peer()
 
     def on_upstream_event(self, mask: int) -> None:
@@ -487,7 +521,7 @@ class Session:
             return
         self.upstream_handshake()
 
-    def _send_proxy_header(self, build) -> bool:
+    def _send_proxy_header(self, build: Callable[[tuple[str, int], tuple[str, int]], bytes]) -> bool:
         """Tell the upstream who the client is (before any TLS: the header precedes the stream)."""
         header = build((self.client_addr[0], self.client_addr[1]), (self.local_ip(), self.listen.port))
         try:
@@ -571,7 +605,7 @@ class Session:
         if self.phase == FORWARDING:
             self.forward()
 
-    def _pump_failed(self, pump, result: int, client_is_source: bool) -> None:
+    def _pump_failed(self, pump: Pump, result: int, client_is_source: bool) -> None:
         """A reset (or a vanished peer) on one side becomes a reset on the other side; a failure
         of our own (no fd for a pipe) ends the session with 500 and resets nobody.
 
@@ -583,8 +617,7 @@ class Session:
         still held bytes for either side, they are lost: 502, and the reset is passed on."""
         err = pump.error
         if result == LOCAL_ERROR:
-            self.worker.log.error(f"cannot get a pipe ({err}: {os.strerror(err)}) while proxying; "
-                                  f"{self.describe()}")
+            self.log("error", f"cannot get a pipe ({err}: {os.strerror(err)}) while proxying")
             self.close(STATUS_INTERNAL)
             return
         client_side = (result == SRC_ERROR) == client_is_source
@@ -593,17 +626,16 @@ class Session:
         if client_side and type(self.client) is TLSStream and self.client.renegotiation_refused:
             # nginx logs "SSL renegotiation disabled" and drops the connection; the client has its
             # no_renegotiation alert (TLSStream._answer_peer). A protocol violation: 400.
-            self.worker.log.notice(f"client tried to renegotiate TLS, which is disabled, closing; {self.describe()}")
+            self.log("notice", "client tried to renegotiate TLS, which is disabled, closing")
             status = STATUS_BAD_REQUEST
         elif not client_side and self._upstream_done():
-            self.worker.log.info(f"upstream {what} after all data was delivered, closing; {self.describe()}")
+            self.log("info", f"upstream {what} after all data was delivered, closing")
             if type(self.client) is TLSStream:
                 self.client.close_notify()
             self._refuse(STATUS_OK)
             return
         else:
-            self.worker.log.info(f"{'client' if client_side else 'upstream'} {what} while proxying; "
-                                 f"{self.describe()}")
+            self.log("info", f"{'client' if client_side else 'upstream'} {what} while proxying")
         other = self.upstream if client_side else self.client
         if other is not None:
             _send_reset(other)
@@ -653,14 +685,14 @@ class Session:
             self._bad_preread(f"no complete ClientHello within {self.worker.config.ssl.preread_timeout:g}s "
                               f"(ssl.preread_timeout)")
         elif phase == HANDSHAKE:
-            self.worker.log.info(f"SSL handshake timed out after {self.worker.config.ssl.handshake_timeout:g}s; "
-                                 f"{self.describe()}")
+            self.log("info", f"SSL handshake timed out after {self.worker.config.ssl.handshake_timeout:g}s")
             self.close(STATUS_BAD_REQUEST)
         elif phase in (CONNECTING, UPSTREAM_HANDSHAKE):
             self._connect_failed(self.tried[-1], f"timed out after {self.service.connect_timeout:g}s "
                                                  f"(connect_timeout)", timed_out=True)
         elif phase == PROXY_HEADER:
-            self._bad_preread(f"no PROXY protocol header within {self.worker.config.proxy_protocol_timeout:g}s "
+            self._bad_preread("no PROXY protocol header within "
+                              f"{self.worker.config.proxy_protocol_timeout:g}s "
                               f"(proxy_protocol_timeout)")
 
     def _forwarding_timeouts(self) -> None:
@@ -674,8 +706,7 @@ class Session:
         service = self.service
         idle_deadline = max(self.c2u.last_io, self.u2c.last_io) + service.read_timeout
         if idle_deadline <= now:
-            self.worker.log.info(f"session idle for {service.read_timeout:g}s (read_timeout), closing; "
-                                 f"{self.describe()}")
+            self.log("info", f"session idle for {service.read_timeout:g}s (read_timeout), closing")
             self.close(STATUS_OK)
             return
         deadline = min(idle_deadline, now + service.write_timeout)
@@ -683,8 +714,8 @@ class Session:
             if pump.blocked_at and pump.pending:
                 write_deadline = pump.blocked_at + service.write_timeout
                 if write_deadline <= now:
-                    self.worker.log.info(f"write timed out after {service.write_timeout:g}s "
-                                         f"(write_timeout) while proxying; {self.describe()}")
+                    self.log("info", f"write timed out after {service.write_timeout:g}s "
+                                     f"(write_timeout) while proxying")
                     self.close(STATUS_OK)
                     return
                 deadline = min(deadline, write_deadline)
@@ -736,7 +767,7 @@ class LingeringClose:
 
     __slots__ = ("loop", "sock", "fd", "scratch", "held", "timer")
 
-    def __init__(self, loop: "Loop", sock: socket.socket, scratch: memoryview, held: set):
+    def __init__(self, loop: Loop, sock: Connection, scratch: memoryview, held: set[LingeringClose]):
         self.loop = loop
         self.sock = sock
         self.fd = sock.fileno()

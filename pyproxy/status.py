@@ -18,13 +18,16 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import socket
 import time
 import traceback
-from typing import Optional
+from collections.abc import Callable
+from functools import partial
 
 from setproctitle import setproctitle
 
 from pyproxy import __version__, metrics
+from pyproxy.config.model import Config
 from pyproxy.listeners import ListenerSet, ListenSocket
 from pyproxy.log import ErrorLog
 from pyproxy.loop import EPOLLET, EPOLLIN, STREAM_EVENTS, Loop
@@ -36,7 +39,8 @@ FOLD_INTERVAL = 5.0           # seconds between folds of dead processes' files w
 NICENESS = 10                 # under full load a scrape waits; a session does not
 RESPAWN_DELAY = 1.0           # a status process that keeps dying is restarted after 1 s, then 2 s,
 RESPAWN_MAX_DELAY = 60.0      # 4 s… up to once a minute
-MASTER_SIGNALS = (signal.SIGHUP, signal.SIGQUIT, signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGCHLD)
+MASTER_SIGNALS = (signal.SIGHUP, signal.SIGQUIT, signal.SIGINT, signal.SIGTERM, signal.SIGUSR1,
+                  signal.SIGCHLD)
 STOP_GRACE = 5.0              # seconds to exit after SIGTERM before the master sends SIGKILL
 
 
@@ -47,29 +51,29 @@ class StatusProcess:
         self.log = log
         self.pid = 0
         self.retired: list[int] = []        # told to stop, not reaped yet
-        self.listeners: Optional[ListenerSet] = None
+        self.listeners: ListenerSet | None = None
         self.sockets: list[ListenSocket] = []
-        self.settings: tuple = ()           # what the running process was started with
-        self.user: Optional[str] = None
-        self.directory: Optional[str] = None
+        self.settings: tuple[object, ...] = ()      # what the running process was started with
+        self.user: str | None = None
+        self.directory: str | None = None
         self.started = 0.0
         self.delay = 0.0                    # before the next restart after a crash
         self.respawn_at = 0.0
 
     # -- in the master ----------------------------------------------------------------------------
-    def start(self, config, listeners: ListenerSet) -> None:
+    def start(self, config: Config, listeners: ListenerSet) -> None:
         """Once the master runs and before any worker is forked: the metrics folder (named after the
         master's final pid, after daemonizing; workers find it in their environment), then the
         status process if status_listen is configured."""
         try:
             self.directory = metrics.prepare_directory(config.user)
         except OSError as exc:
-            from pyproxy.master import MasterError      # not at the top: pyproxy.master imports us
+            from pyproxy.master import MasterError  # not at the top: pyproxy.master imports us
             where = f' "{exc.filename}"' if exc.filename else ""
             raise MasterError(f"cannot create the metrics folder{where}: {exc.strerror or exc}") from None
         self.follow(config, listeners)
 
-    def follow(self, config, listeners: ListenerSet) -> None:
+    def follow(self, config: Config, listeners: ListenerSet) -> None:
         """After start and after each reload that succeeded: one status process serves the
         status_listen socket the master holds. A reload that keeps the socket, the user and the
         error log keeps the process (and the scrapes it is answering)."""
@@ -164,6 +168,7 @@ class StatusProcess:
             code = 1
             try:
                 self._close_what_the_master_holds()
+                assert self.directory is not None, "start() made the metrics folder before any spawn"
                 code = StatusServer(self.log, self.sockets, master_pid, self.user, self.directory).run()
             finally:
                 os._exit(code)
@@ -181,7 +186,7 @@ class StatusProcess:
         Python objects that owned the swept fds are the master's and are never used here."""
         signal.set_wakeup_fd(-1)
         keep = {ls.fd for ls in self.sockets}
-        for ls in self.listeners.all():
+        for ls in self.listeners.all() if self.listeners is not None else ():
             if ls.fd not in keep:
                 ls.sock.close()
         keep |= {0, 1, 2, self.log.fd}
@@ -203,7 +208,7 @@ def _kill(pid: int, sig: int) -> None:
 class StatusServer:
     """The status process: accepts on the status_listen socket and answers one request per connection."""
 
-    def __init__(self, log: ErrorLog, sockets: list[ListenSocket], master_pid: int, user: Optional[str],
+    def __init__(self, log: ErrorLog, sockets: list[ListenSocket], master_pid: int, user: str | None,
                  directory: str):
         self.log = log
         self.sockets = sockets
@@ -272,7 +277,10 @@ class StatusServer:
         """Edge-triggered: when MAX_SCRAPES requests are open, what else waits stays in the accept
         queue, unannounced, and is taken when a request ends (no epoll_ctl to pause and resume)."""
         for ls in self.sockets:
-            self.loop.add(ls.fd, EPOLLIN | EPOLLET, lambda mask, ls=ls: self._accept(ls))
+            self.loop.add(ls.fd, EPOLLIN | EPOLLET, partial(self._on_listener_event, ls))
+
+    def _on_listener_event(self, ls: ListenSocket, mask: int) -> None:
+        self._accept(ls)
 
     def _accept(self, ls: ListenSocket) -> None:
         while len(self.sessions) < MAX_SCRAPES:
@@ -292,7 +300,7 @@ class StatusServer:
             session.start()
         self.backlogged = True
 
-    def session_closed(self, session: "StatusSession") -> None:
+    def session_closed(self, session: StatusSession) -> None:
         self.sessions.discard(session)
         if self.backlogged:
             self.backlogged = False
@@ -314,7 +322,8 @@ class StatusServer:
         try:
             metrics.fold_dead_files(self.directory, self._alive)
         except OSError as exc:
-            self.log.error(f'cannot fold the metric files of exited processes ("{exc.filename or self.directory}"): '
+            self.log.error('cannot fold the metric files of exited processes '
+                           f'("{exc.filename or self.directory}"): '
                            f"{exc.strerror or exc}")
 
     def _alive(self, pid: int) -> bool:
@@ -342,7 +351,7 @@ class StatusServer:
             return
         self.loop.call_later(1.0, self.check_master)
 
-    def on_callback_error(self, callback, exc: BaseException) -> None:
+    def on_callback_error(self, callback: Callable[..., object], exc: BaseException) -> None:
         """A bug: log it with its traceback, end the request it belongs to, keep serving."""
         trace = "".join(traceback.format_exception(exc)).rstrip().replace("\n", "\n    ")
         self.log.error(f"internal error in the status process, please report it: {exc!r}\n    {trace}")
@@ -357,16 +366,17 @@ class StatusSession:
     MAX_REQUEST = 8192
     TIMEOUT = 5.0
 
-    def __init__(self, server: StatusServer, sock):
+    def __init__(self, server: StatusServer, sock: socket.socket):
         self.server = server
         self.loop = server.loop
-        self.sock = sock
+        self.sock: socket.socket | None = sock      # None once closed
         self.request = b""
-        self.response: Optional[memoryview] = None
+        self.response: memoryview | None = None
         self.timer = self.loop.call_later(self.TIMEOUT, self.close)
 
     def start(self) -> None:
-        self.loop.add(self.sock.fileno(), STREAM_EVENTS, self.on_event)
+        if self.sock is not None:
+            self.loop.add(self.sock.fileno(), STREAM_EVENTS, self.on_event)
 
     def on_event(self, mask: int) -> None:
         if self.response is None:
@@ -375,9 +385,12 @@ class StatusSession:
             self._write()
 
     def _read(self) -> None:
+        sock = self.sock
+        if sock is None:
+            return
         try:
             while b"\r\n\r\n" not in self.request and b"\n\n" not in self.request:
-                data = self.sock.recv(4096)
+                data = sock.recv(4096)
                 if not data:
                     self.close()
                     return
@@ -403,15 +416,19 @@ class StatusSession:
             self._respond(404, "text/plain", b"try /metrics or /status\n")
 
     def _respond(self, code: int, content_type: str, body: bytes, head_only: bool = False) -> None:
-        reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 431: "Request Header Fields Too Large"}
+        reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed",
+                  431: "Request Header Fields Too Large"}
         head = (f"HTTP/1.1 {code} {reason[code]}\r\nContent-Type: {content_type}\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
         self.response = memoryview(head + (b"" if head_only else body))
 
     def _write(self) -> None:
+        sock = self.sock
+        if sock is None:
+            return
         try:
             while self.response:
-                n = self.sock.send(self.response)
+                n = sock.send(self.response)
                 self.response = self.response[n:]
         except BlockingIOError:
             return

@@ -23,15 +23,12 @@ from __future__ import annotations
 import bisect
 import hashlib
 import math
-import socket
 from collections.abc import Callable, Collection
-from typing import Optional
 
-from pyproxy.config.model import Config, PassiveHealthcheck
+from pyproxy.addresses import family_of, host_port
+from pyproxy.config.model import ALGORITHMS, Config, PassiveHealthcheck
 
-__all__ = ["Peer", "Balancer", "build_balancers", "peer_name", "stable_hash", "ALGORITHMS"]
-
-ALGORITHMS = ("round-robin", "least-connections", "consistent-hashing")
+__all__ = ["Peer", "Balancer", "build_balancers", "peer_name", "stable_hash"]
 
 # Ring points per 100 units of weight (Ketama uses 160 per server of weight 1; nginx's `hash ...
 # consistent` uses 160 * weight). Enough for an even spread over a handful of targets.
@@ -52,8 +49,7 @@ def stable_hash(data: str) -> int:
 
 def peer_name(addr: tuple[str, int]) -> str:
     """How an address is written in logs and `$upstream_addr`: `127.0.0.1:1025` or `[::1]:1025`."""
-    host, port = addr[0], addr[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return host_port(addr[0], addr[1])
 
 
 def _seconds(value: float) -> str:
@@ -66,9 +62,9 @@ class Peer:
     __slots__ = ("addr", "family", "name", "weight", "current_weight", "effective_weight",
                  "conns", "fails", "timeouts", "down_until")
 
-    def __init__(self, addr: tuple[str, int], weight: int = 100, name: Optional[str] = None):
+    def __init__(self, addr: tuple[str, int], weight: int = 100, name: str | None = None):
         self.addr = (addr[0], addr[1])
-        self.family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
+        self.family = family_of(addr[0])
         self.name = name if name is not None else peer_name(addr)
         self.weight = weight
         self.current_weight = 0           # smooth weighted round robin's running score
@@ -98,7 +94,7 @@ class Balancer:
                  "_all_down", "_ring_points", "_ring_peers")
 
     def __init__(self, name: str, peers: list[Peer], algorithm: str = "round-robin", hash_on: str = "ip",
-                 passive: PassiveHealthcheck = PassiveHealthcheck(), log: Optional[LogFn] = None):
+                 passive: PassiveHealthcheck = PassiveHealthcheck(), log: LogFn | None = None):
         if algorithm not in ALGORITHMS:
             raise ValueError(f"unknown balancing algorithm {algorithm!r}")
         for peer in peers:
@@ -121,7 +117,7 @@ class Balancer:
 
     # -- choosing -------------------------------------------------------------------------------
 
-    def pick(self, now: float, key: Optional[str] = None, tried: Collection[Peer] = ()) -> Optional[Peer]:
+    def pick(self, now: float, key: str | None = None, tried: Collection[Peer] = ()) -> Peer | None:
         """The peer for a new connection attempt, or None when every peer has been tried.
 
         `key` is the client IP or SNI for consistent hashing (None falls back to round robin for this
@@ -142,20 +138,25 @@ class Balancer:
             self._say("warn", f'upstream "{self.name}": all targets are unhealthy, trying them anyway')
         return peer
 
-    def _choose(self, now: float, key: Optional[str], tried: Collection[Peer], healthy_only: bool):
+    def _choose(self, now: float, key: str | None, tried: Collection[Peer],
+                healthy_only: bool) -> Peer | None:
         if self.algorithm == "consistent-hashing" and key is not None:
             return self._pick_hash(now, key, tried, healthy_only)
         if self.algorithm == "least-connections":
             return self._pick_least_conns(now, tried, healthy_only)
         return self._pick_round_robin(now, tried, healthy_only)
 
-    def _pick_round_robin(self, now: float, tried: Collection[Peer], healthy_only: bool) -> Optional[Peer]:
+    def _pick_round_robin(self, now: float, tried: Collection[Peer], healthy_only: bool,
+                          tie: Peer | None = None) -> Peer | None:
         # nginx's ngx_stream_upstream_get_peer: every eligible peer gains its effective weight, the
         # highest score wins and pays back the total. Picks interleave smoothly (a b a, not a a b).
+        # With `tie`, only the peers as loaded as it (the same conns/weight) are eligible.
         best = None
         total = 0
         for peer in self.peers:
             if peer.weight <= 0 or (tried and peer in tried) or (healthy_only and now < peer.down_until):
+                continue
+            if tie is not None and peer.conns * tie.weight != tie.conns * peer.weight:
                 continue
             peer.current_weight += peer.effective_weight
             total += peer.effective_weight
@@ -167,7 +168,7 @@ class Balancer:
             best.current_weight -= total
         return best
 
-    def _pick_least_conns(self, now: float, tried: Collection[Peer], healthy_only: bool) -> Optional[Peer]:
+    def _pick_least_conns(self, now: float, tried: Collection[Peer], healthy_only: bool) -> Peer | None:
         # nginx's ngx_stream_upstream_get_least_conn_peer: the fewest conns/weight wins (compared by
         # cross-multiplying, no floats); ties are settled by smooth weighted round robin among them.
         best = None
@@ -182,23 +183,9 @@ class Balancer:
                 many = True
         if best is None or not many:
             return best
-        conns, weight = best.conns, best.weight
-        chosen = None
-        total = 0
-        for peer in self.peers:
-            if (peer.weight <= 0 or peer.conns * weight != conns * peer.weight
-                    or (tried and peer in tried) or (healthy_only and now < peer.down_until)):
-                continue
-            peer.current_weight += peer.effective_weight
-            total += peer.effective_weight
-            if peer.effective_weight < peer.weight:
-                peer.effective_weight += 1
-            if chosen is None or peer.current_weight > chosen.current_weight:
-                chosen = peer
-        chosen.current_weight -= total
-        return chosen
+        return self._pick_round_robin(now, tried, healthy_only, tie=best)
 
-    def _pick_hash(self, now: float, key: str, tried: Collection[Peer], healthy_only: bool) -> Optional[Peer]:
+    def _pick_hash(self, now: float, key: str, tried: Collection[Peer], healthy_only: bool) -> Peer | None:
         # Walk clockwise from the key's point to the first usable peer: a peer that is down or already
         # tried sends its keys to its neighbours on the ring, and only those keys move.
         points = self._ring_points
@@ -215,7 +202,7 @@ class Balancer:
         return None
 
     def _build_ring(self) -> None:
-        entries = []
+        entries: list[tuple[int, str, Peer]] = []
         for peer in self.peers:
             if peer.weight <= 0:
                 continue
@@ -228,10 +215,7 @@ class Balancer:
         self._ring_peers = [e[2] for e in entries]
 
     def _any_available(self, now: float) -> bool:
-        for peer in self.peers:
-            if peer.weight > 0 and now >= peer.down_until:
-                return True
-        return False
+        return any(peer.weight > 0 and now >= peer.down_until for peer in self.peers)
 
     # -- outcomes -------------------------------------------------------------------------------
 
@@ -308,7 +292,7 @@ class Balancer:
         return f"Balancer({self.name!r}, {self.algorithm}, {self.peers!r})"
 
 
-def build_balancers(config: Config, log: Optional[LogFn] = None) -> dict[str, Balancer]:
+def build_balancers(config: Config, log: LogFn | None = None) -> dict[str, Balancer]:
     """One balancer per service name, for one worker.
 
     Services whose host names an upstream share that upstream's balancer (one object per upstream);
@@ -326,6 +310,5 @@ def build_balancers(config: Config, log: Optional[LogFn] = None) -> dict[str, Ba
             balancers[service.name] = by_upstream[service.upstream]
         else:
             peers = [Peer(addr, 100) for addr in service.addresses]
-            host = f"[{service.host}]" if ":" in service.host else service.host
-            balancers[service.name] = Balancer(f"{host}:{service.port}", peers, log=log)
+            balancers[service.name] = Balancer(host_port(service.host, service.port), peers, log=log)
     return balancers

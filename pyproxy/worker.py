@@ -16,12 +16,14 @@ import pwd
 import signal
 import socket
 import time
-from typing import Iterable
+from collections.abc import Callable, Iterable
+from types import FrameType
+from typing import Any, Literal
 
 from setproctitle import setproctitle
 
 from pyproxy.accesslog import AccessLog
-from pyproxy.config.model import STATUS_INTERNAL, STATUS_OVER_LIMIT, Config
+from pyproxy.config.model import STATUS_INTERNAL, STATUS_OVER_LIMIT, Config, Listen, Service
 from pyproxy.config.values import congestion_control_refused
 from pyproxy.forward import SCRATCH_SIZE, PipePool
 from pyproxy.healthcheck import start_active_checks
@@ -29,9 +31,9 @@ from pyproxy.listeners import ListenSocket
 from pyproxy.log import ErrorLog
 from pyproxy.loop import EPOLLIN, Loop
 from pyproxy.metrics import WorkerMetrics, load_library
-from pyproxy.router import Router
 from pyproxy.plugins import PluginChains, PluginContext
-from pyproxy.session import LingeringClose, Session
+from pyproxy.router import Router
+from pyproxy.session import ClientAddress, Connection, LingeringClose, Session
 from pyproxy.shared import SharedState
 from pyproxy.tls.contexts import TLSContexts
 from pyproxy.upstream import build_balancers
@@ -65,7 +67,7 @@ def release_free_heap() -> None:
         _malloc_trim(0)
 
 
-_malloc_trim = None
+_malloc_trim: Callable[[int], int] | Literal[False] | None = None     # None: not looked up yet
 
 
 def drop_privileges(user: str | None, log: ErrorLog) -> None:
@@ -184,7 +186,7 @@ class Worker:
         if self.signals:
             w.send(b"\0")          # queued while we were starting: handle them at the first tick
 
-    def _queue_signal(self, signum, frame) -> None:
+    def _queue_signal(self, signum: int, frame: FrameType | None) -> None:
         if signum not in self.signals:      # the same signal twice before a tick means it once
             self.signals.append(signum)
 
@@ -230,7 +232,7 @@ class Worker:
             for ls in self.listeners:
                 self.loop.remove(ls.fd)
 
-    def _usable_congestion(self, services) -> dict[str, bytes]:
+    def _usable_congestion(self, services: Iterable[Service]) -> dict[str, bytes]:
         """Service name -> the `tcp_congestion` to set on its upstream sockets, for the services
         that ask for one this process may use. The configuration check tried each as the master's
         user; a worker that became `user` may be refused one outside the kernel's
@@ -248,9 +250,10 @@ class Worker:
             usable[service.name] = service.tcp_congestion.encode()
         return usable
 
-    def _acceptor(self, ls: ListenSocket):
+    def _acceptor(self, ls: ListenSocket) -> Callable[[int], None]:
         """The readiness handler of one listening socket: accept a batch, hand each connection on."""
-        accept = ls.sock._accept
+        # socket.socket's own C-level accept, which typeshed does not list (see below for why).
+        accept: Callable[[], tuple[int, Any]] = ls.sock._accept  # type: ignore[attr-defined]
         family = int(ls.listen.family)
         start = self._start_session(ls.listen)
 
@@ -273,14 +276,14 @@ class Worker:
 
         return on_readable
 
-    def _start_session(self, listen):
+    def _start_session(self, listen: Listen) -> Callable[[_socket.socket, ClientAddress], None]:
         limit = self.config.worker_connections
 
-        def start(conn, addr) -> None:
+        def start(conn: _socket.socket, addr: ClientAddress) -> None:
             self.serial += 1
             session = Session(self, listen, conn, addr, self.serial)
             if len(self.sessions) >= limit:
-                self.log.warn(f"{limit} worker_connections are not enough, refusing; {session.describe()}")
+                session.log("warn", f"{limit} worker_connections are not enough, refusing")
                 session.close(STATUS_OVER_LIMIT)
                 return
             self.sessions.add(session)
@@ -300,6 +303,8 @@ class Worker:
             self.loop.call_later(TRIM_INTERVAL, self._trim_when_idle)
 
     def _sample_metrics(self) -> None:
+        if self.metrics is None:
+            return
         self.metrics.flush()
         if not self.draining:
             self.loop.call_later(1.0, self._sample_metrics)
@@ -311,7 +316,7 @@ class Worker:
         self.loop.call_later(ACCEPT_PAUSE, self.resume_accepting)
 
     # -- sessions -------------------------------------------------------------------------------
-    def on_callback_error(self, callback, exc: BaseException) -> None:
+    def on_callback_error(self, callback: Callable[..., object], exc: BaseException) -> None:
         """A bug surfaced in a callback: log it with its traceback and end only the session it
         belongs to (status 500); the worker and its other sessions carry on."""
         owner = getattr(callback, "__self__", None)
@@ -333,7 +338,7 @@ class Worker:
         if self.draining and not self.sessions:
             self.loop.stop()
 
-    def linger(self, sock: socket.socket) -> None:
+    def linger(self, sock: Connection) -> None:
         """Take a refused client that got our FIN (Session._refuse): read it until its own FIN, up to
         LINGER_MAX at once; past that it is closed at once (a flood gets RSTs, not our fds)."""
         if len(self.lingering) < LINGER_MAX:
@@ -401,17 +406,6 @@ class Worker:
             self.stop_now()
             return
         self.loop.call_later(1.0, self.heartbeat)
-
-
-def close_inherited(keep: Iterable[int], close: Iterable[int]) -> None:
-    """In a fresh child: close the fds of the master that this worker must not hold."""
-    keep = set(keep)
-    for fd in close:
-        if fd not in keep:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
 
 
 def worker_main(worker: Worker, ready_fd: int) -> None:

@@ -1,1 +1,2 @@
-"""`make soak`: several thousand concurrent sessions of mixed traffic through a real pyproxy, bounded in time."""
+"""`make soak`: several thousand concurrent sessions of mixed traffic through a real pyproxy, bounded in
+time."""

@@ -32,8 +32,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.support import (Proxy, Upstream, connect, expected_hash_reply, free_port, hash_handler,  # noqa: E402
-                           make_cert, recv_all, recv_line)
+from tests.support import (  # noqa: E402
+    Proxy,
+    Upstream,
+    connect,
+    expected_hash_reply,
+    free_port,
+    hash_handler,
+    make_cert,
+    recv_all,
+    recv_line,
+)
 
 
 def main() -> int:

@@ -51,6 +51,7 @@ import time
 import traceback
 from collections import Counter
 from pathlib import Path
+from typing import ClassVar
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -58,9 +59,21 @@ if str(ROOT) not in sys.path:
 
 import psutil  # noqa: E402
 
-from tests.support import (Proxy, Upstream, connect, expected_hash_reply, free_port, hash_handler,  # noqa: E402
-                           make_ca, make_cert, pattern_bytes, recv_all, recv_line,
-                           tls_handler_for, wait_until)
+from tests.support import (  # noqa: E402
+    Proxy,
+    Upstream,
+    connect,
+    expected_hash_reply,
+    free_port,
+    hash_handler,
+    make_ca,
+    make_cert,
+    pattern_bytes,
+    recv_all,
+    recv_line,
+    tls_handler_for,
+    wait_until,
+)
 
 MiB = 1 << 20
 MAX_UPLOAD = 2 * MiB
@@ -567,7 +580,7 @@ def _reset_close(sock) -> None:
 
 class ShortSessions:
     # name → (weight, status pyproxy must log)
-    SCENARIOS = {
+    SCENARIOS: ClassVar[dict[str, tuple[int, int]]] = {
         "hash upload": (25, 200),
         "download": (14, 200),
         "tls terminated": (15, 200),
@@ -624,7 +637,7 @@ class ShortSessions:
                 self.stats.error(f"{name}: connection refused", repr(exc))
             except ConnectionResetError as exc:
                 self.stats.error(f"{name}: reset", repr(exc))
-            except socket.timeout as exc:
+            except TimeoutError as exc:
                 self.stats.error(f"{name}: timed out", repr(exc))
             except (OSError, ValueError) as exc:
                 self.stats.error(f"{name}: {type(exc).__name__}", repr(exc))
@@ -722,7 +735,8 @@ class ShortSessions:
 
     def _garbage_on_ssl_port(self, rng):
         garbage = rng.choice([b"GET / HTTP/1.1\r\nHost: soak\r\n\r\n", b"\x00\x01garbage\r\n",
-                              b"SSH-2.0-OpenSSH_9.6\r\n", bytes([0x80 | rng.randrange(128)]) + rng.randbytes(200)])
+                              b"SSH-2.0-OpenSSH_9.6\r\n",
+                              bytes([0x80 | rng.randrange(128)]) + rng.randbytes(200)])
         with self._connect(self.ports["ssl"], 400) as sock:
             try:
                 sock.sendall(garbage)
@@ -771,9 +785,9 @@ class SoakProxy(Proxy):
     """tests.support.Proxy, started in its own process group (Ctrl-C reaches only the soak, which
     then stops pyproxy itself; the group lets the soak clean up even a stray worker)."""
 
-    def start(self, wait: bool = True) -> "SoakProxy":
-        self.stdout = open(self.dir / "stdout.txt", "wb")
-        self.stderr = open(self.dir / "stderr.txt", "wb")
+    def start(self, wait: bool = True) -> SoakProxy:
+        self.stdout = open(self.dir / "stdout.txt", "wb")    # noqa: SIM115 (closed by stop())
+        self.stderr = open(self.dir / "stderr.txt", "wb")    # noqa: SIM115 (closed by stop())
         self.proc = subprocess.Popen(self.command(*self.extra_args), stdout=self.stdout, stderr=self.stderr,
                                      stdin=subprocess.DEVNULL, start_new_session=True, cwd=ROOT)
         if wait:
@@ -790,7 +804,8 @@ error_log: {workdir}/error.log
 access_log: {workdir}/access.log
 pid: {workdir}/pyproxy.pid
 log_level: info
-access_log_format: '$remote_addr $remote_port $server_port $protocol $status $bytes_sent $bytes_received $session_time "$upstream_addr" $route'
+access_log_format: '$remote_addr $remote_port $server_port $protocol $status $bytes_sent $bytes_received
+  $session_time "$upstream_addr" $route'
 
 stream_listen:
 {listen}
@@ -938,7 +953,7 @@ class Soak:
         self.ders = {"term": ssl.PEM_cert_to_DER_cert((d / "term.soak.test.crt").read_text()),
                      "upstream": ssl.PEM_cert_to_DER_cert((d / f"{UPSTREAM_NAME}.crt").read_text())}
 
-        self.upstream_out = open(d / "upstreams.log", "wb")
+        self.upstream_out = open(d / "upstreams.log", "wb")   # noqa: SIM115 (closed with the upstreams)
         self.upstream_proc = subprocess.Popen([sys.executable, "-m", "soak.run", "--serve-upstreams", str(d)],
                                               cwd=ROOT, stdin=subprocess.DEVNULL, stdout=self.upstream_out,
                                               stderr=subprocess.STDOUT, start_new_session=True)
@@ -948,12 +963,14 @@ class Soak:
             raise RuntimeError(f"the upstream process exited: {(d / 'upstreams.log').read_text()[-2000:]}")
         self.up = json.loads((d / "upstreams.json").read_text())
 
-        self.ports = {k: free_port() for k in ("echo", "hash", "download", "dead", "tls_up", "ssl", "nothing")}
+        names = ("echo", "hash", "download", "dead", "tls_up", "ssl", "nothing")
+        self.ports = {name: free_port() for name in names}
         config = proxy_config(d, self.ports, self.up, shutdown_timeout=a.seconds + 300)
         self.proxy = SoakProxy(d, config)
         self.proxy.start()
         workers = len(self.proxy.worker_pids())
-        log(f"pyproxy {self.proxy.pid} ready with {workers} workers; upstreams {self.up}; listeners {self.ports}")
+        log(f"pyproxy {self.proxy.pid} ready with {workers} workers; upstreams "
+            f"{self.up}; listeners {self.ports}")
 
     # -- sampling ------------------------------------------------------------------------------
     def sample(self, note: str = "") -> dict:
@@ -971,7 +988,8 @@ class Soak:
                "open_sessions": open_sessions, "long_open": long_open,
                "sessions_per_s": round(rate, 1), "logged": lines, "errors": errors, "note": note}
         self.samples.append(row)
-        log(f"t={row['t']:6.1f}s rss={row['rss_mib']:7.1f}MiB pss={row['pss_mib']:7.1f}MiB fds={row['fds']:5d} "
+        log(f"t={row['t']:6.1f}s rss={row['rss_mib']:7.1f}MiB "
+            f"pss={row['pss_mib']:7.1f}MiB fds={row['fds']:5d} "
             f"procs={row['procs']} sockets={row['proxy_sockets']:5d} open={open_sessions:5d} "
             f"rate={rate:6.1f}/s errors={errors} {note}")
         return row
@@ -1035,7 +1053,8 @@ class Soak:
 
         self.long = LongSessions(self.stats, self.ports["echo"], self.ports["ssl"], a.long, a.long_tls,
                                  life=(min(a.life_min, a.seconds), max(a.seconds, a.life_min)),
-                                 interval=(a.interval_min, a.interval_max), open_rate=a.open_rate, seed=a.seed)
+                                 interval=(a.interval_min, a.interval_max), open_rate=a.open_rate,
+                                 seed=a.seed)
         self.short = ShortSessions(self.stats, self.ports, self.ders, a.clients, a.short_rate, a.seed + 1000)
         self.phase = "load"
         load_start = time.monotonic()
@@ -1124,7 +1143,8 @@ class Soak:
         with self.stats.lock:
             sent = dict(self.stats.resets_sent)
         what = {"framed": "framed hash upstream (behind TLS termination)", "download": "download upstream",
-                "tls": "TLS upstream (passthrough, TLS to upstream)", "echo": "echo upstream", "hash": "hash upstream"}
+                "tls": "TLS upstream (passthrough, TLS to upstream)", "echo": "echo upstream",
+                "hash": "hash upstream"}
         for name, count in seen.items():
             extra = count - sent.get(name, 0)
             if extra > 0:
@@ -1151,7 +1171,8 @@ class Soak:
         with s.lock:
             errors = dict(s.errors)
             self.result = {
-                "passed": not errors and leak["rss_ok"] and leak["fds_ok"] and all(r["ok"] for r in self.reloads),
+                "passed": (not errors and leak["rss_ok"] and leak["fds_ok"]
+                           and all(r["ok"] for r in self.reloads)),
                 "settings": vars(self.args) | {"workers": 2},
                 "duration_s": round(time.monotonic() - self.t0, 1),
                 "sessions": {
@@ -1228,8 +1249,12 @@ def format_table(rows: list[dict]) -> str:
     head = [c[0] for c in COLUMNS]
     body = [[fmt.format(row[key]) for _, key, fmt in COLUMNS] for row in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *(line(b) for b in body)])
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(head), rule, *(line(b) for b in body)])
 
 
 def summary_text(r: dict) -> str:
@@ -1241,10 +1266,12 @@ def summary_text(r: dict) -> str:
         f"started, {ses['long_completed']} closed cleanly, {ses['long_messages_echoed']} messages; "
         f"peak {ses['peak_open']} open, {ses['peak_proxy_sockets']} proxy sockets",
         "reloads: " + ", ".join(f"#{x['number']} at {x['t']:.0f}s {'ok' if x['ok'] else 'FAILED'} "
-                                  f"({x.get('errors_within_10s', 0)} errors within 10 s)" for x in r["reloads"]),
-        f"leak check: RSS {leak['rss_start_mib']} → {leak['rss_end_mib']} MiB ({leak['rss_delta_mib']:+} MiB, "
-        f"limit +{leak['rss_margin_mib']:g}) {'ok' if leak['rss_ok'] else 'FAILED'}; PSS {leak['pss_start_mib']} → "
-        f"{leak['pss_end_mib']} MiB; fds {leak['fds_start']} → {leak['fds_end']} ({leak['fds_delta']:+}, limit "
+                                f"({x.get('errors_within_10s', 0)} errors within 10 s)"
+                                for x in r["reloads"]),
+        f"leak check: RSS {leak['rss_start_mib']} → {leak['rss_end_mib']} MiB ({leak['rss_delta_mib']:+} "
+        f"MiB, limit +{leak['rss_margin_mib']:g}) {'ok' if leak['rss_ok'] else 'FAILED'}; "
+        f"PSS {leak['pss_start_mib']} → {leak['pss_end_mib']} MiB; "
+        f"fds {leak['fds_start']} → {leak['fds_end']} ({leak['fds_delta']:+}, limit "
         f"+{leak['fd_margin']}) {'ok' if leak['fds_ok'] else 'FAILED'}",
         "per process (RSS MiB, fds) at start: " + _procs(leak["processes_start"]) + "; at end: "
         + _procs(leak["processes_end"]),
@@ -1265,7 +1292,10 @@ def _procs(each: list[dict]) -> str:
     names = []
     for p in each:
         title = p["title"]
-        name = "master" if "master" in title else ("#" + title.split("#", 1)[1].split()[0] if "#" in title else title)
+        if "master" in title:
+            name = "master"
+        else:
+            name = "#" + title.split("#", 1)[1].split()[0] if "#" in title else title
         names.append(f"{name} {p['rss_mib']}/{p['fds']}")
     return ", ".join(names)
 
@@ -1287,19 +1317,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--long", type=int, default=int(os.environ.get("SOAK_LONG", 3000)),
                    help="concurrent long sessions (default 3000)")
     p.add_argument("--long-tls", type=float, default=0.2, help="share of long sessions TLS terminated (0.2)")
-    p.add_argument("--life-min", type=float, default=30.0, help="shortest long-session life, s (30; longest: --seconds)")
+    p.add_argument("--life-min", type=float, default=30.0,
+                   help="shortest long-session life, s (30; longest: --seconds)")
     p.add_argument("--interval-min", type=float, default=2.0, help="long sessions send every 2..6 s")
     p.add_argument("--interval-max", type=float, default=6.0)
-    p.add_argument("--open-rate", type=float, default=600.0, help="new long sessions per second at most (600)")
+    p.add_argument("--open-rate", type=float, default=600.0,
+                   help="new long sessions per second at most (600)")
     p.add_argument("--clients", type=int, default=6, help="short-session threads (6)")
-    p.add_argument("--short-rate", type=float, default=60.0, help="short sessions per second, all threads (60)")
+    p.add_argument("--short-rate", type=float, default=60.0,
+                   help="short sessions per second, all threads (60)")
     p.add_argument("--reloads", type=int, default=2, help="SIGHUPs during the load (2)")
     p.add_argument("--sample", type=float, default=5.0, help="seconds between samples (5)")
     p.add_argument("--idle", type=float, default=5.0, help="idle seconds before the final sample (5)")
     p.add_argument("--warmup", type=float, default=30.0,
                    help="seconds of the same load before the baseline is taken (0: cold baseline) (30)")
     p.add_argument("--rss-margin", type=float, default=20.0,
-                   help="leak check: pyproxy's total RSS at the end may exceed the start by this many MiB (20)")
+                   help="leak check: pyproxy's total RSS at the end may exceed the "
+                        "start by this many MiB (20)")
     p.add_argument("--fd-margin", type=int, default=10,
                    help="leak check: pyproxy's total fds at the end may exceed the start by this many (10)")
     p.add_argument("--seed", type=int, default=1)

@@ -16,10 +16,12 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import psutil
+
+from pyproxy.demo.echo import echo
 
 PORT_RANGE = (20000, 32000)     # below the ephemeral range (32768+), where client ports live
 _used_ports: set[int] = set()
@@ -45,7 +47,8 @@ def free_port(host: str = "127.0.0.1") -> int:
     raise RuntimeError("no free port found below 32768")
 
 
-def wait_until(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.02, what: str = ""):
+def wait_until(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.02,
+               what: str = ""):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
@@ -65,7 +68,7 @@ class _Server(socketserver.ThreadingTCPServer):
 class Upstream:
     """A real threaded TCP server running `handler(conn, upstream)` per connection."""
 
-    def __init__(self, handler: Callable[[socket.socket, "Upstream"], None], host: str = "127.0.0.1",
+    def __init__(self, handler: Callable[[socket.socket, Upstream], None], host: str = "127.0.0.1",
                  port: int | None = None, name: str = "up"):
         self.name = name
         self.handler = handler
@@ -102,12 +105,7 @@ class Upstream:
 
 def echo_handler(conn: socket.socket, up: Upstream) -> None:
     """Echo until EOF, then half-close back."""
-    while True:
-        data = conn.recv(65536)
-        if not data:
-            break
-        conn.sendall(data)
-    conn.shutdown(socket.SHUT_WR)
+    echo(conn)
 
 
 def tag_handler(conn: socket.socket, up: Upstream) -> None:
@@ -150,7 +148,8 @@ def source_handler_for(size: int) -> Callable[[socket.socket, Upstream], None]:
 
 
 # -- clients -------------------------------------------------------------------------------------
-def connect(port: int, host: str = "127.0.0.1", source: str | None = None, timeout: float = 10.0) -> socket.socket:
+def connect(port: int, host: str = "127.0.0.1", source: str | None = None,
+            timeout: float = 10.0) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.settimeout(timeout)
@@ -225,10 +224,10 @@ class Proxy:
     def run_cli(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
         return subprocess.run(self.command(*args), capture_output=True, text=True, timeout=timeout)
 
-    def start(self, wait: bool = True, own_group: bool = False) -> "Proxy":
+    def start(self, wait: bool = True, own_group: bool = False) -> Proxy:
         """`own_group`: run in a process group of its own, which a test may signal as a whole."""
-        self.stdout = open(self.dir / "stdout.txt", "wb")
-        self.stderr = open(self.dir / "stderr.txt", "wb")
+        self.stdout = open(self.dir / "stdout.txt", "wb")    # noqa: SIM115 (closed by stop())
+        self.stderr = open(self.dir / "stderr.txt", "wb")    # noqa: SIM115 (closed by stop())
         self.proc = subprocess.Popen(self.command(*self.extra_args), stdout=self.stdout, stderr=self.stderr,
                                      stdin=subprocess.DEVNULL, process_group=0 if own_group else None)
         if wait:
@@ -318,14 +317,16 @@ def make_ca(directory: Path, name: str = "test-ca") -> tuple[Path, Path]:
     return crt, key
 
 
-def make_cert(directory: Path, name: str, sans: list[str], ca: tuple[Path, Path] | None = None) -> tuple[Path, Path]:
+def make_cert(directory: Path, name: str, sans: list[str],
+              ca: tuple[Path, Path] | None = None) -> tuple[Path, Path]:
     """A leaf certificate for `sans` (DNS names), self-signed or signed by `ca`."""
     stem = name.replace("*", "wildcard")
     crt, key = directory / f"{stem}.crt", directory / f"{stem}.key"
     san = "subjectAltName=" + ",".join(f"DNS:{s}" for s in sans)
     if ca is None:
-        _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "3",
-                 "-subj", f"/CN={name}", "-addext", san, "-keyout", str(key), "-out", str(crt), cwd=directory)
+        _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                 "-days", "3", "-subj", f"/CN={name}", "-addext", san, "-keyout", str(key), "-out", str(crt),
+                 cwd=directory)
     else:
         csr = directory / f"{stem}.csr"
         ext = directory / f"{stem}.ext"

@@ -38,13 +38,13 @@ class DenySni(Plugin):
         self.status = config.get("status", 403)
         self.refused = 0
 
-    def preread(self, session):
+    def access(self, session):
         """After routing, before an upstream is chosen: None lets the session on, a status ends it."""
         sni = session.sni                  # None for plain TCP or a hello without SNI
         if sni and (sni in self.exact or sni.endswith(self.suffixes)):
             self.refused += 1
             session.annotate(self.name, sni)                # seen again in log()
-            self.context.log("info", f"deny-sni: refusing {sni}; {session.describe()}")
+            session.log("info", f"deny-sni: refusing {sni}")     # "...; client: ..., server: ..."
             return self.status
         return None
 

@@ -11,14 +11,29 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
-from typing import Callable, Optional
+from collections.abc import Callable, Iterator
 
 from .dump import config_as_yaml, dump_config
 from .errors import ConfigError, ConfigIssue, Invalid
 from .loader import YamlMap, read_document
 from .model import (
-    ALGORITHMS, LOG_LEVELS, ROUTE_PROTOCOLS, ActiveHealthcheck, AddressMatch, Certificate, CertKey, Config,
-    Healthchecks, Listen, PassiveHealthcheck, Plugin, Route, Service, SSLSettings, Target, Upstream,
+    ALGORITHMS,
+    LOG_LEVELS,
+    ROUTE_PROTOCOLS,
+    ActiveHealthcheck,
+    AddressMatch,
+    Certificate,
+    CertKey,
+    Config,
+    Healthchecks,
+    Listen,
+    PassiveHealthcheck,
+    Plugin,
+    Route,
+    Service,
+    SSLSettings,
+    Target,
+    Upstream,
 )
 from .sections import Place, Report
 from .validate import build_config, default_pid_path, pid_file
@@ -33,7 +48,7 @@ __all__ = [
 ]
 
 
-def load_config(path: str, warn: Optional[Callable[[str], None]] = None) -> Config:
+def load_config(path: str, warn: Callable[[str], None] | None = None) -> Config:
     """Read, parse and validate the configuration file at `path`.
 
     Returns the validated Config. Raises ConfigError listing every error found, in file order.
@@ -48,14 +63,15 @@ def load_config(path: str, warn: Optional[Callable[[str], None]] = None) -> Conf
     if warn is not None:
         for warning in sorted(report.warnings, key=lambda issue: issue.line):
             warn(str(warning))
-    errors = document.issues + [error for error in report.errors if not _follows_from(error, document.refused)]
+    errors = document.issues + [error for error in report.errors
+                                if not _follows_from(error, document.refused)]
     if errors or config is None:
         raise ConfigError(sorted(errors, key=lambda issue: issue.line))
     return config
 
 
 @contextlib.contextmanager
-def _collector_paused():
+def _collector_paused() -> Iterator[None]:
     """Python's cyclic garbage collector off while a file is read and validated.
 
     Loading makes millions of objects and keeps them all until the end, and each collection of the
@@ -73,10 +89,11 @@ def _collector_paused():
 
 def _follows_from(error: ConfigIssue, refused: set[str]) -> bool:
     """True if `error` is about a value the loader already refused (it reads as null to the validator)."""
-    return any(error.key == path or error.key.startswith((path + ".", path + "[")) for path in refused if path)
+    return any(error.key == path or error.key.startswith((path + ".", path + "["))
+               for path in refused if path)
 
 
-def pid_path_of(path: str) -> Optional[str]:
+def pid_path_of(path: str) -> str | None:
     """The pid file named by the configuration at `path` (None for `pid: off`).
 
     Reads only the `pid` key, so that `pyproxy -s stop` still finds the master when another part of

@@ -9,18 +9,20 @@ addresses, route indexes) is left out: it is worked out again when the dump is l
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any
 
 import yaml
 
-from .model import (
-    ActiveHealthcheck, AddressMatch, CertKey, Certificate, Config, Listen, PassiveHealthcheck, Plugin, Route,
-    Service, SSLSettings, Target, Upstream, host_port,
-)
+from pyproxy.addresses import host_port
+
+from . import model
 from .values import format_duration
 
+# A mapping of the dump: plain data (str, int, bool, bytes, lists and such mappings), as YAML writes it.
+Mapping = dict[str, Any]
 
-def dump_config(config: Config) -> dict:
+
+def dump_config(config: model.Config) -> Mapping:
     """The configuration as the document a user would write for it (see the module's docstring)."""
     document = {
         "worker_processes": config.worker_processes,
@@ -46,48 +48,51 @@ def dump_config(config: Config) -> dict:
     return _without_nones(document)
 
 
-def config_as_yaml(config: Config) -> str:
+def config_as_yaml(config: model.Config) -> str:
     """`pyproxy -T`'s output: dump_config as YAML, headed by a comment naming the file it came from."""
-    header = f"# pyproxy -T: the effective configuration of {config.path} (defaults filled in, paths absolute)\n"
+    header = (f"# pyproxy -T: the effective configuration of {config.path} (defaults "
+              "filled in, paths absolute)\n")
     # Wide lines: a long value (access_log_format) stays on one line, where grep finds it.
-    return header + yaml.safe_dump(dump_config(config), sort_keys=False, default_flow_style=False, width=1 << 16)
+    return header + yaml.safe_dump(dump_config(config), sort_keys=False, default_flow_style=False,
+                                   width=1 << 16)
 
 
-def _without_nones(mapping: dict) -> dict:
+def _without_nones(mapping: Mapping) -> Mapping:
     """`mapping` without its unset optional keys (absent and null mean the same to the loader)."""
     return {key: value for key, value in mapping.items() if value is not None}
 
 
-def _off_if_none(path: Optional[str]) -> str:
+def _off_if_none(path: str | None) -> str:
     # null would mean "the default", which for `pid` is a file: a switched-off setting is written `off`.
     return "off" if path is None else path
 
 
-def _listen(listen: Listen) -> str:
+def _listen(listen: model.Listen) -> str:
     flags = [flag for flag, on in (("ssl", listen.ssl), ("proxy_protocol", listen.proxy_protocol)) if on]
     return " ".join([str(listen), *flags, f"backlog={listen.backlog}"])
 
 
-def _ssl(settings: SSLSettings) -> dict:
+def _ssl(settings: model.SSLSettings) -> Mapping:
     return _without_nones({
         "protocols": list(settings.protocols),
         "ciphers": settings.ciphers,
-        "default_certificate": _cert_key(settings.default_certificate) if settings.default_certificate else None,
+        "default_certificate": (_cert_key(settings.default_certificate) if settings.default_certificate
+                                else None),
         "preread_timeout": format_duration(settings.preread_timeout),
         "handshake_timeout": format_duration(settings.handshake_timeout),
     })
 
 
-def _cert_key(files: CertKey) -> dict:
+def _cert_key(files: model.CertKey) -> Mapping:
     return {"cert": files.cert, "key": files.key}
 
 
-def _certificate(certificate: Certificate) -> dict:
+def _certificate(certificate: model.Certificate) -> Mapping:
     # The SNIs the loader settled on (those written, or the certificate's own names), written out.
     return {"cert": certificate.cert, "key": certificate.key, "snis": list(certificate.snis)}
 
 
-def _upstream(upstream: Upstream) -> dict:
+def _upstream(upstream: model.Upstream) -> Mapping:
     return {
         "name": upstream.name,
         "algorithm": upstream.algorithm,
@@ -100,7 +105,7 @@ def _upstream(upstream: Upstream) -> dict:
     }
 
 
-def _active_healthcheck(check: ActiveHealthcheck) -> dict:
+def _active_healthcheck(check: model.ActiveHealthcheck) -> Mapping:
     return _without_nones({
         "type": check.type,
         "interval": format_duration(check.interval),
@@ -112,14 +117,14 @@ def _active_healthcheck(check: ActiveHealthcheck) -> dict:
     })
 
 
-def _passive_healthcheck(check: PassiveHealthcheck) -> dict:
+def _passive_healthcheck(check: model.PassiveHealthcheck) -> Mapping:
     return {
         "unhealthy": {"tcp_failures": check.unhealthy_tcp_failures, "timeouts": check.unhealthy_timeouts},
         "fail_timeout": format_duration(check.fail_timeout),
     }
 
 
-def _probe_bytes(data: Optional[bytes]):
+def _probe_bytes(data: bytes | None) -> str | bytes | None:
     """Text where the loader would read the same bytes back from it, else the bytes (YAML `!!binary`)."""
     if data is None:
         return None
@@ -130,11 +135,11 @@ def _probe_bytes(data: Optional[bytes]):
     return data if "\0" in text else text      # the loader refuses NUL in text, not in !!binary
 
 
-def _target(target: Target) -> dict:
+def _target(target: model.Target) -> Mapping:
     return {"target": host_port(target.host, target.port), "weight": target.weight}
 
 
-def _service(service: Service) -> dict:
+def _service(service: model.Service) -> Mapping:
     return _without_nones({
         "name": service.name,
         "protocol": service.protocol,
@@ -153,7 +158,7 @@ def _service(service: Service) -> dict:
     })
 
 
-def _route(route: Route) -> dict:
+def _route(route: model.Route) -> Mapping:
     return {
         "name": route.name,
         "protocols": list(route.protocols),
@@ -163,12 +168,13 @@ def _route(route: Route) -> dict:
     }
 
 
-def _address_match(match: AddressMatch) -> dict:
-    return _without_nones({"ip": str(match.network) if match.network is not None else None, "port": match.port})
+def _address_match(match: model.AddressMatch) -> Mapping:
+    return _without_nones({"ip": str(match.network) if match.network is not None else None,
+                           "port": match.port})
 
 
-def _plugin(plugin: Plugin) -> dict:
-    from pyproxy.plugins import plain     # here, not at the top: the plugins package imports this one
+def _plugin(plugin: model.Plugin) -> Mapping:
+    from pyproxy.plugins import plain  # here, not at the top: the plugins package imports this one
     # `or {}`: the loader keeps an empty mapping as (), which plain() would turn into a list.
     return _without_nones({"name": plugin.name, "route": plugin.route, "service": plugin.service,
                            "config": plain(plugin.config) or {}})

@@ -7,21 +7,46 @@ resolved, and hostnames are resolved to addresses once, here, so that no worker 
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from typing import Iterable, Optional
+
+from pyproxy.addresses import is_ip_address
 
 from .errors import Invalid, describe, key_path
 from .loader import YamlList, YamlMap
 from .model import (
-    ALGORITHMS, ROUTE_PROTOCOLS, ActiveHealthcheck, AddressMatch, Healthchecks, PassiveHealthcheck, Plugin,
-    Route, Service, Target, Upstream,
+    ALGORITHMS,
+    ROUTE_PROTOCOLS,
+    ActiveHealthcheck,
+    AddressMatch,
+    Healthchecks,
+    PassiveHealthcheck,
+    Plugin,
+    Route,
+    Service,
+    Target,
+    Upstream,
 )
 from .sections import Place, Report, Section
 from .tlsfiles import check_ca_file
 from .values import (
-    did_you_mean, in_folder, integer, is_hostname, is_ip_address, one_of, parse_bool, parse_duration,
-    parse_host, parse_host_port, parse_name, parse_network, parse_port, parse_sni, parse_text,
-    positive_duration, usable_congestion_control,
+    Converter,
+    did_you_mean,
+    in_folder,
+    integer,
+    is_hostname,
+    one_of,
+    parse_bool,
+    parse_duration,
+    parse_host,
+    parse_host_port,
+    parse_name,
+    parse_network,
+    parse_port,
+    parse_sni,
+    parse_text,
+    positive_duration,
+    usable_congestion_control,
 )
 
 UPSTREAM_KEYS = ("name", "algorithm", "hash_on", "healthchecks", "targets")
@@ -90,7 +115,7 @@ def resolve(report: Report, place: Place, host: str, port: int,
         else:
             report.error(place, f"cannot resolve {host!r}: {reason}")
         return ()
-    return tuple(dict.fromkeys((answer[4][0], answer[4][1]) for answer in answers))
+    return tuple(dict.fromkeys((str(answer[4][0]), int(answer[4][1])) for answer in answers))
 
 
 def read_snis(report: Report, place: Place, value: object) -> list[tuple[Place, str]]:
@@ -116,7 +141,7 @@ def read_upstreams(report: Report, root: Section) -> tuple[Upstream, ...]:
     return tuple(upstreams)
 
 
-def _upstream(report: Report, place: Place, value: object, names: _UniqueNames) -> Optional[Upstream]:
+def _upstream(report: Report, place: Place, value: object, names: _UniqueNames) -> Upstream | None:
     section = report.section(place, value, UPSTREAM_KEYS)
     if section is None:
         return None
@@ -125,7 +150,7 @@ def _upstream(report: Report, place: Place, value: object, names: _UniqueNames) 
     if name is not None and not names.claim(section.place_of("name"), name):
         name = None
     upstream = Upstream(
-        name=name,
+        name=name if name is not None else "",
         algorithm=section.get("algorithm", one_of(ALGORITHMS), defaults.algorithm),
         hash_on=section.get("hash_on", one_of(("ip", "sni")), defaults.hash_on),
         healthchecks=section.nested("healthchecks", _healthchecks, defaults.healthchecks),
@@ -256,7 +281,7 @@ def _service(report: Report, section: Section, base: str, upstream_names: set[st
     port = section.get("port", parse_port, defaults.port)
     host = section.get("host", lambda text: _upstream_name_or_host(text, upstream_names), required=True)
     upstream = host if host in upstream_names else None
-    addresses = ()
+    addresses: tuple[tuple[str, int], ...] = ()
     if host is not None and upstream is None:
         addresses = resolve(report, section.place_of("host"), host, port, upstream_names)
     ca_certificates = []
@@ -269,7 +294,7 @@ def _service(report: Report, section: Section, base: str, upstream_names: set[st
             if section.has(key) and section.mapping[key] not in (False, []):
                 report.warn(section.place_of(key), f"{key} is only used with protocol tls")
     return Service(
-        name=name,
+        name=name if name is not None else "",
         protocol=protocol,
         host=host or "",
         port=port,
@@ -310,8 +335,8 @@ def _proxy_protocol_version(value: object) -> str:
     return one_of(("off", "v1", "v2"))(value)
 
 
-def _route(report: Report, place: Place, value: object, service: Optional[str], index: int,
-           tls: TLSContext, names: _UniqueNames) -> Optional[Route]:
+def _route(report: Report, place: Place, value: object, service: str | None, index: int,
+           tls: TLSContext, names: _UniqueNames) -> Route | None:
     section = report.section(place, value, ROUTE_KEYS)
     if section is None:
         return None
@@ -331,11 +356,12 @@ def _route(report: Report, place: Place, value: object, service: Optional[str], 
                  index=index, line=place.line)
 
 
-def _route_protocols(report: Report, place: Place, value: object) -> Optional[tuple[str, ...]]:
+def _route_protocols(report: Report, place: Place, value: object) -> tuple[str, ...] | None:
     """The route's protocols, or None when the list is wrong (the rules cannot be checked then)."""
     items = report.items(place, value)
-    protocols = [report.convert(item_place, item, one_of(ROUTE_PROTOCOLS)) for item_place, item in items]
-    if not isinstance(value, YamlList) or None in protocols:
+    converted = [report.convert(item_place, item, one_of(ROUTE_PROTOCOLS)) for item_place, item in items]
+    protocols = [protocol for protocol in converted if protocol is not None]
+    if not isinstance(value, YamlList) or len(protocols) != len(converted):
         return None
     if not protocols:
         report.error(place, f"list at least one of {', '.join(ROUTE_PROTOCOLS)}")
@@ -411,7 +437,7 @@ def read_plugins(report: Report, root: Section, services: tuple[Service, ...]) -
 
 
 def _known_plugin(report: Report, place: Place, name: str) -> bool:
-    from pyproxy.plugins import REGISTRY   # here, not at the top: plugins import the model package
+    from pyproxy.plugins import REGISTRY  # here, not at the top: plugins import the model package
     if name in REGISTRY:
         return True
     report.error(place, f"unknown plugin {name!r}{did_you_mean(name, REGISTRY)}; "
@@ -419,7 +445,8 @@ def _known_plugin(report: Report, place: Place, name: str) -> bool:
     return False
 
 
-def _check_plugin_config(report: Report, place: Place, name: str, config) -> None:
+def _check_plugin_config(report: Report, place: Place, name: str,
+                         config: tuple[tuple[str, object], ...]) -> None:
     """The plugin's own checks; its problems are reported at the config's line (their keys inside
     `config` are named in the key path)."""
     from pyproxy.plugins import check_plugin, plain
@@ -433,7 +460,7 @@ def _check_plugin_config(report: Report, place: Place, name: str, config) -> Non
         report.error(Place(path, place.line), message)
 
 
-def _reference(kind: str, names: list[str]):
+def _reference(kind: str, names: list[str]) -> Converter[str]:
     def convert(value: object) -> str:
         if not isinstance(value, str):
             raise Invalid(f"expected the name of a {kind}, got {describe(value)}")
@@ -443,26 +470,33 @@ def _reference(kind: str, names: list[str]):
     return convert
 
 
-def _plugin_config(report: Report, place: Place, value: object) -> Optional[tuple[tuple[str, object], ...]]:
+def _plugin_config(report: Report, place: Place, value: object) -> tuple[tuple[str, object], ...] | None:
     if not isinstance(value, YamlMap):
         report.error(place, f"expected a mapping, got {describe(value)}")
         return None
-    return _frozen_settings(report, place, value)
+    return _frozen_mapping(report, place, value)
 
 
 def _frozen_settings(report: Report, place: Place, value: object) -> object:
     """A plugin's settings made immutable: lists become tuples, mappings tuples of (key, value) sorted by
-    key. Keys must be strings, as in Kong's JSON plugin configurations; None after reporting one that is not."""
+    key. Keys must be strings, as in Kong's JSON plugin configurations; None after reporting one that
+    is not."""
     if isinstance(value, YamlMap):
-        pairs = []
-        for key, item in value.items():
-            if not isinstance(key, str):
-                report.error(Place(place.path, value.key_lines[key]),
-                             f"plugin settings are named by strings, not {describe(key)}")
-                return None
-            item_place = Place(key_path(place.path, key), value.value_lines[key])
-            pairs.append((key, _frozen_settings(report, item_place, item)))
-        return tuple(sorted(pairs, key=lambda pair: pair[0]))
+        return _frozen_mapping(report, place, value)
     if isinstance(value, YamlList):
-        return tuple(_frozen_settings(report, item_place, item) for item_place, item in report.items(place, value))
+        return tuple(_frozen_settings(report, item_place, item)
+                     for item_place, item in report.items(place, value))
     return value
+
+
+def _frozen_mapping(report: Report, place: Place, value: YamlMap) -> tuple[tuple[str, object], ...] | None:
+    """A mapping of plugin settings as (key, frozen value) pairs sorted by key (see _frozen_settings)."""
+    pairs = []
+    for key, item in value.items():
+        if not isinstance(key, str):
+            report.error(Place(place.path, value.key_lines[key]),
+                         f"plugin settings are named by strings, not {describe(key)}")
+            return None
+        item_place = Place(key_path(place.path, key), value.value_lines[key])
+        pairs.append((key, _frozen_settings(report, item_place, item)))
+    return tuple(sorted(pairs, key=lambda pair: pair[0]))

@@ -13,8 +13,10 @@ alone took gigabytes.
 from __future__ import annotations
 
 import codecs
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, NoReturn, Protocol
 
 import yaml
 from yaml.constructor import SafeConstructor
@@ -43,9 +45,16 @@ _LIBYAML = yaml.__with_libyaml__
 _Parser = yaml.CSafeLoader if _LIBYAML else yaml.SafeLoader
 
 
-def _implicit_patterns() -> dict[str, list]:
+class _Mark(Protocol):
+    """A position in the file, as both parsers give it (yaml.error.Mark, libyaml's yaml._yaml.Mark)."""
+
+    line: int
+    column: int
+
+
+def _implicit_patterns() -> dict[str, list[re.Pattern[str]]]:
     """For each scalar tag, the patterns a plain scalar must match to get that tag implicitly."""
-    patterns: dict[str, list] = {}
+    patterns: dict[str, list[re.Pattern[str]]] = {}
     for resolvers in Resolver.yaml_implicit_resolvers.values():
         for tag, regexp in resolvers:
             patterns.setdefault(tag, []).append(regexp)
@@ -55,7 +64,7 @@ def _implicit_patterns() -> dict[str, list]:
 _IMPLICIT_PATTERNS = _implicit_patterns()
 
 
-def _resolvers_by_first_character() -> dict[str, tuple]:
+def _resolvers_by_first_character() -> dict[str, tuple[tuple[str, re.Pattern[str]], ...]]:
     """SafeLoader's implicit resolvers, looked up by the first character of a plain scalar."""
     resolvers = Resolver.yaml_implicit_resolvers
     wildcard = tuple(resolvers.get(None, ()))
@@ -68,8 +77,9 @@ _RESOLVERS = _resolvers_by_first_character()
 def _scalar_tag(event: yaml.ScalarEvent) -> str:
     """The tag of a scalar: the one written, else SafeLoader's implicit one (int, bool, null…) for a
     plain scalar, else str."""
-    if event.tag not in _NON_SPECIFIC_TAGS:
-        return event.tag
+    tag = event.tag
+    if tag is not None and tag not in _NON_SPECIFIC_TAGS:
+        return tag
     if event.implicit[0]:
         for tag, pattern in _RESOLVERS.get(event.value[:1], ()):
             if pattern.match(event.value):
@@ -77,7 +87,7 @@ def _scalar_tag(event: yaml.ScalarEvent) -> str:
     return _STR_TAG
 
 
-class YamlMap(dict):
+class YamlMap(dict[Any, object]):
     """A YAML mapping: a dict that also knows the line of the mapping, of each key and of each value."""
 
     def __init__(self, line: int):
@@ -87,7 +97,7 @@ class YamlMap(dict):
         self.value_lines: dict[object, int] = {}
 
 
-class YamlList(list):
+class YamlList(list[object]):
     """A YAML sequence: a list that also knows its own line and the line of each item."""
 
     def __init__(self, line: int):
@@ -107,7 +117,8 @@ class Document:
 
     root: YamlValue
     issues: list[ConfigIssue] = field(default_factory=list)
-    refused: set[str] = field(default_factory=set)    # key paths of values that read as None because of an issue
+    # Key paths of values that read as None because of an issue.
+    refused: set[str] = field(default_factory=set)
 
 
 def read_document(path: str) -> Document:
@@ -133,8 +144,11 @@ def read_document(path: str) -> Document:
     except yaml.reader.ReaderError as error:
         # Raised for characters YAML forbids (control characters), possibly before the parser reaches
         # them; it carries an offset into the source (bytes for libyaml), not a mark.
-        newline = b"\n" if isinstance(source, bytes) else "\n"
-        _fail(path, source.count(newline, 0, error.position) + 1, f"invalid YAML: {_reader_problem(error)}",
+        if isinstance(source, bytes):
+            line = source.count(b"\n", 0, error.position) + 1
+        else:
+            line = source.count("\n", 0, error.position) + 1
+        _fail(path, line, f"invalid YAML: {_reader_problem(error)}",
               _Builder(path).last_path(source[:error.position]))
     except yaml.YAMLError as error:
         _fail(path, 1, f"invalid YAML: {error}")
@@ -162,11 +176,11 @@ def _read_file(path: str) -> bytes:
     return data
 
 
-def _fail(path: str, line: int, message: str, key: str = ""):
+def _fail(path: str, line: int, message: str, key: str = "") -> NoReturn:
     raise ConfigError([ConfigIssue(path, line, key, message)])
 
 
-def _mark_line(mark) -> int:
+def _mark_line(mark: _Mark | None) -> int:
     return mark.line + 1 if mark is not None else 1
 
 
@@ -181,7 +195,7 @@ def _describe_yaml_error(error: yaml.MarkedYAMLError, text: str) -> str:
     return message
 
 
-def _character_at(text: str, mark) -> str:
+def _character_at(text: str, mark: _Mark | None) -> str:
     """The character at a mark's line and column ('' when there is none)."""
     if mark is None:
         return ""
@@ -207,7 +221,7 @@ class _GiveUp(Exception):
 @dataclass
 class _Anchor:
     value: YamlValue = None
-    size: Optional[int] = None     # the values it stands for, None while its collection is being read
+    size: int | None = None     # the values it stands for, None while its collection is being read
 
 
 class _Builder:
@@ -227,12 +241,14 @@ class _Builder:
         self.values = 0           # values read, an alias counting the values it stands for
         self.aliased = 0          # of which through aliases
         self.constructor = SafeConstructor()
-        self.next_event = None
+        self.next_event: Callable[[], yaml.Event] = _no_parser
 
-    def build(self, source) -> YamlValue:
+    def build(self, source: str | bytes) -> YamlValue:
         """The root value of the one document in `source` (None for an empty stream)."""
         parser = _Parser(source)
-        self.next_event = parser.get_event
+        # get_event is typed to return None too: only once the stream ended, past the StreamEndEvent
+        # after which build() reads nothing more.
+        self.next_event = parser.get_event  # type: ignore[assignment]
         try:
             self.next_event()                                   # StreamStart
             if isinstance(self.next_event(), yaml.StreamEndEvent):
@@ -247,7 +263,7 @@ class _Builder:
                                            "invalid YAML: a second document (---) in the file")])
         return root
 
-    def last_path(self, source) -> str:
+    def last_path(self, source: str | bytes) -> str:
         """The key path of the last node `source` starts: where the file stops being readable."""
         try:
             self.build(source)
@@ -264,7 +280,7 @@ class _Builder:
         self.problem(event, path, message)
         self.refused.add(path)
 
-    def give_up(self, event: yaml.Event, path: str, message: str):
+    def give_up(self, event: yaml.Event, path: str, message: str) -> NoReturn:
         self.problem(event, path, message)
         raise _GiveUp()
 
@@ -278,21 +294,24 @@ class _Builder:
         self.values += 1
         first = self.values
         anchor = None
-        if event.anchor is not None:
+        if isinstance(event, yaml.NodeEvent) and event.anchor is not None:
             anchor = self.anchors[event.anchor] = _Anchor()
+        value: YamlValue
         if isinstance(event, yaml.ScalarEvent):
             value = self.scalar(event, path)
         elif isinstance(event, yaml.SequenceStartEvent):
             value = self.sequence(event, path, depth)
-        else:
+        elif isinstance(event, yaml.MappingStartEvent):
             value = self.mapping(event, path, depth)
+        else:       # the parsers start a node with one of the events above, and nothing else
+            raise AssertionError(f"unexpected YAML event {event!r} at {path!r}")
         if anchor is not None:
             anchor.value, anchor.size = value, self.values - first + 1
         return value
 
     def alias(self, event: yaml.AliasEvent, path: str) -> YamlValue:
         """What the anchor stands for: the very value built where it was written."""
-        anchor = self.anchors.get(event.anchor)
+        anchor = self.anchors.get(event.anchor) if event.anchor is not None else None
         if anchor is None:
             self.refuse(event, path, f"no anchor named {event.anchor!r} before this alias")
             return None
@@ -312,7 +331,7 @@ class _Builder:
             self.refuse(event, path, problem)
         return value
 
-    def construct_scalar(self, event: yaml.ScalarEvent) -> tuple[YamlValue, Optional[str]]:
+    def construct_scalar(self, event: yaml.ScalarEvent) -> tuple[YamlValue, str | None]:
         """`(value, None)` for a scalar SafeLoader would accept, else `(None, what is wrong)`."""
         tag = _scalar_tag(event)
         if tag == _STR_TAG:
@@ -322,7 +341,9 @@ class _Builder:
         patterns = _IMPLICIT_PATTERNS.get(tag)
         if patterns and not any(pattern.match(event.value) for pattern in patterns):
             return None, f"{describe(event.value)} is not a valid {tag.replace(_TAG, '!!')}"
-        node = ScalarNode(tag, event.value, event.start_mark, event.end_mark, event.style)
+        # libyaml's marks (yaml._yaml.Mark) serve as well as PyYAML's; its stubs only name the latter.
+        node = ScalarNode(tag, event.value, event.start_mark, event.end_mark,  # type: ignore[arg-type]
+                          event.style)
         try:
             return self.constructor.yaml_constructors[tag](self.constructor, node), None
         except (yaml.YAMLError, ValueError) as error:
@@ -405,10 +426,15 @@ class _Builder:
         """The mappings named by a `<<` merge key: one mapping or a list of them."""
         value = self.node(event, path, depth + 1)
         sources = value if isinstance(value, YamlList) else [value]
-        if not all(isinstance(source, YamlMap) for source in sources):
+        mappings = [source for source in sources if isinstance(source, YamlMap)]
+        if len(mappings) != len(sources):
             self.problem(event, path, "a merge key (<<) takes a mapping or a list of mappings")
             return []
-        return sources
+        return mappings
 
 
 _NO_KEY = object()      # a mapping entry whose key is unusable: its value is read and dropped
+
+
+def _no_parser() -> yaml.Event:
+    raise RuntimeError("no YAML document is being read")

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
-from typing import Optional, Union
 
-IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+from pyproxy.addresses import family_of, host_port
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # nginx's stream status codes, used in the access log and metrics.
 STATUS_OK = 200
@@ -30,11 +31,6 @@ ROUTE_PROTOCOLS = ("tcp", "tls", "tls_passthrough")
 ALGORITHMS = ("round-robin", "least-connections", "consistent-hashing")
 
 
-def host_port(host: str, port: int) -> str:
-    """`host:port` as the file writes it: an IPv6 address goes in brackets (`[::1]:9000`)."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 @dataclass(frozen=True)
 class Listen:
     """One `stream_listen` entry: `address:port [ssl] [proxy_protocol] [backlog=N]`."""
@@ -49,8 +45,7 @@ class Listen:
 
     @property
     def family(self) -> int:
-        import socket
-        return socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        return family_of(self.host)
 
     @property
     def key(self) -> tuple[str, int]:
@@ -82,7 +77,7 @@ class Certificate:
 class SSLSettings:
     protocols: tuple[str, ...] = ("TLSv1.2", "TLSv1.3")
     ciphers: str = "ECDHE+AESGCM:ECDHE+CHACHA20"
-    default_certificate: Optional[CertKey] = None
+    default_certificate: CertKey | None = None
     preread_timeout: float = 5.0       # seconds to receive a whole ClientHello
     handshake_timeout: float = 10.0
 
@@ -92,8 +87,8 @@ class ActiveHealthcheck:
     type: str = "tcp"
     interval: float = 0.0         # seconds; 0 = off
     timeout: float = 1.0
-    send: Optional[bytes] = None  # optional bytes written after connect
-    expect: Optional[bytes] = None  # bytes the response must start with
+    send: bytes | None = None  # optional bytes written after connect
+    expect: bytes | None = None  # bytes the response must start with
     healthy_successes: int = 2
     unhealthy_tcp_failures: int = 2
     unhealthy_timeouts: int = 2
@@ -140,8 +135,8 @@ class Upstream:
 class AddressMatch:
     """One `sources`/`destinations` entry; a field left out matches anything."""
 
-    network: Optional[IPNetwork] = None
-    port: Optional[int] = None
+    network: IPNetwork | None = None
+    port: int | None = None
 
 
 @dataclass(frozen=True)
@@ -162,7 +157,7 @@ class Service:
     protocol: str = "tcp"         # tcp | tls: encrypt towards the upstream
     host: str = ""
     port: int = 80
-    upstream: Optional[str] = None          # set when `host` names an upstream
+    upstream: str | None = None          # set when `host` names an upstream
     addresses: tuple[tuple[str, int], ...] = ()   # resolved (ip, port) when host is not an upstream
     connect_timeout: float = 60.0
     read_timeout: float = 60.0
@@ -170,17 +165,17 @@ class Service:
     retries: int = 5
     tls_verify: bool = False
     ca_certificates: tuple[str, ...] = ()   # absolute paths of PEM files
-    tls_server_name: Optional[str] = None
+    tls_server_name: str | None = None
     proxy_protocol: str = "off"   # off | v1 | v2
-    tcp_congestion: Optional[str] = None    # TCP congestion control of upstream connections; None: the host's
+    tcp_congestion: str | None = None    # TCP congestion control of upstream connections; None: the host's
     routes: tuple[Route, ...] = ()
 
 
 @dataclass(frozen=True)
 class Plugin:
     name: str
-    route: Optional[str] = None
-    service: Optional[str] = None
+    route: str | None = None
+    service: str | None = None
     config: tuple[tuple[str, object], ...] = ()   # validated later by the plugin itself
     line: int = 0
 
@@ -193,12 +188,12 @@ class Config:
     worker_shutdown_timeout: float = 30.0
     worker_sched_policy: str = "normal"   # "batch": workers run as SCHED_BATCH (see WORKER_SCHED_POLICIES)
     proxy_protocol_timeout: float = 5.0   # nginx's proxy_protocol_timeout: time to receive the header
-    pid: Optional[str] = None     # absolute path, None = "off"
-    user: Optional[str] = None
-    status_listen: Optional[tuple[str, int]] = None
+    pid: str | None = None     # absolute path, None = "off"
+    user: str | None = None
+    status_listen: tuple[str, int] | None = None
     error_log: str = "stderr"     # "stderr" or an absolute path
     log_level: str = "notice"
-    access_log: Optional[str] = "stdout"   # "stdout", "stderr", an absolute path, or None (off)
+    access_log: str | None = "stdout"   # "stdout", "stderr", an absolute path, or None (off)
     access_log_format: str = ('$remote_addr [$time_local] $protocol $status $bytes_sent $bytes_received '
                               '$session_time "$upstream_addr" "$ssl_server_name" $route')
     stream_listen: tuple[Listen, ...] = ()

@@ -6,14 +6,16 @@ reports its unknown keys, and converts its values, so that schema code reads as 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional, TypeVar
+from typing import TypeVar, overload
 
 from .errors import ConfigIssue, Invalid, describe, item_path, key_path
 from .loader import YamlList, YamlMap
-from .values import Converter, did_you_mean
+from .values import did_you_mean
 
 T = TypeVar("T")
+D = TypeVar("D")
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,7 @@ class Report:
         """Record something that works but deserves the user's attention."""
         self.warnings.append(ConfigIssue(self.file, place.line, place.path, message))
 
-    def section(self, place: Place, value: object, known: Iterable[str]) -> Optional["Section"]:
+    def section(self, place: Place, value: object, known: Iterable[str]) -> Section | None:
         """`value` as a Section with the keys `known`, or None (and an error) if it is not a mapping."""
         if not isinstance(value, YamlMap):
             self.error(place, f"expected a mapping, got {describe(value)}")
@@ -53,9 +55,9 @@ class Report:
             self.error(place, f"expected a list, got {describe(value)}")
             return []
         return [(Place(item_path(place.path, index), line), item)
-                for index, (item, line) in enumerate(zip(value, value.item_lines))]
+                for index, (item, line) in enumerate(zip(value, value.item_lines, strict=True))]
 
-    def convert(self, place: Place, value: object, convert: Callable[[object], T]) -> Optional[T]:
+    def convert(self, place: Place, value: object, convert: Callable[[object], T]) -> T | None:
         """`convert(value)`, or None after reporting the Invalid it raised at `place`."""
         try:
             return convert(value)
@@ -85,7 +87,14 @@ class Section:
         line = self.mapping.value_lines.get(key, self.mapping.line)
         return Place(key_path(self.place.path, key), line)
 
-    def get(self, key: str, convert: Converter, default=None, required: bool = False):
+    @overload
+    def get(self, key: str, convert: Callable[[object], T], default: None = None,
+            required: bool = False) -> T | None: ...
+    @overload
+    def get(self, key: str, convert: Callable[[object], T], default: D, required: bool = False) -> T | D: ...
+
+    def get(self, key: str, convert: Callable[[object], T], default: D | None = None,
+            required: bool = False) -> T | D | None:
         """The value of `key` passed through `convert`; `default` if it is absent or wrong."""
         value = self.mapping.get(key)
         if value is None:
@@ -98,7 +107,13 @@ class Section:
             self.report.error(self.place_of(key), str(problem))
             return default
 
-    def nested(self, key: str, build: Callable[[Report, Place, object], T], default=None):
+    @overload
+    def nested(self, key: str, build: Callable[[Report, Place, object], T]) -> T | None: ...
+    @overload
+    def nested(self, key: str, build: Callable[[Report, Place, object], T], default: D) -> T | D: ...
+
+    def nested(self, key: str, build: Callable[[Report, Place, object], T],
+               default: D | None = None) -> T | D | None:
         """`build(report, place, value)` for a key holding a structure; `default` if it is absent."""
         value = self.mapping.get(key)
         if value is None:

@@ -11,11 +11,12 @@ import re
 import ssl
 import stat
 import time
-from typing import Optional
+from collections.abc import Callable
+from typing import Any
 
 from .sections import Place, Report
 
-DecodedCertificate = dict   # the dict form of ssl.SSLSocket.getpeercert()
+DecodedCertificate = dict[str, Any]   # the dict form of ssl.SSLSocket.getpeercert()
 
 
 class _EncryptedKey(Exception):
@@ -46,7 +47,7 @@ def check_readable_file(report: Report, place: Place, path: str) -> bool:
 
 
 def load_certificate_pair(report: Report, cert_place: Place, key_place: Place,
-                          cert_path: str, key_path: str) -> Optional[DecodedCertificate]:
+                          cert_path: str, key_path: str) -> DecodedCertificate | None:
     """Check a certificate and its private key as the workers will load them.
 
     Returns the decoded certificate when it is usable, None after reporting why it is not.
@@ -56,8 +57,7 @@ def load_certificate_pair(report: Report, cert_place: Place, key_place: Place,
     if not (cert_readable and key_readable):
         return None
     try:
-        # The only stdlib way to read a certificate's fields from a file.
-        decoded = ssl._ssl._test_decode_cert(cert_path)
+        decoded = _decode_certificate(cert_path)
     except (ssl.SSLError, OSError) as error:
         report.error(cert_place, f"not a PEM certificate: {cert_path} ({_reason(error)})")
         return None
@@ -68,7 +68,8 @@ def load_certificate_pair(report: Report, cert_place: Place, key_place: Place,
     try:
         context.load_cert_chain(cert_path, key_path, password=_refuse_password)
     except _EncryptedKey:
-        report.error(key_place, f"the private key {key_path} is encrypted; pyproxy needs it without a passphrase")
+        report.error(key_place,
+                     f"the private key {key_path} is encrypted; pyproxy needs it without a passphrase")
         return None
     except (ssl.SSLError, OSError) as error:
         if getattr(error, "reason", None) == "KEY_VALUES_MISMATCH":
@@ -78,6 +79,13 @@ def load_certificate_pair(report: Report, cert_place: Place, key_place: Place,
                                     f"({_reason(error)})")
         return None
     return decoded
+
+
+def _decode_certificate(path: str) -> DecodedCertificate:
+    """The only stdlib way to read a certificate's fields from a file: a private helper of the ssl
+    module's C part, which typeshed does not describe."""
+    decode: Callable[[str], DecodedCertificate] = ssl._ssl._test_decode_cert  # type: ignore[attr-defined]
+    return decode(path)
 
 
 def _check_dates(report: Report, place: Place, path: str, decoded: DecodedCertificate) -> bool:
@@ -105,8 +113,9 @@ def _check_key_permissions(report: Report, place: Place, path: str) -> None:
 
 def _reason(error: OSError) -> str:
     """OpenSSL's words for what went wrong, without the CPython source location."""
-    if getattr(error, "reason", None):
-        return error.reason
+    reason = getattr(error, "reason", None)
+    if reason:
+        return str(reason)
     text = error.strerror or (error.args[-1] if error.args else "") or str(error)
     return re.sub(r"^\[\w+\] | \(_ssl\.c:\d+\)$", "", str(text))
 

@@ -11,16 +11,24 @@ import os
 import pwd
 import re
 import ssl
-from typing import Optional
 
 from . import entities
 from .errors import Invalid, describe
-from .model import LOG_LEVELS, WORKER_SCHED_POLICIES, CertKey, Certificate, Config, Listen, SSLSettings
+from .model import LOG_LEVELS, WORKER_SCHED_POLICIES, Certificate, CertKey, Config, Listen, SSLSettings
 from .sections import Place, Report, Section
-from .tlsfiles import certificate_names, load_certificate_pair
+from .tlsfiles import DecodedCertificate, certificate_names, load_certificate_pair
 from .values import (
-    Converter, did_you_mean, in_folder, integer, one_of, parse_address, parse_duration, parse_log_format,
-    parse_sni, parse_text, positive_duration,
+    Converter,
+    did_you_mean,
+    in_folder,
+    integer,
+    one_of,
+    parse_address,
+    parse_duration,
+    parse_log_format,
+    parse_sni,
+    parse_text,
+    positive_duration,
 )
 
 TOP_LEVEL_KEYS = (
@@ -40,7 +48,7 @@ MAX_WORKER_PROCESSES = 1024
 C_INT_MAX = 2**31 - 1      # counts that reach C calls (listen's backlog, rlimits) must fit a C int
 
 
-def build_config(report: Report, document: object) -> Optional[Config]:
+def build_config(report: Report, document: object) -> Config | None:
     """The Config described by `document` (what the loader read from `report.file`).
 
     Every problem goes to `report`; the result is None when the document is not even a mapping.
@@ -163,10 +171,11 @@ def _existing_user(value: object) -> str:
     return name
 
 
-def _file_or_words(base: str, *words: str, off: bool = False, folder_must_exist: bool = True) -> Converter:
+def _file_or_words(base: str, *words: str, off: bool = False,
+                   folder_must_exist: bool = True) -> Converter[str | None]:
     """A converter for a file we write (pid, logs): one of `words` kept as is, `off` → None, or a path
     whose folder must exist (unless `folder_must_exist` is False)."""
-    def convert(value: object) -> Optional[str]:
+    def convert(value: object) -> str | None:
         if off and (value is False or value == "off"):
             return None
         if value in words:
@@ -186,21 +195,23 @@ def default_pid_path(base: str) -> str:
     return os.path.join(base, "pyproxy.pid")
 
 
-def pid_file(base: str) -> Converter:
+def pid_file(base: str) -> Converter[str | None]:
     """A converter for `pid`: `off` → None, else an absolute path. Like nginx, `-t` does not insist
     that its folder exists yet (systemd's RuntimeDirectory= makes /run/pyproxy only at start);
     the master says so plainly if it cannot write the file."""
     return _file_or_words(base, off=True, folder_must_exist=False)
 
 
-def _error_log(base: str) -> Converter:
+def _error_log(base: str) -> Converter[str]:
     write_file = _file_or_words(base, "stderr")
 
     def convert(value: object) -> str:
         # nginx has no `error_log off` (it would write a file named "off"); we refuse rather than guess.
         if value is False or value in ("off", "stdout"):
             raise Invalid(f"error_log goes to stderr or to a file, not {describe(value)}")
-        return write_file(value)
+        path = write_file(value)
+        assert path is not None, "only `off` gives None, and error_log does not take it"
+        return path
     return convert
 
 
@@ -209,6 +220,7 @@ def _error_log(base: str) -> Converter:
 def _stream_listen(report: Report, root: Section) -> tuple[Listen, ...]:
     place = root.place_of("stream_listen")
     raw = root.mapping.get("stream_listen")
+    entries: list[tuple[Place, object]]
     if isinstance(raw, (str, int)) and not isinstance(raw, bool):
         # Kong writes stream_listen as one comma-separated string.
         entries = [(Place(f"stream_listen[{index}]", place.line), text)
@@ -231,16 +243,17 @@ def _stream_listen(report: Report, root: Section) -> tuple[Listen, ...]:
     return tuple(listens)
 
 
-def _listen(report: Report, place: Place, value: object) -> Optional[Listen]:
+def _listen(report: Report, place: Place, value: object) -> Listen | None:
     """One `ADDR:PORT [ssl] [proxy_protocol] [backlog=N] [reuseport]` entry."""
     if isinstance(value, int) and not isinstance(value, bool):
         value = str(value)
     if not isinstance(value, str) or not value.split():
-        report.error(place, f"expected 'ADDRESS:PORT [ssl] [proxy_protocol] [backlog=N]', got {describe(value)}")
+        report.error(place,
+                     f"expected 'ADDRESS:PORT [ssl] [proxy_protocol] [backlog=N]', got {describe(value)}")
         return None
     address, *words = value.split()
     host_port = report.convert(place, address, parse_address)
-    flags: dict[str, object] = {}
+    flags: dict[str, int | None] = {}
     for word in words:
         name, equals, argument = word.partition("=")
         if name not in LISTEN_FLAGS or (name == "backlog") != bool(equals):
@@ -254,12 +267,12 @@ def _listen(report: Report, place: Place, value: object) -> Optional[Listen]:
             flags[name] = True
     if "reuseport" in flags:
         report.warn(place, "reuseport is always on in pyproxy; the flag is ignored")
-    if host_port is None or ("backlog" in flags and flags["backlog"] is None):
+    backlog = flags.get("backlog", Listen("", 0).backlog)
+    if host_port is None or backlog is None:
         return None
     host, port = host_port
-    defaults = Listen(host, port)
     return Listen(host=host, port=port, ssl="ssl" in flags, proxy_protocol="proxy_protocol" in flags,
-                  backlog=flags.get("backlog", defaults.backlog), line=place.line)
+                  backlog=backlog, line=place.line)
 
 
 def _check_status_listen(report: Report, root: Section, address: tuple[str, int],
@@ -293,7 +306,8 @@ def _tls_versions(report: Report, place: Place, value: object) -> tuple[str, ...
     for item_place, item in items:
         version = report.convert(item_place, item, one_of(TLS_VERSIONS))
         if version in OBSOLETE_TLS_VERSIONS:
-            report.warn(item_place, f"{version} is obsolete and insecure; clients should use TLSv1.2 or later")
+            report.warn(item_place,
+                        f"{version} is obsolete and insecure; clients should use TLSv1.2 or later")
         if version is not None:
             versions[version] = None
     if isinstance(value, list) and not items:
@@ -310,7 +324,7 @@ def _cipher_list(value: object) -> str:
     return ciphers
 
 
-def _default_certificate(report: Report, place: Place, value: object, base: str) -> Optional[CertKey]:
+def _default_certificate(report: Report, place: Place, value: object, base: str) -> CertKey | None:
     section = report.section(place, value, CERT_KEY_KEYS)
     if section is None:
         return None
@@ -318,7 +332,8 @@ def _default_certificate(report: Report, place: Place, value: object, base: str)
     return CertKey(cert=files[0], key=files[1]) if files else None
 
 
-def _certificate_files(report: Report, section: Section, base: str) -> Optional[tuple[str, str, dict]]:
+def _certificate_files(report: Report, section: Section,
+                       base: str) -> tuple[str, str, DecodedCertificate] | None:
     """`(cert, key, decoded certificate)` for a mapping with `cert` and `key`, or None if unusable."""
     cert = section.get("cert", lambda v: in_folder(base, v), required=True)
     key = section.get("key", lambda v: in_folder(base, v), required=True)
@@ -353,7 +368,7 @@ def _certificates(report: Report, root: Section, base: str) -> tuple[Certificate
     return tuple(certificates)
 
 
-def _names_inside(report: Report, place: Place, decoded: dict) -> list[tuple[Place, str]]:
+def _names_inside(report: Report, place: Place, decoded: DecodedCertificate) -> list[tuple[Place, str]]:
     names = []
     for name in certificate_names(decoded):
         try:

@@ -11,12 +11,17 @@ import ipaddress
 import os
 import re
 import socket
-from typing import Callable, Iterable, Optional
+from collections.abc import Callable, Iterable
+from typing import TypeVar
+
+from pyproxy.addresses import is_ip_address
 
 from .errors import Invalid, describe
 from .model import IPNetwork
 
-Converter = Callable[[object], object]
+T = TypeVar("T")
+# Turns what YAML gave into the model's value of type T, or raises Invalid.
+Converter = Callable[[object], T]
 
 ACCESS_LOG_VARIABLES = (
     "remote_addr", "remote_port", "server_addr", "server_port", "protocol", "status", "bytes_sent",
@@ -86,7 +91,8 @@ def _duration_text_ms(text: str) -> int:
     written = "".join(number + unit for number, unit in parts)
     # Like nginx: units from the largest to the smallest, each at most once ("1m30s", not "30s1m").
     in_order = sorted(units, key=lambda unit: -_DURATION_UNITS_MS[unit])
-    if not parts or written != re.sub(r"\s+", "", stripped) or units != in_order or len(set(units)) < len(units):
+    if (not parts or written != re.sub(r"\s+", "", stripped) or units != in_order
+            or len(set(units)) < len(units)):
         raise Invalid(f"expected a duration such as 500ms, 30s, 5m or 1m30s, got {describe(text)}")
     return sum(int(number) * _DURATION_UNITS_MS[unit] for number, unit in parts)
 
@@ -138,15 +144,6 @@ def _listen_ip(host: str, version: int) -> str:
     if address.version != version:
         raise Invalid(f"expected an IPv{version} address to listen on, got {describe(host)}")
     return str(address)
-
-
-def is_ip_address(text: str) -> bool:
-    """True for a literal IPv4 or IPv6 address (no DNS needed)."""
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 def is_hostname(text: str) -> bool:
@@ -265,7 +262,7 @@ def parse_bool(value: object) -> bool:
     return value
 
 
-def integer(minimum: int, maximum: Optional[int] = None) -> Converter:
+def integer(minimum: int, maximum: int | None = None) -> Converter[int]:
     """A converter for an integer in [minimum, maximum]."""
     def convert(value: object) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -277,7 +274,7 @@ def integer(minimum: int, maximum: Optional[int] = None) -> Converter:
     return convert
 
 
-def one_of(choices: Iterable[str]) -> Converter:
+def one_of(choices: Iterable[str]) -> Converter[str]:
     """A converter accepting exactly one of `choices`."""
     choices = tuple(choices)
 
@@ -316,7 +313,8 @@ def usable_congestion_control(value: object) -> str:
     Tried for real on a throwaway socket: the kernel alone knows whether the module exists, can be
     loaded, and is allowed for this user."""
     if not isinstance(value, str) or not _CONGESTION_NAME.fullmatch(value):
-        raise Invalid(f"expected the name of a TCP congestion control algorithm such as cubic, got {describe(value)}")
+        raise Invalid("expected the name of a TCP congestion control algorithm such as "
+                      f"cubic, got {describe(value)}")
     refused = congestion_control_refused(value)
     if refused is not None:
         try:
@@ -330,7 +328,7 @@ def usable_congestion_control(value: object) -> str:
     return value
 
 
-def congestion_control_refused(name: str) -> Optional[str]:
+def congestion_control_refused(name: str) -> str | None:
     """Why this process cannot set TCP congestion control `name` on a socket; None when it can."""
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:

@@ -15,9 +15,10 @@ import os
 import signal
 import subprocess
 import sys
+from types import FrameType
+from typing import NoReturn
 
 from pyproxy.demo.echo import EchoServer
-
 
 DEMO_NAME = "tls9443.kong.example"
 
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if proxy.returncode in (0, -signal.SIGINT) else proxy.returncode
 
 
-def _interrupt(signum, frame):
+def _interrupt(signum: int, frame: FrameType | None) -> NoReturn:
     raise KeyboardInterrupt
 
 if __name__ == "__main__":

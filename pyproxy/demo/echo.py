@@ -16,6 +16,8 @@ import socket
 import socketserver
 import threading
 
+from pyproxy.addresses import family_of
+
 
 def greeting(name: str, ip: str) -> bytes:
     return (f"Welcome, you are connected to node {socket.gethostname()}.\n"
@@ -24,17 +26,25 @@ def greeting(name: str, ip: str) -> bytes:
             f"With IP address {ip}.\n").encode()
 
 
+def echo(conn: socket.socket) -> None:
+    """Send back what `conn` sends until its EOF, then half-close (the test suite's echo upstream
+    uses it too)."""
+    while True:
+        data = conn.recv(65536)
+        if not data:
+            break
+        conn.sendall(data)
+    conn.shutdown(socket.SHUT_WR)
+
+
 class _Handler(socketserver.BaseRequestHandler):
+    server: _Server
+
     def handle(self) -> None:
         conn: socket.socket = self.request
         try:
             conn.sendall(greeting(self.server.name, conn.getsockname()[0]))
-            while True:
-                data = conn.recv(65536)
-                if not data:
-                    break
-                conn.sendall(data)
-            conn.shutdown(socket.SHUT_WR)
+            echo(conn)
         except OSError:
             pass
 
@@ -43,14 +53,18 @@ class _Server(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
     daemon_threads = True
     request_queue_size = 128
+    name = ""
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
 
 
 class EchoServer:
     """A threaded echo server on (host, port); `start()` returns once it is listening."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 1025, name: str | None = None):
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        server_class = type("_Server", (_Server,), {"address_family": family})
+        server_class = _Server6 if family_of(host) == socket.AF_INET6 else _Server
         self.server = server_class((host, port), _Handler)
         self.server.name = name or f"echo-{port}"
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.2},
@@ -58,9 +72,10 @@ class EchoServer:
 
     @property
     def address(self) -> tuple[str, int]:
-        return self.server.server_address[:2]
+        host, port = self.server.server_address[:2]
+        return str(host), int(port)
 
-    def start(self) -> "EchoServer":
+    def start(self) -> EchoServer:
         self.thread.start()
         return self
 

@@ -1,4 +1,4 @@
-"""Plugins: code that runs in a session's preread phase and log phase, like Kong's stream plugins.
+"""Plugins: code that runs in a session's access phase and log phase, like Kong's stream plugins.
 
 A plugin is a small class registered under its `name`:
 
@@ -11,7 +11,7 @@ A plugin is a small class registered under its `name`:
         def check(cls, config):             # at load and `pyproxy -t`: [(key, problem), ...]
             return [] if isinstance(config.get("word", ""), str) else [("word", "expected a string")]
 
-        def preread(self, session):         # after routing, before the upstream is chosen:
+        def access(self, session):          # after routing, before the upstream is chosen:
             return None                     # None lets the session go on; a status (403, 503) refuses it
 
         def log(self, session):             # when the session has ended (every session the chain saw)
@@ -25,10 +25,20 @@ See docs/plugins.md for the whole guide.
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any
 
-REGISTRY: dict[str, type["Plugin"]] = {}
+if TYPE_CHECKING:
+    from pyproxy.config.model import Config, Route
+    from pyproxy.session import Session
+    from pyproxy.shared import SharedState
+
+REGISTRY: dict[str, type[Plugin]] = {}
+# A plugin's `config`: the plain data (dicts, lists, strings, numbers) its entry holds; each plugin
+# says in `check` what it takes.
+PluginConfig = dict[str, Any]
 
 
 class Plugin:
@@ -39,18 +49,37 @@ class Plugin:
     scope = ""            # set by PluginChains: "route:NAME", "service:NAME" or "global"
 
     @classmethod
-    def check(cls, config: dict) -> list[tuple[str, str]]:
+    def check(cls, config: PluginConfig) -> list[tuple[str, str]]:
         """Problems with `config` as (key path inside `config`, message); empty when it is fine."""
         return []
 
-    def __init__(self, config: dict, context: "PluginContext"):
+    def __init__(self, config: PluginConfig, context: PluginContext):
         self.config = config
         self.context = context
 
-    def preread(self, session) -> Optional[int]:
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Keep plugins written for the hook's first name working. It was `preread`, although it
+        runs in nginx's access phase (after routing and, for TLS, after the handshake), not in the
+        preread phase that reads the ClientHello. Whichever name a class defines, the other is the
+        same function, so the session calls `access` and `super().preread(...)` still reaches a
+        parent's `access`. Settled when the class is made: nothing is added per session."""
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__
+        if "preread" in own and "access" not in own:
+            warnings.warn(f"plugin class {cls.__qualname__}: preread() is deprecated, name it access()",
+                          DeprecationWarning, stacklevel=2)
+            # A method replaced on purpose: the function written under the old name is the hook.
+            cls.access = own["preread"]     # type: ignore[method-assign]
+        elif "access" in own and "preread" not in own:
+            cls.preread = own["access"]
+
+    def access(self, session: Session) -> int | None:
+        """The access phase, after routing: None lets the session go on, a status refuses it."""
         return None
 
-    def log(self, session) -> None:
+    preread = access                        # deprecated name of access (see __init_subclass__)
+
+    def log(self, session: Session) -> None:
         return None
 
     def reopen(self) -> None:
@@ -62,9 +91,10 @@ class Plugin:
         return None
 
 
-def unknown_keys(config: dict, allowed: tuple[str, ...]) -> list[tuple[str, str]]:
+def unknown_keys(config: PluginConfig, allowed: tuple[str, ...]) -> list[tuple[str, str]]:
     """The problem list entries for keys a plugin does not take (a helper for `check`)."""
-    return [(key, f"unknown key; expected one of {', '.join(allowed)}") for key in config if key not in allowed]
+    return [(key, f"unknown key; expected one of {', '.join(allowed)}")
+            for key in config if key not in allowed]
 
 
 def register(cls: type[Plugin]) -> type[Plugin]:
@@ -77,12 +107,12 @@ class PluginContext:
     """What a plugin may use: the worker's error log (`log(level, message)`), the state shared by
     all workers (`pyproxy.shared.SharedState`) and the config file's folder (for relative paths)."""
 
-    log: Any
-    shared: Any
+    log: Callable[[str, str], None]
+    shared: SharedState
     base: str = ""
 
 
-def plain(value):
+def plain(value: object) -> Any:
     """The loader stores plugin config as sorted (key, value) tuples; give plugins dicts and lists."""
     if isinstance(value, tuple) and all(isinstance(i, tuple) and len(i) == 2 and isinstance(i[0], str)
                                         for i in value) and value:
@@ -95,9 +125,11 @@ def plain(value):
 class PluginChains:
     """For each route, the plugin instances that apply to it, highest priority first."""
 
-    def __init__(self, config, context: PluginContext):
-        self.instances = []
-        global_, by_service, by_route = {}, {}, {}
+    def __init__(self, config: Config, context: PluginContext):
+        self.instances: list[Plugin] = []
+        global_: dict[str, Plugin] = {}
+        by_service: dict[str, dict[str, Plugin]] = {}
+        by_route: dict[str, dict[str, Plugin]] = {}
         for entry in config.plugins:
             cls = REGISTRY[entry.name]
             instance = cls(plain(entry.config) or {}, context)
@@ -113,14 +145,14 @@ class PluginChains:
             else:
                 global_[entry.name] = instance
         self.global_chain = _ordered(global_)
-        self.chains = {}
+        self.chains: dict[str, tuple[Plugin, ...]] = {}
         for route in config.routes:
             merged = dict(global_)
             merged.update(by_service.get(route.service, {}))
             merged.update(by_route.get(route.name, {}))
             self.chains[route.name] = _ordered(merged)
 
-    def for_route(self, route) -> tuple[Plugin, ...]:
+    def for_route(self, route: Route | None) -> tuple[Plugin, ...]:
         """The chain of a route, or the global chain for a session that matched no route."""
         if route is None:
             return self.global_chain
@@ -139,10 +171,10 @@ def _ordered(by_name: dict[str, Plugin]) -> tuple[Plugin, ...]:
     return tuple(sorted(by_name.values(), key=lambda p: (-p.priority, p.name)))
 
 
-def check_plugin(name: str, config: dict) -> list[tuple[str, str]]:
+def check_plugin(name: str, config: PluginConfig) -> list[tuple[str, str]]:
     """Validation entry point for the config loader."""
     return REGISTRY[name].check(config)
 
 
 # Built-in plugins register themselves on import.
-from pyproxy.plugins import ip_restriction, limits, file_log  # noqa: E402,F401
+from pyproxy.plugins import file_log, ip_restriction, limits  # noqa: E402,F401

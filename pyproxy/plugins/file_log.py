@@ -14,11 +14,15 @@ from __future__ import annotations
 import json
 import os
 import time
+from typing import TYPE_CHECKING, Any
 
-from pyproxy.plugins import Plugin, register, unknown_keys
+from pyproxy.plugins import Plugin, PluginConfig, PluginContext, register, unknown_keys
+
+if TYPE_CHECKING:
+    from pyproxy.session import Session
 
 
-def session_record(session) -> dict:
+def session_record(session: Session) -> dict[str, Any]:
     """What a session looked like, for structured logs (also the shape metrics code can reuse)."""
     wall_end = time.time()
     tls = None
@@ -33,7 +37,8 @@ def session_record(session) -> dict:
         "server": {"ip": session.local_ip(), "port": session.listen.port},
         "upstream": {"tried": [p.name for p in session.tried],
                      "sent": session.upstream_bytes_sent(), "received": session.upstream_bytes_received(),
-                     "connect_time": None if session.connect_time is None else round(session.connect_time, 6)},
+                     "connect_time": (None if session.connect_time is None
+                                      else round(session.connect_time, 6))},
         "tls": tls,
         "route": session.route.name if session.route else None,
         "service": session.route.service if session.route else None,
@@ -48,14 +53,14 @@ class FileLog(Plugin):
     priority = 5          # loggers run last (Kong: 9)
 
     @classmethod
-    def check(cls, config: dict) -> list[tuple[str, str]]:
+    def check(cls, config: PluginConfig) -> list[tuple[str, str]]:
         problems = unknown_keys(config, ("path",))
         path = config.get("path")
         if not isinstance(path, str) or not path:
             problems.append(("path", "expected the path of the file to write"))
         return problems
 
-    def __init__(self, config: dict, context):
+    def __init__(self, config: PluginConfig, context: PluginContext):
         super().__init__(config, context)
         self.path = os.path.join(context.base, config["path"])
         self.fd = -1
@@ -73,7 +78,7 @@ class FileLog(Plugin):
             os.close(self.fd)
         self.fd = fd
 
-    def log(self, session) -> None:
+    def log(self, session: Session) -> None:
         line = json.dumps(session_record(session), separators=(",", ":")) + "\n"
         try:
             os.write(self.fd, line.encode())

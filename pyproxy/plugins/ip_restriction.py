@@ -10,13 +10,16 @@ PROXY protocol announced, when the listener has it.
 from __future__ import annotations
 
 import ipaddress
+from typing import TYPE_CHECKING
 
-from pyproxy.plugins import Plugin, register, unknown_keys
+from pyproxy.config.model import STATUS_FORBIDDEN
+from pyproxy.plugins import Plugin, PluginConfig, PluginContext, register, unknown_keys
 
-FORBIDDEN = 403
+if TYPE_CHECKING:
+    from pyproxy.session import Session
 
 
-def _networks(items) -> list:
+def _networks(items: list[object]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
     return [ipaddress.ip_network(str(item), strict=False) for item in items]
 
 
@@ -26,7 +29,7 @@ class IpRestriction(Plugin):
     priority = 3000
 
     @classmethod
-    def check(cls, config: dict) -> list[tuple[str, str]]:
+    def check(cls, config: PluginConfig) -> list[tuple[str, str]]:
         problems = unknown_keys(config, ("allow", "deny"))
         if not config.get("allow") and not config.get("deny"):
             problems.append(("allow", "ip-restriction needs allow or deny (or both)"))
@@ -42,7 +45,7 @@ class IpRestriction(Plugin):
                     problems.append((f"{key}[{i}]", f"not an IP address or CIDR network: {item!r}"))
         return problems
 
-    def __init__(self, config: dict, context):
+    def __init__(self, config: PluginConfig, context: PluginContext):
         super().__init__(config, context)
         self.allow = _networks(config.get("allow", []))
         self.deny = _networks(config.get("deny", []))
@@ -60,9 +63,8 @@ class IpRestriction(Plugin):
             self.cache[address] = verdict
         return verdict
 
-    def preread(self, session):
+    def access(self, session: Session) -> int | None:
         if self.allowed(session.client_addr[0]):
             return None
-        self.context.log("info", f"ip-restriction: client {session.client_addr[0]} is not allowed; "
-                                 f"{session.describe()}")
-        return FORBIDDEN
+        session.log("info", f"ip-restriction: client {session.client_addr[0]} is not allowed")
+        return STATUS_FORBIDDEN

@@ -14,23 +14,27 @@ counts are shared by all workers and survive reloads (`pyproxy.shared`), like ng
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-from pyproxy.plugins import Plugin, register, unknown_keys
+from pyproxy.config.model import STATUS_OVER_LIMIT
+from pyproxy.plugins import Plugin, PluginConfig, PluginContext, register, unknown_keys
 from pyproxy.shared import slot_of
 
-OVER_LIMIT = 503
+if TYPE_CHECKING:
+    from pyproxy.session import Session
+
 PER = ("ip", "route", "service")
 
 
-def _key(per: str, session) -> str:
+def _key(per: str, session: Session) -> str:
     if per == "ip":
         return session.client_addr[0]
-    if per == "route":
-        return session.route.name
-    return session.route.service
+    route = session.route
+    assert route is not None, "the access phase runs for routed sessions only"
+    return route.name if per == "route" else route.service
 
 
-def _number(config: dict, key: str, integer: bool, minimum: float) -> list[tuple[str, str]]:
+def _number(config: PluginConfig, key: str, integer: bool, minimum: float) -> list[tuple[str, str]]:
     value = config.get(key)
     ok = isinstance(value, int) if integer else isinstance(value, (int, float))
     if value is None or isinstance(value, bool) or not ok or value < minimum:
@@ -39,7 +43,7 @@ def _number(config: dict, key: str, integer: bool, minimum: float) -> list[tuple
     return []
 
 
-def _check_common(config: dict, allowed: tuple[str, ...]) -> list[tuple[str, str]]:
+def _check_common(config: PluginConfig, allowed: tuple[str, ...]) -> list[tuple[str, str]]:
     problems = unknown_keys(config, allowed)
     if config.get("per", "ip") not in PER:
         problems.append(("per", f"expected one of {', '.join(PER)}, got {config.get('per')!r}"))
@@ -52,16 +56,16 @@ class LimitConn(Plugin):
     priority = 1000
 
     @classmethod
-    def check(cls, config: dict) -> list[tuple[str, str]]:
+    def check(cls, config: PluginConfig) -> list[tuple[str, str]]:
         return _check_common(config, ("limit", "per")) + _number(config, "limit", True, 1)
 
-    def __init__(self, config: dict, context):
+    def __init__(self, config: PluginConfig, context: PluginContext):
         super().__init__(config, context)
         self.limit = config["limit"]
         self.per = config.get("per", "ip")
         self.counts = context.shared.conns
 
-    def preread(self, session):
+    def access(self, session: Session) -> int | None:
         key = _key(self.per, session)
         slot = slot_of(f"limit-conn|{self.scope}|{key}")
         # Count first, then look: two workers admitting at the same instant both see both counts,
@@ -69,13 +73,12 @@ class LimitConn(Plugin):
         self.counts.add(slot, 1)
         if self.counts.total(slot) > self.limit:
             self.counts.add(slot, -1)
-            self.context.log("info", f"limit-conn: {self.limit} open session(s) per {self.per} reached for "
-                                 f"{key}; {session.describe()}")
-            return OVER_LIMIT
+            session.log("info", f"limit-conn: {self.limit} open session(s) per {self.per} reached for {key}")
+            return STATUS_OVER_LIMIT
         session.annotate(self.name, slot)
         return None
 
-    def log(self, session):
+    def log(self, session: Session) -> None:
         slot = session.annotation(self.name)
         if slot is not None:
             self.counts.add(slot, -1)
@@ -87,27 +90,28 @@ class RateLimit(Plugin):
     priority = 900
 
     @classmethod
-    def check(cls, config: dict) -> list[tuple[str, str]]:
+    def check(cls, config: PluginConfig) -> list[tuple[str, str]]:
         problems = _check_common(config, ("rate", "burst", "per")) + _number(config, "rate", False, 0.001)
         if "burst" in config:
             problems += _number(config, "burst", True, 1)
         return problems
 
-    def __init__(self, config: dict, context):
+    def __init__(self, config: PluginConfig, context: PluginContext):
         super().__init__(config, context)
         self.rate = float(config["rate"])
         self.burst = int(config.get("burst", max(1, math.ceil(self.rate))))
         self.per = config.get("per", "ip")
         self.table = context.shared.rates
 
-    def preread(self, session):
+    def access(self, session: Session) -> int | None:
         key = _key(self.per, session)
         verdict = self.table.admit(slot_of(f"rate-limit|{self.scope}|{key}"), self.rate, self.burst)
         if verdict is None:
-            self.context.log("warn", "rate-limit: the shared table was busy for 10 ms; letting the session through")
+            self.context.log("warn",
+                             "rate-limit: the shared table was busy for 10 ms; letting the session through")
             return None
         if verdict:
             return None
-        self.context.log("info", f"rate-limit: more than {self.rate:g} new session(s)/s (burst {self.burst}) "
-                             f"per {self.per} for {key}; {session.describe()}")
-        return OVER_LIMIT
+        session.log("info", f"rate-limit: more than {self.rate:g} new session(s)/s (burst {self.burst}) "
+                            f"per {self.per} for {key}")
+        return STATUS_OVER_LIMIT

@@ -71,6 +71,9 @@ __all__ = [
     "parse_client_hello",
 ]
 
+# What the parsers read: a peek's bytes, or a buffer the caller keeps.
+Data = bytes | bytearray | memoryview
+
 CONTENT_TYPE_HANDSHAKE = 0x16
 HANDSHAKE_CLIENT_HELLO = 0x01
 RECORD_HEADER_LENGTH = 5
@@ -167,7 +170,8 @@ class ClientHello:
         return _VERSION_NAMES[max(known)] if known else ""
 
 
-def parse_client_hello(data: bytes | bytearray | memoryview, max_size: int = DEFAULT_MAX_SIZE) -> ClientHello | None:
+def parse_client_hello(data: Data,
+                       max_size: int = DEFAULT_MAX_SIZE) -> ClientHello | None:
     """Parse the ClientHello at the start of ``data`` (everything read from the client so far).
 
     Returns the :class:`ClientHello` once the whole handshake message (and the record that
@@ -184,7 +188,7 @@ def parse_client_hello(data: bytes | bytearray | memoryview, max_size: int = DEF
     return _parse_any(data, max_size)
 
 
-def _parse_common_case(data, max_size: int) -> ClientHello | None:
+def _parse_common_case(data: bytes, max_size: int) -> ClientHello | None:
     """The hello every client sends: one record, well formed. Parsed in place with fewer checks
     per extension (a TLS termination pays for this parse on every handshake), it gives exactly what
     `_parse_any` gives; anything else (more records, more bytes needed, any error) is None and
@@ -242,7 +246,7 @@ def _parse_common_case(data, max_size: int) -> ClientHello | None:
                        extensions=tuple(types), length=stop)
 
 
-def _parse_any(data, max_size: int = DEFAULT_MAX_SIZE) -> ClientHello | None:
+def _parse_any(data: Data, max_size: int = DEFAULT_MAX_SIZE) -> ClientHello | None:
     """parse_client_hello for every input: any number of records and segments, and every error."""
     return ClientHelloReader()._walk(data, max_size)
 
@@ -267,7 +271,8 @@ class ClientHelloReader:
         self.needed = 0                 # the message's length, 4-byte header included, once known
         self.need = 1                   # after a None: the buffer length the hello needs at the least
 
-    def parse(self, data: bytes | bytearray | memoryview, max_size: int = DEFAULT_MAX_SIZE) -> ClientHello | None:
+    def parse(self, data: Data,
+              max_size: int = DEFAULT_MAX_SIZE) -> ClientHello | None:
         """``parse_client_hello(data, max_size)``, resumed where the previous call stopped."""
         if not self.records and type(data) is bytes:
             # Nothing complete was walked yet: a hello that arrived in two segments is one record
@@ -277,7 +282,7 @@ class ClientHelloReader:
                 return hello
         return self._walk(data, max_size)
 
-    def _walk(self, data, max_size: int) -> ClientHello | None:
+    def _walk(self, data: Data, max_size: int) -> ClientHello | None:
         available = len(data)
         pos = self.pos
         message = self.message
@@ -289,7 +294,8 @@ class ClientHelloReader:
             start = pos + RECORD_HEADER_LENGTH
             stop = start + fragment_length
             if stop > max_size:
-                raise ClientHelloError(f"ClientHello does not fit in {max_size} bytes: record #{number} ends at {stop}")
+                raise ClientHelloError(f"ClientHello does not fit in {max_size} bytes: "
+                                       f"record #{number} ends at {stop}")
             present = min(stop, available)
             if number == 1 and present > start and data[start] != HANDSHAKE_CLIENT_HELLO:
                 raise ClientHelloError(f"not a ClientHello: handshake message type is {data[start]}, not 1")
@@ -310,7 +316,7 @@ class ClientHelloReader:
         self.need = self._need(data, available, max_size)
         return None
 
-    def _need(self, data, available: int, max_size: int) -> int:
+    def _need(self, data: Data, available: int, max_size: int) -> int:
         """The least buffer length at which the hello can be complete: the rest of it in the
         record being received, or else in one more record. Raises when that is beyond max_size."""
         end = self.pos
@@ -328,7 +334,7 @@ class ClientHelloReader:
         return end
 
 
-def _check_record_header(data, offset: int, available: int, number: int) -> int | None:
+def _check_record_header(data: Data, offset: int, available: int, number: int) -> int | None:
     """Validate the (possibly partial) record header at ``offset``; its fragment length, or
     ``None`` when the header is not all there yet."""
     content_type = data[offset]
@@ -342,7 +348,8 @@ def _check_record_header(data, offset: int, available: int, number: int) -> int 
     if offset + 1 < available and data[offset + 1] != 3:
         # Every SSL 3.0 / TLS record version is 3.x. Like nginx, check only this byte: the minor
         # is legacy_record_version, which RFC 8446 §5.1 says "MUST be ignored for all purposes".
-        raise ClientHelloError(f"not TLS: record #{number} version major byte is 0x{data[offset + 1]:02x}, not 0x03")
+        raise ClientHelloError(f"not TLS: record #{number} version major byte is "
+                               f"0x{data[offset + 1]:02x}, not 0x03")
     if offset + RECORD_HEADER_LENGTH > available:
         return None
     length = data[offset + 3] << 8 | data[offset + 4]
@@ -359,13 +366,15 @@ def _check_handshake_length(header: bytes, max_size: int) -> int:
     """Read the uint24 handshake length from the message's first four bytes and bound it."""
     length = header[1] << 16 | header[2] << 8 | header[3]
     if RECORD_HEADER_LENGTH + HANDSHAKE_HEADER_LENGTH + length > max_size:
-        raise ClientHelloError(f"ClientHello length {length} (+9 header bytes) exceeds the {max_size}-byte limit")
+        raise ClientHelloError(f"ClientHello length {length} (+9 header bytes) exceeds "
+                               f"the {max_size}-byte limit")
     if length < MIN_CLIENT_HELLO_LENGTH:
-        raise ClientHelloError(f"ClientHello length {length} is below the minimum of {MIN_CLIENT_HELLO_LENGTH}")
+        raise ClientHelloError(f"ClientHello length {length} is below the minimum of "
+                               f"{MIN_CLIENT_HELLO_LENGTH}")
     return length
 
 
-def _parse_body(message: bytes, data, length: int) -> ClientHello:
+def _parse_body(message: bytes, data: Data, length: int) -> ClientHello:
     """Decode a complete ClientHello message (handshake header included)."""
     end = len(message)
     pos = HANDSHAKE_HEADER_LENGTH  # the minimum length checked earlier covers the fixed part
@@ -404,7 +413,8 @@ def _parse_body(message: bytes, data, length: int) -> ClientHello:
         pos += 2
         if pos + block_length != end:
             raise ClientHelloError(
-                f"extensions length {block_length} does not match the {end - pos} bytes left in the ClientHello"
+                f"extensions length {block_length} does not match the {end - pos} "
+                "bytes left in the ClientHello"
             )
         seen = set()
         while pos < end:
@@ -415,7 +425,8 @@ def _parse_body(message: bytes, data, length: int) -> ClientHello:
             pos += 4
             if pos + ext_length > end:
                 raise ClientHelloError(
-                    f"extension 0x{ext_type:04x} length {ext_length} overruns the extensions block ({end - pos} bytes left)"
+                    f"extension 0x{ext_type:04x} length {ext_length} overruns the extensions "
+                    f"block ({end - pos} bytes left)"
                 )
             if ext_type in seen:
                 # RFC 8446 §4.2: a duplicate is fatal for the server, and two server_names would
@@ -447,12 +458,7 @@ def _parse_body(message: bytes, data, length: int) -> ClientHello:
 
 def _parse_server_name(message: bytes, pos: int, end: int) -> str:
     """RFC 6066 §3 server_name: exactly one host_name entry, returned lower-cased."""
-    list_length = _read_u16(message, pos, end, "server_name list length")
-    pos += 2
-    if pos + list_length != end:
-        raise ClientHelloError(f"server_name list length {list_length} does not match the extension ({end - pos} bytes)")
-    if list_length == 0:
-        raise ClientHelloError("server_name list is empty")
+    pos = _list_start(message, pos, end, "server_name")
     host = None
     while pos < end:
         if end - pos < 3:
@@ -473,7 +479,8 @@ def _parse_server_name(message: bytes, pos: int, end: int) -> str:
                 f"server_name host_name length {name_length} overruns the list ({end - pos} bytes left)"
             )
         if name_length > MAX_HOST_NAME_LENGTH:
-            raise ClientHelloError(f"server_name host_name is {name_length} bytes, over {MAX_HOST_NAME_LENGTH}")
+            raise ClientHelloError(f"server_name host_name is {name_length} bytes, "
+                                   f"over {MAX_HOST_NAME_LENGTH}")
         raw = message[pos : pos + name_length]
         # RFC 6066 says ASCII; we also refuse spaces and control bytes, which no DNS name has
         # and which would otherwise reach routing and the access log verbatim.
@@ -487,12 +494,7 @@ def _parse_server_name(message: bytes, pos: int, end: int) -> str:
 
 def _parse_alpn(message: bytes, pos: int, end: int) -> tuple[str, ...]:
     """RFC 7301 §3.1 protocol_name_list: non-empty list of non-empty names."""
-    list_length = _read_u16(message, pos, end, "ALPN list length")
-    pos += 2
-    if pos + list_length != end:
-        raise ClientHelloError(f"ALPN list length {list_length} does not match the extension ({end - pos} bytes)")
-    if list_length == 0:
-        raise ClientHelloError("ALPN list is empty")
+    pos = _list_start(message, pos, end, "ALPN")
     names = []
     while pos < end:
         name_length = message[pos]
@@ -500,7 +502,8 @@ def _parse_alpn(message: bytes, pos: int, end: int) -> tuple[str, ...]:
         if name_length == 0:
             raise ClientHelloError("ALPN protocol name is empty")
         if pos + name_length > end:
-            raise ClientHelloError(f"ALPN protocol name length {name_length} overruns the list ({end - pos} bytes left)")
+            raise ClientHelloError(f"ALPN protocol name length {name_length} overruns the "
+                                   f"list ({end - pos} bytes left)")
         # Protocol IDs are opaque bytes (registered ones are ASCII); latin-1 maps each byte to one
         # character, so nothing is lost and nothing can fail to decode.
         names.append(message[pos : pos + name_length].decode("latin-1"))
@@ -522,6 +525,21 @@ def _parse_supported_versions(message: bytes, pos: int, end: int) -> tuple[int, 
         raise ClientHelloError(f"supported_versions list length {list_length} is not a positive even number")
     values = struct.unpack_from(f">{list_length // 2}H", message, pos)
     return tuple([v for v in values if v not in _GREASE])
+
+
+def _list_start(message: bytes, pos: int, end: int, what: str) -> int:
+    """Where the entries of an extension's list begin: a uint16 length, which must cover the rest of
+    the extension exactly, and at least one entry (server_name and ALPN alike)."""
+    if pos + 2 > end:
+        raise ClientHelloError(f"{what} list length truncated ({end - pos} bytes left)")
+    list_length = message[pos] << 8 | message[pos + 1]
+    pos += 2
+    if pos + list_length != end:
+        raise ClientHelloError(f"{what} list length {list_length} does not match the "
+                               f"extension ({end - pos} bytes)")
+    if list_length == 0:
+        raise ClientHelloError(f"{what} list is empty")
+    return pos
 
 
 def _read_u16(message: bytes, pos: int, end: int, what: str) -> int:
@@ -549,7 +567,9 @@ def _describe_first_byte(byte: int) -> str:
         # SSLv2 (and SSLv3/TLS clients in SSLv2-compatible mode) start with a 2-byte length whose
         # top bit is set. Nothing current sends it, and it has no room for SNI; nginx passes it
         # through unrouted, we refuse it.
-        return f"not TLS: first byte 0x{byte:02x} is not a handshake record (an SSLv2-format hello is not supported)"
+        return (f"not TLS: first byte 0x{byte:02x} is not a handshake record (an "
+                "SSLv2-format hello is not supported)")
     if 0x20 <= byte < 0x7F:
-        return f"not TLS: first byte 0x{byte:02x} ({chr(byte)!r}) is not a handshake record (plain text, HTTP?)"
+        return (f"not TLS: first byte 0x{byte:02x} ({chr(byte)!r}) is not a handshake "
+                "record (plain text, HTTP?)")
     return f"not TLS: first byte 0x{byte:02x} is not a handshake record"

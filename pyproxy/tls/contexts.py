@@ -9,10 +9,10 @@ Certificate wildcards follow RFC 6125: `*.example.com` covers one label (`a.exam
 
 from __future__ import annotations
 
-import ipaddress
+import _socket
 import ssl
-from typing import Optional
 
+from pyproxy.addresses import is_ip_address
 from pyproxy.config.model import Config, Service, SSLSettings
 from pyproxy.loop import Loop
 from pyproxy.tls.stream import TLSStream
@@ -25,7 +25,7 @@ _VERSIONS = {
 }
 
 
-def _server_context(settings: SSLSettings, cert: Optional[str], key: Optional[str]) -> ssl.SSLContext:
+def _server_context(settings: SSLSettings, cert: str | None, key: str | None) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     versions = [_VERSIONS[p] for p in settings.protocols]
     if ssl.TLSVersion.TLSv1 in versions or ssl.TLSVersion.TLSv1_1 in versions:
@@ -70,7 +70,7 @@ class ServerTLS:
             # Only with per-name certificates: a Python callback on every handshake otherwise.
             self.context.sni_callback = self._on_sni
 
-    def context_for(self, server_name: Optional[str]) -> Optional[ssl.SSLContext]:
+    def context_for(self, server_name: str | None) -> ssl.SSLContext | None:
         """The context of the certificate for this name, or None for the default certificate."""
         if not server_name:
             return None
@@ -87,23 +87,16 @@ class ServerTLS:
                 return ctx
         return None
 
-    def _on_sni(self, ssl_object, server_name, listening_context) -> None:
+    def _on_sni(self, ssl_object: ssl.SSLObject, server_name: str | None,
+                listening_context: ssl.SSLContext) -> None:
         ctx = self.context_for(server_name)
         if ctx is not None:
             ssl_object.context = ctx
         return None
 
-    def wrap(self, sock, scratch: memoryview, loop: Loop) -> TLSStream:
+    def wrap(self, sock: _socket.socket, scratch: memoryview, loop: Loop) -> TLSStream:
         """The server side of TLS over an accepted socket; the handshake is driven by the caller."""
         return TLSStream(sock, self.context, True, scratch, loop=loop)
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 class UpstreamTLS:
@@ -116,8 +109,8 @@ class UpstreamTLS:
         # verification still checks the chain, through a second context.
         self.chain_only = self._context(service, check_hostname=False) if self.verify else self.context
         if service.tls_server_name:
-            self.server_name: Optional[str] = service.tls_server_name
-        elif service.upstream is None and not _is_ip(service.host):
+            self.server_name: str | None = service.tls_server_name
+        elif service.upstream is None and not is_ip_address(service.host):
             self.server_name = service.host
         else:
             self.server_name = None
@@ -137,7 +130,8 @@ class UpstreamTLS:
         ctx.options |= ssl.OP_IGNORE_UNEXPECTED_EOF     # as on the server side: a FIN ends the data
         return ctx
 
-    def wrap(self, sock, scratch: memoryview, client_sni: Optional[str], loop: Loop) -> TLSStream:
+    def wrap(self, sock: _socket.socket, scratch: memoryview, client_sni: str | None,
+             loop: Loop) -> TLSStream:
         """The client side of TLS over a connected socket; SNI is tls_server_name, else the host,
         else the client's own SNI."""
         name = self.server_name or client_sni
@@ -161,5 +155,5 @@ class TLSContexts:
 
     def __init__(self, config: Config):
         needs_server = any(listen.ssl for listen in config.stream_listen)
-        self.server: Optional[ServerTLS] = ServerTLS(config) if needs_server else None
+        self.server: ServerTLS | None = ServerTLS(config) if needs_server else None
         self.upstream: dict[str, UpstreamTLS] = build_upstream_tls(config)

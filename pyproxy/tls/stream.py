@@ -17,9 +17,12 @@ accepts nothing new, so a slow reader holds at most about one buffer's worth of 
 
 from __future__ import annotations
 
-import socket
+import _socket
 import ssl
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from pyproxy.loop import Loop
 
 # Raised by recv_into when the socket has no more to give (like SSLSocket in non-blocking mode).
 WantRead = ssl.SSLWantReadError
@@ -32,22 +35,38 @@ class RenegotiationRefused(ssl.SSLError):
 FLUSH_AT = 64 * 1024            # ciphertext that send() hands to the socket without waiting for flush()
 
 
+class SSLObject(Protocol):
+    """The C object (`_ssl._SSLSocket`) that `SSLContext._wrap_bio` makes: what ssl.SSLObject wraps
+    and forwards to. typeshed does not describe it; this is the part we call."""
+
+    server_side: bool
+
+    def do_handshake(self) -> None: ...
+    def read(self, size: int, buffer: memoryview, /) -> int: ...
+    def write(self, data: bytes | memoryview, /) -> int: ...
+    def pending(self) -> int: ...
+    def shutdown(self) -> Any: ...
+    def version(self) -> str | None: ...
+    def cipher(self) -> tuple[str, str, int] | None: ...
+
+
 class TLSStream:
     """A TLS connection (either side) over `sock`, whose readiness the caller tracks."""
 
     __slots__ = ("sock", "obj", "incoming", "outgoing", "scratch", "backlog", "notified", "unsent",
                  "loop", "empty_at", "hup", "renegotiation_refused", "_fileno")
 
-    def __init__(self, sock: socket.socket, context: ssl.SSLContext, server_side: bool,
-                 scratch: memoryview, server_hostname: Optional[str] = None, loop=None):
+    def __init__(self, sock: _socket.socket, context: ssl.SSLContext, server_side: bool,
+                 scratch: memoryview, server_hostname: str | None = None, loop: Loop | None = None):
         self.sock = sock
         self.incoming = ssl.MemoryBIO()
         self.outgoing = ssl.MemoryBIO()
         # CPython's C object, without the pure-Python ssl.SSLObject around it (which only forwards
         # calls): with no owner, an SNI callback is handed this object, whose `context` it may set.
-        self.obj = context._wrap_bio(self.incoming, self.outgoing, server_side, server_hostname)
+        self.obj: SSLObject = context._wrap_bio(  # type: ignore[attr-defined]  # private, see above
+            self.incoming, self.outgoing, server_side, server_hostname)
         self.scratch = scratch          # the worker's receive buffer; only borrowed within a call
-        self.backlog: Optional[memoryview] = None   # ciphertext the socket has not taken yet
+        self.backlog: memoryview | None = None   # ciphertext the socket has not taken yet
         self.notified = False           # our close_notify is written
         self.unsent = False             # send() left records in OpenSSL's buffer: flush() them
         # nginx's short-read rule (see _fill): the loop's poll count when a recv came back short,
@@ -71,10 +90,10 @@ class TLSStream:
     def recv(self, size: int, flags: int = 0) -> bytes:
         return self.sock.recv(size, flags)
 
-    def setsockopt(self, *args) -> None:
-        self.sock.setsockopt(*args)
+    def setsockopt(self, level: int, option: int, value: int | bytes) -> None:
+        self.sock.setsockopt(level, option, value)
 
-    def getsockname(self):
+    def getsockname(self) -> Any:
         return self.sock.getsockname()
 
     def shutdown(self, how: int) -> None:
@@ -160,7 +179,7 @@ class TLSStream:
                     self.flush()
                 return True
 
-    def recv_into(self, buffer) -> int:
+    def recv_into(self, buffer: memoryview) -> int:
         """Decrypt into `buffer`: the byte count, 0 at the peer's close_notify or FIN, or WantRead
         when nothing more can be read now. Raises RenegotiationRefused (see _answer_peer)."""
         obj = self.obj
@@ -200,7 +219,7 @@ class TLSStream:
             self.renegotiation_refused = True
             raise RenegotiationRefused("client tried to renegotiate TLS, which is disabled")
 
-    def send(self, data) -> int:
+    def send(self, data: bytes | memoryview) -> int:
         """Encrypt all of `data`, or raise BlockingIOError and take none of it while earlier
         ciphertext is still waiting for the socket. The records leave at the caller's flush()
         (the pump's, once its run ends), so a reply and the close_notify after it, or several
@@ -240,8 +259,8 @@ class TLSStream:
             self.backlog = None
             return True
 
-    def version(self) -> Optional[str]:
+    def version(self) -> str | None:
         return self.obj.version()
 
-    def cipher(self):
+    def cipher(self) -> tuple[str, str, int] | None:
         return self.obj.cipher()

@@ -19,9 +19,20 @@ import pytest
 
 from pyproxy.demo.echo import EchoServer
 from pyproxy.session import LINGER_TIMEOUT
-from tests.support import (connect, echo_handler, expected_hash_reply, free_port, hash_handler,
-                           pattern_bytes, recv_all, recv_line, source_handler_for, tag_handler,
-                           upload_and_hash, wait_until)
+from tests.support import (
+    connect,
+    echo_handler,
+    expected_hash_reply,
+    free_port,
+    hash_handler,
+    pattern_bytes,
+    recv_all,
+    recv_line,
+    source_handler_for,
+    tag_handler,
+    upload_and_hash,
+    wait_until,
+)
 
 
 def one_service(listen_port: int, targets: list[str], workers: int = 1, extra: str = "",
@@ -309,7 +320,8 @@ def test_upstream_reset_after_everything_was_delivered_is_a_normal_end(proxy, up
     assert hashlib.sha256(got).digest() == hashlib.sha256(reply).digest()
     line = p.wait_access(1)[0]
     assert " 200 " in line and f" {len(reply)} " in line, line
-    assert "upstream connection reset (104: Connection reset by peer) after all data was delivered" in p.log_text()
+    assert ("upstream connection reset (104: Connection reset by peer) after all data was delivered"
+            in p.log_text())
 
 
 def test_upstream_reset_while_client_bytes_are_still_held_is_502(proxy, upstreams):
@@ -347,7 +359,8 @@ def test_upstream_reset_while_client_bytes_are_still_held_is_502(proxy, upstream
         seen = {"last": None, "still": 0}
 
         def stalled() -> bool:
-            now = (pushed[0], int.from_bytes(fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, bytes(4)), sys.byteorder))
+            unsent = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, bytes(4))
+            now = (pushed[0], int.from_bytes(unsent, sys.byteorder))
             seen["still"] = seen["still"] + 1 if now == seen["last"] and now[1] > 0 else 0
             seen["last"] = now
             return seen["still"] >= 5 or bool(errors)

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import socket
 import time
 
-from tests.support import (Upstream, connect, free_port, recv_all, recv_line, tag_handler, wait_until)
+from tests.support import Upstream, connect, free_port, recv_all, recv_line, tag_handler, wait_until
 
 
 def checked_upstream(port: int, targets: list[str], active: str = "", passive: str = "",

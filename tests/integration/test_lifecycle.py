@@ -9,13 +9,27 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 
 from tests.integration.test_core import one_service
-from tests.support import (Proxy, connect, echo_handler, expected_hash_reply, free_port, hash_handler,
-                           pattern_bytes, peer_common_name, recv_all, recv_line, tag_handler, tls_client,
-                           upload_and_hash, wait_until)
+from tests.support import (
+    Proxy,
+    connect,
+    echo_handler,
+    expected_hash_reply,
+    free_port,
+    hash_handler,
+    pattern_bytes,
+    peer_common_name,
+    recv_all,
+    recv_line,
+    tag_handler,
+    tls_client,
+    upload_and_hash,
+    wait_until,
+)
 
 
 def routed_to(port: int, target_port: int, name: str = "svc") -> str:
@@ -140,7 +154,8 @@ def test_killed_worker_is_replaced_and_service_continues(proxy, upstreams):
     p = proxy(routed_to(port, up.port))
     victim = p.worker_pids()[0]
     os.kill(victim, signal.SIGKILL)
-    wait_until(lambda: len(p.worker_pids()) == 2 and victim not in p.worker_pids(), what="a replacement worker")
+    wait_until(lambda: len(p.worker_pids()) == 2 and victim not in p.worker_pids(),
+               what="a replacement worker")
     for _ in range(20):
         with connect(port) as sock:
             assert recv_line(sock) == b"up\n"
@@ -195,9 +210,10 @@ def test_demo_launcher_runs_the_seed_scenario(tmp_path):
     """`make run` = python -m pyproxy.demo: echo upstream + pyproxy; here on free ports."""
     listen, tls_listen, echo_port = free_port(), free_port(), free_port()
     conf = tmp_path / "demo.conf"
-    repo_conf = open(os.path.join(os.path.dirname(__file__), "..", "..", "conf", "pyproxy.conf")).read()
+    repo_conf = (Path(__file__).parents[2] / "conf" / "pyproxy.conf").read_text()
     conf.write_text(repo_conf.replace("9000", str(listen)).replace("1025", str(echo_port))
-                    .replace(":9443", f":{tls_listen}").replace("pid: pyproxy.pid", f"pid: {tmp_path}/demo.pid"))
+                    .replace(":9443", f":{tls_listen}").replace("pid: pyproxy.pid",
+                                                                f"pid: {tmp_path}/demo.pid"))
     demo = subprocess.Popen([sys.executable, "-m", "pyproxy.demo", "-c", str(conf), "--echo",
                              f"127.0.0.1:{echo_port}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
@@ -229,7 +245,8 @@ def test_worker_that_cannot_boot_stops_the_master_without_respawning(tmp_path):
     the master stop with a message, instead of respawning it forever."""
     import resource
 
-    p = Proxy(tmp_path, routed_to(free_port(), free_port()).replace("worker_processes: 2", "worker_processes: 1"))
+    p = Proxy(tmp_path, routed_to(free_port(), free_port()).replace("worker_processes: 2",
+                                                                    "worker_processes: 1"))
     for limit in range(6, 12):
         def tight(limit=limit):
             resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))

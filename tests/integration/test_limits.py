@@ -15,8 +15,7 @@ import psutil
 import pytest
 
 from tests.integration.test_core import one_service
-from tests.support import (Proxy, connect, echo_handler, free_port, recv_all, source_handler_for,
-                           wait_until)
+from tests.support import Proxy, connect, echo_handler, free_port, recv_all, source_handler_for, wait_until
 
 
 def worker(p: Proxy) -> psutil.Process:
@@ -47,7 +46,7 @@ def test_out_of_file_descriptors_pauses_accepting_then_resumes(tmp_path, upstrea
     p = Proxy(tmp_path, one_service(port, [up.target]))
     p.proc = subprocess.Popen(p.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit)))
-    p.stdout = p.stderr = open(os.devnull, "wb")
+    p.stdout = p.stderr = open(os.devnull, "wb")       # noqa: SIM115 (closed by p.stop())
     try:
         p.wait_log("ready:")
         held = [connect(port), connect(port)]
@@ -113,7 +112,7 @@ def test_fds_and_memory_return_to_baseline_after_many_sessions(proxy, upstreams)
     port = free_port()
     p = proxy(one_service(port, [up.target]))
     assert echo_once(port) == b"ping"
-    p.wait_access(1)                                  # that session is closed: its fds are not in the baseline
+    p.wait_access(1)                      # that session is closed: its fds are not in the baseline
     w = worker(p)
     fds, rss = w.num_fds(), w.memory_info().rss
     held = [connect(port) for _ in range(300)]
@@ -181,7 +180,8 @@ def test_worker_killed_mid_transfer_costs_only_its_own_sessions(proxy, upstreams
         sock.sendall(b"x")
         socks.append(sock)
         time.sleep(0.05)
-        owned = {pid: [s for s in socks if s.getsockname()[1] in client_ports(pid)] for pid in p.worker_pids()}
+        owned = {pid: [s for s in socks if s.getsockname()[1] in client_ports(pid)]
+                 for pid in p.worker_pids()}
         if all(owned.values()):
             break
     victim, survivor = owned

@@ -90,8 +90,8 @@ def test_metrics_count_the_sessions_made(proxy, upstreams):
 
     def counted():
         samples = scrape(status_port)
-        return samples if value(samples, "pyproxy_sessions_total", service="svc", route="r", status="200") == 5 \
-            else None
+        done = value(samples, "pyproxy_sessions_total", service="svc", route="r", status="200") == 5
+        return samples if done else None
     samples = wait_until(counted, timeout=5, interval=0.1, what="5 sessions in /metrics")
     assert value(samples, "pyproxy_sessions_total", service="dead", route="to-dead", status="502") == 2
     assert value(samples, "pyproxy_sessions_total", service="-", route="-", status="404") == 1
@@ -184,7 +184,8 @@ def test_scrapes_are_answered_while_every_worker_is_stopped(proxy, upstreams):
     try:
         doc = json.loads(get(status_port, "/status"))
         assert doc["sessions"]["total"] == 1
-        assert value(scrape(status_port), "pyproxy_sessions_total", service="svc", route="r", status="200") == 1
+        assert value(scrape(status_port), "pyproxy_sessions_total", service="svc", route="r",
+                     status="200") == 1
     finally:
         for pid in workers:
             os.kill(pid, signal.SIGCONT)
@@ -227,7 +228,8 @@ def test_metric_files_stay_few_and_totals_survive_30_reloads(proxy, upstreams):
     holds the live processes' files and an archive, and every session is still counted."""
     up = upstreams(tag_handler, name="up")
     port, status_port = free_port(), free_port()
-    conf = config(port, status_port, up.port, free_port()).replace("worker_processes: 2", "worker_processes: 1")
+    conf = config(port, status_port, up.port, free_port()).replace("worker_processes: 2",
+                                                                   "worker_processes: 1")
     p = proxy(conf)
     folder = metrics_folder(p)
     for n in range(30):
@@ -256,7 +258,8 @@ def test_status_process_is_restarted_and_follows_status_listen(proxy, upstreams)
     first = status_pid(p)
     os.kill(first, signal.SIGKILL)
     p.wait_log(f"status process {first} exited on signal 9")
-    second = wait_until(lambda: status_pid(p) != first and status_pid(p), timeout=10, what="a new status process")
+    second = wait_until(lambda: status_pid(p) != first and status_pid(p), timeout=10,
+                        what="a new status process")
     assert b'"master_pid"' in get(status_port, "/status")
     p.reload()                                          # status_listen unchanged: the same process
     assert status_pid(p) == second
@@ -305,7 +308,7 @@ def test_user_with_status_listen_counts_sessions(proxy, upstreams):
 # -- the metrics folder of a master killed with SIGKILL (issue 15) --------------------------------
 def kill_all(p) -> None:
     """SIGKILL the master and every child of it, as the OOM killer or `kill -9` of a group would."""
-    victims = [psutil.Process(p.pid)] + psutil.Process(p.pid).children()
+    victims = [psutil.Process(p.pid), *psutil.Process(p.pid).children()]
     for proc in victims:
         proc.kill()
     psutil.wait_procs(victims, timeout=10)

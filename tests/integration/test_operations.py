@@ -7,7 +7,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 
@@ -15,8 +14,16 @@ import psutil
 import pytest
 
 from tests.integration.test_core import one_service
-from tests.support import (Proxy, connect, echo_handler, free_port, recv_all, recv_line, tag_handler,
-                           wait_until)
+from tests.support import (
+    Proxy,
+    connect,
+    echo_handler,
+    free_port,
+    recv_all,
+    recv_line,
+    tag_handler,
+    wait_until,
+)
 
 
 def test_usr1_reopens_logs_after_logrotate_moved_them(proxy, upstreams):
@@ -31,7 +38,8 @@ def test_usr1_reopens_logs_after_logrotate_moved_them(proxy, upstreams):
     os.rename(p.access_log, rotated)
     os.rename(p.error_log, p.dir / "error.log.1")
     p.send_signal(signal.SIGUSR1)
-    wait_until(lambda: p.error_log.exists() and "reopening logs" in p.error_log.read_text(), what="a new error log")
+    wait_until(lambda: p.error_log.exists() and "reopening logs" in p.error_log.read_text(),
+               what="a new error log")
     time.sleep(0.3)                                   # the workers reopen on their next tick
     for _ in range(4):                                # sessions land on either worker
         with connect(port) as sock:

@@ -187,7 +187,9 @@ plugins:
     except (ssl.SSLError, OSError):
         pass
     assert any(" 403 " in line for line in p.wait_access(2))
-    assert "deny-sni: refusing old.example.com" in p.log_text()
+    # Session.log: the plugin's line ends with the session's place, like every line about a session.
+    assert "deny-sni: refusing old.example.com; client: 127.0.0.1:" in p.log_text()
+    assert f"server: 127.0.0.1:{port}, sni: old.example.com" in p.log_text()
 
 
 def test_plugin_module_errors_are_config_errors(tmp_path):
@@ -205,6 +207,7 @@ services:
 """)
     result = p.run_cli("-t")
     assert result.returncode == 1
-    assert "plugin_modules[0]: cannot import plugin module 'broken_plugin': RuntimeError: half-written" in result.stderr
+    assert ("plugin_modules[0]: cannot import plugin module 'broken_plugin': RuntimeError: half-written"
+            in result.stderr)
     assert "plugin_modules[1]: cannot import plugin module 'not_there': ModuleNotFoundError" in result.stderr
     assert "Traceback" not in result.stderr

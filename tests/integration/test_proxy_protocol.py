@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ipaddress
 import shutil
-import socket
 import struct
 import subprocess
 import textwrap
@@ -12,8 +11,16 @@ import time
 
 import pytest
 
-from tests.support import (connect, free_port, make_cert, recv_all, recv_line, tag_handler, tls_client,
-                           tls_handler_for, wait_until)
+from tests.support import (
+    connect,
+    free_port,
+    make_cert,
+    recv_all,
+    recv_line,
+    tag_handler,
+    tls_handler_for,
+    wait_until,
+)
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 

@@ -10,8 +10,17 @@ import socket
 import threading
 import time
 
-from tests.support import (connect, expected_hash_reply, free_port, hash_handler, pattern_bytes, recv_all,
-                           recv_line, tag_handler, wait_until)
+from tests.support import (
+    connect,
+    expected_hash_reply,
+    free_port,
+    hash_handler,
+    pattern_bytes,
+    recv_all,
+    recv_line,
+    tag_handler,
+    wait_until,
+)
 
 
 def hashing_service(port: int, target_port: int, workers: int) -> str:
@@ -77,7 +86,7 @@ class Load:
         except OSError as exc:
             self.failures.append(f"bulk: {type(exc).__name__}: {exc}")
 
-    def __enter__(self) -> "Load":
+    def __enter__(self) -> Load:
         for t in self.threads:
             t.start()
         return self
@@ -115,7 +124,7 @@ def test_shrinking_and_growing_the_worker_count_under_load_loses_nothing(proxy, 
         for workers in (1, 2, 1, 3, 2):
             p.reload(hashing_service(port, up.port, workers=workers))
             before = load.done
-            wait_until(lambda: load.done > before + 10, what=f"sessions with {workers} workers")
+            wait_until(lambda before=before: load.done > before + 10, what=f"sessions with {workers} workers")
     assert load.failures == []
     assert load.bulk_result == [True]
     wait_until(lambda: len(p.worker_pids()) == 2, timeout=30, what="old generations to exit")

@@ -12,8 +12,22 @@ import psutil
 import pytest
 
 from pyproxy.demo.echo import EchoServer
-from tests.support import (connect, echo_handler, expected_hash_reply, free_port, hash_handler, make_ca, make_cert,
-                           peer_common_name, wait_until, recv_all, recv_line, tag_handler, tls_client, tls_handler_for)
+from tests.support import (
+    connect,
+    echo_handler,
+    expected_hash_reply,
+    free_port,
+    hash_handler,
+    make_ca,
+    make_cert,
+    peer_common_name,
+    recv_all,
+    recv_line,
+    tag_handler,
+    tls_client,
+    tls_handler_for,
+    wait_until,
+)
 from tests.unit.tls import one_byte_records
 
 
@@ -51,7 +65,8 @@ services:
 """
 
 
-def service(name: str, port: int, route_protocols: str, snis: str, protocol: str = "tcp", extra: str = "") -> str:
+def service(name: str, port: int, route_protocols: str, snis: str, protocol: str = "tcp",
+            extra: str = "") -> str:
     return f"""
   - name: {name}
     protocol: {protocol}
@@ -241,7 +256,8 @@ def test_client_hello_one_byte_per_segment_still_routes(proxy, upstreams, certs,
         assert data == b"slow-hello\n"
 
 
-def test_client_hello_as_thousands_of_one_byte_records_routes_at_a_constant_cost_per_byte(proxy, upstreams, certs):
+def test_client_hello_as_thousands_of_one_byte_records_routes_at_a_constant_cost_per_byte(proxy, upstreams,
+                                                                                           certs):
     """Issue 15: every look at a hello that arrives a record at a time copied and walked it from its
     first byte, so a 64 KB hello of 10,900 one-byte records, sent at ~60 KB/s, kept a worker busy
     for as long as it took to send (1 CPU-second here; minutes at slower rates). It must still
@@ -336,7 +352,8 @@ def test_client_renegotiation_is_refused_at_once_with_400(proxy, upstreams, cert
     ends it ("SSL renegotiation disabled")."""
     up = upstreams(echo_handler)
     port = free_port()
-    p = proxy(sni_config(port, certs, service("a", up.port, "tls", "a.example", extra="    read_timeout: 30s")))
+    p = proxy(sni_config(port, certs,
+                         service("a", up.port, "tls", "a.example", extra="    read_timeout: 30s")))
     client = OpenSSLTool("s_client", "-connect", f"127.0.0.1:{port}", "-servername", "a.example", "-tls1_2")
     try:
         client.type(b"ping")
@@ -357,8 +374,8 @@ def test_upstream_renegotiation_is_answered_at_once(proxy, certs):
     (a HelloRequest) gets our ClientHello at once, not with the next bytes a client sends, and the
     session goes on."""
     upstream_port, port = free_port(), free_port()
-    server = OpenSSLTool("s_server", "-accept", f"127.0.0.1:{upstream_port}", "-cert", str(certs["upstream"][0]),
-                         "-key", str(certs["upstream"][1]), "-tls1_2")
+    server = OpenSSLTool("s_server", "-accept", f"127.0.0.1:{upstream_port}",
+                         "-cert", str(certs["upstream"][0]), "-key", str(certs["upstream"][1]), "-tls1_2")
     try:
         wait_until(lambda: server.said(b"ACCEPT"), what="s_server listening")
         proxy(verified_upstream_config(port, upstream_port, certs["ca"][0]))
@@ -380,7 +397,8 @@ def test_access_log_tls_variables(proxy, upstreams, certs):
     up = upstreams(echo_handler)
     port = free_port()
     p = proxy(sni_config(port, certs, service("a", up.port, "tls", "a.example"),
-                         extra="access_log_format: '$protocol $ssl_server_name $ssl_protocol $ssl_cipher $status'"))
+                         extra="access_log_format: '$protocol $ssl_server_name "
+                               "$ssl_protocol $ssl_cipher $status'"))
     with tls_client(port, "a.example") as sock:
         sock.sendall(b"x")
         assert sock.recv(1) == b"x"

@@ -49,7 +49,8 @@ def test_a_misspelt_upstream_name_is_not_blamed_on_dns(tmp_path: Path):
     path = tmp_path / "pyproxy.conf"
     path.write_text(UPSTREAM_AND_SERVICE)
     assert _test(path) == [
-        f"pyproxy: [emerg] {path}:7: services[0].host: no upstream is named 'echo-upstrem', and as a host name "
+        f"pyproxy: [emerg] {path}:7: services[0].host: no upstream is named "
+        "'echo-upstrem', and as a host name "
         f"it does not resolve ({_dns_failure('echo-upstrem')}); did you mean upstream 'echo-upstream'?",
         f"pyproxy: configuration file {path} test failed",
     ]
@@ -58,7 +59,8 @@ def test_a_misspelt_upstream_name_is_not_blamed_on_dns(tmp_path: Path):
 def test_a_name_far_from_every_upstream_is_a_dns_failure(tmp_path: Path):
     path = tmp_path / "pyproxy.conf"
     path.write_text(UPSTREAM_AND_SERVICE.replace("echo-upstrem", "nowhere.invalid"))
-    assert _test(path)[0] == (f"pyproxy: [emerg] {path}:7: services[0].host: cannot resolve 'nowhere.invalid': "
+    assert _test(path)[0] == (f"pyproxy: [emerg] {path}:7: services[0].host: cannot "
+                              "resolve 'nowhere.invalid': "
                               f"{_dns_failure('nowhere.invalid')}")
 
 
@@ -66,7 +68,8 @@ def test_invalid_yaml_names_the_key_it_stopped_in(tmp_path: Path):
     path = tmp_path / "pyproxy.conf"
     path.write_text("stream_listen:\n\t- 127.0.0.1:9000\n")
     assert _test(path) == [
-        f"pyproxy: [emerg] {path}:2: stream_listen: invalid YAML: a tab character cannot indent YAML: use spaces",
+        f"pyproxy: [emerg] {path}:2: stream_listen: invalid YAML: a tab character "
+        "cannot indent YAML: use spaces",
         f"pyproxy: configuration file {path} test failed",
     ]
 
@@ -98,7 +101,8 @@ def test_a_file_over_the_size_limit_is_refused_unread(tmp_path: Path):
         huge.write(MINIMAL.encode())
         huge.truncate(SIZE_LIMIT + 1)
     assert _test(path) == [
-        f"pyproxy: [emerg] {path}:1: the file is larger than 64 MiB, the most pyproxy reads as a configuration file",
+        f"pyproxy: [emerg] {path}:1: the file is larger than 64 MiB, the most pyproxy "
+        "reads as a configuration file",
         f"pyproxy: configuration file {path} test failed",
     ]
 
@@ -111,7 +115,8 @@ def test_make_install_makes_what_the_demo_configuration_needs(tmp_path: Path):
     for name in ("Makefile", "setup.cfg", "pyproject.toml"):
         shutil.copy(REPOSITORY / name, tmp_path / name)
         os.utime(tmp_path / name, (0, 0))
-    shutil.copytree(REPOSITORY / "conf", tmp_path / "conf", ignore=shutil.ignore_patterns("certs", "*.pid", "logs"))
+    shutil.copytree(REPOSITORY / "conf", tmp_path / "conf",
+                    ignore=shutil.ignore_patterns("certs", "*.pid", "logs"))
     venv = Path(sys.executable).parent.parent
     assert (venv / ".installed").exists()
     made = subprocess.run(["make", "install", f"VENV={venv}"], cwd=tmp_path, capture_output=True, text=True,

@@ -9,8 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from pyproxy.config import ACCESS_LOG_VARIABLES, ALGORITHMS, LOG_LEVELS, ROUTE_PROTOCOLS, load_config
-from pyproxy.config import entities, validate
+from pyproxy.config import (
+    ACCESS_LOG_VARIABLES,
+    ALGORITHMS,
+    LOG_LEVELS,
+    ROUTE_PROTOCOLS,
+    entities,
+    load_config,
+    validate,
+)
 from pyproxy.config.model import WORKER_SCHED_POLICIES
 from pyproxy.plugins import REGISTRY
 from tests.unit.test_config import make_certificate
@@ -30,7 +37,8 @@ SCHEMAS = {
     "ACTIVE_KEYS": ["upstreams[].healthchecks.active."],
     "PASSIVE_KEYS": ["upstreams[].healthchecks.passive."],
     "HEALTHY_KEYS": ["upstreams[].healthchecks.active.healthy."],
-    "UNHEALTHY_KEYS": ["upstreams[].healthchecks.active.unhealthy.", "upstreams[].healthchecks.passive.unhealthy."],
+    "UNHEALTHY_KEYS": ["upstreams[].healthchecks.active.unhealthy.",
+                       "upstreams[].healthchecks.passive.unhealthy."],
     "TARGET_KEYS": ["upstreams[].targets[]."],
     "SERVICE_KEYS": ["services[]."],
     "ROUTE_KEYS": ["services[].routes[]."],
@@ -76,7 +84,8 @@ def test_every_schema_of_the_validator_is_placed():
 @pytest.mark.parametrize("constant", sorted(SCHEMAS))
 def test_every_key_is_in_the_reference(constant: str):
     keys = _schema_constants()[constant]
-    missing = [prefix + key for prefix in SCHEMAS[constant] for key in keys if f"`{prefix}{key}`" not in REFERENCE]
+    missing = [prefix + key for prefix in SCHEMAS[constant] for key in keys
+               if f"`{prefix}{key}`" not in REFERENCE]
     assert not missing, f"docs/configuration.md lacks {missing}"
 
 
@@ -103,7 +112,8 @@ def test_the_complete_example_loads(tmp_path: Path):
     (example,) = re.findall(r"```yaml\n(.*?)```", _section("A complete example"), re.S)
     (tmp_path / "certs").mkdir()
     make_certificate(tmp_path / "certs", "default", "default.example", ("default.example",))
-    make_certificate(tmp_path / "certs", "tls9443.kong.example", "tls9443.kong.example", ("tls9443.kong.example",))
+    make_certificate(tmp_path / "certs", "tls9443.kong.example", "tls9443.kong.example",
+                     ("tls9443.kong.example",))
     make_certificate(tmp_path / "certs", "wildcard", "*.web.example", ("*.web.example",))
     (tmp_path / "pyproxy.conf").write_text(example)
     config = load_config(str(tmp_path / "pyproxy.conf"))
@@ -125,6 +135,8 @@ def test_the_readme_names_the_process_metrics_as_a_scrape_shows_them(tmp_path: P
     from pyproxy.metrics import MULTIPROC_ENV, render_metrics
     monkeypatch.setenv(MULTIPROC_ENV, str(tmp_path))
     exposition = render_metrics(os.getpid()).decode()
-    samples = {line.split("{")[0].split(" ")[0] for line in exposition.splitlines() if not line.startswith("#")}
+    samples = {line.split("{")[0].split(" ")[0] for line in exposition.splitlines()
+               if not line.startswith("#")}
     named = set(re.findall(r"`(pyproxy_process_\w+)`", (REPOSITORY / "README.md").read_text()))
-    assert named and named <= samples, f"the README names {sorted(named - samples)}; a scrape has {sorted(samples)}"
+    assert named and named <= samples, (f"the README names {sorted(named - samples)}; a "
+                                        f"scrape has {sorted(samples)}")

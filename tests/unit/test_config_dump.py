@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import pwd
 import os
+import pwd
 import shutil
 import subprocess
 import sys
@@ -48,7 +48,8 @@ ssl:
   handshake_timeout: 1h
 
 certificates:
-  - {{cert: certs/tls9443.kong.example.crt, key: certs/tls9443.kong.example.key, snis: [tls9443.kong.example, "*.w.example"]}}
+  - {{cert: certs/tls9443.kong.example.crt, key: certs/tls9443.kong.example.key,
+      snis: [tls9443.kong.example, "*.w.example"]}}
   - {{cert: certs/multi.crt, key: certs/multi.key}}
 
 upstreams:
@@ -134,7 +135,8 @@ class Extra(Plugin):
 def without_places(value):
     """`value` with what depends on where the file is (its path, the lines) blanked out."""
     if dataclasses.is_dataclass(value):
-        changes = {field.name: without_places(getattr(value, field.name)) for field in dataclasses.fields(value)}
+        changes = {field.name: without_places(getattr(value, field.name))
+                   for field in dataclasses.fields(value)}
         if "line" in changes:
             changes["line"] = 0
         if isinstance(value, Config):
@@ -163,14 +165,16 @@ def _dump_and_reload(path: str, dump_path: Path) -> tuple[Config, Config]:
 
 def test_dump_of_the_demo_configuration_loads_and_means_the_same(tmp_path: Path):
     (tmp_path / "certs").mkdir()
-    make_certificate(tmp_path / "certs", "tls9443.kong.example", "tls9443.kong.example", ("tls9443.kong.example",))
+    make_certificate(tmp_path / "certs", "tls9443.kong.example", "tls9443.kong.example",
+                     ("tls9443.kong.example",))
     shutil.copy(REPOSITORY / "conf" / "pyproxy.conf", tmp_path / "pyproxy.conf")
     (tmp_path / "elsewhere").mkdir()
-    original, reloaded = _dump_and_reload(str(tmp_path / "pyproxy.conf"), tmp_path / "elsewhere" / "dumped.conf")
+    original, reloaded = _dump_and_reload(str(tmp_path / "pyproxy.conf"),
+                                          tmp_path / "elsewhere" / "dumped.conf")
     assert without_places(reloaded) == without_places(original)
 
 
-def test_dump_of_every_key_loads_and_means_the_same(conf_dir: Path):
+def test_dump_of_every_key_loads_and_means_the_same(conf_dir: Path):  # noqa: F811 (the fixture imported above)
     (conf_dir / "run").mkdir()
     (conf_dir / "logs").mkdir()
     (conf_dir / "extra_plugins.py").write_text(EXTRA_PLUGINS)
@@ -181,7 +185,7 @@ def test_dump_of_every_key_loads_and_means_the_same(conf_dir: Path):
     assert without_places(reloaded) == without_places(original)
 
 
-def test_dump_is_plain_data_in_the_files_own_shape(conf_dir: Path):
+def test_dump_is_plain_data_in_the_files_own_shape(conf_dir: Path):  # noqa: F811 (the fixture imported above)
     """The dump is a function of the config package (an Admin API will export the same), made of the
     keys and value forms a user writes: durations with units, addresses as text, nothing internal."""
     (conf_dir / "run").mkdir()

@@ -31,7 +31,7 @@ def _all_keys(value) -> set:
     return set()
 
 
-KEYS = sorted(_all_keys(EXAMPLE_DOCUMENT)) + ["fail_timeout", "send", "expect", "ip", "port", "snis"]
+KEYS = [*sorted(_all_keys(EXAMPLE_DOCUMENT)), "fail_timeout", "send", "expect", "ip", "port", "snis"]
 INTERESTING_WORDS = [
     "auto", "off", "on", "tcp", "tls", "tls_passthrough", "v1", "v2", "10.0.0.0/8", "*.example", "example.*",
     "a.*.b", "*", "1m30s", "500ms", "-5s", "[::1]:80", "[::]:9000", "127.0.0.1:1025", "0.0.0.0:9000 ssl",
@@ -46,7 +46,8 @@ scalars = st.one_of(
 values = st.recursive(
     scalars,
     lambda inner: st.lists(inner, max_size=3)
-    | st.dictionaries(st.one_of(st.sampled_from(KEYS), st.text(max_size=6), st.integers()), inner, max_size=3),
+    | st.dictionaries(st.one_of(st.sampled_from(KEYS), st.text(max_size=6), st.integers()), inner,
+                      max_size=3),
     max_leaves=6,
 )
 
@@ -61,7 +62,7 @@ def _slots(value, path=()):
         return
     for key, item in items:
         yield path, key
-        yield from _slots(item, path + (key,))
+        yield from _slots(item, (*path, key))
 
 
 def _at(document, path):
@@ -125,7 +126,8 @@ def example_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("fuzz")
     (folder / "certs").mkdir()
     make_certificate(folder / "certs", "default", "default.example", ("default.example",))
-    make_certificate(folder / "certs", "tls9443.kong.example", "tls9443.kong.example", ("tls9443.kong.example",))
+    make_certificate(folder / "certs", "tls9443.kong.example", "tls9443.kong.example",
+                     ("tls9443.kong.example",))
     return folder
 
 

@@ -7,8 +7,17 @@ import hashlib
 import os
 import socket
 
-from pyproxy.forward import (DONE, DST_ERROR, MORE, SCRATCH_SIZE, SRC_ERROR, WAIT, BufferPump, PipePool,
-                             SplicePump)
+from pyproxy.forward import (
+    DONE,
+    DST_ERROR,
+    MORE,
+    SCRATCH_SIZE,
+    SRC_ERROR,
+    WAIT,
+    BufferPump,
+    PipePool,
+    SplicePump,
+)
 
 
 def pair():
@@ -88,7 +97,7 @@ def test_idle_pump_holds_no_pipe():
 
 def test_backpressure_bounds_buffering_to_one_pipe():
     pool = PipePool()
-    client, pump, server = make_pump(pool)
+    client, pump, _server = make_pump(pool)
     sent = 0
     chunk = b"x" * 65536
     for _ in range(400):                          # the server never reads

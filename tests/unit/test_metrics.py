@@ -78,7 +78,8 @@ def test_stale_folders_are_removed_and_live_or_unknown_ones_kept(tmp_path):
     write(old_live, f"counter_{gone}.db", SESSIONS, 1)
     write(old_live, f"counter_{os.getpid()}.db", SESSIONS, 1)
     remove_stale_directories(str(tmp_path), owners)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([old_live.name, old_empty.name, unrelated.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([old_live.name, old_empty.name,
+                                                                  unrelated.name])
     # Someone else's folder is never touched.
     named_dead.mkdir()
     remove_stale_directories(str(tmp_path), {os.geteuid() + 1})

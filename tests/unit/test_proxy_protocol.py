@@ -30,8 +30,8 @@ from pyproxy.proxy_protocol import (
     build_v2,
     crc32c,
     parse_proxy_header,
-    proxy_header_need,
     parse_ssl_tlv,
+    proxy_header_need,
 )
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data" / "proxy_protocol"
@@ -59,7 +59,8 @@ class Captured:
 def load_captured() -> list[Captured]:
     manifest = json.loads((DATA_DIR / "manifest.json").read_text())
     return [
-        Captured(entry["file"].removesuffix(".bin"), (DATA_DIR / entry["file"]).read_bytes(), entry["expected"])
+        Captured(entry["file"].removesuffix(".bin"), (DATA_DIR / entry["file"]).read_bytes(),
+                 entry["expected"])
         for entry in manifest["headers"]
     ]
 
@@ -192,7 +193,8 @@ def test_a_long_v2_header_is_parsed_twice_not_once_per_byte():
 @pytest.mark.parametrize("captured", CAPTURED, ids=repr)
 def test_whatever_follows_the_header_is_ignored(captured):
     tls_hello_start = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"
-    for tail in (b"", b"\r\n", b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\n", V2_SIGNATURE, tls_hello_start, bytes(300)):
+    for tail in (b"", b"\r\n", b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\n", V2_SIGNATURE, tls_hello_start,
+                 bytes(300)):
         assert_matches(parse_proxy_header(captured.header + tail), captured.expected)
 
 
@@ -224,7 +226,10 @@ def test_builders_reproduce_haproxy_byte_for_byte(captured):
     assert build_v2(source, destination, tlvs, checksum=checksum) == captured.header
 
 
-@pytest.mark.parametrize("captured", [c for c in CAPTURED if PP2_TYPE_CRC32C in c.expected.get("tlv_types", ())], ids=repr)
+CHECKSUMMED = [c for c in CAPTURED if PP2_TYPE_CRC32C in c.expected.get("tlv_types", ())]
+
+
+@pytest.mark.parametrize("captured", CHECKSUMMED, ids=repr)
 def test_a_damaged_byte_under_haproxys_crc32c_is_caught(captured):
     header = captured.header
     tlvs_start = 16 + {None: 0, "AF_INET": 12, "AF_INET6": 36}[captured.expected["family"]]
@@ -298,7 +303,8 @@ def test_v1_tcp6_accepts_what_inet_pton_accepts_and_returns_canonical_text():
 
 @pytest.mark.parametrize(
     ("fam", "family", "block_length"),
-    [(0x11, socket.AF_INET, 12), (0x12, socket.AF_INET, 12), (0x21, socket.AF_INET6, 36), (0x22, socket.AF_INET6, 36)],
+    [(0x11, socket.AF_INET, 12), (0x12, socket.AF_INET, 12),
+     (0x21, socket.AF_INET6, 36), (0x22, socket.AF_INET6, 36)],
 )
 def test_spec_v2_ip_families_tcp_and_udp(fam, family, block_length):
     size = block_length // 2 - 2
@@ -336,14 +342,16 @@ def test_spec_v2_local_must_not_be_assumed_empty():
 
 
 def test_v2_tlvs_are_returned_as_sent_in_order():
-    tlvs = [(PP2_TYPE_NOOP, b"\0" * 5), (PP2_TYPE_ALPN, b"h2"), (0xE0, b"custom"), (PP2_TYPE_NOOP, b""), (0xE0, b"again")]
+    tlvs = [(PP2_TYPE_NOOP, b"\0" * 5), (PP2_TYPE_ALPN, b"h2"), (0xE0, b"custom"), (PP2_TYPE_NOOP, b""),
+            (0xE0, b"again")]
     header = parse_proxy_header(v2(block=v2()[16:] + b"".join(tlv(t, v) for t, v in tlvs)))
     assert header.tlvs == tuple(tlvs)
     assert header.tlv(0xE0) == b"custom" and header.tlv(PP2_TYPE_AUTHORITY) is None
 
 
 def test_v2_crc32c_anywhere_among_the_tlvs_is_verified():
-    body = v2()[16:] + tlv(PP2_TYPE_ALPN, b"h2") + tlv(PP2_TYPE_CRC32C, bytes(4)) + tlv(PP2_TYPE_NOOP, b"\x03\x00\x04")
+    body = (v2()[16:] + tlv(PP2_TYPE_ALPN, b"h2") + tlv(PP2_TYPE_CRC32C, bytes(4))
+            + tlv(PP2_TYPE_NOOP, b"\x03\x00\x04"))
     header = v2(block=body)
     field = 16 + 12 + 5 + 3
     good = with_crc(header, field)
@@ -369,7 +377,8 @@ V1 = b"PROXY TCP4 192.168.0.1 192.168.0.11 56324 443\r\n"
 @pytest.mark.parametrize(
     ("data", "at", "message"),
     [
-        (b"GET / HTTP/1.1\r\n", 1, "first byte 0x47 ('G') is neither 'P' (v1) nor '\\r' (v2) (plain text, HTTP?)"),
+        (b"GET / HTTP/1.1\r\n", 1,
+         "first byte 0x47 ('G') is neither 'P' (v1) nor '\\r' (v2) (plain text, HTTP?)"),
         (b"\x16\x03\x01\x00\xa5\x01", 1, "TLS handshake record"),
         (b"\x00\x00", 1, "first byte 0x00"),
         (b"PROXX TCP4", 5, "byte 5 is 0x58 ('X'), the signature has 0x59 ('Y')"),
@@ -382,14 +391,16 @@ V1 = b"PROXY TCP4 192.168.0.1 192.168.0.11 56324 443\r\n"
         (b"PROXY UNKNOWN\n", 14, "'UNKNOWN' is followed by b'\\n', not a space or CRLF"),
         (b"PROXY UNKNOWN\rX", 15, "CR at byte 14 not followed by LF"),
         (b"PROXY UNKNOWN 1.2.3.4\n5.6.7.8\r\n", 22, "bare LF"),
-        (b"PROXY TCP4 192.168.0.256 1.2.3.4 1 2\r\n", 24, "source address '192.168.0.256' is not a dotted-decimal IPv4"),
+        (b"PROXY TCP4 192.168.0.256 1.2.3.4 1 2\r\n", 24,
+         "source address '192.168.0.256' is not a dotted-decimal IPv4"),
         (b"PROXY TCP4 192.168.01.1 1.2.3.4 1 2\r\n", 21, "source address '192.168.01'"),
         (b"PROXY TCP4 1.2.3.4.5 1.2.3.4 1 2\r\n", 19, "source address '1.2.3.4.'"),
         (b"PROXY TCP4 1.2.3 1.2.3.4 1 2\r\n", 17, "source address '1.2.3' is not"),
         (b"PROXY TCP4 ::1 1.2.3.4 1 2\r\n", 12, "source address ':'"),
         (b"PROXY TCP4 1.2.3.4 ::1 1 2\r\n", 20, "destination address ':'"),
         (b"PROXY TCP4 1.2.3.4  5.6.7.8 1 2\r\n", 20, "destination address is empty (two spaces in a row?)"),
-        (b"PROXY TCP4 1.2.3.4 5.6.7.8 01 2\r\n", 29, "source port '01' is not a decimal 0-65535 without leading zeros"),
+        (b"PROXY TCP4 1.2.3.4 5.6.7.8 01 2\r\n", 29,
+         "source port '01' is not a decimal 0-65535 without leading zeros"),
         (b"PROXY TCP4 1.2.3.4 5.6.7.8 1 65536\r\n", 34, "destination port '65536'"),
         (b"PROXY TCP4 1.2.3.4 5.6.7.8 1 -2\r\n", 30, "destination port '-'"),
         (b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2 \r\n", 31, "more than 4 fields"),
@@ -401,7 +412,8 @@ V1 = b"PROXY TCP4 192.168.0.1 192.168.0.11 56324 443\r\n"
         (b"PROXY TCP6 1:::2 ::1 1 2\r\n", 15, "source address '1:::'"),
         (b"PROXY TCP6 1::2::3 ::1 1 2\r\n", 17, "source address '1::2::'"),
         (b"PROXY TCP6 12345:: ::1 1 2\r\n", 16, "source address '12345'"),
-        (b"PROXY TCP6 ::1 1:2:3:4:5:6:7:8:9 1 2\r\n", 31, "destination address '1:2:3:4:5:6:7:8:' is not an IPv6"),
+        (b"PROXY TCP6 ::1 1:2:3:4:5:6:7:8:9 1 2\r\n", 31,
+         "destination address '1:2:3:4:5:6:7:8:' is not an IPv6"),
         (b"PROXY TCP6 1:2:3:4:5:6:7::8 ::1 1 2\r\n", 27, "source address '1:2:3:4:5:6:7::8' is not"),
         (b"PROXY TCP6 1:2:3:4:5:6:7:1.2.3.4 ::1 1 2\r\n", 27, "source address '1:2:3:4:5:6:7:1.'"),
         (b"PROXY TCP6 1:2:3:4:5:6:7:8 ::1 1 2\r\n", None, None),
@@ -435,8 +447,10 @@ SIG = V2_SIGNATURE
         (SIG + b"\x21\x41\x00\x0c", 14, "family/transport 0x41 (family 0x4 STREAM)"),
         (SIG + b"\x21\x10\x00\x0c", 14, "0x10 (AF_INET UNSPEC)"),
         (SIG + b"\x21\x01\x00\x00", 14, "0x01 (UNSPEC STREAM)"),
-        (SIG + b"\x21\x11\x00\x0b", 16, "length 11 is too short for the 12-byte AF_INET STREAM address block"),
-        (SIG + b"\x21\x21\x00\x0c", 16, "length 12 is too short for the 36-byte AF_INET6 STREAM address block"),
+        (SIG + b"\x21\x11\x00\x0b", 16,
+         "length 11 is too short for the 12-byte AF_INET STREAM address block"),
+        (SIG + b"\x21\x21\x00\x0c", 16,
+         "length 12 is too short for the 36-byte AF_INET6 STREAM address block"),
         (SIG + b"\x21\x31\x00\xd7", 16, "length 215 is too short for the 216-byte AF_UNIX STREAM"),
         (SIG + b"\x20\x21\x00\x00", 16, "length 0 is too short for the 36-byte"),
         (SIG + b"\x21\x11\x10\x01", 16, "PROXY v2 header of 16+4097 bytes exceeds the 4112-byte limit"),
@@ -463,8 +477,10 @@ ADDRESSES = v2()[16:]
         (ADDRESSES + tlv(PP2_TYPE_CRC32C, bytes(4)), "CRC32C mismatch: header says 0x00000000"),
         (ADDRESSES + tlv(PP2_TYPE_CRC32C, bytes(4)) * 2, "more than one CRC32C TLV"),
         (ADDRESSES + tlv(PP2_TYPE_UNIQUE_ID, b"u" * 129), "UNIQUE_ID TLV is 129 bytes, over 128"),
-        (ADDRESSES + tlv(PP2_TYPE_SSL, b"\x01\x00\x00\x00"), "PP2_TYPE_SSL TLV is 4 bytes, shorter than its 5-byte fixed part"),
-        (ADDRESSES + tlv(PP2_TYPE_SSL, b"\x01\0\0\0\0\x21\x00\x09TLSv1.3"), "PP2_TYPE_SSL sub-TLV 0x21 length 9 overruns"),
+        (ADDRESSES + tlv(PP2_TYPE_SSL, b"\x01\x00\x00\x00"),
+         "PP2_TYPE_SSL TLV is 4 bytes, shorter than its 5-byte fixed part"),
+        (ADDRESSES + tlv(PP2_TYPE_SSL, b"\x01\0\0\0\0\x21\x00\x09TLSv1.3"),
+         "PP2_TYPE_SSL sub-TLV 0x21 length 9 overruns"),
         (ADDRESSES + tlv(PP2_TYPE_SSL, b"\x01\x00\x00\x00\x00\x21"), "PP2_TYPE_SSL sub-TLV header truncated"),
     ],
 )
@@ -475,7 +491,8 @@ def test_v2_malformed_tlvs_are_refused_once_the_header_is_complete(block, messag
 
 
 def test_v2_tlv_limits_are_inclusive():
-    header = parse_proxy_header(v2(block=ADDRESSES + tlv(PP2_TYPE_UNIQUE_ID, b"u" * 128) + tlv(PP2_TYPE_SSL, bytes(5))))
+    block = ADDRESSES + tlv(PP2_TYPE_UNIQUE_ID, b"u" * 128) + tlv(PP2_TYPE_SSL, bytes(5))
+    header = parse_proxy_header(v2(block=block))
     assert header.tlv(PP2_TYPE_UNIQUE_ID) == b"u" * 128
     assert parse_ssl_tlv(header.tlv(PP2_TYPE_SSL)).tlvs == ()
 
@@ -486,7 +503,8 @@ def test_max_size_bounds_the_header():
     assert parse_proxy_header(wire, max_size=131).length == 131
     assert first_error_at(wire, max_size=130) == 16
     assert "exceeds the 130-byte limit" in error_message(wire, max_size=130)
-    assert parse_proxy_header(v2(block=ADDRESSES + tlv(PP2_TYPE_NOOP, bytes(DEFAULT_MAX_SIZE - 31)))) is not None
+    largest = v2(block=ADDRESSES + tlv(PP2_TYPE_NOOP, bytes(DEFAULT_MAX_SIZE - 31)))
+    assert parse_proxy_header(largest) is not None
     largest = v2(block=ADDRESSES + tlv(PP2_TYPE_NOOP, bytes(65535 - 15)))
     assert parse_proxy_header(largest, max_size=16 + 65535).length == 16 + 65535
     # v1 lines are bounded by max_size too when it is below 107
@@ -507,16 +525,20 @@ def test_empty_input_needs_more():
 
 
 def test_build_v1_spec_example():
-    assert build_v1(("192.168.0.1", 56324), ("192.168.0.11", 443)) == b"PROXY TCP4 192.168.0.1 192.168.0.11 56324 443\r\n"
+    assert build_v1(("192.168.0.1", 56324), ("192.168.0.11", 443)) == (b"PROXY TCP4 192.168.0.1 "
+                                                                       b"192.168.0.11 56324 443\r\n")
 
 
 def test_build_v1_writes_canonical_ipv6():
-    assert build_v1(("2001:DB8:0:0::1", 1), ("::FFFF:192.0.2.1", 2)) == b"PROXY TCP6 2001:db8::1 ::ffff:192.0.2.1 1 2\r\n"
+    assert build_v1(("2001:DB8:0:0::1", 1), ("::FFFF:192.0.2.1", 2)) == (b"PROXY TCP6 2001:db8::1 "
+                                                                         b"::ffff:192.0.2.1 1 2\r\n")
 
 
 def test_mixed_families_are_sent_as_ipv4_mapped_ipv6():
-    assert build_v1(("192.0.2.1", 1), ("2001:db8::2", 2)) == b"PROXY TCP6 ::ffff:192.0.2.1 2001:db8::2 1 2\r\n"
-    assert build_v1(("2001:db8::1", 1), ("192.0.2.2", 2)) == b"PROXY TCP6 2001:db8::1 ::ffff:192.0.2.2 1 2\r\n"
+    assert build_v1(("192.0.2.1", 1), ("2001:db8::2", 2)) == (b"PROXY TCP6 ::ffff:192.0.2.1 2001:db8::2 1 "
+                                                              b"2\r\n")
+    assert build_v1(("2001:db8::1", 1), ("192.0.2.2", 2)) == (b"PROXY TCP6 2001:db8::1 ::ffff:192.0.2.2 1 "
+                                                              b"2\r\n")
     header = parse_proxy_header(build_v2(("192.0.2.1", 1), ("2001:db8::2", 2)))
     assert header.family == socket.AF_INET6
     assert (header.source, header.destination) == (("::ffff:192.0.2.1", 1), ("2001:db8::2", 2))
@@ -557,7 +579,8 @@ def test_build_then_parse_round_trips(source, destination):
         assert [t for t in header.tlvs if t[0] != PP2_TYPE_CRC32C] == tlvs
     wire = build_v1(source, destination)
     header = parse_proxy_header(wire + b"stream")
-    assert (header.version, header.source, header.destination, header.length) == (1, source, destination, len(wire))
+    assert (header.version, header.source, header.destination, header.length) == (1, source, destination,
+                                                                                   len(wire))
 
 
 @pytest.mark.parametrize(

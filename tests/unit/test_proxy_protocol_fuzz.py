@@ -36,18 +36,20 @@ EXTRA = [
     v2(fam=0x12),
     v2(fam=0x31, block=b"/a".ljust(108, b"\0") + b"/b".ljust(108, b"\0") + tlv(0xE0, b"x")),
     v2(ver_cmd=0x20, fam=0x00, block=tlv(PP2_TYPE_UNIQUE_ID, b"id")),
-    with_crc(v2(block=ADDRESSES + tlv(PP2_TYPE_CRC32C, bytes(4)) + tlv(PP2_TYPE_SSL, b"\x01\0\0\0\0" + tlv(0x21, b"TLS"))), 31),
+    with_crc(v2(block=ADDRESSES + tlv(PP2_TYPE_CRC32C, bytes(4))
+                + tlv(PP2_TYPE_SSL, b"\x01\0\0\0\0" + tlv(0x21, b"TLS"))), 31),
     b"PROXY TCP6 ::ffff:192.0.2.1 2001:db8::1 0 65535\r\n",
     b"PROXY UNKNOWN ignored\r\n",
 ]
 HEADERS = [c.header for c in CAPTURED] + EXTRA
 headers = st.sampled_from(HEADERS)
-checksummed = [h for h in HEADERS if h.startswith(V2_SIGNATURE) and parse_proxy_header(h).tlv(PP2_TYPE_CRC32C)]
+checksummed = [h for h in HEADERS
+               if h.startswith(V2_SIGNATURE) and parse_proxy_header(h).tlv(PP2_TYPE_CRC32C)]
 
 V1_ALPHABET = b"0123456789abcdefABCDEF:. \r\n%x"
 
 
-def outcome(data, **kwargs) -> ProxyHeader | None | str:
+def outcome(data, **kwargs) -> ProxyHeader | str | None:
     """The parser's answer, with ProxyProtocolError folded into a string; anything else raises."""
     try:
         return parse_proxy_header(data, **kwargs)
@@ -56,7 +58,7 @@ def outcome(data, **kwargs) -> ProxyHeader | None | str:
         return "error"
 
 
-def assert_consistent_prefixes(data: bytes) -> ProxyHeader | None | str:
+def assert_consistent_prefixes(data: bytes) -> ProxyHeader | str | None:
     """Check the None* (header* | error*) shape of the answers for every prefix of ``data``."""
     final = None
     for n in range(len(data) + 1):
@@ -133,7 +135,8 @@ def test_mutated_length_fields(header, data):
     for _ in range(data.draw(st.integers(1, 3))):
         offset = data.draw(st.sampled_from(fields))
         old = int.from_bytes(wire[offset : offset + 2], "big")
-        new = data.draw(st.one_of(st.integers(0, 0xFFFF), st.integers(-4, 4).map(lambda d: (old + d) % 0x10000)))
+        near = st.integers(-4, 4).map(lambda d, old=old: (old + d) % 0x10000)
+        new = data.draw(st.one_of(st.integers(0, 0xFFFF), near))
         wire[offset : offset + 2] = new.to_bytes(2, "big")
     result = outcome(bytes(wire) + bytes(64), max_size=2**17)
     if isinstance(result, ProxyHeader):
@@ -164,13 +167,15 @@ def test_random_bytes(data):
 
 
 @fuzz
-@given(st.sampled_from([b"PROXY ", V2_SIGNATURE, V2_SIGNATURE + b"\x21", V2_SIGNATURE + b"\x20\x00"]), st.binary(max_size=120))
+@given(st.sampled_from([b"PROXY ", V2_SIGNATURE, V2_SIGNATURE + b"\x21", V2_SIGNATURE + b"\x20\x00"]),
+       st.binary(max_size=120))
 def test_random_bytes_after_a_valid_start(start, rest):
     assert_consistent_prefixes(start + rest)
 
 
 @fuzz
-@given(st.sampled_from([0x20, 0x21]), st.sampled_from([0x00, 0x11, 0x12, 0x21, 0x22, 0x31, 0x32]), st.binary(max_size=300))
+@given(st.sampled_from([0x20, 0x21]), st.sampled_from([0x00, 0x11, 0x12, 0x21, 0x22, 0x31, 0x32]),
+       st.binary(max_size=300))
 def test_random_block_behind_valid_fixed_header(ver_cmd, fam, block):
     # Get past the fixed part so that the address and TLV parsing see random input.
     result = outcome(v2(ver_cmd, fam, block))
@@ -188,7 +193,8 @@ def test_random_v1_lines(protocol, rest):
 
 # --- a reference for v1 lines, independent of the module: one regex plus the ipaddress module -----
 
-_V1_LINE = re.compile(rb"PROXY (TCP4|TCP6) ([^ \r\n]+) ([^ \r\n]+) (0|[1-9][0-9]{0,4}) (0|[1-9][0-9]{0,4})\r\n")
+_V1_LINE = re.compile(rb"PROXY (TCP4|TCP6) ([^ \r\n]+) ([^ \r\n]+) "
+                      rb"(0|[1-9][0-9]{0,4}) (0|[1-9][0-9]{0,4})\r\n")
 
 
 def reference_v1(line: bytes):
@@ -215,7 +221,8 @@ def v1_address(version: int):
     return st.one_of(text, text, junk).map(str.encode)
 
 
-ports = st.one_of(st.integers(0, 70000).map(str), st.text(alphabet="0123456789", min_size=1, max_size=6)).map(str.encode)
+ports = st.one_of(st.integers(0, 70000).map(str),
+                  st.text(alphabet="0123456789", min_size=1, max_size=6)).map(str.encode)
 v1_lines = st.one_of(
     *(
         st.tuples(v1_address(version), v1_address(version), ports, ports).map(
@@ -238,21 +245,24 @@ def test_v1_lines_agree_with_a_reference(line, cut):
     assert truncated is None
     source, source_port, destination, destination_port = expected
     assert ipaddress.ip_address(result.source[0]) == source and result.source[1] == source_port
-    assert ipaddress.ip_address(result.destination[0]) == destination and result.destination[1] == destination_port
+    assert ipaddress.ip_address(result.destination[0]) == destination
+    assert result.destination[1] == destination_port
     assert result.length == len(line)
 
 
 # --- build, then parse ---------------------------------------------------------------------------
 
 ssl_values = st.builds(
-    lambda client, verify, subs: bytes([client]) + verify.to_bytes(4, "big") + b"".join(tlv(t, v) for t, v in subs),
+    lambda client, verify, subs: (bytes([client]) + verify.to_bytes(4, "big")
+                                  + b"".join(tlv(t, v) for t, v in subs)),
     st.integers(0, 255),
     st.integers(0, 2**32 - 1),
     st.lists(st.tuples(st.integers(0, 255), st.binary(max_size=24)), max_size=4),
 )
 tlv_lists = st.lists(
     st.one_of(
-        st.tuples(st.integers(0, 255).filter(lambda t: t not in (PP2_TYPE_CRC32C, PP2_TYPE_SSL)), st.binary(max_size=64)),
+        st.tuples(st.integers(0, 255).filter(lambda t: t not in (PP2_TYPE_CRC32C, PP2_TYPE_SSL)),
+                  st.binary(max_size=64)),
         st.tuples(st.just(PP2_TYPE_SSL), ssl_values),
     ),
     max_size=6,
@@ -276,7 +286,8 @@ def test_build_v2_then_parse(source, destination, tlvs, checksum, stream):
     header = parse_proxy_header(wire + stream, max_size=len(wire))
     assert (header.version, header.command, header.length) == (2, "PROXY", len(wire))
     assert ipaddress.ip_address(header.source[0]) == announced(src, dst) and header.source[1] == src_port
-    assert ipaddress.ip_address(header.destination[0]) == announced(dst, src) and header.destination[1] == dst_port
+    assert ipaddress.ip_address(header.destination[0]) == announced(dst, src)
+    assert header.destination[1] == dst_port
     assert [t for t in header.tlvs if t[0] != PP2_TYPE_CRC32C] == tlvs
     assert (header.tlv(PP2_TYPE_CRC32C) is not None) == checksum
 
@@ -290,5 +301,6 @@ def test_build_v1_then_parse(source, destination, stream):
     header = parse_proxy_header(wire + stream)
     assert (header.version, header.command, header.length) == (1, "PROXY", len(wire))
     assert ipaddress.ip_address(header.source[0]) == announced(src, dst) and header.source[1] == src_port
-    assert ipaddress.ip_address(header.destination[0]) == announced(dst, src) and header.destination[1] == dst_port
+    assert ipaddress.ip_address(header.destination[0]) == announced(dst, src)
+    assert header.destination[1] == dst_port
     assert build_v1(header.source, header.destination) == wire  # what comes out is canonical

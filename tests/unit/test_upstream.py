@@ -201,7 +201,7 @@ def test_consistent_hashing_same_key_same_peer():
 
 
 def test_consistent_hashing_stable_across_balancers():
-    keys = ips(500) + ["a.example", "b.example", ""]
+    keys = [*ips(500), "a.example", "b.example", ""]
     one = hashing([Peer(A), Peer(B), Peer(C)])
     two = hashing([Peer(C), Peer(A), Peer(B)])  # order in the file does not matter
     assert mapping(one, keys) == mapping(two, keys)
@@ -219,7 +219,7 @@ print(json.dumps({k: b.pick(0.0, key=k).name for k in keys}))
 
 def test_consistent_hashing_stable_across_processes():
     import json
-    keys = ips(300) + ["tls9443.kong.example"]
+    keys = [*ips(300), "tls9443.kong.example"]
     results = []
     for seed in ("1", "2", "12345"):
         env = dict(os.environ, PYTHONHASHSEED=seed)
@@ -243,7 +243,7 @@ def test_consistent_hashing_spreads_by_weight():
 
 
 def test_consistent_hashing_minimal_disruption_on_removal():
-    addrs = [("10.1.0.%d" % i, 80) for i in range(1, 6)]
+    addrs = [(f"10.1.0.{i}", 80) for i in range(1, 6)]
     keys = ips(10000)
     before = mapping(hashing([Peer(a) for a in addrs]), keys)
     after = mapping(hashing([Peer(a) for a in addrs[:2] + addrs[3:]]), keys)
@@ -257,11 +257,11 @@ def test_consistent_hashing_minimal_disruption_on_removal():
 
 
 def test_consistent_hashing_minimal_disruption_on_addition():
-    addrs = [("10.1.0.%d" % i, 80) for i in range(1, 5)]
+    addrs = [(f"10.1.0.{i}", 80) for i in range(1, 5)]
     keys = ips(10000)
     before = mapping(hashing([Peer(a) for a in addrs]), keys)
     added = ("10.1.0.9", 80)
-    after = mapping(hashing([Peer(a) for a in addrs + [added]]), keys)
+    after = mapping(hashing([Peer(a) for a in [*addrs, added]]), keys)
     moved = [k for k in keys if before[k] != after[k]]
     assert all(after[k] == peer_name(added) for k in moved)
     assert abs(len(moved) / len(keys) - 1 / 5) < 0.07
@@ -296,7 +296,8 @@ def test_failure_takes_peer_down_for_fail_timeout():
     b.failed(bb, 100.0, timeout=False)
     assert not bb.available(100.0)
     assert bb.down_until == 110.0
-    assert log.lines == [("warn", 'upstream "up": target 127.0.0.1:1026 is down for 10s after 1 connect failure(s)')]
+    assert log.lines == [("warn",
+                          'upstream "up": target 127.0.0.1:1026 is down for 10s after 1 connect failure(s)')]
     assert set(names(b, 20, now=105.0)) == {a.name}
     assert bb.available(110.0)
     assert set(names(b, 20, now=110.0)) == {a.name, bb.name}
@@ -305,8 +306,8 @@ def test_failure_takes_peer_down_for_fail_timeout():
 def test_timeouts_counted_separately():
     log = LogRecorder()
     bb = Peer(B)
-    b = Balancer("up", [Peer(A), bb], passive=PassiveHealthcheck(unhealthy_tcp_failures=3,
-                                                                   unhealthy_timeouts=2, fail_timeout=5), log=log)
+    passive = PassiveHealthcheck(unhealthy_tcp_failures=3, unhealthy_timeouts=2, fail_timeout=5)
+    b = Balancer("up", [Peer(A), bb], passive=passive, log=log)
     b.failed(bb, 0.0, timeout=False)
     b.failed(bb, 0.0, timeout=True)
     b.failed(bb, 0.0, timeout=False)
@@ -314,7 +315,8 @@ def test_timeouts_counted_separately():
     b.failed(bb, 0.0, timeout=True)
     assert not bb.available(0.0)
     assert (bb.fails, bb.timeouts) == (2, 2)
-    assert log.lines == [("warn", 'upstream "up": target 127.0.0.1:1026 is down for 5s after 2 connect timeout(s)')]
+    assert log.lines == [("warn",
+                          'upstream "up": target 127.0.0.1:1026 is down for 5s after 2 connect timeout(s)')]
 
 
 def test_threshold_above_one_needs_consecutive_failures():

@@ -29,6 +29,7 @@ def test_an_exception_that_escapes_the_worker_is_logged_with_its_traceback(tmp_p
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 1
     text = log_path.read_text()
-    assert f"[crit] {pid}#0: worker process #3 failed, please report it: RuntimeError('boom in the loop')" in text
+    assert (f"[crit] {pid}#0: worker process #3 failed, please report it: RuntimeError('boom in the loop')"
+            in text)
     assert "Traceback (most recent call last):" in text
     assert 'in run\n        raise RuntimeError("boom in the loop")' in text

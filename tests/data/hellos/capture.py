@@ -30,6 +30,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SNI = "tls9443.kong.example"
+# A hex dump line under server_name in `openssl s_client -trace`: "0000 - 00 17 00 00 14 74 6c 73 ..."
+SNI_HEX_LINE = r"[0-9a-f]{4} - ((?:[0-9a-f]{2}[ -])*[0-9a-f]{2})"
 PORT_RANGE = (20000, 30000)
 
 TLS12, TLS13 = 0x0303, 0x0304
@@ -79,7 +81,8 @@ def split_records(wire: bytes) -> list[tuple[bytes, bytes]]:
 # --- Python's ssl module ----------------------------------------------------------------------
 
 
-def capture_python(server_hostname, alpn=None, minimum=ssl.TLSVersion.TLSv1_2, maximum=ssl.TLSVersion.TLSv1_3):
+def capture_python(server_hostname, alpn=None, minimum=ssl.TLSVersion.TLSv1_2,
+                   maximum=ssl.TLSVersion.TLSv1_3):
     """The first flight of an ``SSLObject`` over MemoryBIOs: no socket involved."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     if server_hostname is None:
@@ -194,7 +197,7 @@ def decode_trace(trace: str) -> dict:
             out["versions"].append(int(m.group(1)))
         elif section == "application_layer_protocol_negotiation" and text:
             out["alpn"].append(text)
-        elif section == "server_name" and (m := re.match(r"[0-9a-f]{4} - ((?:[0-9a-f]{2}[ -])*[0-9a-f]{2})", text)):
+        elif section == "server_name" and (m := re.match(SNI_HEX_LINE, text)):
             sni_hex += re.findall(r"[0-9a-f]{2}", m.group(1))
     if sni_hex:
         raw = bytes.fromhex("".join(sni_hex))
@@ -264,7 +267,8 @@ def _hex(values) -> list[str]:
     return [f"0x{v:04x}" for v in values]
 
 
-def entry(name, wire, description, source, *, sni, alpn, versions, legacy_version, record_version, extra=None):
+def entry(name, wire, description, source, *, sni, alpn, versions, legacy_version, record_version,
+          extra=None):
     (HERE / f"{name}.bin").write_bytes(wire)
     expected = {
         "sni": sni,
@@ -305,7 +309,8 @@ def main() -> None:
     python_case("python_sni", "Python ssl client, SNI, TLS 1.2-1.3", SNI)
     python_case("python_no_sni", "Python ssl client, no server_name extension", None)
     python_case("python_alpn", "Python ssl client, SNI, ALPN h2 + http/1.1", SNI, ["h2", "http/1.1"])
-    python_case("python_tls12_only", "Python ssl client, TLS 1.2 only (no supported_versions)", SNI, maximum=v12)
+    python_case("python_tls12_only", "Python ssl client, TLS 1.2 only (no supported_versions)", SNI,
+                maximum=v12)
     python_case("python_tls13_only", "Python ssl client, TLS 1.3 only", SNI, minimum=v13)
 
     openssl_cases = [
@@ -313,7 +318,8 @@ def main() -> None:
         ("openssl_alpn_h2", "openssl s_client with ALPN h2", ["-servername", SNI, "-alpn", "h2"]),
         ("openssl_tls12", "openssl s_client TLS 1.2 only", ["-servername", SNI, "-tls1_2"]),
         ("openssl_noservername", "openssl s_client without SNI", ["-noservername"]),
-        ("openssl_sni_mixed_case", "SNI sent in mixed case (must come out lower-cased)", ["-servername", "TLS9443.Kong.Example"]),
+        ("openssl_sni_mixed_case", "SNI sent in mixed case (must come out lower-cased)",
+         ["-servername", "TLS9443.Kong.Example"]),
         ("openssl_sni_ip", "an IP literal sent as SNI (returned as given)", ["-servername", "127.0.0.1"]),
     ]
     base = None
@@ -359,7 +365,8 @@ def main() -> None:
     (HERE / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     for e in entries:
         x = e["expected"]
-        print(f"{e['file']:28} {x['length']:6} bytes {x['records']} record(s)  sni={x['sni']} alpn={x['alpn']} versions={x['versions']}")
+        print(f"{e['file']:28} {x['length']:6} bytes {x['records']} record(s)  sni={x['sni']} "
+              f"alpn={x['alpn']} versions={x['versions']}")
 
 
 def _py_version(version: int) -> ssl.TLSVersion:
@@ -367,7 +374,8 @@ def _py_version(version: int) -> ssl.TLSVersion:
 
 
 def _openssl_version() -> str:
-    return subprocess.run(["openssl", "version"], capture_output=True, text=True, check=True).stdout.split()[1]
+    version = subprocess.run(["openssl", "version"], capture_output=True, text=True, check=True)
+    return version.stdout.split()[1]
 
 
 if __name__ == "__main__":

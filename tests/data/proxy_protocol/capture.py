@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Regenerate the captured PROXY protocol headers in this folder: ``python tests/data/proxy_protocol/capture.py``.
+"""Regenerate the captured PROXY protocol headers in this folder:
+``python tests/data/proxy_protocol/capture.py``.
 
 Each ``NAME.bin`` holds the first bytes a real HAProxy (``haproxy`` from the distribution, run here in
 the foreground with a generated ``mode tcp`` configuration) sent to a backend server configured with
@@ -40,7 +41,8 @@ DEADLINE = 30.0  # seconds, for the whole run
 IO_TIMEOUT = 5.0
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
-PP2_TYPE_ALPN, PP2_TYPE_AUTHORITY, PP2_TYPE_CRC32C, PP2_TYPE_UNIQUE_ID, PP2_TYPE_SSL = 0x01, 0x02, 0x03, 0x05, 0x20
+PP2_TYPE_ALPN, PP2_TYPE_AUTHORITY, PP2_TYPE_CRC32C = 0x01, 0x02, 0x03
+PP2_TYPE_UNIQUE_ID, PP2_TYPE_SSL = 0x05, 0x20
 PP2_SUBTYPE_SSL_VERSION, PP2_SUBTYPE_SSL_CN, PP2_SUBTYPE_SSL_CIPHER = 0x21, 0x22, 0x23
 
 SET_V6 = [
@@ -170,10 +172,12 @@ def make_certificates(folder: Path) -> None:
     for name, cn in (("server", SNI), ("client", CLIENT_CN)):
         subprocess.run(
             ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-             "-subj", f"/CN={cn}", "-days", "2", "-keyout", str(folder / f"{name}.key"), "-out", str(folder / f"{name}.crt")],
+             "-subj", f"/CN={cn}", "-days", "2", "-keyout", str(folder / f"{name}.key"),
+             "-out", str(folder / f"{name}.crt")],
             check=True, capture_output=True, timeout=20,
         )
-    (folder / "server.pem").write_bytes((folder / "server.crt").read_bytes() + (folder / "server.key").read_bytes())
+    server_pem = (folder / "server.crt").read_bytes() + (folder / "server.key").read_bytes()
+    (folder / "server.pem").write_bytes(server_pem)
 
 
 # --- the cases --------------------------------------------------------------------------------
@@ -202,7 +206,8 @@ class Case:
             lines.append(f"    bind unix@{self.unix_path}")
         elif self.bind == "tls":
             lines.append(
-                f"    bind 127.0.0.1:{self.port} ssl crt {folder / 'server.pem'} ca-file {folder / 'client.crt'}"
+                f"    bind 127.0.0.1:{self.port} ssl crt {folder / 'server.pem'} "
+                f"ca-file {folder / 'client.crt'}"
                 " verify optional alpn h2,http/1.1"
             )
         else:
@@ -239,7 +244,8 @@ class Case:
                 ctx.load_cert_chain(folder / "client.crt", folder / "client.key")
                 with ctx.wrap_socket(sock, server_hostname=SNI) as tls:
                     tls.sendall(self.payload)
-                    self.client_info.update(version=tls.version(), cipher=tls.cipher()[0], alpn=tls.selected_alpn_protocol())
+                    self.client_info.update(version=tls.version(), cipher=tls.cipher()[0],
+                                            alpn=tls.selected_alpn_protocol())
                     self.sink.join(IO_TIMEOUT * 2)
                 return
             sock.sendall(self.payload)
@@ -249,7 +255,8 @@ class Case:
 def expectations(case: Case, wire: bytes) -> dict:
     length = header_length(wire)
     assert length is not None, f"{case.name}: incomplete header {wire!r}"
-    assert wire[length:] == case.payload, f"{case.name}: {wire[length:]!r} follows the header, not the payload"
+    assert wire[length:] == case.payload, (f"{case.name}: {wire[length:]!r} follows "
+                                           "the header, not the payload")
     v2 = wire.startswith(V2_SIGNATURE)
     info = case.client_info
     source = destination = None
@@ -298,12 +305,15 @@ def main() -> None:
     started = time.monotonic()
     cases = [
         Case("v1_tcp4", "send-proxy, client on 127.0.0.1", "send-proxy"),
-        Case("v1_tcp6", "send-proxy, IPv6 addresses announced with set-src/set-dst", "send-proxy", rules=SET_V6),
-        Case("v1_mixed", "send-proxy, IPv6 source and IPv4 destination (sent as TCP6, IPv4-mapped)", "send-proxy",
-             rules=SET_V6_SOURCE_ONLY),
-        Case("v1_unknown_unix", "send-proxy, client on a UNIX socket (sent as UNKNOWN)", "send-proxy", bind="unix"),
+        Case("v1_tcp6", "send-proxy, IPv6 addresses announced with set-src/set-dst", "send-proxy",
+             rules=SET_V6),
+        Case("v1_mixed", "send-proxy, IPv6 source and IPv4 destination (sent as TCP6, IPv4-mapped)",
+             "send-proxy", rules=SET_V6_SOURCE_ONLY),
+        Case("v1_unknown_unix", "send-proxy, client on a UNIX socket (sent as UNKNOWN)", "send-proxy",
+             bind="unix"),
         Case("v2_tcp4", "send-proxy-v2, client on 127.0.0.1", "send-proxy-v2"),
-        Case("v2_tcp6", "send-proxy-v2, IPv6 addresses announced with set-src/set-dst", "send-proxy-v2", rules=SET_V6),
+        Case("v2_tcp6", "send-proxy-v2, IPv6 addresses announced with set-src/set-dst", "send-proxy-v2",
+             rules=SET_V6),
         Case("v2_mixed", "send-proxy-v2, IPv6 source and IPv4 destination (sent as AF_INET6, IPv4-mapped)",
              "send-proxy-v2", rules=SET_V6_SOURCE_ONLY),
         Case("v2_crc32c_unique_id", "send-proxy-v2 with a CRC32C and a UNIQUE_ID TLV",
@@ -312,8 +322,10 @@ def main() -> None:
              "send-proxy-v2 proxy-v2-options crc32c", bind="unix"),
         Case("v2_healthcheck_local", "send-proxy-v2 on a health check (LOCAL, no client)",
              "send-proxy-v2", health_check=True),
-        Case("v2_ssl", "send-proxy-v2-ssl-cn behind a TLS frontend: SSL TLV with version, CN and cipher, plus ALPN,"
-             " AUTHORITY (the SNI) and CRC32C", "send-proxy-v2-ssl-cn proxy-v2-options ssl,cert-cn,ssl-cipher,authority,crc32c",
+        Case("v2_ssl",
+             "send-proxy-v2-ssl-cn behind a TLS frontend: SSL TLV with version, CN and cipher, plus ALPN,"
+             " AUTHORITY (the SNI) and CRC32C",
+             "send-proxy-v2-ssl-cn proxy-v2-options ssl,cert-cn,ssl-cipher,authority,crc32c",
              bind="tls"),
     ]
     with tempfile.TemporaryDirectory() as tmp:
@@ -333,12 +345,13 @@ def main() -> None:
         (folder / "haproxy.cfg").write_text(config)
         for case in cases:
             case.sink.start()
-        log = open(folder / "haproxy.log", "w+")
+        log = open(folder / "haproxy.log", "w+")     # noqa: SIM115 (haproxy writes it for the whole run)
         haproxy = subprocess.Popen(["haproxy", "-db", "-f", str(folder / "haproxy.cfg")],
                                    stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         try:
             ports = {c.port for c in cases if c.port}
-            while not ports <= listening_ports() or not all(c.unix_path.exists() for c in cases if c.bind == "unix"):
+            unix_paths = [c.unix_path for c in cases if c.bind == "unix"]
+            while not ports <= listening_ports() or not all(path.exists() for path in unix_paths):
                 if haproxy.poll() is not None or time.monotonic() - started > DEADLINE:
                     raise RuntimeError("haproxy did not start")
                 time.sleep(0.05)

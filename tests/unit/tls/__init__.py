@@ -35,7 +35,8 @@ class Captured:
 def load_captured() -> list[Captured]:
     manifest = json.loads((HELLOS_DIR / "manifest.json").read_text())
     return [
-        Captured(entry["file"].removesuffix(".bin"), (HELLOS_DIR / entry["file"]).read_bytes(), entry["expected"])
+        Captured(entry["file"].removesuffix(".bin"), (HELLOS_DIR / entry["file"]).read_bytes(),
+                 entry["expected"])
         for entry in manifest["hellos"]
     ]
 
@@ -117,7 +118,8 @@ def build_body(
     raw_extensions: bytes | None = None,
 ) -> bytes:
     """A ClientHello body; ``extensions=None`` leaves the extensions block out entirely."""
-    body = u16(legacy_version) + bytes(range(32)) + vec8(session_id) + vec16(cipher_suites) + vec8(compression_methods)
+    body = (u16(legacy_version) + bytes(range(32)) + vec8(session_id) + vec16(cipher_suites)
+            + vec8(compression_methods))
     if raw_extensions is not None:
         return body + raw_extensions
     if extensions is None:

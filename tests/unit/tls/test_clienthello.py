@@ -119,7 +119,7 @@ def test_reframed_into_records_of_random_sizes(captured):
 
 def test_padded_hello_spans_two_records_and_exceeds_16k():
     padded = CAPTURED_BY_NAME["padded_pq_2records"]
-    first, second = records(padded.wire)
+    first, _second = records(padded.wire)
     assert int.from_bytes(first[0][3:5], "big") == 2**14
     assert len(handshake_message(padded.wire)) > 2**14
     hello = parse_client_hello(padded.wire)
@@ -131,7 +131,8 @@ def test_padded_hello_spans_two_records_and_exceeds_16k():
 def test_record_versions_other_than_0301_are_accepted():
     message = handshake_message(CAPTURED_BY_NAME["openssl_sni"].wire)
     for version in (b"\x03\x00", b"\x03\x03", b"\x03\x04", b"\x03\x7f"):
-        assert parse_client_hello(frame(message, version=version)).record_version == int.from_bytes(version, "big")
+        hello = parse_client_hello(frame(message, version=version))
+        assert hello.record_version == int.from_bytes(version, "big")
 
 
 # --- rejected at the first byte that proves it ---------------------------------------------------
@@ -153,7 +154,8 @@ def test_record_versions_other_than_0301_are_accepted():
         (b"\x16\x03\x01\xff\xff", 5, "65535"),
         (b"\x16\x03\x01\x00\x30\x02", 6, "message type is 2"),
         (b"\x16\x03\x01\x00\x30\x14", 6, "message type is 20"),
-        (b"\x16\x03\x01\x02\x00\x01\x00\xff\xf8", 9, r"65528 \(\+9 header bytes\) exceeds the 65536-byte limit"),
+        (b"\x16\x03\x01\x02\x00\x01\x00\xff\xf8", 9,
+         r"65528 \(\+9 header bytes\) exceeds the 65536-byte limit"),
         (b"\x16\x03\x01\x02\x00\x01\xff\xff\xff", 9, "16777215"),
         (b"\x16\x03\x01\x02\x00\x01\x00\x00\x28", 9, "below the minimum of 41"),
     ],
@@ -165,7 +167,8 @@ def test_rejected_at_the_first_proving_byte(data, at, message):
 
 
 def test_incomplete_headers_need_more():
-    for data in (b"", b"\x16", b"\x16\x03", b"\x16\x03\x01", b"\x16\x03\x01\x00", b"\x16\x03\x01\x00\x30", b"\x16\x03\x01\x00\x30\x01\x00"):
+    for data in (b"", b"\x16", b"\x16\x03", b"\x16\x03\x01", b"\x16\x03\x01\x00", b"\x16\x03\x01\x00\x30",
+                 b"\x16\x03\x01\x00\x30\x01\x00"):
         assert parse_client_hello(data) is None
 
 
@@ -184,7 +187,8 @@ def test_max_size_bounds_the_bytes_the_hello_occupies():
         parse_client_hello(padded[:9], max_size=16390)
     # The first record's header says the message needs a second one: 17010 bytes at the least.
     assert parse_client_hello(padded[:9], max_size=17010) is None
-    with pytest.raises(ClientHelloError, match="does not fit in 17009 bytes: the rest of it cannot end before byte 17010"):
+    with pytest.raises(ClientHelloError,
+                       match="does not fit in 17009 bytes: the rest of it cannot end before byte 17010"):
         parse_client_hello(padded[:9], max_size=17009)
     with pytest.raises(ClientHelloError, match="does not fit in 17009 bytes: record #2 ends at 17010"):
         parse_client_hello(padded, max_size=17009)
@@ -202,7 +206,8 @@ def test_max_size_counts_record_headers_so_tiny_records_cannot_blow_it_up():
     # After k records (6k bytes, k handshake bytes), the rest ends at 6k + 5 + 17000 - k at the least.
     k = (65536 - 17005) // 5 + 1
     assert parse_client_hello(wire[: 6 * (k - 1)]) is None
-    with pytest.raises(ClientHelloError, match=f"does not fit in 65536 bytes: the rest of it cannot end before byte {5 * k + 17005}"):
+    with pytest.raises(ClientHelloError, match="does not fit in 65536 bytes: the rest of it cannot end "
+                                               f"before byte {5 * k + 17005}"):
         parse_client_hello(wire[: 6 * k])
     assert parse_client_hello(wire, max_size=len(wire)).length == len(wire)
 
@@ -445,7 +450,8 @@ def test_reader_refuses_a_hello_that_can_no_longer_fit_as_soon_as_that_is_certai
     reader = ClientHelloReader()
     assert reader.parse(wire[:600], max_size=10_000) is None
     assert reader.need <= 10_000
-    with pytest.raises(ClientHelloError, match="does not fit in 10000 bytes: the rest of it cannot end before byte"):
+    with pytest.raises(ClientHelloError,
+                       match="does not fit in 10000 bytes: the rest of it cannot end before byte"):
         reader.parse(wire[: 6 * 1620], max_size=10_000)     # before any record crosses 10,000
     assert parse_client_hello(wire, max_size=len(wire)).length == len(wire)
 

@@ -13,8 +13,14 @@ import dataclasses
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pyproxy.tls.clienthello import (MAX_RECORD_LENGTH, ClientHello, ClientHelloError, ClientHelloReader, _parse_any,
-                                     parse_client_hello)
+from pyproxy.tls.clienthello import (
+    MAX_RECORD_LENGTH,
+    ClientHello,
+    ClientHelloError,
+    ClientHelloReader,
+    _parse_any,
+    parse_client_hello,
+)
 
 from . import CAPTURED, frame, handshake_message, length_field_offsets, records
 
@@ -26,14 +32,14 @@ hellos = st.sampled_from(CAPTURED)
 small_hellos = st.sampled_from(SMALL)
 
 
-def answer(parse, data) -> ClientHello | None | str:
+def answer(parse, data) -> ClientHello | str | None:
     try:
         return parse(data)
     except ClientHelloError as e:
         return f"error: {e}"
 
 
-def outcome(data) -> ClientHello | None | str:
+def outcome(data) -> ClientHello | str | None:
     """The parser's answer, with ClientHelloError folded into a string; anything else raises.
     The answer is also the general parser's, error message included: the common-case fast path
     may only ever agree with it."""
@@ -92,7 +98,8 @@ def test_mutated_length_fields(captured, data):
         value = data.draw(
             st.one_of(
                 st.integers(0, 2 ** (8 * width) - 1),
-                st.integers(-3, 3).map(lambda d, o=offset, w=width: (int.from_bytes(wire[o : o + w], "big") + d) % 2 ** (8 * w)),
+                st.integers(-3, 3).map(
+                    lambda d, o=offset, w=width: (int.from_bytes(wire[o : o + w], "big") + d) % 2 ** (8 * w)),
             )
         )
         wire[offset : offset + width] = value.to_bytes(width, "big")
@@ -174,7 +181,7 @@ def stream_through_reader(wire: bytes, cuts: list[int]) -> None:
     every step the reader says what a fresh parse of that prefix says, error message included;
     after a None, `need` lies beyond the bytes seen, and no prefix shorter than it holds a hello."""
     reader = ClientHelloReader()
-    for cut in sorted({min(c, len(wire)) for c in cuts}) + [len(wire)]:
+    for cut in [*sorted({min(c, len(wire)) for c in cuts}), len(wire)]:
         prefix = wire[:cut]
         got = answer(reader.parse, prefix)
         assert got == answer(parse_client_hello, prefix)
