@@ -34,7 +34,7 @@ from pyproxy.log import ErrorLog
 from pyproxy.shared import SharedState
 from pyproxy.status import StatusProcess
 from pyproxy.tls.contexts import TLSContexts
-from pyproxy.worker import QUIESCED, READY, WORKER_BOOT_ERROR, Worker, worker_main
+from pyproxy.worker import QUIESCED, READY, WORKER_BOOT_ERROR, Worker, find_malloc_trim, worker_main
 
 READY_TIMEOUT = 15.0          # seconds a new worker has to report ready
 QUIESCE_TIMEOUT = 5.0         # seconds a retired worker has to confirm it stopped accepting
@@ -154,6 +154,9 @@ class Master:
         self._install_signals()
         self.log.notice(f"pyproxy/{__version__} master started, configuration {self.config.path}")
         self.status.start(self.config, self.listeners)
+        # Load ctypes for the workers' heap trim here, once: its pages are then shared with every
+        # worker instead of being private to each (1.3 MiB a worker when each loaded its own).
+        find_malloc_trim()
         new = [self.spawn_worker(slot, self.config, self.tls, self.generation)
                for slot in range(self.config.worker_processes)]
         failed = self.wait_ready(new)
