@@ -234,6 +234,11 @@ class TLSContexts:
         self.upstream = {s.name: UpstreamTLS(s, cache, system_ca) for s in services}
         self.contexts: dict[Hashable, ssl.SSLContext] = cache.contexts   # what the next one may take
         self.reused, self.built = cache.reused, cache.built
+        if previous is not None:
+            # A shared listening context answers for the generation still serving until a worker of
+            # this one is forked (the master installs it then): a reload that fails before leaves
+            # nothing holding on to it.
+            previous.install()
 
     def install(self) -> None:
         """Before forking a worker of this generation: see ServerTLS.install."""

@@ -68,6 +68,7 @@ def test_contexts_no_generation_uses_are_freed_with_the_previous_generation(file
     gone = weakref.ref(first.server.exact["b.example"])
     second = TLSContexts(config(files, names=("a",)), first)
     assert (second.built, second.reused) == (0, 2)
+    second.install()                                # its workers are forked
     del first
     gc.collect()
     assert gone() is None
@@ -80,10 +81,11 @@ def test_each_generation_installs_its_own_names_on_a_shared_listening_context(fi
     new = TLSContexts(config(files, names=("a",)), old)
     listening = old.server.context
     assert listening is new.server.context
-    old.install()
-    assert listening.sni_callback.__self__ is old.server
+    assert listening.sni_callback.__self__ is old.server        # until a worker of `new` is forked
     new.install()
     assert listening.sni_callback.__self__ is new.server
+    old.install()                                   # a respawn of the old generation
+    assert listening.sni_callback.__self__ is old.server
     TLSContexts(config(files, names=()), new).install()
     assert listening.sni_callback is None          # no per-name certificates: no callback at all
 
