@@ -295,13 +295,13 @@ class Balancer:
 
     # -- across generations ---------------------------------------------------------------------
 
-    def health_key(self, peer: Peer) -> str:
+    def _health_key(self, peer: Peer) -> str:
         """What the peer's health is stored under: the upstream's name and the target's address."""
         return f"{self.name}\n{peer.name}"
 
     def _store(self, peer: Peer) -> None:
         if self.health is not None:
-            self.health.store(self.health_key(peer), peer.down_until)
+            self.health.store(self._health_key(peer), peer.down_until)
 
     def restore(self, now: float, active_checks: bool) -> None:
         """Start each peer as a previous generation left it. A peer out until an active check passes
@@ -309,7 +309,7 @@ class Balancer:
         if self.health is None:
             return
         for peer in self.peers:
-            until = self.health.load(self.health_key(peer))
+            until = self.health.load(self._health_key(peer))
             if until is None or until <= now or (until == math.inf and not active_checks):
                 continue
             peer.down_until = until

@@ -117,12 +117,12 @@ class ServerTLS:
                     self.wildcards.append((name, ctx))
                 else:
                     self.exact.setdefault(name, ctx)
-        self.install()
 
     def install(self) -> None:
         """Point the listening context's SNI callback at this generation's names. The context may be
         the previous generation's too, which the master may still fork a worker for: it calls this
-        before every fork, and the worker's copy of the context keeps what it found."""
+        before every fork, and the worker's copy of the context keeps what it found. Nothing else
+        sets the callback, so a reload that fails leaves nothing holding on to its contexts."""
         # Only with per-name certificates: a Python callback on every handshake otherwise.
         self.context.sni_callback = self._on_sni if self.exact or self.wildcards else None
 
@@ -234,13 +234,9 @@ class TLSContexts:
         self.upstream = {s.name: UpstreamTLS(s, cache, system_ca) for s in services}
         self.contexts: dict[Hashable, ssl.SSLContext] = cache.contexts   # what the next one may take
         self.reused, self.built = cache.reused, cache.built
-        if previous is not None:
-            # A shared listening context answers for the generation still serving until a worker of
-            # this one is forked (the master installs it then): a reload that fails before leaves
-            # nothing holding on to it.
-            previous.install()
 
     def install(self) -> None:
-        """Before forking a worker of this generation: see ServerTLS.install."""
+        """Before forking a worker of this generation, and before terminating TLS with these
+        contexts in this process: see ServerTLS.install."""
         if self.server is not None:
             self.server.install()

@@ -65,6 +65,7 @@ def test_changed_ssl_settings_rebuild_the_server_contexts(files):
 
 def test_contexts_no_generation_uses_are_freed_with_the_previous_generation(files):
     first = TLSContexts(config(files))
+    first.install()
     gone = weakref.ref(first.server.exact["b.example"])
     second = TLSContexts(config(files, names=("a",)), first)
     assert (second.built, second.reused) == (0, 2)
@@ -78,6 +79,7 @@ def test_each_generation_installs_its_own_names_on_a_shared_listening_context(fi
     """The master may fork a worker of the old generation (a respawn) while the new one boots: the
     fork must see the old generation's SNI map, not the new one's."""
     old = TLSContexts(config(files))
+    old.install()
     new = TLSContexts(config(files, names=("a",)), old)
     listening = old.server.context
     assert listening is new.server.context
