@@ -5,9 +5,11 @@ reply starts with `expect`, all within `timeout`. `unhealthy.tcp_failures` faile
 reset, wrong reply) or `unhealthy.timeouts` timed-out probes in a row take the target out;
 `healthy.successes` good probes in a row bring it back — also after passive checks took it out.
 
-Each worker probes for itself (as Kong's per-worker checkers do): no shared state, no extra
-process, and a worker's view never waits on another's. With W workers a target sees W probes per
-interval; the log says which worker saw a change (the `pid#slot` of the line).
+Each worker probes for itself (as Kong's per-worker checkers do): no extra process, and a worker's
+view never waits on another's. With W workers a target sees W probes per interval; the log says
+which worker saw a change (the `pid#slot` of the line). The changes also go to the shared
+`HealthTable` (through the balancer), so the next generation's checkers start from them: a target
+found down stays down across a reload until probes bring it back.
 """
 
 from __future__ import annotations

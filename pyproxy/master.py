@@ -133,16 +133,19 @@ class Master:
         self.spawn_retry_at = 0.0
 
     # -- startup ------------------------------------------------------------------------------
-    def load_tls(self, config: Config) -> TLSContexts:
-        """The SSL contexts for a generation, read as the master's user (keys may be root-only)."""
+    def load_tls(self, config: Config, previous: TLSContexts | None) -> TLSContexts:
+        """The SSL contexts for a generation, read as the master's user (keys may be root-only);
+        those of `previous` whose files and settings are unchanged are reused."""
         try:
-            return TLSContexts(config)
+            tls = TLSContexts(config, previous)
         except (OSError, ValueError) as exc:      # ssl.SSLError is an OSError
             raise MasterError(f"cannot load the TLS certificates and keys: {exc}") from None
+        self.log.debug(f"reused {tls.reused} TLS contexts, built {tls.built}")
+        return tls
 
     def bind(self) -> None:
         """Create every listening socket (before daemonizing, so bind errors reach the terminal)."""
-        self.tls = self.load_tls(self.config)
+        self.tls = self.load_tls(self.config, None)
         try:
             self.listeners.ensure(configured_listens(self.config), self.config.worker_processes)
         except BindError as exc:
@@ -245,6 +248,7 @@ class Master:
         row = self.shared.take_row()
         self.shared.beats.beat(row, time.monotonic())    # its first beat comes when it is ready
         worker = Worker(slot, generation, config, sockets, self.log, self.shared, row, tls)
+        tls.install()
         try:
             pid = self.fork_child()
         except OSError as exc:
@@ -601,7 +605,7 @@ class Master:
         reload.config = config = value
         try:
             import_plugin_modules(config)
-            reload.tls = self.load_tls(config)
+            reload.tls = self.load_tls(config, self.tls)
             reload.created = self.listeners.ensure(configured_listens(config), config.worker_processes)
             for slot in range(config.worker_processes):
                 reload.procs.append(self.spawn_worker(slot, config, reload.tls, reload.generation))

@@ -14,14 +14,18 @@ counted across them (nginx's `limit_conn_zone`, `limit_req_zone`). Two shapes:
 - `Heartbeats`: one timestamp per row, stored by the row's worker every second and read by the
   master, which kills a worker whose heartbeat stopped (gunicorn's WorkerTmp, without its fchmod:
   a beat is one store to memory, no syscall).
+- `HealthTable`: each target's health as a worker last changed it (down until when, or healthy),
+  which the next generation's workers start from instead of believing every target healthy.
 
 Keys are hashed into a fixed number of slots: two keys that collide share a count, which can only
 make a limit stricter, never looser. The tables live as long as the master, across reloads, so
-sessions of draining workers still count against the new generation's limits.
+sessions of draining workers still count against the new generation's limits, and a target the old
+generation found down is still down for the new one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import mmap
 import multiprocessing
 import time
@@ -107,6 +111,53 @@ class Heartbeats:
         return now - self.view[row]
 
 
+class HealthTable:
+    """Targets' health by a hash of (upstream, target address), as the workers last changed it.
+
+    A worker stores every change it makes (taken out until a CLOCK_MONOTONIC time, or until an active
+    check passes: inf; back in: 0.0); the balancers of a new worker start from what is stored. It is
+    HAProxy's server-state-file, kept in memory rather than written at each reload. Within a
+    generation each worker still keeps its own view: nothing is read on the session path.
+
+    A slot holds a 64-bit tag of its key besides the state, so two keys that share a slot never read
+    each other's health: the one that stored last owns the slot, the other starts healthy. The pair
+    is written and read under one process-shared lock (changes are rare; a worker that cannot get it
+    within 10 ms skips the store, or starts the target healthy, rather than stall).
+    """
+
+    def __init__(self, slots: int = SLOTS):
+        self.slots = slots
+        self._memory = mmap.mmap(-1, slots * 16)
+        self.tags = memoryview(self._memory)[:slots * 8].cast("Q")
+        self.until = memoryview(self._memory)[slots * 8:].cast("d")
+        self.lock = multiprocessing.Lock()
+
+    def _place(self, key: str) -> tuple[int, int]:
+        digest = hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=8).digest()
+        tag = int.from_bytes(digest, "little") | 1            # never 0: an empty slot
+        return tag % self.slots, tag
+
+    def store(self, key: str, down_until: float) -> None:
+        slot, tag = self._place(key)
+        if not self.lock.acquire(timeout=0.01):
+            return
+        try:
+            self.tags[slot] = tag
+            self.until[slot] = down_until
+        finally:
+            self.lock.release()
+
+    def load(self, key: str) -> float | None:
+        """What was stored for `key`, or None (never stored, or the slot was taken by another key)."""
+        slot, tag = self._place(key)
+        if not self.lock.acquire(timeout=0.01):
+            return None
+        try:
+            return self.until[slot] if self.tags[slot] == tag else None
+        finally:
+            self.lock.release()
+
+
 class SharedState:
     """Everything the master maps for its workers, and the row bookkeeping for CounterRows."""
 
@@ -114,6 +165,7 @@ class SharedState:
         self.conns = CounterRows()
         self.rates = RateTable()
         self.beats = Heartbeats()
+        self.health = HealthTable()
         self.free_rows = list(range(ROWS - 1, -1, -1))
 
     def take_row(self) -> int:

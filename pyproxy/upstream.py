@@ -2,7 +2,8 @@
 
 Each worker owns its own balancers (one per upstream, plus one per service that names a plain
 host:port). Nothing here does I/O or blocks, and the clock is passed in as `now` (a time.monotonic()
-value), so a test can play with time.
+value), so a test can play with time. A balancer stores every change of a peer's health in the
+shared `HealthTable`, and a new generation's balancers start from it (`build_balancers`).
 
 The shapes follow nginx's `ngx_stream_upstream_round_robin`: passive health lives on the peer (its
 weight, current/effective weight, connection count, consecutive failures and the time it is out of
@@ -27,6 +28,7 @@ from collections.abc import Callable, Collection
 
 from pyproxy.addresses import family_of, host_port
 from pyproxy.config.model import ALGORITHMS, Config, PassiveHealthcheck
+from pyproxy.shared import HealthTable
 
 __all__ = ["Peer", "Balancer", "build_balancers", "peer_name", "stable_hash"]
 
@@ -90,11 +92,12 @@ class Balancer:
     connection counts and failures add up.
     """
 
-    __slots__ = ("name", "peers", "algorithm", "hash_on", "passive", "log", "revived_by_checks",
+    __slots__ = ("name", "peers", "algorithm", "hash_on", "passive", "log", "health", "revived_by_checks",
                  "_all_down", "_ring_points", "_ring_peers")
 
     def __init__(self, name: str, peers: list[Peer], algorithm: str = "round-robin", hash_on: str = "ip",
-                 passive: PassiveHealthcheck = PassiveHealthcheck(), log: LogFn | None = None):
+                 passive: PassiveHealthcheck = PassiveHealthcheck(), log: LogFn | None = None,
+                 health: HealthTable | None = None):
         if algorithm not in ALGORITHMS:
             raise ValueError(f"unknown balancing algorithm {algorithm!r}")
         for peer in peers:
@@ -106,6 +109,7 @@ class Balancer:
         self.hash_on = hash_on            # which key the session passes to pick(): "ip" or "sni"
         self.passive = passive
         self.log = log
+        self.health = health              # where peers' health changes are kept for the next generation
         # With active health checks, a target that passive checks took out stays out until an
         # active check sees it healthy again (Kong's model) instead of coming back after fail_timeout.
         self.revived_by_checks = False
@@ -228,6 +232,7 @@ class Balancer:
             # Tried anyway while it was out, and it answered: it is back (a success is proof enough).
             peer.down_until = 0.0
             self._all_down = False
+            self._store(peer)
             self._say("notice", f'upstream "{self.name}": target {peer.name} is up again')
 
     def failed(self, peer: Peer, now: float, timeout: bool) -> None:
@@ -251,11 +256,13 @@ class Balancer:
         was_down = now < peer.down_until
         if self.revived_by_checks:
             peer.down_until = math.inf
+            self._store(peer)
             if not was_down:
                 self._say("warn", f'upstream "{self.name}": target {peer.name} is down after {count} {what}, '
                                   f'until an active health check succeeds')
             return
         peer.down_until = now + self.passive.fail_timeout
+        self._store(peer)
         if not was_down:
             self._say("warn", f'upstream "{self.name}": target {peer.name} is down for '
                               f'{_seconds(self.passive.fail_timeout)} after {count} {what}')
@@ -271,6 +278,7 @@ class Balancer:
         """Take `peer` out of rotation for `duration` seconds (default: until `mark_up`)."""
         was_down = now < peer.down_until
         peer.down_until = max(peer.down_until, now + duration)
+        self._store(peer)
         if not was_down:
             why = f" ({reason})" if reason else ""
             self._say("warn", f'upstream "{self.name}": target {peer.name} is down{why}')
@@ -281,8 +289,34 @@ class Balancer:
         peer.down_until = 0.0
         peer.fails = 0
         peer.timeouts = 0
+        self._store(peer)
         if was_down:
             self._say("notice", f'upstream "{self.name}": target {peer.name} is up again')
+
+    # -- across generations ---------------------------------------------------------------------
+
+    def _health_key(self, peer: Peer) -> str:
+        """What the peer's health is stored under: the upstream's name and the target's address."""
+        return f"{self.name}\n{peer.name}"
+
+    def _store(self, peer: Peer) -> None:
+        if self.health is not None:
+            self.health.store(self._health_key(peer), peer.down_until)
+
+    def restore(self, now: float, active_checks: bool) -> None:
+        """Start each peer as a previous generation left it. A peer out until an active check passes
+        starts healthy when this generation has no active checks for it: none would bring it back."""
+        if self.health is None:
+            return
+        for peer in self.peers:
+            until = self.health.load(self._health_key(peer))
+            if until is None or until <= now or (until == math.inf and not active_checks):
+                continue
+            peer.down_until = until
+            left = ("until an active health check succeeds" if until == math.inf
+                    else f"for {_seconds(round(until - now, 1))}")
+            self._say("info", f'upstream "{self.name}": target {peer.name} is still down {left} '
+                              f'(as the previous generation left it)')
 
     def _say(self, level: str, message: str) -> None:
         if self.log is not None:
@@ -292,23 +326,29 @@ class Balancer:
         return f"Balancer({self.name!r}, {self.algorithm}, {self.peers!r})"
 
 
-def build_balancers(config: Config, log: LogFn | None = None) -> dict[str, Balancer]:
+def build_balancers(config: Config, log: LogFn | None = None, health: HealthTable | None = None,
+                    now: float = 0.0) -> dict[str, Balancer]:
     """One balancer per service name, for one worker.
 
     Services whose host names an upstream share that upstream's balancer (one object per upstream);
     a service with a plain host:port gets its own round-robin balancer over its resolved addresses,
-    named `host:port` in the log as nginx names an implicit upstream.
+    named `host:port` in the log as nginx names an implicit upstream. With `health`, the peers start
+    as the last generation left them at `now`, and their changes are stored there.
     """
     by_upstream: dict[str, Balancer] = {}
     for upstream in config.upstreams:
         peers = [Peer(addr, target.weight) for target in upstream.targets for addr in target.addresses]
-        by_upstream[upstream.name] = Balancer(upstream.name, peers, upstream.algorithm, upstream.hash_on,
-                                              upstream.healthchecks.passive, log)
+        balancer = Balancer(upstream.name, peers, upstream.algorithm, upstream.hash_on,
+                            upstream.healthchecks.passive, log, health)
+        balancer.restore(now, upstream.healthchecks.active.interval > 0)
+        by_upstream[upstream.name] = balancer
     balancers: dict[str, Balancer] = {}
     for service in config.services:
         if service.upstream is not None:
             balancers[service.name] = by_upstream[service.upstream]
         else:
             peers = [Peer(addr, 100) for addr in service.addresses]
-            balancers[service.name] = Balancer(host_port(service.host, service.port), peers, log=log)
+            balancer = Balancer(host_port(service.host, service.port), peers, log=log, health=health)
+            balancer.restore(now, False)
+            balancers[service.name] = balancer
     return balancers

@@ -8,7 +8,7 @@ from tests.support import Upstream, connect, free_port, recv_all, recv_line, tag
 
 
 def checked_upstream(port: int, targets: list[str], active: str = "", passive: str = "",
-                     workers: int = 1) -> str:
+                     workers: int = 1, interval: str = "100ms", successes: int = 2) -> str:
     target_lines = "\n".join(f"      - {{target: {t}}}" for t in targets)
     return f"""
 worker_processes: {workers}
@@ -16,7 +16,7 @@ stream_listen: [127.0.0.1:{port}]
 upstreams:
   - name: pool
     healthchecks:
-      active: {{type: tcp, interval: 100ms, timeout: 500ms, healthy: {{successes: 2}},
+      active: {{type: tcp, interval: {interval}, timeout: 500ms, healthy: {{successes: {successes}}},
                unhealthy: {{tcp_failures: 1, timeouts: 1}} {active}}}
       {passive}
     targets:
@@ -32,6 +32,21 @@ services:
 """
 
 
+def answers_once_revived(p, port: int, dead_port: int, workers: int = 1) -> set[bytes]:
+    """Start an upstream on the dead target's port, wait until the probes of every worker brought it
+    back, and return the first lines of a few sessions."""
+    revived = Upstream(tag_handler, port=dead_port, name="revived")
+    try:
+        p.wait_log(f"target 127.0.0.1:{dead_port} is up again", timeout=5, count=workers)
+        answers = set()
+        for _ in range(4 * workers + 2):
+            with connect(port) as sock:
+                answers.add(recv_line(sock))
+        return answers
+    finally:
+        revived.stop()
+
+
 def test_active_check_takes_a_dead_target_out_and_brings_it_back(proxy, upstreams):
     live = upstreams(tag_handler, name="live")
     dead_port = free_port()
@@ -43,16 +58,7 @@ def test_active_check_takes_a_dead_target_out_and_brings_it_back(proxy, upstream
             assert recv_line(sock) == b"live\n"
     assert "while connecting to upstream" not in p.log_text()      # no session ever tried the dead one
 
-    revived = Upstream(tag_handler, port=dead_port, name="revived")
-    try:
-        p.wait_log(f"target 127.0.0.1:{dead_port} is up again")
-        answers = set()
-        for _ in range(6):
-            with connect(port) as sock:
-                answers.add(recv_line(sock))
-        assert answers == {b"live\n", b"revived\n"}
-    finally:
-        revived.stop()
+    assert answers_once_revived(p, port, dead_port) == {b"live\n", b"revived\n"}
 
 
 def test_send_expect_check_catches_a_target_that_answers_wrongly(proxy, upstreams):
@@ -138,3 +144,47 @@ def test_draining_worker_stops_probing(proxy, upstreams):
         held.close()
     finally:
         counter.stop()
+
+
+def test_a_target_found_down_stays_down_across_a_reload_and_comes_back_when_it_recovers(proxy, upstreams):
+    """The new generation starts from the health the old one found: no session of its first moments
+    goes to the dead target (listed first, so round robin would try it first), and its own probes
+    bring the target back once it answers."""
+    live = upstreams(tag_handler, name="live")
+    dead_port = free_port()
+    port = free_port()
+    # Probes every 2s: a new worker's first probe comes at a random time within that.
+    conf = checked_upstream(port, [f"127.0.0.1:{dead_port}", live.target], workers=2, interval="2s",
+                            successes=1)
+    p = proxy(conf)
+    p.wait_log(f"target 127.0.0.1:{dead_port} is down (active health check", timeout=5)
+    p.reload(conf)
+    for _ in range(6):
+        with connect(port) as sock:
+            assert recv_line(sock) == b"live\n"
+    assert "while connecting to upstream" not in p.log_text()      # no session tried the dead one
+    assert (f"target 127.0.0.1:{dead_port} is still down until an active health check succeeds "
+            f"(as the previous generation left it)") in p.log_text()
+
+    assert answers_once_revived(p, port, dead_port, workers=2) == {b"live\n", b"revived\n"}
+
+
+def test_a_target_passive_checks_took_out_stays_out_across_a_reload(proxy, upstreams):
+    """Without active checks: a failed session takes the target out for fail_timeout, and the reload
+    does not bring it back before that."""
+    live = upstreams(tag_handler, name="live")
+    dead_port = free_port()
+    port = free_port()
+    conf = checked_upstream(port, [f"127.0.0.1:{dead_port}", live.target], interval="0",
+                            passive="passive: {unhealthy: {tcp_failures: 1}, fail_timeout: 60s}")
+    p = proxy(conf)
+    with connect(port) as sock:               # tries the dead target first, then the live one
+        assert recv_line(sock) == b"live\n"
+    assert p.log_text().count("while connecting to upstream") == 1
+    p.reload(conf)
+    for _ in range(4):
+        with connect(port) as sock:
+            assert recv_line(sock) == b"live\n"
+    log = p.log_text()
+    assert log.count("while connecting to upstream") == 1
+    assert f"target 127.0.0.1:{dead_port} is still down for " in log

@@ -109,6 +109,28 @@ def test_limit_conn_forgets_the_sessions_of_a_killed_worker(proxy, upstreams):
     wait_until(lambda: answered(port), timeout=10, what="the dead worker's count to be dropped")
 
 
+def test_limit_conn_counts_the_sessions_of_a_draining_generation(proxy, upstreams):
+    """The counters outlive a reload: sessions still open in the old generation's workers take their
+    share of the limit in the new one, until they end."""
+    up = upstreams(tag_handler, name="up")
+    port = free_port()
+    conf = with_plugins(port, up.port, """
+  - name: limit-conn
+    config: {limit: 2, per: ip}
+""")
+    p = proxy(conf)
+    held = [connect(port, source="127.0.0.3") for _ in range(2)]
+    assert [recv_line(sock) for sock in held] == [b"up\n", b"up\n"]
+    old = set(p.worker_pids())
+    p.reload(conf)
+    assert old & set(p.worker_pids())                # an old worker still drains our sessions
+    assert not answered(port, "127.0.0.3")           # the new generation counts them
+    assert answered(port, "127.0.0.4")
+    held.pop().close()
+    wait_until(lambda: answered(port, "127.0.0.3"), timeout=5, what="the ended session to stop counting")
+    held.pop().close()
+
+
 def test_rate_limit_token_bucket_across_workers(proxy, upstreams):
     up = upstreams(tag_handler, name="up")
     port = free_port()

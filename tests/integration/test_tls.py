@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import socket
 import ssl
 import subprocess
@@ -518,3 +519,61 @@ def test_sessions_resume_on_any_worker(proxy, upstreams, certs):
                 reused.append(sock.session_reused)
             session = sock.session
     assert reused == [True] * 15
+
+
+def resuming_client() -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    return ctx
+
+
+def resume(ctx: ssl.SSLContext, port: int, name: str,
+           session: ssl.SSLSession | None) -> tuple[ssl.SSLSession, bool, str]:
+    """One session offering `session` for resumption: (its session, whether it resumed, the CN)."""
+    with ctx.wrap_socket(connect(port), server_hostname=name, session=session) as sock:
+        assert recv_line(sock) == b"up\n"          # reading also takes in the TLS 1.3 tickets
+        return sock.session, sock.session_reused, peer_common_name(sock)
+
+
+def two_names(port: int, certs, up_port: int, route_suffix: str = "") -> str:
+    return sni_config(port, certs, service("a", up_port, "tls", "a.example") +
+                      service("b", up_port, "tls", "b.example"), extra="log_level: debug"
+                      ).replace("-route", f"-route{route_suffix}")
+
+
+def test_sessions_resume_across_a_reload_that_keeps_the_certificates(proxy, upstreams, certs):
+    """A reload that changes only routes reuses every SSL context, with its session-ticket keys."""
+    up = upstreams(tag_handler, name="up")
+    port = free_port()
+    p = proxy(two_names(port, certs, up.port))
+    ctx = resuming_client()
+    session_a, _, _ = resume(ctx, port, "a.example", None)
+    session_b, _, _ = resume(ctx, port, "b.example", None)
+    p.reload(two_names(port, certs, up.port, route_suffix="-renamed"))
+    assert "reused 5 TLS contexts, built 0" in p.log_text()
+    assert resume(ctx, port, "a.example", session_a)[1:] == (True, "a.example")
+    assert resume(ctx, port, "b.example", session_b)[1:] == (True, "b.example")
+
+
+def test_a_renewed_certificate_is_served_and_the_others_still_resume(proxy, upstreams, certs, tmp_path):
+    """The certificate file changes in place (as certbot renews it): after the reload new sessions get
+    the new certificate, and sessions for the unchanged names resume."""
+    up = upstreams(tag_handler, name="up")
+    mine = dict(certs)
+    for name in ("a", "b"):
+        mine[name] = (tmp_path / f"{name}.crt", tmp_path / f"{name}.key")
+        shutil.copy(certs[name][0], mine[name][0])
+        shutil.copy(certs[name][1], mine[name][1])
+    port = free_port()
+    p = proxy(two_names(port, mine, up.port))
+    ctx = resuming_client()
+    _, _, before = resume(ctx, port, "a.example", None)
+    session_b, _, _ = resume(ctx, port, "b.example", None)
+    (tmp_path / "new").mkdir()
+    renewed = make_cert(tmp_path / "new", "a-renewed.example", ["a.example"])
+    shutil.copy(renewed[0], mine["a"][0])
+    shutil.copy(renewed[1], mine["a"][1])
+    p.reload()
+    assert "reused 4 TLS contexts, built 1" in p.log_text()
+    assert (before, resume(ctx, port, "a.example", None)[2]) == ("a.example", "a-renewed.example")
+    assert resume(ctx, port, "b.example", session_b)[1:] == (True, "b.example")

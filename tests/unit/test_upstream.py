@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import subprocess
 import sys
@@ -9,7 +11,16 @@ from collections import Counter
 
 import pytest
 
-from pyproxy.config.model import Config, Healthchecks, PassiveHealthcheck, Service, Target, Upstream
+from pyproxy.config.model import (
+    ActiveHealthcheck,
+    Config,
+    Healthchecks,
+    PassiveHealthcheck,
+    Service,
+    Target,
+    Upstream,
+)
+from pyproxy.shared import HealthTable
 from pyproxy.upstream import Balancer, Peer, build_balancers, peer_name, stable_hash
 
 A = ("127.0.0.1", 1025)
@@ -504,3 +515,63 @@ def test_build_balancers_fresh_per_call():
     one, two = build_balancers(config), build_balancers(config)
     assert one["echo"] is not two["echo"]
     assert one["echo"].peers[0] is not two["echo"].peers[0]
+
+
+# -- health across generations ----------------------------------------------------------------------
+
+
+def with_active_checks(config: Config) -> Config:
+    up = config.upstreams[0]
+    checked = dataclasses.replace(up, healthchecks=dataclasses.replace(
+        up.healthchecks, active=ActiveHealthcheck(interval=1.0)))
+    return dataclasses.replace(config, upstreams=(checked, *config.upstreams[1:]))
+
+
+def test_a_new_generation_starts_from_the_health_the_last_one_stored():
+    table = HealthTable()
+    config = with_active_checks(make_config())
+    old = build_balancers(config, health=table, now=100.0)
+    echo, plain = old["echo"], old["plain"]
+    echo.mark_down(echo.peers[0], 100.0, reason="active health check")        # until a check passes
+    echo.failed(echo.peers[2], 100.0, timeout=True)                            # passive: 7 s
+    echo.failed(echo.peers[2], 100.0, timeout=True)
+    echo.mark_down(echo.peers[1], 100.0)
+    echo.mark_up(echo.peers[1], 101.0)                                         # came back
+    plain.failed(plain.peers[1], 100.0, timeout=False)                         # implicit upstream: 10 s
+
+    log = LogRecorder()
+    new = build_balancers(config, log=log, health=table, now=102.0)
+    assert [p.down_until for p in new["echo"].peers] == [math.inf, 0.0, 107.0, 0.0]
+    assert [p.down_until for p in new["plain"].peers] == [0.0, 110.0]
+    assert log.lines == [
+        ("info", 'upstream "echo-upstream": target 127.0.0.1:1025 is still down until an active health '
+                 'check succeeds (as the previous generation left it)'),
+        ("info", 'upstream "echo-upstream": target 127.0.0.1:1026 is still down for 5s '
+                 '(as the previous generation left it)'),
+        ("info", 'upstream "backend.local:8080": target 10.0.0.2:8080 is still down for 8s '
+                 '(as the previous generation left it)'),
+    ]
+    later = build_balancers(config, health=table, now=200.0)
+    assert [p.down_until for p in later["echo"].peers] == [math.inf, 0.0, 0.0, 0.0]    # 7 s are over
+
+
+def test_a_target_out_until_an_active_check_starts_healthy_without_active_checks():
+    """Nothing in a generation without active checks would ever bring it back."""
+    table = HealthTable()
+    old = build_balancers(with_active_checks(make_config()), health=table, now=0.0)
+    old["echo"].mark_down(old["echo"].peers[0], 0.0)
+    assert build_balancers(make_config(), health=table, now=1.0)["echo"].peers[0].down_until == 0.0
+
+
+def test_health_is_kept_per_upstream_and_target():
+    """The same address in another upstream, or a target that is new, starts healthy."""
+    table = HealthTable()
+    config = make_config()
+    old = build_balancers(config, health=table, now=0.0)
+    old["echo"].mark_down(old["echo"].peers[0], 0.0, duration=60.0)
+    moved = dataclasses.replace(config.upstreams[0], name="renamed")
+    services = tuple(dataclasses.replace(s, host="renamed", upstream="renamed")
+                     if s.upstream == "echo-upstream" else s for s in config.services)
+    renamed = dataclasses.replace(config, upstreams=(moved, config.upstreams[1]), services=services)
+    new = build_balancers(renamed, health=table, now=1.0)
+    assert new["echo"].peers[0].down_until == 0.0
