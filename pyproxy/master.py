@@ -12,7 +12,6 @@ does, the old one stays.
 from __future__ import annotations
 
 import fcntl
-import importlib
 import os
 import pickle
 import select
@@ -20,7 +19,7 @@ import signal
 import sys
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import FrameType
 from typing import NoReturn
 
@@ -31,6 +30,7 @@ from pyproxy.config import ConfigError, load_config
 from pyproxy.config.model import Config
 from pyproxy.listeners import BindError, ListenerSet, ListenSocket, configured_listens
 from pyproxy.log import ErrorLog
+from pyproxy.plugins import REGISTRY, load_plugin_module
 from pyproxy.shared import SharedState
 from pyproxy.status import StatusProcess
 from pyproxy.tls.contexts import TLSContexts
@@ -598,9 +598,8 @@ class Master:
         if kind != "ok":
             self.reload_failed(value)
             return
-        reload.config = config = value
         try:
-            import_plugin_modules(config)
+            reload.config = config = with_plugin_types(value)
             reload.tls = self.load_tls(config)
             reload.created = self.listeners.ensure(configured_listens(config), config.worker_processes)
             for slot in range(config.worker_processes):
@@ -746,18 +745,18 @@ class Master:
         self._drop_reload()
 
 
-def import_plugin_modules(config: Config) -> None:
-    """Import the `plugin_modules` the loader child imported to validate the file: the workers are
-    forked from the master, and find a plugin only if its module registered it here."""
-    folder = os.path.dirname(config.path)
-    if config.plugin_modules and folder not in sys.path:
-        sys.path.append(folder)
+def with_plugin_types(config: Config) -> Config:
+    """`config` as the loader child sent it, with its plugin classes: the workers are forked from the
+    master, and find the plugins of `plugin_modules` only if the master imported them (afresh, as
+    the loader did to validate the file)."""
+    types = dict(REGISTRY)
     for name in config.plugin_modules:
         try:
-            importlib.import_module(name)
+            types.update(load_plugin_module(name, os.path.dirname(config.path)))
         except Exception as exc:     # changed since the loader imported it: as a config error would
             raise MasterError(f"cannot import plugin module {name!r}: {exc.__class__.__name__}: "
                               f"{exc}") from None
+    return replace(config, plugin_types=types)
 
 
 def _not_ready(procs: list[WorkerProcess]) -> str:
@@ -778,7 +777,9 @@ def _run_loader(path: str, result_fd: int, log: ErrorLog) -> NoReturn:
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
         outcome: tuple[str, object]
         try:
-            outcome = ("ok", load_config(path, warn=log.warn))
+            # Without its plugin classes: those of plugin_modules come from modules imported for this
+            # load alone, which pickle cannot name. The master imports them again (with_plugin_types).
+            outcome = ("ok", replace(load_config(path, warn=log.warn), plugin_types={}))
         except ConfigError as exc:
             outcome = ("invalid", [str(issue) for issue in exc.errors])
         except Exception as exc:     # a bug: the master must hear of it, not wait

@@ -7,8 +7,9 @@ resolved, and hostnames are resolved to addresses once, here, so that no worker 
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from pyproxy.addresses import is_ip_address
 
@@ -48,6 +49,9 @@ from .values import (
     positive_duration,
     usable_congestion_control,
 )
+
+if TYPE_CHECKING:
+    from pyproxy.plugins import Plugin as PluginClass
 
 UPSTREAM_KEYS = ("name", "algorithm", "hash_on", "healthchecks", "targets")
 HEALTHCHECKS_KEYS = ("active", "passive")
@@ -409,8 +413,10 @@ def _address_matches(report: Report, route: Section, key: str) -> tuple[AddressM
 
 # --- plugins ----------------------------------------------------------------------------------------
 
-def read_plugins(report: Report, root: Section, services: tuple[Service, ...]) -> tuple[Plugin, ...]:
-    """Every valid `plugins[]` entry; the route or service it names must exist."""
+def read_plugins(report: Report, root: Section, services: tuple[Service, ...],
+                 types: Mapping[str, type[PluginClass]]) -> tuple[Plugin, ...]:
+    """Every valid `plugins[]` entry; the route or service it names must exist, and its plugin must
+    be one of `types` (whose check() validates its config)."""
     route_names = [route.name for service in services for route in service.routes]
     service_names = [service.name for service in services]
     plugins = []
@@ -427,30 +433,30 @@ def read_plugins(report: Report, root: Section, services: tuple[Service, ...]) -
         config_path = section.place_of("config").path
         config_refused = any(e.key == config_path or e.key.startswith(config_path + ".")
                              for e in report.errors)
-        if name is not None and not _known_plugin(report, section.place_of("name"), name):
+        if name is not None and not _known_plugin(report, section.place_of("name"), name, types):
             continue
         if name is not None and config is not None:
             if not config_refused:      # no second opinion on a mapping already refused
-                _check_plugin_config(report, section.place_of("config"), name, config)
+                _check_plugin_config(report, section.place_of("config"), types[name], config)
             plugins.append(Plugin(name=name, route=route, service=service, config=config, line=place.line))
     return tuple(plugins)
 
 
-def _known_plugin(report: Report, place: Place, name: str) -> bool:
+def _known_plugin(report: Report, place: Place, name: str, types: Mapping[str, type[PluginClass]]) -> bool:
     from pyproxy.plugins import REGISTRY  # here, not at the top: plugins import the model package
-    if name in REGISTRY:
+    if name in types:
         return True
-    report.error(place, f"unknown plugin {name!r}{did_you_mean(name, REGISTRY)}; "
+    report.error(place, f"unknown plugin {name!r}{did_you_mean(name, types)}; "
                         f"built in: {', '.join(sorted(REGISTRY))}")
     return False
 
 
-def _check_plugin_config(report: Report, place: Place, name: str,
+def _check_plugin_config(report: Report, place: Place, plugin: type[PluginClass],
                          config: tuple[tuple[str, object], ...]) -> None:
     """The plugin's own checks; its problems are reported at the config's line (their keys inside
     `config` are named in the key path)."""
-    from pyproxy.plugins import check_plugin, plain
-    for key, message in check_plugin(name, plain(config) or {}):
+    from pyproxy.plugins import plain
+    for key, message in plugin.check(plain(config) or {}):
         head, bracket, index = key.partition("[")      # "allow[2]" → allow, then the index
         path = key_path(place.path, head)
         if path == place.path:                         # not a plain word: the path stays one word

@@ -7,9 +7,14 @@ path made absolute, every duration in seconds, every address parsed) or into a l
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pyproxy.addresses import family_of, host_port
+
+if TYPE_CHECKING:
+    from pyproxy.plugins import Plugin as PluginClass
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -180,6 +185,11 @@ class Plugin:
     line: int = 0
 
 
+def _built_in_plugins() -> dict[str, type[PluginClass]]:
+    from pyproxy.plugins import REGISTRY  # here, not at the top: the plugins import this module
+    return dict(REGISTRY)
+
+
 @dataclass(frozen=True)
 class Config:
     path: str                     # absolute path of the file this came from
@@ -203,6 +213,10 @@ class Config:
     services: tuple[Service, ...] = ()
     plugins: tuple[Plugin, ...] = ()
     plugin_modules: tuple[str, ...] = ()   # imported at load: they register more plugins
+    # The plugin classes `plugins` may name: the built-ins and those of plugin_modules, imported for
+    # this Config alone (pyproxy.plugins.plugin_types). Not part of what the Config says.
+    plugin_types: Mapping[str, type[PluginClass]] = field(default_factory=_built_in_plugins, compare=False,
+                                                          repr=False)
 
     @property
     def routes(self) -> tuple[Route, ...]:

@@ -11,6 +11,7 @@ import os
 import pwd
 import re
 import ssl
+from typing import TYPE_CHECKING
 
 from . import entities
 from .errors import Invalid, describe
@@ -30,6 +31,9 @@ from .values import (
     parse_text,
     positive_duration,
 )
+
+if TYPE_CHECKING:
+    from pyproxy.plugins import Plugin as PluginClass
 
 TOP_LEVEL_KEYS = (
     "worker_processes", "worker_connections", "worker_shutdown_timeout", "worker_sched_policy",
@@ -71,8 +75,8 @@ def build_config(report: Report, document: object) -> Config | None:
         has_ssl_listener=any(listen.ssl for listen in stream_listen),
     )
     services = entities.read_services(report, root, base, upstreams, tls)
-    plugin_modules = _import_plugin_modules(report, root)
-    plugins = entities.read_plugins(report, root, services)
+    plugin_modules, plugin_types = _plugin_modules(report, root)
+    plugins = entities.read_plugins(report, root, services, plugin_types)
 
     return Config(
         path=report.file,
@@ -99,6 +103,7 @@ def build_config(report: Report, document: object) -> Config | None:
         services=services,
         plugins=plugins,
         plugin_modules=plugin_modules,
+        plugin_types=plugin_types,
     )
 
 
@@ -131,27 +136,26 @@ def usable_cpus(cgroup_root: str = "/sys/fs/cgroup") -> int:
     return cpus
 
 
-def _import_plugin_modules(report: Report, root: Section) -> tuple[str, ...]:
-    """Import `plugin_modules` (Python modules that register plugins) before plugin names are
-    checked. A module that fails to import is an error at its line; nothing of it is used."""
-    import importlib
-    import sys
+def _plugin_modules(report: Report, root: Section) -> tuple[tuple[str, ...], dict[str, type[PluginClass]]]:
+    """`plugin_modules` (Python modules that register plugins) and the plugins the file may name: the
+    built-ins and what those modules register, each imported afresh for this load, before plugin
+    names are checked. A module that fails to import is an error at its line; nothing of it is used."""
+    from pyproxy.plugins import REGISTRY, load_plugin_module  # here: the plugins import the model
 
     names = []
-    folder = os.path.dirname(report.file)
-    if root.has("plugin_modules") and folder not in sys.path:
-        sys.path.append(folder)          # a plugin file may sit beside the configuration
+    types = dict(REGISTRY)
+    folder = os.path.dirname(report.file)      # a plugin file may sit beside the configuration
     for place, value in root.items("plugin_modules"):
         name = report.convert(place, value, parse_text)
         if name is None:
             continue
         try:
-            importlib.import_module(name)
+            types.update(load_plugin_module(name, folder))
         except Exception as exc:         # any failure of someone else's module is a config error here
             report.error(place, f"cannot import plugin module {name!r}: {exc.__class__.__name__}: {exc}")
             continue
         names.append(name)
-    return tuple(names)
+    return tuple(names), types
 
 
 def _worker_processes(value: object) -> int:
