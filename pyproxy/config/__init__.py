@@ -3,7 +3,15 @@
     config = load_config("conf/pyproxy.conf", warn=log.warning)
 
 `load_config` either returns a `Config` or raises `ConfigError` listing every problem, each as
-`FILE:LINE: key.path: message`. Nothing YAML-shaped leaves this package.
+`FILE:LINE: key.path: message`. Nothing YAML-shaped leaves this package. It is three steps:
+
+- read: the file's bytes parsed into values that know their lines (loader.py);
+- validate (`validate_config`): those values checked against the schema into a Config. No network:
+  host names are only recorded (`Config.hostnames`). It does read local files the Config depends
+  on: certificates and keys (their names become the certificate's SNIs, and a key that does not
+  match is an error of the file, as `-t` promises) and CA files, and it imports the plugin_modules
+  afresh, because a plugin's own check() validates its config;
+- prepare (prepare.py, `resolve_hostnames`): the host names resolved into addresses.
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ from collections.abc import Callable, Iterator
 
 from .dump import config_as_yaml, dump_config
 from .errors import ConfigError, ConfigIssue, Invalid
-from .loader import YamlMap, read_document
+from .loader import Document, YamlMap, read_document
 from .model import (
     ALGORITHMS,
     LOG_LEVELS,
@@ -35,12 +43,13 @@ from .model import (
     Target,
     Upstream,
 )
+from .prepare import look_up, resolve_hostnames, with_addresses
 from .sections import Place, Report
 from .validate import build_config, default_pid_path, pid_file
 from .values import ACCESS_LOG_VARIABLES, parse_address, parse_duration
 
 __all__ = [
-    "load_config", "pid_path_of", "dump_config", "config_as_yaml",
+    "load_config", "validate_config", "resolve_hostnames", "pid_path_of", "dump_config", "config_as_yaml",
     "ConfigError", "ConfigIssue", "Invalid", "parse_duration", "parse_address",
     "ACCESS_LOG_VARIABLES", "ALGORITHMS", "LOG_LEVELS", "ROUTE_PROTOCOLS",
     "ActiveHealthcheck", "AddressMatch", "Certificate", "CertKey", "Config", "Healthchecks", "Listen",
@@ -49,25 +58,46 @@ __all__ = [
 
 
 def load_config(path: str, warn: Callable[[str], None] | None = None) -> Config:
-    """Read, parse and validate the configuration file at `path`.
+    """Read, validate and prepare the configuration file at `path`.
 
-    Returns the validated Config. Raises ConfigError listing every error found, in file order.
-    Warnings (settings that work but deserve attention) are passed to `warn`, one full
-    `FILE:LINE: key: message` string each, whether or not there are errors.
+    Returns the Config, its host names resolved. Raises ConfigError listing every error found, in
+    file order: those of validation and the names that do not resolve alike. Warnings (settings that
+    work but deserve attention) are passed to `warn`, one full `FILE:LINE: key: message` string
+    each, whether or not there are errors.
     """
     path = os.path.abspath(path)
     with _collector_paused():
         document = read_document(path)
-        report = Report(path)
-        config = build_config(report, document.root)
+        config, errors = _validated(path, document, warn)
+    addresses, unresolved = look_up(config.hostnames) if config is not None else ({}, [])
+    errors += unresolved
+    if errors or config is None:
+        raise ConfigError(sorted(errors, key=lambda issue: issue.line))
+    return with_addresses(config, addresses)
+
+
+def validate_config(path: str, document: Document, warn: Callable[[str], None] | None = None) -> Config:
+    """The Config that `document` (read from the file at `path`, absolute) describes, its host names
+    not resolved yet (see resolve_hostnames). Raises ConfigError listing every error, in file order;
+    warnings go to `warn` as load_config's do."""
+    with _collector_paused():
+        config, errors = _validated(path, document, warn)
+    if errors or config is None:
+        raise ConfigError(sorted(errors, key=lambda issue: issue.line))
+    return config
+
+
+def _validated(path: str, document: Document,
+               warn: Callable[[str], None] | None) -> tuple[Config | None, list[ConfigIssue]]:
+    """The Config of `document` (meaningful only without errors) and the errors, warnings passed on."""
+    report = Report(path)
+    config = build_config(report, document.root)
     if warn is not None:
         for warning in sorted(report.warnings, key=lambda issue: issue.line):
             warn(str(warning))
     errors = document.issues + [error for error in report.errors
                                 if not _follows_from(error, document.refused)]
-    if errors or config is None:
-        raise ConfigError(sorted(errors, key=lambda issue: issue.line))
-    return config
+    return config, errors
 
 
 @contextlib.contextmanager

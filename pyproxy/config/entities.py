@@ -1,12 +1,12 @@
 """Kong-shaped entities: upstreams with targets and health checks, services with routes, plugins.
 
-Names are checked for uniqueness, references (a service's upstream, a plugin's route or service) are
-resolved, and hostnames are resolved to addresses once, here, so that no worker ever waits on DNS.
+Names are checked for uniqueness and references (a service's upstream, a plugin's route or service) are
+resolved. A host name (a target's, a service's `host`) is only recorded in the report: prepare.py
+resolves it once, after validation and before any worker starts, so that no worker waits on DNS.
 """
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
@@ -99,27 +99,15 @@ class _UniqueNames:
         return True
 
 
-def resolve(report: Report, place: Place, host: str, port: int,
-            upstream_names: Iterable[str] = ()) -> tuple[tuple[str, int], ...]:
-    """The (ip, port) pairs of `host`: itself if it is an IP address, else what DNS answers now.
-
-    A name that does not resolve but is close to one of `upstream_names` is most likely that upstream
-    misspelt: the error says so rather than blame DNS."""
+def _addresses(report: Report, place: Place, host: str, port: int,
+               upstream_names: Iterable[str] = ()) -> tuple[tuple[str, int], ...]:
+    """The (ip, port) of `host` if it is an IP address; for a host name, () until prepare resolves it
+    (recorded in the report). A name close to one of `upstream_names` is most likely that upstream
+    misspelt: should it not resolve, the error will say so rather than blame DNS."""
     if is_ip_address(host):
         return ((host, port),)
-    try:
-        answers = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (OSError, UnicodeError) as error:
-        # gaierror for an unknown name; UnicodeError from the IDNA codec for labels it refuses.
-        reason = getattr(error, "strerror", None) or str(error)
-        upstream = did_you_mean(host, upstream_names, kind="upstream")
-        if upstream:
-            report.error(place, f"no upstream is named {host!r}, and as a host name it does not resolve "
-                                f"({reason}){upstream}")
-        else:
-            report.error(place, f"cannot resolve {host!r}: {reason}")
-        return ()
-    return tuple(dict.fromkeys((str(answer[4][0]), int(answer[4][1])) for answer in answers))
+    report.hostname(place, host, port, did_you_mean(host, upstream_names, kind="upstream"))
+    return ()
 
 
 def read_snis(report: Report, place: Place, value: object) -> list[tuple[Place, str]]:
@@ -247,7 +235,7 @@ def _targets(report: Report, upstream: Section) -> tuple[Target, ...]:
                                        f"is already listed at line {first_lines[identity]}")
             continue
         first_lines[identity] = target_place.line
-        addresses = resolve(report, target_place, host, port)
+        addresses = _addresses(report, target_place, host, port)
         targets.append(Target(host=host, port=port, weight=weight, addresses=addresses, line=place.line))
     return tuple(targets)
 
@@ -287,7 +275,7 @@ def _service(report: Report, section: Section, base: str, upstream_names: set[st
     upstream = host if host in upstream_names else None
     addresses: tuple[tuple[str, int], ...] = ()
     if host is not None and upstream is None:
-        addresses = resolve(report, section.place_of("host"), host, port, upstream_names)
+        addresses = _addresses(report, section.place_of("host"), host, port, upstream_names)
     ca_certificates = []
     for place, value in section.items("ca_certificates"):
         path = report.convert(place, value, lambda text: in_folder(base, text))

@@ -120,11 +120,24 @@ class Target:
     host: str                     # as written (hostname or IP)
     port: int
     weight: int = 100             # 0 = never picked
-    addresses: tuple[tuple[str, int], ...] = ()   # resolved (ip, port) pairs, filled at load
+    addresses: tuple[tuple[str, int], ...] = ()   # resolved (ip, port) pairs, filled by prepare
     line: int = 0
 
     def __str__(self) -> str:
         return host_port(self.host, self.port)
+
+
+@dataclass(frozen=True)
+class Hostname:
+    """A host name written where an address may be (a target, a service's `host`). Validation only
+    records it; pyproxy.config.prepare resolves it, and reports one that does not resolve here."""
+
+    host: str
+    port: int
+    file: str
+    line: int
+    key: str                      # key path of the value, for messages
+    upstream_hint: str = ""       # "; did you mean upstream 'x'?" for a service host close to one
 
 
 @dataclass(frozen=True)
@@ -163,7 +176,7 @@ class Service:
     host: str = ""
     port: int = 80
     upstream: str | None = None          # set when `host` names an upstream
-    addresses: tuple[tuple[str, int], ...] = ()   # resolved (ip, port) when host is not an upstream
+    addresses: tuple[tuple[str, int], ...] = ()   # resolved (ip, port) when host is not an upstream (prepare)
     connect_timeout: float = 60.0
     read_timeout: float = 60.0
     write_timeout: float = 60.0
@@ -217,6 +230,8 @@ class Config:
     # this Config alone (pyproxy.plugins.plugin_types). Not part of what the Config says.
     plugin_types: Mapping[str, type[PluginClass]] = field(default_factory=_built_in_plugins, compare=False,
                                                           repr=False)
+    # The host names among targets and service hosts, where they were written: what prepare resolves.
+    hostnames: tuple[Hostname, ...] = field(default=(), compare=False, repr=False)
 
     @property
     def routes(self) -> tuple[Route, ...]:

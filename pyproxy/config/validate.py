@@ -104,6 +104,7 @@ def build_config(report: Report, document: object) -> Config | None:
         plugins=plugins,
         plugin_modules=plugin_modules,
         plugin_types=plugin_types,
+        hostnames=tuple(report.hostnames),
     )
 
 

@@ -1,0 +1,85 @@
+"""The step between a validated Config and one workers can run: what needs the world beyond the file.
+
+Validation (validate.py, entities.py) reads the document and only records the host names it writes
+(`Config.hostnames`). Here they are resolved, once per load, where loading runs (the master's loader
+child, `pyproxy -t`, the start), so that no worker ever waits on DNS:
+
+    config = resolve_hostnames(validate_config(path, document))
+
+A name that does not resolve is a ConfigError at the place it was written, as any error of the file.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import replace
+
+from pyproxy.addresses import is_ip_address
+
+from .errors import ConfigError, ConfigIssue
+from .model import Config, Hostname, Service, Target
+
+Addresses = tuple[tuple[str, int], ...]
+
+
+def resolve_hostnames(config: Config) -> Config:
+    """`config` with the addresses of every host name it writes. Raises ConfigError listing every
+    name that does not resolve."""
+    addresses, errors = look_up(config.hostnames)
+    if errors:
+        raise ConfigError(errors)
+    return with_addresses(config, addresses)
+
+
+def look_up(hostnames: tuple[Hostname, ...]) -> tuple[dict[tuple[str, int], Addresses], list[ConfigIssue]]:
+    """What DNS answers now for each (host, port) of `hostnames` (each asked once), and an error at
+    each place whose name does not resolve."""
+    found: dict[tuple[str, int], Addresses | str] = {}
+    errors = []
+    for hostname in hostnames:
+        key = (hostname.host, hostname.port)
+        if key not in found:
+            found[key] = _getaddrinfo(hostname.host, hostname.port)
+        answer = found[key]
+        if isinstance(answer, str):
+            errors.append(_unresolved(hostname, answer))
+    return {key: answer for key, answer in found.items() if not isinstance(answer, str)}, errors
+
+
+def with_addresses(config: Config, addresses: dict[tuple[str, int], Addresses]) -> Config:
+    """`config` with the resolved `addresses` filled into its targets and service hosts."""
+    if not addresses:
+        return config
+
+    def target(target: Target) -> Target:
+        if is_ip_address(target.host):
+            return target
+        return replace(target, addresses=addresses.get((target.host, target.port), ()))
+
+    def service(service: Service) -> Service:
+        if service.upstream is not None or is_ip_address(service.host):
+            return service
+        return replace(service, addresses=addresses.get((service.host, service.port), ()))
+
+    upstreams = tuple(replace(upstream, targets=tuple(map(target, upstream.targets)))
+                      for upstream in config.upstreams)
+    return replace(config, upstreams=upstreams, services=tuple(map(service, config.services)))
+
+
+def _getaddrinfo(host: str, port: int) -> Addresses | str:
+    """The (ip, port) pairs DNS gives for `host`, or why there are none."""
+    try:
+        answers = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as error:
+        # gaierror for an unknown name; UnicodeError from the IDNA codec for labels it refuses.
+        return getattr(error, "strerror", None) or str(error)
+    return tuple(dict.fromkeys((str(answer[4][0]), int(answer[4][1])) for answer in answers))
+
+
+def _unresolved(hostname: Hostname, reason: str) -> ConfigIssue:
+    if hostname.upstream_hint:
+        message = (f"no upstream is named {hostname.host!r}, and as a host name it does not resolve "
+                   f"({reason}){hostname.upstream_hint}")
+    else:
+        message = f"cannot resolve {hostname.host!r}: {reason}"
+    return ConfigIssue(hostname.file, hostname.line, hostname.key, message)
