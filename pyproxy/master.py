@@ -26,7 +26,7 @@ from typing import NoReturn
 from setproctitle import setproctitle
 
 from pyproxy import __version__, metrics
-from pyproxy.config import ConfigError, load_config
+from pyproxy.config import ConfigError, ConfigSource, YamlFile, load_sources
 from pyproxy.config.model import Config
 from pyproxy.listeners import BindError, ListenerSet, ListenSocket, configured_listens
 from pyproxy.log import ErrorLog
@@ -126,6 +126,9 @@ class Master:
         self.fast_stopping = False
         self.exit_code = 0
         self.pid_written = False
+        # Where a reload reads the configuration from: the pyproxy file first (its process settings
+        # and entities), then any other source of entities (see pyproxy/config/sources.py).
+        self.sources: list[ConfigSource] = [YamlFile(config.path)]
         self.reload: Reload | None = None
         self.reload_wanted: str | None = None    # why the next reload was asked for
         self.reload_requests = 0                  # requests that the next reload answers
@@ -556,7 +559,7 @@ class Master:
             os.close(result_r)
             for ls in self.listeners.all():
                 ls.sock.close()
-            _run_loader(self.config.path, result_w, self.log)
+            _run_loader(self.sources, result_w, self.log)
         os.close(result_w)
         os.set_blocking(result_r, False)
         try:
@@ -764,8 +767,8 @@ def _not_ready(procs: list[WorkerProcess]) -> str:
     return f"worker process(es) {slots} did not become ready within {READY_TIMEOUT:g}s"
 
 
-def _run_loader(path: str, result_fd: int, log: ErrorLog) -> NoReturn:
-    """The loader child's whole life: load and validate the file, send the outcome back pickled
+def _run_loader(sources: list[ConfigSource], result_fd: int, log: ErrorLog) -> NoReturn:
+    """The loader child's whole life: load and validate the sources, send the outcome back pickled
     (("ok", Config), ("invalid", [issue, …]) or ("error", message)), exit. Warnings are logged here."""
     code = 1
     try:
@@ -779,11 +782,11 @@ def _run_loader(path: str, result_fd: int, log: ErrorLog) -> NoReturn:
         try:
             # Without its plugin classes: those of plugin_modules come from modules imported for this
             # load alone, which pickle cannot name. The master imports them again (with_plugin_types).
-            outcome = ("ok", replace(load_config(path, warn=log.warn), plugin_types={}))
+            outcome = ("ok", replace(load_sources(sources, warn=log.warn), plugin_types={}))
         except ConfigError as exc:
             outcome = ("invalid", [str(issue) for issue in exc.errors])
         except Exception as exc:     # a bug: the master must hear of it, not wait
-            log.exception("crit", f"internal error while loading {path}, please report it", exc)
+            log.exception("crit", f"internal error while loading {sources[0].name}, please report it", exc)
             outcome = ("error", f"internal error while loading the configuration: {exc!r}")
         view = memoryview(pickle.dumps(outcome, pickle.HIGHEST_PROTOCOL))
         while view:

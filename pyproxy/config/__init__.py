@@ -16,10 +16,8 @@
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 from .dump import config_as_yaml, dump_config
 from .errors import ConfigError, ConfigIssue, Invalid
@@ -43,13 +41,15 @@ from .model import (
     Target,
     Upstream,
 )
-from .prepare import look_up, resolve_hostnames, with_addresses
+from .prepare import resolve_hostnames
 from .sections import Place, Report
-from .validate import build_config, default_pid_path, pid_file
+from .sources import ConfigSource, YamlFile, load_sources, merge
+from .validate import collector_paused, default_pid_path, pid_file, validate_document
 from .values import ACCESS_LOG_VARIABLES, parse_address, parse_duration
 
 __all__ = [
-    "load_config", "validate_config", "resolve_hostnames", "pid_path_of", "dump_config", "config_as_yaml",
+    "load_config", "validate_config", "resolve_hostnames", "pid_path_of",
+    "ConfigSource", "YamlFile", "load_sources", "merge", "dump_config", "config_as_yaml",
     "ConfigError", "ConfigIssue", "Invalid", "parse_duration", "parse_address",
     "ACCESS_LOG_VARIABLES", "ALGORITHMS", "LOG_LEVELS", "ROUTE_PROTOCOLS",
     "ActiveHealthcheck", "AddressMatch", "Certificate", "CertKey", "Config", "Healthchecks", "Listen",
@@ -58,69 +58,25 @@ __all__ = [
 
 
 def load_config(path: str, warn: Callable[[str], None] | None = None) -> Config:
-    """Read, validate and prepare the configuration file at `path`.
+    """Read, validate and prepare the configuration file at `path` (the one source: see sources.py).
 
     Returns the Config, its host names resolved. Raises ConfigError listing every error found, in
     file order: those of validation and the names that do not resolve alike. Warnings (settings that
     work but deserve attention) are passed to `warn`, one full `FILE:LINE: key: message` string
     each, whether or not there are errors.
     """
-    path = os.path.abspath(path)
-    with _collector_paused():
-        document = read_document(path)
-        config, errors = _validated(path, document, warn)
-    addresses, unresolved = look_up(config.hostnames) if config is not None else ({}, [])
-    errors += unresolved
-    if errors or config is None:
-        raise ConfigError(sorted(errors, key=lambda issue: issue.line))
-    return with_addresses(config, addresses)
+    return load_sources([YamlFile(path)], warn)
 
 
 def validate_config(path: str, document: Document, warn: Callable[[str], None] | None = None) -> Config:
     """The Config that `document` (read from the file at `path`, absolute) describes, its host names
     not resolved yet (see resolve_hostnames). Raises ConfigError listing every error, in file order;
     warnings go to `warn` as load_config's do."""
-    with _collector_paused():
-        config, errors = _validated(path, document, warn)
+    with collector_paused():
+        config, errors = validate_document(path, document, warn)
     if errors or config is None:
         raise ConfigError(sorted(errors, key=lambda issue: issue.line))
     return config
-
-
-def _validated(path: str, document: Document,
-               warn: Callable[[str], None] | None) -> tuple[Config | None, list[ConfigIssue]]:
-    """The Config of `document` (meaningful only without errors) and the errors, warnings passed on."""
-    report = Report(path)
-    config = build_config(report, document.root)
-    if warn is not None:
-        for warning in sorted(report.warnings, key=lambda issue: issue.line):
-            warn(str(warning))
-    errors = document.issues + [error for error in report.errors
-                                if not _follows_from(error, document.refused)]
-    return config, errors
-
-
-@contextlib.contextmanager
-def _collector_paused() -> Iterator[None]:
-    """Python's cyclic garbage collector off while a file is read and validated.
-
-    Loading makes millions of objects and keeps them all until the end, and each collection of the
-    oldest generation walks every one of them: a 5 MB file took three times as long with the collector
-    running. What loading leaves behind is freed by reference counting or at the next collection.
-    """
-    paused = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if paused:
-            gc.enable()
-
-
-def _follows_from(error: ConfigIssue, refused: set[str]) -> bool:
-    """True if `error` is about a value the loader already refused (it reads as null to the validator)."""
-    return any(error.key == path or error.key.startswith((path + ".", path + "["))
-               for path in refused if path)
 
 
 def pid_path_of(path: str) -> str | None:

@@ -147,6 +147,7 @@ def _upstream(report: Report, place: Place, value: object, names: _UniqueNames) 
         hash_on=section.get("hash_on", one_of(("ip", "sni")), defaults.hash_on),
         healthchecks=section.nested("healthchecks", _healthchecks, defaults.healthchecks),
         targets=_targets(report, section),
+        line=place.line,
     )
     if not section.has("targets") or section.mapping["targets"] == []:
         report.warn(place, "the upstream has no targets: sessions sent to it will fail (502)")
@@ -301,6 +302,7 @@ def _service(report: Report, section: Section, base: str, upstream_names: set[st
         tls_server_name=section.get("tls_server_name", _server_name, defaults.tls_server_name),
         proxy_protocol=section.get("proxy_protocol", _proxy_protocol_version, defaults.proxy_protocol),
         tcp_congestion=section.get("tcp_congestion", usable_congestion_control, defaults.tcp_congestion),
+        line=section.place.line,
     )
 
 

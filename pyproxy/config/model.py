@@ -147,6 +147,7 @@ class Upstream:
     hash_on: str = "ip"           # ip | sni
     healthchecks: Healthchecks = field(default_factory=Healthchecks)
     targets: tuple[Target, ...] = ()
+    line: int = field(default=0, compare=False)    # where it was written, for messages
 
 
 @dataclass(frozen=True)
@@ -187,6 +188,7 @@ class Service:
     proxy_protocol: str = "off"   # off | v1 | v2
     tcp_congestion: str | None = None    # TCP congestion control of upstream connections; None: the host's
     routes: tuple[Route, ...] = ()
+    line: int = field(default=0, compare=False)    # where it was written, for messages
 
 
 @dataclass(frozen=True)
@@ -205,7 +207,7 @@ def _built_in_plugins() -> dict[str, type[PluginClass]]:
 
 @dataclass(frozen=True)
 class Config:
-    path: str                     # absolute path of the file this came from
+    path: str                     # absolute path of the file this came from (a source's fragment: its name)
     worker_processes: int = 1     # "auto" already turned into the CPU count
     worker_connections: int = 16384
     worker_shutdown_timeout: float = 30.0

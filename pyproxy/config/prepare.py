@@ -6,6 +6,8 @@ child, `pyproxy -t`, the start), so that no worker ever waits on DNS:
 
     config = resolve_hostnames(validate_config(path, document))
 
+With several sources (sources.py), their entities are merged first and the names of all resolved here.
+
 A name that does not resolve is a ConfigError at the place it was written, as any error of the file.
 """
 
@@ -25,13 +27,13 @@ Addresses = tuple[tuple[str, int], ...]
 def resolve_hostnames(config: Config) -> Config:
     """`config` with the addresses of every host name it writes. Raises ConfigError listing every
     name that does not resolve."""
-    addresses, errors = look_up(config.hostnames)
+    addresses, errors = _look_up(config.hostnames)
     if errors:
         raise ConfigError(errors)
-    return with_addresses(config, addresses)
+    return _with_addresses(config, addresses)
 
 
-def look_up(hostnames: tuple[Hostname, ...]) -> tuple[dict[tuple[str, int], Addresses], list[ConfigIssue]]:
+def _look_up(hostnames: tuple[Hostname, ...]) -> tuple[dict[tuple[str, int], Addresses], list[ConfigIssue]]:
     """What DNS answers now for each (host, port) of `hostnames` (each asked once), and an error at
     each place whose name does not resolve."""
     found: dict[tuple[str, int], Addresses | str] = {}
@@ -46,7 +48,7 @@ def look_up(hostnames: tuple[Hostname, ...]) -> tuple[dict[tuple[str, int], Addr
     return {key: answer for key, answer in found.items() if not isinstance(answer, str)}, errors
 
 
-def with_addresses(config: Config, addresses: dict[tuple[str, int], Addresses]) -> Config:
+def _with_addresses(config: Config, addresses: dict[tuple[str, int], Addresses]) -> Config:
     """`config` with the resolved `addresses` filled into its targets and service hosts."""
     if not addresses:
         return config
