@@ -12,6 +12,7 @@ does, the old one stays.
 from __future__ import annotations
 
 import fcntl
+import math
 import os
 import pickle
 import select
@@ -45,9 +46,6 @@ SPAWN_RETRY = 1.0             # seconds before starting a worker again after for
 # this is stopped (SIGSTOP, a debugger) or hung in a loop: it is SIGKILLed and replaced, and its
 # slot's listening socket, with what waits in its accept queue, passes to the replacement.
 HEARTBEAT_TIMEOUT = 10.0
-# At most one reload starts per RELOAD_COALESCE seconds (the SPEC's `reload_coalesce`, 200ms; a
-# module constant until the configuration has the key). Requests made meanwhile become one reload.
-RELOAD_COALESCE = 0.2
 # Generations allowed to drain at once (HAProxy's mworker-max-reloads, counted in generations): the
 # oldest beyond it are told to close their sessions now, so a burst of reloads under long sessions
 # cannot pile up processes and memory.
@@ -132,7 +130,7 @@ class Master:
         self.reload: Reload | None = None
         self.reload_wanted: str | None = None    # why the next reload was asked for
         self.reload_requests = 0                  # requests that the next reload answers
-        self.last_reload_at = -RELOAD_COALESCE
+        self.last_reload_at = -math.inf
         self.spawn_retry_at = 0.0
 
     # -- startup ------------------------------------------------------------------------------
@@ -401,7 +399,7 @@ class Master:
         if self.reload is not None and self.reload.deadline:
             due.append(self.reload.deadline)
         elif self.reload is None and self.reload_wanted is not None:
-            due.append(self.last_reload_at + RELOAD_COALESCE)
+            due.append(self.last_reload_at + self.config.reload_coalesce)
         return max(min(due) - now, 0.0)
 
     def _read_worker_byte(self, proc: WorkerProcess) -> None:
@@ -506,7 +504,7 @@ class Master:
 
         Requests coalesce: one reload is in flight at a time, and requests made meanwhile become
         one more reload after it, which reads the file as it is then (the last request wins). A
-        reload starts at most once per RELOAD_COALESCE."""
+        reload starts at most once per `reload_coalesce` (of the configuration being served)."""
         if self.stopping:
             return
         self.reload_wanted = reason
@@ -518,7 +516,8 @@ class Master:
         if self.stopping:
             return
         if reload is None:
-            if self.reload_wanted is not None and time.monotonic() >= self.last_reload_at + RELOAD_COALESCE:
+            if (self.reload_wanted is not None
+                    and time.monotonic() >= self.last_reload_at + self.config.reload_coalesce):
                 self.start_reload()
         elif reload.phase == "loading":
             if reload.result_fd < 0:

@@ -213,6 +213,7 @@ class Config:
     worker_shutdown_timeout: float = 30.0
     worker_sched_policy: str = "normal"   # "batch": workers run as SCHED_BATCH (see WORKER_SCHED_POLICIES)
     proxy_protocol_timeout: float = 5.0   # nginx's proxy_protocol_timeout: time to receive the header
+    reload_coalesce: float = 0.2   # seconds: at most one reload starts per this long (requests coalesce)
     pid: str | None = None     # absolute path, None = "off"
     user: str | None = None
     status_listen: tuple[str, int] | None = None

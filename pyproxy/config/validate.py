@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 TOP_LEVEL_KEYS = (
     "worker_processes", "worker_connections", "worker_shutdown_timeout", "worker_sched_policy",
-    "proxy_protocol_timeout", "pid",
+    "proxy_protocol_timeout", "reload_coalesce", "pid",
     "plugin_modules", "user", "status_listen",
     "error_log", "log_level", "access_log", "access_log_format", "stream_listen", "ssl", "certificates",
     "upstreams", "services", "plugins",
@@ -129,6 +129,7 @@ def build_config(report: Report, document: object) -> Config | None:
                                      defaults.worker_sched_policy),
         proxy_protocol_timeout=root.get("proxy_protocol_timeout", positive_duration,
                                         defaults.proxy_protocol_timeout),
+        reload_coalesce=root.get("reload_coalesce", parse_duration, defaults.reload_coalesce),
         pid=root.get("pid", pid_file(base), default_pid_path(base)),
         user=root.get("user", _existing_user, defaults.user),
         status_listen=status_listen,
