@@ -20,18 +20,9 @@ from pyproxy.config import (
     load_sources,
 )
 from pyproxy.config.model import Hostname
+from tests.unit.test_config import MINIMAL
 
-PYPROXY_FILE = """\
-worker_processes: 2
-stream_listen: [127.0.0.1:9000]
-services:
-  - name: svc
-    host: 127.0.0.1
-    port: 1025
-    routes:
-      - name: plain
-        destinations: [{port: 9000}]
-"""
+PYPROXY_FILE = "worker_processes: 2\n" + MINIMAL     # service svc at line 4, its route plain at line 8
 
 
 class Entities:
