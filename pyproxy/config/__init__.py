@@ -3,7 +3,7 @@
     config = load_config("conf/pyproxy.conf", warn=log.warning)
 
 `load_config` either returns a `Config` or raises `ConfigError` listing every problem, each as
-`FILE:LINE: key.path: message`. Nothing YAML-shaped leaves this package. It is three steps:
+`FILE:LINE: key.path: message`. Nothing YAML-shaped leaves this package. Loading is four steps:
 
 - read: the file's bytes parsed into values that know their lines (loader.py);
 - validate (`validate_config`): those values checked against the schema into a Config. No network:
@@ -11,6 +11,8 @@
   on: certificates and keys (their names become the certificate's SNIs, and a key that does not
   match is an error of the file, as `-t` promises) and CA files, and it imports the plugin_modules
   afresh, because a plugin's own check() validates its config;
+- merge (sources.py): the entities of every configuration source made one Config (the file is the
+  first source, and so far the only one);
 - prepare (prepare.py, `resolve_hostnames`): the host names resolved into addresses.
 """
 

@@ -230,7 +230,7 @@ class Config:
     plugins: tuple[Plugin, ...] = ()
     plugin_modules: tuple[str, ...] = ()   # imported at load: they register more plugins
     # The plugin classes `plugins` may name: the built-ins and those of plugin_modules, imported for
-    # this Config alone (pyproxy.plugins.plugin_types). Not part of what the Config says.
+    # this Config alone (pyproxy.plugins.load_plugin_module). Not part of what the Config says.
     plugin_types: Mapping[str, type[PluginClass]] = field(default_factory=_built_in_plugins, compare=False,
                                                           repr=False)
     # The host names among targets and service hosts, where they were written: what prepare resolves.
