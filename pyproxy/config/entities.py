@@ -7,7 +7,7 @@ resolves it once, after validation and before any worker starts, so that no work
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -100,13 +100,12 @@ class _UniqueNames:
 
 
 def _addresses(report: Report, place: Place, host: str, port: int,
-               upstream_names: Iterable[str] = ()) -> tuple[tuple[str, int], ...]:
+               service_host: bool = False) -> tuple[tuple[str, int], ...]:
     """The (ip, port) of `host` if it is an IP address; for a host name, () until prepare resolves it
-    (recorded in the report). A name close to one of `upstream_names` is most likely that upstream
-    misspelt: should it not resolve, the error will say so rather than blame DNS."""
+    (recorded in the report, with whether it is a service's host, which may be a misspelt upstream)."""
     if is_ip_address(host):
         return ((host, port),)
-    report.hostname(place, host, port, did_you_mean(host, upstream_names, kind="upstream"))
+    report.hostname(place, host, port, service_host)
     return ()
 
 
@@ -276,7 +275,7 @@ def _service(report: Report, section: Section, base: str, upstream_names: set[st
     upstream = host if host in upstream_names else None
     addresses: tuple[tuple[str, int], ...] = ()
     if host is not None and upstream is None:
-        addresses = _addresses(report, section.place_of("host"), host, port, upstream_names)
+        addresses = _addresses(report, section.place_of("host"), host, port, service_host=True)
     ca_certificates = []
     for place, value in section.items("ca_certificates"):
         path = report.convert(place, value, lambda text: in_folder(base, text))

@@ -137,7 +137,7 @@ class Hostname:
     file: str
     line: int
     key: str                      # key path of the value, for messages
-    upstream_hint: str = ""       # "; did you mean upstream 'x'?" for a service host close to one
+    service_host: bool = False    # a service's `host`: may be a misspelt upstream name
 
 
 @dataclass(frozen=True)

@@ -45,9 +45,9 @@ class Report:
         """Record something that works but deserves the user's attention."""
         self.warnings.append(ConfigIssue(self.file, place.line, place.path, message))
 
-    def hostname(self, place: Place, host: str, port: int, upstream_hint: str = "") -> None:
+    def hostname(self, place: Place, host: str, port: int, service_host: bool = False) -> None:
         """Record the host name `host` written at `place`, to be resolved with `port`."""
-        self.hostnames.append(Hostname(host, port, self.file, place.line, place.path, upstream_hint))
+        self.hostnames.append(Hostname(host, port, self.file, place.line, place.path, service_host))
 
     def section(self, place: Place, value: object, known: Iterable[str]) -> Section | None:
         """`value` as a Section with the keys `known`, or None (and an error) if it is not a mapping."""
