@@ -88,9 +88,10 @@ class WorkerProcess:
 
 @dataclass
 class Reload:
-    """A reload in flight. Phases: "loading" (a loader child reads and validates the file and sends
-    the Config back through a pipe), "booting" (the new generation starts), "quiescing" (the old
-    generation confirms it stopped accepting; the reload is then reported complete)."""
+    """A reload in flight. Phases: "loading" (a loader child reads, validates and merges the
+    configuration sources, resolves their host names and sends the Config back through a pipe),
+    "booting" (the new generation starts), "quiescing" (the old generation confirms it stopped
+    accepting; the reload is then reported complete)."""
 
     generation: int                  # the number the new generation gets
     loader_pid: int
