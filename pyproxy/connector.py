@@ -19,6 +19,7 @@ from pyproxy.proxy_protocol import build_v1, build_v2
 if TYPE_CHECKING:
     from pyproxy.config.model import Service
     from pyproxy.phases import Connection
+    from pyproxy.tls.stream import TLSStream
     from pyproxy.upstream import Balancer, Peer
 
 UPSTREAM_SOCKET_TYPE = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
@@ -28,27 +29,28 @@ SEND_PROXY_HEADER = {"v1": build_v1, "v2": build_v2}
 class UpstreamConnector(SessionBase):
     """Connect a session to one of its service's peers, as nginx's stream proxy does.
 
-    Interface, for any session class that derives from it (Session today; a UDP session would reuse
-    the peer choice, the retries and the log fields, and give it its own socket type):
+    Its interface, for any session class that derives from it (Session today; a UDP session would
+    reuse the peer choice, the retries, passive health and the log fields, with a socket type of
+    its own in place of UPSTREAM_SOCKET_TYPE and neither PROXY header v1 nor TLS):
 
-    - The host sets `service` and `balancer` (routing), then calls `connect_phase()`.
+    - In: the host sets `service` and `balancer` (routing), then calls `connect_phase()`.
     - The connector picks a peer (`balancer.pick`, hashing on the SNI or the client's address),
-      opens a non-blocking socket, registers it with the host's `on_upstream_event`, and sets the
-      phase timer to the service's connect_timeout (`_phase_deadline`). The host passes the upstream
-      socket's events to `connect_event(mask)` in the CONNECTING phase and calls
-      `upstream_handshake()` in UPSTREAM_HANDSHAKE, and its timer's expiry in either phase to
-      `_connect_failed(self.tried[-1], ..., timed_out=True)`.
-    - Each failed attempt is logged, reported to the balancer (passive health) and followed by the
-      next peer, up to `service.retries` retries; then the host's `_refuse(502)` ends the session.
-    - Once connected (TCP, then the PROXY header and TLS if the service has them), `upstream` is
-      the connection, `peer`, `connect_time` and the balancer's count are set, and the host's
-      `forward_phase()` takes over. The host's close gives the peer back (`balancer.released`) and
-      calls `_drop_upstream()`.
-    - It reads of the host: `ctx` (balancers' helpers: congestion, upstream_tls, scratch),
-      `loop`, `listen` and `client_addr` (PROXY header), `sni` (hashing, upstream SNI), and clears
-      UPSTREAM_HUP in `hups` for each new socket.
+      opens a non-blocking socket, registers it with the host's `on_upstream_event` and sets the
+      phase timer to the service's connect_timeout (the host's `_phase_deadline`).
+    - Events: the host passes the upstream socket's events to `connect_event(mask)` in the
+      CONNECTING phase and to `upstream_handshake()` in UPSTREAM_HANDSHAKE, and its timer's expiry
+      in either phase to `_connect_failed(self.tried[-1], reason, timed_out=True)`.
+    - A failed attempt is logged, reported to the balancer (passive health) and followed by the
+      next peer, up to `service.retries` retries; then `_refuse(502)` (the host's) ends the session.
+    - Out: once connected (TCP, then the PROXY header and TLS if the service asks for them),
+      `upstream` is the connection, `peer` and `connect_time` are set, the balancer counts the
+      connection, and the host's `forward_phase()` takes over. The host's close calls
+      `_drop_upstream()` and gives the peer back (`balancer.released(peer)`).
+    - It also reads `ctx` (congestion, upstream_tls, scratch), `loop`, `listen` and `client_addr`
+      (the PROXY header), `sni` (hashing, the upstream's SNI), and clears UPSTREAM_HUP in `hups`
+      for each new socket; it writes `phase` (CONNECTING, UPSTREAM_HANDSHAKE) and logs with `log`.
 
-    `tried`, `peer` and `connect_time` are the access log's $upstream_addr and $upstream_connect_time.
+    `tried` and `connect_time` are the access log's $upstream_addr and $upstream_connect_time.
     """
 
     __slots__ = ()
@@ -124,9 +126,12 @@ class UpstreamConnector(SessionBase):
 
     def connect_event(self, mask: int) -> None:
         """An event of the connecting socket: connected, or failed."""
+        sock = self.upstream
+        if TYPE_CHECKING:       # for mypy only, here and below: what the phase guarantees
+            assert isinstance(sock, _socket.socket)
         # A failed connect always raises EPOLLERR (Linux sets the socket's error first), so
         # only then is SO_ERROR worth a system call: a plain EPOLLOUT means connected.
-        err = self.upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if mask & ERR_EVENTS else 0
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if mask & ERR_EVENTS else 0
         if err:
             self._connect_failed(self.tried[-1], f"failed ({err}: {os.strerror(err)})", timed_out=False)
             return
@@ -134,7 +139,7 @@ class UpstreamConnector(SessionBase):
             return
         service = self.service
         send_header = SEND_PROXY_HEADER.get(service.proxy_protocol)
-        if send_header is not None and not self._send_proxy_header(send_header):
+        if send_header is not None and not self._send_proxy_header(sock, send_header):
             return
         tls = self.ctx.upstream_tls.get(service.name)
         if tls is None:
@@ -142,18 +147,19 @@ class UpstreamConnector(SessionBase):
             return
         self.phase = UPSTREAM_HANDSHAKE
         try:
-            self.upstream = tls.wrap(self.upstream, self.ctx.scratch, self.sni, self.loop)
+            self.upstream = tls.wrap(sock, self.ctx.scratch, self.sni, self.loop)
         except (OSError, ValueError) as exc:
             self._connect_failed(self.tried[-1], f"could not start TLS ({exc})", timed_out=False)
             return
         self.upstream_handshake()
 
-    def _send_proxy_header(self, build: Callable[[tuple[str, int], tuple[str, int]], bytes]) -> bool:
+    def _send_proxy_header(self, sock: _socket.socket,
+                           build: Callable[[tuple[str, int], tuple[str, int]], bytes]) -> bool:
         """Tell the upstream who the client is (before any TLS: the header precedes the stream)."""
         header = build((self.client_addr[0], self.client_addr[1]), (self.local_ip(), self.listen.port))
         try:
             # A fresh socket's send buffer is empty: a header of at most a few hundred bytes fits.
-            sent = self.upstream.send(header)
+            sent = sock.send(header)
         except OSError as exc:
             self._connect_failed(self.tried[-1], f"failed sending the PROXY header ({exc.strerror})",
                                  timed_out=False)
@@ -165,8 +171,11 @@ class UpstreamConnector(SessionBase):
         return True
 
     def upstream_handshake(self) -> None:
+        upstream = self.upstream
+        if TYPE_CHECKING:
+            assert isinstance(upstream, TLSStream)
         try:
-            if not self.upstream.handshake():
+            if not upstream.handshake():
                 return
         except ssl.SSLCertVerificationError as exc:
             self._connect_failed(self.tried[-1], f"failed: upstream SSL certificate verify failed "

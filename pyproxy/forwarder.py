@@ -25,9 +25,10 @@ class Forwarder(SessionBase):
     """
 
     __slots__ = ()
-    # The two pumps, made when forwarding starts: client → upstream and upstream → client.
-    c2u: Pump | None
-    u2c: Pump | None
+    # The two pumps: client → upstream and upstream → client. Unset until forward_phase makes them
+    # (just before the phase becomes FORWARDING): typed without None, so forwarding needs no check.
+    c2u: Pump
+    u2c: Pump
     scheduled: bool                 # a _resume is queued for the next tick
     # The connector's: the connected upstream, and the service's read and write timeouts.
     service: Service
@@ -35,6 +36,8 @@ class Forwarder(SessionBase):
 
     def forward_phase(self) -> None:
         client, upstream = self.client, self.upstream
+        if TYPE_CHECKING:       # for mypy only, here and below: what the phase guarantees
+            assert upstream is not None
         # recv/send first; two plain sockets switch a direction to splice once it carries bulk.
         pool = None if isinstance(client, TLSStream) or isinstance(upstream, TLSStream) else self.ctx.pool
         scratch = self.ctx.scratch

@@ -7,13 +7,14 @@ ClientHello only peeked at (passthrough forwards it untouched, termination lets 
 
 from __future__ import annotations
 
+import _socket
 import fcntl
 import socket
 import ssl
 import sys
 import termios
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from pyproxy.config.model import STATUS_BAD_REQUEST, STATUS_INTERNAL
 from pyproxy.forward import SCRATCH_SIZE
@@ -21,6 +22,9 @@ from pyproxy.phases import HANDSHAKE, NO_IO, PREREAD, Connection, SessionBase, s
 from pyproxy.proxy_protocol import DEFAULT_MAX_SIZE as PROXY_HEADER_MAX_SIZE
 from pyproxy.proxy_protocol import ProxyProtocolError, parse_proxy_header, proxy_header_need
 from pyproxy.tls.clienthello import ClientHelloError, ClientHelloReader, parse_client_hello
+
+if TYPE_CHECKING:
+    from pyproxy.tls.stream import TLSStream
 
 T = TypeVar("T")
 
@@ -131,9 +135,12 @@ class ClientPreread(SessionBase):
         reason), the read failed, or the client sent its FIN (`ended`) before `what` was complete.
         """
         scratch = self.ctx.scratch
+        client = self.client
+        if TYPE_CHECKING:       # for mypy only, here and below: what the phase guarantees
+            assert isinstance(client, _socket.socket)
         try:
             # One peek into the worker's buffer (limit <= its size): no FIONREAD first.
-            waiting = self.client.recv_into(scratch, limit, MSG_PEEK)
+            waiting = client.recv_into(scratch, limit, MSG_PEEK)
             if waiting < self.preread_need:
                 parsed = None
             else:
@@ -159,12 +166,15 @@ class ClientPreread(SessionBase):
 
     # -- TLS termination ------------------------------------------------------------------
     def start_handshake(self) -> None:
+        server_tls, client = self.ctx.server_tls, self.client
+        if TYPE_CHECKING:       # an ssl listener's worker has server contexts; not terminated yet
+            assert server_tls is not None and isinstance(client, _socket.socket)
         self.phase = HANDSHAKE
         self.protocol = "tls"
         self.ssl_protocol = None
         try:
             # Same fd: the registration stays.
-            self.client = self.ctx.server_tls.wrap(self.client, self.ctx.scratch, self.loop)
+            self.client = server_tls.wrap(client, self.ctx.scratch, self.loop)
         except (OSError, ValueError) as exc:
             self.log("error", f"cannot start TLS ({exc})")
             self.close(STATUS_INTERNAL)
@@ -174,6 +184,8 @@ class ClientPreread(SessionBase):
 
     def handshake(self) -> None:
         client = self.client
+        if TYPE_CHECKING:
+            assert isinstance(client, TLSStream)
         metrics = self.ctx.metrics
         try:
             if not client.handshake():

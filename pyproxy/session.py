@@ -47,7 +47,6 @@ from pyproxy.phases import (
     UPSTREAM_HUP,
     ClientAddress,
     Connection,
-    Pump,
 )
 from pyproxy.preread import ClientPreread
 from pyproxy.tls.stream import TLSStream
@@ -100,9 +99,7 @@ class Session(ClientPreread, UpstreamConnector, Forwarder):
         self.upstream = None
         self.connect_started = 0.0
         self.connect_time = None
-        # Forwarder's
-        self.c2u = None
-        self.u2c = None
+        # Forwarder's (the pumps: see forward_phase)
         self.scheduled = False
 
     # -- accept ---------------------------------------------------------------------------
@@ -145,19 +142,21 @@ class Session(ClientPreread, UpstreamConnector, Forwarder):
             log.log(level, f"{message}; {self.describe()}")
 
     # -- events ---------------------------------------------------------------------------
-    def _hung_up(self, side: int, sock: Connection | None, pump: Pump | None) -> None:
+    def _hung_up(self, side: int, sock: Connection | None) -> None:
         """epoll reported a FIN (or an error) on one side: once only (edge-triggered), perhaps in a
         phase that reads nothing. Remembered, so that this side is read until EOF instead of
         trusting a short read (TLSStream._fill, BufferPump; a SplicePump trusts none)."""
         self.hups |= side
         if type(sock) is TLSStream:
             sock.hup = True
-        elif type(pump) is BufferPump:
-            pump.hup = True
+        elif self.phase == FORWARDING:
+            pump = self.c2u if side == CLIENT_HUP else self.u2c
+            if type(pump) is BufferPump:
+                pump.hup = True
 
     def on_client_event(self, mask: int) -> None:
         if mask & HUP_EVENTS:
-            self._hung_up(CLIENT_HUP, self.client, self.c2u)
+            self._hung_up(CLIENT_HUP, self.client)
         phase = self.phase
         if phase == FORWARDING:
             if mask & IN_EVENTS:
@@ -175,7 +174,7 @@ class Session(ClientPreread, UpstreamConnector, Forwarder):
 
     def on_upstream_event(self, mask: int) -> None:
         if mask & HUP_EVENTS:
-            self._hung_up(UPSTREAM_HUP, self.upstream, self.u2c)
+            self._hung_up(UPSTREAM_HUP, self.upstream)
         phase = self.phase
         if phase == FORWARDING:
             if mask & IN_EVENTS:
@@ -305,22 +304,25 @@ class Session(ClientPreread, UpstreamConnector, Forwarder):
                               f"(proxy_protocol_timeout)")
 
     # -- log ------------------------------------------------------------------------------
+    # The byte counts are the pumps'; a session that never forwarded has none (connect_time is set
+    # right before forward_phase makes them).
     def bytes_received(self) -> int:
-        return self.c2u.received if self.c2u else 0
+        return self.c2u.received if self.connect_time is not None else 0
 
     def bytes_sent(self) -> int:
-        return self.u2c.sent if self.u2c else 0
+        return self.u2c.sent if self.connect_time is not None else 0
 
     def upstream_bytes_sent(self) -> int:
-        return self.c2u.sent if self.c2u else 0
+        return self.c2u.sent if self.connect_time is not None else 0
 
     def upstream_bytes_received(self) -> int:
-        return self.u2c.received if self.u2c else 0
+        return self.u2c.received if self.connect_time is not None else 0
 
     def close(self, status: int, linger: bool = False) -> None:
         """End the session: close both sockets, give back pipes and the peer, write the log line.
         `linger`: the client socket (already shut down for writing) goes to a LingeringClose instead."""
-        if self.phase == CLOSED:
+        phase = self.phase
+        if phase == CLOSED:
             return
         self.phase = CLOSED
         self.status = status
@@ -334,7 +336,7 @@ class Session(ClientPreread, UpstreamConnector, Forwarder):
         else:
             self.loop.forget(self.client.fileno())
             self.client.close()
-        if self.c2u is not None:
+        if phase == FORWARDING:
             self.c2u.release()
             self.u2c.release()
         if self.peer is not None:
