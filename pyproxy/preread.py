@@ -67,9 +67,9 @@ def _queued(sock: Connection) -> int:
 class ClientPreread(SessionBase):
     """PROXY header → ClientHello preread → (routing, in Session) → TLS handshake with the client.
 
-    Entered from Session.start; each step ends in the next one, in Session.route_phase, or with a
-    refusal (400, 500). Session passes it the client's events in the PROXY_HEADER, PREREAD and
-    HANDSHAKE phases and its timer's expiry (on_timer)."""
+    Session.start sets the first phase (PROXY_HEADER or PREREAD); each step ends in the next one, in
+    Session.route_phase, or with a refusal (400, 500). Session passes it the client's events in the
+    PROXY_HEADER, PREREAD and HANDSHAKE phases and its timer's expiry (on_timer)."""
 
     __slots__ = ()
     preread_need: int                           # bytes that must be queued before the next peek
