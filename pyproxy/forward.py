@@ -23,7 +23,7 @@ import fcntl
 import os
 import socket
 import ssl
-from typing import Protocol
+from typing import Literal, Protocol
 
 from pyproxy.tls.stream import TLSStream
 
@@ -108,7 +108,7 @@ class SplicePump:
 
     __slots__ = ("pool", "src", "dst", "readable", "writable", "eof", "done", "pending", "pipe",
                  "received", "sent", "error", "last_io", "blocked_at")
-    bulk = False            # already spliced (see BufferPump.bulk)
+    bulk: Literal[False] = False        # already spliced (see BufferPump.bulk)
 
     def __init__(self, pool: PipePool, src: Stream, dst: Stream):
         self.pool = pool

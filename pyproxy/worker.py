@@ -25,8 +25,9 @@ from setproctitle import setproctitle
 from pyproxy.accesslog import AccessLog
 from pyproxy.config.model import STATUS_INTERNAL, STATUS_OVER_LIMIT, Config, Listen, Service
 from pyproxy.config.values import congestion_control_refused
+from pyproxy.context import WorkerContext
 from pyproxy.forward import SCRATCH_SIZE, PipePool
-from pyproxy.healthcheck import start_active_checks
+from pyproxy.healthcheck import ActiveChecker, start_active_checks
 from pyproxy.listeners import ListenSocket
 from pyproxy.log import ErrorLog
 from pyproxy.loop import EPOLLIN, Loop
@@ -36,7 +37,7 @@ from pyproxy.router import Router
 from pyproxy.session import ClientAddress, Connection, LingeringClose, Session
 from pyproxy.shared import SharedState
 from pyproxy.tls.contexts import TLSContexts
-from pyproxy.upstream import build_balancers
+from pyproxy.upstream import Balancer, build_balancers
 
 WORKER_BOOT_ERROR = 3
 # Bytes a worker writes on its pipe to the master: ready to serve, and no longer accepting.
@@ -83,6 +84,23 @@ def drop_privileges(user: str | None, log: ErrorLog) -> None:
 
 class Worker:
     """One worker slot of one configuration generation."""
+
+    # Set by init_process, in the child.
+    loop: Loop
+    pool: PipePool
+    router: Router
+    services: dict[str, Service]
+    balancers: dict[str, Balancer]
+    scratch: memoryview
+    access_log: AccessLog
+    plugins: PluginChains
+    congestion: dict[str, bytes]
+    checkers: list[ActiveChecker]
+    trimmed_at: int
+    metrics: WorkerMetrics | None
+    context: WorkerContext
+    ready_fd: int
+    _wakeup: tuple[socket.socket, socket.socket]
 
     def __init__(self, slot: int, generation: int, config: Config, listeners: list[ListenSocket],
                  log: ErrorLog, shared: SharedState, row: int, tls: TLSContexts):
@@ -149,6 +167,12 @@ class Worker:
         self.metrics = WorkerMetrics(self) if config.status_listen is not None else None
         if self.metrics is not None:
             self.loop.call_later(1.0, self._sample_metrics)
+        # All a session reads of its worker (see pyproxy.context).
+        self.context = WorkerContext(
+            loop=self.loop, config=config, log=self.log, router=self.router, services=self.services,
+            balancers=self.balancers, plugins=self.plugins, server_tls=self.server_tls,
+            upstream_tls=self.upstream_tls, congestion=self.congestion, scratch=self.scratch,
+            pool=self.pool, metrics=self.metrics, closed=self.session_closed, linger=self.linger)
         self.resume_accepting()
         self.loop.after_tick.append(self.after_tick)
         self.loop.call_later(1.0, self.heartbeat)
@@ -281,7 +305,7 @@ class Worker:
 
         def start(conn: _socket.socket, addr: ClientAddress) -> None:
             self.serial += 1
-            session = Session(self, listen, conn, addr, self.serial)
+            session = Session(self.context, listen, conn, addr, self.serial)
             if len(self.sessions) >= limit:
                 session.log("warn", f"{limit} worker_connections are not enough, refusing")
                 session.close(STATUS_OVER_LIMIT)
