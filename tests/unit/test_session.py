@@ -45,6 +45,7 @@ class Harness:
         self.shared = SharedState()
         self.closed: list[Session] = []
         tls = TLSContexts(config)
+        tls.install()               # as the master does before it forks a worker
         self.pool = PipePool()
         self.ctx = WorkerContext(
             loop=self.loop, config=config, log=self.log, router=Router(config.routes, config.stream_listen),
