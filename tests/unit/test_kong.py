@@ -1,0 +1,258 @@
+"""Kong's declarative file as a configuration source (pyproxy/kong): real kong.yml files from Kong's
+documentation load, what only concerns HTTP is ignored with one warning, the stream entities become
+pyproxy's, and a bad file gets errors in Kong's terms at the file's lines."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import uuid
+from pathlib import Path
+
+import pytest
+
+from pyproxy.config import ConfigError, load_config
+from pyproxy.kong.translate import kong_id
+from tests.support import make_cert
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "kong"
+SNI = "tls9443.kong.example"
+
+
+def with_certificate(text: str, folder: Path, sni: str = SNI) -> str:
+    """`text` (a Kong file) with a certificate for `sni` and its nested SNI, as PEM text."""
+    crt, key = make_cert(folder, sni, [sni])
+    indent = lambda pem: textwrap.indent(pem, "    ")          # noqa: E731
+    return (text + "certificates:\n- cert: |\n" + indent(crt.read_text()) + "  key: |\n"
+            + indent(key.read_text()) + f"  snis:\n  - name: {sni}\n")
+
+
+def load(path: Path) -> tuple[object, list[str]]:
+    warnings: list[str] = []
+    return load_config(str(path), warn=warnings.append), warnings
+
+
+def errors_of(path: Path) -> list[str]:
+    with pytest.raises(ConfigError) as raised:
+        load_config(str(path))
+    return [str(error).replace(f"{path}:", "") for error in raised.value.errors]
+
+
+@pytest.fixture
+def seed(tmp_path: Path) -> Path:
+    path = tmp_path / "kong.yml"
+    path.write_text(with_certificate((DATA / "seed-stream.yml").read_text(), tmp_path))
+    return path
+
+
+def test_the_seed_workflow_becomes_pyproxy_entities(seed: Path, monkeypatch):
+    monkeypatch.delenv("KONG_STREAM_LISTEN", raising=False)
+    config, warnings = load(seed)
+    assert [(str(listen), listen.ssl) for listen in config.stream_listen] == [
+        ("0.0.0.0:9000", False), ("0.0.0.0:9443", True)]
+    (service,) = config.services
+    assert (service.name, service.protocol, service.upstream) == ("echo", "tcp", "echo-upstream")
+    assert (service.connect_timeout, service.read_timeout, service.retries) == (5.0, 60.0, 3)
+    assert [(route.name, route.protocols) for route in service.routes] == [
+        ("echo-tcp", ("tcp",)), ("echo-tls", ("tls",))]
+    assert service.routes[1].snis == (SNI,)
+    (upstream,) = config.upstreams
+    active, passive = upstream.healthchecks.active, upstream.healthchecks.passive
+    assert (active.interval, active.timeout, active.healthy_successes) == (5.0, 1.0, 1)
+    assert (active.unhealthy_tcp_failures, active.unhealthy_timeouts) == (2, 3)
+    assert (passive.unhealthy_tcp_failures, passive.unhealthy_timeouts) == (3, 3)
+    (certificate,) = config.certificates
+    assert certificate.snis == (SNI,) and Path(certificate.cert).stat().st_mode & 0o077 == 0
+    (plugin,) = config.plugins
+    assert (plugin.name, plugin.route) == ("ip-restriction", "echo-tcp")
+    assert any("listening on 0.0.0.0:9000, 0.0.0.0:9443 ssl" in warning for warning in warnings)
+
+
+def test_kong_stream_listen_chooses_the_listeners(seed: Path, monkeypatch):
+    monkeypatch.setenv("KONG_STREAM_LISTEN", "127.0.0.1:9000, 127.0.0.1:9443 ssl")
+    config, warnings = load(seed)
+    assert [(str(listen), listen.ssl) for listen in config.stream_listen] == [
+        ("127.0.0.1:9000", False), ("127.0.0.1:9443", True)]
+    assert any("(KONG_STREAM_LISTEN)" in warning for warning in warnings)
+
+
+def test_kong_defaults_turn_health_checks_off(tmp_path: Path, monkeypatch):
+    """Kong's counters default to 0 (off), passive ones included, unlike pyproxy's own defaults."""
+    monkeypatch.delenv("KONG_STREAM_LISTEN", raising=False)
+    (tmp_path / "kong.yml").write_text(textwrap.dedent("""\
+        _format_version: "2.1"
+        upstreams:
+        - name: pool
+          targets: [{target: "127.0.0.1:7000"}]
+        services:
+        - {name: s, protocol: tcp, host: pool, routes: [{protocols: [tcp], destinations: [{port: 9000}]}]}
+        """))
+    config, _ = load(tmp_path / "kong.yml")
+    checks = config.upstream("pool").healthchecks
+    active = checks.active
+    assert (active.interval, active.healthy_successes, active.unhealthy_tcp_failures) == (0, 0, 0)
+    assert (checks.passive.unhealthy_tcp_failures, checks.passive.unhealthy_timeouts) == (0, 0)
+    (route,) = config.routes
+    assert route.name == kong_id("routes", f"{tmp_path / 'kong.yml'}:services[0].routes[0]")
+
+
+def test_ids_are_kongs_uuid5_of_the_endpoint_key():
+    namespace = uuid.uuid5(uuid.UUID("fd02801f-0957-4a15-a55a-c8d9606f30b5"), "services")
+    assert kong_id("services", "echo") == str(uuid.uuid5(namespace, "echo"))
+
+
+@pytest.mark.parametrize("name", ["db-less-example.yml", "kong-config-init.yml",
+                                  "upstream-entity-example.yml"])
+def test_real_kong_files_from_kongs_documentation_load(tmp_path: Path, name: str):
+    (tmp_path / "pyproxy.conf").write_text(f"stream_listen: [127.0.0.1:9000]\n"
+                                           f"declarative_config: {DATA / name}\n")
+    config, warnings = load(tmp_path / "pyproxy.conf")
+    assert config.services == ()
+    ignored = [warning for warning in warnings if "ignored (HTTP only" in warning]
+    if name == "upstream-entity-example.yml":
+        assert config.upstreams[0].name == "example-upstream" and not ignored
+    else:
+        (line,) = ignored
+        assert ("consumers (1)" in line and "(protocol http" in line) or "(protocol https" in line
+
+
+def test_the_kong_config_init_file_says_what_it_ignores(tmp_path: Path):
+    (tmp_path / "pyproxy.conf").write_text(
+        f"stream_listen: [127.0.0.1:9000]\ndeclarative_config: {DATA / 'kong-config-init.yml'}\n")
+    _, warnings = load(tmp_path / "pyproxy.conf")
+    assert warnings == [
+        f"{DATA / 'kong-config-init.yml'}:1: ignored (HTTP only, or not in pyproxy): consumers (1); "
+        "services[0] 'example-service' (protocol http: HTTP only) with its routes and plugins; "
+        "services[1] 'another-service' (protocol https: HTTP only) with its routes and plugins; "
+        "routes[0] 'another-route' (its service is ignored); "
+        "plugins[0] 'rate-limiting' (not a stream plugin pyproxy has)"]
+
+
+def test_test_mode_prints_what_was_ignored_and_why_nothing_listens(tmp_path: Path):
+    command = [sys.executable, "-m", "pyproxy", "-t", "-c", str(DATA / "db-less-example.yml")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "ignored (HTTP only, or not in pyproxy): consumers (1); services[0] 'my-service'" in result.stderr
+    assert "nothing to listen on: no tcp or tls route names a destinations port" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_entities_come_from_the_kong_file_and_settings_from_the_pyproxy_file(seed: Path, tmp_path: Path):
+    (tmp_path / "pyproxy.conf").write_text("worker_processes: 3\nstream_listen: [127.0.0.1:9000, "
+                                           "127.0.0.1:9443 ssl]\ndeclarative_config: kong.yml\n")
+    config, _ = load(tmp_path / "pyproxy.conf")
+    assert config.worker_processes == 3 and [str(listen) for listen in config.stream_listen] == [
+        "127.0.0.1:9000", "127.0.0.1:9443"]
+    assert [route.name for route in config.routes] == ["echo-tcp", "echo-tls"]
+    assert config.certificates[0].snis == (SNI,)
+
+
+def test_a_name_both_files_define_is_an_error_naming_both_places(seed: Path, tmp_path: Path):
+    conf = tmp_path / "pyproxy.conf"
+    conf.write_text("stream_listen: [127.0.0.1:9000]\ndeclarative_config: kong.yml\nservices:\n"
+                    "- name: echo\n  host: 127.0.0.1\n  port: 7\n")
+    with pytest.raises(ConfigError) as raised:
+        load_config(str(conf))
+    assert [str(error) for error in raised.value.errors] == [
+        f"{seed}:32: service 'echo' is defined in {conf} (line 4) and in {seed} (line 32)"]
+
+
+def test_a_missing_declarative_file_is_an_error_of_that_file(tmp_path: Path):
+    (tmp_path / "pyproxy.conf").write_text("stream_listen: [127.0.0.1:9000]\ndeclarative_config: nope.yml\n")
+    assert errors_of(tmp_path / "pyproxy.conf") == [f"{tmp_path / 'nope.yml'}:1: no such file"]
+
+
+def test_bad_files_get_errors_in_kongs_terms_at_their_lines(tmp_path: Path):
+    path = tmp_path / "kong.yml"
+    path.write_text(textwrap.dedent("""\
+        _format_version: "3.0"
+        services:
+        - name: a
+          protocol: tcp
+          host: 127.0.0.1
+          port: 1025
+        - name: b
+          protocol: tcp
+          host: 127.0.0.1
+          connect_timeout: 5s
+          routes:
+          - name: r
+            protocols: [tcp]
+            destinations:
+            - port: "9000"
+            colour: red
+        routes:
+        - name: top
+          protocols: [tcp]
+          service: {name: nope}
+          destinations: [{port: 9001}]
+        - name: pass
+          protocols: [tls_passthrough]
+          service: a
+          destinations: [{port: 9443}]
+        upstreams:
+        - name: u
+          healthchecks:
+            active:
+              healthy: {interval: "5s"}
+          targets:
+          - target: "127.0.0.1:x"
+        """))
+    assert errors_of(path) == [
+        "10: services[1].connect_timeout: expected an integer",
+        "15: services[1].routes[0].destinations[0].port: expected an integer",
+        "16: services[1].routes[0].colour: unknown field",
+        "20: routes[0].service: invalid reference 'service: {\"name\":\"nope\"}' "
+        "(no such entry in 'services')",
+        "23: routes[1].protocols: a tls_passthrough route needs snis",
+        "30: upstreams[0].healthchecks.active.healthy.interval: expected a number",
+        "32: upstreams[0].targets[0].target: expected a port number, got 'x'",
+    ]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("_format_version:\nservices: []\n", ["1: _format_version: required field missing"]),
+    ('_format_version: "4.0"\n', ["1: _format_version: expected one of: 1.1, 2.1, 3.0"]),
+    ('_format_version: "3.0"\nservice: []\n', ["2: service: unknown field; did you mean 'services'?"]),
+    ('_format_version: "3.0"\nservices: {}\n', ["2: services: expected an array"]),
+    ('_format_version: "3.0"\ncertificates:\n- cert: not-a-pem\n  key: x\n',
+     ["3: certificates[0].cert: invalid PEM: expected the certificate or key itself (PEM text)",
+      "4: certificates[0].key: invalid PEM: expected the certificate or key itself (PEM text)"]),
+    ('_format_version: "3.0"\nservices:\n- {name: s, url: "tcp://db:x"}\n',
+     ["3: services[0].url: invalid url 'tcp://db:x': expected SCHEME://HOST[:PORT][/PATH]"]),
+])
+def test_whole_file_errors(tmp_path: Path, text: str, expected: list[str]):
+    (tmp_path / "kong.yml").write_text(text)
+    errors = errors_of(tmp_path / "kong.yml")
+    assert errors[:len(expected)] == expected
+
+
+def test_top_level_targets_snis_and_ids(tmp_path: Path, monkeypatch):
+    monkeypatch.delenv("KONG_STREAM_LISTEN", raising=False)
+    certificate_id = "2e4b7e0c-4d2f-4d55-9a2f-4f6c1b3b6a11"
+    text = with_certificate("", tmp_path, "a.example").replace("  snis:\n  - name: a.example\n", "")
+    text = text.replace("- cert:", f"- id: {certificate_id}\n  cert:")
+    (tmp_path / "kong.yml").write_text('_format_version: "3.0"\n' + text + textwrap.dedent(f"""\
+        snis:
+        - name: b.example
+          certificate: {{id: {certificate_id}}}
+        upstreams:
+        - name: pool
+        targets:
+        - target: 127.0.0.1:7001
+          upstream: pool
+          weight: 5
+        services:
+        - url: tls://pool:443
+          routes:
+          - name: t
+            protocols: [tls]
+            destinations: [{{port: 9443}}]
+        """))
+    config, _ = load(tmp_path / "kong.yml")
+    assert config.certificates[0].snis == ("b.example",)
+    assert [(t.port, t.weight) for t in config.upstream("pool").targets] == [(7001, 5)]
+    (service,) = config.services
+    assert (service.name, service.protocol, service.port) == (kong_id("services", f"{tmp_path / 'kong.yml'}"
+                                                                       ":services[0]"), "tls", 443)
