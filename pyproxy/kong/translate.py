@@ -224,7 +224,6 @@ class Translator:
 
     # -- the document -----------------------------------------------------------------------------
     def translate(self) -> Translation:
-        root = _Entity(self.kong, "")
         self.format_version()
         for key in self.kong:
             if key in IGNORED_ENTITIES:
@@ -248,7 +247,7 @@ class Translator:
             self.service(entity)
         for entity in self.entries(self.kong, "routes", ""):
             self.route(entity, None)
-        for entity in self.entries(root.kong, "plugins", ""):
+        for entity in self.entries(self.kong, "plugins", ""):
             self.plugins.append((entity, None, None))
         for entity, route, service in self.plugins:
             self.plugin(entity, route, service)
@@ -483,7 +482,7 @@ class Translator:
     def seconds(self, entity: _Entity, key: str) -> int | None:
         """Kong's `seconds` (a number, 0–65535) as pyproxy's bare milliseconds; None if not written."""
         value = self.typed(entity, key, _seconds)
-        return None if value is None else round(float(value) * 1000)   # type: ignore[arg-type]
+        return round(value * 1000) if isinstance(value, (int, float)) else None
 
     def counters(self, target: YamlMap, key: str, record: _Entity, names: tuple[str, ...],
                  py_parent: str) -> None:

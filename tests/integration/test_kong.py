@@ -9,11 +9,14 @@ from pathlib import Path
 
 from tests.support import (
     Proxy,
+    connect,
     expected_hash_reply,
     free_port,
     hash_handler,
     pattern_bytes,
     peer_common_name,
+    recv_line,
+    tag_handler,
     tls_client,
     upload_and_hash,
 )
@@ -45,7 +48,8 @@ def test_the_seed_workflow_as_a_kong_file_proxies_tcp_and_tls(tmp_path: Path, up
     proxy = KongProxy(tmp_path, with_certificate(text, tmp_path))
     try:
         proxy.start()
-        assert f"listening on 0.0.0.0:{tcp_port}, 0.0.0.0:{tls_port} ssl" in proxy.log_text()
+        listens = sorted([(tcp_port, f"0.0.0.0:{tcp_port}"), (tls_port, f"0.0.0.0:{tls_port} ssl")])
+        assert f"listening on {', '.join(text for _, text in listens)} (the ports" in proxy.log_text()
 
         payload = pattern_bytes(3 << 20)
         assert upload_and_hash(tcp_port, payload) == expected_hash_reply(payload)
@@ -66,3 +70,36 @@ def test_the_seed_workflow_as_a_kong_file_proxies_tcp_and_tls(tmp_path: Path, up
         assert "internal error" not in proxy.log_text()
     finally:
         proxy.stop()
+
+
+def test_declarative_config_entities_follow_the_kong_file_at_each_reload(proxy, upstreams, tmp_path: Path):
+    """The pyproxy file listens; the Kong file it names says where sessions go, and a reload reads it
+    again."""
+    first, second = upstreams(tag_handler, name="first"), upstreams(tag_handler, name="second")
+    port = free_port()
+    kong = tmp_path / "kong.yml"
+
+    def write_kong(target: int) -> None:
+        kong.write_text(f"""_format_version: "3.0"
+services:
+- name: tagged
+  url: tcp://127.0.0.1:{target}
+  routes:
+  - name: by-port
+    protocols: [tcp]
+    destinations: [{{port: {port}}}]
+""")
+
+    write_kong(first.port)
+    p = proxy(f"stream_listen: [127.0.0.1:{port}]\ndeclarative_config: kong.yml\n")
+    with connect(port) as sock:
+        assert recv_line(sock) == b"first\n"
+    write_kong(second.port)
+    p.reload()
+    with connect(port) as sock:
+        assert recv_line(sock) == b"second\n"
+    kong.write_text(kong.read_text().replace("port: ", "port: x"))    # a bad Kong file: kept serving
+    p.reload(expect="reload failed")
+    assert f"{kong}:8: services[0].routes[0].destinations[0].port: expected an integer" in p.log_text()
+    with connect(port) as sock:
+        assert recv_line(sock) == b"second\n"
