@@ -83,9 +83,12 @@ STREAM_PLUGINS: dict[str, tuple[str, ...] | None] = {
 ENTITIES_NAMESPACE = uuid.UUID("fd02801f-0957-4a15-a55a-c8d9606f30b5")
 
 
+_NAMESPACES = {entity: uuid.uuid5(ENTITIES_NAMESPACE, entity) for entity in ENTITIES}
+
+
 def kong_id(entity: str, key: str) -> str:
     """The id Kong DB-less gives an entity of kind `entity` (`services`…) whose endpoint key is `key`."""
-    return str(uuid.uuid5(uuid.uuid5(ENTITIES_NAMESPACE, entity), key))
+    return str(uuid.uuid5(_NAMESPACES[entity], key))
 
 
 @dataclass
@@ -160,6 +163,7 @@ class Translator:
         self.py_upstreams = YamlList(root.line)
         self.py_certificates = YamlList(root.line)
         self.py_plugins = YamlList(root.line)
+        self.places: dict[int, str] = {}     # id() of a translated certificate, upstream, service → its path
 
     # -- reporting --------------------------------------------------------------------------------
     def error(self, line: int, path: str, message: str, py_path: str = "") -> None:
@@ -295,6 +299,7 @@ class Translator:
                 self.error(entity.kong.line, key_path(entity.path, key), "required field missing")
         cert_id = self.check_id(entity, "certificates", None)
         self.certificates[cert_id] = certificate
+        self.places[id(certificate)] = entity.py_path
         self.py_certificates.append(certificate)
         self.py_certificates.item_lines.append(entity.kong.line)
         if "snis" in entity.kong:
@@ -319,7 +324,7 @@ class Translator:
         if name is None:
             self.error(line, key_path(entity.path, "name"), "required field missing")
             return
-        self.check_id(entity, "snis", name if isinstance(name, str) else None)
+        self.typed(entity, "id", _uuid)            # nothing refers to an SNI by its id
         if certificate is None:
             reference = entity.kong.get("certificate")
             if reference is None:
@@ -338,7 +343,8 @@ class Translator:
     def add_sni(self, certificate: YamlMap, name: object, line: int, path: str) -> None:
         snis = certificate["snis"]
         assert isinstance(snis, YamlList), "set by certificate() or sni() before any name is added"
-        self.out.renames[item_path(_py_path_of_snis(self, certificate), len(snis))] = path
+        snis_path = key_path(self.places[id(certificate)], "snis")
+        self.out.renames[item_path(snis_path, len(snis))] = path
         snis.append(name)
         snis.item_lines.append(line)
 
@@ -369,20 +375,21 @@ class Translator:
         name = entity.kong.get("name")
         upstream_id = self.check_id(entity, "upstreams", name if isinstance(name, str) else None)
         self.upstreams[upstream_id] = upstream
+        self.places[id(upstream)] = entity.py_path
         if isinstance(name, str):
             self.upstreams[name] = upstream
         upstream_line = entity.kong.line
         self.py_upstreams.append(upstream)
         self.py_upstreams.item_lines.append(upstream_line)
         for target in self.entries(entity.kong, "targets", entity.path):
-            self.target(target, (upstream, upstream_id, entity.py_path))
+            self.target(target, upstream)
 
-    def target(self, entity: _Entity, parent: tuple[YamlMap, str, str] | None) -> None:
+    def target(self, entity: _Entity, upstream: YamlMap | None) -> None:
+        """A target, of `upstream` (nested in it) or of the one its `upstream` field names."""
         self.fields(entity, TARGET_FIELDS)
-        if parent is None:
+        if upstream is None:
             reference = entity.kong.get("upstream")
-            key = _reference_key(reference)
-            upstream = self.upstreams.get(key or "")
+            upstream = self.upstreams.get(_reference_key(reference) or "")
             if upstream is None:
                 where = entity.kong.value_lines.get("upstream", entity.kong.line)
                 message = ("required field missing" if reference is None else
@@ -390,20 +397,15 @@ class Translator:
                            "(no such entry in 'upstreams')")
                 self.error(where, key_path(entity.path, "upstream"), message)
                 return
-            upstream_id = next(uid for uid, found in self.upstreams.items() if found is upstream)
-            index = next(i for i, found in enumerate(self.py_upstreams) if found is upstream)
-            parent = (upstream, upstream_id, item_path("upstreams", index))
-        upstream, upstream_id, py_upstream = parent
         targets = upstream["targets"]
         assert isinstance(targets, YamlList), "every translated upstream has a targets list"
-        entity.py_path = item_path(key_path(py_upstream, "targets"), len(targets))
+        entity.py_path = item_path(key_path(self.places[id(upstream)], "targets"), len(targets))
         self.out.renames[entity.py_path] = entity.path
         target = YamlMap(entity.kong.line)
         _copy(target, entity.kong, "target")
         if self.typed(entity, "weight", _integer) is not None:
             _copy(target, entity.kong, "weight")
-        name = entity.kong.get("target")
-        self.check_id(entity, "targets", f"{name}:{upstream_id}" if isinstance(name, str) else None)
+        self.typed(entity, "id", _uuid)            # nothing refers to a target: no id to make
         targets.append(target)
         targets.item_lines.append(entity.kong.line)
 
@@ -551,6 +553,7 @@ class Translator:
              entity.kong.value_lines.get("routes", entity.kong.line))
         for key in keys:
             self.services[key] = service
+        self.places[id(service)] = entity.py_path
         self.py_services.append(service)
         self.py_services.item_lines.append(entity.kong.line)
         for route in self.entries(entity.kong, "routes", entity.path):
@@ -646,8 +649,7 @@ class Translator:
             return
         routes = service["routes"]
         assert isinstance(routes, YamlList), "every translated service has a routes list"
-        index = next(i for i, found in enumerate(self.py_services) if found is service)
-        entity.py_path = item_path(key_path(item_path("services", index), "routes"), len(routes))
+        entity.py_path = item_path(key_path(self.places[id(service)], "routes"), len(routes))
         self.out.renames[entity.py_path] = entity.path
         route = YamlMap(entity.kong.line)
         route_name = name if isinstance(name, str) else route_id
@@ -742,11 +744,6 @@ class Translator:
             _set(plugin, "config", config, entity.kong.value_lines["config"])
         self.py_plugins.append(plugin)
         self.py_plugins.item_lines.append(line)
-
-
-def _py_path_of_snis(translator: Translator, certificate: YamlMap) -> str:
-    index = next(i for i, found in enumerate(translator.py_certificates) if found is certificate)
-    return key_path(item_path("certificates", index), "snis")
 
 
 def _reference_key(reference: object) -> str | None:

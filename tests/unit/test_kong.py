@@ -98,6 +98,14 @@ def test_kong_defaults_turn_health_checks_off(tmp_path: Path, monkeypatch):
 
 
 def test_ids_are_kongs_uuid5_of_the_endpoint_key():
+    """Kong names an entity uuid5(uuid5(_entities, "services"), name) with lua-resty-jit-uuid, whose
+    v5 is RFC 4122's, as Python's: its own test vectors (t/05-v5.t) agree."""
+    jit_uuid_vectors = [
+        ("e6ebd542-06ae-11e6-8e82-bba81706b27d", "hello", "4850816f-1658-5890-8bfd-1ed14251f1f0"),
+        ("1b985f4a-06be-11e6-aff4-ff8d14e25128", "foobar", "98520401-1e2b-5cbb-926b-c5c4aae4e69d"),
+    ]
+    for namespace, name, expected in jit_uuid_vectors:
+        assert str(uuid.uuid5(uuid.UUID(namespace), name)) == expected
     namespace = uuid.uuid5(uuid.UUID("fd02801f-0957-4a15-a55a-c8d9606f30b5"), "services")
     assert kong_id("services", "echo") == str(uuid.uuid5(namespace, "echo"))
 
