@@ -84,14 +84,17 @@ class KongDeclarative:
         return config, errors
 
     def _listen(self, translation: Translation) -> list[str]:
-        """Give the translated document its `stream_listen` (and, for a fragment, the pyproxy file's
-        default certificate); the notes to print about it."""
+        """Give the translated document its `stream_listen` (and, for a fragment, a certificate of the
+        pyproxy file as its default one); the notes to print about it."""
         root = translation.root
         if self.pyproxy_file is not None:
             listens = [f"{listen}{' ssl' if listen.ssl else ''}"
                        for listen in self.pyproxy_file.stream_listen]
             root["stream_listen"] = _list(listens, root.line)
-            default = self.pyproxy_file.ssl.default_certificate
+            # Only so that the Kong file's tls routes count the pyproxy file's certificates as ones
+            # to terminate with: merge keeps the pyproxy file's own ssl.
+            default = self.pyproxy_file.ssl.default_certificate or next(iter(self.pyproxy_file.certificates),
+                                                                         None)
             if default is not None:
                 pair = YamlMap(root.line)
                 pair.update(cert=default.cert, key=default.key)

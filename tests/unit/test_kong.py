@@ -264,3 +264,78 @@ def test_top_level_targets_snis_and_ids(tmp_path: Path, monkeypatch):
     (service,) = config.services
     assert (service.name, service.protocol, service.port) == (kong_id("services", f"{tmp_path / 'kong.yml'}"
                                                                        ":services[0]"), "tls", 443)
+
+
+def test_plugins_keep_their_scope_and_http_ones_are_ignored(tmp_path: Path, monkeypatch):
+    monkeypatch.delenv("KONG_STREAM_LISTEN", raising=False)
+    (tmp_path / "kong.yml").write_text(textwrap.dedent("""\
+        _format_version: "3.0"
+        services:
+        - name: s
+          url: tcp://127.0.0.1:7000
+          plugins:
+          - name: file-log
+            config: {path: sessions.log, reopen: true}
+          routes:
+          - name: r
+            protocols: [tcp]
+            destinations: [{port: 9000}]
+            plugins:
+            - name: ip-restriction
+              config: {deny: [10.0.0.0/8], status: 403, message: go away}
+        plugins:
+        - name: ip-restriction
+          enabled: false
+          config: {allow: [127.0.0.1]}
+        - name: rate-limiting
+          config: {minute: 5}
+        - name: limit-conn
+          service: s
+          config: {limit: 10}
+        - name: ip-restriction
+          protocols: [http, https]
+          config: {allow: [127.0.0.1]}
+        """))
+    config, warnings = load(tmp_path / "kong.yml")
+    plugins = [(plugin.name, plugin.route, plugin.service, dict(plugin.config)) for plugin in config.plugins]
+    assert sorted(plugins) == [
+        ("file-log", None, "s", {"path": "sessions.log"}),
+        ("ip-restriction", "r", None, {"deny": ("10.0.0.0/8",)}),
+        ("limit-conn", None, "s", {"limit": 10}),
+    ]
+    (ignored,) = [warning for warning in warnings if "ignored" in warning]
+    assert sorted(ignored.partition("not in pyproxy): ")[2].split("; ")) == [
+        "plugins[0] 'ip-restriction' (enabled: false)",
+        "plugins[1] 'rate-limiting' (not a stream plugin pyproxy has)",
+        "plugins[3] 'ip-restriction' (protocols http, https: not stream traffic)",
+        "services[0].plugins[0].config.reopen",
+        "services[0].routes[0].plugins[0].config.message",
+        "services[0].routes[0].plugins[0].config.status",
+    ]
+
+
+def test_a_tls_service_trusts_the_ca_certificates_it_names(tmp_path: Path, monkeypatch):
+    monkeypatch.delenv("KONG_STREAM_LISTEN", raising=False)
+    crt, _ = make_cert(tmp_path, "ca.example", ["ca.example"])
+    pem = textwrap.indent(crt.read_text(), "    ")
+    ca_id = "7c2d7b9a-8a6e-4f43-9b7f-5a2b8d1c0e11"
+    (tmp_path / "kong.yml").write_text(
+        f'_format_version: "3.0"\nca_certificates:\n- id: {ca_id}\n  cert: |\n{pem}'
+        f"services:\n- {{name: s, url: 'tls://127.0.0.1:8443', tls_verify: true,\n"
+        f"   ca_certificates: [{ca_id}],\n"
+        "   routes: [{protocols: [tcp], destinations: [{port: 9000}]}]}\n")
+    config, _ = load(tmp_path / "kong.yml")
+    (service,) = config.services
+    assert service.tls_verify and Path(service.ca_certificates[0]).read_text() == crt.read_text()
+
+
+def test_kong_tls_routes_may_terminate_with_the_pyproxy_files_certificates(tmp_path: Path):
+    crt, key = make_cert(tmp_path, "own.example", ["own.example"])
+    (tmp_path / "kong.yml").write_text(
+        '_format_version: "3.0"\nservices:\n- name: s\n  url: tcp://127.0.0.1:7000\n  routes:\n'
+        "  - {name: t, protocols: [tls], snis: [own.example]}\n")
+    (tmp_path / "pyproxy.conf").write_text(f"stream_listen: ['127.0.0.1:9443 ssl']\n"
+                                           f"declarative_config: kong.yml\n"
+                                           f"certificates: [{{cert: {crt}, key: {key}}}]\n")
+    config, _ = load(tmp_path / "pyproxy.conf")
+    assert [route.name for route in config.routes] == ["t"] and len(config.certificates) == 1
