@@ -65,6 +65,16 @@ HEALTHCHECKS_FIELDS = ("active", "passive", "threshold")
 ACTIVE_FIELDS = ("type", "timeout", "concurrency", "http_path", "https_sni", "https_verify_certificate",
                  "headers", "healthy", "unhealthy")
 PASSIVE_FIELDS = ("type", "healthy", "unhealthy")
+# The HTTP settings of Kong's health checks, with the defaults `deck` writes on every upstream (not
+# worth a mention then), by record.
+HTTP_CHECK_DEFAULTS: dict[str, dict[str, object]] = {
+    "active": {"http_path": "/", "https_sni": None, "https_verify_certificate": True, "headers": None},
+    "active.healthy": {"http_statuses": [200, 302]},
+    "active.unhealthy": {"http_statuses": [429, 404, 500, 501, 502, 503, 504, 505], "http_failures": 0},
+    "passive.healthy": {"http_statuses": [200, 201, 202, 203, 204, 205, 206, 207, 208, 226,
+                                          300, 301, 302, 303, 304, 305, 306, 307, 308]},
+    "passive.unhealthy": {"http_statuses": [429, 500, 503], "http_failures": 0},
+}
 HEALTHY_FIELDS = ("interval", "successes", "http_statuses")
 UNHEALTHY_FIELDS = ("interval", "tcp_failures", "timeouts", "http_failures", "http_statuses")
 
@@ -128,13 +138,12 @@ def _set(target: YamlMap, key: str, value: object, line: int) -> None:
     target.value_lines[key] = line
 
 
-def _copy(target: YamlMap, source: YamlMap, key: str, as_key: str | None = None) -> None:
-    """`source[key]` into `target` (as `as_key`), with its lines, when it is written and not null."""
+def _copy(target: YamlMap, source: YamlMap, key: str) -> None:
+    """`source[key]` into `target`, with its lines, when it is written and not null."""
     if source.get(key) is not None:
-        name = as_key or key
-        target[name] = source[key]
-        target.key_lines[name] = source.key_lines[key]
-        target.value_lines[name] = source.value_lines[key]
+        target[key] = source[key]
+        target.key_lines[key] = source.key_lines[key]
+        target.value_lines[key] = source.value_lines[key]
 
 
 def _list(line: int, items: list[tuple[object, int]]) -> YamlList:
@@ -447,9 +456,6 @@ class Translator:
         check_type = self.typed(active, "type", _string)
         if intervals and check_type not in (None, "tcp"):
             self.ignore(f"{key_path(active.path, 'type')} {check_type} (probed with a TCP connect)")
-        for key in ("http_path", "https_sni", "headers", "concurrency"):
-            if key in active.kong and intervals:
-                self.ignore(key_path(active.path, key))
         self.counters(py_active, "healthy", active_healthy, ("successes",), key_path(py_path, "active"))
         self.counters(py_active, "unhealthy", active_unhealthy, ("tcp_failures", "timeouts"),
                       key_path(py_path, "active"))
@@ -457,9 +463,9 @@ class Translator:
         py_passive = YamlMap(passive.kong.line)
         self.counters(py_passive, "unhealthy", passive_unhealthy, ("tcp_failures", "timeouts"),
                       key_path(py_path, "passive"))
-        for record in (active_healthy, active_unhealthy, passive_healthy, passive_unhealthy):
-            for key in ("http_statuses", "http_failures"):
-                if record.kong.get(key) not in (None, 0):
+        for record in (active, active_healthy, active_unhealthy, passive_healthy, passive_unhealthy):
+            for key, default in HTTP_CHECK_DEFAULTS[record.path[len(path) + 1:]].items():
+                if record.kong.get(key) not in (None, default):
                     self.ignore(key_path(record.path, key))
         if passive_healthy.kong.get("successes") not in (None, 0):
             self.ignore(f"{key_path(passive_healthy.path, 'successes')} (a target taken out by passive "

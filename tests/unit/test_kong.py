@@ -339,3 +339,69 @@ def test_kong_tls_routes_may_terminate_with_the_pyproxy_files_certificates(tmp_p
                                            f"certificates: [{{cert: {crt}, key: {key}}}]\n")
     config, _ = load(tmp_path / "pyproxy.conf")
     assert [route.name for route in config.routes] == ["t"] and len(config.certificates) == 1
+
+
+def test_what_deck_writes_on_every_stream_entity_is_not_reported(tmp_path: Path, monkeypatch):
+    """`deck dump` writes Kong's defaults, HTTP ones included, on every upstream and route: a stream
+    configuration dumped so loads without an 'ignored' warning."""
+    monkeypatch.delenv("KONG_STREAM_LISTEN", raising=False)
+    (tmp_path / "kong.yml").write_text(textwrap.dedent("""\
+        _format_version: "3.0"
+        _info: {select_tags: [stream], defaults: {}}
+        upstreams:
+        - name: pool
+          algorithm: round-robin
+          hash_fallback: none
+          hash_on: none
+          hash_on_cookie_path: /
+          healthchecks:
+            active:
+              concurrency: 10
+              healthy: {http_statuses: [200, 302], interval: 0, successes: 0}
+              http_path: /
+              https_verify_certificate: true
+              timeout: 1
+              type: http
+              unhealthy:
+                http_failures: 0
+                http_statuses: [429, 404, 500, 501, 502, 503, 504, 505]
+                interval: 0
+                tcp_failures: 0
+                timeouts: 0
+            passive:
+              healthy:
+                http_statuses: [200, 201, 202, 203, 204, 205, 206, 207, 208, 226, 300, 301, 302, 303, 304,
+                                305, 306, 307, 308]
+                successes: 0
+              type: http
+              unhealthy: {http_failures: 0, http_statuses: [429, 500, 503], tcp_failures: 0, timeouts: 0}
+            threshold: 0
+          slots: 10000
+          use_srv_name: false
+          targets:
+          - {target: "127.0.0.1:7000", weight: 100}
+        services:
+        - name: db
+          host: pool
+          port: 5432
+          protocol: tcp
+          connect_timeout: 60000
+          read_timeout: 60000
+          write_timeout: 60000
+          retries: 5
+          enabled: true
+          routes:
+          - name: db
+            https_redirect_status_code: 426
+            path_handling: v0
+            preserve_host: false
+            protocols: [tcp]
+            destinations: [{port: 9000}]
+            regex_priority: 0
+            request_buffering: true
+            response_buffering: true
+            strip_path: true
+        """))
+    config, warnings = load(tmp_path / "kong.yml")
+    assert [route.name for route in config.routes] == ["db"]
+    assert not [warning for warning in warnings if "ignored" in warning]
