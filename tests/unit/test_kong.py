@@ -405,3 +405,34 @@ def test_what_deck_writes_on_every_stream_entity_is_not_reported(tmp_path: Path,
     config, warnings = load(tmp_path / "kong.yml")
     assert [route.name for route in config.routes] == ["db"]
     assert not [warning for warning in warnings if "ignored" in warning]
+
+
+def test_a_port_wanted_for_tls_and_for_plain_tcp_is_an_error(tmp_path: Path, monkeypatch):
+    monkeypatch.delenv("KONG_STREAM_LISTEN", raising=False)
+    (tmp_path / "kong.yml").write_text(textwrap.dedent("""\
+        _format_version: "3.0"
+        services:
+        - name: s
+          url: tcp://127.0.0.1:7000
+          routes:
+          - {name: plain, protocols: [tcp], destinations: [{port: 9000}]}
+          - {name: pass, protocols: [tls_passthrough], snis: [a.example], destinations: [{port: 9000}]}
+          - {name: sni-only, protocols: [tls_passthrough], snis: [b.example]}
+        """))
+    assert errors_of(tmp_path / "kong.yml") == [
+        "7: services[0].routes[1]: port 9000 is wanted for TLS and for plain TCP (by services[0].routes[0]): "
+        "a listener is one or the other; set KONG_STREAM_LISTEN"]
+    monkeypatch.setenv("KONG_STREAM_LISTEN", "127.0.0.1:9000, 127.0.0.1:9443 ssl")
+    config, _ = load(tmp_path / "kong.yml")
+    assert [route.name for route in config.routes] == ["plain", "pass", "sni-only"]
+
+
+def test_test_mode_names_the_key_and_line_of_a_bad_kong_file(tmp_path: Path):
+    (tmp_path / "kong.yml").write_text('_format_version: "3.0"\nservices:\n- name: s\n  protocol: tcp\n'
+                                       '  host: 127.0.0.1\n  routes:\n  - protocols: [tcp]\n'
+                                       '    destinations: [{port: nine}]\n')
+    command = [sys.executable, "-m", "pyproxy", "-t", "-c", str(tmp_path / "kong.yml")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert (f"pyproxy: [emerg] {tmp_path / 'kong.yml'}:8: services[0].routes[0].destinations[0].port: "
+            "expected an integer\n") in result.stderr
