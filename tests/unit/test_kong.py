@@ -436,3 +436,12 @@ def test_test_mode_names_the_key_and_line_of_a_bad_kong_file(tmp_path: Path):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert (f"pyproxy: [emerg] {tmp_path / 'kong.yml'}:8: services[0].routes[0].destinations[0].port: "
             "expected an integer\n") in result.stderr
+
+
+def test_a_server_name_both_files_certificates_serve_is_an_error(seed: Path, tmp_path: Path):
+    crt, key = make_cert(tmp_path, "own", [SNI])
+    conf = tmp_path / "pyproxy.conf"
+    conf.write_text(f"stream_listen: ['127.0.0.1:9443 ssl']\ndeclarative_config: kong.yml\n"
+                    f"certificates: [{{cert: {crt}, key: {key}}}]\n")
+    assert errors_of(conf) == [
+        f"{seed}:1: certificate for server name '{SNI}' is defined in {conf} and in {seed}"]
