@@ -445,3 +445,15 @@ def test_a_server_name_both_files_certificates_serve_is_an_error(seed: Path, tmp
                     f"certificates: [{{cert: {crt}, key: {key}}}]\n")
     assert errors_of(conf) == [
         f"{seed}:1: certificate for server name '{SNI}' is defined in {conf} and in {seed}"]
+
+
+def test_the_dump_of_a_kong_configuration_loads_as_a_pyproxy_file(seed: Path, tmp_path: Path, monkeypatch):
+    """`pyproxy -T -c kong.yml` prints a pyproxy file that means the same."""
+    from pyproxy.config import config_as_yaml
+    from tests.unit.test_config_dump import without_places
+
+    monkeypatch.delenv("KONG_STREAM_LISTEN", raising=False)
+    config, _ = load(seed)
+    (tmp_path / "dumped.conf").write_text(config_as_yaml(config))
+    again, _ = load(tmp_path / "dumped.conf")
+    assert without_places(again) == without_places(config)
