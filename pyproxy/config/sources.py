@@ -2,10 +2,10 @@
 plugins) come from, and how the entities of several sources make one Config.
 
 The pyproxy file (`YamlFile`) is the first source, always, and the only one for the process settings
-(worker_processes, logs, stream_listen, ssl, certificates, plugin_modules): `merge` takes them from it.
-Later sources (a Kong declarative file, Gateway API manifests, the Admin API) each produce entities the
-same way, as a Config fragment, and whatever changes one of them asks the master for the same
-generation reload as a SIGHUP (`Master.request_reload(reason)`). A load is:
+(worker_processes, logs, stream_listen, ssl, plugin_modules): `merge` takes them from it. Later
+sources (a Kong declarative file, Gateway API manifests, the Admin API) each produce entities (and
+certificates) the same way, as a Config fragment, and whatever changes one of them asks the master
+for the same generation reload as a SIGHUP (`Master.request_reload(reason)`). A load is:
 
     parse + validate each source → merge → prepare (resolve host names) → the generation reload
 
@@ -21,7 +21,7 @@ from dataclasses import replace
 from typing import Protocol
 
 from .errors import ConfigError, ConfigIssue
-from .loader import read_document
+from .loader import YamlMap, read_document
 from .model import Config
 from .prepare import resolve_hostnames
 from .validate import collector_paused, validate_document
@@ -47,7 +47,9 @@ class ConfigSource(Protocol):
 
 
 class YamlFile:
-    """The pyproxy configuration file: the process settings, and entities of its own."""
+    """The pyproxy configuration file: the process settings, and entities of its own. A Kong
+    declarative file (its top level has `_format_version`) given here is the whole configuration
+    (pyproxy.kong)."""
 
     def __init__(self, path: str):
         self.path = os.path.abspath(path)
@@ -62,14 +64,24 @@ class YamlFile:
                 document = read_document(self.path)
             except ConfigError as exc:
                 return None, exc.errors
+            if isinstance(document.root, YamlMap) and "_format_version" in document.root:
+                from pyproxy.kong import KongDeclarative  # here: pyproxy.kong imports this package
+                return KongDeclarative(self.path).load_document(document, warn)
             return validate_document(self.path, document, warn)
 
 
 def load_sources(sources: Sequence[ConfigSource], warn: Warn = None) -> Config:
-    """Load every source (the pyproxy file first), merge their entities, resolve the host names.
+    """Load every source (the pyproxy file first, then the Kong file its `declarative_config`
+    names), merge their entities, resolve the host names.
 
     Raises ConfigError listing every error of every source, by source then line."""
     loaded = [source.load(warn) for source in sources]
+    named = loaded[0][0].declarative_config if loaded[0][0] is not None else None
+    if named is not None:
+        from pyproxy.kong import KongDeclarative  # here: pyproxy.kong imports this package
+        kong = KongDeclarative(named, pyproxy_file=loaded[0][0])
+        sources = [sources[0], kong, *sources[1:]]
+        loaded.insert(1, kong.load(warn))
     errors = [error for _, source_errors in loaded for error in source_errors]
     fragments = [fragment for fragment, _ in loaded if fragment is not None]
     config = None
@@ -85,10 +97,12 @@ def load_sources(sources: Sequence[ConfigSource], warn: Warn = None) -> Config:
 
 
 def merge(fragments: Sequence[Config]) -> Config:
-    """The first fragment (the pyproxy file's) with the entities of the others added after its own.
+    """The first fragment (the pyproxy file's) with the entities (and certificates) of the others added
+    after its own.
 
     Route indexes go on counting over the sources, so a tie between routes still goes to the first
-    written. Raises ConfigError for each upstream, service or route name that two sources define."""
+    written. Raises ConfigError for each upstream, service or route name that two sources define, and
+    for each server name two sources' certificates serve."""
     merged, *others = fragments
     if not others:
         return merged
@@ -98,9 +112,10 @@ def merge(fragments: Sequence[Config]) -> Config:
     def claim(fragment: Config, kind: str, name: str, line: int) -> None:
         first = defined.setdefault((kind, name), (fragment.path, line))
         if first[0] != fragment.path:
-            errors.append(ConfigIssue(fragment.path, line, "", f"{kind} {name!r} is defined in {first[0]} "
-                                                               f"(line {first[1]}) and in {fragment.path} "
-                                                               f"(line {line})"))
+            # Certificates keep no line: theirs is the file's first.
+            where = [f"{path} (line {at})" if at else path for path, at in (first, (fragment.path, line))]
+            errors.append(ConfigIssue(fragment.path, line or 1, "",
+                                      f"{kind} {name!r} is defined in {where[0]} and in {where[1]}"))
 
     for fragment in fragments:
         for upstream in fragment.upstreams:
@@ -109,6 +124,9 @@ def merge(fragments: Sequence[Config]) -> Config:
             claim(fragment, "service", service.name, service.line)
             for route in service.routes:
                 claim(fragment, "route", route.name, route.line)
+        for certificate in fragment.certificates:
+            for sni in certificate.snis:
+                claim(fragment, "certificate for server name", sni, 0)
     if errors:
         raise ConfigError(errors)
     for fragment in others:
@@ -116,7 +134,8 @@ def merge(fragments: Sequence[Config]) -> Config:
         services = tuple(replace(service, routes=tuple(replace(route, index=route.index + offset)
                                                        for route in service.routes))
                          for service in fragment.services)
-        merged = replace(merged, upstreams=merged.upstreams + fragment.upstreams,
+        merged = replace(merged, certificates=merged.certificates + fragment.certificates,
+                         upstreams=merged.upstreams + fragment.upstreams,
                          services=merged.services + services, plugins=merged.plugins + fragment.plugins,
                          plugin_types={**fragment.plugin_types, **merged.plugin_types},
                          hostnames=merged.hostnames + fragment.hostnames)

@@ -44,7 +44,7 @@ TOP_LEVEL_KEYS = (
     "proxy_protocol_timeout", "reload_coalesce", "pid",
     "plugin_modules", "user", "status_listen",
     "error_log", "log_level", "access_log", "access_log_format", "stream_listen", "ssl", "certificates",
-    "upstreams", "services", "plugins",
+    "upstreams", "services", "plugins", "declarative_config",
 )
 SSL_KEYS = ("protocols", "ciphers", "default_certificate", "preread_timeout", "handshake_timeout")
 CERT_KEY_KEYS = ("cert", "key")
@@ -66,11 +66,11 @@ def validate_document(path: str, document: Document,
         for warning in sorted(report.warnings, key=lambda issue: issue.line):
             warn(str(warning))
     errors = document.issues + [error for error in report.errors
-                                if not _follows_from(error, document.refused)]
+                                if not follows_from(error, document.refused)]
     return config, errors
 
 
-def _follows_from(error: ConfigIssue, refused: set[str]) -> bool:
+def follows_from(error: ConfigIssue, refused: set[str]) -> bool:
     """True if `error` is about a value the loader already refused (it reads as null to the validator)."""
     return any(error.key == path or error.key.startswith((path + ".", path + "["))
                for path in refused if path)
@@ -146,6 +146,7 @@ def build_config(report: Report, document: object) -> Config | None:
         plugins=plugins,
         plugin_modules=plugin_modules,
         plugin_types=plugin_types,
+        declarative_config=root.get("declarative_config", lambda value: in_folder(base, value)),
         hostnames=tuple(report.hostnames),
     )
 
