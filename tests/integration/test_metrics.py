@@ -315,8 +315,12 @@ def kill_all(p) -> None:
     p.proc.wait(10)
 
 
-def test_a_killed_masters_metrics_folder_is_removed_at_the_next_start(tmp_path, upstreams):
+def test_a_killed_masters_metrics_folder_is_removed_at_the_next_start(tmp_path, upstreams, monkeypatch):
     up = upstreams(tag_handler, name="up")
+    # The masters of this test keep their folders in a temporary folder of its own: a pyproxy started
+    # meanwhile by another test run on the machine would otherwise clean the killed master's first.
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
     started = []
 
     def start(name: str) -> Proxy:
