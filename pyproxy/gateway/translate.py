@@ -136,6 +136,15 @@ class _State:
     # (precedence, service entity): sorted before they are written, so the oldest route comes first.
     programs: list[tuple[tuple[str, str, str], int, dict[str, Any]]] = field(default_factory=list)
     stream_listen: dict[tuple[str, int], bool] = field(default_factory=dict)  # (host, port) → ssl
+    key_pairs: dict[tuple[bytes, bytes], tuple[tuple[str, ...], str | None]] = field(default_factory=dict)
+
+    def key_pair(self, secret: objects.Secret) -> tuple[tuple[str, ...], str | None]:
+        """`secrets.check_pair` of a TLS Secret, once per content however many listeners name it."""
+        assert secret.certificate is not None and secret.key is not None
+        pair = (secret.certificate, secret.key)
+        if pair not in self.key_pairs:
+            self.key_pairs[pair] = check_pair(*pair)
+        return self.key_pairs[pair]
 
     def permitted(self, from_kind: str, from_namespace: str, ref: ObjectRef) -> bool:
         """A reference to another namespace is allowed by a ReferenceGrant there (GW ReferenceGrant)."""
@@ -349,7 +358,7 @@ def _listener_certificate(state: _State, entry: _Listener) -> None:
                                                 f"Gateways of {gateway.meta.namespace} use {what}"))
         else:
             secret = state.secrets.get((ref.namespace, ref.name))
-            why = _unusable_secret(secret)
+            why = _unusable_secret(state, secret)
             if why is not None:
                 problems.append(("InvalidCertificateRef", f"{what}: {why}"))
             elif entry.certificate is None:
@@ -362,14 +371,14 @@ def _listener_certificate(state: _State, entry: _Listener) -> None:
                          f"listener {entry.spec.name} of {gateway.meta.resource.ref}", gateway.meta.resource)
 
 
-def _unusable_secret(secret: objects.Secret | None) -> str | None:
+def _unusable_secret(state: _State, secret: objects.Secret | None) -> str | None:
     if secret is None:
         return "not found"
     if secret.type != objects.SECRET_TYPE_TLS:
         return f"type {secret.type}, not {objects.SECRET_TYPE_TLS}"
     if not secret.certificate or not secret.key:
         return "tls.crt or tls.key is missing"
-    return check_pair(secret.certificate, secret.key)[1]
+    return state.key_pair(secret)[1]
 
 
 def _add_certificate(state: _State, secret: objects.Secret, snis: tuple[str, ...] | None, user: str,
@@ -381,7 +390,7 @@ def _add_certificate(state: _State, secret: objects.Secret, snis: tuple[str, ...
     assert secret.certificate is not None and secret.key is not None
     cert_path, key_path = pem_paths(state.options.runtime_dir, secret.certificate, secret.key)
     if snis is None:
-        snis = tuple(name for name in check_pair(secret.certificate, secret.key)[0] if _is_sni(name))
+        snis = tuple(name for name in state.key_pair(secret)[0] if _is_sni(name))
     entry = state.certificates.get(cert_path)
     for sni in snis:
         owner = state.sni_owner.setdefault(sni, cert_path)
@@ -661,7 +670,7 @@ def _tcp_ingress(state: _State, ingress: objects.TCPIngress, ports: dict[int, bo
         if not secret_name or not hosts:
             continue
         secret = state.secrets.get((namespace, secret_name))
-        why = _unusable_secret(secret)
+        why = _unusable_secret(state, secret)
         if why is not None:
             state.notices.append(resource.notice(f"Secret {namespace}/{secret_name}: {why}; not served",
                                                  f"spec.tls[{index}]"))

@@ -5,15 +5,26 @@ kubectl and on the configuration pyproxy would run (validated by the configurati
 from __future__ import annotations
 
 import base64
+import copy
 import os
 import stat
+from pathlib import Path
 
 import pytest
 import yaml
 
 from pyproxy.config import Config, load_config
-from pyproxy.gateway import Options, Translation, merge_entities, translate_paths, write_pem_files
+from pyproxy.gateway import (
+    Options,
+    Resource,
+    Translation,
+    merge_entities,
+    translate,
+    translate_paths,
+    write_pem_files,
+)
 from pyproxy.gateway.hostnames import intersect, matches, route_hostnames
+from pyproxy.gateway.manifests import CLUSTER_SCOPED
 from pyproxy.router import Router
 from tests.support import make_cert
 
@@ -683,3 +694,52 @@ def test_tcp_ingress_problems_are_notices(tmp_path):
         "TCPIngress infra/lost: spec.rules[0].backend: Service infra/missing not found: its sessions end "
         "with status 502",
     ]
+
+
+# --- bad input --------------------------------------------------------------------------------------
+
+def _field_paths(value, path=()):
+    yield path
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from _field_paths(item, (*path, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _field_paths(item, (*path, index))
+
+
+IDENTITY = (("apiVersion",), ("kind",), ("metadata", "name"), ("metadata", "namespace"))
+
+
+def test_no_value_in_any_field_makes_the_translation_raise():
+    """Every field of the seed's objects (and of a Secret, a grant, a Namespace), set in turn to a value
+    of each wrong shape: the translation reports or ignores it, it never raises. (The fields that make
+    an object's identity are read_paths' to check: test_gateway_manifests.py.)"""
+    folder = Path(__file__).resolve().parents[2] / "examples" / "gateway"
+    documents = [document for name in ("seed.yaml", "echo-loopback.yaml")
+                 for document in yaml.safe_load_all((folder / name).read_text())]
+    documents += [
+        {"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls", "metadata": {"name": "s"},
+         "data": {"tls.crt": "eA==", "tls.key": "eA=="}},
+        reference_grant("default", "other"),
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "n", "labels": {"a": "b"}}},
+    ]
+    wrong = [None, 5, "x", [], {}, True, -1, [None], {"a": None}, "*.*", 10**20]
+    tried = 0
+    for index, document in enumerate(documents):
+        for field in list(_field_paths(document))[1:]:
+            if field[:2] in IDENTITY or field == ("metadata",):
+                continue
+            for value in wrong:
+                mutated = copy.deepcopy(documents)
+                parent_value = mutated[index]
+                for key in field[:-1]:
+                    parent_value = parent_value[key]
+                parent_value[field[-1]] = value
+                resources = [Resource(item["kind"], item["apiVersion"],
+                                      "" if item["kind"] in CLUSTER_SCOPED else "default",
+                                      item["metadata"]["name"], item, "mutated.yaml", number)
+                             for number, item in enumerate(mutated)]
+                translate(resources, Options(runtime_dir="/nonexistent"))
+                tried += 1
+    assert tried > 1000
