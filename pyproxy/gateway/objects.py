@@ -31,6 +31,8 @@ API_VERSIONS: dict[str, tuple[str, ...]] = {
     "Secret": ("v1",),
     "Namespace": ("v1",),
     "EndpointSlice": ("discovery.k8s.io/v1",),
+    "BackendTLSPolicy": (f"{GATEWAY_GROUP}/v1", f"{GATEWAY_GROUP}/v1alpha3"),
+    "ConfigMap": ("v1",),
 }
 ROUTE_KINDS = ("TCPRoute", "TLSRoute")
 MAX_WEIGHT = 1_000_000
@@ -186,6 +188,24 @@ class Namespace:
 
 
 @dataclass(frozen=True)
+class BackendTLSPolicy:
+    """How pyproxy connects to a Service's port with TLS (GW `apis/v1/backendtlspolicy_types.go`)."""
+
+    meta: Meta
+    targets: tuple[ObjectRef, ...]            # section_name: the Service port's name, None = every port
+    ca_refs: tuple[ObjectRef, ...]
+    well_known: str | None                    # "System": the system's CA store
+    hostname: str                             # the SNI sent and the name verified
+    subject_alt_names: int                    # how many are listed (pyproxy verifies `hostname` only)
+
+
+@dataclass(frozen=True)
+class ConfigMap:
+    meta: Meta
+    ca_certificate: str | None                # data["ca.crt"]
+
+
+@dataclass(frozen=True)
 class IngressRule:
     host: str | None
     port: int
@@ -203,7 +223,7 @@ class TCPIngress:
 
 
 Parsed = (GatewayClass | Gateway | Route | ReferenceGrant | Service | EndpointSlice | Secret | Namespace
-          | TCPIngress)
+          | TCPIngress | BackendTLSPolicy | ConfigMap)
 
 
 def parse(resource: Resource) -> Parsed:
@@ -219,6 +239,9 @@ def parse(resource: Resource) -> Parsed:
         return _secret(meta, body)
     if kind == "Namespace":
         return Namespace(meta, _labels(resource.metadata.get("labels"), "metadata.labels"))
+    if kind == "ConfigMap":
+        data = _mapping(body.get("data"), "data")
+        return ConfigMap(meta, _text(data.get("ca.crt"), "data.ca.crt") or None)
     spec = _mapping(body.get("spec"), "spec")
     if kind == "GatewayClass":
         return GatewayClass(meta, _text(spec.get("controllerName"), "spec.controllerName", required=True),
@@ -231,6 +254,8 @@ def parse(resource: Resource) -> Parsed:
         return _reference_grant(meta, spec)
     if kind == "TCPIngress":
         return _tcp_ingress(meta, spec)
+    if kind == "BackendTLSPolicy":
+        return _backend_tls_policy(meta, spec)
     raise AssertionError(f"no parser for {kind}")
 
 
@@ -443,6 +468,25 @@ def _reference_grant(meta: Meta, spec: dict[str, Any]) -> ReferenceGrant:
                         _text(entry.get("kind"), f"spec.to[{index}].kind", required=True),
                         None if name in (None, "") else _text(name, f"spec.to[{index}].name")))
     return ReferenceGrant(meta, tuple(sources), tuple(targets))
+
+
+def _backend_tls_policy(meta: Meta, spec: dict[str, Any]) -> BackendTLSPolicy:
+    targets = tuple(_reference(ref, f"spec.targetRefs[{index}]", meta.namespace, "", "Service")
+                    for index, ref in enumerate(_items(spec.get("targetRefs"), "spec.targetRefs")))
+    if not targets:
+        raise Malformed("spec.targetRefs", "a BackendTLSPolicy needs at least one targetRef")
+    validation = _mapping(spec.get("validation"), "spec.validation")
+    field = "spec.validation.caCertificateRefs"
+    refs = tuple(_reference(ref, f"{field}[{index}]", meta.namespace, "", "ConfigMap")
+                 for index, ref in enumerate(_items(validation.get("caCertificateRefs"), field)))
+    well_known = _text(validation.get("wellKnownCACertificates"), "spec.validation.wellKnownCACertificates")
+    if bool(refs) == bool(well_known):
+        raise Malformed("spec.validation", "exactly one of caCertificateRefs and wellKnownCACertificates")
+    hostname = _hostname(validation.get("hostname"), "spec.validation.hostname")
+    if hostname.startswith("*."):
+        raise Malformed("spec.validation.hostname", "a precise hostname, without a wildcard")
+    subject_alt_names = _items(validation.get("subjectAltNames"), "spec.validation.subjectAltNames")
+    return BackendTLSPolicy(meta, targets, refs, well_known or None, hostname, len(subject_alt_names))
 
 
 # --- core and discovery -----------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import ssl
 
 from pyproxy.config.sections import Place, Report
 from pyproxy.config.tlsfiles import certificate_names, load_certificate_pair
@@ -40,6 +41,20 @@ def pem_paths(folder: str, certificate: bytes, key: bytes) -> tuple[str, str]:
     """`(certificate path, key path)` in `folder`, named by a hash of both contents."""
     digest = hashlib.sha256(certificate + b"\0" + key).hexdigest()[:24]
     return os.path.join(folder, f"tls-{digest}.crt"), os.path.join(folder, f"tls-{digest}.key")
+
+
+def check_ca_bundle(pem: str) -> str | None:
+    """None when `pem` holds CA certificates OpenSSL loads (what `tls_verify` will trust), else why not."""
+    try:
+        ssl.create_default_context(cadata=pem)
+    except (ssl.SSLError, ValueError) as error:
+        return f"no usable PEM CA certificate ({getattr(error, 'reason', None) or error})"
+    return None
+
+
+def ca_path(folder: str, content: bytes) -> str:
+    """Where a CA bundle is written, named by a hash of its content."""
+    return os.path.join(folder, f"ca-{hashlib.sha256(content).hexdigest()[:24]}.crt")
 
 
 def write_pem_files(files: dict[str, bytes]) -> None:

@@ -27,11 +27,11 @@ from pyproxy.config.values import parse_sni
 from . import hostnames, objects
 from .manifests import Notice, Resource
 from .objects import GATEWAY_GROUP, Malformed, ObjectRef
-from .secrets import check_pair, pem_paths
+from .secrets import ca_path, check_ca_bundle, check_pair, pem_paths
 
 CONTROLLER_NAME = "gateway.pyproxy.dev/controller"
-SUPPORTED_FEATURES = ("Gateway", "ReferenceGrant", "TCPRoute", "TLSRoute", "TLSRouteModeMixed",
-                      "TLSRouteModeTerminate")
+SUPPORTED_FEATURES = ("BackendTLSPolicy", "Gateway", "ReferenceGrant", "TCPRoute", "TLSRoute",
+                      "TLSRouteModeMixed", "TLSRouteModeTerminate")
 ROUTE_PROTOCOLS = ("tcp", "tls", "tls_passthrough")
 Entities = dict[str, list[Any]]
 StatusKey = tuple[str, str, str]         # (kind, namespace, name); namespace "" for a GatewayClass
@@ -116,6 +116,19 @@ class _Backend:
     weight: int
     reason: str = ""
     message: str = ""
+    service: objects.Service | None = None
+    port_name: str = ""
+
+
+@dataclass
+class _Policy:
+    """A BackendTLSPolicy judged: its conditions, the service settings it gives, the Gateways using it."""
+
+    policy: objects.BackendTLSPolicy
+    accepted: _Condition = (True, "Accepted", "")
+    resolved: _Condition = (True, "ResolvedRefs", "")
+    settings: dict[str, Any] | None = None       # protocol, tls_verify, ...; None: connections must fail
+    ancestors: list[objects.Gateway] = field(default_factory=list)
 
 
 @dataclass
@@ -137,6 +150,10 @@ class _State:
     programs: list[tuple[tuple[str, str, str], int, dict[str, Any]]] = field(default_factory=list)
     stream_listen: dict[tuple[str, int], bool] = field(default_factory=dict)  # (host, port) → ssl
     key_pairs: dict[tuple[bytes, bytes], tuple[tuple[str, ...], str | None]] = field(default_factory=dict)
+    config_maps: dict[tuple[str, str], objects.ConfigMap] = field(default_factory=dict)
+    # (namespace, Service, port name or None for every port) → the policies naming it, oldest first.
+    policies: dict[tuple[str, str, str | None], list[_Policy]] = field(
+        default_factory=lambda: defaultdict(list))
 
     def key_pair(self, secret: objects.Secret) -> tuple[tuple[str, ...], str | None]:
         """`secrets.check_pair` of a TLS Secret, once per content however many listeners name it."""
@@ -185,6 +202,11 @@ def translate(resources: list[Resource], options: Options | None = None) -> Tran
             state.namespaces[item.meta.name] = item.labels
         elif isinstance(item, objects.ReferenceGrant):
             state.grants[item.meta.namespace].append(item)
+        elif isinstance(item, objects.ConfigMap):
+            state.config_maps[(item.meta.namespace, item.meta.name)] = item
+    judged = [_backend_tls_policy(state, item) for item in
+              sorted((item for item in parsed if isinstance(item, objects.BackendTLSPolicy)),
+                     key=lambda policy: policy.meta.resource.age_key)]
 
     classes = {item.meta.name for item in parsed
                if isinstance(item, objects.GatewayClass) and _gateway_class(state, item)}
@@ -197,6 +219,8 @@ def translate(resources: list[Resource], options: Options | None = None) -> Tran
         _route(state, route, listeners)
     for gateway in gateways:
         _gateway_status(state, gateway, [entry for entry in listeners if entry.gateway is gateway])
+    for policy in judged:
+        _policy_status(state, policy)
     ingresses = sorted((item for item in parsed if isinstance(item, objects.TCPIngress)
                         and item.ingress_class == options.ingress_class),
                        key=lambda ingress: ingress.meta.resource.age_key)
@@ -593,7 +617,7 @@ def _service_backend(state: _State, service: objects.Service, port: int, weight:
     if not targets:
         return _Backend(upstream, [], weight, "EndpointsNotFound",
                         f"{what} port {port} has no ready endpoint")
-    return _Backend(upstream, list(targets), weight)
+    return _Backend(upstream, list(targets), weight, service=service, port_name=service_port.name)
 
 
 def _resolved_refs(backends: list[_Backend]) -> _Condition:
@@ -608,6 +632,8 @@ def _program_route(state: _State, route: objects.Route, attachments: list[_Attac
     """The route's service (with one pyproxy route per listener it attached to) and its upstream."""
     base = f"{route.kind.lower()}.{route.meta.namespace}.{route.meta.name}"
     routes = []
+    originated: list[dict[str, Any]] = []       # terminated here, TLS again towards the backends
+    settings: dict[str, Any] = {}
     for index, entry, snis in attachments:
         if not entry.usable:
             continue
@@ -625,11 +651,50 @@ def _program_route(state: _State, route: objects.Route, attachments: list[_Attac
                                          "destinations": [{"port": spec.port}]}
         if snis:
             pyproxy_route["snis"] = list(snis)
-        routes.append(pyproxy_route)
-    if routes:
+        if spec.tls_mode != "Terminate":
+            routes.append(pyproxy_route)
+            continue
+        policy, why = _backend_tls(state, entry.gateway, backends)
+        if why:
+            state.notices.append(route.meta.resource.notice(f"listener {spec.name}: {why}; its connections "
+                                                            "are refused"))
+        elif policy is None:
+            routes.append(pyproxy_route)
+        else:
+            settings = policy
+            originated.append(pyproxy_route)
+    if routes or originated:
         upstream = _upstream(state, base, backends)
-        state.programs.append((route.meta.resource.age_key, len(state.programs),
-                               {"name": base, "host": upstream, "routes": routes}))
+        for name, chosen, extra in ((base, routes, {}), (f"{base}.backend-tls", originated, settings)):
+            if chosen:
+                state.programs.append((route.meta.resource.age_key, len(state.programs),
+                                       {"name": name, "host": upstream, **extra, "routes": chosen}))
+
+
+def _backend_tls(state: _State, gateway: objects.Gateway,
+                 backends: list[_Backend]) -> tuple[dict[str, Any] | None, str]:
+    """The service settings the BackendTLSPolicy of a route's backends asks for (None: plain TCP), or why
+    the route cannot honour it. One service serves all of a route's backends: they must agree."""
+    chosen: list[_Policy | None] = []
+    for backend in backends:
+        if not backend.targets or backend.service is None:
+            continue
+        meta = backend.service.meta
+        naming = (state.policies.get((meta.namespace, meta.name, backend.port_name))
+                  or state.policies.get((meta.namespace, meta.name, None)) or [])
+        for judged in naming:
+            if gateway not in judged.ancestors:
+                judged.ancestors.append(gateway)
+        chosen.append(naming[0] if naming else None)
+    if all(policy is None for policy in chosen):
+        return None, ""
+    first = chosen[0]
+    if first is None or any(policy is not first for policy in chosen):
+        return None, ("its backends differ in BackendTLSPolicy, and pyproxy speaks to all of a route's "
+                      "backends alike")
+    if first.settings is None:
+        return None, f"BackendTLSPolicy {first.policy.meta.name} cannot be honoured ({first.accepted[2]})"
+    return first.settings, ""
 
 
 def _upstream(state: _State, name: str, backends: list[_Backend]) -> str:
@@ -658,6 +723,69 @@ def _upstream(state: _State, name: str, backends: list[_Backend]) -> str:
 
 def _targets(weights: dict[tuple[str, int], int]) -> list[dict[str, Any]]:
     return [{"target": host_port(host, port), "weight": weight} for (host, port), weight in weights.items()]
+
+
+# --- BackendTLSPolicy ------------------------------------------------------------------------------
+
+def _backend_tls_policy(state: _State, policy: objects.BackendTLSPolicy) -> _Policy:
+    """Judge a policy (oldest first): its CA certificates, and the Service ports no older one took."""
+    judged = _Policy(policy)
+    namespace = policy.meta.namespace
+    problems: list[tuple[str, str]] = []
+    ca_files: list[str] = []
+    for ref in policy.ca_refs:
+        what = f"{ref.kind} {namespace}/{ref.name}"
+        config_map = state.config_maps.get((namespace, ref.name))
+        if ref.group not in ("", "core") or ref.kind != "ConfigMap":
+            problems.append(("InvalidKind", f"{what}: CA certificates come from ConfigMaps"))
+        elif config_map is None or config_map.ca_certificate is None:
+            missing = "no ca.crt" if config_map else "not found"
+            problems.append(("InvalidCACertificateRef", f"{what}: {missing}"))
+        elif (why := check_ca_bundle(config_map.ca_certificate)) is not None:
+            problems.append(("InvalidCACertificateRef", f"{what}: {why}"))
+        else:
+            content = config_map.ca_certificate.encode()
+            path = ca_path(state.options.runtime_dir, content)
+            state.files[path] = content
+            ca_files.append(path)
+    if problems:
+        judged.resolved = (False, problems[0][0], "; ".join(message for _, message in problems))
+    if policy.ca_refs and not ca_files:
+        judged.accepted = (False, "NoValidCACertificate", judged.resolved[2])
+    elif policy.well_known not in (None, "System"):
+        judged.accepted = (False, "Invalid", f"wellKnownCACertificates {policy.well_known!r} is not System")
+    elif policy.subject_alt_names:
+        judged.accepted = (False, "Invalid", "pyproxy verifies a backend's certificate against "
+                                             "validation.hostname only, not subjectAltNames")
+    else:
+        judged.settings = {"protocol": "tls", "tls_verify": True, "tls_server_name": policy.hostname}
+        if ca_files:
+            judged.settings["ca_certificates"] = ca_files
+    for target in policy.targets:
+        if target.group in ("", "core") and target.kind == "Service":
+            naming = state.policies[(namespace, target.name, target.section_name)]
+            naming.append(judged)
+            if naming[0] is not judged and judged.accepted[0]:
+                judged.accepted = (False, "Conflicted", f"BackendTLSPolicy {naming[0].policy.meta.name} is "
+                                                        "older and targets the same Service port")
+                judged.settings = None
+    return judged
+
+
+def _policy_status(state: _State, judged: _Policy) -> None:
+    """PolicyStatus: one ancestor per Gateway of pyproxy's whose terminated routes reach the target."""
+    if not judged.ancestors:
+        return
+    generation = judged.policy.meta.generation
+    state.statuses[("BackendTLSPolicy", judged.policy.meta.namespace, judged.policy.meta.name)] = {
+        "ancestors": [{
+            "ancestorRef": {"group": GATEWAY_GROUP, "kind": "Gateway", "namespace": gateway.meta.namespace,
+                            "name": gateway.meta.name},
+            "controllerName": state.options.controller_name,
+            "conditions": [condition("Accepted", *judged.accepted, generation),
+                           condition("ResolvedRefs", *judged.resolved, generation)],
+        } for gateway in judged.ancestors],
+    }
 
 
 # --- Kong TCPIngress --------------------------------------------------------------------------------

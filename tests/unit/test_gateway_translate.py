@@ -712,9 +712,10 @@ IDENTITY = (("apiVersion",), ("kind",), ("metadata", "name"), ("metadata", "name
 
 
 def test_no_value_in_any_field_makes_the_translation_raise():
-    """Every field of the seed's objects (and of a Secret, a grant, a Namespace), set in turn to a value
-    of each wrong shape: the translation reports or ignores it, it never raises. (The fields that make
-    an object's identity are read_paths' to check: test_gateway_manifests.py.)"""
+    """Every field of the seed's objects (and of a Secret, a grant, a Namespace, a BackendTLSPolicy and
+    a ConfigMap), set in turn to a value of each wrong shape: the translation reports or ignores it, it
+    never raises. (The fields that make an object's identity are read_paths' to check:
+    test_gateway_manifests.py.)"""
     folder = Path(__file__).resolve().parents[2] / "examples" / "gateway"
     documents = [document for name in ("seed.yaml", "echo-loopback.yaml")
                  for document in yaml.safe_load_all((folder / name).read_text())]
@@ -723,6 +724,8 @@ def test_no_value_in_any_field_makes_the_translation_raise():
          "data": {"tls.crt": "eA==", "tls.key": "eA=="}},
         reference_grant("default", "other"),
         {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "n", "labels": {"a": "b"}}},
+        {**backend_tls_policy("p", "echo", section="tcp"), "metadata": {"name": "p", "namespace": "default"}},
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "ca"}, "data": {"ca.crt": "x"}},
     ]
     wrong = [None, 5, "x", [], {}, True, -1, [None], {"a": None}, "*.*", 10**20]
     tried = 0
@@ -743,3 +746,107 @@ def test_no_value_in_any_field_makes_the_translation_raise():
                 translate(resources, Options(runtime_dir="/nonexistent"))
                 tried += 1
     assert tried > 1000
+
+
+# --- BackendTLSPolicy (GW backendtlspolicy_types.go; conformance backendtlspolicy-tlsroute-terminate) -----
+
+def backend_tls_policy(name: str, service_name: str = "tls-backend", section: str | None = None,
+                       config_map: str | None = "ca", created: str | None = None, **validation) -> dict:
+    target = {"group": "", "kind": "Service", "name": service_name}
+    if section is not None:
+        target["sectionName"] = section
+    metadata = {"name": name, "namespace": INFRA}
+    if created:
+        metadata["creationTimestamp"] = created
+    checks = {"hostname": "abc.example.com", **validation}
+    if config_map is not None:
+        checks.setdefault("caCertificateRefs", [{"group": "", "kind": "ConfigMap", "name": config_map}])
+    return {"apiVersion": V1, "kind": "BackendTLSPolicy", "metadata": metadata,
+            "spec": {"targetRefs": [target], "validation": checks}}
+
+
+def ca_config_map(ca_file, name: str = "ca") -> dict:
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "namespace": INFRA},
+            "data": {"ca.crt": ca_file.read_text()}}
+
+
+@pytest.fixture(scope="module")
+def ca(tmp_path_factory):
+    from tests.support import make_ca
+    return make_ca(tmp_path_factory.mktemp("ca"))
+
+
+def terminate_gateway(passthrough: bool = False) -> dict:
+    listeners = [listener("tls", 8443, "TLS", hostname="tls.example.com",
+                          tls={"certificateRefs": [{"name": "cert"}]})]
+    if passthrough:
+        listeners.append(listener("pass", 8443, "TLS", hostname="pass.example.com",
+                                  tls={"mode": "Passthrough"}))
+    return gateway(listeners)
+
+
+def test_backend_tls_policy_makes_terminated_routes_speak_tls_to_the_backend(tmp_path, certs, ca):
+    result = run(tmp_path, terminate_gateway(passthrough=True), tls_secret("cert", certs["tls"]),
+                 service("tls-backend", ports={"btls": 443}), ca_config_map(ca[0]),
+                 backend_tls_policy("policy", section="btls"),
+                 tls_route("r", [{"name": "gw"}], [backend("tls-backend", 443)],
+                           ["tls.example.com", "pass.example.com"]))
+    assert parent(result, "TLSRoute", "r") == {"Accepted": ACCEPTED, "ResolvedRefs": RESOLVED}
+    [ancestor] = result.statuses[("BackendTLSPolicy", INFRA, "policy")]["ancestors"]
+    assert ancestor["ancestorRef"] == {"group": GROUP, "kind": "Gateway", "namespace": INFRA, "name": "gw"}
+    assert conditions(ancestor["conditions"]) == {"Accepted": ACCEPTED, "ResolvedRefs": RESOLVED}
+    config = load(tmp_path, result)
+    by_route = {r.name: config.service(r.service) for r in config.routes}
+    terminated = by_route["tlsroute.infra.r.0.tls"]
+    assert (terminated.protocol, terminated.tls_verify, terminated.tls_server_name) == ("tls", True,
+                                                                                         "abc.example.com")
+    assert [Path(path).read_text() for path in terminated.ca_certificates] == [ca[0].read_text()]
+    passed = by_route["tlsroute.infra.r.0.pass"]         # passthrough is already end to end
+    assert (passed.protocol, passed.tls_verify) == ("tcp", False)
+
+
+def test_backend_tls_policy_for_another_port_or_service_does_not_apply(tmp_path, certs, ca):
+    result = run(tmp_path, terminate_gateway(), tls_secret("cert", certs["tls"]),
+                 service("tls-backend", ports={"tcp": 1025}), ca_config_map(ca[0]),
+                 backend_tls_policy("other-port", section="btls"),
+                 backend_tls_policy("other", "other-service"),
+                 tls_route("r", [{"name": "gw"}], [backend("tls-backend")], ["tls.example.com"]))
+    assert not any(key[0] == "BackendTLSPolicy" for key in result.statuses)
+    [svc] = result.entities["services"]
+    assert "protocol" not in svc
+
+
+@pytest.mark.parametrize(("config_maps", "policy", "accepted", "resolved"), [
+    ([], {}, ("False", "NoValidCACertificate"), ("False", "InvalidCACertificateRef")),
+    (["garbage"], {}, ("False", "NoValidCACertificate"), ("False", "InvalidCACertificateRef")),
+    ([], {"caCertificateRefs": [{"group": "example.com", "kind": "Bundle", "name": "ca"}]},
+     ("False", "NoValidCACertificate"), ("False", "InvalidKind")),
+    (["ca"], {"subjectAltNames": [{"type": "Hostname", "hostname": "abc.example.com"}]},
+     ("False", "Invalid"), RESOLVED),
+])
+def test_unusable_backend_tls_policy_refuses_the_connections(tmp_path, certs, ca, config_maps, policy,
+                                                             accepted, resolved):
+    objects: list = [terminate_gateway(), tls_secret("cert", certs["tls"]), service("tls-backend"),
+                     backend_tls_policy("policy", **policy),
+                     tls_route("r", [{"name": "gw"}], [backend("tls-backend")], ["tls.example.com"])]
+    if "ca" in config_maps:
+        objects.append(ca_config_map(ca[0]))
+    if "garbage" in config_maps:
+        objects.append({**ca_config_map(ca[0]), "data": {"ca.crt": "not a certificate"}})
+    result = run(tmp_path, *objects)
+    [ancestor] = result.statuses[("BackendTLSPolicy", INFRA, "policy")]["ancestors"]
+    assert conditions(ancestor["conditions"]) == {"Accepted": accepted, "ResolvedRefs": resolved}
+    assert result.entities["services"] == []
+    assert any("its connections are refused" in notice.message for notice in result.notices)
+
+
+def test_older_backend_tls_policy_wins(tmp_path, certs, ca):
+    result = run(tmp_path, terminate_gateway(), tls_secret("cert", certs["tls"]), service("tls-backend"),
+                 ca_config_map(ca[0]),
+                 backend_tls_policy("newer", created="2026-01-02T00:00:00Z", hostname="new.example.com"),
+                 backend_tls_policy("older", created="2026-01-01T00:00:00Z"),
+                 tls_route("r", [{"name": "gw"}], [backend("tls-backend")], ["tls.example.com"]))
+    newer = result.statuses[("BackendTLSPolicy", INFRA, "newer")]["ancestors"][0]
+    assert conditions(newer["conditions"])["Accepted"] == ("False", "Conflicted")
+    [svc] = result.entities["services"]
+    assert svc["tls_server_name"] == "abc.example.com"
