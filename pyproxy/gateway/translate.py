@@ -253,9 +253,11 @@ def _parse_all(state: _State, resources: list[Resource]) -> list[objects.Parsed]
             state.notices.append(resource.notice(f"{error.message}; the object is skipped", error.field))
     for (api_version, kind), skipped in ignored.items():
         first = skipped[0]
-        state.notices.append(Notice(first.file, first.line,
-                                    f"{kind} ({api_version}) is not a kind pyproxy reads: "
-                                    f"{len(skipped)} object(s) ignored"))
+        versions = objects.API_VERSIONS.get(kind)
+        why = (f"pyproxy reads {kind} as {', '.join(versions)}" if versions
+               else "not a kind pyproxy reads")
+        state.notices.append(Notice(first.file, first.line, f"{kind} ({api_version}): {why}: "
+                                                            f"{len(skipped)} object(s) ignored"))
     return parsed
 
 

@@ -92,10 +92,14 @@ def test_a_missing_file_is_reported(tmp_path):
 def test_unknown_kinds_get_one_notice_each(tmp_path):
     path = tmp_path / "app.yaml"
     deployment = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: %s}\n"
-    path.write_text(deployment % "a" + "---\n" + deployment % "b" + "---\n" + SERVICE.format(name="echo"))
+    old_route = "apiVersion: gateway.networking.k8s.io/v1beta1\nkind: TCPRoute\nmetadata: {name: old}\n"
+    path.write_text(deployment % "a" + "---\n" + deployment % "b" + "---\n" + SERVICE.format(name="echo")
+                    + "---\n" + old_route)
     translation = translate_paths([str(path)])
     assert [str(n) for n in translation.notices] == [
-        f"{path}:1: Deployment (apps/v1) is not a kind pyproxy reads: 2 object(s) ignored"]
+        f"{path}:1: Deployment (apps/v1): not a kind pyproxy reads: 2 object(s) ignored",
+        f"{path}:17: TCPRoute (gateway.networking.k8s.io/v1beta1): pyproxy reads TCPRoute as "
+        "gateway.networking.k8s.io/v1, gateway.networking.k8s.io/v1alpha2: 1 object(s) ignored"]
 
 
 def test_a_malformed_object_names_file_line_kind_name_and_field(tmp_path):
