@@ -43,6 +43,22 @@ def route_hostnames(listener: str | None, route: Iterable[str]) -> tuple[str, ..
     return tuple(dict.fromkeys(common)) or None
 
 
+def specificity(hostname: str | None) -> tuple[int, int]:
+    """Listener precedence (GW "Listener Isolation"): an exact name, then a wildcard of more labels, then
+    no hostname; a larger value is more specific."""
+    if hostname is None:
+        return (0, 0)
+    return (1 if hostname.startswith("*.") else 2, hostname.count("."))
+
+
+def isolated(listener: str | None, others: Iterable[str | None], names: tuple[str, ...]) -> tuple[str, ...]:
+    """The route hostnames a listener serves once each is left to the most specific listener of the
+    port that covers it (`others`: the hostnames of the port's other listeners)."""
+    rank = specificity(listener)
+    closer = [other for other in others if other is not None and specificity(other) > rank]
+    return tuple(name for name in names if not any(matches(other, name) for other in closer))
+
+
 def overlap(one: str | None, other: str | None) -> bool:
     """True when some SNI would match both listener hostnames (None = any)."""
     if one is None or other is None:

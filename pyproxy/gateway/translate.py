@@ -149,6 +149,7 @@ class _State:
     # (precedence, service entity): sorted before they are written, so the oldest route comes first.
     programs: list[tuple[tuple[str, str, str], int, dict[str, Any]]] = field(default_factory=list)
     stream_listen: dict[tuple[str, int], bool] = field(default_factory=dict)  # (host, port) → ssl
+    tls_listeners: dict[int, list[_Listener]] = field(default_factory=lambda: defaultdict(list))
     key_pairs: dict[tuple[bytes, bytes], tuple[tuple[str, ...], str | None]] = field(default_factory=dict)
     config_maps: dict[tuple[str, str], objects.ConfigMap] = field(default_factory=dict)
     # (namespace, Service, port name or None for every port) → the policies naming it, oldest first.
@@ -333,11 +334,10 @@ def _listeners(state: _State, gateways: list[objects.Gateway]) -> list[_Listener
             if entry.spec.tls_mode == "Terminate":
                 _listener_certificate(state, entry)
         entries.extend(mine)
-    tls_by_port: dict[int, list[_Listener]] = defaultdict(list)
     for entry in entries:
         if entry.accepted[0] and entry.spec.protocol == "TLS":
-            tls_by_port[entry.spec.port].append(entry)
-    for group in tls_by_port.values():
+            state.tls_listeners[entry.spec.port].append(entry)
+    for group in state.tls_listeners.values():
         for entry in group:
             entry.overlapping = any(hostnames.overlap(entry.spec.hostname, other.spec.hostname)
                                     for other in group if other is not entry)
@@ -644,6 +644,11 @@ def _program_route(state: _State, route: objects.Route, attachments: list[_Attac
             protocols = ["tcp"]
         else:
             protocols = ["tls_passthrough" if spec.tls_mode == "Passthrough" else "tls"]
+        if spec.protocol == "TLS" and snis:
+            others = [other.spec.hostname for other in state.tls_listeners[spec.port] if other is not entry]
+            snis = hostnames.isolated(spec.hostname, others, snis)
+            if not snis:
+                continue        # every hostname belongs to a more specific listener of the port
         if protocols == ["tls_passthrough"] and not snis:
             state.notices.append(route.meta.resource.notice(
                 f"listener {spec.name} has no hostname and the route none: pyproxy passes TLS through by "

@@ -850,3 +850,22 @@ def test_older_backend_tls_policy_wins(tmp_path, certs, ca):
     assert conditions(newer["conditions"])["Accepted"] == ("False", "Conflicted")
     [svc] = result.entities["services"]
     assert svc["tls_server_name"] == "abc.example.com"
+
+
+def test_a_hostname_goes_to_the_most_specific_listener_of_its_port(tmp_path, certs):
+    """GW "Listener Isolation": a route attached to a wildcard listener and to an exact one on the same
+    port serves the exact name through the exact listener only (there: terminated, not passed)."""
+    gw = gateway([listener("wild", 8443, "TLS", hostname="*.example.com", tls={"mode": "Passthrough"}),
+                  listener("exact", 8443, "TLS", hostname="tls.example.com",
+                           tls={"certificateRefs": [{"name": "cert"}]}),
+                  listener("any", 8443, "TLS", tls={"mode": "Passthrough"})])
+    result = run(tmp_path, gw, tls_secret("cert", certs["tls"]), service("echo"),
+                 tls_route("r", [{"name": "gw"}], [backend("echo")],
+                           ["tls.example.com", "other.example.com", "x.example.org"]))
+    assert [listener_status(result, name)["attachedRoutes"] for name in ("wild", "exact", "any")] == [1, 1, 1]
+    config = load(tmp_path, result)
+    assert {r.name: (r.protocols, r.snis) for r in config.routes} == {
+        "tlsroute.infra.r.0.wild": (("tls_passthrough",), ("other.example.com",)),
+        "tlsroute.infra.r.0.exact": (("tls",), ("tls.example.com",)),
+        "tlsroute.infra.r.0.any": (("tls_passthrough",), ("x.example.org",)),
+    }
