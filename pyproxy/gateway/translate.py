@@ -36,6 +36,8 @@ ROUTE_PROTOCOLS = ("tcp", "tls", "tls_passthrough")
 Entities = dict[str, list[Any]]
 StatusKey = tuple[str, str, str]         # (kind, namespace, name); namespace "" for a GatewayClass
 _Condition = tuple[bool, str, str]       # (status, reason, message) of a condition being decided
+# A service entity with its precedence: (route's age key, order written).
+_Program = tuple[tuple[str, str, str], int, dict[str, Any]]
 _Attachment = tuple[int, "_Listener", tuple[str, ...]]   # (parentRef index, listener, SNIs there)
 
 
@@ -147,7 +149,7 @@ class _State:
     sni_owner: dict[str, str] = field(default_factory=dict)                    # SNI → cert path
     upstreams: dict[str, dict[str, Any]] = field(default_factory=dict)
     # (precedence, service entity): sorted before they are written, so the oldest route comes first.
-    programs: list[tuple[tuple[str, str, str], int, dict[str, Any]]] = field(default_factory=list)
+    programs: list[_Program] = field(default_factory=list)
     stream_listen: dict[tuple[str, int], bool] = field(default_factory=dict)  # (host, port) → ssl
     tls_listeners: dict[int, list[_Listener]] = field(default_factory=lambda: defaultdict(list))
     key_pairs: dict[tuple[bytes, bytes], tuple[tuple[str, ...], str | None]] = field(default_factory=dict)
@@ -869,10 +871,23 @@ def _entities(state: _State, listeners: list[_Listener]) -> Entities:
             opened.add(key)
             flags = " ssl" if entry.spec.protocol == "TLS" else ""
             stream_listen.append(host_port(address, entry.spec.port) + flags)
-    services = [service for _, _, service in sorted(state.programs, key=lambda program: program[:2])]
+    services = [service for _, _, service in sorted(state.programs, key=_precedence)]
     return {
         "stream_listen": stream_listen,
         "certificates": list(state.certificates.values()),
         "upstreams": list(state.upstreams.values()),
         "services": services,
     }
+
+
+def _precedence(program: _Program) -> tuple[int, tuple[str, str, str], int]:
+    """Where a service is written: pyproxy gives a tie between routes to the one written first.
+
+    Oldest first (creationTimestamp, namespace, name: GW Listener.AllowedRoutes), except that a service
+    whose routes have a wildcard SNI of more labels comes before: pyproxy's router ranks all wildcards
+    alike, the Gateway API ranks `*.foo.example.com` over `*.example.com` (brief §9.2 c).
+    """
+    age, order, service = program
+    depth = max((sni.count(".") for route in service["routes"] for sni in route.get("snis", ())
+                 if sni.startswith("*.")), default=0)
+    return (-depth, age, order)

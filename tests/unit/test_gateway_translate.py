@@ -869,3 +869,23 @@ def test_a_hostname_goes_to_the_most_specific_listener_of_its_port(tmp_path, cer
         "tlsroute.infra.r.0.exact": (("tls",), ("tls.example.com",)),
         "tlsroute.infra.r.0.any": (("tls_passthrough",), ("x.example.org",)),
     }
+
+
+def test_longer_wildcard_wins_over_an_older_shorter_one(tmp_path):
+    gw = gateway([listener("tls", 8443, "TLS", tls={"mode": "Passthrough"})])
+    result = run(tmp_path, gw, service("short"), service("long"), service("exact"),
+                 tls_route("short", [{"name": "gw"}], [backend("short")], ["*.example.com"],
+                           created="2026-01-01T00:00:00Z"),
+                 tls_route("long", [{"name": "gw"}], [backend("long")], ["*.foo.example.com"],
+                           created="2026-01-02T00:00:00Z"),
+                 tls_route("exact", [{"name": "gw"}], [backend("exact")], ["a.foo.example.com"],
+                           created="2026-01-03T00:00:00Z"))
+    config = load(tmp_path, result)
+    routes = Router(config.routes, config.stream_listen).for_listener(config.stream_listen[0])
+
+    def chosen(sni: str) -> str:
+        found = routes.match("192.0.2.1", 40000, "127.0.0.1", 8443, sni)
+        return found.name if found is not None else ""
+    assert chosen("b.foo.example.com") == "tlsroute.infra.long.0.tls"
+    assert chosen("b.example.com") == "tlsroute.infra.short.0.tls"
+    assert chosen("a.foo.example.com") == "tlsroute.infra.exact.0.tls"
