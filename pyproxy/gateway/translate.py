@@ -1,17 +1,18 @@
 """Gateway API and Kong TCPIngress objects → pyproxy configuration entities and object statuses.
 
-`translate(resources, options)` is pure: it reads no file, opens no socket and returns
-`Translation(entities, statuses, files, notices)`:
+`translate(resources, options)` is pure: it writes no file and opens no socket (a Secret's key pair is
+checked in memory files) and returns `Translation(entities, statuses, files, notices)`:
 
 - `entities`: a mapping in pyproxy's own configuration schema (`stream_listen`, `certificates`,
   `upstreams`, `services` with their `routes`), to be merged with a configuration file and checked by
   the same validator (see `merge_entities`);
 - `statuses`: for each object pyproxy owns, keyed `(kind, namespace, name)`, the `status` the Gateway
   API asks for (conditions without `lastTransitionTime`, which the writer stamps);
-- `files`: PEM files the certificates name (`secrets.write_pem_files` writes them);
+- `files`: the PEM files the certificates and CA bundles name (`secrets.write_pem_files` writes them);
 - `notices`: malformed objects skipped, kinds ignored, choices the user should know of.
 
-Sources of every rule: docs/design/gateway-api.md (§2 attachment, §3 status, §5 TCPIngress).
+Sources of every rule: docs/design/gateway-api.md (§2 attachment, §3 status, §5 TCPIngress; §9 says
+what is implemented and what the configuration model cannot express yet).
 """
 
 from __future__ import annotations
