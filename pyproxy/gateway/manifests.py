@@ -18,7 +18,7 @@ import yaml
 
 MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
 # Cluster-scoped kinds pyproxy reads: they have no namespace. Every other kind defaults to `default`.
-CLUSTER_SCOPED = ("GatewayClass", "Namespace")
+CLUSTER_SCOPED = ("GatewayClass", "Namespace", "IngressClass")
 
 _Loader = yaml.CSafeLoader if yaml.__with_libyaml__ else yaml.SafeLoader
 

@@ -33,11 +33,13 @@ API_VERSIONS: dict[str, tuple[str, ...]] = {
     "EndpointSlice": ("discovery.k8s.io/v1",),
     "BackendTLSPolicy": (f"{GATEWAY_GROUP}/v1", f"{GATEWAY_GROUP}/v1alpha3"),
     "ConfigMap": ("v1",),
+    "IngressClass": ("networking.k8s.io/v1",),
 }
 ROUTE_KINDS = ("TCPRoute", "TLSRoute")
 MAX_WEIGHT = 1_000_000
 SECRET_TYPE_TLS = "kubernetes.io/tls"
 INGRESS_CLASS_ANNOTATION = "kubernetes.io/ingress.class"
+DEFAULT_CLASS_ANNOTATION = "ingressclass.kubernetes.io/is-default-class"
 PROTOCOLS_ANNOTATION = "konghq.com/protocols"
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 # GW `Hostname`: RFC 1123 labels, lower case, an optional leading `*.` label.
@@ -206,6 +208,12 @@ class ConfigMap:
 
 
 @dataclass(frozen=True)
+class IngressClass:
+    meta: Meta
+    is_default: bool                          # the class of Ingresses that name none
+
+
+@dataclass(frozen=True)
 class IngressRule:
     host: str | None
     port: int
@@ -223,7 +231,7 @@ class TCPIngress:
 
 
 Parsed = (GatewayClass | Gateway | Route | ReferenceGrant | Service | EndpointSlice | Secret | Namespace
-          | TCPIngress | BackendTLSPolicy | ConfigMap)
+          | TCPIngress | BackendTLSPolicy | ConfigMap | IngressClass)
 
 
 def parse(resource: Resource) -> Parsed:
@@ -239,6 +247,9 @@ def parse(resource: Resource) -> Parsed:
         return _secret(meta, body)
     if kind == "Namespace":
         return Namespace(meta, _labels(resource.metadata.get("labels"), "metadata.labels"))
+    if kind == "IngressClass":
+        annotations = _labels(resource.metadata.get("annotations"), "metadata.annotations")
+        return IngressClass(meta, annotations.get(DEFAULT_CLASS_ANNOTATION) == "true")
     if kind == "ConfigMap":
         data = _mapping(body.get("data"), "data")
         return ConfigMap(meta, _text(data.get("ca.crt"), "data.ca.crt") or None)

@@ -225,8 +225,12 @@ def translate(resources: list[Resource], options: Options | None = None) -> Tran
         _gateway_status(state, gateway, [entry for entry in listeners if entry.gateway is gateway])
     for policy in judged:
         _policy_status(state, policy)
+    # KIC's ExactOrEmptyClassMatch: no class annotation means the default IngressClass, if that is ours.
+    by_default = any(isinstance(item, objects.IngressClass) and item.meta.name == options.ingress_class
+                     and item.is_default for item in parsed)
     ingresses = sorted((item for item in parsed if isinstance(item, objects.TCPIngress)
-                        and item.ingress_class == options.ingress_class),
+                        and (item.ingress_class or (options.ingress_class if by_default else None))
+                        == options.ingress_class),
                        key=lambda ingress: ingress.meta.resource.age_key)
     ports = {port: ssl for (_, port), ssl in state.stream_listen.items()}
     ports.update({entry.spec.port: entry.spec.protocol == "TLS" for entry in listeners if entry.accepted[0]})

@@ -889,3 +889,16 @@ def test_longer_wildcard_wins_over_an_older_shorter_one(tmp_path):
     assert chosen("b.foo.example.com") == "tlsroute.infra.long.0.tls"
     assert chosen("b.example.com") == "tlsroute.infra.short.0.tls"
     assert chosen("a.foo.example.com") == "tlsroute.infra.exact.0.tls"
+
+
+@pytest.mark.parametrize(("default", "translated"), [("true", True), ("false", False), (None, False)])
+def test_tcp_ingress_without_class_belongs_to_the_default_ingress_class(tmp_path, default, translated):
+    ingress_class = {"apiVersion": "networking.k8s.io/v1", "kind": "IngressClass",
+                     "metadata": {"name": "kong"},
+                     "spec": {"controller": "ingress-controllers.konghq.com/kong"}}
+    if default is not None:
+        ingress_class["metadata"]["annotations"] = {"ingressclass.kubernetes.io/is-default-class": default}
+    result = run(tmp_path, ingress_class, service("echo"),
+                 tcp_ingress("unnamed", [ingress_rule(9000)], ingress_class=None), stream_listen=("9000",))
+    assert bool(result.entities["services"]) is translated
+    assert (("TCPIngress", INFRA, "unnamed") in result.statuses) is translated
