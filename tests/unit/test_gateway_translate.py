@@ -712,10 +712,10 @@ IDENTITY = (("apiVersion",), ("kind",), ("metadata", "name"), ("metadata", "name
 
 
 def test_no_value_in_any_field_makes_the_translation_raise():
-    """Every field of the seed's objects (and of a Secret, a grant, a Namespace, a BackendTLSPolicy and
-    a ConfigMap), set in turn to a value of each wrong shape: the translation reports or ignores it, it
-    never raises. (The fields that make an object's identity are read_paths' to check:
-    test_gateway_manifests.py.)"""
+    """Every field of the seed's objects (and of a Secret, a grant, a Namespace, a BackendTLSPolicy, a
+    ConfigMap and an IngressClass), set in turn to a value of each wrong shape: the translation reports
+    or ignores it, it never raises. (The fields that make an object's identity are read_paths' to
+    check: test_gateway_manifests.py.)"""
     folder = Path(__file__).resolve().parents[2] / "examples" / "gateway"
     documents = [document for name in ("seed.yaml", "echo-loopback.yaml")
                  for document in yaml.safe_load_all((folder / name).read_text())]
@@ -726,6 +726,9 @@ def test_no_value_in_any_field_makes_the_translation_raise():
         {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "n", "labels": {"a": "b"}}},
         {**backend_tls_policy("p", "echo", section="tcp"), "metadata": {"name": "p", "namespace": "default"}},
         {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "ca"}, "data": {"ca.crt": "x"}},
+        {"apiVersion": "networking.k8s.io/v1", "kind": "IngressClass",
+         "metadata": {"name": "kong",
+                      "annotations": {"ingressclass.kubernetes.io/is-default-class": "true"}}},
     ]
     wrong = [None, 5, "x", [], {}, True, -1, [None], {"a": None}, "*.*", 10**20]
     tried = 0
