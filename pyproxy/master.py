@@ -12,7 +12,7 @@ does, the old one stays.
 from __future__ import annotations
 
 import fcntl
-import importlib
+import math
 import os
 import pickle
 import select
@@ -20,17 +20,18 @@ import signal
 import sys
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import FrameType
 from typing import NoReturn
 
 from setproctitle import setproctitle
 
 from pyproxy import __version__, metrics
-from pyproxy.config import ConfigError, load_config
+from pyproxy.config import ConfigError, ConfigSource, YamlFile, load_sources
 from pyproxy.config.model import Config
 from pyproxy.listeners import BindError, ListenerSet, ListenSocket, configured_listens
 from pyproxy.log import ErrorLog
+from pyproxy.plugins import REGISTRY, load_plugin_module
 from pyproxy.shared import SharedState
 from pyproxy.status import StatusProcess
 from pyproxy.tls.contexts import TLSContexts
@@ -45,9 +46,6 @@ SPAWN_RETRY = 1.0             # seconds before starting a worker again after for
 # this is stopped (SIGSTOP, a debugger) or hung in a loop: it is SIGKILLed and replaced, and its
 # slot's listening socket, with what waits in its accept queue, passes to the replacement.
 HEARTBEAT_TIMEOUT = 10.0
-# At most one reload starts per RELOAD_COALESCE seconds (the SPEC's `reload_coalesce`, 200ms; a
-# module constant until the configuration has the key). Requests made meanwhile become one reload.
-RELOAD_COALESCE = 0.2
 # Generations allowed to drain at once (HAProxy's mworker-max-reloads, counted in generations): the
 # oldest beyond it are told to close their sessions now, so a burst of reloads under long sessions
 # cannot pile up processes and memory.
@@ -126,10 +124,13 @@ class Master:
         self.fast_stopping = False
         self.exit_code = 0
         self.pid_written = False
+        # Where a reload reads the configuration from: the pyproxy file first (its process settings
+        # and entities), then any other source of entities (see pyproxy/config/sources.py).
+        self.sources: list[ConfigSource] = [YamlFile(config.path)]
         self.reload: Reload | None = None
         self.reload_wanted: str | None = None    # why the next reload was asked for
         self.reload_requests = 0                  # requests that the next reload answers
-        self.last_reload_at = -RELOAD_COALESCE
+        self.last_reload_at = -math.inf
         self.spawn_retry_at = 0.0
 
     # -- startup ------------------------------------------------------------------------------
@@ -398,7 +399,7 @@ class Master:
         if self.reload is not None and self.reload.deadline:
             due.append(self.reload.deadline)
         elif self.reload is None and self.reload_wanted is not None:
-            due.append(self.last_reload_at + RELOAD_COALESCE)
+            due.append(self.last_reload_at + self.config.reload_coalesce)
         return max(min(due) - now, 0.0)
 
     def _read_worker_byte(self, proc: WorkerProcess) -> None:
@@ -503,7 +504,7 @@ class Master:
 
         Requests coalesce: one reload is in flight at a time, and requests made meanwhile become
         one more reload after it, which reads the file as it is then (the last request wins). A
-        reload starts at most once per RELOAD_COALESCE."""
+        reload starts at most once per `reload_coalesce` (of the configuration being served)."""
         if self.stopping:
             return
         self.reload_wanted = reason
@@ -515,7 +516,8 @@ class Master:
         if self.stopping:
             return
         if reload is None:
-            if self.reload_wanted is not None and time.monotonic() >= self.last_reload_at + RELOAD_COALESCE:
+            if (self.reload_wanted is not None
+                    and time.monotonic() >= self.last_reload_at + self.config.reload_coalesce):
                 self.start_reload()
         elif reload.phase == "loading":
             if reload.result_fd < 0:
@@ -556,7 +558,7 @@ class Master:
             os.close(result_r)
             for ls in self.listeners.all():
                 ls.sock.close()
-            _run_loader(self.config.path, result_w, self.log)
+            _run_loader(self.sources, result_w, self.log)
         os.close(result_w)
         os.set_blocking(result_r, False)
         try:
@@ -598,9 +600,8 @@ class Master:
         if kind != "ok":
             self.reload_failed(value)
             return
-        reload.config = config = value
         try:
-            import_plugin_modules(config)
+            reload.config = config = with_plugin_types(value)
             reload.tls = self.load_tls(config)
             reload.created = self.listeners.ensure(configured_listens(config), config.worker_processes)
             for slot in range(config.worker_processes):
@@ -746,18 +747,18 @@ class Master:
         self._drop_reload()
 
 
-def import_plugin_modules(config: Config) -> None:
-    """Import the `plugin_modules` the loader child imported to validate the file: the workers are
-    forked from the master, and find a plugin only if its module registered it here."""
-    folder = os.path.dirname(config.path)
-    if config.plugin_modules and folder not in sys.path:
-        sys.path.append(folder)
+def with_plugin_types(config: Config) -> Config:
+    """`config` as the loader child sent it, with its plugin classes: the workers are forked from the
+    master, and find the plugins of `plugin_modules` only if the master imported them (afresh, as
+    the loader did to validate the file)."""
+    types = dict(REGISTRY)
     for name in config.plugin_modules:
         try:
-            importlib.import_module(name)
+            types.update(load_plugin_module(name, os.path.dirname(config.path)))
         except Exception as exc:     # changed since the loader imported it: as a config error would
             raise MasterError(f"cannot import plugin module {name!r}: {exc.__class__.__name__}: "
                               f"{exc}") from None
+    return replace(config, plugin_types=types)
 
 
 def _not_ready(procs: list[WorkerProcess]) -> str:
@@ -765,8 +766,8 @@ def _not_ready(procs: list[WorkerProcess]) -> str:
     return f"worker process(es) {slots} did not become ready within {READY_TIMEOUT:g}s"
 
 
-def _run_loader(path: str, result_fd: int, log: ErrorLog) -> NoReturn:
-    """The loader child's whole life: load and validate the file, send the outcome back pickled
+def _run_loader(sources: list[ConfigSource], result_fd: int, log: ErrorLog) -> NoReturn:
+    """The loader child's whole life: load and validate the sources, send the outcome back pickled
     (("ok", Config), ("invalid", [issue, …]) or ("error", message)), exit. Warnings are logged here."""
     code = 1
     try:
@@ -778,11 +779,13 @@ def _run_loader(path: str, result_fd: int, log: ErrorLog) -> NoReturn:
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
         outcome: tuple[str, object]
         try:
-            outcome = ("ok", load_config(path, warn=log.warn))
+            # Without its plugin classes: those of plugin_modules come from modules imported for this
+            # load alone, which pickle cannot name. The master imports them again (with_plugin_types).
+            outcome = ("ok", replace(load_sources(sources, warn=log.warn), plugin_types={}))
         except ConfigError as exc:
             outcome = ("invalid", [str(issue) for issue in exc.errors])
         except Exception as exc:     # a bug: the master must hear of it, not wait
-            log.exception("crit", f"internal error while loading {path}, please report it", exc)
+            log.exception("crit", f"internal error while loading {sources[0].name}, please report it", exc)
             outcome = ("error", f"internal error while loading the configuration: {exc!r}")
         view = memoryview(pickle.dumps(outcome, pickle.HIGHEST_PROTOCOL))
         while view:

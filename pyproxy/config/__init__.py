@@ -3,19 +3,27 @@
     config = load_config("conf/pyproxy.conf", warn=log.warning)
 
 `load_config` either returns a `Config` or raises `ConfigError` listing every problem, each as
-`FILE:LINE: key.path: message`. Nothing YAML-shaped leaves this package.
+`FILE:LINE: key.path: message`. Nothing YAML-shaped leaves this package. Loading is four steps:
+
+- read: the file's bytes parsed into values that know their lines (loader.py);
+- validate (`validate_config`): those values checked against the schema into a Config. No network:
+  host names are only recorded (`Config.hostnames`). It does read local files the Config depends
+  on: certificates and keys (their names become the certificate's SNIs, and a key that does not
+  match is an error of the file, as `-t` promises) and CA files, and it imports the plugin_modules
+  afresh, because a plugin's own check() validates its config;
+- merge (sources.py): the entities of every configuration source made one Config (the file is the
+  first source, and so far the only one);
+- prepare (prepare.py, `resolve_hostnames`): the host names resolved into addresses.
 """
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 from .dump import config_as_yaml, dump_config
 from .errors import ConfigError, ConfigIssue, Invalid
-from .loader import YamlMap, read_document
+from .loader import Document, YamlMap, read_document
 from .model import (
     ALGORITHMS,
     LOG_LEVELS,
@@ -35,12 +43,15 @@ from .model import (
     Target,
     Upstream,
 )
+from .prepare import resolve_hostnames
 from .sections import Place, Report
-from .validate import build_config, default_pid_path, pid_file
+from .sources import ConfigSource, YamlFile, load_sources, merge
+from .validate import collector_paused, default_pid_path, pid_file, validate_document
 from .values import ACCESS_LOG_VARIABLES, parse_address, parse_duration
 
 __all__ = [
-    "load_config", "pid_path_of", "dump_config", "config_as_yaml",
+    "load_config", "validate_config", "resolve_hostnames", "pid_path_of",
+    "ConfigSource", "YamlFile", "load_sources", "merge", "dump_config", "config_as_yaml",
     "ConfigError", "ConfigIssue", "Invalid", "parse_duration", "parse_address",
     "ACCESS_LOG_VARIABLES", "ALGORITHMS", "LOG_LEVELS", "ROUTE_PROTOCOLS",
     "ActiveHealthcheck", "AddressMatch", "Certificate", "CertKey", "Config", "Healthchecks", "Listen",
@@ -49,48 +60,25 @@ __all__ = [
 
 
 def load_config(path: str, warn: Callable[[str], None] | None = None) -> Config:
-    """Read, parse and validate the configuration file at `path`.
+    """Read, validate and prepare the configuration file at `path` (the one source: see sources.py).
 
-    Returns the validated Config. Raises ConfigError listing every error found, in file order.
-    Warnings (settings that work but deserve attention) are passed to `warn`, one full
-    `FILE:LINE: key: message` string each, whether or not there are errors.
+    Returns the Config, its host names resolved. Raises ConfigError listing every error found, in
+    file order: those of validation and the names that do not resolve alike. Warnings (settings that
+    work but deserve attention) are passed to `warn`, one full `FILE:LINE: key: message` string
+    each, whether or not there are errors.
     """
-    path = os.path.abspath(path)
-    with _collector_paused():
-        document = read_document(path)
-        report = Report(path)
-        config = build_config(report, document.root)
-    if warn is not None:
-        for warning in sorted(report.warnings, key=lambda issue: issue.line):
-            warn(str(warning))
-    errors = document.issues + [error for error in report.errors
-                                if not _follows_from(error, document.refused)]
+    return load_sources([YamlFile(path)], warn)
+
+
+def validate_config(path: str, document: Document, warn: Callable[[str], None] | None = None) -> Config:
+    """The Config that `document` (read from the file at `path`, absolute) describes, its host names
+    not resolved yet (see resolve_hostnames). Raises ConfigError listing every error, in file order;
+    warnings go to `warn` as load_config's do."""
+    with collector_paused():
+        config, errors = validate_document(path, document, warn)
     if errors or config is None:
         raise ConfigError(sorted(errors, key=lambda issue: issue.line))
     return config
-
-
-@contextlib.contextmanager
-def _collector_paused() -> Iterator[None]:
-    """Python's cyclic garbage collector off while a file is read and validated.
-
-    Loading makes millions of objects and keeps them all until the end, and each collection of the
-    oldest generation walks every one of them: a 5 MB file took three times as long with the collector
-    running. What loading leaves behind is freed by reference counting or at the next collection.
-    """
-    paused = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if paused:
-            gc.enable()
-
-
-def _follows_from(error: ConfigIssue, refused: set[str]) -> bool:
-    """True if `error` is about a value the loader already refused (it reads as null to the validator)."""
-    return any(error.key == path or error.key.startswith((path + ".", path + "["))
-               for path in refused if path)
 
 
 def pid_path_of(path: str) -> str | None:

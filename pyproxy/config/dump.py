@@ -30,6 +30,7 @@ def dump_config(config: model.Config) -> Mapping:
         "worker_shutdown_timeout": format_duration(config.worker_shutdown_timeout),
         "worker_sched_policy": config.worker_sched_policy,
         "proxy_protocol_timeout": format_duration(config.proxy_protocol_timeout),
+        "reload_coalesce": format_duration(config.reload_coalesce),
         "pid": _off_if_none(config.pid),
         "user": config.user,
         "status_listen": host_port(*config.status_listen) if config.status_listen else None,

@@ -1,14 +1,15 @@
 """Kong-shaped entities: upstreams with targets and health checks, services with routes, plugins.
 
-Names are checked for uniqueness, references (a service's upstream, a plugin's route or service) are
-resolved, and hostnames are resolved to addresses once, here, so that no worker ever waits on DNS.
+Names are checked for uniqueness and references (a service's upstream, a plugin's route or service) are
+resolved. A host name (a target's, a service's `host`) is only recorded in the report: prepare.py
+resolves it once, after validation and before any worker starts, so that no worker waits on DNS.
 """
 
 from __future__ import annotations
 
-import socket
-from collections.abc import Iterable
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from pyproxy.addresses import is_ip_address
 
@@ -48,6 +49,9 @@ from .values import (
     positive_duration,
     usable_congestion_control,
 )
+
+if TYPE_CHECKING:
+    from pyproxy.plugins import Plugin as PluginClass
 
 UPSTREAM_KEYS = ("name", "algorithm", "hash_on", "healthchecks", "targets")
 HEALTHCHECKS_KEYS = ("active", "passive")
@@ -95,27 +99,14 @@ class _UniqueNames:
         return True
 
 
-def resolve(report: Report, place: Place, host: str, port: int,
-            upstream_names: Iterable[str] = ()) -> tuple[tuple[str, int], ...]:
-    """The (ip, port) pairs of `host`: itself if it is an IP address, else what DNS answers now.
-
-    A name that does not resolve but is close to one of `upstream_names` is most likely that upstream
-    misspelt: the error says so rather than blame DNS."""
+def _addresses(report: Report, place: Place, host: str, port: int,
+               service_host: bool = False) -> tuple[tuple[str, int], ...]:
+    """The (ip, port) of `host` if it is an IP address; for a host name, () until prepare resolves it
+    (recorded in the report, with whether it is a service's host, which may be a misspelt upstream)."""
     if is_ip_address(host):
         return ((host, port),)
-    try:
-        answers = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (OSError, UnicodeError) as error:
-        # gaierror for an unknown name; UnicodeError from the IDNA codec for labels it refuses.
-        reason = getattr(error, "strerror", None) or str(error)
-        upstream = did_you_mean(host, upstream_names, kind="upstream")
-        if upstream:
-            report.error(place, f"no upstream is named {host!r}, and as a host name it does not resolve "
-                                f"({reason}){upstream}")
-        else:
-            report.error(place, f"cannot resolve {host!r}: {reason}")
-        return ()
-    return tuple(dict.fromkeys((str(answer[4][0]), int(answer[4][1])) for answer in answers))
+    report.hostname(place, host, port, service_host)
+    return ()
 
 
 def read_snis(report: Report, place: Place, value: object) -> list[tuple[Place, str]]:
@@ -155,6 +146,7 @@ def _upstream(report: Report, place: Place, value: object, names: _UniqueNames) 
         hash_on=section.get("hash_on", one_of(("ip", "sni")), defaults.hash_on),
         healthchecks=section.nested("healthchecks", _healthchecks, defaults.healthchecks),
         targets=_targets(report, section),
+        line=place.line,
     )
     if not section.has("targets") or section.mapping["targets"] == []:
         report.warn(place, "the upstream has no targets: sessions sent to it will fail (502)")
@@ -243,7 +235,7 @@ def _targets(report: Report, upstream: Section) -> tuple[Target, ...]:
                                        f"is already listed at line {first_lines[identity]}")
             continue
         first_lines[identity] = target_place.line
-        addresses = resolve(report, target_place, host, port)
+        addresses = _addresses(report, target_place, host, port)
         targets.append(Target(host=host, port=port, weight=weight, addresses=addresses, line=place.line))
     return tuple(targets)
 
@@ -283,7 +275,7 @@ def _service(report: Report, section: Section, base: str, upstream_names: set[st
     upstream = host if host in upstream_names else None
     addresses: tuple[tuple[str, int], ...] = ()
     if host is not None and upstream is None:
-        addresses = resolve(report, section.place_of("host"), host, port, upstream_names)
+        addresses = _addresses(report, section.place_of("host"), host, port, service_host=True)
     ca_certificates = []
     for place, value in section.items("ca_certificates"):
         path = report.convert(place, value, lambda text: in_folder(base, text))
@@ -309,6 +301,7 @@ def _service(report: Report, section: Section, base: str, upstream_names: set[st
         tls_server_name=section.get("tls_server_name", _server_name, defaults.tls_server_name),
         proxy_protocol=section.get("proxy_protocol", _proxy_protocol_version, defaults.proxy_protocol),
         tcp_congestion=section.get("tcp_congestion", usable_congestion_control, defaults.tcp_congestion),
+        line=section.place.line,
     )
 
 
@@ -409,8 +402,10 @@ def _address_matches(report: Report, route: Section, key: str) -> tuple[AddressM
 
 # --- plugins ----------------------------------------------------------------------------------------
 
-def read_plugins(report: Report, root: Section, services: tuple[Service, ...]) -> tuple[Plugin, ...]:
-    """Every valid `plugins[]` entry; the route or service it names must exist."""
+def read_plugins(report: Report, root: Section, services: tuple[Service, ...],
+                 types: Mapping[str, type[PluginClass]]) -> tuple[Plugin, ...]:
+    """Every valid `plugins[]` entry; the route or service it names must exist, and its plugin must
+    be one of `types` (whose check() validates its config)."""
     route_names = [route.name for service in services for route in service.routes]
     service_names = [service.name for service in services]
     plugins = []
@@ -427,30 +422,30 @@ def read_plugins(report: Report, root: Section, services: tuple[Service, ...]) -
         config_path = section.place_of("config").path
         config_refused = any(e.key == config_path or e.key.startswith(config_path + ".")
                              for e in report.errors)
-        if name is not None and not _known_plugin(report, section.place_of("name"), name):
+        if name is not None and not _known_plugin(report, section.place_of("name"), name, types):
             continue
         if name is not None and config is not None:
             if not config_refused:      # no second opinion on a mapping already refused
-                _check_plugin_config(report, section.place_of("config"), name, config)
+                _check_plugin_config(report, section.place_of("config"), types[name], config)
             plugins.append(Plugin(name=name, route=route, service=service, config=config, line=place.line))
     return tuple(plugins)
 
 
-def _known_plugin(report: Report, place: Place, name: str) -> bool:
+def _known_plugin(report: Report, place: Place, name: str, types: Mapping[str, type[PluginClass]]) -> bool:
     from pyproxy.plugins import REGISTRY  # here, not at the top: plugins import the model package
-    if name in REGISTRY:
+    if name in types:
         return True
-    report.error(place, f"unknown plugin {name!r}{did_you_mean(name, REGISTRY)}; "
+    report.error(place, f"unknown plugin {name!r}{did_you_mean(name, types)}; "
                         f"built in: {', '.join(sorted(REGISTRY))}")
     return False
 
 
-def _check_plugin_config(report: Report, place: Place, name: str,
+def _check_plugin_config(report: Report, place: Place, plugin: type[PluginClass],
                          config: tuple[tuple[str, object], ...]) -> None:
     """The plugin's own checks; its problems are reported at the config's line (their keys inside
     `config` are named in the key path)."""
-    from pyproxy.plugins import check_plugin, plain
-    for key, message in check_plugin(name, plain(config) or {}):
+    from pyproxy.plugins import plain
+    for key, message in plugin.check(plain(config) or {}):
         head, bracket, index = key.partition("[")      # "allow[2]" → allow, then the index
         path = key_path(place.path, head)
         if path == place.path:                         # not a plain word: the path stays one word

@@ -7,9 +7,14 @@ path made absolute, every duration in seconds, every address parsed) or into a l
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pyproxy.addresses import family_of, host_port
+
+if TYPE_CHECKING:
+    from pyproxy.plugins import Plugin as PluginClass
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -115,11 +120,24 @@ class Target:
     host: str                     # as written (hostname or IP)
     port: int
     weight: int = 100             # 0 = never picked
-    addresses: tuple[tuple[str, int], ...] = ()   # resolved (ip, port) pairs, filled at load
+    addresses: tuple[tuple[str, int], ...] = ()   # resolved (ip, port) pairs, filled by prepare
     line: int = 0
 
     def __str__(self) -> str:
         return host_port(self.host, self.port)
+
+
+@dataclass(frozen=True)
+class Hostname:
+    """A host name written where an address may be (a target, a service's `host`). Validation only
+    records it; pyproxy.config.prepare resolves it, and reports one that does not resolve here."""
+
+    host: str
+    port: int
+    file: str
+    line: int
+    key: str                      # key path of the value, for messages
+    service_host: bool = False    # a service's `host`: may be a misspelt upstream name
 
 
 @dataclass(frozen=True)
@@ -129,6 +147,7 @@ class Upstream:
     hash_on: str = "ip"           # ip | sni
     healthchecks: Healthchecks = field(default_factory=Healthchecks)
     targets: tuple[Target, ...] = ()
+    line: int = field(default=0, compare=False)    # where it was written, for messages
 
 
 @dataclass(frozen=True)
@@ -158,7 +177,7 @@ class Service:
     host: str = ""
     port: int = 80
     upstream: str | None = None          # set when `host` names an upstream
-    addresses: tuple[tuple[str, int], ...] = ()   # resolved (ip, port) when host is not an upstream
+    addresses: tuple[tuple[str, int], ...] = ()   # resolved (ip, port) when host is not an upstream (prepare)
     connect_timeout: float = 60.0
     read_timeout: float = 60.0
     write_timeout: float = 60.0
@@ -169,6 +188,7 @@ class Service:
     proxy_protocol: str = "off"   # off | v1 | v2
     tcp_congestion: str | None = None    # TCP congestion control of upstream connections; None: the host's
     routes: tuple[Route, ...] = ()
+    line: int = field(default=0, compare=False)    # where it was written, for messages
 
 
 @dataclass(frozen=True)
@@ -180,14 +200,20 @@ class Plugin:
     line: int = 0
 
 
+def _built_in_plugins() -> dict[str, type[PluginClass]]:
+    from pyproxy.plugins import REGISTRY  # here, not at the top: the plugins import this module
+    return dict(REGISTRY)
+
+
 @dataclass(frozen=True)
 class Config:
-    path: str                     # absolute path of the file this came from
+    path: str                     # absolute path of the file this came from (a source's fragment: its name)
     worker_processes: int = 1     # "auto" already turned into the CPU count
     worker_connections: int = 16384
     worker_shutdown_timeout: float = 30.0
     worker_sched_policy: str = "normal"   # "batch": workers run as SCHED_BATCH (see WORKER_SCHED_POLICIES)
     proxy_protocol_timeout: float = 5.0   # nginx's proxy_protocol_timeout: time to receive the header
+    reload_coalesce: float = 0.2   # seconds: at most one reload starts per this long (requests coalesce)
     pid: str | None = None     # absolute path, None = "off"
     user: str | None = None
     status_listen: tuple[str, int] | None = None
@@ -203,6 +229,12 @@ class Config:
     services: tuple[Service, ...] = ()
     plugins: tuple[Plugin, ...] = ()
     plugin_modules: tuple[str, ...] = ()   # imported at load: they register more plugins
+    # The plugin classes `plugins` may name: the built-ins and those of plugin_modules, imported for
+    # this Config alone (pyproxy.plugins.load_plugin_module). Not part of what the Config says.
+    plugin_types: Mapping[str, type[PluginClass]] = field(default_factory=_built_in_plugins, compare=False,
+                                                          repr=False)
+    # The host names among targets and service hosts, where they were written: what prepare resolves.
+    hostnames: tuple[Hostname, ...] = field(default=(), compare=False, repr=False)
 
     @property
     def routes(self) -> tuple[Route, ...]:

@@ -12,6 +12,7 @@ from typing import TypeVar, overload
 
 from .errors import ConfigIssue, Invalid, describe, item_path, key_path
 from .loader import YamlList, YamlMap
+from .model import Hostname
 from .values import did_you_mean
 
 T = TypeVar("T")
@@ -27,12 +28,14 @@ class Place:
 
 
 class Report:
-    """The errors and warnings found in one configuration file."""
+    """The errors and warnings found in one configuration file, and the host names it writes (for
+    pyproxy.config.prepare to resolve: validation does no DNS)."""
 
     def __init__(self, file: str):
         self.file = file
         self.errors: list[ConfigIssue] = []
         self.warnings: list[ConfigIssue] = []
+        self.hostnames: list[Hostname] = []
 
     def error(self, place: Place, message: str) -> None:
         """Record a problem that makes the configuration unusable."""
@@ -41,6 +44,10 @@ class Report:
     def warn(self, place: Place, message: str) -> None:
         """Record something that works but deserves the user's attention."""
         self.warnings.append(ConfigIssue(self.file, place.line, place.path, message))
+
+    def hostname(self, place: Place, host: str, port: int, service_host: bool = False) -> None:
+        """Record the host name `host` written at `place`, to be resolved with `port`."""
+        self.hostnames.append(Hostname(host, port, self.file, place.line, place.path, service_host))
 
     def section(self, place: Place, value: object, known: Iterable[str]) -> Section | None:
         """`value` as a Section with the keys `known`, or None (and an error) if it is not a mapping."""

@@ -7,13 +7,18 @@ meaningful when the report has no errors.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import pwd
 import re
 import ssl
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from . import entities
-from .errors import Invalid, describe
+from .errors import ConfigIssue, Invalid, describe
+from .loader import Document
 from .model import LOG_LEVELS, WORKER_SCHED_POLICIES, Certificate, CertKey, Config, Listen, SSLSettings
 from .sections import Place, Report, Section
 from .tlsfiles import DecodedCertificate, certificate_names, load_certificate_pair
@@ -31,9 +36,12 @@ from .values import (
     positive_duration,
 )
 
+if TYPE_CHECKING:
+    from pyproxy.plugins import Plugin as PluginClass
+
 TOP_LEVEL_KEYS = (
     "worker_processes", "worker_connections", "worker_shutdown_timeout", "worker_sched_policy",
-    "proxy_protocol_timeout", "pid",
+    "proxy_protocol_timeout", "reload_coalesce", "pid",
     "plugin_modules", "user", "status_listen",
     "error_log", "log_level", "access_log", "access_log_format", "stream_listen", "ssl", "certificates",
     "upstreams", "services", "plugins",
@@ -46,6 +54,43 @@ OBSOLETE_TLS_VERSIONS = ("TLSv1", "TLSv1.1")
 LISTEN_FLAGS = ("ssl", "proxy_protocol", "reuseport", "backlog")
 MAX_WORKER_PROCESSES = 1024
 C_INT_MAX = 2**31 - 1      # counts that reach C calls (listen's backlog, rlimits) must fit a C int
+
+
+def validate_document(path: str, document: Document,
+                      warn: Callable[[str], None] | None) -> tuple[Config | None, list[ConfigIssue]]:
+    """The Config of `document`, read from the file at `path` (meaningful only without errors), and
+    the errors, in no particular order; warnings are passed to `warn` in file order."""
+    report = Report(path)
+    config = build_config(report, document.root)
+    if warn is not None:
+        for warning in sorted(report.warnings, key=lambda issue: issue.line):
+            warn(str(warning))
+    errors = document.issues + [error for error in report.errors
+                                if not _follows_from(error, document.refused)]
+    return config, errors
+
+
+def _follows_from(error: ConfigIssue, refused: set[str]) -> bool:
+    """True if `error` is about a value the loader already refused (it reads as null to the validator)."""
+    return any(error.key == path or error.key.startswith((path + ".", path + "["))
+               for path in refused if path)
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off while a file is read and validated.
+
+    Loading makes millions of objects and keeps them all until the end, and each collection of the
+    oldest generation walks every one of them: a 5 MB file took three times as long with the collector
+    running. What loading leaves behind is freed by reference counting or at the next collection.
+    """
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if paused:
+            gc.enable()
 
 
 def build_config(report: Report, document: object) -> Config | None:
@@ -71,8 +116,8 @@ def build_config(report: Report, document: object) -> Config | None:
         has_ssl_listener=any(listen.ssl for listen in stream_listen),
     )
     services = entities.read_services(report, root, base, upstreams, tls)
-    plugin_modules = _import_plugin_modules(report, root)
-    plugins = entities.read_plugins(report, root, services)
+    plugin_modules, plugin_types = _plugin_modules(report, root)
+    plugins = entities.read_plugins(report, root, services, plugin_types)
 
     return Config(
         path=report.file,
@@ -84,6 +129,7 @@ def build_config(report: Report, document: object) -> Config | None:
                                      defaults.worker_sched_policy),
         proxy_protocol_timeout=root.get("proxy_protocol_timeout", positive_duration,
                                         defaults.proxy_protocol_timeout),
+        reload_coalesce=root.get("reload_coalesce", parse_duration, defaults.reload_coalesce),
         pid=root.get("pid", pid_file(base), default_pid_path(base)),
         user=root.get("user", _existing_user, defaults.user),
         status_listen=status_listen,
@@ -99,6 +145,8 @@ def build_config(report: Report, document: object) -> Config | None:
         services=services,
         plugins=plugins,
         plugin_modules=plugin_modules,
+        plugin_types=plugin_types,
+        hostnames=tuple(report.hostnames),
     )
 
 
@@ -131,27 +179,26 @@ def usable_cpus(cgroup_root: str = "/sys/fs/cgroup") -> int:
     return cpus
 
 
-def _import_plugin_modules(report: Report, root: Section) -> tuple[str, ...]:
-    """Import `plugin_modules` (Python modules that register plugins) before plugin names are
-    checked. A module that fails to import is an error at its line; nothing of it is used."""
-    import importlib
-    import sys
+def _plugin_modules(report: Report, root: Section) -> tuple[tuple[str, ...], dict[str, type[PluginClass]]]:
+    """`plugin_modules` (Python modules that register plugins) and the plugins the file may name: the
+    built-ins and what those modules register, each imported afresh for this load, before plugin
+    names are checked. A module that fails to import is an error at its line; nothing of it is used."""
+    from pyproxy.plugins import REGISTRY, load_plugin_module  # here: the plugins import the model
 
     names = []
-    folder = os.path.dirname(report.file)
-    if root.has("plugin_modules") and folder not in sys.path:
-        sys.path.append(folder)          # a plugin file may sit beside the configuration
+    types = dict(REGISTRY)
+    folder = os.path.dirname(report.file)      # a plugin file may sit beside the configuration
     for place, value in root.items("plugin_modules"):
         name = report.convert(place, value, parse_text)
         if name is None:
             continue
         try:
-            importlib.import_module(name)
+            types.update(load_plugin_module(name, folder))
         except Exception as exc:         # any failure of someone else's module is a config error here
             report.error(place, f"cannot import plugin module {name!r}: {exc.__class__.__name__}: {exc}")
             continue
         names.append(name)
-    return tuple(names)
+    return tuple(names), types
 
 
 def _worker_processes(value: object) -> int:

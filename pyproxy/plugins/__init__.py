@@ -17,6 +17,11 @@ A plugin is a small class registered under its `name`:
         def log(self, session):             # when the session has ended (every session the chain saw)
             ...
 
+The built-ins register when this package is imported. A module that `plugin_modules` names is
+imported afresh by each load of the configuration (`load_plugin_module`) and registers into that
+configuration's own table (`Config.plugin_types`), not into `REGISTRY`: a reload runs the module's
+current code, and loading a configuration changes nothing for the next one.
+
 A plugin configured on a route wins over the same plugin on the route's service, which wins over
 a global one (Kong's precedence). Instances live in a worker for one configuration generation;
 `context` gives them the error log and the state shared across workers (`pyproxy.shared`).
@@ -25,8 +30,12 @@ See docs/plugins.md for the whole guide.
 
 from __future__ import annotations
 
+import importlib
+import os
+import sys
 import warnings
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +44,11 @@ if TYPE_CHECKING:
     from pyproxy.session import Session
     from pyproxy.shared import SharedState
 
+# The plugins registered by modules imported the usual way: the built-ins (and what a program that
+# embeds pyproxy imports itself). Every configuration may name them.
 REGISTRY: dict[str, type[Plugin]] = {}
+# Where `register` puts a class while load_plugin_module imports a module; None: into REGISTRY.
+_loading: ContextVar[dict[str, type[Plugin]] | None] = ContextVar("_loading", default=None)
 # A plugin's `config`: the plain data (dicts, lists, strings, numbers) its entry holds; each plugin
 # says in `check` what it takes.
 PluginConfig = dict[str, Any]
@@ -98,8 +111,46 @@ def unknown_keys(config: PluginConfig, allowed: tuple[str, ...]) -> list[tuple[s
 
 
 def register(cls: type[Plugin]) -> type[Plugin]:
-    REGISTRY[cls.name] = cls
+    """Class decorator: make a plugin class known by its `name`. In a module that `plugin_modules`
+    names, for the configuration being loaded; in a module imported the usual way, for all of them."""
+    loading = _loading.get()
+    (REGISTRY if loading is None else loading)[cls.name] = cls
     return cls
+
+
+def load_plugin_module(name: str, folder: str) -> dict[str, type[Plugin]]:
+    """Import the module `name` afresh and return the plugins it registers.
+
+    `folder` (the configuration's) is on the import path, after its own entries, while the module is
+    imported. Then sys.path is as it was, and the module is forgotten again, with every module it
+    imported from `folder`: the next load reads their files again, so a reload runs the code they
+    hold then. Modules from elsewhere that it imported (installed libraries) stay imported. No
+    bytecode is written beside the configuration (a cached one could outlive an edit made within
+    the same second). Raises whatever importing the module raises.
+    """
+    registered: dict[str, type[Plugin]] = {}
+    path, modules, dont_write_bytecode = list(sys.path), dict(sys.modules), sys.dont_write_bytecode
+    loading = _loading.set(registered)
+    try:
+        sys.path.append(folder)
+        sys.dont_write_bytecode = True
+        sys.modules.pop(name, None)
+        importlib.invalidate_caches()
+        importlib.import_module(name)
+    finally:
+        _loading.reset(loading)
+        sys.path[:] = path
+        sys.dont_write_bytecode = dont_write_bytecode
+        for key in set(sys.modules) - set(modules):
+            if key == name or _inside(getattr(sys.modules[key], "__file__", None), folder):
+                del sys.modules[key]
+        if name in modules:
+            sys.modules[name] = modules[name]
+    return registered
+
+
+def _inside(path: str | None, folder: str) -> bool:
+    return path is not None and os.path.abspath(path).startswith(os.path.join(folder, ""))
 
 
 @dataclass
@@ -131,7 +182,7 @@ class PluginChains:
         by_service: dict[str, dict[str, Plugin]] = {}
         by_route: dict[str, dict[str, Plugin]] = {}
         for entry in config.plugins:
-            cls = REGISTRY[entry.name]
+            cls = config.plugin_types[entry.name]
             instance = cls(plain(entry.config) or {}, context)
             # Where the entry applies: shared counters are keyed by it, so two limit-conn entries
             # on two routes keep two budgets, and a reload that keeps the entry keeps its counts.
@@ -169,11 +220,6 @@ class PluginChains:
 
 def _ordered(by_name: dict[str, Plugin]) -> tuple[Plugin, ...]:
     return tuple(sorted(by_name.values(), key=lambda p: (-p.priority, p.name)))
-
-
-def check_plugin(name: str, config: PluginConfig) -> list[tuple[str, str]]:
-    """Validation entry point for the config loader."""
-    return REGISTRY[name].check(config)
 
 
 # Built-in plugins register themselves on import.

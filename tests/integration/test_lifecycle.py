@@ -505,3 +505,24 @@ def test_a_plugin_module_first_named_at_a_reload_reaches_the_new_workers(proxy, 
     with connect(port) as sock:
         assert recv_all(sock) == b""
     assert " 403 " in p.wait_access(1)[-1]
+
+
+def test_a_burst_of_hups_within_reload_coalesce_is_one_reload(proxy, upstreams):
+    """`reload_coalesce: 2s`: the HUP after a reload started waits for the window, and the four
+    behind it join it, so the burst costs one reload, which the log counts."""
+    up = upstreams(tag_handler, name="up")
+    port = free_port()
+    p = proxy("reload_coalesce: 2s\n" + routed_to(port, up.port))
+    started = time.monotonic()
+    p.reload()
+    for _ in range(5):
+        p.send_signal(signal.SIGHUP)
+        time.sleep(0.05)
+    log = p.wait_log("reload complete", count=2)
+    waited = time.monotonic() - started
+    assert re.findall(r"reloading configuration \(.*\)", log) == [
+        "reloading configuration (SIGHUP)",
+        "reloading configuration (SIGHUP; 5 requests coalesced into one reload)"]
+    assert waited > 2.0                     # the window is the configured 2s, not the default 200ms
+    with connect(port) as sock:
+        assert recv_line(sock) == b"up\n"

@@ -211,3 +211,26 @@ services:
             in result.stderr)
     assert "plugin_modules[1]: cannot import plugin module 'not_there': ModuleNotFoundError" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_reload_runs_the_plugin_module_as_edited(proxy, upstreams):
+    """plugin_modules are imported afresh by each load: after an edit (same size, same second) and
+    a HUP, new sessions meet the new code, also that of a module the plugin imports from beside it."""
+    up = upstreams(tag_handler, name="up")
+    port = free_port()
+    p = proxy(with_plugins(port, up.port, "  - name: answer\n", workers=1), start=False)
+    p.conf.write_text(p.conf.read_text() + "plugin_modules: [answer]\n")
+    (p.dir / "answer.py").write_text("from pyproxy.plugins import Plugin, register\n"
+                                     "from answer_status import STATUS\n\n\n"
+                                     "@register\n"
+                                     "class Answer(Plugin):\n"
+                                     "    name = 'answer'\n\n"
+                                     "    def access(self, session):\n"
+                                     "        return STATUS\n")
+    (p.dir / "answer_status.py").write_text("STATUS = 403\n")
+    p.start()
+    assert not answered(port)
+    (p.dir / "answer_status.py").write_text("STATUS = 503\n")
+    p.reload()
+    assert not answered(port)
+    assert [line.split()[1] for line in p.wait_access(2)] == ["403", "503"]

@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,8 @@ from pyproxy.config import (
     parse_address,
     parse_duration,
     pid_path_of,
+    resolve_hostnames,
+    validate_config,
 )
 from pyproxy.config.loader import YamlList, YamlMap, read_document
 
@@ -706,6 +709,47 @@ def test_service_host_is_resolved(conf_dir: Path, fake_dns):
 def test_unresolvable_service_host(conf_dir: Path, fake_dns):
     error = only_error(conf_dir, MINIMAL.replace("host: 127.0.0.1", "host: nowhere.test"))
     assert (error.line, error.key) == (4, "services[0].host")
+
+
+def test_validation_only_records_host_names_and_prepare_resolves_them(conf_dir: Path, monkeypatch):
+    """The master's reload path validates without waiting on DNS; prepare asks once per name."""
+    asked = []
+
+    def getaddrinfo(host, port, family=0, type=0, proto=0, flags=0):
+        asked.append((host, port))
+        if host != "backend.test":
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("192.0.2.10", port))]
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    text = UPSTREAMS + """\
+  - name: direct
+    host: db.test
+    port: 5432
+    routes: [{name: db, destinations: [{port: 9001}]}]
+"""
+    path = write(conf_dir, text)
+    config = validate_config(path, read_document(path))
+    assert asked == []
+    assert [(h.host, h.port, h.line, h.key) for h in config.hostnames] == [
+        ("backend.test", 7001, 10, "upstreams[0].targets[3].target"),
+        ("db.test", 5432, line_of(text, "db.test"), "services[1].host")]
+    assert config.upstream("pool").targets[3].addresses == ()
+    with pytest.raises(ConfigError) as raised:
+        resolve_hostnames(config)
+    assert [str(error) for error in raised.value.errors] == [
+        f"{path}:{line_of(text, 'db.test')}: services[1].host: cannot resolve 'db.test': "
+        "Name or service not known"]
+    prepared = resolve_hostnames(replace(config, hostnames=config.hostnames[:1]))
+    assert prepared.upstream("pool").targets[3].addresses == (("192.0.2.10", 7001),)
+    assert prepared.upstream("pool").targets[0] == config.upstream("pool").targets[0]
+    assert asked == [("backend.test", 7001), ("db.test", 5432), ("backend.test", 7001)]
+
+
+def test_unresolvable_names_are_listed_with_the_other_errors(conf_dir: Path, fake_dns):
+    errors = errors_of(conf_dir, UPSTREAMS.replace("backend.test:7001", "nowhere.test:7001")
+                       .replace("weight: 0", "weight: -1"))
+    assert [(error.line, error.key) for error in errors] == [
+        (8, "upstreams[0].targets[1].weight"), (10, "upstreams[0].targets[3].target")]
 
 
 @pytest.mark.parametrize("target, message", [

@@ -25,6 +25,7 @@ worker_connections: 5000
 worker_shutdown_timeout: 1m30s
 worker_sched_policy: batch
 proxy_protocol_timeout: 750ms
+reload_coalesce: 1s500ms
 pid: run/pyproxy.pid
 user: {user}
 status_listen: "[::1]:9100"
