@@ -2,7 +2,9 @@
 plugins) come from, and how the entities of several sources make one Config.
 
 The pyproxy file (`YamlFile`) is the first source, always, and the only one for the process settings
-(worker_processes, logs, stream_listen, ssl, certificates, plugin_modules): `merge` takes them from it.
+(worker_processes, logs, ssl, plugin_modules): `merge` takes them from it. Another source may add
+listeners (stream_listen) and certificates besides entities: the Gateway API manifests that the
+file's `gateway` key names (`named_sources`) do.
 Later sources (a Kong declarative file, Gateway API manifests, the Admin API) each produce entities the
 same way, as a Config fragment, and whatever changes one of them asks the master for the same
 generation reload as a SIGHUP (`Master.request_reload(reason)`). A load is:
@@ -65,11 +67,16 @@ class YamlFile:
             return validate_document(self.path, document, warn)
 
 
-def load_sources(sources: Sequence[ConfigSource], warn: Warn = None) -> Config:
-    """Load every source (the pyproxy file first), merge their entities, resolve the host names.
+def load_sources(sources: Sequence[ConfigSource], warn: Warn = None, named: bool = True) -> Config:
+    """Load every source (the pyproxy file first) and, unless `named` is False, the sources the pyproxy
+    file names (`named_sources`); merge their entities, resolve the host names.
 
     Raises ConfigError listing every error of every source, by source then line."""
     loaded = [source.load(warn) for source in sources]
+    if named and loaded[0][0] is not None:
+        more = named_sources(loaded[0][0])
+        sources = [*sources, *more]
+        loaded += [source.load(warn) for source in more]
     errors = [error for _, source_errors in loaded for error in source_errors]
     fragments = [fragment for fragment, _ in loaded if fragment is not None]
     config = None
@@ -82,6 +89,14 @@ def load_sources(sources: Sequence[ConfigSource], warn: Warn = None) -> Config:
         order = {source.name: index for index, source in enumerate(sources)}
         raise ConfigError(sorted(errors, key=lambda issue: (order.get(issue.file, 0), issue.line)))
     return config
+
+
+def named_sources(config: Config) -> list[ConfigSource]:
+    """The sources the pyproxy file's own settings name: its `gateway` manifests."""
+    if config.gateway is None:
+        return []
+    from pyproxy.gateway.source import GatewayManifests  # not at the top: pyproxy.gateway imports us
+    return [GatewayManifests(config)]
 
 
 def merge(fragments: Sequence[Config]) -> Config:
@@ -103,6 +118,8 @@ def merge(fragments: Sequence[Config]) -> Config:
                                                                f"(line {line})"))
 
     for fragment in fragments:
+        for listen in fragment.stream_listen:
+            claim(fragment, "stream_listen address", str(listen), listen.line)
         for upstream in fragment.upstreams:
             claim(fragment, "upstream", upstream.name, upstream.line)
         for service in fragment.services:
@@ -116,7 +133,10 @@ def merge(fragments: Sequence[Config]) -> Config:
         services = tuple(replace(service, routes=tuple(replace(route, index=route.index + offset)
                                                        for route in service.routes))
                          for service in fragment.services)
-        merged = replace(merged, upstreams=merged.upstreams + fragment.upstreams,
+        merged = replace(merged, stream_listen=merged.stream_listen + fragment.stream_listen,
+                         certificates=merged.certificates + fragment.certificates,
+                         gateway_status={**merged.gateway_status, **fragment.gateway_status},
+                         upstreams=merged.upstreams + fragment.upstreams,
                          services=merged.services + services, plugins=merged.plugins + fragment.plugins,
                          plugin_types={**fragment.plugin_types, **merged.plugin_types},
                          hostnames=merged.hostnames + fragment.hostnames)

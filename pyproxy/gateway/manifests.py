@@ -11,7 +11,7 @@ import datetime
 import json
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
@@ -30,6 +30,8 @@ class Notice:
     file: str
     line: int
     message: str
+    # The file, or its rest, could not be read: a source serving these files must not go on without it.
+    unreadable: bool = field(default=False, compare=False)
 
     def __str__(self) -> str:
         return f"{self.file}:{self.line}: {self.message}"
@@ -106,7 +108,7 @@ def read_paths(paths: Iterable[str]) -> tuple[list[Resource], list[Notice]]:
                 text = stream.read()
         except (OSError, UnicodeDecodeError) as error:
             reason = getattr(error, "strerror", None) or error
-            notices.append(Notice(path, 1, f"cannot read the file: {reason}"))
+            notices.append(Notice(path, 1, f"cannot read the file: {reason}", unreadable=True))
             continue
         for value, line in _documents(path, text, notices):
             _collect(path, value, line, resources, notices)
@@ -137,9 +139,10 @@ def _documents(path: str, text: str, notices: list[Notice]) -> Iterator[tuple[ob
         mark = error.problem_mark or error.context_mark
         notices.append(Notice(path, mark.line + 1 if mark is not None else 1,
                               f"invalid YAML: {error.problem or error.context}; "
-                              "the rest of the file is skipped"))
+                              "the rest of the file is skipped", unreadable=True))
     except yaml.YAMLError as error:
-        notices.append(Notice(path, 1, f"invalid YAML: {error}; the rest of the file is skipped"))
+        notices.append(Notice(path, 1, f"invalid YAML: {error}; the rest of the file is skipped",
+                              unreadable=True))
     finally:
         loader.dispose()
 

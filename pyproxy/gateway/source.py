@@ -1,0 +1,136 @@
+"""Gateway API manifests as a configuration source of a running pyproxy (issue 17, file mode).
+
+The pyproxy file's `gateway` key names manifest files and folders; `GatewayManifests` is the source
+(pyproxy.config.sources) that reads and translates them at each load:
+
+    read_paths → translate → write the PEM files and the translated entities → validate_fragment
+
+The translated entities are written as `translated.yaml` in `gateway.runtime_dir` and validated from
+there like any file, so an error in them names a line one can read. A manifest file that cannot be
+read or is not YAML fails the source, and with it the load: the running configuration keeps serving.
+A malformed object is a warning (`FILE:LINE: Kind namespace/name: field: message`) and is skipped;
+the other objects apply.
+
+`manifest_state(paths)` is what the master polls to notice a changed, added or removed file.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import replace
+from typing import Any
+
+import yaml
+
+from pyproxy.config import Config, ConfigError, ConfigIssue
+from pyproxy.config.loader import read_document
+from pyproxy.config.sources import Loaded, Warn
+from pyproxy.config.validate import validate_fragment
+
+from .manifests import manifest_files, read_paths
+from .secrets import write_pem_files
+from .translate import Options, StatusKey, translate
+
+TRANSLATED = "translated.yaml"
+# The order `-t --status` lists the objects in: a Gateway's class first, the routes after it.
+KIND_ORDER = ("GatewayClass", "Gateway", "TCPRoute", "TLSRoute", "BackendTLSPolicy", "TCPIngress")
+# One file's state as the master compares it: (path, mtime in ns, size); a folder's too (add, remove).
+FileState = tuple[str, int, int]
+
+
+class GatewayManifests:
+    """The manifests the pyproxy file's `gateway` key names, as a source of entities, listeners and
+    certificates (see the module docstring)."""
+
+    def __init__(self, file: Config):
+        assert file.gateway is not None, "a file without a gateway key names no manifests"
+        self.file = file
+        self.settings = file.gateway
+
+    @property
+    def name(self) -> str:
+        return os.path.join(self.settings.runtime_dir, TRANSLATED)
+
+    def load(self, warn: Warn) -> Loaded:
+        resources, notices = read_paths(self.settings.paths)
+        unreadable = [ConfigIssue(notice.file, notice.line, "", notice.message)
+                      for notice in notices if notice.unreadable]
+        if unreadable:
+            return None, unreadable
+        options = Options(controller_name=self.settings.controller_name, addresses=self.settings.addresses,
+                          runtime_dir=self.settings.runtime_dir,
+                          stream_listen=tuple(f"{listen}{' ssl' if listen.ssl else ''}"
+                                              for listen in self.file.stream_listen))
+        translation = translate(resources, options)
+        if warn is not None:
+            for notice in notices + translation.notices:
+                warn(str(notice))
+        entities = {key: items for key, items in translation.entities.items() if items}
+        files = {**translation.files,
+                 self.name: yaml.safe_dump(entities, sort_keys=False, width=1 << 16).encode()}
+        try:
+            write_pem_files(files)
+            document = read_document(self.name)
+        except OSError as exc:
+            where = f' "{exc.filename}"' if exc.filename else ""
+            return None, [ConfigIssue(self.file.path, 0, "gateway.runtime_dir",
+                                      f"cannot write the translated manifests{where}: {exc.strerror or exc}")]
+        except ConfigError as exc:
+            return None, exc.errors
+        fragment, errors = validate_fragment(self.name, document, self.file)
+        if fragment is None:
+            return None, errors
+        versions = {(resource.kind, resource.namespace, resource.name): resource.api_version
+                    for resource in resources}
+        return replace(fragment, gateway_status=kubectl_statuses(translation.statuses, versions)), errors
+
+
+def kubectl_statuses(statuses: dict[StatusKey, dict[str, Any]],
+                     versions: dict[StatusKey, str]) -> dict[StatusKey, dict[str, Any]]:
+    """Each status inside its object's identity, as `kubectl get -o yaml` shows it, every condition
+    stamped with `lastTransitionTime` now (the translation leaves it to the writer)."""
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    def stamped(value: Any) -> Any:
+        if isinstance(value, dict):
+            value = {key: stamped(item) for key, item in value.items()}
+            if "type" in value and "reason" in value and "status" in value:
+                value["lastTransitionTime"] = now
+            return value
+        if isinstance(value, list):
+            return [stamped(item) for item in value]
+        return value
+
+    objects = {}
+    for key, status in statuses.items():
+        kind, namespace, name = key
+        metadata = {"name": name, "namespace": namespace} if namespace else {"name": name}
+        objects[key] = {"apiVersion": versions.get(key, ""), "kind": kind, "metadata": metadata,
+                        "status": stamped(status)}
+    return objects
+
+
+def status_list(config: Config) -> dict[str, Any]:
+    """The statuses of `config` as one `kind: List`, GatewayClasses first, then Gateways, then routes."""
+    def order(key: StatusKey) -> tuple[int, str, str]:
+        kind, namespace, name = key
+        return (KIND_ORDER.index(kind) if kind in KIND_ORDER else len(KIND_ORDER), namespace, name)
+
+    return {"apiVersion": "v1", "kind": "List",
+            "items": [config.gateway_status[key] for key in sorted(config.gateway_status, key=order)]}
+
+
+def manifest_state(paths: tuple[str, ...]) -> tuple[FileState, ...]:
+    """What a change to the manifests changes: each path's and each manifest file's mtime and size
+    (a folder's mtime changes when a file is added, removed or renamed in it). A path that cannot be
+    read counts as (path, -1, -1)."""
+    state = []
+    for path in (*paths, *manifest_files(paths)):
+        try:
+            info = os.stat(path)
+        except OSError:
+            state.append((path, -1, -1))
+        else:
+            state.append((path, info.st_mtime_ns, info.st_size))
+    return tuple(state)
