@@ -530,9 +530,10 @@ class Master:
         seen, self.manifests = self.manifests, self._manifests_now(self.config)
         if seen[0] != self.manifests[0]:
             return          # a reload changed the paths: what it read is the new starting point
-        changed = sorted(set(seen[1]) ^ set(self.manifests[1]))
+        changed = sorted({path for path, _, _ in set(seen[1]) ^ set(self.manifests[1])},
+                         key=lambda path: path in self.manifests[0])     # a file before its folder
         if changed:
-            self.request_reload(f"gateway manifests changed: {changed[0][0]}")
+            self.request_reload(f"gateway manifests changed: {changed[0]}")
 
     @staticmethod
     def _manifests_now(config: Config) -> tuple[tuple[str, ...], tuple[FileState, ...]]:

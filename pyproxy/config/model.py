@@ -214,6 +214,7 @@ class GatewaySettings:
     addresses: tuple[str, ...] = ("0.0.0.0",)    # where each Gateway listener port is opened
     runtime_dir: str = ""         # absolute: the PEM files made from Secrets, the translated entities
     controller_name: str = "gateway.pyproxy.dev/controller"
+    line: int = field(default=0, compare=False)    # where the key was written, for messages
 
 
 @dataclass(frozen=True)

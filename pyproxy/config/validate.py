@@ -374,6 +374,7 @@ def _gateway(report: Report, place: Place, value: object, base: str) -> GatewayS
         runtime_dir=section.get("runtime_dir", lambda text: in_folder(base, text),
                                 os.path.join(base, "gateway-runtime")),
         controller_name=section.get("controller_name", _controller_name, defaults.controller_name),
+        line=place.line,
     )
 
 

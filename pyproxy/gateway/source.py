@@ -8,8 +8,10 @@ The pyproxy file's `gateway` key names manifest files and folders; `GatewayManif
 The translated entities are written as `translated.yaml` in `gateway.runtime_dir` and validated from
 there like any file, so an error in them names a line one can read. A manifest file that cannot be
 read or is not YAML fails the source, and with it the load: the running configuration keeps serving.
-A malformed object is a warning (`FILE:LINE: Kind namespace/name: field: message`) and is skipped;
-the other objects apply.
+A malformed object is a warning (`FILE:LINE: Kind namespace/name: field: message`); the other
+objects apply, and so does its last valid version if pyproxy read one (as the API server refuses a
+bad `kubectl apply` and keeps the object as it was): every valid object read is kept in
+`last-valid.json` in the runtime folder (0600: Secrets are among them), across reloads and restarts.
 
 `manifest_state(paths)` is what the master polls to notice a changed, added or removed file.
 """
@@ -17,6 +19,7 @@ the other objects apply.
 from __future__ import annotations
 
 import datetime
+import json
 import os
 from dataclasses import replace
 from typing import Any
@@ -28,11 +31,14 @@ from pyproxy.config.loader import read_document
 from pyproxy.config.sources import Loaded, Warn
 from pyproxy.config.validate import validate_fragment
 
-from .manifests import manifest_files, read_paths
+from . import objects
+from .manifests import Resource, manifest_files, read_paths
+from .objects import Malformed
 from .secrets import write_pem_files
 from .translate import Options, StatusKey, translate
 
 TRANSLATED = "translated.yaml"
+LAST_VALID = "last-valid.json"
 # The order `-t --status` lists the objects in: a Gateway's class first, the routes after it.
 KIND_ORDER = ("GatewayClass", "Gateway", "TCPRoute", "TLSRoute", "BackendTLSPolicy", "TCPIngress")
 # One file's state as the master compares it: (path, mtime in ns, size); a folder's too (add, remove).
@@ -58,6 +64,7 @@ class GatewayManifests:
                       for notice in notices if notice.unreadable]
         if unreadable:
             return None, unreadable
+        resources, last_valid = self._keep_last_valid(resources, warn)
         options = Options(controller_name=self.settings.controller_name, addresses=self.settings.addresses,
                           runtime_dir=self.settings.runtime_dir,
                           stream_listen=tuple(f"{listen}{' ssl' if listen.ssl else ''}"
@@ -68,13 +75,14 @@ class GatewayManifests:
                 warn(str(notice))
         entities = {key: items for key, items in translation.entities.items() if items}
         files = {**translation.files,
-                 self.name: yaml.safe_dump(entities, sort_keys=False, width=1 << 16).encode()}
+                 self.name: yaml.safe_dump(entities, sort_keys=False, width=1 << 16).encode(),
+                 os.path.join(self.settings.runtime_dir, LAST_VALID): last_valid}
         try:
             write_pem_files(files)
             document = read_document(self.name)
         except OSError as exc:
             where = f' "{exc.filename}"' if exc.filename else ""
-            return None, [ConfigIssue(self.file.path, 0, "gateway.runtime_dir",
+            return None, [ConfigIssue(self.file.path, self.settings.line, "gateway.runtime_dir",
                                       f"cannot write the translated manifests{where}: {exc.strerror or exc}")]
         except ConfigError as exc:
             return None, exc.errors
@@ -84,6 +92,39 @@ class GatewayManifests:
         versions = {(resource.kind, resource.namespace, resource.name): resource.api_version
                     for resource in resources}
         return replace(fragment, gateway_status=kubectl_statuses(translation.statuses, versions)), errors
+
+    def _keep_last_valid(self, resources: list[Resource], warn: Warn) -> tuple[list[Resource], bytes]:
+        """`resources` with each malformed object of a kind pyproxy reads replaced by its last valid
+        version, when there is one (the translation reports and skips the others); and the valid
+        objects as `last-valid.json` will hold them."""
+        path = os.path.join(self.settings.runtime_dir, LAST_VALID)
+        try:
+            with open(path, "rb") as stream:
+                previous = {_identity(resource): resource
+                            for resource in (Resource(**fields) for fields in json.load(stream))}
+        except (OSError, ValueError, TypeError):
+            previous = {}           # none yet, or not ours: nothing to fall back on
+        kept, valid = [], []
+        for resource in resources:
+            if resource.api_version in objects.API_VERSIONS.get(resource.kind, ()):
+                try:
+                    objects.parse(resource)
+                except Malformed as error:
+                    last = previous.get(_identity(resource))
+                    if last is None:
+                        kept.append(resource)
+                        continue
+                    if warn is not None:
+                        warn(str(resource.notice(f"{error.message}; its last valid version, read from "
+                                                 f"{last.file}:{last.line}, is kept", error.field)))
+                    resource = last
+                valid.append(resource)
+            kept.append(resource)
+        return kept, json.dumps([vars(resource) for resource in valid], default=str).encode()
+
+
+def _identity(resource: Resource) -> StatusKey:
+    return (resource.kind, resource.namespace, resource.name)
 
 
 def kubectl_statuses(statuses: dict[StatusKey, dict[str, Any]],

@@ -180,20 +180,29 @@ def test_bad_manifests_never_replace_what_is_serving(proxy, manifests):
     assert f"{folder / 'route.yaml'}:7: invalid YAML" in p.log_text()
     assert greeting(port) == b"one\n"
 
-    # A malformed object is skipped with a warning naming its file, line and identity; the valid
-    # ones apply (the route, repaired, now goes to two).
+    # A malformed object: the warning names its file, line and identity, and its last valid version
+    # goes on serving, as the API server would have refused the change.
+    (folder / "route.yaml").write_text(tcp_route("echo", "two").replace("port: 1025", "port: web"))
+    p.wait_log("reload complete", timeout=10)
+    assert (f"{folder / 'route.yaml'}:1: TCPRoute default/echo: spec.rules[0].backendRefs[0].port: expected "
+            f"a number 1–65535, got 'web'; its last valid version, read from {folder / 'route.yaml'}:1, is "
+            "kept") in p.log_text()
+    assert greeting(port) == b"one\n"
+
+    # A new malformed object without a valid version is skipped; the valid ones apply (the route,
+    # repaired, now goes to two).
     (folder / "route.yaml").write_text(tcp_route("echo", "two"))
     (folder / "wrong.yaml").write_text("# a route with a wrong field\n"
                                        + tcp_route("wrong", "one").replace("port: 1025", "port: web"))
-    p.wait_log("reload complete", timeout=10)
+    p.wait_log("reload complete", timeout=10, count=2)
     assert f"{folder / 'wrong.yaml'}:2: TCPRoute default/wrong: spec.rules[0].backendRefs[0].port:" \
         in p.log_text()
     assert greeting(port) == b"two\n"
 
     # A file removed from the folder applies too: without its route, a session finds no backend.
     (folder / "route.yaml").unlink()
-    p.wait_log("reload complete", timeout=10, count=2)
-    assert f"gateway manifests changed: {folder / 'route.yaml'}" in p.log_text()
+    p.wait_log("reload complete", timeout=10, count=3)
+    assert p.log_text().count(f"gateway manifests changed: {folder / 'route.yaml'}") == 4
     assert greeting(port) == b""
 
 
