@@ -61,6 +61,7 @@ class StatusProcess:
         self.started = 0.0
         self.delay = 0.0                    # before the next restart after a crash
         self.respawn_at = 0.0
+        self.gateway_statuses: dict[str, object] | None = None   # as last written, for their times
 
     # -- in the master ----------------------------------------------------------------------------
     def start(self, config: Config, listeners: ListenerSet) -> None:
@@ -102,14 +103,17 @@ class StatusProcess:
         path = os.path.join(self.directory, GATEWAY_STATUS)
         try:
             if config.gateway is None:
+                self.gateway_statuses = None
                 if os.path.exists(path):
                     os.unlink(path)
                 return
-            from pyproxy.gateway.source import status_list
+            from pyproxy.gateway.source import keep_transition_times, status_list
+            statuses = keep_transition_times(status_list(config), self.gateway_statuses)
             staged = f"{path}.new"
             with open(staged, "w") as stream:
-                json.dump(status_list(config), stream, indent=2)
+                json.dump(statuses, stream, indent=2)
             os.replace(staged, path)
+            self.gateway_statuses = statuses
         except OSError as exc:
             self.log.error(f'cannot write the gateway statuses "{exc.filename or path}": '
                            f"{exc.strerror or exc}")

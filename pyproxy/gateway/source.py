@@ -162,6 +162,46 @@ def status_list(config: Config) -> dict[str, Any]:
             "items": [config.gateway_status[key] for key in sorted(config.gateway_status, key=order)]}
 
 
+def keep_transition_times(listing: dict[str, Any], previous: dict[str, Any] | None) -> dict[str, Any]:
+    """`listing` (a `status_list`) with each condition whose status and reason are those it had in
+    `previous` stamped with the time it had there: `lastTransitionTime` is when a condition last
+    changed, not when it was last computed. Conditions are matched by object, by their place in
+    the status (a listener by name, a route parent by parentRef, a policy ancestor by ancestorRef)
+    and by type."""
+    if not previous:
+        return listing
+    stamps: dict[str, tuple[object, object, object]] = {}
+
+    def walk(value: Any, path: str, record: bool) -> Any:
+        if isinstance(value, list):
+            return [walk(item, f"{path}/{_item_key(item, index)}", record)
+                    for index, item in enumerate(value)]
+        if not isinstance(value, dict):
+            return value
+        if "type" in value and "lastTransitionTime" in value:
+            key = f"{path}:{value['type']}"
+            if record:
+                stamps[key] = (value.get("status"), value.get("reason"), value["lastTransitionTime"])
+                return value
+            status, reason, stamp = stamps.get(key, (None, None, None))
+            if (status, reason) == (value.get("status"), value.get("reason")):
+                return {**value, "lastTransitionTime": stamp}
+            return value
+        return {key: walk(item, f"{path}.{key}", record) for key, item in value.items()}
+
+    walk(previous.get("items", []), "", True)
+    return {**listing, "items": walk(listing.get("items", []), "", False)}
+
+
+def _item_key(item: Any, index: int) -> str:
+    """What identifies a list item of a status across loads (its index when nothing else does)."""
+    if isinstance(item, dict):
+        for field in ("metadata", "name", "parentRef", "ancestorRef"):
+            if field in item:
+                return f"{item.get('kind', '')}{json.dumps(item[field], sort_keys=True)}"
+    return str(index)
+
+
 def manifest_state(paths: tuple[str, ...]) -> tuple[FileState, ...]:
     """What a change to the manifests changes: each path's and each manifest file's mtime and size
     (a folder's mtime changes when a file is added, removed or renamed in it). A path that cannot be

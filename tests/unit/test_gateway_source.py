@@ -4,11 +4,13 @@ the errors and warnings a user reads."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from pyproxy.config import ConfigError, load_config
+from pyproxy.gateway.source import keep_transition_times, status_list
 from tests.integration.test_gateway_file_source import CLASS_AND_GATEWAY, listener, service, tcp_route
 
 
@@ -130,3 +132,24 @@ def test_a_runtime_dir_that_cannot_be_written_is_an_error_of_the_gateway_key(tmp
     [error] = errors(tmp_path, f"gateway: {{paths: [{folder}], runtime_dir: taken/run}}\n")
     assert error.startswith(f"{tmp_path / 'pyproxy.conf'}:1: gateway.runtime_dir: "
                             "cannot write the translated manifests")
+
+
+def test_a_condition_keeps_its_transition_time_until_it_changes(tmp_path):
+    """What GET /gateway/status serves across reloads: the time a condition last changed."""
+    folder = write_manifests(tmp_path / "m", listener("plain", 20000))
+    body = f"gateway: {{paths: [{folder}], address: 127.0.0.1}}\n"
+    before = status_list(load(tmp_path, body))
+    before_json = json.dumps(before)
+    before = json.loads(before_json.replace('"lastTransitionTime": "20', '"lastTransitionTime": "19'))
+    (folder / "route.yaml").write_text(tcp_route("echo", "absent"))      # ResolvedRefs turns False
+    after = keep_transition_times(status_list(load(tmp_path, body)), before)
+
+    def stamps(listing, kind):
+        [item] = [item for item in listing["items"] if item["kind"] == kind]
+        conditions = item["status"]["parents"][0]["conditions"] if kind == "TCPRoute" else \
+            item["status"]["listeners"][0]["conditions"]
+        return {c["type"]: (c["status"], c["lastTransitionTime"][:2]) for c in conditions}
+
+    assert stamps(after, "TCPRoute") == {"Accepted": ("True", "19"), "ResolvedRefs": ("False", "20")}
+    assert stamps(after, "Gateway")["Accepted"] == ("True", "19")
+    assert keep_transition_times(after, None) is after
