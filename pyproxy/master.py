@@ -167,7 +167,8 @@ class Master:
         failed = self.wait_ready(new)
         if failed:
             raise MasterError(failed)
-        listens = ", ".join(str(listen) for listen in self.config.stream_listen)
+        # No address: gateway manifests that open no listener yet.
+        listens = ", ".join(str(listen) for listen in self.config.stream_listen) or "no address yet"
         self.log.notice(f"ready: {len(new)} worker process(es) listening on {listens}")
 
     def _install_signals(self) -> None:

@@ -274,3 +274,21 @@ def test_gateway_status_is_not_found_without_a_gateway_key(proxy):
     with pytest.raises(urllib.error.HTTPError) as refused:
         get_json(status_port, "/gateway/status")
     assert refused.value.code == 404
+
+
+def test_a_pyproxy_started_without_manifests_opens_their_listeners_when_they_come(proxy, upstreams, tmp_path):
+    folder = tmp_path / "later"
+    folder.mkdir()
+    p = proxy(f"""
+        worker_processes: 2
+        gateway:
+          paths: [{folder}]
+          address: 127.0.0.1
+        """)
+    assert "listening on no address yet" in p.log_text()
+    one, port = upstreams(tag_handler, name="one"), free_port()
+    (folder / "all.yaml").write_text(CLASS_AND_GATEWAY.format(listeners=listener("plain", port)) + "---\n"
+                                     + tcp_route("echo", "one") + "---\n" + service("one", one.port))
+    p.wait_log("reload complete", timeout=10)
+    assert f"gateway manifests changed: {folder / 'all.yaml'}" in p.log_text()
+    assert greeting(port) == b"one\n"
