@@ -111,6 +111,7 @@ class StatusProcess:
             statuses = keep_transition_times(status_list(config), self.gateway_statuses)
             staged = f"{path}.new"
             with open(staged, "w") as stream:
+                os.fchmod(stream.fileno(), 0o644)   # the status process may run as another user
                 json.dump(statuses, stream, indent=2)
             os.replace(staged, path)
             self.gateway_statuses = statuses

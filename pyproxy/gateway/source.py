@@ -79,6 +79,7 @@ class GatewayManifests:
                  os.path.join(self.settings.runtime_dir, LAST_VALID): last_valid}
         try:
             write_pem_files(files)
+            _remove_stale_pem_files(self.settings.runtime_dir, files)
             document = read_document(self.name)
         except OSError as exc:
             where = f' "{exc.filename}"' if exc.filename else ""
@@ -121,6 +122,15 @@ class GatewayManifests:
                 valid.append(resource)
             kept.append(resource)
         return kept, json.dumps([vars(resource) for resource in valid], default=str).encode()
+
+
+def _remove_stale_pem_files(folder: str, files: dict[str, bytes]) -> None:
+    """Remove the PEM files of Secrets and ConfigMaps that are gone or changed: a rotated key does not
+    stay on disk. The running generation has its certificates in memory already."""
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if name.startswith(("tls-", "ca-")) and name.endswith((".crt", ".key")) and path not in files:
+            os.unlink(path)
 
 
 def _identity(resource: Resource) -> StatusKey:

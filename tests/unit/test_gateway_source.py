@@ -5,6 +5,7 @@ the errors and warnings a user reads."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from pyproxy.config import ConfigError, load_config
 from pyproxy.gateway.source import keep_transition_times, status_list
 from tests.integration.test_gateway_file_source import CLASS_AND_GATEWAY, listener, service, tcp_route
+from tests.unit.test_gateway_seed import seed_secret
 
 
 def write_manifests(folder: Path, listeners: str, backend_port: int = 20001) -> Path:
@@ -153,3 +155,20 @@ def test_a_condition_keeps_its_transition_time_until_it_changes(tmp_path):
     assert stamps(after, "TCPRoute") == {"Accepted": ("True", "19"), "ResolvedRefs": ("False", "20")}
     assert stamps(after, "Gateway")["Accepted"] == ("True", "19")
     assert keep_transition_times(after, None) is after
+
+
+def test_a_rotated_secret_leaves_no_old_key_on_disk(tmp_path):
+    folder = write_manifests(tmp_path / "m", listener("tls", 20000, "TLS",
+                                                      ", hostname: kong.example, tls: {certificateRefs: "
+                                                      "[{name: tls9443.kong.example}]}"))
+    body = f"gateway: {{paths: [{folder}], address: 127.0.0.1}}\n"
+    runtime = tmp_path / "gateway-runtime"
+    written = []
+    for _ in range(2):
+        seed_secret(folder)
+        config = load(tmp_path, body)
+        [certificate] = config.certificates
+        assert certificate.snis == ("kong.example",)
+        written.append(sorted(path.name for path in runtime.glob("tls-*")))
+        assert written[-1] == sorted(os.path.basename(path) for path in (certificate.cert, certificate.key))
+    assert written[0] != written[1]
