@@ -90,8 +90,7 @@ class GatewayManifests:
         fragment, errors = validate_fragment(self.name, document, self.file)
         if fragment is None:
             return None, errors
-        versions = {(resource.kind, resource.namespace, resource.name): resource.api_version
-                    for resource in resources}
+        versions = {_identity(resource): resource.api_version for resource in resources}
         return replace(fragment, gateway_status=kubectl_statuses(translation.statuses, versions)), errors
 
     def _keep_last_valid(self, resources: list[Resource], warn: Warn) -> tuple[list[Resource], bytes]:
