@@ -68,7 +68,8 @@ class GatewayManifests:
         options = Options(controller_name=self.settings.controller_name, addresses=self.settings.addresses,
                           runtime_dir=self.settings.runtime_dir,
                           stream_listen=tuple(f"{listen}{' ssl' if listen.ssl else ''}"
-                                              for listen in self.file.stream_listen))
+                                              for listen in self.file.stream_listen),
+                          status_listen=self.file.status_listen)
         translation = translate(resources, options)
         if warn is not None:
             for notice in notices + translation.notices:

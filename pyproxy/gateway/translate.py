@@ -55,6 +55,8 @@ class Options:
     # The configuration file's own stream_listen entries: a Gateway listener on one of those addresses
     # adds no entry (and must agree on `ssl`); TCPIngress rules need a port served by one or the other.
     stream_listen: tuple[str, ...] = ()
+    # The configuration file's status_listen address (HTTP /metrics): a Gateway listener may not take it.
+    status_listen: tuple[str, int] | None = None
     # The addresses clients reach pyproxy at, written in Gateway and TCPIngress statuses.
     publish_addresses: tuple[str, ...] = ()
     # False until the configuration carrying this translation is running: Programmed is then Pending.
@@ -367,6 +369,13 @@ def _check_port(state: _State, entry: _Listener,
                               f"Gateway {gateway.meta.namespace}/{gateway.meta.name} already has a TLS "
                               f"listener on port {spec.port} for {hostname or 'every hostname'}")
             return
+    status = state.options.status_listen
+    if status is not None and status[1] == spec.port and (
+            status[0] in state.options.addresses or status[0] in ("0.0.0.0", "::")
+            or any(address in ("0.0.0.0", "::") for address in state.options.addresses)):
+        entry.accepted = (False, "PortUnavailable",
+                          f"port {spec.port} is the status_listen address of the configuration file")
+        return
     for (_, port), ssl in state.stream_listen.items():
         if port == spec.port and ssl != (spec.protocol == "TLS"):
             entry.accepted = (False, "PortUnavailable",

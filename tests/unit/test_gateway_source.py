@@ -62,6 +62,15 @@ def test_a_port_of_the_file_is_shared_when_it_agrees_and_refused_when_it_does_no
     assert listeners["tls"]["Accepted"] == "PortUnavailable"
 
 
+def test_a_gateway_listener_on_the_status_listen_port_is_refused(tmp_path):
+    folder = write_manifests(tmp_path / "m", listener("plain", 20000) + "\n" + listener("metrics", 20003))
+    config = load(tmp_path, f"status_listen: 127.0.0.1:20003\n"
+                            f"gateway: {{paths: [{folder}], address: 127.0.0.1}}\n")
+    assert [str(listen) for listen in config.stream_listen] == ["127.0.0.1:20000"]
+    [_, metrics] = config.gateway_status[("Gateway", "default", "edge")]["status"]["listeners"]
+    assert {c["type"]: c["reason"] for c in metrics["conditions"]}["Accepted"] == "PortUnavailable"
+
+
 def test_the_gateway_key_is_validated_with_errors_naming_it(tmp_path):
     conf = tmp_path / "pyproxy.conf"
     assert errors(tmp_path, "gateway:\n  paths: [nope, 3]\n  address: [localhost]\n"
