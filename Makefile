@@ -1,11 +1,11 @@
-# pyproxy: `make run` starts the demo, `make test` runs lint and the suite, `make bench` measures against
-# nginx/HAProxy.
+# pyproxy: `make run` starts the demo (`make run-gateway`: from Gateway API manifests), `make test`
+# runs lint and the suite, `make bench` measures against nginx/HAProxy.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run lint test unit integration bench clean
+.PHONY: install run run-gateway lint test unit integration bench clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,16 @@ $(DEMO_CERT): | $(STAMP)
 # The seed's demo: an echo upstream on 127.0.0.1:1025 behind pyproxy on :9000 (and :9443 with TLS).
 run: install
 	$(PY) -m pyproxy.demo -c conf/pyproxy.conf
+
+# The same demo in Gateway API mode (issue 17): conf/pyproxy-gateway.conf reads the seed's manifests
+# (examples/gateway/) and the Secret tls9443.kong.example made here from the demo certificate.
+GATEWAY_SECRET := conf/gateway/tls9443.kong.example.yaml
+
+$(GATEWAY_SECRET): $(DEMO_CERT)
+	$(PY) -m pyproxy.demo --gateway-secret $@ -c conf/pyproxy.conf
+
+run-gateway: install $(GATEWAY_SECRET)
+	$(PY) -m pyproxy.demo -c conf/pyproxy-gateway.conf
 
 # Debian packages some tests need (real peers and tools); installed only when missing.
 TEST_PACKAGES := openssl:openssl haproxy:haproxy nginx:nginx \

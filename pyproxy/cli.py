@@ -3,6 +3,8 @@
     pyproxy [-c FILE]              run in the foreground (add -d to detach)
     pyproxy -t [-c FILE]           test the configuration and exit 0 (valid) or 1
     pyproxy -T [-c FILE]           test it and print the effective configuration
+    pyproxy -t --status [-o yaml|json] [-c FILE]   test it and print the `status` of each Gateway API
+                                   object of the `gateway` manifests, as `kubectl get -o yaml` shows it
     pyproxy -s reload|stop|quit|reopen [-c FILE]   signal the running master (found via the pid file)
     pyproxy -v                     print the version
 
@@ -13,12 +15,15 @@ and a non-zero exit code; never a traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
 
+import yaml
+
 from pyproxy import __version__
-from pyproxy.config import Config, ConfigError, config_as_yaml, load_config
+from pyproxy.config import Config, ConfigError, YamlFile, config_as_yaml, load_config, load_sources
 from pyproxy.log import ErrorLog, console
 
 DEFAULT_CONFIG = "conf/pyproxy.conf"
@@ -33,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-t", "--test", action="store_true", help="test the configuration and exit")
     parser.add_argument("-T", "--dump", action="store_true",
                         help="test the configuration, print the effective configuration and exit")
+    parser.add_argument("--status", action="store_true",
+                        help="with -t: print the status of the Gateway API objects of the gateway manifests")
+    parser.add_argument("-o", "--output", choices=("yaml", "json"), default="yaml",
+                        help="the format --status prints in (default: yaml)")
     parser.add_argument("-s", "--signal", choices=sorted(SIGNALS), help="send a signal to the master process")
     parser.add_argument("-d", "--daemon", action="store_true", help="detach from the terminal")
     parser.add_argument("-v", "--version", action="store_true", help="print the version and exit")
@@ -53,13 +62,22 @@ def _load(path: str) -> Config | None:
         return None
 
 
-def test_config(path: str, dump: bool = False) -> int:
+def test_config(path: str, dump: bool = False, status: str | None = None) -> int:
+    """`-t`, `-T` (dump) and `-t --status` (status: the output format)."""
     config = _load(path)
     if config is None:
         console(f"pyproxy: configuration file {os.path.abspath(path)} test failed")
         return 1
     if dump:
-        sys.stdout.write(config_as_yaml(config))
+        # Without what the gateway manifests add: the dump keeps its `gateway` key, and they are
+        # added again when it is loaded. A Kong file's entities are printed with the file's own.
+        sys.stdout.write(config_as_yaml(load_sources([YamlFile(path)], manifests=False)
+                                        if config.gateway is not None else config))
+    if status is not None:
+        from pyproxy.gateway.source import status_list
+        statuses = status_list(config)
+        sys.stdout.write(json.dumps(statuses, indent=2) + "\n" if status == "json"
+                         else yaml.safe_dump(statuses, sort_keys=False, width=1 << 16))
     console(f"pyproxy: configuration file {config.path} test is successful")
     return 0
 
@@ -123,8 +141,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pyproxy version: pyproxy/{__version__}")
         return 0
     try:
+        if args.status and not args.test:
+            console("pyproxy: --status goes with -t: pyproxy -t --status [-o yaml|json] -c FILE")
+            return 2
         if args.test or args.dump:
-            return test_config(args.conf, dump=args.dump)
+            return test_config(args.conf, dump=args.dump, status=args.output if args.status else None)
         if args.signal:
             return send_signal(args.conf, args.signal)
         return run(args.conf, args.daemon)

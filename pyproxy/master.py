@@ -29,6 +29,7 @@ from setproctitle import setproctitle
 from pyproxy import __version__, metrics
 from pyproxy.config import ConfigError, ConfigSource, YamlFile, load_sources
 from pyproxy.config.model import Config
+from pyproxy.gateway.source import FileState, manifest_state
 from pyproxy.listeners import BindError, ListenerSet, ListenSocket, configured_listens
 from pyproxy.log import ErrorLog
 from pyproxy.plugins import REGISTRY, load_plugin_module
@@ -133,6 +134,9 @@ class Master:
         self.reload_requests = 0                  # requests that the next reload answers
         self.last_reload_at = -math.inf
         self.spawn_retry_at = 0.0
+        # The gateway manifests as last seen (paths, manifest_state): polled once a second.
+        self.manifests = self._manifests_now(config)
+        self.manifests_checked_at = time.monotonic()
 
     # -- startup ------------------------------------------------------------------------------
     def load_tls(self, config: Config, previous: TLSContexts | None) -> TLSContexts:
@@ -167,7 +171,8 @@ class Master:
         failed = self.wait_ready(new)
         if failed:
             raise MasterError(failed)
-        listens = ", ".join(str(listen) for listen in self.config.stream_listen)
+        # No address: gateway manifests that open no listener yet.
+        listens = ", ".join(str(listen) for listen in self.config.stream_listen) or "no address yet"
         self.log.notice(f"ready: {len(new)} worker process(es) listening on {listens}")
 
     def _install_signals(self) -> None:
@@ -362,6 +367,7 @@ class Master:
                     self.dispatch_signals()
                     self.reap_workers()
                     self.murder_workers()
+                    self.watch_manifests()
                     self.advance_reload()
                     self.manage_workers()
                     self.status.manage()
@@ -514,6 +520,32 @@ class Master:
             return
         self.reload_wanted = reason
         self.reload_requests += 1
+
+    def watch_manifests(self) -> None:
+        """Once a second, when the served configuration has a `gateway` key: a manifest file changed,
+        added or removed asks for a reload (the loader child translates them, not the master).
+
+        Polled rather than watched with inotify: a stat() of each file costs microseconds, a second's
+        delay is within what a file source promises, and it sees folders and files alike, even
+        replaced or on filesystems inotify does not cover. A reload that fails on what it read keeps
+        the old configuration and is not retried until the manifests change again."""
+        now = time.monotonic()
+        if self.config.gateway is None or now < self.manifests_checked_at + 1.0:
+            return
+        self.manifests_checked_at = now
+        seen, self.manifests = self.manifests, self._manifests_now(self.config)
+        if seen[0] != self.manifests[0]:
+            return          # a reload changed the paths: what it read is the new starting point
+        changed = sorted({path for path, _, _ in set(seen[1]) ^ set(self.manifests[1])},
+                         key=lambda path: path in self.manifests[0])     # a file before its folder
+        if changed:
+            self.request_reload(f"gateway manifests changed: {changed[0]}")
+
+    @staticmethod
+    def _manifests_now(config: Config) -> tuple[tuple[str, ...], tuple[FileState, ...]]:
+        if config.gateway is None:
+            return (), ()
+        return config.gateway.paths, manifest_state(config.gateway.paths)
 
     def advance_reload(self) -> None:
         """Start the reload that was asked for once it is due, or move the one in flight on."""

@@ -1,4 +1,4 @@
-"""The status process: `status_listen` (/metrics, /status) served away from the workers.
+"""The status process: `status_listen` (/metrics, /status, /gateway/status) served away from the workers.
 
 A scrape reads every process's metric file and asks the kernel about every process: milliseconds of
 work that, in a worker, stalled every session that worker held. So the master forks one small
@@ -16,6 +16,7 @@ metrics folder with it, when the master exits. `StatusServer` is the process its
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import socket
@@ -41,6 +42,7 @@ RESPAWN_DELAY = 1.0           # a status process that keeps dying is restarted a
 RESPAWN_MAX_DELAY = 60.0      # 4 s… up to once a minute
 MASTER_SIGNALS = (signal.SIGHUP, signal.SIGQUIT, signal.SIGINT, signal.SIGTERM, signal.SIGUSR1,
                   signal.SIGCHLD)
+GATEWAY_STATUS = "gateway-status.json"   # in the metrics folder: what GET /gateway/status answers
 STOP_GRACE = 5.0              # seconds to exit after SIGTERM before the master sends SIGKILL
 
 
@@ -59,6 +61,7 @@ class StatusProcess:
         self.started = 0.0
         self.delay = 0.0                    # before the next restart after a crash
         self.respawn_at = 0.0
+        self.gateway_statuses: dict[str, object] | None = None   # as last written, for their times
 
     # -- in the master ----------------------------------------------------------------------------
     def start(self, config: Config, listeners: ListenerSet) -> None:
@@ -78,6 +81,7 @@ class StatusProcess:
         status_listen socket the master holds. A reload that keeps the socket, the user and the
         error log keeps the process (and the scrapes it is answering)."""
         self.listeners = listeners
+        self.publish_gateway_status(config)
         sockets = listeners.status_sockets()
         settings = (tuple(ls.sock for ls in sockets), config.user, config.error_log, config.log_level)
         if settings == self.settings:
@@ -89,6 +93,31 @@ class StatusProcess:
         self.delay = 0.0
         if sockets:
             self._spawn()
+
+    def publish_gateway_status(self, config: Config) -> None:
+        """The statuses of the Gateway API objects of the running configuration, for GET
+        /gateway/status: written whole beside the metric files and renamed over the last ones, so the
+        status process never reads half of them; removed when the configuration has no gateway."""
+        if self.directory is None:
+            return
+        path = os.path.join(self.directory, GATEWAY_STATUS)
+        try:
+            if config.gateway is None:
+                self.gateway_statuses = None
+                if os.path.exists(path):
+                    os.unlink(path)
+                return
+            from pyproxy.gateway.source import keep_transition_times, status_list
+            statuses = keep_transition_times(status_list(config), self.gateway_statuses)
+            staged = f"{path}.new"
+            with open(staged, "w") as stream:
+                os.fchmod(stream.fileno(), 0o644)   # the status process may run as another user
+                json.dump(statuses, stream, indent=2)
+            os.replace(staged, path)
+            self.gateway_statuses = statuses
+        except OSError as exc:
+            self.log.error(f'cannot write the gateway statuses "{exc.filename or path}": '
+                           f"{exc.strerror or exc}")
 
     def manage(self) -> None:
         """From the master's loop: start a status process again once one that died may be replaced."""
@@ -316,6 +345,14 @@ class StatusServer:
         self.fold()
         return metrics.render_status(self.master_pid, __version__)
 
+    def answer_gateway_status(self) -> bytes | None:
+        """The statuses the master wrote for the running configuration; None without a gateway."""
+        try:
+            with open(os.path.join(self.directory, GATEWAY_STATUS), "rb") as stream:
+                return stream.read()
+        except FileNotFoundError:
+            return None
+
     def fold(self) -> None:
         """Fold the files of processes that exited, so that a scrape reads the live ones only. If
         that fails, the scrape still reads every file and its numbers stay right."""
@@ -412,8 +449,12 @@ class StatusSession:
             self._respond(200, CONTENT_TYPE_LATEST, self.server.answer_metrics(), method == "HEAD")
         elif path == "/status":
             self._respond(200, "application/json", self.server.answer_status(), method == "HEAD")
+        elif path == "/gateway/status" and (statuses := self.server.answer_gateway_status()) is not None:
+            self._respond(200, "application/json", statuses, method == "HEAD")
+        elif path == "/gateway/status":
+            self._respond(404, "text/plain", b"no gateway manifests in the running configuration\n")
         else:
-            self._respond(404, "text/plain", b"try /metrics or /status\n")
+            self._respond(404, "text/plain", b"try /metrics, /status or /gateway/status\n")
 
     def _respond(self, code: int, content_type: str, body: bytes, head_only: bool = False) -> None:
         reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed",

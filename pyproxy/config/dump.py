@@ -45,6 +45,7 @@ def dump_config(config: model.Config) -> Mapping:
         "upstreams": [_upstream(upstream) for upstream in config.upstreams],
         "services": [_service(service) for service in config.services],
         "plugins": [_plugin(plugin) for plugin in config.plugins],
+        "gateway": _gateway(config.gateway) if config.gateway is not None else None,
     }
     return _without_nones(document)
 
@@ -71,6 +72,11 @@ def _off_if_none(path: str | None) -> str:
 def _listen(listen: model.Listen) -> str:
     flags = [flag for flag, on in (("ssl", listen.ssl), ("proxy_protocol", listen.proxy_protocol)) if on]
     return " ".join([str(listen), *flags, f"backlog={listen.backlog}"])
+
+
+def _gateway(settings: model.GatewaySettings) -> Mapping:
+    return {"paths": list(settings.paths), "address": list(settings.addresses),
+            "runtime_dir": settings.runtime_dir, "controller_name": settings.controller_name}
 
 
 def _ssl(settings: model.SSLSettings) -> Mapping:

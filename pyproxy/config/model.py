@@ -206,6 +206,18 @@ def _built_in_plugins() -> dict[str, type[PluginClass]]:
 
 
 @dataclass(frozen=True)
+class GatewaySettings:
+    """The `gateway` key: Kubernetes Gateway API (and Kong TCPIngress) manifests read from files as a
+    second configuration source (pyproxy.gateway.source)."""
+
+    paths: tuple[str, ...]        # absolute: manifest files, and folders of them (not recursive)
+    addresses: tuple[str, ...] = ("0.0.0.0",)    # where each Gateway listener port is opened
+    runtime_dir: str = ""         # absolute: the PEM files made from Secrets, the translated entities
+    controller_name: str = "gateway.pyproxy.dev/controller"
+    line: int = field(default=0, compare=False)    # where the key was written, for messages
+
+
+@dataclass(frozen=True)
 class Config:
     path: str                     # absolute path of the file this came from (a source's fragment: its name)
     worker_processes: int = 1     # "auto" already turned into the CPU count
@@ -230,6 +242,11 @@ class Config:
     plugins: tuple[Plugin, ...] = ()
     plugin_modules: tuple[str, ...] = ()   # imported at load: they register more plugins
     declarative_config: str | None = None  # a Kong declarative file of more entities (pyproxy.kong)
+    gateway: GatewaySettings | None = None
+    # The `status` of each Gateway API object pyproxy owns, by (kind, namespace, name), as the
+    # manifests source worked it out (kubectl's shape: apiVersion, kind, metadata, status).
+    gateway_status: Mapping[tuple[str, str, str], Mapping[str, object]] = field(
+        default_factory=dict, compare=False, repr=False)
     # The plugin classes `plugins` may name: the built-ins and those of plugin_modules, imported for
     # this Config alone (pyproxy.plugins.load_plugin_module). Not part of what the Config says.
     plugin_types: Mapping[str, type[PluginClass]] = field(default_factory=_built_in_plugins, compare=False,

@@ -2,10 +2,12 @@
 plugins) come from, and how the entities of several sources make one Config.
 
 The pyproxy file (`YamlFile`) is the first source, always, and the only one for the process settings
-(worker_processes, logs, stream_listen, ssl, plugin_modules): `merge` takes them from it. Later
-sources (a Kong declarative file, Gateway API manifests, the Admin API) each produce entities (and
-certificates) the same way, as a Config fragment, and whatever changes one of them asks the master
-for the same generation reload as a SIGHUP (`Master.request_reload(reason)`). A load is:
+(worker_processes, logs, ssl, plugin_modules): `merge` takes them from it. Later sources each produce
+entities the same way, as a Config fragment: the Kong declarative file the pyproxy file's
+`declarative_config` names (entities and certificates), the Gateway API manifests its `gateway` key
+names (listeners, certificates and entities; see `named_sources`), and later the Admin API. Whatever
+changes one of them asks the master for the same generation reload as a SIGHUP
+(`Master.request_reload(reason)`). A load is:
 
     parse + validate each source → merge → prepare (resolve host names) → the generation reload
 
@@ -70,18 +72,17 @@ class YamlFile:
             return validate_document(self.path, document, warn)
 
 
-def load_sources(sources: Sequence[ConfigSource], warn: Warn = None) -> Config:
-    """Load every source (the pyproxy file first, then the Kong file its `declarative_config`
-    names), merge their entities, resolve the host names.
+def load_sources(sources: Sequence[ConfigSource], warn: Warn = None, manifests: bool = True) -> Config:
+    """Load every source (the pyproxy file first) and the sources the pyproxy file names
+    (`named_sources`, right after it; its gateway manifests only if `manifests`); merge their
+    entities, resolve the host names.
 
     Raises ConfigError listing every error of every source, by source then line."""
     loaded = [source.load(warn) for source in sources]
-    named = loaded[0][0].declarative_config if loaded[0][0] is not None else None
-    if named is not None:
-        from pyproxy.kong import KongDeclarative  # here: pyproxy.kong imports this package
-        kong = KongDeclarative(named, pyproxy_file=loaded[0][0])
-        sources = [sources[0], kong, *sources[1:]]
-        loaded.insert(1, kong.load(warn))
+    if loaded[0][0] is not None:
+        more = named_sources(loaded[0][0], manifests)
+        sources = [sources[0], *more, *sources[1:]]
+        loaded[1:1] = [source.load(warn) for source in more]
     errors = [error for _, source_errors in loaded for error in source_errors]
     fragments = [fragment for fragment, _ in loaded if fragment is not None]
     config = None
@@ -94,6 +95,20 @@ def load_sources(sources: Sequence[ConfigSource], warn: Warn = None) -> Config:
         order = {source.name: index for index, source in enumerate(sources)}
         raise ConfigError(sorted(errors, key=lambda issue: (order.get(issue.file, 0), issue.line)))
     return config
+
+
+def named_sources(config: Config, manifests: bool = True) -> list[ConfigSource]:
+    """The sources the pyproxy file's own settings name: the Kong file of its `declarative_config`,
+    then its `gateway` manifests."""
+    # Imported here, not at the top: pyproxy.kong and pyproxy.gateway import this package.
+    named: list[ConfigSource] = []
+    if config.declarative_config is not None:
+        from pyproxy.kong import KongDeclarative
+        named.append(KongDeclarative(config.declarative_config, pyproxy_file=config))
+    if config.gateway is not None and manifests:
+        from pyproxy.gateway.source import GatewayManifests
+        named.append(GatewayManifests(config))
+    return named
 
 
 def merge(fragments: Sequence[Config]) -> Config:
@@ -118,6 +133,8 @@ def merge(fragments: Sequence[Config]) -> Config:
                                       f"{kind} {name!r} is defined in {where[0]} and in {where[1]}"))
 
     for fragment in fragments:
+        for listen in fragment.stream_listen:
+            claim(fragment, "stream_listen address", str(listen), listen.line)
         for upstream in fragment.upstreams:
             claim(fragment, "upstream", upstream.name, upstream.line)
         for service in fragment.services:
@@ -134,7 +151,9 @@ def merge(fragments: Sequence[Config]) -> Config:
         services = tuple(replace(service, routes=tuple(replace(route, index=route.index + offset)
                                                        for route in service.routes))
                          for service in fragment.services)
-        merged = replace(merged, certificates=merged.certificates + fragment.certificates,
+        merged = replace(merged, stream_listen=merged.stream_listen + fragment.stream_listen,
+                         certificates=merged.certificates + fragment.certificates,
+                         gateway_status={**merged.gateway_status, **fragment.gateway_status},
                          upstreams=merged.upstreams + fragment.upstreams,
                          services=merged.services + services, plugins=merged.plugins + fragment.plugins,
                          plugin_types={**fragment.plugin_types, **merged.plugin_types},

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import ipaddress
 import os
 import pwd
 import re
@@ -19,7 +20,16 @@ from typing import TYPE_CHECKING
 from . import entities
 from .errors import ConfigIssue, Invalid, describe
 from .loader import Document
-from .model import LOG_LEVELS, WORKER_SCHED_POLICIES, Certificate, CertKey, Config, Listen, SSLSettings
+from .model import (
+    LOG_LEVELS,
+    WORKER_SCHED_POLICIES,
+    Certificate,
+    CertKey,
+    Config,
+    GatewaySettings,
+    Listen,
+    SSLSettings,
+)
 from .sections import Place, Report, Section
 from .tlsfiles import DecodedCertificate, certificate_names, load_certificate_pair
 from .values import (
@@ -44,11 +54,14 @@ TOP_LEVEL_KEYS = (
     "proxy_protocol_timeout", "reload_coalesce", "pid",
     "plugin_modules", "user", "status_listen",
     "error_log", "log_level", "access_log", "access_log_format", "stream_listen", "ssl", "certificates",
-    "upstreams", "services", "plugins", "declarative_config",
+    "upstreams", "services", "plugins", "declarative_config", "gateway",
 )
 SSL_KEYS = ("protocols", "ciphers", "default_certificate", "preread_timeout", "handshake_timeout")
 CERT_KEY_KEYS = ("cert", "key")
 CERTIFICATE_KEYS = ("cert", "key", "snis")
+GATEWAY_KEYS = ("paths", "address", "runtime_dir", "controller_name")
+# What the Gateway API manifests source adds to the pyproxy file (pyproxy.gateway.source).
+FRAGMENT_KEYS = ("stream_listen", "certificates", "upstreams", "services")
 TLS_VERSIONS = ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
 OBSOLETE_TLS_VERSIONS = ("TLSv1", "TLSv1.1")
 LISTEN_FLAGS = ("ssl", "proxy_protocol", "reuseport", "backlog")
@@ -104,7 +117,8 @@ def build_config(report: Report, document: object) -> Config | None:
     base = os.path.dirname(report.file)
     defaults = Config(path=report.file)
 
-    stream_listen = _stream_listen(report, root)
+    gateway = root.nested("gateway", lambda r, p, v: _gateway(r, p, v, base))
+    stream_listen = _stream_listen(report, root, listeners_elsewhere=gateway is not None)
     status_listen = root.get("status_listen", parse_address)
     if status_listen is not None:
         _check_status_listen(report, root, status_listen, stream_listen)
@@ -147,6 +161,7 @@ def build_config(report: Report, document: object) -> Config | None:
         plugin_modules=plugin_modules,
         plugin_types=plugin_types,
         declarative_config=root.get("declarative_config", lambda value: in_folder(base, value)),
+        gateway=gateway,
         hostnames=tuple(report.hostnames),
     )
 
@@ -265,7 +280,8 @@ def _error_log(base: str) -> Converter[str]:
 
 # --- stream_listen ----------------------------------------------------------------------------------
 
-def _stream_listen(report: Report, root: Section) -> tuple[Listen, ...]:
+def _stream_listen(report: Report, root: Section, listeners_elsewhere: bool = False) -> tuple[Listen, ...]:
+    """The entries of `stream_listen`; none is an error unless another source may add listeners."""
     place = root.place_of("stream_listen")
     raw = root.mapping.get("stream_listen")
     entries: list[tuple[Place, object]]
@@ -275,7 +291,7 @@ def _stream_listen(report: Report, root: Section) -> tuple[Listen, ...]:
                    for index, text in enumerate(str(raw).split(","))]
     else:
         entries = root.items("stream_listen")
-    if raw is None or raw == []:
+    if (raw is None or raw == []) and not listeners_elsewhere:
         report.error(place, "nothing to listen on: add at least one stream_listen address")
     listens: list[Listen] = []
     lines_by_address: dict[tuple[str, int], int] = {}
@@ -328,6 +344,86 @@ def _check_status_listen(report: Report, root: Section, address: tuple[str, int]
     place = root.place_of("status_listen")
     if any(listen.key == address for listen in stream_listen):
         report.error(place, "the status address is also a stream_listen address")
+
+
+# --- gateway ----------------------------------------------------------------------------------------
+
+def _gateway(report: Report, place: Place, value: object, base: str) -> GatewaySettings | None:
+    """The `gateway` key: the manifests to read (they must exist) and how to serve them."""
+    section = report.section(place, value, GATEWAY_KEYS)
+    if section is None:
+        return None
+    defaults = GatewaySettings(paths=())
+    paths = []
+    if not section.has("paths"):
+        report.error(section.place_of("paths"),
+                     "required key is missing: list the manifest files and folders")
+    for item_place, item in _one_or_more(report, section, "paths"):
+        path = report.convert(item_place, item, lambda text: in_folder(base, text))
+        if path is not None and not os.path.exists(path):
+            report.error(item_place, f"no such file or folder: {path}")
+        elif path is not None:
+            paths.append(path)
+    addresses = []
+    for item_place, item in _one_or_more(report, section, "address"):
+        address = report.convert(item_place, item, _ip_address)
+        if address is not None:
+            addresses.append(address)
+    return GatewaySettings(
+        paths=tuple(paths),
+        addresses=tuple(addresses) or defaults.addresses,
+        runtime_dir=section.get("runtime_dir", lambda text: in_folder(base, text),
+                                os.path.join(base, "gateway-runtime")),
+        controller_name=section.get("controller_name", _controller_name, defaults.controller_name),
+        line=place.line,
+    )
+
+
+def _one_or_more(report: Report, section: Section, key: str) -> list[tuple[Place, object]]:
+    """The items of a key that takes a list, or one value written alone."""
+    value = section.mapping.get(key)
+    if value is None or isinstance(value, list):
+        return section.items(key)
+    return [(section.place_of(key), value)]
+
+
+def _ip_address(value: object) -> str:
+    """A literal IP address, normalised (`[::]` and `0::0` are `::`)."""
+    try:
+        return str(ipaddress.ip_address(parse_text(value).strip("[]")))
+    except ValueError:
+        raise Invalid(f"expected an IP address, got {describe(value)}") from None
+
+
+def _controller_name(value: object) -> str:
+    """A GatewayClass controllerName: a domain-prefixed path, `example.net/gateway-controller`."""
+    text = parse_text(value)
+    if not re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[A-Za-z0-9/\-._~%!$&'()*+,;=:]+", text):
+        raise Invalid("expected a domain-prefixed path like gateway.pyproxy.dev/controller, "
+                      f"got {describe(text)}")
+    return text
+
+
+def validate_fragment(path: str, document: Document, base: Config) -> tuple[Config | None, list[ConfigIssue]]:
+    """The entities another source writes in this file's schema (`FRAGMENT_KEYS` only), as a Config
+    fragment to merge into `base` (the pyproxy file's), and the errors. TLS routes may rely on the
+    certificates and ssl listeners of `base`."""
+    report = Report(path)
+    root = report.section(Place("", 1), document.root, FRAGMENT_KEYS)
+    if root is None:
+        return None, document.issues + report.errors
+    stream_listen = tuple(listen for place, value in root.items("stream_listen")
+                          if (listen := _listen(report, place, value)) is not None)
+    certificates = _certificates(report, root, os.path.dirname(path))
+    upstreams = entities.read_upstreams(report, root)
+    tls = entities.TLSContext(
+        can_terminate=bool(certificates or base.certificates) or base.ssl.default_certificate is not None,
+        has_ssl_listener=any(listen.ssl for listen in base.stream_listen + stream_listen),
+    )
+    services = entities.read_services(report, root, os.path.dirname(path), upstreams, tls)
+    fragment = Config(path=path, stream_listen=stream_listen, certificates=certificates, upstreams=upstreams,
+                      services=services, hostnames=tuple(report.hostnames))
+    return fragment, document.issues + report.errors
 
 
 # --- ssl and certificates ---------------------------------------------------------------------------

@@ -1,5 +1,8 @@
 """`make run`: start the echo upstream on 127.0.0.1:1025, then pyproxy in the foreground.
 
+`make run-gateway` is the same demo with conf/pyproxy-gateway.conf, which reads the seed's Gateway API
+manifests (examples/gateway/) and a Secret made from the demo certificate (`--gateway-secret FILE`).
+
 On first run it makes the demo's self-signed certificate for tls9443.kong.example (conf/certs/), unless
 `make install` already has (`--certificate-only`), so that `pyproxy -t -c conf/pyproxy.conf` passes.
 Ctrl-C stops both. The seed's checks then work from another terminal:
@@ -11,12 +14,15 @@ Ctrl-C stops both. The seed's checks then work from another terminal:
 from __future__ import annotations
 
 import argparse
+import base64
 import os
 import signal
 import subprocess
 import sys
 from types import FrameType
 from typing import NoReturn
+
+import yaml
 
 from pyproxy.demo.echo import EchoServer
 
@@ -38,12 +44,31 @@ def ensure_certificate(conf_dir: str) -> None:
     print(f"demo: made a self-signed certificate for {DEMO_NAME} in {certs}", file=sys.stderr)
 
 
+def write_gateway_secret(conf_dir: str, path: str) -> None:
+    """The demo certificate as the kubernetes.io/tls Secret tls9443.kong.example that the seed's
+    Gateway names, as `kubectl create secret tls` writes it (mode 0600: it holds the key)."""
+    certs = os.path.join(conf_dir, "certs")
+    data = {}
+    for field, suffix in (("tls.crt", "crt"), ("tls.key", "key")):
+        with open(os.path.join(certs, f"{DEMO_NAME}.{suffix}"), "rb") as stream:
+            data[field] = base64.b64encode(stream.read()).decode()
+    secret = {"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+              "metadata": {"name": DEMO_NAME, "namespace": "default"}, "data": data}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with open(descriptor, "w") as stream:
+        stream.write("# Made by `make run-gateway` from certs/tls9443.kong.example.{crt,key}.\n")
+        yaml.safe_dump(secret, stream, sort_keys=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pyproxy.demo")
     parser.add_argument("-c", "--conf", default="conf/pyproxy.conf")
     parser.add_argument("--echo", default="127.0.0.1:1025", help="where the echo upstream listens")
     parser.add_argument("--certificate-only", action="store_true",
                         help="make the demo certificate if it is missing, then exit (`make install`)")
+    parser.add_argument("--gateway-secret", metavar="FILE",
+                        help="write the demo certificate as a Kubernetes TLS Secret to FILE, then exit")
     args = parser.parse_args(argv)
 
     try:
@@ -51,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, subprocess.SubprocessError) as exc:
         print(f"demo: cannot make the demo certificate with openssl: {exc}", file=sys.stderr)
         return 1
+    if args.gateway_secret:
+        write_gateway_secret(os.path.dirname(os.path.abspath(args.conf)), args.gateway_secret)
+        return 0
     if args.certificate_only:
         return 0
     host, _, port = args.echo.rpartition(":")

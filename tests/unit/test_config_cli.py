@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -126,3 +127,36 @@ def test_make_install_makes_what_the_demo_configuration_needs(tmp_path: Path):
                             capture_output=True, text=True, timeout=60)
     assert tested.returncode == 0, tested.stderr
     assert tested.stderr == f"pyproxy: configuration file {tmp_path}/conf/pyproxy.conf test is successful\n"
+
+
+def test_make_run_gateway_makes_what_the_gateway_demo_needs(tmp_path: Path):
+    """`make run-gateway`'s prerequisites in a fresh clone: the demo certificate as the Secret the
+    seed's Gateway names; then `pyproxy -t --status` on conf/pyproxy-gateway.conf shows the seed's
+    two routes Accepted on the listeners of ports 9000 and 9443 (issue 17)."""
+    for name in ("Makefile", "setup.cfg", "pyproject.toml"):
+        shutil.copy(REPOSITORY / name, tmp_path / name)
+        os.utime(tmp_path / name, (0, 0))
+    shutil.copytree(REPOSITORY / "conf", tmp_path / "conf",
+                    ignore=shutil.ignore_patterns("certs", "gateway", "*.pid", "logs"))
+    shutil.copytree(REPOSITORY / "examples" / "gateway", tmp_path / "examples" / "gateway")
+    venv = Path(sys.executable).parent.parent
+    secret = "conf/gateway/tls9443.kong.example.yaml"
+    made = subprocess.run(["make", "install", secret, f"VENV={venv}"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert made.returncode == 0, made.stdout + made.stderr
+    assert (tmp_path / secret).stat().st_mode & 0o777 == 0o600
+    tested = subprocess.run([str(venv / "bin" / "pyproxy"), "-t", "--status", "-o", "json", "-c",
+                             "conf/pyproxy-gateway.conf"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=60)
+    assert tested.returncode == 0, tested.stderr
+    assert tested.stderr.endswith("conf/pyproxy-gateway.conf test is successful\n"), tested.stderr
+    items = {(item["kind"], item["metadata"]["name"]): item["status"]
+             for item in json.loads(tested.stdout)["items"]}
+    listeners = {entry["name"]: entry for entry in items[("Gateway", "kong")]["listeners"]}
+    for name in ("stream9000", "stream9443"):
+        assert listeners[name]["attachedRoutes"] == 1
+        assert {c["type"]: c["status"] for c in listeners[name]["conditions"]}["Accepted"] == "True"
+    for kind, name in (("TCPRoute", "echo-plaintext"), ("TLSRoute", "echo-tls")):
+        [parent] = items[(kind, name)]["parents"]
+        assert {c["type"]: c["reason"] for c in parent["conditions"]} == {"Accepted": "Accepted",
+                                                                          "ResolvedRefs": "ResolvedRefs"}

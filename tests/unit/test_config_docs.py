@@ -44,8 +44,10 @@ SCHEMAS = {
     "ROUTE_KEYS": ["services[].routes[]."],
     "ADDRESS_MATCH_KEYS": ["services[].routes[].sources[].", "services[].routes[].destinations[]."],
     "PLUGIN_KEYS": ["plugins[]."],
+    "GATEWAY_KEYS": ["gateway."],
 }
-NOT_SCHEMAS = {"TLS_ONLY_SERVICE_KEYS"}      # a subset of SERVICE_KEYS, for a warning
+# A subset of SERVICE_KEYS, for a warning; the keys another source (the gateway manifests) writes.
+NOT_SCHEMAS = {"TLS_ONLY_SERVICE_KEYS", "FRAGMENT_KEYS"}
 
 
 def _schema_constants() -> dict[str, tuple[str, ...]]:
