@@ -21,6 +21,7 @@ import os
 import stat
 import tempfile
 from collections.abc import Callable
+from dataclasses import replace
 
 from pyproxy.config.errors import ConfigError, ConfigIssue
 from pyproxy.config.loader import Document, YamlList, YamlMap, read_document
@@ -70,6 +71,8 @@ class KongDeclarative:
         notes = self._listen(translation)
         report = Report(self.path)
         config = build_config(report, translation.root)
+        if config is not None and self.pyproxy_file is not None:
+            config = replace(config, stream_listen=())    # the pyproxy file's, lent for the checks
         errors = document.issues + translation.errors + [
             _renamed(error, translation) for error in report.errors
             if not follows_from(error, translation.refused)]
