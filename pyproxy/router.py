@@ -91,25 +91,27 @@ def _client_independent(route: Route, listen: Listen) -> bool:
 class ListenerRoutes:
     """The routes that can match on one listener for one protocol, in the order written."""
 
-    __slots__ = ("candidates", "resolved", "static", "needs_local_ip")
+    __slots__ = ("candidates", "resolved", "static", "needs_local_ip", "listener_ip")
 
     def __init__(self, routes: list[Route], listen: Listen):
         self.candidates = routes
+        # The local address of every session of a listener bound to one address: a session on it
+        # is matched against `destinations` addresses without being asked for its own.
+        self.listener_ip = None if listen.wildcard else ipaddress.ip_address(listen.host)
         self.needs_local_ip = listen.wildcard and any(
             e.network is not None for r in routes for e in r.destinations)
         # When no route looks at the client, the answer is the same for every session: found once.
         self.resolved = all(_client_independent(r, listen) for r in routes)
         self.static: Route | None = None
         if self.resolved:
-            listener_ip = None if listen.wildcard else ipaddress.ip_address(listen.host)
-            self.static = self._select(None, 0, listener_ip, listen.port, None)
+            self.static = self._select(None, 0, self.listener_ip, listen.port, None)
 
     def match(self, src_ip: str, src_port: int, dst_ip: str | None, dst_port: int,
               sni: str | None = None) -> Route | None:
         if self.resolved:
             return self.static
         src = parsed_address(src_ip)
-        dst = parsed_address(dst_ip) if dst_ip is not None else None
+        dst = parsed_address(dst_ip) if dst_ip is not None else self.listener_ip
         return self._select(src, src_port, dst, dst_port, sni)
 
     def _select(self, src: IPAddress | None, src_port: int, dst: IPAddress | None, dst_port: int,
