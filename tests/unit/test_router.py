@@ -105,3 +105,19 @@ def test_exact_sni_beats_wildcard_and_tls_routes_only_on_ssl_listeners():
     assert match(routes, TLS, sni="a.example.com") == "exact"
     assert match(routes, TLS, sni="b.example.com") == "wild"
     assert match(routes, TLS, sni=None) is None
+
+
+def test_destination_address_on_a_listener_bound_to_one_address():
+    """A listener bound to one address matches `destinations` addresses with it, also when the route
+    looks at the client too (the session does not ask for its local address there)."""
+    routes = [route("src+dst", 0, sources=[AddressMatch(network=net("127.0.0.0/8"))],
+                    destinations=[AddressMatch(network=net("127.0.0.1/32"))]),
+              route("other-dst", 1, sources=[AddressMatch(network=net("127.0.0.0/8"))],
+                    destinations=[AddressMatch(network=net("127.0.0.2/32"))])]
+    lr = Router(tuple(routes), (PLAIN,)).for_listener(PLAIN)
+    assert not lr.needs_local_ip
+    assert lr.match("127.0.0.5", 1, None, 9000).name == "src+dst"
+    tls_routes = [route("sni+dst", 0, protocols=("tls",), snis=["a.example"],
+                        destinations=[AddressMatch(network=net("127.0.0.1/32"), port=9443)])]
+    tls = Listen("127.0.0.1", 9443, ssl=True)
+    assert match(tls_routes, tls, sni="a.example") == "sni+dst"
