@@ -53,11 +53,21 @@ def _load(path: str) -> Config | None:
         return None
 
 
+def _default_certificate_notice(config: Config) -> None:
+    """Say which certificate a terminating listener serves without a matching SNI when the file
+    does not: nginx's rule, the first certificate, which a user may not expect."""
+    if (config.ssl.default_certificate is None and config.certificates
+            and any(listen.ssl for listen in config.stream_listen)):
+        console(f"pyproxy: [notice] no ssl.default_certificate: clients without a matching server name "
+                f"get {config.certificates[0].cert} (the first certificate)")
+
+
 def test_config(path: str, dump: bool = False) -> int:
     config = _load(path)
     if config is None:
         console(f"pyproxy: configuration file {os.path.abspath(path)} test failed")
         return 1
+    _default_certificate_notice(config)
     if dump:
         sys.stdout.write(config_as_yaml(config))
     console(f"pyproxy: configuration file {config.path} test is successful")

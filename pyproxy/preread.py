@@ -31,6 +31,9 @@ T = TypeVar("T")
 PREREAD_MAX = SCRATCH_SIZE                   # bytes of ClientHello we wait for (peeked into scratch)
 MSG_PEEK = socket.MSG_PEEK
 _INT_BYTES = bytes(4)
+# What OpenSSL says when the server has no certificate the client can take (none at all, or none
+# signed with an algorithm the client offers): TLS 1.3's and TLS 1.2's words for it.
+NO_CERTIFICATE_REASONS = frozenset(("NO_SUITABLE_SIGNATURE_ALGORITHM", "NO_SHARED_CIPHER"))
 
 
 def _proxy_header_need(session: ClientPreread, data: bytes) -> int:
@@ -191,7 +194,12 @@ class ClientPreread(SessionBase):
             if not client.handshake():
                 return
         except (ssl.SSLError, OSError) as exc:
-            self.log("info", f"SSL handshake with the client failed ({ssl_reason(exc)})")
+            reason = ssl_reason(exc)
+            if reason in NO_CERTIFICATE_REASONS:
+                self.log("notice", f"no certificate for SNI {self.sni or '(none)'} that the client can "
+                                   f"use ({reason}); set ssl.default_certificate or add one for it")
+            else:
+                self.log("info", f"SSL handshake with the client failed ({reason})")
             if metrics is not None:
                 metrics.handshake(ok=False)
             self.close(STATUS_BAD_REQUEST)

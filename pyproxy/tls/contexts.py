@@ -2,7 +2,9 @@
 
 Termination uses a single listening context whose `sni_callback` swaps in the context of the
 certificate for the name the client asked for (exact names first, then wildcards), or keeps the
-default certificate's context for no or unknown SNI — Kong's `certificates`/`snis` entities.
+listening context for no or unknown SNI — Kong's `certificates`/`snis` entities. That context holds
+`ssl.default_certificate`, else the first of `certificates` (nginx's rule: the first certificate is
+the default).
 Certificate wildcards follow RFC 6125: `*.example.com` covers one label (`a.example.com`, not
 `a.b.example.com`); `example.*` any ending, as Kong allows.
 
@@ -94,17 +96,28 @@ def _server_key(kind: str, settings: SSLSettings, cert: str | None, key: str | N
     return (kind, settings.protocols, settings.ciphers, files)
 
 
+def default_certificate_files(config: Config) -> tuple[str | None, str | None]:
+    """The certificate and key served without a matching SNI: `ssl.default_certificate`, else the
+    first of `certificates` (as nginx serves its first), else none (no handshake can complete)."""
+    default = config.ssl.default_certificate
+    if default is not None:
+        return default.cert, default.key
+    if config.certificates:
+        return config.certificates[0].cert, config.certificates[0].key
+    return None, None
+
+
 class ServerTLS:
     """Everything a worker needs to terminate TLS: the listening context and the SNI → context map."""
 
     def __init__(self, config: Config, cache: ContextCache):
         settings = config.ssl
-        default = settings.default_certificate
-        self.has_default = default is not None
-        cert, key = (default.cert, default.key) if default else (None, None)
+        cert, key = default_certificate_files(config)
+        self.has_default = cert is not None       # a certificate for clients whose SNI has none
         # The listening context carries the session-ticket keys (OpenSSL encrypts tickets with the
         # keys of the context the handshake began on, whatever context SNI switches to): kept while
-        # the default certificate and the settings are, sessions resume across reloads.
+        # the default certificate and the settings are, sessions resume across reloads. It serves
+        # clients without SNI or with a name no certificate has.
         self.context = cache.get(_server_key("listen", settings, cert, key),
                                  partial(_server_context, settings, cert, key))
         self.exact: dict[str, ssl.SSLContext] = {}
