@@ -79,6 +79,8 @@ def _ssl(settings: model.SSLSettings) -> Mapping:
         "ciphers": settings.ciphers,
         "default_certificate": (_cert_key(settings.default_certificate) if settings.default_certificate
                                 else None),
+        "client_certificate": (_client_certificate(settings.client_certificate)
+                               if settings.client_certificate else None),
         "preread_timeout": format_duration(settings.preread_timeout),
         "handshake_timeout": format_duration(settings.handshake_timeout),
     })
@@ -86,6 +88,11 @@ def _ssl(settings: model.SSLSettings) -> Mapping:
 
 def _cert_key(files: model.CertKey) -> Mapping:
     return {"cert": files.cert, "key": files.key}
+
+
+def _client_certificate(client: model.ClientCertificate) -> Mapping:
+    return _without_nones({"ca": client.ca, "verify": client.verify, "depth": client.depth,
+                           "crl": client.crl})
 
 
 def _certificate(certificate: model.Certificate) -> Mapping:

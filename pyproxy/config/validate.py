@@ -19,9 +19,18 @@ from typing import TYPE_CHECKING
 from . import entities
 from .errors import ConfigIssue, Invalid, describe
 from .loader import Document
-from .model import LOG_LEVELS, WORKER_SCHED_POLICIES, Certificate, CertKey, Config, Listen, SSLSettings
+from .model import (
+    LOG_LEVELS,
+    WORKER_SCHED_POLICIES,
+    Certificate,
+    CertKey,
+    ClientCertificate,
+    Config,
+    Listen,
+    SSLSettings,
+)
 from .sections import Place, Report, Section
-from .tlsfiles import DecodedCertificate, certificate_names, load_certificate_pair
+from .tlsfiles import DecodedCertificate, certificate_names, check_readable_file, load_certificate_pair
 from .values import (
     Converter,
     did_you_mean,
@@ -46,7 +55,9 @@ TOP_LEVEL_KEYS = (
     "error_log", "log_level", "access_log", "access_log_format", "stream_listen", "ssl", "certificates",
     "upstreams", "services", "plugins", "declarative_config",
 )
-SSL_KEYS = ("protocols", "ciphers", "default_certificate", "preread_timeout", "handshake_timeout")
+SSL_KEYS = ("protocols", "ciphers", "default_certificate", "client_certificate", "preread_timeout",
+            "handshake_timeout")
+CLIENT_CERTIFICATE_KEYS = ("ca", "verify", "depth", "crl")
 CERT_KEY_KEYS = ("cert", "key")
 CERTIFICATE_KEYS = ("cert", "key", "snis")
 TLS_VERSIONS = ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
@@ -343,6 +354,8 @@ def _ssl_settings(report: Report, place: Place, value: object, base: str) -> SSL
         protocols=section.nested("protocols", _tls_versions, defaults.protocols),
         ciphers=section.get("ciphers", _cipher_list, defaults.ciphers),
         default_certificate=default_certificate,
+        client_certificate=section.nested("client_certificate",
+                                          lambda r, p, v: _client_certificate(r, p, v, base)),
         preread_timeout=section.get("preread_timeout", positive_duration, defaults.preread_timeout),
         handshake_timeout=section.get("handshake_timeout", positive_duration, defaults.handshake_timeout),
     )
@@ -378,6 +391,44 @@ def _default_certificate(report: Report, place: Place, value: object, base: str)
         return None
     files = _certificate_files(report, section, base)
     return CertKey(cert=files[0], key=files[1]) if files else None
+
+
+def _client_certificate(report: Report, place: Place, value: object, base: str) -> ClientCertificate | None:
+    section = report.section(place, value, CLIENT_CERTIFICATE_KEYS)
+    if section is None:
+        return None
+    defaults = ClientCertificate(ca="")
+    ca = section.get("ca", lambda v: in_folder(base, v), required=True)
+    crl = section.get("crl", lambda v: in_folder(base, v))
+    verify = section.get("verify", _verify_client, defaults.verify)
+    depth = section.get("depth", integer(0, 100), defaults.depth)
+    ca_ok = ca is not None and _verify_locations(report, section.place_of("ca"), ca, "CA certificates")
+    crl_ok = crl is None or _verify_locations(report, section.place_of("crl"), crl, "CRLs")
+    if ca is None or not ca_ok or not crl_ok or verify is None or depth is None:
+        return None
+    return ClientCertificate(ca=ca, verify=verify, depth=depth, crl=crl)
+
+
+def _verify_client(value: object) -> str:
+    # YAML reads a bare `on` as true.
+    if value is True or value == "on":
+        return "on"
+    if value == "optional":
+        return "optional"
+    raise Invalid(f"expected on or optional, got {describe(value)} "
+                  "(without client_certificate, no certificate is asked for)")
+
+
+def _verify_locations(report: Report, place: Place, path: str, what: str) -> bool:
+    """Whether OpenSSL loads `path` as it will in the workers (PEM CA certificates or CRLs)."""
+    if not check_readable_file(report, place, path):
+        return False
+    try:
+        ssl.create_default_context(cafile=path)
+    except ssl.SSLError as error:
+        report.error(place, f"OpenSSL reads no {what} from {path} ({error.reason or error})")
+        return False
+    return True
 
 
 def _certificate_files(report: Report, section: Section,

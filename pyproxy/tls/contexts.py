@@ -51,6 +51,15 @@ def _server_context(settings: SSLSettings, cert: str | None, key: str | None) ->
     # One TLS 1.3 session ticket per handshake (OpenSSL sends two): a resuming client uses one,
     # and gets a fresh one on every connection. Go's TLS server sends one too.
     ctx.num_tickets = 1
+    client = settings.client_certificate
+    if client is not None:
+        # Every context asks: the one SNI switches to verifies with its own store and the listening
+        # context's mode. Depth is checked after the handshake (Python cannot set OpenSSL's).
+        ctx.verify_mode = ssl.CERT_REQUIRED if client.verify == "on" else ssl.CERT_OPTIONAL
+        ctx.load_verify_locations(cafile=client.ca)
+        if client.crl is not None:
+            ctx.load_verify_locations(cafile=client.crl)
+            ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
     if cert is not None:
         ctx.load_cert_chain(cert, key)
     return ctx
@@ -93,7 +102,11 @@ class ContextCache:
 
 def _server_key(kind: str, settings: SSLSettings, cert: str | None, key: str | None) -> Hashable:
     files = (cert, file_digest(cert), key, file_digest(key)) if cert is not None and key is not None else ()
-    return (kind, settings.protocols, settings.ciphers, files)
+    client = settings.client_certificate
+    verify = (() if client is None else
+              (client.verify, client.ca, file_digest(client.ca),
+               client.crl, file_digest(client.crl) if client.crl is not None else None))
+    return (kind, settings.protocols, settings.ciphers, files, verify)
 
 
 def default_certificate_files(config: Config) -> tuple[str | None, str | None]:
@@ -114,6 +127,9 @@ class ServerTLS:
         settings = config.ssl
         cert, key = default_certificate_files(config)
         self.has_default = cert is not None       # a certificate for clients whose SNI has none
+        client = settings.client_certificate
+        # The depth a client's chain may have, when clients are asked for a certificate.
+        self.client_depth: int | None = client.depth if client is not None else None
         # The listening context carries the session-ticket keys (OpenSSL encrypts tickets with the
         # keys of the context the handshake began on, whatever context SNI switches to): kept while
         # the default certificate and the settings are, sessions resume across reloads. It serves

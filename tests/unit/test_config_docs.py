@@ -31,6 +31,7 @@ SCHEMAS = {
     "TOP_LEVEL_KEYS": [""],
     "SSL_KEYS": ["ssl."],
     "CERT_KEY_KEYS": ["ssl.default_certificate."],
+    "CLIENT_CERTIFICATE_KEYS": ["ssl.client_certificate."],
     "CERTIFICATE_KEYS": ["certificates[]."],
     "UPSTREAM_KEYS": ["upstreams[]."],
     "HEALTHCHECKS_KEYS": ["upstreams[].healthchecks."],
