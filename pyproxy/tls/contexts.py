@@ -24,7 +24,7 @@ from functools import partial
 from pyproxy.addresses import is_ip_address
 from pyproxy.config.model import Config, Service, SSLSettings
 from pyproxy.loop import Loop
-from pyproxy.tls.stream import TLSStream
+from pyproxy.tls.stream import TLSStream, UpstreamTLSStream
 
 _VERSIONS = {
     "TLSv1": ssl.TLSVersion.TLSv1,
@@ -203,6 +203,9 @@ class UpstreamTLS:
             self.server_name = service.host
         else:
             self.server_name = None
+        # The last TLS session with each (peer address, name), for the next connection to resume:
+        # one cache per service and worker (each worker's copy fills on its own after the fork).
+        self.sessions: dict[Hashable, ssl.SSLSession] = {}
 
     @staticmethod
     def _context(service: Service, check_hostname: bool) -> ssl.SSLContext:
@@ -220,12 +223,12 @@ class UpstreamTLS:
         return ctx
 
     def wrap(self, sock: _socket.socket, scratch: memoryview, client_sni: str | None,
-             loop: Loop) -> TLSStream:
-        """The client side of TLS over a connected socket; SNI is tls_server_name, else the host,
-        else the client's own SNI."""
+             loop: Loop, peer: tuple[str, int]) -> TLSStream:
+        """The client side of TLS over a socket connected to `peer`, resuming the last session with
+        it; SNI is tls_server_name, else the host, else the client's own SNI."""
         name = self.server_name or client_sni
         ctx = self.context if name is not None else self.chain_only
-        return TLSStream(sock, ctx, False, scratch, server_hostname=name, loop=loop)
+        return UpstreamTLSStream(sock, ctx, scratch, name, loop, self.sessions, (peer, name))
 
 
 def system_ca_fingerprint() -> Hashable:
