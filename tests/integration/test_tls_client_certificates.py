@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import free_port, make_ca, make_cert, recv_line, tag_handler
+from tests.support import free_port, make_ca, make_cert, recv_line, s_client_lines, tag_handler
 
 
 def openssl(*args: str, cwd: Path) -> None:
@@ -205,16 +205,8 @@ def test_openssl_s_client_with_a_client_certificate(proxy, upstreams, pki):
     up = upstreams(tag_handler, name="app")
     port = free_port()
     p = proxy(mtls_config(port, pki, up.port, f"{{ca: {pki['ca'].crt}}}"))
-    client = subprocess.Popen(["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-servername",
-                               "mtls.example", "-cert", str(pki["alice"][0]), "-key", str(pki["alice"][1])],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    try:
-        lines = []          # the stdin pipe stays open: at its EOF s_client would quit before reading
-        while b"app\n" not in lines and len(lines) < 100:
-            lines.append(client.stdout.readline())
-    finally:
-        client.kill()
-        client.wait(10)
+    lines = s_client_lines(port, b"app\n", "-servername", "mtls.example",
+                           "-cert", str(pki["alice"][0]), "-key", str(pki["alice"][1]))
     assert b"app\n" in lines
     assert p.wait_access(1)[0].startswith("200 SUCCESS ")
 

@@ -15,6 +15,7 @@ from tests.support import (
     peer_common_name,
     recv_all,
     recv_line,
+    s_client_lines,
     tag_handler,
     tls_client,
 )
@@ -74,15 +75,7 @@ def test_openssl_s_client_without_servername_gets_the_first_certificate(proxy, u
     up = upstreams(tag_handler, name="tagged")
     port = free_port()
     proxy(no_default_config(port, certs, up.port))
-    client = subprocess.Popen(["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-noservername"],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    try:
-        lines = []          # the stdin pipe stays open: at its EOF s_client would quit before reading
-        while b"tagged\n" not in lines and len(lines) < 100:
-            lines.append(client.stdout.readline())
-    finally:
-        client.kill()
-        client.wait(10)
+    lines = s_client_lines(port, b"tagged\n", "-noservername")
     assert b"subject=CN = first.example\n" in lines
     assert b"tagged\n" in lines
 
