@@ -239,3 +239,33 @@ def test_T_prints_the_settings_and_its_output_loads(proxy, pki, tmp_path):
                               text=True, timeout=30)
     assert reloaded.returncode == 0, reloaded.stderr
     assert reloaded.stdout.split("\n", 1)[1] == dumped.stdout.split("\n", 1)[1]
+
+
+def test_a_resumed_session_keeps_its_verified_certificate(proxy, upstreams, pki):
+    up = upstreams(tag_handler, name="app")
+    port = free_port()
+    p = proxy(mtls_config(port, pki, up.port, f"{{ca: {pki['ca'].crt}}}"))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    ctx.load_cert_chain(str(pki["alice"][0]), str(pki["alice"][1]))
+    session, reused = None, []
+    for _ in range(3):
+        with ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10),
+                             server_hostname="mtls.example", session=session) as sock:
+            assert recv_line(sock) == b"app\n"          # reading also takes in the TLS 1.3 ticket
+            session = sock.session
+            reused.append(sock.session_reused)
+    assert reused == [False, True, True]
+    expected = f'200 SUCCESS "{subject(pki["alice"])}" {fingerprint(pki["alice"])}'
+    assert p.wait_access(3) == [expected] * 3
+
+
+def test_a_reload_with_another_ca_verifies_against_it(proxy, upstreams, pki, tmp_path):
+    up = upstreams(tag_handler, name="app")
+    port = free_port()
+    p = proxy(mtls_config(port, pki, up.port, f"{{ca: {pki['ca'].crt}}}"))
+    assert exchange(port, pki["alice"]) == b"app\n"
+    other_ca = pki["stranger"][0].parent / "other-ca.crt"
+    p.reload(mtls_config(port, pki, up.port, f"{{ca: {other_ca}}}"))
+    assert exchange(port, pki["alice"]) == b""
+    assert exchange(port, pki["stranger"]) == b"app\n"
