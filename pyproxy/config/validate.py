@@ -30,7 +30,7 @@ from .model import (
     SSLSettings,
 )
 from .sections import Place, Report, Section
-from .tlsfiles import DecodedCertificate, certificate_names, check_readable_file, load_certificate_pair
+from .tlsfiles import DecodedCertificate, certificate_names, check_ca_file, load_certificate_pair
 from .values import (
     Converter,
     did_you_mean,
@@ -402,8 +402,8 @@ def _client_certificate(report: Report, place: Place, value: object, base: str) 
     crl = section.get("crl", lambda v: in_folder(base, v))
     verify = section.get("verify", _verify_client, defaults.verify)
     depth = section.get("depth", integer(0, 100), defaults.depth)
-    ca_ok = ca is not None and _verify_locations(report, section.place_of("ca"), ca, "CA certificates")
-    crl_ok = crl is None or _verify_locations(report, section.place_of("crl"), crl, "CRLs")
+    ca_ok = ca is not None and check_ca_file(report, section.place_of("ca"), ca)
+    crl_ok = crl is None or check_ca_file(report, section.place_of("crl"), crl, "CRLs")
     if ca is None or not ca_ok or not crl_ok or verify is None or depth is None:
         return None
     return ClientCertificate(ca=ca, verify=verify, depth=depth, crl=crl)
@@ -417,18 +417,6 @@ def _verify_client(value: object) -> str:
         return "optional"
     raise Invalid(f"expected on or optional, got {describe(value)} "
                   "(without client_certificate, no certificate is asked for)")
-
-
-def _verify_locations(report: Report, place: Place, path: str, what: str) -> bool:
-    """Whether OpenSSL loads `path` as it will in the workers (PEM CA certificates or CRLs)."""
-    if not check_readable_file(report, place, path):
-        return False
-    try:
-        ssl.create_default_context(cafile=path)
-    except ssl.SSLError as error:
-        report.error(place, f"OpenSSL reads no {what} from {path} ({error.reason or error})")
-        return False
-    return True
 
 
 def _certificate_files(report: Report, section: Section,

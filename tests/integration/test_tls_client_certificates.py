@@ -224,7 +224,7 @@ def test_bad_client_certificate_settings_name_their_place(proxy, pki, tmp_path):
     not_pem.write_text("hello\n")
     p.write_config(mtls_config(free_port(), pki, free_port(), f"{{ca: {not_pem}}}"))
     result = p.run_cli("-t")
-    assert f"ssl.client_certificate.ca: OpenSSL reads no CA certificates from {not_pem}" in result.stderr
+    assert f"ssl.client_certificate.ca: cannot load CA certificates from {not_pem}" in result.stderr
 
 
 def test_T_prints_the_settings_and_its_output_loads(proxy, pki, tmp_path):
@@ -269,3 +269,13 @@ def test_a_reload_with_another_ca_verifies_against_it(proxy, upstreams, pki, tmp
     p.reload(mtls_config(port, pki, up.port, f"{{ca: {other_ca}}}"))
     assert exchange(port, pki["alice"]) == b""
     assert exchange(port, pki["stranger"]) == b"app\n"
+
+
+def test_a_crl_file_that_is_not_one_names_its_place(proxy, pki, tmp_path):
+    not_pem = tmp_path / "crl.pem"
+    not_pem.write_text("hello\n")
+    p = proxy(mtls_config(free_port(), pki, free_port(), f"{{ca: {pki['ca'].crt}, crl: {not_pem}}}"),
+              start=False)
+    result = p.run_cli("-t")
+    assert result.returncode == 1
+    assert f"ssl.client_certificate.crl: cannot load CRLs from {not_pem}" in result.stderr
