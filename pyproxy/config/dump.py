@@ -160,6 +160,7 @@ def _service(service: model.Service) -> Mapping:
         "tls_verify": service.tls_verify,
         "ca_certificates": list(service.ca_certificates),
         "tls_server_name": service.tls_server_name,
+        "client_certificate": _cert_key(service.client_certificate) if service.client_certificate else None,
         "proxy_protocol": service.proxy_protocol,
         "tcp_congestion": service.tcp_congestion,
         "routes": [_route(route) for route in service.routes],

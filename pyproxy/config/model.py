@@ -197,6 +197,7 @@ class Service:
     tls_verify: bool = False
     ca_certificates: tuple[str, ...] = ()   # absolute paths of PEM files
     tls_server_name: str | None = None
+    client_certificate: CertKey | None = None   # presented to upstreams that ask (Kong's field)
     proxy_protocol: str = "off"   # off | v1 | v2
     tcp_congestion: str | None = None    # TCP congestion control of upstream connections; None: the host's
     routes: tuple[Route, ...] = ()

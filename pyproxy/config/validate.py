@@ -23,14 +23,13 @@ from .model import (
     LOG_LEVELS,
     WORKER_SCHED_POLICIES,
     Certificate,
-    CertKey,
     ClientCertificate,
     Config,
     Listen,
     SSLSettings,
 )
 from .sections import Place, Report, Section
-from .tlsfiles import DecodedCertificate, certificate_names, check_ca_file, load_certificate_pair
+from .tlsfiles import DecodedCertificate, certificate_names, check_ca_file
 from .values import (
     Converter,
     did_you_mean,
@@ -58,7 +57,6 @@ TOP_LEVEL_KEYS = (
 SSL_KEYS = ("protocols", "ciphers", "default_certificate", "client_certificate", "preread_timeout",
             "handshake_timeout")
 CLIENT_CERTIFICATE_KEYS = ("ca", "verify", "depth", "crl")
-CERT_KEY_KEYS = ("cert", "key")
 CERTIFICATE_KEYS = ("cert", "key", "snis")
 TLS_VERSIONS = ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
 OBSOLETE_TLS_VERSIONS = ("TLSv1", "TLSv1.1")
@@ -349,7 +347,7 @@ def _ssl_settings(report: Report, place: Place, value: object, base: str) -> SSL
     if section is None:
         return defaults
     default_certificate = section.nested("default_certificate",
-                                         lambda r, p, v: _default_certificate(r, p, v, base))
+                                         lambda r, p, v: entities.read_cert_key(r, p, v, base))
     return SSLSettings(
         protocols=section.nested("protocols", _tls_versions, defaults.protocols),
         ciphers=section.get("ciphers", _cipher_list, defaults.ciphers),
@@ -385,14 +383,6 @@ def _cipher_list(value: object) -> str:
     return ciphers
 
 
-def _default_certificate(report: Report, place: Place, value: object, base: str) -> CertKey | None:
-    section = report.section(place, value, CERT_KEY_KEYS)
-    if section is None:
-        return None
-    files = _certificate_files(report, section, base)
-    return CertKey(cert=files[0], key=files[1]) if files else None
-
-
 def _client_certificate(report: Report, place: Place, value: object, base: str) -> ClientCertificate | None:
     section = report.section(place, value, CLIENT_CERTIFICATE_KEYS)
     if section is None:
@@ -419,17 +409,6 @@ def _verify_client(value: object) -> str:
                   "(without client_certificate, no certificate is asked for)")
 
 
-def _certificate_files(report: Report, section: Section,
-                       base: str) -> tuple[str, str, DecodedCertificate] | None:
-    """`(cert, key, decoded certificate)` for a mapping with `cert` and `key`, or None if unusable."""
-    cert = section.get("cert", lambda v: in_folder(base, v), required=True)
-    key = section.get("key", lambda v: in_folder(base, v), required=True)
-    if cert is None or key is None:
-        return None
-    decoded = load_certificate_pair(report, section.place_of("cert"), section.place_of("key"), cert, key)
-    return (cert, key, decoded) if decoded is not None else None
-
-
 def _certificates(report: Report, root: Section, base: str) -> tuple[Certificate, ...]:
     certificates: list[Certificate] = []
     owner: dict[str, tuple[int, int]] = {}     # SNI → (index, line) of the first certificate serving it
@@ -437,7 +416,7 @@ def _certificates(report: Report, root: Section, base: str) -> tuple[Certificate
         section = report.section(place, value, CERTIFICATE_KEYS)
         if section is None:
             continue
-        files = _certificate_files(report, section, base)
+        files = entities.certificate_files(report, section, base)
         if section.has("snis") and section.mapping["snis"] != []:
             snis = entities.read_snis(report, section.place_of("snis"), section.mapping["snis"])
         elif files is not None:

@@ -189,9 +189,13 @@ class UpstreamTLS:
 
     def __init__(self, service: Service, cache: ContextCache, system_ca: Hashable):
         self.verify = service.tls_verify
-        # Shaped by the CA files and the system store when verifying, by nothing otherwise.
+        # Shaped by the CA files and the system store when verifying, by nothing otherwise; and by
+        # the client certificate it presents, if any.
         files = ((system_ca, *((path, file_digest(path)) for path in service.ca_certificates))
                  if self.verify else ())
+        mine = service.client_certificate
+        if mine is not None:
+            files += (mine.cert, file_digest(mine.cert), mine.key, file_digest(mine.key))
         self.context = cache.get(("client", self.verify, True, files), partial(self._context, service, True))
         # With nothing to check the name against (no tls_server_name, an IP host, no client SNI)
         # verification still checks the chain, through a second context.
@@ -220,6 +224,8 @@ class UpstreamTLS:
             ctx.verify_mode = ssl.CERT_NONE
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.options |= ssl.OP_IGNORE_UNEXPECTED_EOF     # as on the server side: a FIN ends the data
+        if service.client_certificate is not None:
+            ctx.load_cert_chain(service.client_certificate.cert, service.client_certificate.key)
         return ctx
 
     def wrap(self, sock: _socket.socket, scratch: memoryview, client_sni: str | None,

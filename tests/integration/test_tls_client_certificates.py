@@ -279,3 +279,46 @@ def test_a_crl_file_that_is_not_one_names_its_place(proxy, pki, tmp_path):
     result = p.run_cli("-t")
     assert result.returncode == 1
     assert f"ssl.client_certificate.crl: cannot load CRLs from {not_pem}" in result.stderr
+
+
+def upstream_asking_for_a_certificate(pki):
+    """A TLS upstream that requires a client certificate of the private CA and says whose it got."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(str(pki["server"][0]), str(pki["server"][1]))
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(cafile=str(pki["ca"].crt))
+
+    def handler(conn, up) -> None:
+        try:
+            tls = ctx.wrap_socket(conn, server_side=True)
+            subject = dict(rdn[0] for rdn in tls.getpeercert()["subject"])
+            tls.sendall(f"hello {subject['commonName']}\n".encode())
+            tls.recv(1)
+        except (ssl.SSLError, OSError):
+            return
+    return handler
+
+
+@pytest.mark.parametrize("presented", [True, False])
+def test_a_service_presents_its_client_certificate_to_the_upstream(proxy, upstreams, pki, presented):
+    up = upstreams(upstream_asking_for_a_certificate(pki))
+    port = free_port()
+    cert, key = pki["alice"]
+    proxy(f"""
+stream_listen: [127.0.0.1:{port}]
+services:
+  - name: backend
+    protocol: tls
+    host: 127.0.0.1
+    port: {up.port}
+    {f'client_certificate: {{cert: {cert}, key: {key}}}' if presented else ''}
+    routes:
+      - name: all
+        destinations: [{{port: {port}}}]
+""")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        try:
+            said = recv_line(sock)
+        except ConnectionResetError:
+            said = b""
+    assert said == (b"hello alice\n" if presented else b"")
