@@ -7,13 +7,15 @@ PIPE_BUF bytes cut at line ends, so lines from several workers sharing stdout ne
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pyproxy.log import open_append
+from pyproxy.tls.stream import TLSStream
 
 if TYPE_CHECKING:
     from pyproxy.session import Session
@@ -48,6 +50,58 @@ def _dash(value: object) -> str:
     return "-" if value is None or value == "" else str(value)
 
 
+def _client_certificate(s: Session, binary_form: bool) -> Any:
+    """The certificate the client presented to a completed handshake (DER, or the dict Python makes
+    of a verified one), or None."""
+    client = s.client
+    if type(client) is not TLSStream or s.ssl_cipher is None:
+        return None
+    return client.obj.getpeercert(binary_form)
+
+
+def _client_verify(s: Session) -> str:
+    """nginx's $ssl_client_verify: SUCCESS, NONE, or FAILED:reason (noted by the failed handshake)."""
+    noted = s.annotation("ssl_client_verify")
+    if noted is not None:
+        return str(noted)
+    if s.ssl_cipher is None:
+        return "-"
+    return "NONE" if _client_certificate(s, True) is None else "SUCCESS"
+
+
+# The short names OpenSSL writes in an RFC 2253 name; Python's dict has the long ones.
+_SHORT_NAMES = {
+    "commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU", "countryName": "C",
+    "localityName": "L", "stateOrProvinceName": "ST", "domainComponent": "DC", "streetAddress": "street",
+    "userId": "UID", "surname": "SN", "givenName": "GN",
+}
+_RFC2253_SPECIAL = re.compile(r'([,+"\\<>;])')
+
+
+def _rfc2253_value(value: str) -> str:
+    value = _RFC2253_SPECIAL.sub(r"\\\1", value)
+    if value.endswith(" "):
+        value = value[:-1] + "\\ "
+    if value[:1] in ("#", " "):
+        value = "\\" + value
+    return value
+
+
+def _client_subject(s: Session) -> str:
+    """nginx's $ssl_client_s_dn: the verified client certificate's subject, RFC 2253 (`CN=…,O=…`)."""
+    cert = _client_certificate(s, False)
+    if not cert or "subject" not in cert:
+        return "-"
+    return ",".join("+".join(f"{_SHORT_NAMES.get(name, name)}={_rfc2253_value(value)}" for name, value in rdn)
+                    for rdn in reversed(cert["subject"]))
+
+
+def _client_fingerprint(s: Session) -> str:
+    """nginx's $ssl_client_fingerprint: the SHA-1 of the client certificate's DER, in hex."""
+    der = _client_certificate(s, True)
+    return "-" if der is None else hashlib.sha1(der).hexdigest()
+
+
 # Each getter takes a finished session (pyproxy.session.Session) and returns the text to print.
 GETTERS: dict[str, Getter] = {
     "remote_addr": lambda s: s.client_addr[0],
@@ -66,6 +120,9 @@ GETTERS: dict[str, Getter] = {
     "ssl_server_name": lambda s: _dash(s.sni),
     "ssl_protocol": lambda s: _dash(s.ssl_protocol),
     "ssl_cipher": lambda s: _dash(s.ssl_cipher),
+    "ssl_client_verify": _client_verify,
+    "ssl_client_s_dn": _client_subject,
+    "ssl_client_fingerprint": _client_fingerprint,
     "route": lambda s: s.route.name if s.route is not None else "-",
     "service": lambda s: s.route.service if s.route is not None else "-",
     "time_local": lambda s: CLOCK.local,

@@ -62,12 +62,22 @@ def _load(path: str) -> Config | None:
         return None
 
 
+def _default_certificate_notice(config: Config) -> None:
+    """Say which certificate a terminating listener serves without a matching SNI when the file
+    does not: nginx's rule, the first certificate, which a user may not expect."""
+    if (config.ssl.default_certificate is None and config.certificates
+            and any(listen.ssl for listen in config.stream_listen)):
+        console(f"pyproxy: [notice] no ssl.default_certificate: clients without a matching server name "
+                f"get {config.certificates[0].cert} (the first certificate)")
+
+
 def test_config(path: str, dump: bool = False, status: str | None = None) -> int:
     """`-t`, `-T` (dump) and `-t --status` (status: the output format)."""
     config = _load(path)
     if config is None:
         console(f"pyproxy: configuration file {os.path.abspath(path)} test failed")
         return 1
+    _default_certificate_notice(config)
     if dump:
         # Without what the gateway manifests add: the dump keeps its `gateway` key, and they are
         # added again when it is loaded. A Kong file's entities are printed with the file's own.

@@ -147,7 +147,7 @@ class UpstreamConnector(SessionBase):
             return
         self.phase = UPSTREAM_HANDSHAKE
         try:
-            self.upstream = tls.wrap(sock, self.ctx.scratch, self.sni, self.loop)
+            self.upstream = tls.wrap(sock, self.ctx.scratch, self.sni, self.loop, self.tried[-1].addr)
         except (OSError, ValueError) as exc:
             self._connect_failed(self.tried[-1], f"could not start TLS ({exc})", timed_out=False)
             return

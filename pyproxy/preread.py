@@ -31,6 +31,12 @@ T = TypeVar("T")
 PREREAD_MAX = SCRATCH_SIZE                   # bytes of ClientHello we wait for (peeked into scratch)
 MSG_PEEK = socket.MSG_PEEK
 _INT_BYTES = bytes(4)
+# What OpenSSL says when the server has no certificate the client can take (none at all, or none
+# signed with an algorithm the client offers): TLS 1.3's and TLS 1.2's words for it.
+NO_CERTIFICATE_REASONS = frozenset(("NO_SUITABLE_SIGNATURE_ALGORITHM", "NO_SHARED_CIPHER"))
+# What it says when `ssl.client_certificate.verify: on` and the client sent none (TLS 1.3, 1.2).
+NO_CLIENT_CERTIFICATE_REASONS = frozenset(("PEER_DID_NOT_RETURN_A_CERTIFICATE", "CERTIFICATE_REQUIRED"))
+X509_V_ERR_CERT_CHAIN_TOO_LONG = 22
 
 
 def _proxy_header_need(session: ClientPreread, data: bytes) -> int:
@@ -183,18 +189,33 @@ class ClientPreread(SessionBase):
         self.handshake()
 
     def handshake(self) -> None:
-        client = self.client
+        client, ctx = self.client, self.ctx
+        server_tls = ctx.server_tls
         if TYPE_CHECKING:
-            assert isinstance(client, TLSStream)
-        metrics = self.ctx.metrics
+            assert isinstance(client, TLSStream) and server_tls is not None
+        metrics = ctx.metrics
         try:
             if not client.handshake():
                 return
         except (ssl.SSLError, OSError) as exc:
-            self.log("info", f"SSL handshake with the client failed ({ssl_reason(exc)})")
+            reason = ssl_reason(exc)
+            if isinstance(exc, ssl.SSLCertVerificationError):
+                self._client_certificate_refused(exc.verify_code, exc.verify_message)
+                return
+            if reason in NO_CLIENT_CERTIFICATE_REASONS:
+                self.annotate("ssl_client_verify", "NONE")
+                self.log("info", "client sent no required SSL certificate")
+            elif reason in NO_CERTIFICATE_REASONS:
+                self.log("notice", f"no certificate for SNI {self.sni or '(none)'} that the client can "
+                                   f"use ({reason}); set ssl.default_certificate or add one for it")
+            else:
+                self.log("info", f"SSL handshake with the client failed ({reason})")
             if metrics is not None:
                 metrics.handshake(ok=False)
             self.close(STATUS_BAD_REQUEST)
+            return
+        depth = server_tls.client_depth
+        if depth is not None and not self._client_chain_fits(client, depth):
             return
         if metrics is not None:
             metrics.handshake(ok=True)
@@ -206,3 +227,22 @@ class ClientPreread(SessionBase):
             return
         self.phase = NO_IO
         self.access_phase()
+
+    def _client_chain_fits(self, client: TLSStream, depth: int) -> bool:
+        """Whether the client's verified chain holds at most `depth` certificates above its own
+        (OpenSSL's verify depth, which Python does not set); if not, the session is refused. A
+        resumed session has no chain to look at: it was checked when it was made."""
+        chain = client.obj.get_verified_chain()
+        if chain is None or len(chain) - 1 <= depth:
+            return True
+        self._client_certificate_refused(X509_V_ERR_CERT_CHAIN_TOO_LONG, "certificate chain too long")
+        return False
+
+    def _client_certificate_refused(self, code: int, message: str) -> None:
+        """The client's certificate did not verify: nginx's log line and $ssl_client_verify."""
+        self.annotate("ssl_client_verify", f"FAILED:{message}")
+        self.log("info", f"client SSL certificate verify error: ({code}:{message})")
+        metrics = self.ctx.metrics
+        if metrics is not None:
+            metrics.handshake(ok=False)
+        self.close(STATUS_BAD_REQUEST)

@@ -355,6 +355,26 @@ def tls_handler_for(cert: tuple[Path, Path], inner: Callable[[socket.socket, Ups
     return handler
 
 
+def s_client_lines(port: int, until: bytes, *args: str, timeout: float = 15.0) -> list[bytes]:
+    """What `openssl s_client -connect 127.0.0.1:PORT ARGS…` prints up to the line `until` (or its
+    end, killed after `timeout`). Its stdin stays open: at its EOF s_client quits before reading."""
+    client = subprocess.Popen(["openssl", "s_client", "-connect", f"127.0.0.1:{port}", *args],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    timer = threading.Timer(timeout, client.kill)
+    timer.start()
+    try:
+        lines = [client.stdout.readline()]
+        while lines[-1] and lines[-1] != until:
+            lines.append(client.stdout.readline())
+    finally:
+        timer.cancel()
+        client.kill()
+        client.wait(10)
+        client.stdin.close()
+        client.stdout.close()
+    return lines
+
+
 def tls_client(port: int, server_name: str | None, host: str = "127.0.0.1", timeout: float = 10.0):
     """A TLS client that accepts any certificate (the tests look at which one it got)."""
     import ssl

@@ -85,6 +85,8 @@ def _ssl(settings: model.SSLSettings) -> Mapping:
         "ciphers": settings.ciphers,
         "default_certificate": (_cert_key(settings.default_certificate) if settings.default_certificate
                                 else None),
+        "client_certificate": (_client_certificate(settings.client_certificate)
+                               if settings.client_certificate else None),
         "preread_timeout": format_duration(settings.preread_timeout),
         "handshake_timeout": format_duration(settings.handshake_timeout),
     })
@@ -92,6 +94,11 @@ def _ssl(settings: model.SSLSettings) -> Mapping:
 
 def _cert_key(files: model.CertKey) -> Mapping:
     return {"cert": files.cert, "key": files.key}
+
+
+def _client_certificate(client: model.ClientCertificate) -> Mapping:
+    return _without_nones({"ca": client.ca, "verify": client.verify, "depth": client.depth,
+                           "crl": client.crl})
 
 
 def _certificate(certificate: model.Certificate) -> Mapping:
@@ -159,6 +166,7 @@ def _service(service: model.Service) -> Mapping:
         "tls_verify": service.tls_verify,
         "ca_certificates": list(service.ca_certificates),
         "tls_server_name": service.tls_server_name,
+        "client_certificate": _cert_key(service.client_certificate) if service.client_certificate else None,
         "proxy_protocol": service.proxy_protocol,
         "tcp_congestion": service.tcp_congestion,
         "routes": [_route(route) for route in service.routes],

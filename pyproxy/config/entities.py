@@ -20,6 +20,7 @@ from .model import (
     ROUTE_PROTOCOLS,
     ActiveHealthcheck,
     AddressMatch,
+    CertKey,
     Healthchecks,
     PassiveHealthcheck,
     Plugin,
@@ -29,7 +30,7 @@ from .model import (
     Upstream,
 )
 from .sections import Place, Report, Section
-from .tlsfiles import check_ca_file
+from .tlsfiles import DecodedCertificate, check_ca_file, load_certificate_pair
 from .values import (
     Converter,
     did_you_mean,
@@ -63,15 +64,17 @@ UNHEALTHY_KEYS = ("tcp_failures", "timeouts")
 TARGET_KEYS = ("target", "weight")
 SERVICE_KEYS = (
     "name", "protocol", "host", "port", "connect_timeout", "read_timeout", "write_timeout", "retries",
-    "tls_verify", "ca_certificates", "tls_server_name", "proxy_protocol", "tcp_congestion", "routes",
+    "tls_verify", "ca_certificates", "tls_server_name", "client_certificate", "proxy_protocol",
+    "tcp_congestion", "routes",
 )
+CERT_KEY_KEYS = ("cert", "key")
 ROUTE_KEYS = ("name", "protocols", "sources", "destinations", "snis")
 ADDRESS_MATCH_KEYS = ("ip", "port")
 PLUGIN_KEYS = ("name", "route", "service", "config")
 
 DEFAULT_TARGET_PORT = 8000                  # Kong's default when a target omits its port
 HEALTH_COUNTER = integer(0, 255)            # Kong's range for health check counters
-TLS_ONLY_SERVICE_KEYS = ("tls_verify", "ca_certificates", "tls_server_name")
+TLS_ONLY_SERVICE_KEYS = ("tls_verify", "ca_certificates", "tls_server_name", "client_certificate")
 
 
 @dataclass(frozen=True)
@@ -299,10 +302,33 @@ def _service(report: Report, section: Section, base: str, upstream_names: set[st
         tls_verify=section.get("tls_verify", parse_bool, defaults.tls_verify),
         ca_certificates=tuple(ca_certificates),
         tls_server_name=section.get("tls_server_name", _server_name, defaults.tls_server_name),
+        client_certificate=section.nested("client_certificate",
+                                          lambda r, p, v: read_cert_key(r, p, v, base)),
         proxy_protocol=section.get("proxy_protocol", _proxy_protocol_version, defaults.proxy_protocol),
         tcp_congestion=section.get("tcp_congestion", usable_congestion_control, defaults.tcp_congestion),
         line=section.place.line,
     )
+
+
+def read_cert_key(report: Report, place: Place, value: object, base: str) -> CertKey | None:
+    """A `{cert, key}` mapping (ssl.default_certificate, a service's client_certificate), or None
+    after reporting why it is unusable."""
+    section = report.section(place, value, CERT_KEY_KEYS)
+    if section is None:
+        return None
+    files = certificate_files(report, section, base)
+    return CertKey(cert=files[0], key=files[1]) if files else None
+
+
+def certificate_files(report: Report, section: Section,
+                      base: str) -> tuple[str, str, DecodedCertificate] | None:
+    """`(cert, key, decoded certificate)` for a mapping with `cert` and `key`, or None if unusable."""
+    cert = section.get("cert", lambda v: in_folder(base, v), required=True)
+    key = section.get("key", lambda v: in_folder(base, v), required=True)
+    if cert is None or key is None:
+        return None
+    decoded = load_certificate_pair(report, section.place_of("cert"), section.place_of("key"), cert, key)
+    return (cert, key, decoded) if decoded is not None else None
 
 
 def _upstream_name_or_host(value: object, upstream_names: set[str]) -> str:

@@ -79,10 +79,22 @@ class Certificate:
 
 
 @dataclass(frozen=True)
+class ClientCertificate:
+    """`ssl.client_certificate`: ask clients for a certificate and verify it (nginx's
+    ssl_verify_client, ssl_client_certificate, ssl_verify_depth, ssl_crl)."""
+
+    ca: str                       # absolute path of the PEM CA certificates
+    verify: str = "on"            # "on": a client without one is refused; "optional": it goes through
+    depth: int = 1                # CA certificates above the client's that the chain may hold
+    crl: str | None = None        # absolute path of PEM CRLs, checked for the client's certificate
+
+
+@dataclass(frozen=True)
 class SSLSettings:
     protocols: tuple[str, ...] = ("TLSv1.2", "TLSv1.3")
     ciphers: str = "ECDHE+AESGCM:ECDHE+CHACHA20"
     default_certificate: CertKey | None = None
+    client_certificate: ClientCertificate | None = None
     preread_timeout: float = 5.0       # seconds to receive a whole ClientHello
     handshake_timeout: float = 10.0
 
@@ -185,6 +197,7 @@ class Service:
     tls_verify: bool = False
     ca_certificates: tuple[str, ...] = ()   # absolute paths of PEM files
     tls_server_name: str | None = None
+    client_certificate: CertKey | None = None   # presented to upstreams that ask (Kong's field)
     proxy_protocol: str = "off"   # off | v1 | v2
     tcp_congestion: str | None = None    # TCP congestion control of upstream connections; None: the host's
     routes: tuple[Route, ...] = ()

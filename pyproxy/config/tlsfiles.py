@@ -131,13 +131,14 @@ def certificate_names(decoded: DecodedCertificate) -> tuple[str, ...]:
     return tuple(unique)
 
 
-def check_ca_file(report: Report, place: Place, path: str) -> bool:
-    """True if `path` is a PEM bundle of CA certificates OpenSSL can load; otherwise report why."""
+def check_ca_file(report: Report, place: Place, path: str, what: str = "CA certificates") -> bool:
+    """True if `path` is a PEM bundle of CA certificates (or `what` else OpenSSL loads as a CA
+    file: CRLs) OpenSSL can load; otherwise report why."""
     if not check_readable_file(report, place, path):
         return False
     try:
         ssl.create_default_context(cafile=path)
     except (ssl.SSLError, OSError) as error:
-        report.error(place, f"cannot load CA certificates from {path} ({_reason(error)})")
+        report.error(place, f"cannot load {what} from {path} ({_reason(error)})")
         return False
     return True

@@ -24,14 +24,14 @@ from .model import (
     LOG_LEVELS,
     WORKER_SCHED_POLICIES,
     Certificate,
-    CertKey,
+    ClientCertificate,
     Config,
     GatewaySettings,
     Listen,
     SSLSettings,
 )
 from .sections import Place, Report, Section
-from .tlsfiles import DecodedCertificate, certificate_names, load_certificate_pair
+from .tlsfiles import DecodedCertificate, certificate_names, check_ca_file
 from .values import (
     Converter,
     did_you_mean,
@@ -56,8 +56,9 @@ TOP_LEVEL_KEYS = (
     "error_log", "log_level", "access_log", "access_log_format", "stream_listen", "ssl", "certificates",
     "upstreams", "services", "plugins", "declarative_config", "gateway",
 )
-SSL_KEYS = ("protocols", "ciphers", "default_certificate", "preread_timeout", "handshake_timeout")
-CERT_KEY_KEYS = ("cert", "key")
+SSL_KEYS = ("protocols", "ciphers", "default_certificate", "client_certificate", "preread_timeout",
+            "handshake_timeout")
+CLIENT_CERTIFICATE_KEYS = ("ca", "verify", "depth", "crl")
 CERTIFICATE_KEYS = ("cert", "key", "snis")
 GATEWAY_KEYS = ("paths", "address", "runtime_dir", "controller_name")
 # What the Gateway API manifests source adds to the pyproxy file (pyproxy.gateway.source).
@@ -434,11 +435,13 @@ def _ssl_settings(report: Report, place: Place, value: object, base: str) -> SSL
     if section is None:
         return defaults
     default_certificate = section.nested("default_certificate",
-                                         lambda r, p, v: _default_certificate(r, p, v, base))
+                                         lambda r, p, v: entities.read_cert_key(r, p, v, base))
     return SSLSettings(
         protocols=section.nested("protocols", _tls_versions, defaults.protocols),
         ciphers=section.get("ciphers", _cipher_list, defaults.ciphers),
         default_certificate=default_certificate,
+        client_certificate=section.nested("client_certificate",
+                                          lambda r, p, v: _client_certificate(r, p, v, base)),
         preread_timeout=section.get("preread_timeout", positive_duration, defaults.preread_timeout),
         handshake_timeout=section.get("handshake_timeout", positive_duration, defaults.handshake_timeout),
     )
@@ -468,23 +471,30 @@ def _cipher_list(value: object) -> str:
     return ciphers
 
 
-def _default_certificate(report: Report, place: Place, value: object, base: str) -> CertKey | None:
-    section = report.section(place, value, CERT_KEY_KEYS)
+def _client_certificate(report: Report, place: Place, value: object, base: str) -> ClientCertificate | None:
+    section = report.section(place, value, CLIENT_CERTIFICATE_KEYS)
     if section is None:
         return None
-    files = _certificate_files(report, section, base)
-    return CertKey(cert=files[0], key=files[1]) if files else None
-
-
-def _certificate_files(report: Report, section: Section,
-                       base: str) -> tuple[str, str, DecodedCertificate] | None:
-    """`(cert, key, decoded certificate)` for a mapping with `cert` and `key`, or None if unusable."""
-    cert = section.get("cert", lambda v: in_folder(base, v), required=True)
-    key = section.get("key", lambda v: in_folder(base, v), required=True)
-    if cert is None or key is None:
+    defaults = ClientCertificate(ca="")
+    ca = section.get("ca", lambda v: in_folder(base, v), required=True)
+    crl = section.get("crl", lambda v: in_folder(base, v))
+    verify = section.get("verify", _verify_client, defaults.verify)
+    depth = section.get("depth", integer(0, 100), defaults.depth)
+    ca_ok = ca is not None and check_ca_file(report, section.place_of("ca"), ca)
+    crl_ok = crl is None or check_ca_file(report, section.place_of("crl"), crl, "CRLs")
+    if ca is None or not ca_ok or not crl_ok or verify is None or depth is None:
         return None
-    decoded = load_certificate_pair(report, section.place_of("cert"), section.place_of("key"), cert, key)
-    return (cert, key, decoded) if decoded is not None else None
+    return ClientCertificate(ca=ca, verify=verify, depth=depth, crl=crl)
+
+
+def _verify_client(value: object) -> str:
+    # YAML reads a bare `on` as true.
+    if value is True or value == "on":
+        return "on"
+    if value == "optional":
+        return "optional"
+    raise Invalid(f"expected on or optional, got {describe(value)} "
+                  "(without client_certificate, no certificate is asked for)")
 
 
 def _certificates(report: Report, root: Section, base: str) -> tuple[Certificate, ...]:
@@ -494,7 +504,7 @@ def _certificates(report: Report, root: Section, base: str) -> tuple[Certificate
         section = report.section(place, value, CERTIFICATE_KEYS)
         if section is None:
             continue
-        files = _certificate_files(report, section, base)
+        files = entities.certificate_files(report, section, base)
         if section.has("snis") and section.mapping["snis"] != []:
             snis = entities.read_snis(report, section.place_of("snis"), section.mapping["snis"])
         elif files is not None:

@@ -2,7 +2,9 @@
 
 Termination uses a single listening context whose `sni_callback` swaps in the context of the
 certificate for the name the client asked for (exact names first, then wildcards), or keeps the
-default certificate's context for no or unknown SNI — Kong's `certificates`/`snis` entities.
+listening context for no or unknown SNI — Kong's `certificates`/`snis` entities. That context holds
+`ssl.default_certificate`, else the first of `certificates` (nginx's rule: the first certificate is
+the default).
 Certificate wildcards follow RFC 6125: `*.example.com` covers one label (`a.example.com`, not
 `a.b.example.com`); `example.*` any ending, as Kong allows.
 
@@ -22,7 +24,7 @@ from functools import partial
 from pyproxy.addresses import is_ip_address
 from pyproxy.config.model import Config, Service, SSLSettings
 from pyproxy.loop import Loop
-from pyproxy.tls.stream import TLSStream
+from pyproxy.tls.stream import TLSStream, UpstreamTLSStream
 
 _VERSIONS = {
     "TLSv1": ssl.TLSVersion.TLSv1,
@@ -49,6 +51,15 @@ def _server_context(settings: SSLSettings, cert: str | None, key: str | None) ->
     # One TLS 1.3 session ticket per handshake (OpenSSL sends two): a resuming client uses one,
     # and gets a fresh one on every connection. Go's TLS server sends one too.
     ctx.num_tickets = 1
+    client = settings.client_certificate
+    if client is not None:
+        # Every context asks: the one SNI switches to verifies with its own store and the listening
+        # context's mode. Depth is checked after the handshake (Python cannot set OpenSSL's).
+        ctx.verify_mode = ssl.CERT_REQUIRED if client.verify == "on" else ssl.CERT_OPTIONAL
+        ctx.load_verify_locations(cafile=client.ca)
+        if client.crl is not None:
+            ctx.load_verify_locations(cafile=client.crl)
+            ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
     if cert is not None:
         ctx.load_cert_chain(cert, key)
     return ctx
@@ -91,7 +102,22 @@ class ContextCache:
 
 def _server_key(kind: str, settings: SSLSettings, cert: str | None, key: str | None) -> Hashable:
     files = (cert, file_digest(cert), key, file_digest(key)) if cert is not None and key is not None else ()
-    return (kind, settings.protocols, settings.ciphers, files)
+    client = settings.client_certificate
+    verify = (() if client is None else
+              (client.verify, client.ca, file_digest(client.ca),
+               client.crl, file_digest(client.crl) if client.crl is not None else None))
+    return (kind, settings.protocols, settings.ciphers, files, verify)
+
+
+def default_certificate_files(config: Config) -> tuple[str | None, str | None]:
+    """The certificate and key served without a matching SNI: `ssl.default_certificate`, else the
+    first of `certificates` (as nginx serves its first), else none (no handshake can complete)."""
+    default = config.ssl.default_certificate
+    if default is not None:
+        return default.cert, default.key
+    if config.certificates:
+        return config.certificates[0].cert, config.certificates[0].key
+    return None, None
 
 
 class ServerTLS:
@@ -99,12 +125,15 @@ class ServerTLS:
 
     def __init__(self, config: Config, cache: ContextCache):
         settings = config.ssl
-        default = settings.default_certificate
-        self.has_default = default is not None
-        cert, key = (default.cert, default.key) if default else (None, None)
+        cert, key = default_certificate_files(config)
+        self.has_default = cert is not None       # a certificate for clients whose SNI has none
+        client = settings.client_certificate
+        # The depth a client's chain may have, when clients are asked for a certificate.
+        self.client_depth: int | None = client.depth if client is not None else None
         # The listening context carries the session-ticket keys (OpenSSL encrypts tickets with the
         # keys of the context the handshake began on, whatever context SNI switches to): kept while
-        # the default certificate and the settings are, sessions resume across reloads.
+        # the default certificate and the settings are, sessions resume across reloads. It serves
+        # clients without SNI or with a name no certificate has.
         self.context = cache.get(_server_key("listen", settings, cert, key),
                                  partial(_server_context, settings, cert, key))
         self.exact: dict[str, ssl.SSLContext] = {}
@@ -160,9 +189,13 @@ class UpstreamTLS:
 
     def __init__(self, service: Service, cache: ContextCache, system_ca: Hashable):
         self.verify = service.tls_verify
-        # Shaped by the CA files and the system store when verifying, by nothing otherwise.
+        # Shaped by the CA files and the system store when verifying, by nothing otherwise; and by
+        # the client certificate it presents, if any.
         files = ((system_ca, *((path, file_digest(path)) for path in service.ca_certificates))
                  if self.verify else ())
+        mine = service.client_certificate
+        if mine is not None:
+            files += (mine.cert, file_digest(mine.cert), mine.key, file_digest(mine.key))
         self.context = cache.get(("client", self.verify, True, files), partial(self._context, service, True))
         # With nothing to check the name against (no tls_server_name, an IP host, no client SNI)
         # verification still checks the chain, through a second context.
@@ -174,6 +207,9 @@ class UpstreamTLS:
             self.server_name = service.host
         else:
             self.server_name = None
+        # The last TLS session with each (peer address, name), for the next connection to resume:
+        # one cache per service and worker (each worker's copy fills on its own after the fork).
+        self.sessions: dict[Hashable, ssl.SSLSession] = {}
 
     @staticmethod
     def _context(service: Service, check_hostname: bool) -> ssl.SSLContext:
@@ -188,15 +224,17 @@ class UpstreamTLS:
             ctx.verify_mode = ssl.CERT_NONE
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.options |= ssl.OP_IGNORE_UNEXPECTED_EOF     # as on the server side: a FIN ends the data
+        if service.client_certificate is not None:
+            ctx.load_cert_chain(service.client_certificate.cert, service.client_certificate.key)
         return ctx
 
     def wrap(self, sock: _socket.socket, scratch: memoryview, client_sni: str | None,
-             loop: Loop) -> TLSStream:
-        """The client side of TLS over a connected socket; SNI is tls_server_name, else the host,
-        else the client's own SNI."""
+             loop: Loop, peer: tuple[str, int]) -> TLSStream:
+        """The client side of TLS over a socket connected to `peer`, resuming the last session with
+        it; SNI is tls_server_name, else the host, else the client's own SNI."""
         name = self.server_name or client_sni
         ctx = self.context if name is not None else self.chain_only
-        return TLSStream(sock, ctx, False, scratch, server_hostname=name, loop=loop)
+        return UpstreamTLSStream(sock, ctx, scratch, name, loop, self.sessions, (peer, name))
 
 
 def system_ca_fingerprint() -> Hashable:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import _socket
 import ssl
+from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -32,6 +33,8 @@ TLS1_3 = "TLSv1.3"
 class RenegotiationRefused(ssl.SSLError):
     """A TLS <= 1.2 client started a renegotiation, which the server refused (OP_NO_RENEGOTIATION:
     OpenSSL answers a no_renegotiation alert, already sent when this is raised)."""
+# Upstream sessions kept per service and worker: (peer, name) pairs, the name perhaps the client's SNI.
+UPSTREAM_SESSIONS_MAX = 1024
 FLUSH_AT = 64 * 1024            # ciphertext that send() hands to the socket without waiting for flush()
 
 
@@ -40,6 +43,7 @@ class SSLObject(Protocol):
     and forwards to. typeshed does not describe it; this is the part we call."""
 
     server_side: bool
+    session: ssl.SSLSession | None
 
     def do_handshake(self) -> None: ...
     def read(self, size: int, buffer: memoryview, /) -> int: ...
@@ -48,6 +52,8 @@ class SSLObject(Protocol):
     def shutdown(self) -> Any: ...
     def version(self) -> str | None: ...
     def cipher(self) -> tuple[str, str, int] | None: ...
+    def getpeercert(self, binary_form: bool = False, /) -> Any: ...
+    def get_verified_chain(self) -> list[Any] | None: ...
 
 
 class TLSStream:
@@ -264,3 +270,36 @@ class TLSStream:
 
     def cipher(self) -> tuple[str, str, int] | None:
         return self.obj.cipher()
+
+
+class UpstreamTLSStream(TLSStream):
+    """The client side of TLS towards an upstream that resumes the last session made with the same
+    peer and name (`sessions[key]`) and leaves its own there when closed: an upstream that issues
+    tickets or caches sessions then does one full handshake per worker, not one per connection.
+
+    Saved at the close because a TLS 1.3 server sends its ticket after the handshake, with its
+    first bytes; a session without one (or, before 1.3, without an id) cannot be resumed."""
+
+    __slots__ = ("sessions", "key")
+
+    def __init__(self, sock: _socket.socket, context: ssl.SSLContext, scratch: memoryview,
+                 server_hostname: str | None, loop: Loop, sessions: dict[Hashable, ssl.SSLSession],
+                 key: Hashable):
+        super().__init__(sock, context, False, scratch, server_hostname=server_hostname, loop=loop)
+        self.sessions = sessions
+        self.key = key
+        session = sessions.get(key)
+        if session is not None:
+            self.obj.session = session
+
+    def close(self) -> None:
+        obj = self.obj
+        version = obj.version()                 # None: no handshake completed
+        if version is not None:
+            session = obj.session
+            if session is not None and (session.has_ticket if version == TLS1_3 else session.id):
+                sessions = self.sessions
+                if len(sessions) >= UPSTREAM_SESSIONS_MAX and self.key not in sessions:
+                    del sessions[next(iter(sessions))]      # the oldest peer and name
+                sessions[self.key] = session
+        super().close()

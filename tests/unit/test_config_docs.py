@@ -30,7 +30,8 @@ REFERENCE = REFERENCE_PATH.read_text() if REFERENCE_PATH.exists() else ""
 SCHEMAS = {
     "TOP_LEVEL_KEYS": [""],
     "SSL_KEYS": ["ssl."],
-    "CERT_KEY_KEYS": ["ssl.default_certificate."],
+    "CERT_KEY_KEYS": ["ssl.default_certificate.", "services[].client_certificate."],
+    "CLIENT_CERTIFICATE_KEYS": ["ssl.client_certificate."],
     "CERTIFICATE_KEYS": ["certificates[]."],
     "UPSTREAM_KEYS": ["upstreams[]."],
     "HEALTHCHECKS_KEYS": ["upstreams[].healthchecks."],
