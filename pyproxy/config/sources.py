@@ -70,18 +70,26 @@ class YamlFile:
             return validate_document(self.path, document, warn)
 
 
-def load_sources(sources: Sequence[ConfigSource], warn: Warn = None) -> Config:
+def load_sources(sources: Sequence[ConfigSource], warn: Warn = None,
+                 admin_state: str | None = None) -> Config:
     """Load every source (the pyproxy file first, then the Kong file its `declarative_config`
-    names), merge their entities, resolve the host names.
+    names, then the Admin API's `admin_state` file when `admin_listen` is on and the file exists),
+    merge their entities, resolve the host names. `admin_state` names another file to read instead
+    of the configuration's (the Admin API checks a candidate state so).
 
     Raises ConfigError listing every error of every source, by source then line."""
     loaded = [source.load(warn) for source in sources]
-    named = loaded[0][0].declarative_config if loaded[0][0] is not None else None
-    if named is not None:
+    first = loaded[0][0]
+    named = [first.declarative_config] if first is not None and first.declarative_config else []
+    if first is not None and first.admin_listen is not None:
+        state = admin_state or first.admin_state
+        if state is not None and (admin_state or os.path.exists(state)):
+            named.append(state)
+    for index, path in enumerate(named, start=1):
         from pyproxy.kong import KongDeclarative  # here: pyproxy.kong imports this package
-        kong = KongDeclarative(named, pyproxy_file=loaded[0][0])
-        sources = [sources[0], kong, *sources[1:]]
-        loaded.insert(1, kong.load(warn))
+        kong = KongDeclarative(path, pyproxy_file=first)
+        sources = [*sources[:index], kong, *sources[index:]]
+        loaded.insert(index, kong.load(warn))
     errors = [error for _, source_errors in loaded for error in source_errors]
     fragments = [fragment for fragment, _ in loaded if fragment is not None]
     config = None
