@@ -241,3 +241,16 @@ def test_config_export_import_and_what_is_refused(proxy, upstreams):
     status, root = call(p.admin, "GET", "/")
     assert status == 200 and "version" in root and "configuration" in root
     assert call(p.admin, "GET", "/status")[1]["database"] == {"reachable": True}
+
+
+def test_a_burst_of_changes_is_coalesced_into_fewer_reloads(proxy):
+    admin = free_port()
+    p = proxy(f"stream_listen: [127.0.0.1:{free_port()}]\nadmin_listen: {admin}\nreload_coalesce: 1s\n")
+    base = f"http://127.0.0.1:{admin}"
+    wait_until(lambda: _answers(base), what="the Admin API")
+    for index in range(6):
+        assert call(base, "POST", "/upstreams", {"name": f"burst-{index}"})[0] == 201
+    p.wait_log("requests coalesced into one reload")
+    wait_until(lambda: reloads(p) == p.log_text().count("reload complete"), what="no reload in flight")
+    assert 1 <= reloads(p) < 6
+    assert len(call(base, "GET", "/upstreams")[1]["data"]) == 6

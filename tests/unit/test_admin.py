@@ -54,6 +54,7 @@ def test_a_change_that_does_not_load_leaves_the_state_file_alone(tmp_path: Path)
                                  b"name=s&url=tcp://127.0.0.1:7")
     assert (status, service["protocol"], service["port"], asked) == (201, "tcp", 7, ["reload"])
     written = (tmp_path / "admin_state.yml").read_text()
+    assert (tmp_path / "admin_state.yml").stat().st_mode & 0o777 == 0o600     # it may hold keys
     status, body = api.handle("PATCH", "/services/s", "application/json",
                               b'{"retries": "many", "connect_timeout": true}')
     assert status == 400
