@@ -114,11 +114,11 @@ def invalid(issues: list[ConfigIssue], candidate: str, blame: tuple[str, int] | 
     prefix = f"{blame[0]}[{blame[1]}]" if blame is not None else ""
     for issue in issues:
         key = issue.key if issue.file == candidate else ""
+        text = issue.message if issue.file == candidate else str(issue)
         if prefix and key.startswith(prefix) and key[len(prefix):len(prefix) + 1] in (".", ""):
             key = key[len(prefix) + 1:]
-        elif prefix:
-            key = ""
-        text = issue.message if issue.file == candidate else str(issue)
+        elif prefix and key:            # another entity's field: told whole, for the entity
+            key, text = "", f"{key}: {text}"
         messages.append(f"{key}: {text}" if key else text)
         _put(fields, key, text)
     return schema_violation(fields, messages)
@@ -161,7 +161,7 @@ def flatten(root: object) -> Document:
     document = empty()
     ids: dict[tuple[str, str], str] = {}
 
-    def add(kind: str, entity: object, path: str, references: dict[str, object]) -> dict[str, object] | None:
+    def add(kind: str, entity: object, path: str, references: dict[str, object]) -> None:
         if not isinstance(entity, dict):
             problem = f"{path}: expected a record"
             raise schema_violation({"@entity": [problem]}, [problem])
@@ -189,7 +189,6 @@ def flatten(root: object) -> Document:
         for index, sni in enumerate(snis if isinstance(snis, list) else []):
             add("snis", {"name": sni} if isinstance(sni, str) else sni, f"{path}.snis[{index}]",
                 {"certificate": {"id": full["id"]}})
-        return full
 
     for kind in ("certificates", "snis", "upstreams", "targets", "services", "routes", "plugins"):
         items = root.get(kind)

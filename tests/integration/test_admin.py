@@ -254,3 +254,15 @@ def test_a_burst_of_changes_is_coalesced_into_fewer_reloads(proxy):
     wait_until(lambda: reloads(p) == p.log_text().count("reload complete"), what="no reload in flight")
     assert 1 <= reloads(p) < 6
     assert len(call(base, "GET", "/upstreams")[1]["data"]) == 6
+
+
+def test_a_slow_client_holds_up_nobody(proxy):
+    p = start(proxy, free_port())
+    port = int(p.admin.rsplit(":", 1)[1])
+    with connect(port) as slow:
+        slow.sendall(b"POST /services HTTP/1.1\r\nContent-Length: 100\r\n\r\n{")     # and no more
+        status, _ = call(p.admin, "POST", "/upstreams", {"name": "meanwhile"})
+        assert status == 201
+        slow.settimeout(15)
+        assert slow.recv(100) == b""        # dropped after the request timeout, unanswered
+    assert [u["name"] for u in call(p.admin, "GET", "/upstreams")[1]["data"]] == ["meanwhile"]
