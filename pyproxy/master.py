@@ -444,8 +444,8 @@ class Master:
                 continue
             proc = self.workers.get(pid)
             if proc is None:
-                if not self.admin.reaped(pid, status):
-                    self.status.reaped(pid, status)
+                self.status.reaped(pid, status)
+                self.admin.reaped(pid, status)
                 continue
             self._forget(proc)
             how = describe_exit(status)

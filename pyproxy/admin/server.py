@@ -20,7 +20,6 @@ import os
 import signal
 import socket
 import time
-import traceback
 from collections.abc import Callable
 
 from setproctitle import setproctitle
@@ -29,8 +28,7 @@ from pyproxy.addresses import host_port
 from pyproxy.config.model import Config
 from pyproxy.log import ErrorLog
 from pyproxy.loop import EPOLLET, EPOLLIN, STREAM_EVENTS, Loop
-from pyproxy.status import MASTER_SIGNALS, RESPAWN_DELAY, RESPAWN_MAX_DELAY, STOP_GRACE, _kill
-from pyproxy.worker import WORKER_BOOT_ERROR
+from pyproxy.status import MASTER_SIGNALS, RESPAWN_DELAY, StatusProcess, StatusServer, _kill
 
 from .api import AdminAPI
 from .state import StateFile
@@ -45,20 +43,17 @@ REASONS = {100: "Continue", 200: "OK", 201: "Created", 204: "No Content", 400: "
            431: "Request Header Fields Too Large", 500: "Internal Server Error", 501: "Not Implemented"}
 
 
-class AdminProcess:
-    """The master's handle on its admin process."""
+class AdminProcess(StatusProcess):
+    """The master's handle on its admin process: started, restarted and stopped as the status
+    process is (`reaped`, `send` and `stop` are StatusProcess's), for admin_listen."""
+
+    NAME = "admin process"
 
     def __init__(self, log: ErrorLog):
-        self.log = log
-        self.pid = 0
-        self.settings: tuple[object, ...] = ()
+        super().__init__(log)
         self.config: Config | None = None
-        self.retired: list[int] = []
-        self.started = 0.0
-        self.delay = 0.0
-        self.respawn_at = 0.0
 
-    def follow(self, config: Config) -> None:
+    def follow(self, config: Config) -> None:  # type: ignore[override]
         """At start and after each reload that succeeded: an admin process when admin_listen is
         set, started again if its address or state file changed."""
         settings = (config.admin_listen, config.admin_state, config.path)
@@ -66,63 +61,22 @@ class AdminProcess:
         if settings == self.settings:
             return
         self.settings = settings
+        if self.pid:
+            self.log.notice(f"stop admin process {self.pid}: admin_listen or admin_state changed")
         self._retire()
         self.delay = 0.0
         if config.admin_listen is not None:
             self._spawn()
 
     def manage(self) -> None:
-        if self.config is not None and self.config.admin_listen is not None and not self.pid \
-                and time.monotonic() >= self.respawn_at:
+        """From the master's loop: start an admin process again once one that died may be replaced."""
+        wanted = self.config is not None and self.config.admin_listen is not None
+        if wanted and not self.pid and time.monotonic() >= self.respawn_at:
             self._spawn()
-
-    def reaped(self, pid: int, status: int) -> bool:
-        """The master collected `pid`: True when it was ours."""
-        if pid in self.retired:
-            self.retired.remove(pid)
-            return True
-        if pid != self.pid:
-            return False
-        self.pid = 0
-        code = os.waitstatus_to_exitcode(status)
-        now = time.monotonic()
-        if now - self.started > RESPAWN_MAX_DELAY:
-            self.delay = 0.0
-        self.respawn_at = now + self.delay
-        self.delay = min(max(self.delay * 2, RESPAWN_DELAY), RESPAWN_MAX_DELAY)
-        how = f"exited with code {code}" if code >= 0 else f"exited on signal {-code}"
-        if code == 0:
-            self.log.notice(f"admin process {pid} {how}")
-        else:
-            self.log.error(f"admin process {pid} {how} unexpectedly; starting a new one in {self.delay:g}s")
-        return True
-
-    def send(self, sig: int) -> None:
-        if self.pid:
-            _kill(self.pid, sig)
 
     def stop(self) -> None:
         self.config = None
-        self._retire()
-        deadline = time.monotonic() + STOP_GRACE
-        while self.retired:
-            for pid in list(self.retired):
-                try:
-                    done = os.waitpid(pid, os.WNOHANG)[0]
-                except ChildProcessError:
-                    done = pid
-                if done:
-                    self.retired.remove(pid)
-            if time.monotonic() >= deadline:
-                for pid in self.retired:
-                    _kill(pid, signal.SIGKILL)
-            time.sleep(0.01)
-
-    def _retire(self) -> None:
-        if self.pid:
-            _kill(self.pid, signal.SIGTERM)
-            self.retired.append(self.pid)
-            self.pid = 0
+        super().stop()
 
     def _spawn(self) -> None:
         config = self.config
@@ -163,75 +117,40 @@ def _close_inherited(log_fd: int) -> None:
     os.closerange(low, os.sysconf("SC_OPEN_MAX"))
 
 
-class AdminServer:
-    """The admin process: accepts on admin_listen, one request per connection."""
+class AdminServer(StatusServer):
+    """The admin process: accepts on admin_listen, one request per connection. Its start, signals
+    and master check are the status process's."""
+
+    NAME = "admin process"
 
     def __init__(self, log: ErrorLog, config: Config, master_pid: int):
+        super().__init__(log, [], master_pid, None, "")
         assert config.admin_listen is not None and config.admin_state is not None
-        self.log = log
-        self.config = config
-        self.master_pid = master_pid
+        self.address = config.admin_listen
         self.state = StateFile(config.admin_state, config.path, self.changed, log.warn)
         self.api = AdminAPI(self.state)
         self.clients: set[AdminClient] = set()
-        self.signals: list[int] = []
-
-    def run(self) -> int:
-        try:
-            self.init_process()
-        except OSError as exc:
-            self.log.crit(f"admin process could not start: {exc.strerror or exc} "
-                          f"(admin_listen {host_port(*self.address)})")
-            return WORKER_BOOT_ERROR
-        except Exception as exc:
-            self.log.crit(f"admin process could not start: {exc!r}")
-            return WORKER_BOOT_ERROR
-        self.loop.run()
-        return 0
-
-    @property
-    def address(self) -> tuple[str, int]:
-        assert self.config.admin_listen is not None
-        return self.config.admin_listen
 
     def init_process(self) -> None:
         setproctitle(TITLE)
         self.loop = Loop()
         self.loop.on_error = self.on_callback_error
-        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.wakeup = r
-        signal.set_wakeup_fd(w, warn_on_full_buffer=False)
-        self.loop.add(r, EPOLLIN, self._handle_signals)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1):
-            signal.signal(sig, lambda signum, frame: self.signals.append(signum))
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, MASTER_SIGNALS)
+        self._install_signals()
         self.state.read()
         host, port = self.address
         self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, port))
+        try:
+            self.sock.bind((host, port))
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot listen on {host_port(host, port)} (admin_listen): "
+                                     f"{exc.strerror}") from None
         self.sock.listen(128)
         self.sock.setblocking(False)
-        self.loop.add(self.sock.fileno(), EPOLLIN | EPOLLET, self._accept)
+        self.loop.add(self.sock.fileno(), EPOLLIN | EPOLLET, self._accept_clients)
         self.loop.call_later(1.0, self.check_master)
 
-    def _handle_signals(self, mask: int) -> None:
-        try:
-            while os.read(self.wakeup, 512):
-                pass
-        except BlockingIOError:
-            pass
-        pending, self.signals = self.signals, []
-        for signum in pending:
-            if signum == signal.SIGUSR1:
-                self.log.reopen()
-            else:
-                self.loop.stop()
-
-    def _accept(self, mask: int = 0) -> None:
+    def _accept_clients(self, mask: int = 0) -> None:
         while len(self.clients) < MAX_CLIENTS:
             try:
                 conn, _ = self.sock.accept()
@@ -249,22 +168,15 @@ class AdminServer:
 
     def client_closed(self, client: AdminClient) -> None:
         self.clients.discard(client)
-        self._accept()
+        self._accept_clients()
 
     def changed(self) -> None:
         """The state file changed: the master reloads, as for `pyproxy -s reload`."""
         _kill(self.master_pid, signal.SIGHUP)
 
-    def check_master(self) -> None:
-        if os.getppid() != self.master_pid:
-            self.log.error("master process is gone, exiting")
-            self.loop.stop()
-            return
-        self.loop.call_later(1.0, self.check_master)
-
     def on_callback_error(self, callback: Callable[..., object], exc: BaseException) -> None:
-        trace = "".join(traceback.format_exception(exc)).rstrip().replace("\n", "\n    ")
-        self.log.error(f"internal error in the admin process, please report it: {exc!r}\n    {trace}")
+        """A bug: logged as the status process logs it; the request it belongs to gets a 500."""
+        super().on_callback_error(callback, exc)
         owner = getattr(callback, "__self__", None)
         if isinstance(owner, AdminClient):
             owner.respond(500, {"message": "An unexpected error occurred"})

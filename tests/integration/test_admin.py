@@ -5,6 +5,7 @@ a restart. Real pyproxy processes, real HTTP on loopback."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import urllib.error
 import urllib.request
@@ -266,3 +267,22 @@ def test_a_slow_client_holds_up_nobody(proxy):
         slow.settimeout(15)
         assert slow.recv(100) == b""        # dropped after the request timeout, unanswered
     assert [u["name"] for u in call(p.admin, "GET", "/upstreams")[1]["data"]] == ["meanwhile"]
+
+
+def test_a_taken_admin_port_is_logged_and_tried_again_while_the_proxy_serves(proxy, upstreams):
+    echo = upstreams(echo_handler)
+    tcp, admin = free_port(), free_port()
+    holder = socket.socket()
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    holder.bind(("127.0.0.1", admin))
+    holder.listen()
+    try:
+        p = proxy(f"stream_listen: [127.0.0.1:{tcp}]\nadmin_listen: {admin}\n"
+                  f"services: [{{name: s, host: 127.0.0.1, port: {echo.port}, routes: "
+                  f"[{{name: r, destinations: [{{port: {tcp}}}]}}]}}]\n")
+        p.wait_log(f"admin process could not start: cannot listen on 127.0.0.1:{admin} (admin_listen): "
+                   "Address already in use")
+        assert echoed(tcp) == b"hello\n"
+    finally:
+        holder.close()
+    wait_until(lambda: _answers(f"http://127.0.0.1:{admin}"), what="the admin process, started again")
