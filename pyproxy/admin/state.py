@@ -76,11 +76,17 @@ class StateFile:
             os.fsync(directory)
         finally:
             os.close(directory)
+        before = {route["id"]: route for route in self.document["routes"]}
         self.document = candidate
         self.changed()
+        # Said of the routes this change made or changed (an unnamed route is named by its id).
+        changed = {route.get("name") or route["id"] for route in candidate["routes"]
+                   if before.get(route["id"]) != route}
         for route, port in unheard_ports(config):
-            self.warn(f"admin: route {route!r} names destinations port {port}, where no stream_listen "
-                      f"entry of {self.config_path} listens: it matches nothing until one does")
+            if route in changed:
+                self.warn(f"admin: route {route!r} names destinations port {port}, where no "
+                          f"stream_listen entry of {self.config_path} listens: it matches nothing until "
+                          "one does")
 
 
 def unheard_ports(config: Config) -> list[tuple[str, int]]:

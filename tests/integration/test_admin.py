@@ -211,6 +211,9 @@ def test_a_route_on_a_port_nobody_listens_on_is_kept_and_logged(proxy, upstreams
     # As in Kong, whose stream_listen is kong.conf's: kept, and it matches nothing; the log says so.
     assert (status, created["destinations"]) == (201, [{"port": unheard}])
     p.wait_log(f"route 'nowhere' names destinations port {unheard}, where no stream_listen entry")
+    assert call(p.admin, "POST", "/upstreams", {"name": "other"})[0] == 201
+    p.wait_log("admin: POST /upstreams: 201")
+    assert p.log_text().count("route 'nowhere' names") == 1         # said once, when it was made
 
 
 def test_config_export_import_and_what_is_refused(proxy, upstreams):
