@@ -1,8 +1,9 @@
 """Kong's Admin API routes for stream entities, answered from a `StateFile`.
 
-`AdminAPI.handle(method, path, query, content_type, body)` gives `(status, JSON body or None)`:
+`AdminAPI.handle(method, target, content_type, body)` gives `(status, JSON body or None)`:
 paths, methods, shapes, pagination (`data`, `next`, `offset`, `size`) and error bodies as Kong's
-`kong/api/` answers them. No I/O but the state file's.
+`kong/api/` answers them. No I/O but the state file's. An `offset` is the next entity's id in
+base64: a page stays right when entities are added meanwhile.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import binascii
 import copy
 import email.parser
 import email.policy
+import hashlib
 import json
 import os
 import tempfile
@@ -22,6 +24,7 @@ from urllib.parse import parse_qsl, quote, unquote, urlsplit
 from pyproxy import __version__
 from pyproxy.config import ConfigError
 from pyproxy.config.loader import read_document
+from pyproxy.kong.translate import STREAM_PLUGINS
 
 from .entities import (
     ARRAY_FIELDS,
@@ -120,23 +123,21 @@ class AdminAPI:
 
     # -- GET / and /status ----------------------------------------------------------------------
     def root(self) -> Answer:
-        config = self.state
+        """Kong's `GET /`: version, node, configuration, plugins."""
+        state = self.state
         return 200, {
             "tagline": "Welcome to pyproxy", "version": __version__,
-            "hostname": os.uname().nodename, "node_id": str(uuid.uuid5(uuid.NAMESPACE_URL, config.path)),
-            "configuration": {"database": "off", "admin_state": config.path,
-                              "prefix": os.path.dirname(config.config_path), "role": "traditional"},
-            "plugins": {"available_on_server": {name: {"version": __version__, "priority": 0}
-                                                for name in ("ip-restriction", "file-log", "limit-conn",
-                                                             "rate-limit")},
-                        "enabled_in_cluster": sorted({str(p["name"])
-                                                      for p in self.state.document["plugins"]})},
+            "hostname": os.uname().nodename, "node_id": str(uuid.uuid5(uuid.NAMESPACE_URL, state.path)),
+            "configuration": {"database": "off", "admin_state": state.path,
+                              "prefix": os.path.dirname(state.config_path), "role": "traditional"},
+            "plugins": {"available_on_server": {name: {"version": __version__} for name in STREAM_PLUGINS},
+                        "enabled_in_cluster": sorted({str(p["name"]) for p in state.document["plugins"]})},
         }
 
     def status(self) -> Answer:
+        """Kong's `GET /status`, of what pyproxy has: the state is a file, always reachable."""
         return 200, {"database": {"reachable": True},
-                     "configuration_hash": _hash(render(self.state.document)),
-                     "server": {}, "memory": {}}
+                     "configuration_hash": _hash(render(self.state.document))}
 
     # -- reading ----------------------------------------------------------------------------------
     def find(self, kind: str, key: str, parent: tuple[str, dict[str, object]] | None = None
@@ -153,6 +154,7 @@ class AdminAPI:
         return None
 
     def children(self, kind: str, parent: tuple[str, dict[str, object]] | None) -> list[dict[str, object]]:
+        """The entities of `kind`, those of `parent` (the field referring to it, and it) if given."""
         items = self.state.document[kind]
         if parent is None:
             return items
@@ -169,6 +171,7 @@ class AdminAPI:
 
     def page(self, kind: str, parent: tuple[str, dict[str, object]] | None, query: dict[str, str],
              path: str) -> dict[str, object]:
+        """One page of a list, Kong's way: `data`, and `next` and `offset` while more follow."""
         items = self.children(kind, parent)
         written = query.get("size")
         size = DEFAULT_SIZE
@@ -393,7 +396,6 @@ def _ref(reference: object) -> object:
 
 
 def _hash(text: str) -> str:
-    import hashlib
     return hashlib.md5(text.encode(), usedforsecurity=False).hexdigest()
 
 
