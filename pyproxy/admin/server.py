@@ -34,9 +34,9 @@ from .api import AdminAPI
 from .state import StateFile
 
 TITLE = "pyproxy: admin process"
-MAX_CLIENTS = 64
+MAX_CLIENTS = 32              # with MAX_BODY, what abusive clients can make the process hold
 MAX_HEAD = 16384              # the request line and headers
-MAX_BODY = 16 << 20           # a whole declarative file for POST /config fits
+MAX_BODY = 10 << 20           # Kong's nginx_admin_client_max_body_size
 REQUEST_TIMEOUT = 10.0
 REASONS = {100: "Continue", 200: "OK", 201: "Created", 204: "No Content", 400: "Bad Request",
            404: "Not Found", 405: "Method Not Allowed", 409: "Conflict", 413: "Payload Too Large",

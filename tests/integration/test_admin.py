@@ -238,7 +238,7 @@ def test_config_export_import_and_what_is_refused(proxy, upstreams):
 
     assert call(p.admin, "GET", "/no/such/thing") == (404, {"message": "Not found"})
     assert call(p.admin, "DELETE", "/status") == (405, {"message": "Method not allowed"})
-    status, body = call(p.admin, "POST", "/config", data=b"x" * ((16 << 20) + 1),
+    status, body = call(p.admin, "POST", "/config", data=b"x" * ((10 << 20) + 1),
                         content_type="application/x-yaml")
     assert status == 413
     assert echoed(tcp) == b"hello\n"
