@@ -298,7 +298,7 @@ class AdminAPI:
                 stream.write(text)
             root = read_document(path).root
         except ConfigError as exc:
-            raise invalid(exc.errors, path, None) from None
+            raise invalid(exc.errors, path, None, "the body") from None
         finally:
             os.unlink(path)
         candidate = flatten(plain(root))

@@ -63,7 +63,7 @@ class StateFile:
             try:
                 config = load_sources([YamlFile(self.config_path)], admin_state=temporary)
             except ConfigError as exc:
-                raise invalid(exc.errors, temporary, blame) from None
+                raise invalid(exc.errors, temporary, blame, self.path) from None
             os.replace(temporary, self.path)
         except BaseException:
             try:
@@ -113,14 +113,16 @@ def plain(value: object) -> object:
     return value
 
 
-def invalid(issues: list[ConfigIssue], candidate: str, blame: tuple[str, int] | None) -> ApiError:
-    """Kong's schema violation for a candidate that did not load."""
+def invalid(issues: list[ConfigIssue], candidate: str, blame: tuple[str, int] | None,
+            shown_as: str) -> ApiError:
+    """Kong's schema violation for a candidate (a file) that did not load, which messages call
+    `shown_as`."""
     fields: dict[str, object] = {}
     messages = []
     prefix = f"{blame[0]}[{blame[1]}]" if blame is not None else ""
     for issue in issues:
         key = issue.key if issue.file == candidate else ""
-        text = issue.message if issue.file == candidate else str(issue)
+        text = (issue.message if issue.file == candidate else str(issue)).replace(candidate, shown_as)
         if prefix and key.startswith(prefix) and key[len(prefix):len(prefix) + 1] in (".", ""):
             key = key[len(prefix) + 1:]
         elif prefix and key:            # another entity's field: told whole, for the entity

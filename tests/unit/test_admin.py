@@ -64,3 +64,13 @@ def test_a_change_that_does_not_load_leaves_the_state_file_alone(tmp_path: Path)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".admin")] == []   # no leftovers
     state.read()                        # what a restarted admin process finds
     assert state.document["services"] == [service]
+
+
+def test_a_name_the_pyproxy_file_has_is_refused_naming_both_places(tmp_path: Path):
+    path = conf(tmp_path, "admin_listen: 8001\nservices: [{name: db, host: 127.0.0.1, port: 5432}]\n")
+    api = AdminAPI(StateFile(str(tmp_path / "admin_state.yml"), path, lambda: None, print))
+    status, body = api.handle("POST", "/services", "application/json",
+                              b'{"name": "db", "url": "tcp://127.0.0.1:5433"}')
+    assert status == 400
+    assert body["fields"] == {"@entity": [
+        f"service 'db' is defined in {path} (line 4) and in {tmp_path / 'admin_state.yml'} (line 3)"]}
