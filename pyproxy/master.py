@@ -27,6 +27,7 @@ from typing import NoReturn
 from setproctitle import setproctitle
 
 from pyproxy import __version__, metrics
+from pyproxy.admin import AdminProcess
 from pyproxy.config import ConfigError, ConfigSource, YamlFile, load_sources
 from pyproxy.config.model import Config
 from pyproxy.gateway.source import FileState, manifest_state
@@ -118,6 +119,7 @@ class Master:
         self.listeners = ListenerSet()
         self.shared = SharedState()      # mapped before any fork: every worker sees the same memory
         self.status = StatusProcess(log)      # /metrics and /status, away from the workers
+        self.admin = AdminProcess(log)        # the Admin API (admin_listen), away from the workers
         self.workers: dict[int, WorkerProcess] = {}
         self.generation = 1
         self.signals: list[int] = []
@@ -163,6 +165,7 @@ class Master:
         self._install_signals()
         self.log.notice(f"pyproxy/{__version__} master started, configuration {self.config.path}")
         self.status.start(self.config, self.listeners)
+        self.admin.follow(self.config)
         # Load ctypes for the workers' heap trim here, once: its pages are then shared with every
         # worker instead of being private to each (1.3 MiB a worker when each loaded its own).
         find_malloc_trim()
@@ -371,6 +374,7 @@ class Master:
                     self.advance_reload()
                     self.manage_workers()
                     self.status.manage()
+                    self.admin.manage()
                 except MasterError as exc:
                     self.fail(exc)
             self.log.notice("exit")
@@ -379,6 +383,7 @@ class Master:
             self.listeners.close()
             self.remove_pid()
             self.status.stop()
+            self.admin.stop()
 
     def fail(self, exc: MasterError) -> None:
         """Stop because the master cannot go on (a worker that cannot boot, a failed startup)."""
@@ -446,6 +451,7 @@ class Master:
             proc = self.workers.get(pid)
             if proc is None:
                 self.status.reaped(pid, status)
+                self.admin.reaped(pid, status)
                 continue
             self._forget(proc)
             how = describe_exit(status)
@@ -662,6 +668,7 @@ class Master:
         self.log.configure(config.error_log, config.log_level)
         self.config, self.tls = config, tls
         self.status.follow(config, self.listeners)
+        self.admin.follow(config)
         reload.old, reload.phase = old, "quiescing"
         reload.deadline = time.monotonic() + QUIESCE_TIMEOUT
 
@@ -747,6 +754,7 @@ class Master:
                     pass
         self.signal_workers(signal.SIGUSR1)
         self.status.send(signal.SIGUSR1)
+        self.admin.send(signal.SIGUSR1)
 
     def handle_quit(self) -> None:
         """Graceful stop: workers finish their sessions (up to worker_shutdown_timeout)."""

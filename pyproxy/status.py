@@ -47,7 +47,10 @@ STOP_GRACE = 5.0              # seconds to exit after SIGTERM before the master 
 
 
 class StatusProcess:
-    """The master's handle on its status process (nothing is forked before `start`)."""
+    """The master's handle on its status process (nothing is forked before `start`). The admin
+    process's handle (pyproxy.admin) is one too, for the same life: `reaped`, `send`, `stop`."""
+
+    NAME = "status process"         # in the log
 
     def __init__(self, log: ErrorLog):
         self.log = log
@@ -140,9 +143,9 @@ class StatusProcess:
         self.respawn_at = now + self.delay
         self.delay = min(max(self.delay * 2, RESPAWN_DELAY), RESPAWN_MAX_DELAY)
         if code == 0:       # told to stop (a Ctrl-C reaches the whole process group) or master gone
-            self.log.notice(f"status process {pid} {how}")
+            self.log.notice(f"{self.NAME} {pid} {how}")
         else:
-            self.log.error(f"status process {pid} {how} unexpectedly; starting a new one")
+            self.log.error(f"{self.NAME} {pid} {how} unexpectedly; starting a new one")
 
     def send(self, sig: int) -> None:
         """Pass a signal on (SIGUSR1: reopen the error log)."""
@@ -235,7 +238,10 @@ def _kill(pid: int, sig: int) -> None:
 
 
 class StatusServer:
-    """The status process: accepts on the status_listen socket and answers one request per connection."""
+    """The status process: accepts on the status_listen socket and answers one request per connection.
+    The admin process (pyproxy.admin) is one too, for its start, signals and master check."""
+
+    NAME = "status process"         # in the log
 
     def __init__(self, log: ErrorLog, sockets: list[ListenSocket], master_pid: int, user: str | None,
                  directory: str):
@@ -254,10 +260,10 @@ class StatusServer:
             self.init_process()
         except OSError as exc:
             where = f' "{exc.filename}"' if exc.filename else ""
-            self.log.crit(f"status process could not start: {exc.strerror or exc}{where}")
+            self.log.crit(f"{self.NAME} could not start: {exc.strerror or exc}{where}")
             return WORKER_BOOT_ERROR
         except Exception as exc:
-            self.log.crit(f"status process could not start: {exc!r}")
+            self.log.crit(f"{self.NAME} could not start: {exc!r}")
             return WORKER_BOOT_ERROR
         self.loop.run()
         return 0
@@ -391,7 +397,7 @@ class StatusServer:
     def on_callback_error(self, callback: Callable[..., object], exc: BaseException) -> None:
         """A bug: log it with its traceback, end the request it belongs to, keep serving."""
         trace = "".join(traceback.format_exception(exc)).rstrip().replace("\n", "\n    ")
-        self.log.error(f"internal error in the status process, please report it: {exc!r}\n    {trace}")
+        self.log.error(f"internal error in the {self.NAME}, please report it: {exc!r}\n    {trace}")
         owner = getattr(callback, "__self__", None)
         if isinstance(owner, StatusSession):
             owner.close()

@@ -260,6 +260,8 @@ class Config:
     # manifests source worked it out (kubectl's shape: apiVersion, kind, metadata, status).
     gateway_status: Mapping[tuple[str, str, str], Mapping[str, object]] = field(
         default_factory=dict, compare=False, repr=False)
+    admin_listen: tuple[str, int] | None = None   # the Admin API's address (pyproxy.admin)
+    admin_state: str | None = None  # the Kong declarative file the Admin API keeps its entities in
     # The plugin classes `plugins` may name: the built-ins and those of plugin_modules, imported for
     # this Config alone (pyproxy.plugins.load_plugin_module). Not part of what the Config says.
     plugin_types: Mapping[str, type[PluginClass]] = field(default_factory=_built_in_plugins, compare=False,

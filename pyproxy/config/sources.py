@@ -72,15 +72,17 @@ class YamlFile:
             return validate_document(self.path, document, warn)
 
 
-def load_sources(sources: Sequence[ConfigSource], warn: Warn = None, manifests: bool = True) -> Config:
+def load_sources(sources: Sequence[ConfigSource], warn: Warn = None, manifests: bool = True,
+                 admin_state: str | None = None) -> Config:
     """Load every source (the pyproxy file first) and the sources the pyproxy file names
-    (`named_sources`, right after it; its gateway manifests only if `manifests`); merge their
-    entities, resolve the host names.
+    (`named_sources`, right after it; its gateway manifests only if `manifests`; `admin_state` names
+    a file to read instead of the Admin API's state file: the Admin API checks a candidate state so);
+    merge their entities, resolve the host names.
 
     Raises ConfigError listing every error of every source, by source then line."""
     loaded = [source.load(warn) for source in sources]
     if loaded[0][0] is not None:
-        more = named_sources(loaded[0][0], manifests)
+        more = named_sources(loaded[0][0], manifests, admin_state)
         sources = [sources[0], *more, *sources[1:]]
         loaded[1:1] = [source.load(warn) for source in more]
     errors = [error for _, source_errors in loaded for error in source_errors]
@@ -97,14 +99,21 @@ def load_sources(sources: Sequence[ConfigSource], warn: Warn = None, manifests: 
     return config
 
 
-def named_sources(config: Config, manifests: bool = True) -> list[ConfigSource]:
-    """The sources the pyproxy file's own settings name: the Kong file of its `declarative_config`,
-    then its `gateway` manifests."""
+def named_sources(config: Config, manifests: bool = True,
+                  admin_state: str | None = None) -> list[ConfigSource]:
+    """The sources the pyproxy file's own settings name: the Kong file of its `declarative_config`, the
+    Admin API's state file (a Kong file too; with `admin_listen`, once it exists, or `admin_state`
+    instead of it), then its `gateway` manifests (unless `manifests` is False)."""
     # Imported here, not at the top: pyproxy.kong and pyproxy.gateway import this package.
+    kong_files = [config.declarative_config] if config.declarative_config is not None else []
+    if config.admin_listen is not None:
+        state = admin_state or config.admin_state
+        if state is not None and (admin_state or os.path.exists(state)):
+            kong_files.append(state)
     named: list[ConfigSource] = []
-    if config.declarative_config is not None:
+    if kong_files:
         from pyproxy.kong import KongDeclarative
-        named.append(KongDeclarative(config.declarative_config, pyproxy_file=config))
+        named += [KongDeclarative(path, pyproxy_file=config) for path in kong_files]
     if config.gateway is not None and manifests:
         from pyproxy.gateway.source import GatewayManifests
         named.append(GatewayManifests(config))

@@ -17,6 +17,8 @@ import ssl
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
+from pyproxy.addresses import host_port
+
 from . import entities
 from .errors import ConfigIssue, Invalid, describe
 from .loader import Document
@@ -54,7 +56,7 @@ TOP_LEVEL_KEYS = (
     "proxy_protocol_timeout", "reload_coalesce", "pid",
     "plugin_modules", "user", "status_listen",
     "error_log", "log_level", "access_log", "access_log_format", "stream_listen", "ssl", "certificates",
-    "upstreams", "services", "plugins", "declarative_config", "gateway",
+    "upstreams", "services", "plugins", "declarative_config", "gateway", "admin_listen", "admin_state",
 )
 SSL_KEYS = ("protocols", "ciphers", "default_certificate", "client_certificate", "preread_timeout",
             "handshake_timeout")
@@ -66,6 +68,7 @@ FRAGMENT_KEYS = ("stream_listen", "certificates", "upstreams", "services")
 TLS_VERSIONS = ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
 OBSOLETE_TLS_VERSIONS = ("TLSv1", "TLSv1.1")
 LISTEN_FLAGS = ("ssl", "proxy_protocol", "reuseport", "backlog")
+ADMIN_STATE = "admin_state.yml"   # the Admin API's entities, beside the file, unless admin_state says
 MAX_WORKER_PROCESSES = 1024
 C_INT_MAX = 2**31 - 1      # counts that reach C calls (listen's backlog, rlimits) must fit a C int
 
@@ -123,6 +126,7 @@ def build_config(report: Report, document: object) -> Config | None:
     status_listen = root.get("status_listen", parse_address)
     if status_listen is not None:
         _check_status_listen(report, root, status_listen, stream_listen)
+    admin_listen = root.get("admin_listen", _admin_listen)
     ssl_settings = root.nested("ssl", lambda r, p, v: _ssl_settings(r, p, v, base), SSLSettings())
     certificates = _certificates(report, root, base)
     upstreams = entities.read_upstreams(report, root)
@@ -163,6 +167,9 @@ def build_config(report: Report, document: object) -> Config | None:
         plugin_types=plugin_types,
         declarative_config=root.get("declarative_config", lambda value: in_folder(base, value)),
         gateway=gateway,
+        admin_listen=admin_listen,
+        admin_state=root.get("admin_state", lambda value: in_folder(base, value),
+                             os.path.join(base, ADMIN_STATE) if admin_listen is not None else None),
         hostnames=tuple(report.hostnames),
     )
 
@@ -425,6 +432,22 @@ def validate_fragment(path: str, document: Document, base: Config) -> tuple[Conf
     fragment = Config(path=path, stream_listen=stream_listen, certificates=certificates, upstreams=upstreams,
                       services=services, hostnames=tuple(report.hostnames))
     return fragment, document.issues + report.errors
+
+
+def _admin_listen(value: object) -> tuple[str, int]:
+    """`ADDRESS:PORT [public]`, a port alone meaning loopback. The Admin API has no authentication
+    (neither has Kong's), so an address other than loopback needs the word `public` after it."""
+    text = value.strip() if isinstance(value, str) else value
+    public = False
+    if isinstance(text, str) and text.endswith(" public"):
+        text, public = text[:-len(" public")].strip(), True
+    if isinstance(text, int) or (isinstance(text, str) and text.isascii() and text.isdigit()):
+        text = f"127.0.0.1:{text}"
+    host, port = parse_address(text)
+    if not public and not ipaddress.ip_address(host).is_loopback:
+        raise Invalid(f"{host_port(host, port)} is not a loopback address, and the Admin API has no "
+                      f"authentication: write `{host_port(host, port)} public` to serve it there anyway")
+    return host, port
 
 
 # --- ssl and certificates ---------------------------------------------------------------------------

@@ -1,0 +1,76 @@
+"""The Admin API's pieces without a process: `admin_listen`'s loopback rule, Kong's form-encoded
+bodies, Kong's error fields, and a state file that only ever holds a configuration that loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pyproxy.admin.api import AdminAPI, form_values
+from pyproxy.admin.state import StateFile
+from pyproxy.config import ConfigError, load_config
+
+
+def conf(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "pyproxy.conf"
+    path.write_text("stream_listen: [127.0.0.1:20001]\naccess_log: off\n" + text)
+    return str(path)
+
+
+def test_admin_listen_is_loopback_unless_public_is_written(tmp_path: Path):
+    config = load_config(conf(tmp_path, "admin_listen: 8001\n"))
+    assert config.admin_listen == ("127.0.0.1", 8001)
+    assert config.admin_state == str(tmp_path / "admin_state.yml")
+    with pytest.raises(ConfigError) as refused:
+        load_config(conf(tmp_path, "admin_listen: 0.0.0.0:8001\n"))
+    assert "pyproxy.conf:3: admin_listen: 0.0.0.0:8001 is not a loopback address" in str(refused.value)
+    public = load_config(conf(tmp_path, "admin_listen: 0.0.0.0:8001 public\n"))
+    assert public.admin_listen == ("0.0.0.0", 8001)
+    config = load_config(conf(tmp_path, "admin_listen: '[::1]:8001'\nadmin_state: state/kong.yml\n"))
+    assert (config.admin_listen, config.admin_state) == (("::1", 8001), str(tmp_path / "state/kong.yml"))
+    assert load_config(conf(tmp_path, "")).admin_state is None
+
+
+def test_kongs_form_encoded_fields():
+    assert form_values([("name", "r"), ("protocols[]", "tcp"), ("destinations[1].port", "9000"),
+                        ("destinations[1].ip", "10.0.0.1"), ("destinations[2].port", "9001"),
+                        ("snis", "a.example"), ("snis", "b.example"), ("service.name", "s"),
+                        ("tags", "")]) == {
+        "name": "r", "protocols": ["tcp"], "destinations": [{"port": 9000, "ip": "10.0.0.1"}, {"port": 9001}],
+        "snis": ["a.example", "b.example"], "service": {"name": "s"}, "tags": None}
+    assert form_values([("healthchecks.active.healthy.interval", "2.5"), ("port", "x"),
+                        ("enabled", "false"), ("config.allow[]", "10.0.0.0/8")]) == {
+        "healthchecks": {"active": {"healthy": {"interval": 2.5}}}, "port": "x", "enabled": False,
+        "config": {"allow": ["10.0.0.0/8"]}}
+
+
+def test_a_change_that_does_not_load_leaves_the_state_file_alone(tmp_path: Path):
+    path = conf(tmp_path, "admin_listen: 8001\n")
+    asked: list[str] = []
+    state = StateFile(str(tmp_path / "admin_state.yml"), path, lambda: asked.append("reload"), asked.append)
+    api = AdminAPI(state)
+    status, service = api.handle("POST", "/services", "application/x-www-form-urlencoded",
+                                 b"name=s&url=tcp://127.0.0.1:7")
+    assert (status, service["protocol"], service["port"], asked) == (201, "tcp", 7, ["reload"])
+    written = (tmp_path / "admin_state.yml").read_text()
+    assert (tmp_path / "admin_state.yml").stat().st_mode & 0o777 == 0o600     # it may hold keys
+    status, body = api.handle("PATCH", "/services/s", "application/json",
+                              b'{"retries": "many", "connect_timeout": true}')
+    assert status == 400
+    assert body["fields"] == {"retries": "expected an integer", "connect_timeout": "expected an integer"}
+    assert body["message"].startswith("2 schema violations (")
+    assert (tmp_path / "admin_state.yml").read_text() == written and asked == ["reload"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".admin")] == []   # no leftovers
+    state.read()                        # what a restarted admin process finds
+    assert state.document["services"] == [service]
+
+
+def test_a_name_the_pyproxy_file_has_is_refused_naming_both_places(tmp_path: Path):
+    path = conf(tmp_path, "admin_listen: 8001\nservices: [{name: db, host: 127.0.0.1, port: 5432}]\n")
+    api = AdminAPI(StateFile(str(tmp_path / "admin_state.yml"), path, lambda: None, print))
+    status, body = api.handle("POST", "/services", "application/json",
+                              b'{"name": "db", "url": "tcp://127.0.0.1:5433"}')
+    assert status == 400
+    assert body["fields"] == {"@entity": [
+        f"service 'db' is defined in {path} (line 4) and in {tmp_path / 'admin_state.yml'} (line 3)"]}
