@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from types import FrameType
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from setproctitle import setproctitle
 
@@ -30,7 +30,6 @@ from pyproxy import __version__, metrics
 from pyproxy.admin import AdminProcess
 from pyproxy.config import ConfigError, ConfigSource, YamlFile, load_sources
 from pyproxy.config.model import Config
-from pyproxy.gateway.source import FileState, manifest_state
 from pyproxy.listeners import BindError, ListenerSet, ListenSocket, configured_listens
 from pyproxy.log import ErrorLog
 from pyproxy.plugins import REGISTRY, load_plugin_module
@@ -38,6 +37,9 @@ from pyproxy.shared import SharedState
 from pyproxy.status import StatusProcess
 from pyproxy.tls.contexts import TLSContexts
 from pyproxy.worker import QUIESCED, READY, WORKER_BOOT_ERROR, Worker, find_malloc_trim, worker_main
+
+if TYPE_CHECKING:
+    from pyproxy.gateway.source import FileState
 
 READY_TIMEOUT = 15.0          # seconds a new worker has to report ready
 QUIESCE_TIMEOUT = 5.0         # seconds a retired worker has to confirm it stopped accepting
@@ -551,6 +553,9 @@ class Master:
     def _manifests_now(config: Config) -> tuple[tuple[str, ...], tuple[FileState, ...]]:
         if config.gateway is None:
             return (), ()
+        # Imported only with a `gateway` key: the workers are forked from the master, which need not
+        # carry the Gateway API's modules otherwise.
+        from pyproxy.gateway.source import manifest_state
         return config.gateway.paths, manifest_state(config.gateway.paths)
 
     def advance_reload(self) -> None:

@@ -30,9 +30,6 @@ from pyproxy.log import ErrorLog
 from pyproxy.loop import EPOLLET, EPOLLIN, STREAM_EVENTS, Loop
 from pyproxy.status import MASTER_SIGNALS, RESPAWN_DELAY, StatusProcess, StatusServer, _kill
 
-from .api import AdminAPI
-from .state import StateFile
-
 TITLE = "pyproxy: admin process"
 MAX_CLIENTS = 32              # with MAX_BODY, what abusive clients can make the process hold
 MAX_HEAD = 16384              # the request line and headers
@@ -127,6 +124,10 @@ class AdminServer(StatusServer):
         super().__init__(log, [], master_pid, None, "")
         assert config.admin_listen is not None and config.admin_state is not None
         self.address = config.admin_listen
+        # Imported in the admin process only: the master, which every worker is forked from, does not
+        # carry the Admin API's modules (and the Kong translation they import).
+        from .api import AdminAPI
+        from .state import StateFile
         self.state = StateFile(config.admin_state, config.path, self.changed, log.warn)
         self.api = AdminAPI(self.state)
         self.clients: set[AdminClient] = set()
