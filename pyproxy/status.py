@@ -250,7 +250,7 @@ class StatusServer:
         self.master_pid = master_pid
         self.user = user
         self.directory = directory
-        self.sessions: set[StatusSession] = set()
+        self.sessions: set[HttpConnection] = set()
         self.backlogged = False             # connections may wait that no edge will announce again
         self.signals: list[int] = []
 
@@ -335,7 +335,7 @@ class StatusServer:
             session.start()
         self.backlogged = True
 
-    def session_closed(self, session: StatusSession) -> None:
+    def connection_closed(self, session: HttpConnection) -> None:
         self.sessions.discard(session)
         if self.backlogged:
             self.backlogged = False
@@ -403,29 +403,69 @@ class StatusServer:
             owner.close()
 
 
-class StatusSession:
-    """One HTTP/1.x request on `status_listen`: GET /metrics or /status, answered, then closed."""
+class HttpConnection:
+    """One HTTP/1.x connection to a small process of the master's (the status process, the admin
+    process): one request read, answered, then the connection closed. Subclasses read the request and
+    make `response`; this holds the socket and its timer, sends the answer and closes."""
 
-    MAX_REQUEST = 8192
-    TIMEOUT = 5.0
-
-    def __init__(self, server: StatusServer, sock: socket.socket):
+    def __init__(self, server: StatusServer, sock: socket.socket, timeout: float):
         self.server = server
         self.loop = server.loop
         self.sock: socket.socket | None = sock      # None once closed
-        self.request = b""
         self.response: memoryview | None = None
-        self.timer = self.loop.call_later(self.TIMEOUT, self.close)
+        self.timer = self.loop.call_later(timeout, self.close)
 
     def start(self) -> None:
         if self.sock is not None:
             self.loop.add(self.sock.fileno(), STREAM_EVENTS, self.on_event)
 
     def on_event(self, mask: int) -> None:
+        raise NotImplementedError
+
+    def send_response(self) -> bool:
+        """Send what is left of `response`: False while the socket is full (the next event sends
+        on), True once it is all sent or the client is gone."""
+        sock = self.sock
+        if sock is None or self.response is None:
+            return sock is None
+        try:
+            while self.response:
+                self.response = self.response[sock.send(self.response):]
+        except BlockingIOError:
+            return False
+        except OSError:
+            pass
+        return True
+
+    def close(self) -> None:
+        if self.sock is None:
+            return
+        self.timer.cancel()
+        self.loop.forget(self.sock.fileno())
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        self.sock.close()
+        self.sock = None
+        self.server.connection_closed(self)
+
+
+class StatusSession(HttpConnection):
+    """One HTTP/1.x request on `status_listen`: GET /metrics or /status, answered, then closed."""
+
+    MAX_REQUEST = 8192
+    TIMEOUT = 5.0
+
+    def __init__(self, server: StatusServer, sock: socket.socket):
+        super().__init__(server, sock, self.TIMEOUT)
+        self.request = b""
+
+    def on_event(self, mask: int) -> None:
         if self.response is None:
             self._read()
-        if self.response is not None:
-            self._write()
+        if self.response is not None and self.send_response():
+            self.close()
 
     def _read(self) -> None:
         sock = self.sock
@@ -468,26 +508,3 @@ class StatusSession:
         head = (f"HTTP/1.1 {code} {reason[code]}\r\nContent-Type: {content_type}\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
         self.response = memoryview(head + (b"" if head_only else body))
-
-    def _write(self) -> None:
-        sock = self.sock
-        if sock is None:
-            return
-        try:
-            while self.response:
-                n = sock.send(self.response)
-                self.response = self.response[n:]
-        except BlockingIOError:
-            return
-        except OSError:
-            pass
-        self.close()
-
-    def close(self) -> None:
-        if self.sock is None:
-            return
-        self.timer.cancel()
-        self.loop.forget(self.sock.fileno())
-        self.sock.close()
-        self.sock = None
-        self.server.session_closed(self)

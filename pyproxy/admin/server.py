@@ -27,8 +27,8 @@ from setproctitle import setproctitle
 from pyproxy.addresses import host_port
 from pyproxy.config.model import Config
 from pyproxy.log import ErrorLog
-from pyproxy.loop import EPOLLET, EPOLLIN, STREAM_EVENTS, Loop
-from pyproxy.status import MASTER_SIGNALS, RESPAWN_DELAY, StatusProcess, StatusServer, _kill
+from pyproxy.loop import EPOLLET, EPOLLIN, Loop
+from pyproxy.status import MASTER_SIGNALS, RESPAWN_DELAY, HttpConnection, StatusProcess, StatusServer, _kill
 
 TITLE = "pyproxy: admin process"
 MAX_CLIENTS = 32              # with MAX_BODY, what abusive clients can make the process hold
@@ -130,7 +130,7 @@ class AdminServer(StatusServer):
         from .state import StateFile
         self.state = StateFile(config.admin_state, config.path, self.changed, log.warn)
         self.api = AdminAPI(self.state)
-        self.clients: set[AdminClient] = set()
+        self.clients: set[HttpConnection] = set()
 
     def init_process(self) -> None:
         setproctitle(TITLE)
@@ -167,7 +167,7 @@ class AdminServer(StatusServer):
             self.clients.add(client)
             client.start()
 
-    def client_closed(self, client: AdminClient) -> None:
+    def connection_closed(self, client: HttpConnection) -> None:
         self.clients.discard(client)
         self._accept_clients()
 
@@ -190,25 +190,19 @@ class AdminServer(StatusServer):
         return status, answer
 
 
-class AdminClient:
+class AdminClient(HttpConnection):
     """One HTTP/1.x connection: one request read (headers, then Content-Length bytes), answered in
     JSON, then closed."""
 
+    server: AdminServer
+
     def __init__(self, server: AdminServer, sock: socket.socket):
-        self.server = server
-        self.loop = server.loop
-        self.sock: socket.socket | None = sock
+        super().__init__(server, sock, REQUEST_TIMEOUT)
         self.data = bytearray()
         self.head: tuple[str, str, dict[str, str], int] | None = None   # method, target, headers, body start
-        self.response: memoryview | None = None
         self.continued = False
         self.read_whole = False     # the request's head and body were all read
         self.lingering = False      # answered before that: the rest is read and dropped
-        self.timer = self.loop.call_later(REQUEST_TIMEOUT, self.close)
-
-    def start(self) -> None:
-        if self.sock is not None:
-            self.loop.add(self.sock.fileno(), STREAM_EVENTS, self.on_event)
 
     def on_event(self, mask: int) -> None:
         if self.lingering:
@@ -286,16 +280,7 @@ class AdminClient:
         self.response = memoryview(head + body)
 
     def write(self) -> None:
-        sock = self.sock
-        if sock is None or self.response is None:
-            return
-        try:
-            while self.response:
-                self.response = self.response[sock.send(self.response):]
-        except BlockingIOError:
-            return
-        except OSError:
-            self.close()
+        if not self.send_response() or self.sock is None:
             return
         if not self.read_whole:
             self.linger()
@@ -325,16 +310,3 @@ class AdminClient:
         except OSError:
             pass
         self.close()
-
-    def close(self) -> None:
-        if self.sock is None:
-            return
-        self.timer.cancel()
-        self.loop.forget(self.sock.fileno())
-        try:
-            self.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-        self.sock.close()
-        self.sock = None
-        self.server.client_closed(self)
