@@ -291,10 +291,23 @@ class Translator:
         if isinstance(cert, str):
             self.ca_files[ca_id] = self.store_pem(cert)
 
+    def place(self, entity: _Entity, py_path: str) -> None:
+        """`entity` is written at `py_path` of the translated document: the validator's errors there
+        are shown at the entity's own path in the Kong file."""
+        entity.py_path = py_path
+        self.out.renames[py_path] = entity.path
+
+    def place_in(self, entity: _Entity, parent: YamlMap, key: str) -> YamlList:
+        """Place `entity` as the next item of the translated `parent`'s list `key` (a target in its
+        upstream, a route in its service), and return that list for it to be appended to."""
+        items = parent[key]
+        assert isinstance(items, YamlList), f"every translated parent has a {key} list"
+        self.place(entity, item_path(key_path(self.places[id(parent)], key), len(items)))
+        return items
+
     def certificate(self, entity: _Entity) -> None:
         index = len(self.py_certificates)
-        entity.py_path = item_path("certificates", index)
-        self.out.renames[entity.py_path] = entity.path
+        self.place(entity, item_path("certificates", index))
         self.fields(entity, CERTIFICATE_FIELDS)
         for key in ("cert_alt", "key_alt"):
             if entity.kong.get(key) is not None:
@@ -359,8 +372,7 @@ class Translator:
 
     # -- upstreams and targets ------------------------------------------------------------------
     def upstream(self, entity: _Entity) -> None:
-        entity.py_path = item_path("upstreams", len(self.py_upstreams))
-        self.out.renames[entity.py_path] = entity.path
+        self.place(entity, item_path("upstreams", len(self.py_upstreams)))
         self.fields(entity, UPSTREAM_FIELDS, UPSTREAM_HTTP_FIELDS)
         upstream = YamlMap(entity.kong.line)
         _copy(upstream, entity.kong, "name")
@@ -406,10 +418,7 @@ class Translator:
                            "(no such entry in 'upstreams')")
                 self.error(where, key_path(entity.path, "upstream"), message)
                 return
-        targets = upstream["targets"]
-        assert isinstance(targets, YamlList), "every translated upstream has a targets list"
-        entity.py_path = item_path(key_path(self.places[id(upstream)], "targets"), len(targets))
-        self.out.renames[entity.py_path] = entity.path
+        targets = self.place_in(entity, upstream, "targets")
         target = YamlMap(entity.kong.line)
         _copy(target, entity.kong, "target")
         if self.typed(entity, "weight", _integer) is not None:
@@ -523,8 +532,7 @@ class Translator:
             for route in self.entries(entity.kong, "routes", entity.path):
                 self.routes_of_ignored(route)
             return
-        entity.py_path = item_path("services", len(self.py_services))
-        self.out.renames[entity.py_path] = entity.path
+        self.place(entity, item_path("services", len(self.py_services)))
         service = YamlMap(entity.kong.line)
         _set(service, "name", name if name is not None else service_id,
              entity.kong.value_lines.get("name", entity.kong.line))
@@ -653,10 +661,7 @@ class Translator:
             self.ignore(f"{label} (protocols {', '.join(protocols)}: {kind})")
             self.routes_of_ignored(entity)
             return
-        routes = service["routes"]
-        assert isinstance(routes, YamlList), "every translated service has a routes list"
-        entity.py_path = item_path(key_path(self.places[id(service)], "routes"), len(routes))
-        self.out.renames[entity.py_path] = entity.path
+        routes = self.place_in(entity, service, "routes")
         route = YamlMap(entity.kong.line)
         route_name = name if isinstance(name, str) else route_id
         _set(route, "name", route_name, entity.kong.value_lines.get("name", entity.kong.line))
@@ -727,8 +732,7 @@ class Translator:
             else:
                 assert isinstance(found, YamlMap), "services maps to translated services or None"
                 service = str(found["name"])
-        entity.py_path = item_path("plugins", len(self.py_plugins))
-        self.out.renames[entity.py_path] = entity.path
+        self.place(entity, item_path("plugins", len(self.py_plugins)))
         plugin = YamlMap(entity.kong.line)
         _copy(plugin, entity.kong, "name")
         line = entity.kong.line
