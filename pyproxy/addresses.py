@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 
-__all__ = ["family_of", "host_port", "is_ip_address"]
+__all__ = ["family_of", "host_port", "is_ip_address", "wildcard_addresses"]
 
 
 def family_of(host: str) -> socket.AddressFamily:
@@ -32,3 +32,16 @@ def is_ip_address(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def wildcard_addresses() -> tuple[str, ...]:
+    """Every address of the host, as a listener that names none binds them: `0.0.0.0` and `::`, or
+    `0.0.0.0` alone on a host without IPv6 (a kernel booted with ipv6.disable=1, a container
+    without it), where a bind to `::` would fail the start. Asked once per configuration load."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            probe.bind(("::", 0))
+    except OSError:
+        return ("0.0.0.0",)
+    return ("0.0.0.0", "::")

@@ -224,7 +224,9 @@ class GatewaySettings:
     second configuration source (pyproxy.gateway.source)."""
 
     paths: tuple[str, ...]        # absolute: manifest files, and folders of them (not recursive)
-    addresses: tuple[str, ...] = ("0.0.0.0",)    # where each Gateway listener port is opened
+    # Where each Gateway listener port is opened; without `gateway.address`, 0.0.0.0 and :: (0.0.0.0
+    # alone on a host without IPv6: pyproxy.addresses.wildcard_addresses).
+    addresses: tuple[str, ...] = ("0.0.0.0",)
     runtime_dir: str = ""         # absolute: the PEM files made from Secrets, the translated entities
     controller_name: str = "gateway.pyproxy.dev/controller"
     line: int = field(default=0, compare=False)    # where the key was written, for messages

@@ -17,7 +17,7 @@ import ssl
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-from pyproxy.addresses import host_port
+from pyproxy.addresses import host_port, wildcard_addresses
 
 from . import entities
 from .errors import ConfigIssue, Invalid, describe
@@ -379,7 +379,7 @@ def _gateway(report: Report, place: Place, value: object, base: str) -> GatewayS
             addresses.append(address)
     return GatewaySettings(
         paths=tuple(paths),
-        addresses=tuple(addresses) or defaults.addresses,
+        addresses=tuple(addresses) or wildcard_addresses(),
         runtime_dir=section.get("runtime_dir", lambda text: in_folder(base, text),
                                 os.path.join(base, "gateway-runtime")),
         controller_name=section.get("controller_name", _controller_name, defaults.controller_name),

@@ -50,6 +50,15 @@ def test_the_manifests_add_listeners_upstreams_and_routes(tmp_path):
     assert statuses[("TCPRoute", "default", "echo")]["apiVersion"] == "gateway.networking.k8s.io/v1alpha2"
 
 
+def test_without_an_address_the_listeners_open_on_every_ipv4_and_ipv6_address(tmp_path):
+    """The SPEC's default, as nginx users write `listen 9000; listen [::]:9000;`: a Gateway listener
+    is reachable over IPv6 too (this host has IPv6: the tests use ::1)."""
+    folder = write_manifests(tmp_path / "m", listener("plain", 20000))
+    config = load(tmp_path, f"gateway: {{paths: [{folder}]}}\n")
+    listening = [(listen.host, listen.port) for listen in config.stream_listen]
+    assert listening == [("0.0.0.0", 20000), ("::", 20000)]
+
+
 def test_a_port_of_the_file_is_shared_when_it_agrees_and_refused_when_it_does_not(tmp_path):
     folder = write_manifests(tmp_path / "m", listener("plain", 20000) + "\n"
                              + listener("tls", 20002, "TLS", ", tls: {mode: Passthrough}"))
