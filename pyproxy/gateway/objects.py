@@ -31,6 +31,7 @@ API_VERSIONS: dict[str, tuple[str, ...]] = {
     "Secret": ("v1",),
     "Namespace": ("v1",),
     "EndpointSlice": ("discovery.k8s.io/v1",),
+    "Endpoints": ("v1",),
     "BackendTLSPolicy": (f"{GATEWAY_GROUP}/v1", f"{GATEWAY_GROUP}/v1alpha3"),
     "ConfigMap": ("v1",),
     "IngressClass": ("networking.k8s.io/v1",),
@@ -176,6 +177,15 @@ class EndpointSlice:
 
 
 @dataclass(frozen=True)
+class Endpoints:
+    """A v1 Endpoints object, read as the EndpointSlices it stands for: one per subset and address
+    family (the fallback for Services that have no EndpointSlice, SPEC "Resources read")."""
+
+    meta: Meta
+    slices: tuple[EndpointSlice, ...]
+
+
+@dataclass(frozen=True)
 class Secret:
     meta: Meta
     type: str
@@ -230,8 +240,8 @@ class TCPIngress:
     tls: tuple[tuple[str, tuple[str, ...]], ...]   # (secretName, hosts)
 
 
-Parsed = (GatewayClass | Gateway | Route | ReferenceGrant | Service | EndpointSlice | Secret | Namespace
-          | TCPIngress | BackendTLSPolicy | ConfigMap | IngressClass)
+Parsed = (GatewayClass | Gateway | Route | ReferenceGrant | Service | EndpointSlice | Endpoints | Secret
+          | Namespace | TCPIngress | BackendTLSPolicy | ConfigMap | IngressClass)
 
 
 def parse(resource: Resource) -> Parsed:
@@ -243,6 +253,8 @@ def parse(resource: Resource) -> Parsed:
         return _service(meta, _mapping(body.get("spec"), "spec"))
     if kind == "EndpointSlice":
         return _endpoint_slice(meta, body)
+    if kind == "Endpoints":
+        return _endpoints(meta, body)
     if kind == "Secret":
         return _secret(meta, body)
     if kind == "Namespace":
@@ -537,6 +549,29 @@ def _endpoint_slice(meta: Meta, body: dict[str, Any]) -> EndpointSlice:
     return EndpointSlice(meta, labels.get(SERVICE_NAME_LABEL),
                          _text(body.get("addressType"), "addressType", required=True), tuple(ports),
                          tuple(dict.fromkeys(addresses)))
+
+
+def _endpoints(meta: Meta, body: dict[str, Any]) -> Endpoints:
+    """`subsets[].addresses` are the ready endpoints (`notReadyAddresses` are not), `subsets[].ports`
+    their ports, named like the Service's ports (KAPI EndpointSubset)."""
+    slices: list[EndpointSlice] = []
+    for index, item in enumerate(_items(body.get("subsets"), "subsets")):
+        subset = _mapping(item, f"subsets[{index}]")
+        ports = []
+        for number, entry in enumerate(_items(subset.get("ports"), f"subsets[{index}].ports")):
+            port = _mapping(entry, f"subsets[{index}].ports[{number}]")
+            ports.append(ServicePort(_text(port.get("name"), f"subsets[{index}].ports[{number}].name"),
+                                     _port(port.get("port"), f"subsets[{index}].ports[{number}].port"),
+                                     _text(port.get("protocol"), f"subsets[{index}].ports[{number}].protocol",
+                                           default="TCP")))
+        by_family: dict[str, list[str]] = {"IPv4": [], "IPv6": []}
+        for number, entry in enumerate(_items(subset.get("addresses"), f"subsets[{index}].addresses")):
+            address = _mapping(entry, f"subsets[{index}].addresses[{number}]")
+            ip = _text(address.get("ip"), f"subsets[{index}].addresses[{number}].ip", required=True)
+            by_family["IPv6" if ":" in ip else "IPv4"].append(ip)
+        slices.extend(EndpointSlice(meta, meta.name, family, tuple(ports), tuple(dict.fromkeys(addresses)))
+                      for family, addresses in by_family.items() if addresses)
+    return Endpoints(meta, tuple(slices))
 
 
 def _secret(meta: Meta, body: dict[str, Any]) -> Secret:

@@ -143,6 +143,8 @@ class _State:
     services: dict[tuple[str, str], objects.Service] = field(default_factory=dict)
     slices: dict[tuple[str, str], list[objects.EndpointSlice]] = field(
         default_factory=lambda: defaultdict(list))
+    # v1 Endpoints, as slices: a Service's endpoints when it has no EndpointSlice at all.
+    legacy_endpoints: dict[tuple[str, str], tuple[objects.EndpointSlice, ...]] = field(default_factory=dict)
     secrets: dict[tuple[str, str], objects.Secret] = field(default_factory=dict)
     namespaces: dict[str, dict[str, str]] = field(default_factory=dict)
     grants: dict[str, list[objects.ReferenceGrant]] = field(default_factory=lambda: defaultdict(list))
@@ -202,6 +204,8 @@ def translate(resources: list[Resource], options: Options | None = None) -> Tran
             state.services[(item.meta.namespace, item.meta.name)] = item
         elif isinstance(item, objects.EndpointSlice) and item.service_name:
             state.slices[(item.meta.namespace, item.service_name)].append(item)
+        elif isinstance(item, objects.Endpoints):
+            state.legacy_endpoints[(item.meta.namespace, item.meta.name)] = item.slices
         elif isinstance(item, objects.Secret):
             state.secrets[(item.meta.namespace, item.meta.name)] = item
         elif isinstance(item, objects.Namespace):
@@ -614,7 +618,8 @@ def _backend(state: _State, route: objects.Route, ref: ObjectRef) -> _Backend:
 
 
 def _service_backend(state: _State, service: objects.Service, port: int, weight: int) -> _Backend:
-    """A Service port's ready endpoints: Service port → its name → the EndpointSlices' port of that name."""
+    """A Service port's ready endpoints: Service port → its name → the EndpointSlices' port of that name
+    (the v1 Endpoints object's, for a Service that has no EndpointSlice)."""
     what = f"Service {service.meta.namespace}/{service.meta.name}"
     upstream = f"k8s.{service.meta.namespace}.{service.meta.name}.{port}"
     service_port = next((item for item in service.ports if (item.port, item.protocol) == (port, "TCP")), None)
@@ -623,7 +628,8 @@ def _service_backend(state: _State, service: objects.Service, port: int, weight:
     if service.type == "ExternalName" and service.external_name:
         return _Backend(upstream, [(service.external_name, port)], weight)
     targets: dict[tuple[str, int], None] = {}
-    for endpoint_slice in state.slices.get((service.meta.namespace, service.meta.name), ()):
+    key = (service.meta.namespace, service.meta.name)
+    for endpoint_slice in state.slices.get(key) or state.legacy_endpoints.get(key, ()):
         if endpoint_slice.address_type not in ("IPv4", "IPv6"):
             continue
         slice_port = next((item for item in endpoint_slice.ports

@@ -526,6 +526,33 @@ def test_service_port_leads_to_the_endpoint_slice_port_of_the_same_name(tmp_path
     assert parent(result, "TCPRoute", "wrong-port")["ResolvedRefs"] == ("False", "BackendNotFound")
 
 
+def test_a_service_without_endpoint_slices_falls_back_to_its_v1_endpoints(tmp_path):
+    """Clusters (or `kubectl get endpoints -o yaml` dumps) with only v1 Endpoints: `subsets[].addresses`
+    are the ready endpoints, `notReadyAddresses` are not, the port is found by the Service port's name;
+    a Service that has EndpointSlices ignores its Endpoints (they are the legacy mirror)."""
+    def endpoints(name: str, subsets: list[dict]) -> dict:
+        return {"apiVersion": "v1", "kind": "Endpoints", "metadata": {"name": name, "namespace": INFRA},
+                "subsets": subsets}
+    legacy = service("legacy", ports={"tcp": 1025, "admin": 9901})[:1]
+    sliced = service("sliced", addresses=("10.0.0.9",))
+    result = run(tmp_path, gateway([listener("a", 9000), listener("b", 9001)]), legacy, sliced,
+                 endpoints("legacy", [{"addresses": [{"ip": "10.0.0.1"}, {"ip": "fd00::1"}],
+                                       "notReadyAddresses": [{"ip": "10.0.0.2"}],
+                                       "ports": [{"name": "admin", "port": 19901},
+                                                 {"name": "tcp", "port": 8080}]},
+                                      {"addresses": [{"ip": "10.0.0.3"}],
+                                       "ports": [{"name": "tcp", "port": 8081}]}]),
+                 endpoints("sliced", [{"addresses": [{"ip": "10.0.0.8"}],
+                                       "ports": [{"name": "tcp", "port": 1}]}]),
+                 tcp_route("r", [{"name": "gw", "sectionName": "a"}], [backend("legacy", 1025)]),
+                 tcp_route("s", [{"name": "gw", "sectionName": "b"}], [backend("sliced", 1025)]))
+    targets = {upstream["name"]: [t["target"] for t in upstream["targets"]]
+               for upstream in result.entities["upstreams"]}
+    assert targets == {"k8s.infra.legacy.1025": ["10.0.0.1:8080", "[fd00::1]:8080", "10.0.0.3:8081"],
+                       "k8s.infra.sliced.1025": ["10.0.0.9:1025"]}
+    assert parent(result, "TCPRoute", "r")["ResolvedRefs"] == RESOLVED
+
+
 def test_service_without_ready_endpoints(tmp_path):
     objects = service("echo", addresses=())
     result = run(tmp_path, gateway([listener("tcp", 9000)]), objects,
@@ -713,9 +740,9 @@ IDENTITY = (("apiVersion",), ("kind",), ("metadata", "name"), ("metadata", "name
 
 def test_no_value_in_any_field_makes_the_translation_raise():
     """Every field of the seed's objects (and of a Secret, a grant, a Namespace, a BackendTLSPolicy, a
-    ConfigMap and an IngressClass), set in turn to a value of each wrong shape: the translation reports
-    or ignores it, it never raises. (The fields that make an object's identity are read_paths' to
-    check: test_gateway_manifests.py.)"""
+    ConfigMap, an IngressClass and v1 Endpoints), set in turn to a value of each wrong shape: the
+    translation reports or ignores it, it never raises. (The fields that make an object's identity are
+    read_paths' to check: test_gateway_manifests.py.)"""
     folder = Path(__file__).resolve().parents[2] / "examples" / "gateway"
     documents = [document for name in ("seed.yaml", "echo-loopback.yaml")
                  for document in yaml.safe_load_all((folder / name).read_text())]
@@ -729,6 +756,8 @@ def test_no_value_in_any_field_makes_the_translation_raise():
         {"apiVersion": "networking.k8s.io/v1", "kind": "IngressClass",
          "metadata": {"name": "kong",
                       "annotations": {"ingressclass.kubernetes.io/is-default-class": "true"}}},
+        {"apiVersion": "v1", "kind": "Endpoints", "metadata": {"name": "echo"},
+         "subsets": [{"addresses": [{"ip": "127.0.0.1"}], "ports": [{"name": "tcp", "port": 1025}]}]},
     ]
     wrong = [None, 5, "x", [], {}, True, -1, [None], {"a": None}, "*.*", 10**20]
     tried = 0
