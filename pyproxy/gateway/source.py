@@ -39,6 +39,10 @@ from .translate import Options, StatusKey, translate
 
 TRANSLATED = "translated.yaml"
 LAST_VALID = "last-valid.json"
+PARSED = "parsed.marshal"          # the manifest files' documents by their text's hash (read_paths)
+# libyaml's emitter when PyYAML has it (10x faster: 1,000 routes' entities in 0.05 s, not 0.5 s).
+_Dumper = yaml.CSafeDumper if yaml.__with_libyaml__ else yaml.SafeDumper
+
 # The order `-t --status` lists the objects in: a Gateway's class first, the routes after it.
 KIND_ORDER = ("GatewayClass", "Gateway", "TCPRoute", "TLSRoute", "BackendTLSPolicy", "TCPIngress")
 # One file's state as the master compares it: (path, mtime in ns, size); a folder's too (add, remove).
@@ -59,7 +63,8 @@ class GatewayManifests:
         return os.path.join(self.settings.runtime_dir, TRANSLATED)
 
     def load(self, warn: Warn) -> Loaded:
-        resources, notices = read_paths(self.settings.paths)
+        resources, notices = read_paths(self.settings.paths,
+                                        cache=os.path.join(self.settings.runtime_dir, PARSED))
         unreadable = [ConfigIssue(notice.file, notice.line, "", notice.message)
                       for notice in notices if notice.unreadable]
         if unreadable:
@@ -76,7 +81,7 @@ class GatewayManifests:
                 warn(str(notice))
         entities = {key: items for key, items in translation.entities.items() if items}
         files = {**translation.files,
-                 self.name: yaml.safe_dump(entities, sort_keys=False, width=1 << 16).encode(),
+                 self.name: yaml.dump(entities, Dumper=_Dumper, sort_keys=False, width=1 << 16).encode(),
                  os.path.join(self.settings.runtime_dir, LAST_VALID): last_valid}
         try:
             write_pem_files(files)

@@ -157,6 +157,7 @@ class _State:
     programs: list[_Program] = field(default_factory=list)
     stream_listen: dict[tuple[str, int], bool] = field(default_factory=dict)  # (host, port) → ssl
     tls_listeners: dict[int, list[_Listener]] = field(default_factory=lambda: defaultdict(list))
+    port_hostnames: dict[int, hostnames.PortHostnames] = field(default_factory=dict)   # of tls_listeners
     key_pairs: dict[tuple[bytes, bytes], tuple[tuple[str, ...], str | None]] = field(default_factory=dict)
     config_maps: dict[tuple[str, str], objects.ConfigMap] = field(default_factory=dict)
     # (namespace, Service, port name or None for every port) → the policies naming it, oldest first.
@@ -225,10 +226,13 @@ def translate(resources: list[Resource], options: Options | None = None) -> Tran
     listeners = _listeners(state, gateways)
     routes = sorted((item for item in parsed if isinstance(item, objects.Route)),
                     key=lambda route: route.meta.resource.age_key)
+    by_gateway: dict[tuple[str, str], list[_Listener]] = defaultdict(list)
+    for entry in listeners:
+        by_gateway[(entry.gateway.meta.namespace, entry.gateway.meta.name)].append(entry)
     for route in routes:
-        _route(state, route, listeners)
+        _route(state, route, by_gateway)
     for gateway in gateways:
-        _gateway_status(state, gateway, [entry for entry in listeners if entry.gateway is gateway])
+        _gateway_status(state, gateway, by_gateway[(gateway.meta.namespace, gateway.meta.name)])
     for policy in judged:
         _policy_status(state, policy)
     # KIC's ExactOrEmptyClassMatch: no class annotation means the default IngressClass, if that is ours.
@@ -315,8 +319,8 @@ def _supported_kinds(listener: objects.Listener) -> tuple[list[tuple[str, str]],
 def _listeners(state: _State, gateways: list[objects.Gateway]) -> list[_Listener]:
     """Every listener of pyproxy's Gateways, judged: protocol, conflicts, route kinds, certificates."""
     entries: list[_Listener] = []
-    # Listeners accepted so far, per port: (protocol, hostname, Gateway) — earlier Gateways win.
-    taken: dict[int, list[tuple[str, str | None, objects.Gateway]]] = defaultdict(list)
+    # Listeners accepted so far, per port — earlier Gateways win.
+    taken: dict[int, _PortHolders] = defaultdict(_PortHolders)
     for gateway in gateways:
         mine = []
         for spec in gateway.listeners:
@@ -343,36 +347,67 @@ def _listeners(state: _State, gateways: list[objects.Gateway]) -> list[_Listener
             if entry.accepted[0]:
                 _check_port(state, entry, taken[entry.spec.port])
             if entry.accepted[0]:
-                taken[entry.spec.port].append((entry.spec.protocol, entry.spec.hostname, gateway))
+                taken[entry.spec.port].add(entry.spec.protocol, entry.spec.hostname, gateway)
             if entry.spec.tls_mode == "Terminate":
                 _listener_certificate(state, entry)
         entries.extend(mine)
     for entry in entries:
         if entry.accepted[0] and entry.spec.protocol == "TLS":
             state.tls_listeners[entry.spec.port].append(entry)
-    for group in state.tls_listeners.values():
+    for port, group in state.tls_listeners.items():
+        names = state.port_hostnames[port] = hostnames.PortHostnames(entry.spec.hostname for entry in group)
         for entry in group:
-            entry.overlapping = any(hostnames.overlap(entry.spec.hostname, other.spec.hostname)
-                                    for other in group if other is not entry)
+            entry.overlapping = names.overlaps(entry.spec.hostname)
     return entries
 
 
-def _check_port(state: _State, entry: _Listener,
-                earlier: list[tuple[str, str | None, objects.Gateway]]) -> None:
+class _PortHolders:
+    """The listeners of earlier Gateways accepted on one port, indexed by what refuses a later one:
+    the first of each protocol, and the first TLS listener of each hostname (so that 1,000 listeners
+    on one port are checked in linear time)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.first_of_protocol: dict[str, tuple[int, objects.Gateway]] = {}
+        self.first_of_hostname: dict[str | None, tuple[int, objects.Gateway]] = {}
+
+    def add(self, protocol: str, hostname: str | None, gateway: objects.Gateway) -> None:
+        self.first_of_protocol.setdefault(protocol, (self.count, gateway))
+        self.first_of_hostname.setdefault(hostname, (self.count, gateway))
+        self.count += 1
+
+    def refusal(self, protocol: str, hostname: str | None) -> tuple[str, str, objects.Gateway] | None:
+        """`(reason, the holder's protocol, its Gateway)` of the first earlier listener that refuses
+        a listener of `protocol` and `hostname`: any for TCP (or one of another protocol),
+        one of the same hostname for TLS."""
+        found = [(order, "PortUnavailable", held, gateway)
+                 for held, (order, gateway) in self.first_of_protocol.items()
+                 if held != protocol or held == "TCP"]
+        if protocol != "TCP" and hostname in self.first_of_hostname:
+            order, gateway = self.first_of_hostname[hostname]
+            found.append((order, "HostnameConflict", protocol, gateway))
+        if not found:
+            return None
+        _, reason, held, gateway = min(found, key=lambda item: item[0])
+        return reason, held, gateway
+
+
+def _check_port(state: _State, entry: _Listener, earlier: _PortHolders) -> None:
     """Refuse a listener whose port an earlier Gateway's listener or the configuration file holds."""
     spec = entry.spec
-    for protocol, hostname, gateway in earlier:
-        if protocol != spec.protocol or protocol == "TCP":
+    refused = earlier.refusal(spec.protocol, spec.hostname)
+    if refused is not None:
+        reason, protocol, gateway = refused
+        if reason == "PortUnavailable":
             entry.accepted = (False, "PortUnavailable",
                               f"port {spec.port} is already used by a {protocol} listener of Gateway "
                               f"{gateway.meta.namespace}/{gateway.meta.name}")
-            return
-        if hostname == spec.hostname:
+        else:
             entry.conflicted = "HostnameConflict"
             entry.accepted = (False, "HostnameConflict",
                               f"Gateway {gateway.meta.namespace}/{gateway.meta.name} already has a TLS "
-                              f"listener on port {spec.port} for {hostname or 'every hostname'}")
-            return
+                              f"listener on port {spec.port} for {spec.hostname or 'every hostname'}")
+        return
     status = state.options.status_listen
     if status is not None and status[1] == spec.port and (
             status[0] in state.options.addresses or status[0] in ("0.0.0.0", "::")
@@ -512,8 +547,9 @@ def _gateway_status(state: _State, gateway: objects.Gateway, entries: list[_List
 
 # --- TCPRoute and TLSRoute --------------------------------------------------------------------------
 
-def _route(state: _State, route: objects.Route, listeners: list[_Listener]) -> None:
-    """Attach a route to the listeners its parentRefs select, write its parent statuses, program it."""
+def _route(state: _State, route: objects.Route, listeners: dict[tuple[str, str], list[_Listener]]) -> None:
+    """Attach a route to the listeners its parentRefs select (`listeners`: by Gateway namespace and
+    name), write its parent statuses, program it."""
     generation = route.meta.generation
     namespace = route.meta.namespace
     parents = []
@@ -522,8 +558,7 @@ def _route(state: _State, route: objects.Route, listeners: list[_Listener]) -> N
     for index, ref in enumerate(route.parent_refs):
         if ref.group != GATEWAY_GROUP or ref.kind != "Gateway":
             continue
-        candidates = [entry for entry in listeners
-                      if (entry.gateway.meta.namespace, entry.gateway.meta.name) == (ref.namespace, ref.name)]
+        candidates = listeners.get((ref.namespace, ref.name))
         if not candidates:
             continue            # not a Gateway of pyproxy's: its controller writes that entry
         accepted, attached = _attach(state, route, ref, candidates)
@@ -667,8 +702,7 @@ def _program_route(state: _State, route: objects.Route, attachments: list[_Attac
         else:
             protocols = ["tls_passthrough" if spec.tls_mode == "Passthrough" else "tls"]
         if spec.protocol == "TLS" and snis:
-            others = [other.spec.hostname for other in state.tls_listeners[spec.port] if other is not entry]
-            snis = hostnames.isolated(spec.hostname, others, snis)
+            snis = state.port_hostnames[spec.port].isolated(spec.hostname, snis)
             if not snis:
                 continue        # every hostname belongs to a more specific listener of the port
         if protocols == ["tls_passthrough"] and not snis:

@@ -5,6 +5,7 @@ the errors and warnings a user reads."""
 from __future__ import annotations
 
 import json
+import marshal
 import os
 from pathlib import Path
 
@@ -190,3 +191,31 @@ def test_a_rotated_secret_leaves_no_old_key_on_disk(tmp_path):
         written.append(sorted(path.name for path in runtime.glob("tls-*")))
         assert written[-1] == sorted(os.path.basename(path) for path in (certificate.cert, certificate.key))
     assert written[0] != written[1]
+
+
+def test_a_reload_parses_only_the_manifest_files_that_changed(tmp_path):
+    """The documents of each file are kept by a hash of its text in runtime_dir (0600: Secrets are in
+    it): an unchanged file is not parsed again, a changed one is, a broken cache is ignored."""
+    folder = write_manifests(tmp_path / "m", listener("plain", 20000))
+    (folder / "stamped.yaml").write_text(       # an unquoted timestamp: a datetime, which is not cached
+        "apiVersion: v1\nkind: Namespace\n"
+        "metadata: {name: stamped, creationTimestamp: 2024-01-01T00:00:00Z}\n")
+    body = f"gateway: {{paths: [{folder}], address: 127.0.0.1}}\n"
+    load(tmp_path, body)
+    cache = tmp_path / "gateway-runtime" / "parsed.marshal"
+    assert cache.stat().st_mode & 0o777 == 0o600
+    # What is cached is what is used: a cached document altered in place shows in the next load.
+    version, entries = marshal.loads(cache.read_bytes())
+    assert str(folder / "stamped.yaml") not in entries
+    documents = entries[str(folder / "services.yaml")][1]
+    documents[1][0]["endpoints"][0]["addresses"] = ["127.0.0.2"]
+    cache.write_bytes(marshal.dumps((version, entries)))
+    [upstream] = load(tmp_path, body).upstreams
+    assert [target.host for target in upstream.targets] == ["127.0.0.2"]
+    # A changed file is parsed again; a cache that is not one is ignored.
+    (folder / "services.yaml").write_text(service("one", 20005))
+    [upstream] = load(tmp_path, body).upstreams
+    assert [(target.host, target.port) for target in upstream.targets] == [("127.0.0.1", 20005)]
+    cache.write_bytes(b"not marshal")
+    [upstream] = load(tmp_path, body).upstreams
+    assert [(target.host, target.port) for target in upstream.targets] == [("127.0.0.1", 20005)]
