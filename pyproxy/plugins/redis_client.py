@@ -134,9 +134,11 @@ class RedisClient:
         self.flush_queued = False
         self.timer: Timer | None = None
         self.retry_timer: Timer | None = None
-        self.address: tuple[str, int] | None = None
         self.parsed = 0
         self.family = socket.AF_INET
+        self.address: tuple[str, int] | None = None
+        self.unresolved = ""
+        self._resolve()
 
     # -- the callers' side ------------------------------------------------------------------
     def script(self, text: str) -> str:
@@ -170,30 +172,27 @@ class RedisClient:
         self.on_up.clear()
 
     # -- connection -----------------------------------------------------------------------------
-    def _resolve(self) -> tuple[int, tuple[str, int]] | None:
-        """The server's address. Resolved once, at the first connection (the worker has just
-        started: a name in /etc/hosts or a literal address costs nothing)."""
-        if self.address is None:
-            try:
-                family, _, _, _, sockaddr = socket.getaddrinfo(self.host, self.port,
-                                                               type=socket.SOCK_STREAM)[0]
-            except (OSError, UnicodeError) as exc:
-                self._failed(f"cannot resolve {self.host}: {exc}")
-                return None
-            self.family, self.address = family, (str(sockaddr[0]), int(sockaddr[1]))
-        return self.family, self.address
+    def _resolve(self) -> None:
+        """The server's address, looked up once, when the worker makes its plugins: before its
+        loop runs, so that a slow resolver delays its start, never a session. A name that does
+        not resolve leaves the limits local for this generation (a reload looks it up again)."""
+        try:
+            family, _, _, _, sockaddr = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)[0]
+        except (OSError, UnicodeError) as exc:
+            self.unresolved = f"cannot resolve {self.host}: {exc}"
+            return
+        self.family, self.address = family, (str(sockaddr[0]), int(sockaddr[1]))
 
     def _connect(self) -> None:
         self.retry_timer = None
         assert self.loop is not None
-        resolved = self._resolve()
-        if resolved is None:
+        if self.address is None:
+            self._failed(self.unresolved)
             return
-        family, address = resolved
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock = socket.socket(self.family, socket.SOCK_STREAM)
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        code = sock.connect_ex(address)
+        code = sock.connect_ex(self.address)
         if code not in (0, errno.EINPROGRESS):
             sock.close()
             self._failed(f"connect: {errno.errorcode.get(code, code)}: {os.strerror(code)}")
