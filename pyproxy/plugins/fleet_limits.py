@@ -4,7 +4,8 @@
       config: {limit: 100, per: ip, policy: redis, redis_host: 10.0.0.5, redis_timeout: 200}
 
 The fields are Kong's (`policy`, `redis_host`, `redis_port`, `redis_username`, `redis_password`,
-`redis_database`, `redis_timeout` in milliseconds, default 2000). Each worker process has one
+`redis_database`, `redis_timeout` in milliseconds, default 2000, `redis_ssl`, `redis_ssl_verify`,
+`redis_server_name`). Each worker process has one
 connection to each Redis it is given, in its own event loop (pyproxy.plugins.redis_client): a
 session on a limited route waits for one round trip, other sessions do not wait at all, and the
 commands of one tick go out in one write.
@@ -56,7 +57,7 @@ if TYPE_CHECKING:
 
 POLICIES = ("local", "redis")
 REDIS_KEYS = ("policy", "redis_host", "redis_port", "redis_username", "redis_password", "redis_database",
-              "redis_timeout", "redis_ssl")
+              "redis_timeout", "redis_ssl", "redis_ssl_verify", "redis_server_name")
 LEASE_MS = 5000          # a worker's counts stop counting this long after its last renewal
 BEAT = 1.0               # seconds between renewals, while the worker holds sessions on the key
 BEAT_KEYS = 200          # keys per renewal command
@@ -132,16 +133,14 @@ def check_policy(config: PluginConfig) -> list[tuple[str, str]]:
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                   or not low <= value <= high):
             problems.append((key, f"expected an integer from {low} to {high}, got {value!r}"))
-    for key in ("redis_username", "redis_password"):
+    for key in ("redis_username", "redis_password", "redis_server_name"):
         value = config.get(key)
         if value is not None and not isinstance(value, str):
             problems.append((key, f"expected a string, got {value!r}"))
-    ssl = config.get("redis_ssl")
-    if ssl is not None and not isinstance(ssl, bool):
-        problems.append(("redis_ssl", f"expected true or false, got {ssl!r}"))
-    elif ssl:
-        problems.append(("redis_ssl", "TLS to Redis is not supported; reach it over a private network "
-                                      "or a local TLS tunnel (stunnel, spiped)"))
+    for key in ("redis_ssl", "redis_ssl_verify"):
+        value = config.get(key)
+        if value is not None and not isinstance(value, bool):
+            problems.append((key, f"expected true or false, got {value!r}"))
     return problems
 
 
@@ -151,7 +150,8 @@ def _client(config: PluginConfig, context: PluginContext) -> RedisClient:
     return client_for(config["redis_host"], 6379 if port is None else port,
                       (2000 if timeout is None else timeout) / 1000, context.log,
                       config.get("redis_username"), config.get("redis_password"),
-                      0 if database is None else database)
+                      0 if database is None else database, bool(config.get("redis_ssl")),
+                      bool(config.get("redis_ssl_verify")), config.get("redis_server_name"))
 
 
 def _worker_id() -> str:

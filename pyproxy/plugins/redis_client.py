@@ -20,6 +20,10 @@ small (RESP2 commands out; integers, strings, errors, arrays back), so the clien
 - Only the first connection, made when the first session asks, is waited on by sessions: those
   of that first tick would otherwise count locally for no reason.
 
+With a TLS context (`redis_ssl`), the connection is a pyproxy.tls.stream.TLSStream over the same
+socket (OpenSSL through memory BIOs, driven by the same events), its handshake done before the
+first command leaves.
+
 Lua scripts given to `script()` are loaded at each (re)connection and called by their SHA1
 (EVALSHA), so a session sends a few dozen bytes, never a script's text.
 """
@@ -30,11 +34,14 @@ import errno
 import hashlib
 import os
 import socket
+import ssl
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from pyproxy.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, STREAM_EVENTS
+from pyproxy.phases import ssl_reason
+from pyproxy.tls.stream import TLSStream, WantRead
 
 if TYPE_CHECKING:
     from pyproxy.loop import Loop, Timer
@@ -111,8 +118,12 @@ class RedisClient:
     name the same server (see `client_for`)."""
 
     def __init__(self, host: str, port: int, timeout: float, log: Callable[[str, str], None],
-                 username: str | None = None, password: str | None = None, database: int = 0):
+                 username: str | None = None, password: str | None = None, database: int = 0,
+                 tls: ssl.SSLContext | None = None, server_name: str | None = None):
         self.where = f"{host}:{port}"
+        self.tls, self.server_name = tls, server_name
+        self.stream: TLSStream | None = None     # with `tls`, once the TCP connection is made
+        self.secured = False                     # its handshake completed
         self.host, self.port = host, port
         self.timeout = timeout
         self.log = log
@@ -129,6 +140,8 @@ class RedisClient:
         self.connected = False      # the TCP connection was made (its first EPOLLOUT)
         self.out = bytearray()
         self.inbuf = bytearray()
+        self.scratch = memoryview(bytearray(READ_SIZE))         # plaintext, with TLS
+        self.tls_scratch = memoryview(bytearray(READ_SIZE if tls else 0))      # ciphertext
         # One entry per command on the wire, in order: (deadline, callback or None).
         self.waiting: deque[tuple[float, Callback | None]] = deque()
         self.flush_queued = False
@@ -244,7 +257,8 @@ class RedisClient:
             self.retry_timer = self.loop.call_later(RETRY, self._connect)
 
     def _drop(self) -> None:
-        self.up = self.connecting = False
+        self.up = self.connecting = self.secured = False
+        self.stream = None
         if self.sock is not None:
             assert self.loop is not None
             self.loop.forget(self.sock.fileno())
@@ -269,13 +283,38 @@ class RedisClient:
             return
         if mask & EPOLLOUT:
             self.writable = self.connected = True
+            if self.tls is not None and self.stream is None:
+                assert self.sock is not None
+                self.stream = TLSStream(self.sock, self.tls, False, self.tls_scratch,
+                                        self.server_name or self.host)
+        if self.stream is not None and not self.secured:
+            self._handshake()
+            return
+        if mask & EPOLLOUT:
             self._flush()
         if mask & (EPOLLIN | EPOLLRDHUP) and self.sock is not None:
             self._read()
 
+    def _handshake(self) -> None:
+        """One step of the TLS handshake; once it is done, the commands waiting go out."""
+        assert self.stream is not None
+        try:
+            if not self.stream.handshake():
+                return
+        except (ssl.SSLError, OSError) as exc:
+            self._failed(f"TLS handshake: {ssl_reason(exc)}")
+            return
+        self.secured = True
+        self._flush()
+        if self.sock is not None:
+            self._read()            # a reply may have come with the handshake's last flight
+
     def _flush(self) -> None:
         self.flush_queued = False
         sock = self.sock
+        if self.stream is not None:
+            self._flush_tls()
+            return
         if sock is None or not self.writable or not self.out:
             return
         try:
@@ -290,22 +329,41 @@ class RedisClient:
         if self.out:
             self.writable = False          # the next EPOLLOUT edge sends the rest
 
+    def _flush_tls(self) -> None:
+        """Encrypt what waits and send it; ciphertext the socket does not take waits in the
+        stream's backlog for the next EPOLLOUT (TLSStream.send refuses more meanwhile)."""
+        stream = self.stream
+        assert stream is not None
+        if not self.secured:
+            return
+        try:
+            if self.out:
+                with memoryview(self.out) as view:
+                    sent = stream.send(view)
+                del self.out[:sent]
+            stream.flush()
+        except BlockingIOError:
+            return
+        except (ssl.SSLError, OSError) as exc:
+            self._failed(ssl_reason(exc))
+
     def _read(self) -> None:
         sock = self.sock
         assert sock is not None
         while True:
             try:
-                data = sock.recv(READ_SIZE)
-            except BlockingIOError:
+                data: bytes | memoryview = (sock.recv(READ_SIZE) if self.stream is None else
+                                            self.scratch[:self.stream.recv_into(self.scratch)])
+            except (BlockingIOError, WantRead):
                 break
-            except OSError as exc:
-                self._failed(exc.strerror or str(exc))
+            except (ssl.SSLError, OSError) as exc:
+                self._failed(ssl_reason(exc))
                 return
             if not data:
                 self._failed("connection closed by redis")
                 return
             self.inbuf += data
-            if len(data) < READ_SIZE:
+            if len(data) < READ_SIZE and self.stream is None:
                 break
         buf = self.inbuf
         try:
@@ -357,11 +415,20 @@ _clients: dict[tuple[object, ...], RedisClient] = {}
 
 
 def client_for(host: str, port: int, timeout: float, log: Callable[[str, str], None],
-               username: str | None, password: str | None, database: int) -> RedisClient:
+               username: str | None, password: str | None, database: int,
+               tls: bool = False, verify: bool = False, server_name: str | None = None) -> RedisClient:
     """This worker's client for that server and database (one connection however many plugin
-    instances name it)."""
-    key = (host, port, timeout, username, password, database)
+    instances name it). `tls`: over TLS, checking the server's certificate against the system's
+    CAs and its name (`server_name`, else `host`) only with `verify` (Kong's defaults)."""
+    key = (host, port, timeout, username, password, database, tls, verify, server_name)
     client = _clients.get(key)
     if client is None:
-        client = _clients[key] = RedisClient(host, port, timeout, log, username, password, database)
+        context = None
+        if tls:
+            context = ssl.create_default_context()
+            if not verify:
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+        client = _clients[key] = RedisClient(host, port, timeout, log, username, password, database,
+                                             context, server_name)
     return client

@@ -262,3 +262,60 @@ def test_redis_that_never_answers_costs_the_limited_session_its_timeout_and_othe
         for conn in accepted:
             conn.close()
         mute.close()
+
+
+def test_sessions_keep_flowing_while_redis_is_killed_under_load(upstreams, redis, proxy):
+    """Three clients open sessions back to back through two workers, both limits on Redis (far
+    from full); Redis is killed halfway: every session is still served, none waits longer than
+    redis_timeout, and each worker says once that it counts locally."""
+    server = redis()
+    up = upstreams(tag_handler, name="up")
+    port = free_port()
+    plugins = limit_conn(server.port, 1000, timeout_ms=500) + f"""
+  - name: rate-limit
+    config: {{rate: 10000, per: ip, policy: redis, redis_host: 127.0.0.1, redis_port: {server.port},
+              redis_timeout: 500}}
+"""
+    p = proxy(config(port, up.port, plugins, workers=2))
+    served, slowest, done = [], [0.0], threading.Event()
+
+    def client():
+        while not done.is_set():
+            started = time.monotonic()
+            sock = opened(port)
+            slowest[0] = max(slowest[0], time.monotonic() - started)
+            served.append(sock is not None)
+            if sock is not None:
+                sock.close()
+
+    threads = [threading.Thread(target=client) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    try:
+        wait_until(lambda: len(served) >= 150, what="sessions through Redis")
+        server.stop()
+        count = len(served)
+        wait_until(lambda: len(served) >= count + 150, what="sessions after the kill")
+    finally:
+        done.set()
+        for thread in threads:
+            thread.join(10)
+    assert all(served) and slowest[0] < 1.0
+    assert 1 <= p.log_text().count(DOWN) <= 2          # once per worker that had sessions meanwhile
+
+
+def test_redis_over_tls(proxy, upstreams, tmp_path):
+    from tests.support import make_cert
+
+    server = RedisServer(None, tls=make_cert(tmp_path, "redis.test", ["redis.test"])).start()
+    try:
+        up = upstreams(tag_handler, name="up")
+        port = free_port()
+        p = proxy(config(port, up.port, limit_conn(server.port, 1).replace(
+            "redis_timeout:", "redis_ssl: true, redis_timeout:"), workers=1))
+        held = opened(port)
+        assert held is not None and opened(port) is None
+        held.close()
+        assert "reached for main across the fleet" in p.log_text() and DOWN not in p.log_text()
+    finally:
+        server.stop()

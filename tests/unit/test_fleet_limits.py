@@ -4,6 +4,7 @@ Redis client against a real redis-server, driven by a real pyproxy.loop.Loop."""
 from __future__ import annotations
 
 import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -11,9 +12,17 @@ import pytest
 
 from pyproxy.config import load_config
 from pyproxy.loop import Loop
-from pyproxy.plugins.redis_client import UNAVAILABLE, RedisClient, ReplyError, _Incomplete, encode, parse
+from pyproxy.plugins.redis_client import (
+    UNAVAILABLE,
+    RedisClient,
+    ReplyError,
+    _Incomplete,
+    client_for,
+    encode,
+    parse,
+)
 from tests.redis_support import RedisServer
-from tests.support import free_port
+from tests.support import free_port, make_cert
 from tests.unit.test_config import MINIMAL, only_error, write
 
 needs_redis = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
@@ -32,12 +41,11 @@ needs_redis = pytest.mark.skipif(shutil.which("redis-server") is None, reason="n
      "expected an integer from 0 to 2147483648, got -1"),
     ("{limit: 1, policy: redis, redis_host: r, redis_password: 12}", "redis_password",
      "expected a string, got 12"),
-    ("{limit: 1, policy: redis, redis_host: r, redis_ssl: true}", "redis_ssl",
-     "TLS to Redis is not supported; reach it over a private network or a local TLS tunnel "
-     "(stunnel, spiped)"),
+    ("{limit: 1, policy: redis, redis_host: r, redis_ssl: yes please}", "redis_ssl",
+     "expected true or false, got 'yes please'"),
     ("{limit: 1, redis_hots: r}", "redis_hots",
      "unknown key; expected one of limit, per, policy, redis_host, redis_port, redis_username, "
-     "redis_password, redis_database, redis_timeout, redis_ssl"),
+     "redis_password, redis_database, redis_timeout, redis_ssl, redis_ssl_verify, redis_server_name"),
 ])
 def test_bad_redis_settings_are_named_where_they_are(tmp_path: Path, config: str, key: str, message: str):
     error = only_error(tmp_path, MINIMAL + f"plugins:\n  - {{name: limit-conn, config: {config}}}\n")
@@ -176,3 +184,61 @@ def test_a_refused_connection_is_retried_in_the_background_and_its_return_logged
         server.stop()
         client.close()
         loop.close()
+
+
+def test_a_connection_dropped_mid_command_answers_what_waits_and_is_logged_once():
+    """A server that reads the first command and closes without a reply."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    loop, log = Loop(), Recorder()
+    client = RedisClient("127.0.0.1", listener.getsockname()[1], 2.0, log)
+    replies: list[object] = []
+    client.call(loop, replies.append, "GET", "a")
+    client.call(loop, replies.append, "GET", "b")
+    listener.settimeout(5)
+    conn, _ = listener.accept()
+    conn.settimeout(0.05)
+    received = b""
+    while b"GET" not in received:            # the loop sends; the server reads the commands…
+        loop.run_once()
+        try:
+            received += conn.recv(1024)
+        except TimeoutError:
+            pass
+    conn.close()                             # …and hangs up without a word
+    started = time.monotonic()
+    run_until(loop, lambda: len(replies) == 2)
+    assert replies == [UNAVAILABLE, UNAVAILABLE] and time.monotonic() - started < 1.0    # not the timeout
+    ((level, message),) = log.lines
+    assert level == "warn" and "connection closed by redis" in message
+    assert not client.call(loop, replies.append, "GET", "c")
+    client.close()
+    loop.close()
+    listener.close()
+
+
+@needs_redis
+def test_redis_over_tls_with_and_without_checking_its_certificate(tmp_path):
+    cert = make_cert(tmp_path, "redis.test", ["redis.test"])
+    server = RedisServer(None, tls=cert).start()
+    try:
+        loop, log = Loop(), Recorder()
+        # Kong's default: TLS without checking the certificate.
+        client = client_for("127.0.0.1", server.port, 1.0, log, None, None, 0, tls=True)
+        replies: list[object] = []
+        for _ in range(50):
+            client.call(loop, replies.append, "INCR", "tls")
+        run_until(loop, lambda: len(replies) == 50)
+        assert replies == list(range(1, 51)) and log.lines == []
+        client.close()
+        # Checked against the system's CAs, which do not know this self-signed certificate.
+        checked = client_for("127.0.0.1", server.port, 1.0, log, None, None, 0, tls=True, verify=True,
+                             server_name="redis.test")
+        checked.call(loop, replies.append, "INCR", "tls")
+        run_until(loop, lambda: len(replies) == 51)
+        assert replies[-1] is UNAVAILABLE
+        ((level, message),) = log.lines
+        assert level == "warn" and "TLS handshake: CERTIFICATE_VERIFY_FAILED" in message
+        checked.close()
+        loop.close()
+    finally:
+        server.stop()
