@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from tests.integration.test_plugins import with_plugins
 from tests.redis_support import RedisServer
 from tests.support import Proxy, connect, free_port, recv_line, tag_handler, wait_until
 
@@ -55,23 +56,7 @@ def fleet(tmp_path):
         assert "internal error" not in p.log_text(), p.log_text()
 
 
-def config(port: int, upstream_port: int, plugins: str, workers: int = 2, extra_route: str = "") -> str:
-    return f"""
-worker_processes: {workers}
-stream_listen: [127.0.0.1:{port}]
-access_log_format: '$remote_addr $status $route $session_time'
-services:
-  - name: svc
-    host: 127.0.0.1
-    port: {upstream_port}
-    routes:
-      - name: main
-        protocols: [tcp]
-        destinations: [{{port: {port}}}]
-{extra_route}
-plugins:
-{plugins}
-"""
+config = with_plugins       # a route `main` on the port, to the upstream, with these plugins
 
 
 def limit_conn(redis_port: int, limit: int, timeout_ms: int = 1000) -> str:
@@ -228,10 +213,10 @@ def test_redis_that_never_answers_costs_the_limited_session_its_timeout_and_othe
       - name: other
         protocols: [tcp]
         destinations: [{{port: {free}}}]
-"""
-        p = proxy(config(port, up.port, limit_conn(mute.getsockname()[1], 5, timeout_ms=800), workers=1,
-                         extra_route=other).replace(f"stream_listen: [127.0.0.1:{port}]",
-                                                    f"stream_listen: [127.0.0.1:{port}, 127.0.0.1:{free}]"))
+plugins:"""
+        text = config(port, up.port, limit_conn(mute.getsockname()[1], 5, timeout_ms=800), workers=1)
+        listeners = f"[127.0.0.1:{port}, 127.0.0.1:{free}]"
+        p = proxy(text.replace("plugins:", other).replace(f"[127.0.0.1:{port}]", listeners))
         result: dict[str, float] = {}
 
         def limited():
