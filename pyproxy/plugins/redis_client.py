@@ -15,8 +15,8 @@ small (RESP2 commands out; integers, strings, errors, arrays back), so the clien
   waiting. That is logged once, with its cause.
 - While down, a probe reconnects every `RETRY` seconds in the background (connect, AUTH, SELECT,
   SCRIPT LOAD, PING, bounded by the same timeout); sessions never wait on it. When it is answered,
-  the client is up again, which is logged once, and `on_up` callbacks run (the limits re-assert
-  what this worker holds).
+  the client is up again and `on_up` callbacks run (the limits re-assert what this worker holds);
+  the first command answered then is logged, once, as Redis's return.
 - Only the first connection, made when the first session asks, is waited on by sessions: those
   of that first tick would otherwise count locally for no reason.
 
@@ -178,6 +178,8 @@ class RedisClient:
         return True
 
     def close(self) -> None:
+        """The worker is done: what still waits is dropped unanswered (its sessions are over)."""
+        self.waiting.clear()
         self._drop()
         if self.retry_timer is not None:
             self.retry_timer.cancel()
@@ -232,13 +234,13 @@ class RedisClient:
             self.timer = self.loop.call_at(deadline, self._check_deadline)
 
     def _ready(self, reply: object) -> None:
+        """The handshake's PING was answered: commands may go. That Redis is back is logged at
+        the first command it answers (`_answer`), not here: a Redis that answers PING and then
+        an error to every command (a read-only replica, a cluster node, out of memory) must not
+        log its return and its failure once a second."""
         if reply == "PONG":
             self.connecting = False
-            self.up = True
-            if self.down_logged:
-                self.log("notice", f"redis {self.where} answers again: limits count across the fleet again")
-            self.settled = True
-            self.down_logged = False
+            self.up = self.settled = True
             for callback in self.on_up:
                 callback()
         elif reply is not UNAVAILABLE:
@@ -393,6 +395,9 @@ class RedisClient:
                     callback(UNAVAILABLE)
                 self._failed(f"it answered {reply}")
                 return
+            if self.up and self.down_logged:
+                self.down_logged = False
+                self.log("notice", f"redis {self.where} answers again: limits count across the fleet again")
             if callback is not None:
                 callback(reply)
             if self.sock is not sock:       # that reply's callback ended the connection

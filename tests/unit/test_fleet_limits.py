@@ -175,15 +175,34 @@ def test_a_refused_connection_is_retried_in_the_background_and_its_return_logged
     assert replies in ([], [UNAVAILABLE])
     server = RedisServer(port).start()
     try:
-        run_until(loop, lambda: len(log.lines) == 2, timeout=5)
-        assert [level for level, _ in log.lines] == ["warn", "notice"]
-        assert "answers again" in log.lines[1][1]
+        run_until(loop, lambda: client.up, timeout=5)       # the probe got in
         assert client.call(loop, replies.append, "PING")
         run_until(loop, lambda: replies[-1:] == ["PONG"])
+        assert [level for level, _ in log.lines] == ["warn", "notice"]
+        assert "answers again" in log.lines[1][1]
     finally:
         server.stop()
         client.close()
         loop.close()
+
+
+@needs_redis
+def test_a_redis_that_answers_ping_and_refuses_every_command_is_logged_once(redis_server):
+    """A read-only replica: each reconnection's PING passes, every write is refused. One line,
+    not a return and a failure every second."""
+    server = redis_server("--replicaof", "127.0.0.1", str(free_port()))
+    loop, log = Loop(), Recorder()
+    client = RedisClient("127.0.0.1", server.port, 1.0, log)
+    replies: list[object] = []
+    deadline = time.monotonic() + 3.5                    # three reconnections at least
+    while time.monotonic() < deadline:
+        client.call(loop, replies.append, "INCR", "n")
+        loop.run_once()
+    assert replies.count(UNAVAILABLE) >= 3
+    ((level, message),) = log.lines
+    assert level == "warn" and "READONLY" in message
+    client.close()
+    loop.close()
 
 
 def test_a_connection_dropped_mid_command_answers_what_waits_and_is_logged_once():
