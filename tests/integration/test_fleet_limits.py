@@ -304,3 +304,24 @@ def test_redis_over_tls(proxy, upstreams, tmp_path):
         assert "reached for main across the fleet" in p.log_text() and DOWN not in p.log_text()
     finally:
         server.stop()
+
+
+def test_sessions_of_a_draining_generation_still_count_in_redis(proxy, upstreams, redis):
+    """A reload starts new workers (new counts in Redis); the old ones, draining, keep renewing the
+    leases of the sessions they still hold."""
+    server = redis()
+    up = upstreams(tag_handler, name="up")
+    port = free_port()
+    conf = config(port, up.port, limit_conn(server.port, 2), workers=1)
+    p = proxy(conf)
+    held = [opened(port), opened(port)]
+    assert all(held)
+    p.reload(conf)
+    time.sleep(6)                                     # longer than a lease: only renewals keep them
+    assert opened(port) is None                      # the new generation counts the old one's sessions
+    held.pop().close()
+    wait_until(lambda: (sock := opened(port)) is not None and held.append(sock) is None, timeout=5,
+               what="the ended session to stop counting")
+    assert opened(port) is None
+    for sock in held:
+        sock.close()
