@@ -86,17 +86,14 @@ if redis.call('HINCRBY', KEYS[1], ARGV[1], -1) <= 0 then redis.call('HDEL', KEYS
 return 1
 """
 # KEYS: pairs (counts hash, leases set). ARGV: this worker, the lease (ms), then for each pair the
-# sessions the worker holds there, or -1 when an admission is on its way (its count is not known).
+# sessions the worker holds there (≥ 1), or -1 when an admission is on its way (its count is not
+# known yet: only the lease is renewed).
 BEAT_SCRIPT = """
 local t = redis.call('TIME')
 local ends = t[1] * 1000 + math.floor(t[2] / 1000) + ARGV[2]
 for i = 1, #KEYS, 2 do
   local n = tonumber(ARGV[2 + (i + 1) / 2])
-  if n > 0 then
-    redis.call('HSET', KEYS[i], ARGV[1], n)
-  elseif n == 0 then
-    redis.call('HDEL', KEYS[i], ARGV[1])
-  end
+  if n >= 0 then redis.call('HSET', KEYS[i], ARGV[1], n) end
   redis.call('ZADD', KEYS[i + 1], ends, ARGV[1])
   redis.call('PEXPIRE', KEYS[i], ARGV[2])
   redis.call('PEXPIRE', KEYS[i + 1], ARGV[2])
