@@ -13,6 +13,7 @@ A plugin is a small class registered under its `name`:
 
         def access(self, session):          # after routing, before the upstream is chosen:
             return None                     # None lets the session go on; a status (403, 503) refuses it
+                                            # (PENDING: the verdict comes later, see resume_access)
 
         def log(self, session):             # when the session has ended (every session the chain saw)
             ...
