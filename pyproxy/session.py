@@ -48,12 +48,14 @@ from pyproxy.phases import (
     ClientAddress,
     Connection,
 )
+from pyproxy.plugins import PENDING
 from pyproxy.preread import ClientPreread
 from pyproxy.tls.stream import TLSStream
 
 if TYPE_CHECKING:
     from pyproxy.context import WorkerContext
     from pyproxy.loop import Loop
+    from pyproxy.plugins import Plugin
 
 __all__ = ["ClientAddress", "Connection", "LINGER_TIMEOUT", "LingeringClose", "Session"]
 
@@ -223,7 +225,26 @@ class Session(ClientPreread, UpstreamConnector, Forwarder):
         for plugin in self.ctx.plugins.for_route(self.route):
             status = plugin.access(self)
             if status:
+                if status == PENDING:
+                    return          # the plugin waits for an answer, then calls resume_access
                 self._refuse(status)
+                return
+        self.connect_phase()
+
+    def resume_access(self, plugin: Plugin, status: int | None) -> None:
+        """The verdict of a plugin whose access answered PENDING (it asked Redis): refuse, or run
+        the plugins after it and go on. Nothing is awaited from the client meanwhile (NO_IO)."""
+        if self.phase == CLOSED:
+            return
+        if status:
+            self._refuse(status)
+            return
+        chain = self.ctx.plugins.for_route(self.route)
+        for later in chain[chain.index(plugin) + 1:]:
+            status = later.access(self)
+            if status:
+                if status != PENDING:
+                    self._refuse(status)
                 return
         self.connect_phase()
 

@@ -13,6 +13,7 @@ A plugin is a small class registered under its `name`:
 
         def access(self, session):          # after routing, before the upstream is chosen:
             return None                     # None lets the session go on; a status (403, 503) refuses it
+                                            # (PENDING: the verdict comes later, see resume_access)
 
         def log(self, session):             # when the session has ended (every session the chain saw)
             ...
@@ -49,6 +50,9 @@ if TYPE_CHECKING:
 REGISTRY: dict[str, type[Plugin]] = {}
 # Where `register` puts a class while load_plugin_module imports a module; None: into REGISTRY.
 _loading: ContextVar[dict[str, type[Plugin]] | None] = ContextVar("_loading", default=None)
+# What `access` returns when it has asked something it will be answered later (Redis): the session
+# waits, in no phase that reads, until the plugin calls `session.resume_access(plugin, status)`.
+PENDING = -1
 # A plugin's `config`: the plain data (dicts, lists, strings, numbers) its entry holds; each plugin
 # says in `check` what it takes.
 PluginConfig = dict[str, Any]

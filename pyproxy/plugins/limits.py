@@ -9,6 +9,11 @@
 counts are shared by all workers and survive reloads (`pyproxy.shared`), like nginx's
 `limit_conn_zone` / `limit_req_zone`. rate-limit is a token bucket of `burst` tokens refilled at
 `rate` per second, kept as one GCRA timestamp per key.
+
+`policy: redis` (Kong's field, with Kong's `redis_host`, `redis_port`…) makes one limit for every
+pyproxy instance that names the same Redis: the classes in pyproxy.plugins.fleet_limits, which a
+LimitConn or RateLimit configured so becomes when it is made. `policy: local` (the default) is the
+code below, untouched.
 """
 
 from __future__ import annotations
@@ -44,10 +49,12 @@ def _number(config: PluginConfig, key: str, integer: bool, minimum: float) -> li
 
 
 def _check_common(config: PluginConfig, allowed: tuple[str, ...]) -> list[tuple[str, str]]:
-    problems = unknown_keys(config, allowed)
+    from pyproxy.plugins.fleet_limits import REDIS_KEYS, check_policy
+
+    problems = unknown_keys(config, allowed + REDIS_KEYS)
     if config.get("per", "ip") not in PER:
         problems.append(("per", f"expected one of {', '.join(PER)}, got {config.get('per')!r}"))
-    return problems
+    return problems + check_policy(config)
 
 
 @register
@@ -58,6 +65,12 @@ class LimitConn(Plugin):
     @classmethod
     def check(cls, config: PluginConfig) -> list[tuple[str, str]]:
         return _check_common(config, ("limit", "per")) + _number(config, "limit", True, 1)
+
+    def __new__(cls, config: PluginConfig, context: PluginContext) -> LimitConn:
+        if cls is LimitConn and config.get("policy") == "redis":
+            from pyproxy.plugins.fleet_limits import FleetLimitConn
+            cls = FleetLimitConn
+        return super().__new__(cls)
 
     def __init__(self, config: PluginConfig, context: PluginContext):
         super().__init__(config, context)
@@ -73,10 +86,14 @@ class LimitConn(Plugin):
         self.counts.add(slot, 1)
         if self.counts.total(slot) > self.limit:
             self.counts.add(slot, -1)
-            session.log("info", f"limit-conn: {self.limit} open session(s) per {self.per} reached for {key}")
-            return STATUS_OVER_LIMIT
+            return self.refuse(session, key)
         session.annotate(self.name, slot)
         return None
+
+    def refuse(self, session: Session, key: str, where: str = "") -> int:
+        session.log("info",
+                    f"limit-conn: {self.limit} open session(s) per {self.per} reached for {key}{where}")
+        return STATUS_OVER_LIMIT
 
     def log(self, session: Session) -> None:
         slot = session.annotation(self.name)
@@ -96,6 +113,12 @@ class RateLimit(Plugin):
             problems += _number(config, "burst", True, 1)
         return problems
 
+    def __new__(cls, config: PluginConfig, context: PluginContext) -> RateLimit:
+        if cls is RateLimit and config.get("policy") == "redis":
+            from pyproxy.plugins.fleet_limits import FleetRateLimit
+            cls = FleetRateLimit
+        return super().__new__(cls)
+
     def __init__(self, config: PluginConfig, context: PluginContext):
         super().__init__(config, context)
         self.rate = float(config["rate"])
@@ -112,6 +135,9 @@ class RateLimit(Plugin):
             return None
         if verdict:
             return None
+        return self.refuse(session, key)
+
+    def refuse(self, session: Session, key: str, where: str = "") -> int:
         session.log("info", f"rate-limit: more than {self.rate:g} new session(s)/s (burst {self.burst}) "
-                            f"per {self.per} for {key}")
+                            f"per {self.per} for {key}{where}")
         return STATUS_OVER_LIMIT
