@@ -30,6 +30,7 @@ from pyproxy import __version__, metrics
 from pyproxy.admin import AdminProcess
 from pyproxy.config import ConfigError, ConfigSource, YamlFile, load_sources
 from pyproxy.config.model import Config
+from pyproxy.dns import DnsFollower
 from pyproxy.listeners import BindError, ListenerSet, ListenSocket, configured_listens
 from pyproxy.log import ErrorLog
 from pyproxy.plugins import REGISTRY, load_plugin_module
@@ -93,7 +94,8 @@ class WorkerProcess:
 @dataclass
 class Reload:
     """A reload in flight. Phases: "loading" (a loader child reads, validates and merges the
-    configuration sources, resolves their host names and sends the Config back through a pipe),
+    configuration sources, resolves their host names and sends the Config back through a pipe; the
+    master follows those names from what it found, pyproxy.dns),
     "booting" (the new generation starts), "quiescing" (the old generation confirms it stopped
     accepting; the reload is then reported complete)."""
 
@@ -122,6 +124,7 @@ class Master:
         self.shared = SharedState()      # mapped before any fork: every worker sees the same memory
         self.status = StatusProcess(log)      # /metrics and /status, away from the workers
         self.admin = AdminProcess(log)        # the Admin API (admin_listen), away from the workers
+        self.dns = DnsFollower(self.shared.dns, log.log)    # host names re-resolved, for the workers
         self.workers: dict[int, WorkerProcess] = {}
         self.generation = 1
         self.signals: list[int] = []
@@ -171,6 +174,7 @@ class Master:
         # Load ctypes for the workers' heap trim here, once: its pages are then shared with every
         # worker instead of being private to each (1.3 MiB a worker when each loaded its own).
         find_malloc_trim()
+        self.dns.follow(self.config.dns, dict(self.config.dns_answers), time.monotonic())
         new = [self.spawn_worker(slot, self.config, self.tls, self.generation)
                for slot in range(self.config.worker_processes)]
         failed = self.wait_ready(new)
@@ -248,6 +252,7 @@ class Master:
         os.close(self.wakeup_r)
         os.close(self.wakeup_w)
         signal.set_wakeup_fd(-1)
+        self.dns.close()
 
     def spawn_worker(self, slot: int, config: Config, tls: TLSContexts, generation: int) -> WorkerProcess:
         """Fork a worker for `slot`; raises SpawnError (and leaks nothing) if the system refuses."""
@@ -386,6 +391,7 @@ class Master:
             self.remove_pid()
             self.status.stop()
             self.admin.stop()
+            self.dns.close()
 
     def fail(self, exc: MasterError) -> None:
         """Stop because the master cannot go on (a worker that cannot boot, a failed startup)."""
@@ -400,20 +406,27 @@ class Master:
         reload = self.reload
         if reload is not None and reload.result_fd >= 0:
             fds.append(reload.result_fd)
-        readable, _, _ = _select(fds, self._sleep_timeout())
+        dns_fds = self.dns.fds()
+        readable, _, _ = _select(fds + dns_fds, self._sleep_timeout())
         for fd in readable:
             if fd == self.wakeup_r:
                 _drain(fd)
             elif fd in by_fd:
                 self._read_worker_byte(by_fd[fd])
+            elif fd in dns_fds:
+                self.dns.readable(fd)
             elif reload is not None:        # the one other fd: the loader's pipe
                 self._read_loader_result(reload)
+        self.dns.tick(time.monotonic())
 
     def _sleep_timeout(self) -> float:
         """At most a second (heartbeats and kill deadlines are checked once a second), less when
         a coalesced reload or a reload deadline is due sooner."""
         now = time.monotonic()
         due = [now + 1.0]
+        dns_due = self.dns.due()
+        if dns_due is not None:
+            due.append(dns_due)
         if self.reload is not None and self.reload.deadline:
             due.append(self.reload.deadline)
         elif self.reload is None and self.reload_wanted is not None:
@@ -651,6 +664,7 @@ class Master:
         try:
             reload.config = config = with_plugin_types(value)
             reload.tls = self.load_tls(config, self.tls)
+            self.dns.follow(config.dns, dict(config.dns_answers), time.monotonic())
             reload.created = self.listeners.ensure(configured_listens(config), config.worker_processes)
             for slot in range(config.worker_processes):
                 reload.procs.append(self.spawn_worker(slot, config, reload.tls, reload.generation))

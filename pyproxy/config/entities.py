@@ -61,7 +61,7 @@ ACTIVE_KEYS = ("type", "interval", "timeout", "healthy", "unhealthy", "send", "e
 PASSIVE_KEYS = ("type", "unhealthy", "fail_timeout")
 HEALTHY_KEYS = ("successes",)                       # the counters of `healthy` and `unhealthy`
 UNHEALTHY_KEYS = ("tcp_failures", "timeouts")
-TARGET_KEYS = ("target", "weight")
+TARGET_KEYS = ("target", "weight", "backup", "max_conns", "slow_start")
 SERVICE_KEYS = (
     "name", "protocol", "host", "port", "connect_timeout", "read_timeout", "write_timeout", "retries",
     "tls_verify", "ca_certificates", "tls_server_name", "client_certificate", "proxy_protocol",
@@ -227,7 +227,11 @@ def _targets(report: Report, upstream: Section) -> tuple[Target, ...]:
             continue
         host_port = section.get("target", lambda text: parse_host_port(text, DEFAULT_TARGET_PORT),
                                 required=True)
-        weight = section.get("weight", integer(0, 65535), Target("", 0).weight)
+        defaults = Target("", 0)
+        weight = section.get("weight", integer(0, 65535), defaults.weight)
+        backup = section.get("backup", parse_bool, defaults.backup)
+        max_conns = section.get("max_conns", integer(0, 2**31 - 1), defaults.max_conns)
+        slow_start = section.get("slow_start", parse_duration, defaults.slow_start)
         if host_port is None:
             continue
         host, port = host_port
@@ -239,7 +243,8 @@ def _targets(report: Report, upstream: Section) -> tuple[Target, ...]:
             continue
         first_lines[identity] = target_place.line
         addresses = _addresses(report, target_place, host, port)
-        targets.append(Target(host=host, port=port, weight=weight, addresses=addresses, line=place.line))
+        targets.append(Target(host=host, port=port, weight=weight, addresses=addresses, line=place.line,
+                              backup=backup, max_conns=max_conns, slow_start=slow_start))
     return tuple(targets)
 
 
