@@ -19,6 +19,8 @@ import dns.message
 import dns.rrset
 import pytest
 
+from tests.integration.test_targets import config_for as pool_config
+from tests.integration.test_targets import first_line
 from tests.support import connect, free_port, recv_line, tag_handler, wait_until
 
 DNSMASQ = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
@@ -82,36 +84,15 @@ def dns_server(tmp_path):
         server.stop()
 
 
-def config_for(port: int, resolver: int, targets: list[str], more: str = "") -> str:
-    target_lines = "\n".join(f"      - {{target: {t}}}" for t in targets)
-    return f"""
-worker_processes: 2
-dns_resolver: [127.0.0.1:{resolver}]
-{more}
-stream_listen: [127.0.0.1:{port}]
-upstreams:
-  - name: pool
-    targets:
-{target_lines}
-services:
-  - name: svc
-    host: pool
-    connect_timeout: 1s
-    routes:
-      - name: r
-        protocols: [tcp]
-        destinations: [{{port: {port}}}]
-"""
+def config_for(port: int, resolver: int, targets: list[str], more: str = "", workers: int = 2) -> str:
+    """A pool of `targets` (HOST:PORT) resolved by the DNS server on port `resolver`."""
+    return pool_config(port, [f"{{target: {t}}}" for t in targets], workers,
+                       f"dns_resolver: [127.0.0.1:{resolver}]\n{more}")
 
 
 def startup_warnings(p) -> str:
     """What the start printed before the error log took over (the configuration's warnings)."""
     return (p.dir / "stderr.txt").read_text()
-
-
-def first_line(port: int) -> bytes:
-    with connect(port) as sock:
-        return recv_line(sock)
 
 
 class Load:
@@ -190,8 +171,7 @@ def test_srv_records_give_the_ports_and_weights(proxy, upstreams, dns_server):
     upstreams(tag_handler, port=light_port, name="light")
     server = dns_server("127.0.0.1 a.test\n", srv=(f"_app._tcp.svc.test,a.test,{heavy_port},0,30",
                                                    f"_app._tcp.svc.test,a.test,{light_port},0,10"))
-    p = proxy(config_for(port, server.port, ["_app._tcp.svc.test"]).replace("worker_processes: 2",
-                                                                             "worker_processes: 1"))
+    p = proxy(config_for(port, server.port, ["_app._tcp.svc.test"], workers=1))
     answers = [first_line(port) for _ in range(80)]
     assert answers.count(b"heavy\n") == 60 and answers.count(b"light\n") == 20
     assert f"127.0.0.1:{heavy_port}" in p.log_text()

@@ -7,10 +7,13 @@ import socket
 from tests.support import connect, free_port, recv_line, tag_handler, wait_until
 
 
-def config_for(port: int, targets: list[str], workers: int = 2, passive: str = "") -> str:
+def config_for(port: int, targets: list[str], workers: int = 2, head: str = "") -> str:
+    """One service on `port` over an upstream of `targets` (each a YAML flow mapping); `head` adds
+    top-level keys."""
     target_lines = "\n".join(f"      - {t}" for t in targets)
     return f"""
 worker_processes: {workers}
+{head}
 stream_listen: [127.0.0.1:{port}]
 upstreams:
   - name: pool
@@ -30,6 +33,7 @@ services:
 
 
 def first_line(port: int) -> bytes:
+    """The first line a new session hears (tag_handler's upstream name)."""
     with connect(port) as sock:
         return recv_line(sock)
 
