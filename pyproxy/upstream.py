@@ -33,7 +33,7 @@ import math
 from collections.abc import Callable, Collection
 
 from pyproxy.addresses import family_of, host_port, is_ip_address
-from pyproxy.config.model import ALGORITHMS, Config, PassiveHealthcheck, Record, Target
+from pyproxy.config.model import ALGORITHMS, Config, PassiveHealthcheck, Queue, Record, Target
 from pyproxy.shared import AddressTable, CounterRows, HealthTable, slot_of
 
 __all__ = ["Peer", "Balancer", "build_balancers", "peer_name", "stable_hash"]
@@ -43,6 +43,7 @@ __all__ = ["Peer", "Balancer", "build_balancers", "peer_name", "stable_hash"]
 POINTS_PER_100_WEIGHT = 160
 
 LogFn = Callable[[str, str], None]
+NO_QUEUE = Queue()
 
 
 def stable_hash(data: str) -> int:
@@ -116,11 +117,12 @@ class Balancer:
 
     __slots__ = ("name", "peers", "backups", "algorithm", "hash_on", "passive", "log", "health",
                  "revived_by_checks", "active_checks", "capped", "counts", "targets", "table", "table_seen",
-                 "version", "_all_down", "_ring_points", "_ring_peers")
+                 "version", "queue", "queue_slot", "_all_down", "_ring_points", "_ring_peers")
 
     def __init__(self, name: str, peers: list[Peer], algorithm: str = "round-robin", hash_on: str = "ip",
                  passive: PassiveHealthcheck = PassiveHealthcheck(), log: LogFn | None = None,
-                 health: HealthTable | None = None, counts: CounterRows | None = None):
+                 health: HealthTable | None = None, counts: CounterRows | None = None,
+                 queue: Queue = NO_QUEUE):
         if algorithm not in ALGORITHMS:
             raise ValueError(f"unknown balancing algorithm {algorithm!r}")
         self.name = name
@@ -130,6 +132,8 @@ class Balancer:
         self.log = log
         self.health = health              # where peers' health changes are kept for the next generation
         self.counts = counts              # where max_conns sessions are counted over every worker
+        self.queue = queue                # where sessions wait when every peer is at max_conns
+        self.queue_slot = slot_of(f"queue\n{name}", counts.slots) if counts is not None else -1
         # With active health checks, a target that passive checks took out stays out until an
         # active check sees it healthy again (Kong's model) instead of coming back after fail_timeout.
         self.revived_by_checks = False
@@ -284,6 +288,32 @@ class Balancer:
         """Whether `peer` has max_conns sessions over all workers (read from shared memory: a worker
         that picks it meanwhile may go one over, as nginx's max_conns does with several workers)."""
         return self.counts is not None and self.counts.total(peer.slot) >= peer.max_conns
+
+    # -- the queue (max_conns) -------------------------------------------------------------------
+
+    def may_wait(self, tried: Collection[Peer]) -> bool:
+        """Whether a session that found no peer should wait in the queue: there is one, and a peer
+        it has not tried is at its max_conns (a slot may free up)."""
+        return self.queue.size > 0 and self.capped and any(
+            peer.weight > 0 and peer.max_conns and not (tried and peer in tried) and self.full(peer)
+            for peer in (*self.peers, *self.backups))
+
+    def has_room(self, tried: Collection[Peer]) -> bool:
+        """Whether a peer not tried yet is below its max_conns (health aside: pick() decides)."""
+        return any(peer.weight > 0 and not (tried and peer in tried)
+                   and not (peer.max_conns and self.full(peer)) for peer in (*self.peers, *self.backups))
+
+    def enter_queue(self) -> bool:
+        """Count a waiting session over every worker; False when the queue is full."""
+        counts = self.counts
+        if counts is None or counts.total(self.queue_slot) >= self.queue.size:
+            return False
+        counts.add(self.queue_slot, 1)
+        return True
+
+    def leave_queue(self) -> None:
+        if self.counts is not None:
+            self.counts.add(self.queue_slot, -1)
 
     # -- outcomes -------------------------------------------------------------------------------
 
@@ -487,7 +517,7 @@ def build_balancers(config: Config, log: LogFn | None = None, health: HealthTabl
     by_upstream: dict[str, Balancer] = {}
     for upstream in config.upstreams:
         balancer = Balancer(upstream.name, _peers_of(upstream.targets), upstream.algorithm, upstream.hash_on,
-                            upstream.healthchecks.passive, log, health, counts)
+                            upstream.healthchecks.passive, log, health, counts, upstream.queue)
         balancer.restore(now, upstream.healthchecks.active.interval > 0)
         if table is not None and any(not is_ip_address(t.host) for t in upstream.targets):
             balancer.follow(upstream.targets, table, now)

@@ -120,7 +120,7 @@ def _certificate(certificate: model.Certificate) -> Mapping:
 
 
 def _upstream(upstream: model.Upstream) -> Mapping:
-    return {
+    return _without_nones({
         "name": upstream.name,
         "algorithm": upstream.algorithm,
         "hash_on": upstream.hash_on,
@@ -129,7 +129,9 @@ def _upstream(upstream: model.Upstream) -> Mapping:
             "passive": _passive_healthcheck(upstream.healthchecks.passive),
         },
         "targets": [_target(target) for target in upstream.targets],
-    }
+        "queue": ({"size": upstream.queue.size, "timeout": format_duration(upstream.queue.timeout)}
+                  if upstream.queue.size else None),
+    })
 
 
 def _active_healthcheck(check: model.ActiveHealthcheck) -> Mapping:

@@ -24,6 +24,7 @@ from .model import (
     Healthchecks,
     PassiveHealthcheck,
     Plugin,
+    Queue,
     Route,
     Service,
     Target,
@@ -54,7 +55,8 @@ from .values import (
 if TYPE_CHECKING:
     from pyproxy.plugins import Plugin as PluginClass
 
-UPSTREAM_KEYS = ("name", "algorithm", "hash_on", "healthchecks", "targets")
+UPSTREAM_KEYS = ("name", "algorithm", "hash_on", "healthchecks", "targets", "queue")
+QUEUE_KEYS = ("size", "timeout")
 HEALTHCHECKS_KEYS = ("active", "passive")
 ACTIVE_KEYS = ("type", "interval", "timeout", "healthy", "unhealthy", "send", "expect")
 # `fail_timeout` is ours, not Kong's: nginx's fail_timeout, how long a target stays out after failing.
@@ -149,11 +151,20 @@ def _upstream(report: Report, place: Place, value: object, names: _UniqueNames) 
         hash_on=section.get("hash_on", one_of(("ip", "sni")), defaults.hash_on),
         healthchecks=section.nested("healthchecks", _healthchecks, defaults.healthchecks),
         targets=_targets(report, section),
+        queue=section.nested("queue", _queue, defaults.queue),
         line=place.line,
     )
     if not section.has("targets") or section.mapping["targets"] == []:
         report.warn(place, "the upstream has no targets: sessions sent to it will fail (502)")
     return upstream if name is not None else None
+
+
+def _queue(report: Report, place: Place, value: object) -> Queue:
+    section = report.section(place, value, QUEUE_KEYS)
+    if section is None:
+        return Queue()
+    return Queue(size=section.get("size", integer(1, 2**31 - 1), 0, required=True),
+                 timeout=section.get("timeout", positive_duration, Queue().timeout))
 
 
 def _healthchecks(report: Report, place: Place, value: object) -> Healthchecks:

@@ -186,12 +186,22 @@ class Hostname:
 
 
 @dataclass(frozen=True)
+class Queue:
+    """`queue`: sessions that find every target at its max_conns wait for a slot (HAProxy's maxconn
+    with `timeout queue`) instead of being refused at once."""
+
+    size: int = 0                 # sessions waiting at once over every worker; 0 = no queue
+    timeout: float = 5.0          # then the session is refused (503)
+
+
+@dataclass(frozen=True)
 class Upstream:
     name: str
     algorithm: str = "round-robin"
     hash_on: str = "ip"           # ip | sni
     healthchecks: Healthchecks = field(default_factory=Healthchecks)
     targets: tuple[Target, ...] = ()
+    queue: Queue = field(default_factory=Queue)
     line: int = field(default=0, compare=False)    # where it was written, for messages
 
 

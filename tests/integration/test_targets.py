@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import select
 import socket
+import time
 
 from tests.support import connect, free_port, recv_line, tag_handler, wait_until
 
@@ -84,3 +86,33 @@ def test_a_session_beyond_every_cap_is_refused(proxy, upstreams):
         with connect(port) as refused:
             assert refused.recv(100) == b""
         p.wait_log('no upstream could be reached for service "svc" (tried: none)')
+
+
+def test_a_queue_holds_sessions_until_a_slot_frees_or_its_timeout(proxy, upstreams):
+    port, capped_port = free_port(), free_port()
+    upstreams(tag_handler, port=capped_port, name="capped")
+    config = config_for(port, [f"{{target: 127.0.0.1:{capped_port}, max_conns: 1}}"], workers=2)
+    p = proxy(config.replace("    targets:", "    queue: {size: 2, timeout: 1s}\n    targets:"))
+    held = connect(port)
+    assert recv_line(held) == b"capped\n"
+    waiting = [connect(port), connect(port)]
+    time.sleep(0.3)                          # both accepted and waiting
+    with connect(port) as third:             # two are waiting already: refused at once
+        assert third.recv(100) == b""
+    p.wait_log("the queue is full (2 sessions waiting)")
+    held.close()
+    # The slot goes to one waiting session (whichever polls first), then the other once it leaves.
+    readable, _, _ = select.select(waiting, [], [], 5)
+    assert len(readable) == 1
+    first = readable[0]
+    waiting.remove(first)
+    assert recv_line(first) == b"capped\n"
+    first.close()
+    second = waiting.pop()
+    assert recv_line(second) == b"capped\n"
+    with connect(port) as late:              # waits for 1s behind `second`, then is refused
+        started = time.monotonic()
+        assert late.recv(100) == b""
+        assert 0.9 <= time.monotonic() - started < 3
+    second.close()
+    p.wait_log("waited 1s in the queue (queue.timeout)")

@@ -5,7 +5,10 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-from pyproxy.config.model import ActiveHealthcheck, Config, Healthchecks, Service, Target, Upstream
+import pytest
+
+from pyproxy.config import ConfigError, load_config
+from pyproxy.config.model import ActiveHealthcheck, Config, Healthchecks, Queue, Service, Target, Upstream
 from pyproxy.shared import AddressTable, CounterRows, HealthTable
 from pyproxy.upstream import Balancer, Peer, build_balancers
 
@@ -135,3 +138,38 @@ def with_service(config: Config, active: bool = False) -> Config:
         upstreams = tuple(replace(u, healthchecks=Healthchecks(active=ActiveHealthcheck(interval=1.0)))
                           for u in upstreams)
     return replace(config, upstreams=upstreams, services=(Service("s", host="pool", upstream="pool"),))
+
+
+# -- the configuration ----------------------------------------------------------------------------------
+
+TARGETS_CONFIG = """\
+stream_listen: [127.0.0.1:9000]
+upstreams:
+  - name: pool
+    queue: {QUEUE}
+    targets:
+      - {target: 127.0.0.1:1025, max_conns: 10, slow_start: 30s}
+      - {target: 127.0.0.1:1026, backup: true}
+services:
+  - name: svc
+    host: pool
+    routes: [{name: r, destinations: [{port: 9000}]}]
+"""
+
+
+def test_target_options_and_the_queue_are_read(tmp_path):
+    path = tmp_path / "pyproxy.conf"
+    path.write_text(TARGETS_CONFIG.replace("{QUEUE}", "{size: 50, timeout: 2s}"))
+    upstream = load_config(str(path)).upstream("pool")
+    assert [(t.max_conns, t.slow_start, t.backup) for t in upstream.targets] == [(10, 30.0, False),
+                                                                               (0, 0.0, True)]
+    assert upstream.queue == Queue(size=50, timeout=2.0)
+
+
+def test_a_queue_needs_a_size(tmp_path):
+    path = tmp_path / "pyproxy.conf"
+    path.write_text(TARGETS_CONFIG.replace("{QUEUE}", "{timeout: 2s}"))
+    with pytest.raises(ConfigError) as raised:
+        load_config(str(path))
+    assert [str(error) for error in raised.value.errors] == [
+        f"{path}:4: upstreams[0].queue.size: required key is missing"]
