@@ -43,6 +43,7 @@ QUERY_TIMEOUT = 1.0         # seconds a server has to answer one query before th
 MIN_TTL = 1.0               # a record's TTL of 0 is re-resolved once a second, not in a loop
 HOSTS_TTL = 10.0            # how often a name found in the hosts file is looked up again
 EDNS_PAYLOAD = 4096         # the UDP answer size we accept (larger ones arrive truncated)
+RESOLV_CONF = "/etc/resolv.conf"
 NOT_FOUND_RCODES = (dns.rcode.NXDOMAIN, dns.rcode.NOERROR)    # NOERROR without records: no such type
 
 
@@ -51,18 +52,45 @@ def is_srv_name(host: str) -> bool:
     return host.startswith("_")
 
 
-def system_nameservers(path: str = "/etc/resolv.conf") -> tuple[tuple[str, int], ...]:
-    """The `nameserver` lines of resolv.conf (127.0.0.1 when there are none, as the C library does)."""
-    servers = []
-    try:
-        with open(path) as fh:
-            for line in fh:
-                words = line.split()
-                if len(words) >= 2 and words[0] == "nameserver" and is_ip_address(words[1].split("%")[0]):
-                    servers.append((words[1].split("%")[0], DNS_PORT))
-    except OSError:
-        pass
-    return tuple(servers) or (("127.0.0.1", DNS_PORT),)
+@dataclass(frozen=True)
+class ResolvConf:
+    """What pyproxy takes from resolv.conf: the servers (127.0.0.1 when there are none, as the C
+    library does), the search domains and ndots (Kubernetes writes `search NS.svc.cluster.local …`
+    and `options ndots:5`, so that a Service's short name resolves)."""
+
+    servers: tuple[tuple[str, int], ...] = (("127.0.0.1", DNS_PORT),)
+    search: tuple[str, ...] = ()
+    ndots: int = 1
+
+    @classmethod
+    def read(cls, path: str) -> ResolvConf:
+        servers: list[tuple[str, int]] = []
+        search: tuple[str, ...] = ()
+        ndots = 1
+        try:
+            with open(path) as fh:
+                lines = [line.split() for line in fh]
+        except OSError:
+            return cls()
+        for words in lines:
+            if len(words) >= 2 and words[0] == "nameserver" and is_ip_address(words[1].split("%")[0]):
+                servers.append((words[1].split("%")[0], DNS_PORT))
+            elif words and words[0] in ("search", "domain"):      # the last one written wins
+                search = tuple(name.rstrip(".") for name in words[1:])
+            elif words and words[0] == "options":
+                for option in words[1:]:
+                    name, _, value = option.partition(":")
+                    if name == "ndots" and value.isdigit():
+                        ndots = min(int(value), 15)
+        return cls(tuple(servers) or cls.servers, search, ndots)
+
+    def names_for(self, host: str) -> list[str]:
+        """The names to ask for `host`, in order: with each search domain first when it has fewer
+        dots than ndots (and no trailing dot), then as written; as written first otherwise."""
+        if host.endswith(".") or is_ip_address(host) or not self.search:
+            return [host]
+        searched = [f"{host}.{domain}" for domain in self.search]
+        return [*searched, host] if host.count(".") < self.ndots else [host, *searched]
 
 
 class HostsFile:
@@ -126,7 +154,9 @@ class Resolver:
 
     def __init__(self, settings: DnsSettings):
         self.settings = settings
-        self.servers = settings.resolver or system_nameservers()
+        system = ResolvConf.read(RESOLV_CONF)
+        self.servers = settings.resolver or system.servers
+        self.system = system
         self.hosts = HostsFile(settings.hostsfile)
         self.socks: dict[int, socket.socket] = {}     # by address family
         self.queries: dict[int, _Query] = {}
@@ -147,11 +177,26 @@ class Resolver:
 
     # -- names ------------------------------------------------------------------------------------
     def lookup(self, host: str, now: float, done: Callable[[Answer], None]) -> None:
-        """Resolve `host` (an SRV name or a host name); `done` is called once, maybe at once."""
-        if is_srv_name(host):
-            self._srv(host, now, done)
+        """Resolve `host` (an SRV name or a host name) with the search domains of resolv.conf; `done`
+        is called once, maybe at once. A name of the hosts file is only looked up there."""
+        names = [host] if self.hosts.addresses(host, now) else self.system.names_for(host)
+        self._first_of(names, now, done)
+
+    def _first_of(self, names: list[str], now: float, done: Callable[[Answer], None]) -> None:
+        """The answer for the first of `names` that exists (as the C library walks the search list:
+        on to the next name only when one does not exist)."""
+        name, rest = names[0], names[1:]
+
+        def answered(answer: Answer) -> None:
+            if answer.records or not answer.not_found or not rest:
+                done(answer)
+            else:
+                self._first_of(rest, time.monotonic(), done)
+
+        if is_srv_name(name):
+            self._srv(name, now, answered)
         else:
-            self._addresses(host, now, done)
+            self._addresses(name, now, answered)
 
     def _addresses(self, host: str, now: float, done: Callable[[Answer], None]) -> None:
         if is_ip_address(host):

@@ -19,6 +19,9 @@ import dns.message
 import dns.rrset
 import pytest
 
+import pyproxy.dns
+from pyproxy.config.model import DnsSettings
+from pyproxy.dns import resolve_now
 from tests.integration.test_targets import config_for as pool_config
 from tests.integration.test_targets import first_line
 from tests.support import connect, free_port, recv_line, tag_handler, wait_until
@@ -182,8 +185,9 @@ def test_a_name_missing_at_start_is_a_warning_and_used_once_it_resolves(proxy, u
     upstreams(tag_handler, host="127.0.0.2", port=up_port, name="late")
     server = dns_server("")
     p = proxy(config_for(port, server.port, [f"late.test:{up_port}"], "dns_not_found_ttl: 200ms"))
-    assert (f"{p.conf}:13: upstreams[0].targets[0].target: cannot resolve 'late.test': not found (NXDOMAIN) "
-            f"(dns_strict is off") in startup_warnings(p)
+    line = next(n for n, text in enumerate(p.conf.read_text().splitlines(), 1) if "late.test" in text)
+    assert (f"{p.conf}:{line}: upstreams[0].targets[0].target: cannot resolve 'late.test': not found "
+            f"(NXDOMAIN) (dns_strict is off") in startup_warnings(p)
     with connect(port) as sock:
         assert sock.recv(100) == b""            # no address yet: the session is closed (502)
     server.set_hosts("127.0.0.2 late.test\n")
@@ -263,3 +267,44 @@ def test_a_resolver_that_answers_garbage_times_out_or_gives_500_addresses(proxy,
         assert log.count("500 addresses") == 1
     finally:
         bad.stop()
+
+
+def test_a_reload_during_an_outage_keeps_the_last_addresses(proxy, upstreams, dns_server):
+    port, up_port = free_port(), free_port()
+    upstreams(tag_handler, host="127.0.0.2", port=up_port, name="kept")
+    server = dns_server("127.0.0.2 svc.test\n")
+    p = proxy(config_for(port, server.port, [f"svc.test:{up_port}"]))
+    server.set_hosts("")
+    p.wait_log('dns: cannot resolve "svc.test"', timeout=10)
+    p.reload()
+    # The new generation's loader could not resolve the name either: its workers start from the
+    # addresses the master kept.
+    assert [first_line(port) for _ in range(6)] == [b"kept\n"] * 6
+
+
+# -- the resolver on its own, against the same server ---------------------------------------------------
+
+def test_short_names_take_the_search_domains_of_resolv_conf(dns_server, tmp_path, monkeypatch):
+    server = dns_server("127.0.0.2 svc.ns.test\n127.0.0.3 db.test\n")
+    resolv_conf = tmp_path / "resolv.conf"
+    resolv_conf.write_text("nameserver 192.0.2.1\nsearch other.test ns.test\noptions ndots:2 timeout:1\n")
+    monkeypatch.setattr(pyproxy.dns, "RESOLV_CONF", str(resolv_conf))
+    settings = DnsSettings(resolver=(("127.0.0.1", server.port),), hostsfile=None)
+    answers = resolve_now(["svc", "svc.ns.test", "db.test", "nowhere"], settings, timeout=5)
+    assert answers["svc"].records == (("127.0.0.2", 0, 0),)
+    assert answers["svc.ns.test"].records == (("127.0.0.2", 0, 0),)
+    assert answers["db.test"].records == (("127.0.0.3", 0, 0),)
+    # nowhere.other.test and nowhere.ns.test do not exist; then "nowhere" itself is asked, which this
+    # server refuses (it answers for .test only).
+    assert answers["nowhere"].error == "the server answered REFUSED"
+
+
+def test_srv_records_whose_targets_do_not_resolve_say_so(dns_server):
+    server = dns_server("127.0.0.2 up.test\n", srv=("_half._tcp.svc.test,up.test,7001,0,10",
+                                                     "_half._tcp.svc.test,down.test,7002,0,10",
+                                                     "_none._tcp.svc.test,down.test,7002,0,10"))
+    settings = DnsSettings(resolver=(("127.0.0.1", server.port),), hostsfile=None)
+    answers = resolve_now(["_half._tcp.svc.test", "_none._tcp.svc.test"], settings, timeout=5)
+    assert answers["_half._tcp.svc.test"].records == (("127.0.0.2", 7001, 10),)
+    assert answers["_none._tcp.svc.test"].error == ("its SRV targets do not resolve: "
+                                                    "down.test (not found (NXDOMAIN))")
