@@ -177,6 +177,8 @@ class AddressTable:
         self._memory = mmap.mmap(-1, size)
         self.size = size
         self.header = memoryview(self._memory)[:16].cast("q")
+        # The last read, in this process: every balancer of a worker reads the same change.
+        self._last: tuple[int, dict[str, tuple[Record, ...]]] = (0, {})
 
     def publish(self, entries: dict[str, tuple[Record, ...]]) -> bool:
         """In the master: replace the table's content; False when it does not fit."""
@@ -193,16 +195,17 @@ class AddressTable:
     def read(self) -> tuple[int, dict[str, tuple[Record, ...]]] | None:
         """(generation, entries), or None while the master is writing (read again later)."""
         generation = self.header[0]
+        if generation == self._last[0]:
+            return self._last
         if generation & 1:
             return None
         length = self.header[1]
         data = self._memory[16:16 + length]
         if self.header[0] != generation:
             return None
-        if not data:
-            return generation, {}
-        return generation, {name: tuple((ip, port, weight) for ip, port, weight in records)
-                            for name, records in json.loads(data).items()}
+        self._last = (generation, {name: tuple((ip, port, weight) for ip, port, weight in records)
+                                   for name, records in json.loads(data).items()} if data else {})
+        return self._last
 
 
 class SharedState:

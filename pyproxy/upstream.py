@@ -443,7 +443,7 @@ class Balancer:
             peers.append(peer)
         self._set_peers(peers)
         names = ", ".join(peer.name for peer in peers) or "none"
-        self._say("info", f'upstream "{self.name}": addresses from DNS: {names}')
+        self._say("debug", f'upstream "{self.name}": addresses from DNS: {names}')
 
     # -- across generations ---------------------------------------------------------------------
 
