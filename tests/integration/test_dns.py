@@ -20,7 +20,7 @@ import dns.rrset
 import pytest
 
 import pyproxy.dns
-from pyproxy.config.model import DnsSettings
+from pyproxy.config.model import Answer, DnsSettings
 from pyproxy.dns import resolve_now
 from tests.integration.test_targets import config_for as pool_config
 from tests.integration.test_targets import first_line
@@ -308,3 +308,17 @@ def test_srv_records_whose_targets_do_not_resolve_say_so(dns_server):
     assert answers["_half._tcp.svc.test"].records == (("127.0.0.2", 7001, 10),)
     assert answers["_none._tcp.svc.test"].error == ("its SRV targets do not resolve: "
                                                     "down.test (not found (NXDOMAIN))")
+
+
+def test_the_hosts_file_is_read_first_and_again_when_it_changes(dns_server, tmp_path):
+    server = dns_server("127.0.0.2 svc.test\n")
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.9 svc.test\n")
+    resolver = pyproxy.dns.Resolver(DnsSettings(resolver=(("127.0.0.1", server.port),), hostsfile=str(hosts)))
+    answers: list[Answer] = []
+    resolver.lookup("svc.test", 0.0, answers.append)
+    assert answers == [Answer((("127.0.0.9", 0, 0),), pyproxy.dns.HOSTS_TTL)]
+    hosts.write_text("# svc.test moved to DNS\n")
+    resolver.lookup("svc.test", 2.0, answers.append)      # a second later: the file is read again
+    assert len(answers) == 1 and len(resolver.queries) == 2   # A and AAAA, asked over DNS this time
+    resolver.close()
