@@ -458,16 +458,17 @@ class DnsFollower:
         self.names: dict[str, _Followed] = {}
 
     def follow(self, settings: DnsSettings, answers: dict[str, Answer], now: float) -> None:
-        """Follow the names of a configuration about to be served, starting from what its loader
-        resolved (`answers`); a name it could not resolve keeps the records already known."""
+        """Follow the names of a configuration about to be served too, starting from what its loader
+        resolved (`answers`); a name it could not resolve keeps the records already known. The names
+        followed so far stay until `keep_only` (the generation being served reads them)."""
         if settings != self.settings or self.resolver is None:
             if self.resolver is not None:
                 self.resolver.close()       # its lookups under way end unanswered: start them again
                 for followed in self.names.values():
                     followed.busy = False
             self.settings = settings
-            self.resolver = Resolver(settings) if answers else None
-        names: dict[str, _Followed] = {}
+            self.resolver = Resolver(settings)
+        names = dict(self.names)
         for host, answer in answers.items():
             known = names[host] = self.names.get(host, _Followed())
             if answer.records:
@@ -479,6 +480,15 @@ class DnsFollower:
                 known.next_at = now + (settings.not_found_ttl if answer.not_found else settings.error_ttl)
         self.names = names
         self._publish()
+
+    def keep_only(self, hosts: Iterable[str]) -> None:
+        """A new generation serves: stop following the names it does not write."""
+        wanted = set(hosts)
+        dropped = [host for host in self.names if host not in wanted]
+        for host in dropped:
+            del self.names[host]
+        if dropped:
+            self._publish()
 
     def close(self) -> None:
         if self.resolver is not None:

@@ -686,6 +686,7 @@ class Master:
         self.listeners.close_unused(configured_listens(config))
         self.log.configure(config.error_log, config.log_level)
         self.config, self.tls = config, tls
+        self.dns.keep_only(config.dns_answers)
         self.status.follow(config, self.listeners)
         self.admin.follow(config)
         reload.old, reload.phase = old, "quiescing"

@@ -322,3 +322,21 @@ def test_the_hosts_file_is_read_first_and_again_when_it_changes(dns_server, tmp_
     resolver.lookup("svc.test", 2.0, answers.append)      # a second later: the file is read again
     assert len(answers) == 1 and len(resolver.queries) == 2   # A and AAAA, asked over DNS this time
     resolver.close()
+
+
+def test_a_reload_that_fails_after_loading_leaves_the_served_names_followed(proxy, upstreams, dns_server):
+    port, up_port = free_port(), free_port()
+    upstreams(tag_handler, host="127.0.0.2", port=up_port, name="old")
+    upstreams(tag_handler, host="127.0.0.3", port=up_port, name="new")
+    server = dns_server("127.0.0.2 svc.test\n127.0.0.2 other.test\n")
+    config = config_for(port, server.port, [f"svc.test:{up_port}"])
+    p = proxy(config)
+    with socket.socket() as taken:           # the new configuration's second listener cannot bind
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        p.reload(config.replace("svc.test", "other.test").replace(
+            f"stream_listen: [127.0.0.1:{port}]", f"stream_listen: [127.0.0.1:{port}, 127.0.0.1:{busy}]"),
+            expect="reload failed")
+    server.set_hosts("127.0.0.3 svc.test\n127.0.0.2 other.test\n")
+    wait_until(lambda: first_line(port) == b"new\n", timeout=10, what="the served name to follow DNS")
