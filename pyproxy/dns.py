@@ -211,9 +211,9 @@ class Resolver:
         answers: dict[dns.rdatatype.RdataType, Answer] = {}
 
         def each(rdtype: dns.rdatatype.RdataType, message: dns.message.Message | None, error: str) -> None:
-            answers[rdtype] = _address_answer(message, error, host, rdtype)
+            answers[rdtype] = _address_answer(message, error, rdtype)
             if len(answers) == 2:
-                done(_combine(host, list(answers.values())))
+                done(_combine(list(answers.values())))
 
         for rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
             self.ask(host, rdtype, now, partial(each, rdtype))
@@ -223,7 +223,7 @@ class Resolver:
             if message is None:
                 done(Answer(error=error))
                 return
-            records, ttl, problem = _srv_records(message, host)
+            records, ttl, problem = _srv_records(message)
             if problem:
                 done(Answer(error=problem, not_found=message.rcode() in NOT_FOUND_RCODES))
                 return
@@ -233,17 +233,14 @@ class Resolver:
                 if rrset.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
                     name = rrset.name.to_text().lower()
                     extra.setdefault(name, []).extend((rd.address, rrset.ttl) for rd in rrset)
-            waiting = {target for target, _, _ in records
-                       if target not in extra and not is_ip_address(target)}
+            waiting = {target for target, _, _ in records if target not in extra}
 
             def finish() -> None:
                 out: list[Record] = []
                 low = ttl
                 failed = []
                 for target, port, weight in records:
-                    if is_ip_address(target):
-                        out.append((target, port, weight))
-                    elif target in extra:
+                    if target in extra:
                         out.extend((ip, port, weight) for ip, _ in extra[target])
                         low = min(low, *(t for _, t in extra[target]))
                     else:
@@ -360,9 +357,9 @@ def _rcode_error(message: dns.message.Message) -> str:
     return f"the server answered {dns.rcode.to_text(message.rcode())}"
 
 
-def _address_answer(message: dns.message.Message | None, error: str, host: str,
+def _address_answer(message: dns.message.Message | None, error: str,
                     rdtype: dns.rdatatype.RdataType) -> Answer:
-    """The A or AAAA records of an answer (following a CNAME within it)."""
+    """The A or AAAA records of an answer (those of a CNAME's target within it too)."""
     if message is None:
         return Answer(error=error)
     rcode = message.rcode()
@@ -382,8 +379,8 @@ def _address_answer(message: dns.message.Message | None, error: str, host: str,
     return Answer(tuple(records), ttl)
 
 
-def _combine(host: str, answers: list[Answer]) -> Answer:
-    """The A and AAAA answers of `host` as one: the addresses of both, or the more telling error."""
+def _combine(answers: list[Answer]) -> Answer:
+    """The A and AAAA answers of a name as one: the addresses of both, or the more telling error."""
     records = tuple(dict.fromkeys(r for a in answers for r in a.records))
     if records:
         return Answer(records, min(a.ttl for a in answers if a.records))
@@ -391,7 +388,7 @@ def _combine(host: str, answers: list[Answer]) -> Answer:
     return Answer(error=failed[0].error, not_found=all(a.not_found for a in answers))
 
 
-def _srv_records(message: dns.message.Message, host: str) -> tuple[list[tuple[str, int, int]], float, str]:
+def _srv_records(message: dns.message.Message) -> tuple[list[tuple[str, int, int]], float, str]:
     """(target, port, weight) of the lowest priority's SRV records, their TTL, or a problem."""
     rcode = message.rcode()
     if rcode == dns.rcode.NXDOMAIN:
