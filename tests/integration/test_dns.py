@@ -340,3 +340,16 @@ def test_a_reload_that_fails_after_loading_leaves_the_served_names_followed(prox
             expect="reload failed")
     server.set_hosts("127.0.0.3 svc.test\n127.0.0.2 other.test\n")
     wait_until(lambda: first_line(port) == b"new\n", timeout=10, what="the served name to follow DNS")
+
+
+def test_active_checks_probe_the_addresses_dns_brings(proxy, upstreams, dns_server):
+    port, up_port = free_port(), free_port()
+    upstreams(tag_handler, host="127.0.0.2", port=up_port, name="old")
+    server = dns_server("127.0.0.2 svc.test\n")
+    config = config_for(port, server.port, [f"svc.test:{up_port}"], workers=1).replace(
+        "    healthchecks:\n", "    healthchecks:\n      active: {interval: 100ms, timeout: 500ms, "
+                             "unhealthy: {tcp_failures: 1}}\n")
+    p = proxy(config)
+    server.set_hosts("127.0.0.2 svc.test\n127.0.0.3 svc.test\n")     # nothing listens on .3
+    p.wait_log(f"target 127.0.0.3:{up_port} is down (active health check: connect failed", timeout=10)
+    assert {first_line(port) for _ in range(6)} == {b"old\n"}
