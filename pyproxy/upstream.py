@@ -468,7 +468,9 @@ class Balancer:
         until = self.health.load(self._health_key(peer))
         if until is None or until <= now or (until == math.inf and not self.active_checks):
             return
-        peer.down_until = until
+        peer.down_until = peer.back_at = until
+        if peer.slow_start:
+            peer.effective_weight = 0
         left = ("until an active health check succeeds" if until == math.inf
                 else f"for {_seconds(round(until - now, 1))}")
         self._say("info", f'upstream "{self.name}": target {peer.name} is still down {left} '

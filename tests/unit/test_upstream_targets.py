@@ -173,3 +173,13 @@ def test_a_queue_needs_a_size(tmp_path):
         load_config(str(path))
     assert [str(error) for error in raised.value.errors] == [
         f"{path}:4: upstreams[0].queue.size: required key is missing"]
+
+
+def test_a_target_a_previous_generation_left_down_ramps_up_once_it_is_back():
+    health = HealthTable(slots=64)
+    health.store("u\n127.0.0.1:1025", 50.0)           # passive checks took it out until t=50
+    a, b = Peer(A, slow_start=10.0), Peer(B)
+    balancer = Balancer("u", [a, b], health=health)
+    balancer.restore(40.0, active_checks=False)
+    assert picks(balancer, 4, 45.0) == ["1026"] * 4
+    assert 1 <= picks(balancer, 100, 51.0).count("1025") <= 15
