@@ -9,11 +9,21 @@ import os
 import socket
 import ssl
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING
 
-from pyproxy.config.model import STATUS_BAD_GATEWAY, STATUS_INTERNAL
+from pyproxy.config.model import STATUS_BAD_GATEWAY, STATUS_INTERNAL, STATUS_OVER_LIMIT
 from pyproxy.loop import EPOLLOUT, STREAM_EVENTS
-from pyproxy.phases import CONNECTING, ERR_EVENTS, UPSTREAM_HANDSHAKE, UPSTREAM_HUP, SessionBase, ssl_reason
+from pyproxy.phases import (
+    CLOSED,
+    CONNECTING,
+    ERR_EVENTS,
+    NO_IO,
+    UPSTREAM_HANDSHAKE,
+    UPSTREAM_HUP,
+    SessionBase,
+    ssl_reason,
+)
 from pyproxy.proxy_protocol import build_v1, build_v2
 
 if TYPE_CHECKING:
@@ -24,6 +34,9 @@ if TYPE_CHECKING:
 
 UPSTREAM_SOCKET_TYPE = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
 SEND_PROXY_HEADER = {"v1": build_v1, "v2": build_v2}
+# How often a session waiting in an upstream's queue looks for a free slot: a slot freed by another
+# worker is seen only so (each worker counts its own sessions in shared memory).
+QUEUE_POLL = 0.02
 
 
 class UpstreamConnector(SessionBase):
@@ -42,6 +55,8 @@ class UpstreamConnector(SessionBase):
       in either phase to `_connect_failed(self.tried[-1], reason, timed_out=True)`.
     - A failed attempt is logged, reported to the balancer (passive health) and followed by the
       next peer, up to `service.retries` retries; then `_refuse(502)` (the host's) ends the session.
+    - When every peer left is at its max_conns and the upstream has a `queue`, the session waits
+      (polling every QUEUE_POLL) for a slot, up to the queue's timeout; then `_refuse(503)`.
     - Out: once connected (TCP, then the PROXY header and TLS if the service asks for them),
       `upstream` is the connection, `peer` and `connect_time` are set, the balancer counts the
       connection, and the host's `forward_phase()` takes over. The host's close calls
@@ -76,7 +91,10 @@ class UpstreamConnector(SessionBase):
         key = sni if sni and balancer.hash_on == "sni" else self.client_addr[0]
         peer = balancer.pick(self.loop.now, key, self.tried)
         if peer is None:
-            self._give_up()
+            if balancer.may_wait(self.tried):
+                self._enter_queue()
+            else:
+                self._give_up()
             return
         self.tried.append(peer)
         self.phase = CONNECTING
@@ -110,6 +128,32 @@ class UpstreamConnector(SessionBase):
         tried = ", ".join(p.name for p in self.tried) or "none"
         self.log("error", f'no upstream could be reached for service "{self.service.name}" (tried: {tried})')
         self._refuse(STATUS_BAD_GATEWAY)
+
+    def _enter_queue(self) -> None:
+        balancer = self.balancer
+        if not balancer.enter_queue():
+            self.log("error", f'upstream "{balancer.name}": every target is at max_conns and the queue '
+                              f'is full ({balancer.queue.size} sessions waiting)')
+            self._refuse(STATUS_OVER_LIMIT)
+            return
+        self.phase = NO_IO                  # no socket of ours, no connect timeout: the queue's
+        self.loop.call_later(QUEUE_POLL, partial(self._in_queue, self.loop.now + balancer.queue.timeout))
+
+    def _in_queue(self, until: float) -> None:
+        """A queued session's turn to look for a free slot, or to give up at `until`."""
+        balancer = self.balancer
+        if self.phase == CLOSED:
+            balancer.leave_queue()          # closed meanwhile (the client left, the worker stops)
+        elif balancer.has_room(self.tried):
+            balancer.leave_queue()
+            self.try_next_peer()
+        elif self.loop.now >= until:
+            balancer.leave_queue()
+            self.log("error", f'upstream "{balancer.name}": every target is at max_conns; waited '
+                              f'{balancer.queue.timeout:g}s in the queue (queue.timeout)')
+            self._refuse(STATUS_OVER_LIMIT)
+        else:
+            self.loop.call_later(QUEUE_POLL, partial(self._in_queue, until))
 
     def _drop_upstream(self) -> None:
         sock = self.upstream

@@ -9,7 +9,8 @@ Each worker probes for itself (as Kong's per-worker checkers do): no extra proce
 view never waits on another's. With W workers a target sees W probes per interval; the log says
 which worker saw a change (the `pid#slot` of the line). The changes also go to the shared
 `HealthTable` (through the balancer), so the next generation's checkers start from them: a target
-found down stays down across a reload until probes bring it back.
+found down stays down across a reload until probes bring it back. When DNS changes a balancer's
+addresses (pyproxy.dns), the checker probes the new ones and forgets those that went.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pyproxy.upstream import Balancer, Peer
 class _Probe:
     """The state of one target's probing: counters between probes, the socket during one."""
 
-    __slots__ = ("peer", "successes", "failures", "timeouts", "sock", "timer", "reply", "sent")
+    __slots__ = ("peer", "successes", "failures", "timeouts", "sock", "timer", "reply", "sent", "gone")
 
     def __init__(self, peer: Peer):
         self.peer = peer
@@ -39,6 +40,7 @@ class _Probe:
         self.timer: Timer | None = None
         self.reply = b""
         self.sent = False
+        self.gone = False           # its address left the balancer (DNS): no more probes
 
 
 class ActiveChecker:
@@ -50,14 +52,36 @@ class ActiveChecker:
         self.balancer = balancer
         self.settings = settings
         self.log = log
-        self.probes = [_Probe(peer) for peer in balancer.peers if peer.weight > 0]
+        self.probes = [_Probe(peer) for peer in (*balancer.peers, *balancer.backups) if peer.weight > 0]
+        self.version = balancer.version
         self.stopped = False
         balancer.revived_by_checks = True
 
     def start(self) -> None:
-        # Spread the first probes over one interval so that targets (and workers) do not probe in step.
         for probe in self.probes:
-            self.loop.call_later(random.uniform(0, self.settings.interval), partial(self._probe, probe))
+            self._first(probe)
+
+    def _first(self, probe: _Probe) -> None:
+        # Spread the first probes over one interval so that targets (and workers) do not probe in step.
+        self.loop.call_later(random.uniform(0, self.settings.interval), partial(self._probe, probe))
+
+    def _follow_peers(self) -> None:
+        """Probe what the balancer's peers are now, when DNS changed them."""
+        balancer = self.balancer
+        balancer.check_dns(self.loop.now)
+        if balancer.version == self.version:
+            return
+        self.version = balancer.version
+        peers = {peer for peer in (*balancer.peers, *balancer.backups) if peer.weight > 0}
+        for probe in self.probes:
+            if probe.peer not in peers:
+                probe.gone = True
+                self._end_probe(probe)
+        self.probes = [probe for probe in self.probes if not probe.gone]
+        for peer in peers - {probe.peer for probe in self.probes}:
+            probe = _Probe(peer)
+            self.probes.append(probe)
+            self._first(probe)
 
     def stop(self) -> None:
         """No more probes (a draining worker): end the ones under way, skip the scheduled ones."""
@@ -67,7 +91,8 @@ class ActiveChecker:
 
     # -- one probe --------------------------------------------------------------------------------
     def _probe(self, probe: _Probe) -> None:
-        if probe.sock is not None or self.stopped:
+        self._follow_peers()
+        if probe.sock is not None or self.stopped or probe.gone:
             return
         addr = probe.peer.addr
         try:

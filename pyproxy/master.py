@@ -30,6 +30,7 @@ from pyproxy import __version__, metrics
 from pyproxy.admin import AdminProcess
 from pyproxy.config import ConfigError, ConfigSource, YamlFile, load_sources
 from pyproxy.config.model import Config
+from pyproxy.dns import DnsFollower
 from pyproxy.listeners import BindError, ListenerSet, ListenSocket, configured_listens
 from pyproxy.log import ErrorLog
 from pyproxy.plugins import REGISTRY, load_plugin_module
@@ -96,7 +97,8 @@ class WorkerProcess:
 @dataclass
 class Reload:
     """A reload in flight. Phases: "loading" (a loader child reads, validates and merges the
-    configuration sources, resolves their host names and sends the Config back through a pipe),
+    configuration sources, resolves their host names and sends the Config back through a pipe; the
+    master follows those names from what it found, pyproxy.dns),
     "booting" (the new generation starts), "quiescing" (the old generation confirms it stopped
     accepting; the reload is then reported complete)."""
 
@@ -125,6 +127,7 @@ class Master:
         self.shared = SharedState()      # mapped before any fork: every worker sees the same memory
         self.status = StatusProcess(log)      # /metrics and /status, away from the workers
         self.admin = AdminProcess(log)        # the Admin API (admin_listen), away from the workers
+        self.dns = DnsFollower(self.shared.dns, log.log)    # host names re-resolved, for the workers
         self.workers: dict[int, WorkerProcess] = {}
         self.generation = 1
         self.signals: list[int] = []
@@ -174,6 +177,7 @@ class Master:
         # Load ctypes for the workers' heap trim here, once: its pages are then shared with every
         # worker instead of being private to each (1.3 MiB a worker when each loaded its own).
         find_malloc_trim()
+        self.dns.follow(self.config.dns, dict(self.config.dns_answers), time.monotonic())
         new = [self.spawn_worker(slot, self.config, self.tls, self.generation)
                for slot in range(self.config.worker_processes)]
         failed = self.wait_ready(new)
@@ -251,6 +255,7 @@ class Master:
         os.close(self.wakeup_r)
         os.close(self.wakeup_w)
         signal.set_wakeup_fd(-1)
+        self.dns.close()
 
     def spawn_worker(self, slot: int, config: Config, tls: TLSContexts, generation: int) -> WorkerProcess:
         """Fork a worker for `slot`; raises SpawnError (and leaks nothing) if the system refuses."""
@@ -389,6 +394,7 @@ class Master:
             self.remove_pid()
             self.status.stop()
             self.admin.stop()
+            self.dns.close()
 
     def fail(self, exc: MasterError) -> None:
         """Stop because the master cannot go on (a worker that cannot boot, a failed startup)."""
@@ -403,14 +409,18 @@ class Master:
         reload = self.reload
         if reload is not None and reload.result_fd >= 0:
             fds.append(reload.result_fd)
-        readable, _, _ = _select(fds, self._sleep_timeout())
+        dns_fds = self.dns.fds()
+        readable, _, _ = _select(fds + dns_fds, self._sleep_timeout())
         for fd in readable:
             if fd == self.wakeup_r:
                 _drain(fd)
             elif fd in by_fd:
                 self._read_worker_byte(by_fd[fd])
+            elif fd in dns_fds:
+                self.dns.readable(fd)
             elif reload is not None:        # the one other fd: the loader's pipe
                 self._read_loader_result(reload)
+        self.dns.tick(time.monotonic())
 
     def _sleep_timeout(self) -> float:
         """At most a second (heartbeats and kill deadlines are checked once a second), less when
@@ -419,6 +429,9 @@ class Master:
         due = [now + 1.0]
         if self.config.gateway is not None:
             due.append(self.manifests_checked_at + MANIFEST_POLL)
+        dns_due = self.dns.due()
+        if dns_due is not None:
+            due.append(dns_due)
         if self.reload is not None and self.reload.deadline:
             due.append(self.reload.deadline)
         elif self.reload is None and self.reload_wanted is not None:
@@ -657,6 +670,7 @@ class Master:
         try:
             reload.config = config = with_plugin_types(value)
             reload.tls = self.load_tls(config, self.tls)
+            self.dns.follow(config.dns, dict(config.dns_answers), time.monotonic())
             reload.created = self.listeners.ensure(configured_listens(config), config.worker_processes)
             for slot in range(config.worker_processes):
                 reload.procs.append(self.spawn_worker(slot, config, reload.tls, reload.generation))
@@ -678,6 +692,7 @@ class Master:
         self.listeners.close_unused(configured_listens(config))
         self.log.configure(config.error_log, config.log_level)
         self.config, self.tls = config, tls
+        self.dns.keep_only(config.dns_answers)
         self.status.follow(config, self.listeners)
         self.admin.follow(config)
         reload.old, reload.phase = old, "quiescing"

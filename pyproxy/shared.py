@@ -16,6 +16,8 @@ counted across them (nginx's `limit_conn_zone`, `limit_req_zone`). Two shapes:
   a beat is one store to memory, no syscall).
 - `HealthTable`: each target's health as a worker last changed it (down until when, or healthy),
   which the next generation's workers start from instead of believing every target healthy.
+- `AddressTable`: the addresses of the host names the master follows (pyproxy.dns), which the
+  workers' balancers read again when its generation counter moves.
 
 Keys are hashed into a fixed number of slots: two keys that collide share a count, which can only
 make a limit stricter, never looser. The tables live as long as the master, across reloads, so
@@ -26,13 +28,19 @@ generation found down is still down for the new one.
 from __future__ import annotations
 
 import hashlib
+import json
 import mmap
 import multiprocessing
 import time
 import zlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pyproxy.config.model import Record
 
 SLOTS = 4096
 ROWS = 256                 # worker processes alive at once, all generations together
+ADDRESS_TABLE_SIZE = 16 << 20    # bytes; pages are only used once written
 
 
 def slot_of(key: str, slots: int = SLOTS) -> int:
@@ -158,6 +166,48 @@ class HealthTable:
             self.lock.release()
 
 
+class AddressTable:
+    """Every followed name's records in shared memory, behind a generation counter (a seqlock).
+
+    Layout: int64 generation (odd while the master writes), int64 length, then the records as JSON
+    ({name: [[ip, port, weight], …]}). The master maps it before forking; readers copy it out and
+    check that the generation did not move meanwhile."""
+
+    def __init__(self, size: int = ADDRESS_TABLE_SIZE):
+        self._memory = mmap.mmap(-1, size)
+        self.size = size
+        self.header = memoryview(self._memory)[:16].cast("q")
+        # The last read, in this process: every balancer of a worker reads the same change.
+        self._last: tuple[int, dict[str, tuple[Record, ...]]] = (0, {})
+
+    def publish(self, entries: dict[str, tuple[Record, ...]]) -> bool:
+        """In the master: replace the table's content; False when it does not fit."""
+        data = json.dumps(entries, separators=(",", ":")).encode()
+        if len(data) > self.size - 16:
+            return False
+        generation = self.header[0]
+        self.header[0] = generation + 1
+        self.header[1] = len(data)
+        self._memory[16:16 + len(data)] = data
+        self.header[0] = generation + 2
+        return True
+
+    def read(self) -> tuple[int, dict[str, tuple[Record, ...]]] | None:
+        """(generation, entries), or None while the master is writing (read again later)."""
+        generation = self.header[0]
+        if generation == self._last[0]:
+            return self._last
+        if generation & 1:
+            return None
+        length = self.header[1]
+        data = self._memory[16:16 + length]
+        if self.header[0] != generation:
+            return None
+        self._last = (generation, {name: tuple((ip, port, weight) for ip, port, weight in records)
+                                   for name, records in json.loads(data).items()} if data else {})
+        return self._last
+
+
 class SharedState:
     """Everything the master maps for its workers, and the row bookkeeping for CounterRows."""
 
@@ -166,6 +216,7 @@ class SharedState:
         self.rates = RateTable()
         self.beats = Heartbeats()
         self.health = HealthTable()
+        self.dns = AddressTable()
         self.free_rows = list(range(ROWS - 1, -1, -1))
 
     def take_row(self) -> int:

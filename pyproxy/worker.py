@@ -146,7 +146,8 @@ class Worker:
         self.pool = PipePool()
         self.router = Router(config.routes, config.stream_listen)
         self.services = {s.name: s for s in config.services}
-        self.balancers = build_balancers(config, self.log.log, self.shared.health, self.loop.now)
+        self.balancers = build_balancers(config, self.log.log, self.shared.health, self.loop.now,
+                                         self.shared.dns, self.shared.conns)
         self.scratch = memoryview(bytearray(SCRATCH_SIZE))
         self.access_log = AccessLog(config.access_log, config.access_log_format)
         self.shared.conns.claim(self.row)

@@ -46,8 +46,21 @@ def dump_config(config: model.Config) -> Mapping:
         "services": [_service(service) for service in config.services],
         "plugins": [_plugin(plugin) for plugin in config.plugins],
         "gateway": _gateway(config.gateway) if config.gateway is not None else None,
+        **_dns(config.dns),
     }
     return _without_nones(document)
+
+
+def _dns(dns: model.DnsSettings) -> Mapping:
+    return {
+        "dns_resolver": [host_port(*server) for server in dns.resolver],
+        "dns_hostsfile": _off_if_none(dns.hostsfile),
+        "dns_valid_ttl": format_duration(dns.valid_ttl) if dns.valid_ttl is not None else "off",
+        "dns_stale_ttl": format_duration(dns.stale_ttl),
+        "dns_not_found_ttl": format_duration(dns.not_found_ttl),
+        "dns_error_ttl": format_duration(dns.error_ttl),
+        "dns_strict": dns.strict,
+    }
 
 
 def config_as_yaml(config: model.Config) -> str:
@@ -107,7 +120,7 @@ def _certificate(certificate: model.Certificate) -> Mapping:
 
 
 def _upstream(upstream: model.Upstream) -> Mapping:
-    return {
+    return _without_nones({
         "name": upstream.name,
         "algorithm": upstream.algorithm,
         "hash_on": upstream.hash_on,
@@ -116,7 +129,9 @@ def _upstream(upstream: model.Upstream) -> Mapping:
             "passive": _passive_healthcheck(upstream.healthchecks.passive),
         },
         "targets": [_target(target) for target in upstream.targets],
-    }
+        "queue": ({"size": upstream.queue.size, "timeout": format_duration(upstream.queue.timeout)}
+                  if upstream.queue.size else None),
+    })
 
 
 def _active_healthcheck(check: model.ActiveHealthcheck) -> Mapping:
@@ -150,7 +165,8 @@ def _probe_bytes(data: bytes | None) -> str | bytes | None:
 
 
 def _target(target: model.Target) -> Mapping:
-    return {"target": host_port(target.host, target.port), "weight": target.weight}
+    return {"target": host_port(target.host, target.port), "weight": target.weight, "backup": target.backup,
+            "max_conns": target.max_conns, "slow_start": format_duration(target.slow_start)}
 
 
 def _service(service: model.Service) -> Mapping:

@@ -24,6 +24,7 @@ from .model import (
     Healthchecks,
     PassiveHealthcheck,
     Plugin,
+    Queue,
     Route,
     Service,
     Target,
@@ -54,14 +55,15 @@ from .values import (
 if TYPE_CHECKING:
     from pyproxy.plugins import Plugin as PluginClass
 
-UPSTREAM_KEYS = ("name", "algorithm", "hash_on", "healthchecks", "targets")
+UPSTREAM_KEYS = ("name", "algorithm", "hash_on", "healthchecks", "targets", "queue")
+QUEUE_KEYS = ("size", "timeout")
 HEALTHCHECKS_KEYS = ("active", "passive")
 ACTIVE_KEYS = ("type", "interval", "timeout", "healthy", "unhealthy", "send", "expect")
 # `fail_timeout` is ours, not Kong's: nginx's fail_timeout, how long a target stays out after failing.
 PASSIVE_KEYS = ("type", "unhealthy", "fail_timeout")
 HEALTHY_KEYS = ("successes",)                       # the counters of `healthy` and `unhealthy`
 UNHEALTHY_KEYS = ("tcp_failures", "timeouts")
-TARGET_KEYS = ("target", "weight")
+TARGET_KEYS = ("target", "weight", "backup", "max_conns", "slow_start")
 SERVICE_KEYS = (
     "name", "protocol", "host", "port", "connect_timeout", "read_timeout", "write_timeout", "retries",
     "tls_verify", "ca_certificates", "tls_server_name", "client_certificate", "proxy_protocol",
@@ -149,11 +151,20 @@ def _upstream(report: Report, place: Place, value: object, names: _UniqueNames) 
         hash_on=section.get("hash_on", one_of(("ip", "sni")), defaults.hash_on),
         healthchecks=section.nested("healthchecks", _healthchecks, defaults.healthchecks),
         targets=_targets(report, section),
+        queue=section.nested("queue", _queue, defaults.queue),
         line=place.line,
     )
     if not section.has("targets") or section.mapping["targets"] == []:
         report.warn(place, "the upstream has no targets: sessions sent to it will fail (502)")
     return upstream if name is not None else None
+
+
+def _queue(report: Report, place: Place, value: object) -> Queue:
+    section = report.section(place, value, QUEUE_KEYS)
+    if section is None:
+        return Queue()
+    return Queue(size=section.get("size", integer(1, 2**31 - 1), 0, required=True),
+                 timeout=section.get("timeout", positive_duration, Queue().timeout))
 
 
 def _healthchecks(report: Report, place: Place, value: object) -> Healthchecks:
@@ -227,7 +238,11 @@ def _targets(report: Report, upstream: Section) -> tuple[Target, ...]:
             continue
         host_port = section.get("target", lambda text: parse_host_port(text, DEFAULT_TARGET_PORT),
                                 required=True)
-        weight = section.get("weight", integer(0, 65535), Target("", 0).weight)
+        defaults = Target("", 0)
+        weight = section.get("weight", integer(0, 65535), defaults.weight)
+        backup = section.get("backup", parse_bool, defaults.backup)
+        max_conns = section.get("max_conns", integer(0, 2**31 - 1), defaults.max_conns)
+        slow_start = section.get("slow_start", parse_duration, defaults.slow_start)
         if host_port is None:
             continue
         host, port = host_port
@@ -239,7 +254,8 @@ def _targets(report: Report, upstream: Section) -> tuple[Target, ...]:
             continue
         first_lines[identity] = target_place.line
         addresses = _addresses(report, target_place, host, port)
-        targets.append(Target(host=host, port=port, weight=weight, addresses=addresses, line=place.line))
+        targets.append(Target(host=host, port=port, weight=weight, addresses=addresses, line=place.line,
+                              backup=backup, max_conns=max_conns, slow_start=slow_start))
     return tuple(targets)
 
 

@@ -134,9 +134,42 @@ class Target:
     weight: int = 100             # 0 = never picked
     addresses: tuple[tuple[str, int], ...] = ()   # resolved (ip, port) pairs, filled by prepare
     line: int = 0
+    backup: bool = False          # used only while every other target is down (nginx, HAProxy)
+    max_conns: int = 0            # sessions at once over all workers, per address; 0 = no cap (nginx)
+    slow_start: float = 0.0       # seconds over which a target back from down ramps up its weight
 
     def __str__(self) -> str:
         return host_port(self.host, self.port)
+
+
+MAX_ADDRESSES = 128     # addresses kept per host name (a balancer walks its peers at every pick)
+
+# One address of a name as DNS gave it: (ip, port, weight). Port 0: the target's; weight 0: the
+# target's (A and AAAA records carry neither, SRV records carry both).
+Record = tuple[str, int, int]
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What one lookup of a host name gave (pyproxy.dns): its records and their TTL, or why none."""
+
+    records: tuple[Record, ...] = ()
+    ttl: float = 0.0
+    error: str = ""             # empty when the name resolved
+    not_found: bool = False     # NXDOMAIN or no records (retried after dns_not_found_ttl)
+
+
+@dataclass(frozen=True)
+class DnsSettings:
+    """The `dns_*` keys (Kong's names): how the master resolves host names, and how often."""
+
+    resolver: tuple[tuple[str, int], ...] = ()   # () = the nameservers of /etc/resolv.conf
+    hostsfile: str | None = "/etc/hosts"         # read first; None = off
+    valid_ttl: float | None = None               # None: each record's own TTL
+    stale_ttl: float = 3600.0                    # last addresses kept this long past the TTL
+    not_found_ttl: float = 30.0                  # a name that does not exist is asked again after
+    error_ttl: float = 1.0                       # a lookup that failed otherwise is tried again after
+    strict: bool = False                         # an unresolvable name at load is an error
 
 
 @dataclass(frozen=True)
@@ -153,12 +186,22 @@ class Hostname:
 
 
 @dataclass(frozen=True)
+class Queue:
+    """`queue`: sessions that find every target at its max_conns wait for a slot (HAProxy's maxconn
+    with `timeout queue`) instead of being refused at once."""
+
+    size: int = 0                 # sessions waiting at once over every worker; 0 = no queue
+    timeout: float = 5.0          # then the session is refused (503)
+
+
+@dataclass(frozen=True)
 class Upstream:
     name: str
     algorithm: str = "round-robin"
     hash_on: str = "ip"           # ip | sni
     healthchecks: Healthchecks = field(default_factory=Healthchecks)
     targets: tuple[Target, ...] = ()
+    queue: Queue = field(default_factory=Queue)
     line: int = field(default=0, compare=False)    # where it was written, for messages
 
 
@@ -270,6 +313,9 @@ class Config:
                                                           repr=False)
     # The host names among targets and service hosts, where they were written: what prepare resolves.
     hostnames: tuple[Hostname, ...] = field(default=(), compare=False, repr=False)
+    dns: DnsSettings = field(default_factory=DnsSettings)
+    # What prepare's lookups gave for each host name, for the master to follow from (pyproxy.dns).
+    dns_answers: Mapping[str, Answer] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def routes(self) -> tuple[Route, ...]:

@@ -90,7 +90,7 @@ def load_sources(sources: Sequence[ConfigSource], warn: Warn = None, manifests: 
     config = None
     if loaded[0][0] is not None:      # the pyproxy file: without it there is nothing to merge into
         try:
-            config = resolve_hostnames(merge(fragments))
+            config = resolve_hostnames(merge(fragments), warn)
         except ConfigError as exc:
             errors += exc.errors
     if errors or config is None:

@@ -17,7 +17,7 @@ import ssl
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-from pyproxy.addresses import host_port, wildcard_addresses
+from pyproxy.addresses import host_port, is_ip_address, wildcard_addresses
 
 from . import entities
 from .errors import ConfigIssue, Invalid, describe
@@ -28,6 +28,7 @@ from .model import (
     Certificate,
     ClientCertificate,
     Config,
+    DnsSettings,
     GatewaySettings,
     Listen,
     SSLSettings,
@@ -41,7 +42,9 @@ from .values import (
     integer,
     one_of,
     parse_address,
+    parse_bool,
     parse_duration,
+    parse_host_port,
     parse_log_format,
     parse_sni,
     parse_text,
@@ -57,6 +60,8 @@ TOP_LEVEL_KEYS = (
     "plugin_modules", "user", "status_listen",
     "error_log", "log_level", "access_log", "access_log_format", "stream_listen", "ssl", "certificates",
     "upstreams", "services", "plugins", "declarative_config", "gateway", "admin_listen", "admin_state",
+    "dns_resolver", "dns_hostsfile", "dns_valid_ttl", "dns_stale_ttl", "dns_not_found_ttl", "dns_error_ttl",
+    "dns_strict",
 )
 SSL_KEYS = ("protocols", "ciphers", "default_certificate", "client_certificate", "preread_timeout",
             "handshake_timeout")
@@ -171,6 +176,7 @@ def build_config(report: Report, document: object) -> Config | None:
         admin_state=root.get("admin_state", lambda value: in_folder(base, value),
                              os.path.join(base, ADMIN_STATE) if admin_listen is not None else None),
         hostnames=tuple(report.hostnames),
+        dns=_dns_settings(report, root, base),
     )
 
 
@@ -393,6 +399,41 @@ def _one_or_more(report: Report, section: Section, key: str) -> list[tuple[Place
     if value is None or isinstance(value, list):
         return section.items(key)
     return [(section.place_of(key), value)]
+
+
+def _dns_settings(report: Report, root: Section, base: str) -> DnsSettings:
+    """The `dns_*` keys (Kong's names and meanings; durations are written with units here)."""
+    defaults = DnsSettings()
+    servers = [report.convert(place, value, _nameserver)
+               for place, value in _one_or_more(report, root, "dns_resolver")]
+    return DnsSettings(
+        resolver=tuple(server for server in servers if server is not None),
+        hostsfile=root.get("dns_hostsfile", _file_or_off(base), defaults.hostsfile),
+        valid_ttl=root.get("dns_valid_ttl", _duration_or_off, defaults.valid_ttl),
+        stale_ttl=root.get("dns_stale_ttl", parse_duration, defaults.stale_ttl),
+        not_found_ttl=root.get("dns_not_found_ttl", parse_duration, defaults.not_found_ttl),
+        error_ttl=root.get("dns_error_ttl", parse_duration, defaults.error_ttl),
+        strict=root.get("dns_strict", parse_bool, defaults.strict),
+    )
+
+
+def _nameserver(value: object) -> tuple[str, int]:
+    """A DNS server as Kong's dns_resolver writes it: `IP` or `IP:PORT` (`[IPv6]:PORT`); port 53 if
+    left out."""
+    host, port = parse_host_port(value, 53)
+    if not is_ip_address(host):
+        raise Invalid(f"expected the IP address of a DNS server (IP or IP:PORT), got {describe(value)}")
+    return host, port
+
+
+def _file_or_off(base: str) -> Converter[str | None]:
+    def convert(value: object) -> str | None:
+        return None if value is False or value == "off" else in_folder(base, value)
+    return convert
+
+
+def _duration_or_off(value: object) -> float | None:
+    return None if value is False or value == "off" else positive_duration(value)
 
 
 def _ip_address(value: object) -> str:

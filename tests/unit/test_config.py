@@ -6,7 +6,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import shutil
-import socket
 import subprocess
 import textwrap
 from dataclasses import replace
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import pyproxy.dns
 from pyproxy.config import (
     ACCESS_LOG_VARIABLES,
     AddressMatch,
@@ -33,6 +33,7 @@ from pyproxy.config import (
     validate_config,
 )
 from pyproxy.config.loader import YamlList, YamlMap, read_document
+from pyproxy.config.model import Answer
 
 # SPEC.md's example configuration, verbatim.
 EXAMPLE = """\
@@ -669,17 +670,24 @@ services:
 """
 
 
+NOT_FOUND = Answer(error="not found (NXDOMAIN)", not_found=True)
+
+
+def answer_from(table: dict[str, list[str]], asked: list[str] | None = None):
+    """A pyproxy.dns.resolve_now answering from `table`, and NXDOMAIN for every other name."""
+    def resolve_now(hosts, settings, timeout=10.0):
+        if asked is not None:
+            asked.extend(hosts)
+        return {host: Answer(tuple((ip, 0, 0) for ip in table[host]), 30.0) if host in table else NOT_FOUND
+                for host in hosts}
+    return resolve_now
+
+
 @pytest.fixture
 def fake_dns(monkeypatch):
-    """Answers `*.test` names from a table and refuses every other name, without the network."""
+    """Answers `*.test` names from a table and NXDOMAIN for every other name, without the network."""
     table = {"backend.test": ["192.0.2.10", "2001:db8::10"], "db.test": ["192.0.2.20"]}
-
-    def getaddrinfo(host, port, family=0, type=0, proto=0, flags=0):
-        if host not in table:
-            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
-        return [(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port))
-                for ip in table[host]]
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(pyproxy.dns, "resolve_now", answer_from(table))
 
 
 def test_targets_and_their_addresses(conf_dir: Path, fake_dns):
@@ -696,9 +704,15 @@ def test_targets_and_their_addresses(conf_dir: Path, fake_dns):
 
 def test_unresolvable_target(conf_dir: Path, fake_dns):
     text = UPSTREAMS.replace("backend.test:7001", "nowhere.test:7001")
-    error = only_error(conf_dir, text)
-    assert (error.line, error.key) == (10, "upstreams[0].targets[3].target")
-    assert error.message == "cannot resolve 'nowhere.test': Name or service not known"
+    warnings: list[str] = []
+    config = load(conf_dir, text, warnings)
+    assert config.upstream("pool").targets[3].addresses == ()
+    assert warnings == [f"{conf_dir / 'pyproxy.conf'}:10: upstreams[0].targets[3].target: cannot resolve "
+                        "'nowhere.test': not found (NXDOMAIN) (dns_strict is off: it has no address until "
+                        "it resolves)"]
+    error = only_error(conf_dir, "dns_strict: on\n" + text)
+    assert (error.line, error.key) == (11, "upstreams[0].targets[3].target")
+    assert error.message == "cannot resolve 'nowhere.test': not found (NXDOMAIN)"
 
 
 def test_service_host_is_resolved(conf_dir: Path, fake_dns):
@@ -707,21 +721,16 @@ def test_service_host_is_resolved(conf_dir: Path, fake_dns):
 
 
 def test_unresolvable_service_host(conf_dir: Path, fake_dns):
-    error = only_error(conf_dir, MINIMAL.replace("host: 127.0.0.1", "host: nowhere.test"))
-    assert (error.line, error.key) == (4, "services[0].host")
+    text = "dns_strict: on\n" + MINIMAL.replace("host: 127.0.0.1", "host: nowhere.test")
+    error = only_error(conf_dir, text)
+    assert (error.line, error.key) == (5, "services[0].host")
 
 
 def test_validation_only_records_host_names_and_prepare_resolves_them(conf_dir: Path, monkeypatch):
     """The master's reload path validates without waiting on DNS; prepare asks once per name."""
-    asked = []
-
-    def getaddrinfo(host, port, family=0, type=0, proto=0, flags=0):
-        asked.append((host, port))
-        if host != "backend.test":
-            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
-        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("192.0.2.10", port))]
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    text = UPSTREAMS + """\
+    asked: list[str] = []
+    monkeypatch.setattr(pyproxy.dns, "resolve_now", answer_from({"backend.test": ["192.0.2.10"]}, asked))
+    text = "dns_strict: on\n" + UPSTREAMS + """\
   - name: direct
     host: db.test
     port: 5432
@@ -731,25 +740,25 @@ def test_validation_only_records_host_names_and_prepare_resolves_them(conf_dir: 
     config = validate_config(path, read_document(path))
     assert asked == []
     assert [(h.host, h.port, h.line, h.key) for h in config.hostnames] == [
-        ("backend.test", 7001, 10, "upstreams[0].targets[3].target"),
+        ("backend.test", 7001, 11, "upstreams[0].targets[3].target"),
         ("db.test", 5432, line_of(text, "db.test"), "services[1].host")]
     assert config.upstream("pool").targets[3].addresses == ()
     with pytest.raises(ConfigError) as raised:
         resolve_hostnames(config)
     assert [str(error) for error in raised.value.errors] == [
         f"{path}:{line_of(text, 'db.test')}: services[1].host: cannot resolve 'db.test': "
-        "Name or service not known"]
+        "not found (NXDOMAIN)"]
     prepared = resolve_hostnames(replace(config, hostnames=config.hostnames[:1]))
     assert prepared.upstream("pool").targets[3].addresses == (("192.0.2.10", 7001),)
     assert prepared.upstream("pool").targets[0] == config.upstream("pool").targets[0]
-    assert asked == [("backend.test", 7001), ("db.test", 5432), ("backend.test", 7001)]
+    assert asked == ["backend.test", "db.test", "backend.test"]
 
 
 def test_unresolvable_names_are_listed_with_the_other_errors(conf_dir: Path, fake_dns):
-    errors = errors_of(conf_dir, UPSTREAMS.replace("backend.test:7001", "nowhere.test:7001")
-                       .replace("weight: 0", "weight: -1"))
+    text = "dns_strict: on\n" + UPSTREAMS.replace("backend.test:7001", "nowhere.test:7001")
+    errors = errors_of(conf_dir, text.replace("weight: 0", "weight: -1"))
     assert [(error.line, error.key) for error in errors] == [
-        (8, "upstreams[0].targets[1].weight"), (10, "upstreams[0].targets[3].target")]
+        (9, "upstreams[0].targets[1].weight"), (11, "upstreams[0].targets[3].target")]
 
 
 @pytest.mark.parametrize("target, message", [

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from pyproxy.config.model import DnsSettings
+from pyproxy.dns import resolve_now
 from tests.unit.test_config import MINIMAL
 
 SIZE_LIMIT = 64 << 20      # documented in docs/configuration.md
@@ -41,9 +42,7 @@ def _test(path: Path) -> list[str]:
 
 def _dns_failure(name: str) -> str:
     """What this host's resolver says about `name` (the message quotes it)."""
-    with pytest.raises(socket.gaierror) as raised:
-        socket.getaddrinfo(name, 80, type=socket.SOCK_STREAM)
-    return raised.value.strerror
+    return resolve_now([name], DnsSettings())[name].error
 
 
 def test_a_misspelt_upstream_name_is_not_blamed_on_dns(tmp_path: Path):
@@ -59,8 +58,8 @@ def test_a_misspelt_upstream_name_is_not_blamed_on_dns(tmp_path: Path):
 
 def test_a_name_far_from_every_upstream_is_a_dns_failure(tmp_path: Path):
     path = tmp_path / "pyproxy.conf"
-    path.write_text(UPSTREAM_AND_SERVICE.replace("echo-upstrem", "nowhere.invalid"))
-    assert _test(path)[0] == (f"pyproxy: [emerg] {path}:7: services[0].host: cannot "
+    path.write_text("dns_strict: on\n" + UPSTREAM_AND_SERVICE.replace("echo-upstrem", "nowhere.invalid"))
+    assert _test(path)[0] == (f"pyproxy: [emerg] {path}:8: services[0].host: cannot "
                               "resolve 'nowhere.invalid': "
                               f"{_dns_failure('nowhere.invalid')}")
 

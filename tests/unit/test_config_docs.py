@@ -41,6 +41,7 @@ SCHEMAS = {
     "UNHEALTHY_KEYS": ["upstreams[].healthchecks.active.unhealthy.",
                        "upstreams[].healthchecks.passive.unhealthy."],
     "TARGET_KEYS": ["upstreams[].targets[]."],
+    "QUEUE_KEYS": ["upstreams[].queue."],
     "SERVICE_KEYS": ["services[]."],
     "ROUTE_KEYS": ["services[].routes[]."],
     "ADDRESS_MATCH_KEYS": ["services[].routes[].sources[].", "services[].routes[].destinations[]."],

@@ -199,4 +199,5 @@ def test_dump_is_plain_data_in_the_files_own_shape(conf_dir: Path):  # noqa: F81
     assert document["upstreams"][0]["healthchecks"]["passive"]["fail_timeout"] == "1d2h3m4s5ms"
     assert document["stream_listen"][2] == "[::1]:9500 ssl proxy_protocol backlog=16384"
     assert document["services"][0]["routes"][0]["sources"][1] == {"ip": "2001:db8::/32"}
-    assert document["upstreams"][0]["targets"][1] == {"target": "[::1]:1026", "weight": 65535}
+    assert document["upstreams"][0]["targets"][1] == {"target": "[::1]:1026", "weight": 65535,
+                                                      "backup": False, "max_conns": 0, "slow_start": "0s"}

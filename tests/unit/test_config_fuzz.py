@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import re
-import socket
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import pyproxy.dns
 from pyproxy.config import Config, ConfigError, config_as_yaml, load_config
+from pyproxy.config.model import Answer
 from tests.unit.test_config import EXAMPLE, make_certificate
 from tests.unit.test_config_dump import without_places
 
@@ -134,10 +135,10 @@ def example_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module", autouse=True)
 def no_dns():
     """Mutations turn addresses into host names: answer them all "unknown", fast and without a network."""
-    def refuse(host, *args, **kwargs):
-        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+    def refuse(hosts, settings, timeout=10.0):
+        return {host: Answer(error="not found (NXDOMAIN)", not_found=True) for host in hosts}
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(socket, "getaddrinfo", refuse)
+        patch.setattr(pyproxy.dns, "resolve_now", refuse)
         yield
 
 
