@@ -128,15 +128,16 @@ class AdminAPI:
         return 200, {
             "tagline": "Welcome to pyproxy", "version": __version__,
             "hostname": os.uname().nodename, "node_id": str(uuid.uuid5(uuid.NAMESPACE_URL, state.path)),
-            "configuration": {"database": "off", "admin_state": state.path,
+            "configuration": {"database": state.database, "admin_state": state.source,
                               "prefix": os.path.dirname(state.config_path), "role": "traditional"},
             "plugins": {"available_on_server": {name: {"version": __version__} for name in STREAM_PLUGINS},
                         "enabled_in_cluster": sorted({str(p["name"]) for p in state.document["plugins"]})},
         }
 
     def status(self) -> Answer:
-        """Kong's `GET /status`, of what pyproxy has: the state is a file, always reachable."""
-        return 200, {"database": {"reachable": True},
+        """Kong's `GET /status`, of what pyproxy has: whether changes can be kept now (a file always,
+        a database while it answers), and the hash of the entities served."""
+        return 200, {"database": {"reachable": self.state.reachable},
                      "configuration_hash": _hash(render(self.state.document))}
 
     # -- reading ----------------------------------------------------------------------------------

@@ -35,9 +35,11 @@ MAX_CLIENTS = 32              # with MAX_BODY, what abusive clients can make the
 MAX_HEAD = 16384              # the request line and headers
 MAX_BODY = 10 << 20           # Kong's nginx_admin_client_max_body_size
 REQUEST_TIMEOUT = 10.0
+STALE_RETRIES = 5             # a change made again on entities that another instance changed meanwhile
 REASONS = {100: "Continue", 200: "OK", 201: "Created", 204: "No Content", 400: "Bad Request",
            404: "Not Found", 405: "Method Not Allowed", 409: "Conflict", 413: "Payload Too Large",
-           431: "Request Header Fields Too Large", 500: "Internal Server Error", 501: "Not Implemented"}
+           431: "Request Header Fields Too Large", 500: "Internal Server Error", 501: "Not Implemented",
+           503: "Service Unavailable"}
 
 
 class AdminProcess(StatusProcess):
@@ -53,7 +55,7 @@ class AdminProcess(StatusProcess):
     def follow(self, config: Config) -> None:  # type: ignore[override]
         """At start and after each reload that succeeded: an admin process when admin_listen is
         set, started again if its address or state file changed."""
-        settings = (config.admin_listen, config.admin_state, config.path)
+        settings = (config.admin_listen, config.admin_state, config.admin_database, config.path)
         self.config = config
         if settings == self.settings:
             return
@@ -97,8 +99,12 @@ class AdminProcess(StatusProcess):
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         self.pid = pid
         self.started = time.monotonic()
-        self.log.notice(f"start admin process {pid} on {host_port(*config.admin_listen)}, "
-                        f"entities in {config.admin_state}")
+        if config.admin_database is not None:
+            from pyproxy.config.validate import redacted
+            kept = f"{redacted(config.admin_database)} (cached in {config.admin_state})"
+        else:
+            kept = config.admin_state
+        self.log.notice(f"start admin process {pid} on {host_port(*config.admin_listen)}, entities in {kept}")
 
 
 def _close_inherited(log_fd: int) -> None:
@@ -129,6 +135,10 @@ class AdminServer(StatusServer):
         from .api import AdminAPI
         from .state import StateFile
         self.state = StateFile(config.admin_state, config.path, self.changed, log.warn)
+        if config.admin_database is not None:
+            from .database import DatabaseState
+            self.state = DatabaseState(config.admin_database, config.admin_state, config.path, self.changed,
+                                       log)
         self.api = AdminAPI(self.state)
         self.clients: set[HttpConnection] = set()
 
@@ -137,7 +147,7 @@ class AdminServer(StatusServer):
         self.loop = Loop()
         self.loop.on_error = self.on_callback_error
         self._install_signals()
-        self.state.read()
+        self.state.start(self.loop)
         host, port = self.address
         self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -184,7 +194,18 @@ class AdminServer(StatusServer):
             owner.write()
 
     def answer(self, method: str, target: str, content_type: str, body: bytes) -> tuple[int, object]:
-        status, answer = self.api.handle(method, target, content_type, body)
+        """The API's answer; a change is made on the entities as they are now (another instance may
+        have changed shared ones), and made again on the newer ones if they changed meanwhile."""
+        from .state import Stale
+        for attempt in range(STALE_RETRIES):
+            if method != "GET":
+                self.state.refresh()
+            try:
+                status, answer = self.api.handle(method, target, content_type, body)
+                break
+            except Stale:
+                if attempt + 1 == STALE_RETRIES:
+                    status, answer = 409, {"message": "the entities kept changing meanwhile: try again"}
         if method != "GET" and status < 300:
             self.log.notice(f"admin: {method} {target.split('?', 1)[0]}: {status}")
         return status, answer

@@ -23,6 +23,7 @@ import yaml
 from pyproxy.config import Config, ConfigError, ConfigIssue, YamlFile, load_sources
 from pyproxy.config.loader import read_document
 from pyproxy.kong.translate import kong_id
+from pyproxy.loop import Loop
 
 from .entities import KINDS, ApiError, schema_violation, url_fields
 
@@ -35,8 +36,15 @@ def empty() -> Document:
     return {kind: [] for kind in ORDER}
 
 
+class Stale(Exception):
+    """Another instance changed the shared entities since this one read them (DatabaseState): the
+    request is answered again on the newer ones."""
+
+
 class StateFile:
     """The document of entities and the file that keeps it."""
+
+    database = "off"          # Kong's `database` setting that this state matches
 
     def __init__(self, path: str, config_path: str, changed: Callable[[], None], warn: Callable[[str], None]):
         self.path = path
@@ -45,14 +53,43 @@ class StateFile:
         self.warn = warn
         self.document = empty()
 
+    @property
+    def source(self) -> str:
+        """Where the entities are kept, as the Admin API's `GET /` shows it."""
+        return self.path
+
+    @property
+    def reachable(self) -> bool:
+        """Whether changes can be kept: a file always can."""
+        return True
+
+    def start(self, loop: Loop) -> None:
+        """In the admin process, once its loop exists: the entities of the state file."""
+        self.read()
+
     def read(self) -> None:
         """The entities of the state file (none when it does not exist yet)."""
         if os.path.exists(self.path):
             self.document = flatten(plain(read_document(self.path).root))
 
+    def refresh(self) -> None:
+        """Before a change: the entities as they are now. Nobody else changes a file."""
+
     def commit(self, candidate: Document, blame: tuple[str, int] | None) -> None:
         """Make `candidate` the state if the configuration loads with it, else raise Kong's 400,
         its `fields` those of the entity at `blame` (kind, index) and `@entity` the rest."""
+        temporary, config = self.loaded(candidate, blame)
+        try:
+            self.publish(candidate)
+            os.replace(temporary, self.path)
+        except BaseException:
+            unlink_if_there(temporary)
+            raise
+        self.adopted(candidate, config)
+
+    def loaded(self, candidate: Document, blame: tuple[str, int] | None) -> tuple[str, Config]:
+        """A temporary file beside the state file holding `candidate`, and the configuration
+        loaded with it; Kong's 400 (no file left) if it does not load."""
         folder = os.path.dirname(self.path)
         fd, temporary = tempfile.mkstemp(prefix=".admin_state.", suffix=".yml", dir=folder)
         try:
@@ -61,17 +98,21 @@ class StateFile:
                 stream.flush()
                 os.fsync(stream.fileno())
             try:
-                config = load_sources([YamlFile(self.config_path)], admin_state=temporary)
+                return temporary, load_sources([YamlFile(self.config_path)], admin_state=temporary)
             except ConfigError as exc:
                 raise invalid(exc.errors, temporary, blame, self.path) from None
-            os.replace(temporary, self.path)
         except BaseException:
-            try:
-                os.unlink(temporary)
-            except FileNotFoundError:
-                pass
+            unlink_if_there(temporary)
             raise
-        directory = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+
+    def publish(self, candidate: Document) -> None:
+        """Where the state is shared (DatabaseState), `candidate` is written there first; a file is
+        its own truth."""
+
+    def adopted(self, candidate: Document, config: Config) -> None:
+        """`candidate` was renamed over the state file and loads as `config`: it is the state now,
+        and the master reloads."""
+        directory = os.open(os.path.dirname(self.path), os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(directory)
         finally:
@@ -87,6 +128,13 @@ class StateFile:
                 self.warn(f"admin: route {route!r} names destinations port {port}, where no "
                           f"stream_listen entry of {self.config_path} listens: it matches nothing until "
                           "one does")
+
+
+def unlink_if_there(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def unheard_ports(config: Config) -> list[tuple[str, int]]:

@@ -74,3 +74,16 @@ def test_a_name_the_pyproxy_file_has_is_refused_naming_both_places(tmp_path: Pat
     assert status == 400
     assert body["fields"] == {"@entity": [
         f"service 'db' is defined in {path} (line 4) and in {tmp_path / 'admin_state.yml'} (line 3)"]}
+
+
+def test_admin_state_may_name_a_postgresql_database(tmp_path: Path):
+    config = load_config(conf(tmp_path, "admin_listen: 8001\nadmin_state: postgres://kong:s3cret@db:5432/kong\n"))
+    assert config.admin_database == "postgres://kong:s3cret@db:5432/kong"
+    assert config.admin_state == str(tmp_path / "admin_state.cache.yml")       # what reloads read
+    with pytest.raises(ConfigError) as refused:
+        load_config(conf(tmp_path, "admin_listen: 8001\nadmin_state: postgres://kong:s3cret@db:5432\n"))
+    assert ("pyproxy.conf:4: admin_state: 'postgres://kong:***@db:5432' names no database: "
+            "postgres://USER@HOST:PORT/DATABASE") in str(refused.value)
+    with pytest.raises(ConfigError) as refused:
+        load_config(conf(tmp_path, "admin_listen: 8001\nadmin_state: postgresql://db:99999/kong\n"))
+    assert "'postgresql://db:99999/kong': the port is not one from 1 to 65535" in str(refused.value)
