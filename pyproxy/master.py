@@ -109,6 +109,7 @@ class Reload:
     procs: list[WorkerProcess] = field(default_factory=list)
     old: list[WorkerProcess] = field(default_factory=list)
     deadline: float = 0.0
+    told: int = 0                    # what the Admin API had said of targets when it started loading
 
 
 class Master:
@@ -121,7 +122,7 @@ class Master:
         self.listeners = ListenerSet()
         self.shared = SharedState()      # mapped before any fork: every worker sees the same memory
         self.status = StatusProcess(log)      # /metrics and /status, away from the workers
-        self.admin = AdminProcess(log)        # the Admin API (admin_listen), away from the workers
+        self.admin = AdminProcess(log, self.shared.health)   # the Admin API (admin_listen), away from workers
         self.workers: dict[int, WorkerProcess] = {}
         self.generation = 1
         self.signals: list[int] = []
@@ -594,6 +595,7 @@ class Master:
             self.reload_failed(f"cannot start the configuration loader: pipe2() failed "
                                f"({exc.errno}: {exc.strerror})")
             return
+        told = self.shared.health.admin_version()    # the loader reads the admin state after this
         try:
             pid = self.fork_child()
         except OSError as exc:
@@ -613,7 +615,7 @@ class Master:
             fcntl.fcntl(result_r, fcntl.F_SETPIPE_SZ, 1 << 20)    # fewer wakeups for a large Config
         except OSError:
             pass
-        self.reload = Reload(self.generation + 1, pid, result_r)
+        self.reload = Reload(self.generation + 1, pid, result_r, told=told)
 
     def _read_loader_result(self, reload: Reload) -> None:
         """Take what the loader wrote so far; its end of the pipe closing means it is done."""
@@ -672,6 +674,7 @@ class Master:
         self.listeners.close_unused(configured_listens(config))
         self.log.configure(config.error_log, config.log_level)
         self.config, self.tls = config, tls
+        self.shared.health.forget_weights(reload.told)     # the new generation's config has them
         self.status.follow(config, self.listeners)
         self.admin.follow(config)
         reload.old, reload.phase = old, "quiescing"

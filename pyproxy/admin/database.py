@@ -32,6 +32,7 @@ from psycopg.types.json import Json
 from pyproxy.config.validate import redacted
 from pyproxy.log import ErrorLog
 from pyproxy.loop import EPOLLIN, Loop
+from pyproxy.shared import HealthTable
 
 from .entities import ApiError
 from .state import ORDER, Document, Stale, StateFile, unlink_if_there
@@ -56,8 +57,9 @@ class DatabaseState(StateFile):
 
     database = "postgres"
 
-    def __init__(self, url: str, path: str, config_path: str, changed: Callable[[], None], log: ErrorLog):
-        super().__init__(path, config_path, changed, log.warn)
+    def __init__(self, url: str, path: str, config_path: str, changed: Callable[[], None], log: ErrorLog,
+                 health: HealthTable | None = None):
+        super().__init__(path, config_path, changed, log.warn, health)
         self.url = url
         self.log = log
         self.loop: Loop | None = None

@@ -28,6 +28,7 @@ from pyproxy.addresses import host_port
 from pyproxy.config.model import Config
 from pyproxy.log import ErrorLog
 from pyproxy.loop import EPOLLET, EPOLLIN, Loop
+from pyproxy.shared import HealthTable
 from pyproxy.status import MASTER_SIGNALS, RESPAWN_DELAY, HttpConnection, StatusProcess, StatusServer, _kill
 
 TITLE = "pyproxy: admin process"
@@ -48,9 +49,10 @@ class AdminProcess(StatusProcess):
 
     NAME = "admin process"
 
-    def __init__(self, log: ErrorLog):
+    def __init__(self, log: ErrorLog, health: HealthTable):
         super().__init__(log)
         self.config: Config | None = None
+        self.health = health            # the workers' (pyproxy.shared), where target health is told
 
     def follow(self, config: Config) -> None:  # type: ignore[override]
         """At start and after each reload that succeeded: an admin process when admin_listen is
@@ -93,7 +95,7 @@ class AdminProcess(StatusProcess):
             code = 1
             try:
                 _close_inherited(self.log.fd)
-                code = AdminServer(self.log, config, master_pid).run()
+                code = AdminServer(self.log, config, master_pid, self.health).run()
             finally:
                 os._exit(code)
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
@@ -126,7 +128,7 @@ class AdminServer(StatusServer):
 
     NAME = "admin process"
 
-    def __init__(self, log: ErrorLog, config: Config, master_pid: int):
+    def __init__(self, log: ErrorLog, config: Config, master_pid: int, health: HealthTable):
         super().__init__(log, [], master_pid, None, "")
         assert config.admin_listen is not None and config.admin_state is not None
         self.address = config.admin_listen
@@ -134,11 +136,11 @@ class AdminServer(StatusServer):
         # carry the Admin API's modules (and the Kong translation they import).
         from .api import AdminAPI
         from .state import StateFile
-        self.state = StateFile(config.admin_state, config.path, self.changed, log.warn)
+        self.state = StateFile(config.admin_state, config.path, self.changed, log.warn, health)
         if config.admin_database is not None:
             from .database import DatabaseState
             self.state = DatabaseState(config.admin_database, config.admin_state, config.path, self.changed,
-                                       log)
+                                       log, health)
         self.api = AdminAPI(self.state)
         self.clients: set[HttpConnection] = set()
 

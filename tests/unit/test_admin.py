@@ -87,3 +87,20 @@ def test_admin_state_may_name_a_postgresql_database(tmp_path: Path):
     with pytest.raises(ConfigError) as refused:
         load_config(conf(tmp_path, "admin_listen: 8001\nadmin_state: postgresql://db:99999/kong\n"))
     assert "'postgresql://db:99999/kong': the port is not one from 1 to 65535" in str(refused.value)
+
+
+def test_a_change_of_targets_weights_only_is_told_not_reloaded():
+    from pyproxy.admin.state import empty, reweighed
+    before = empty()
+    before["upstreams"] = [{"id": "u", "name": "pool"}]
+    before["targets"] = [{"id": "t1", "target": "10.0.0.1:80", "weight": 100, "upstream": {"id": "u"},
+                          "updated_at": 1}, {"id": "t2", "target": "10.0.0.2:80", "weight": 100,
+                                             "upstream": {"id": "u"}, "updated_at": 1}]
+    after = {kind: [dict(e) for e in items] for kind, items in before.items()}
+    after["targets"][1].update(weight=0, updated_at=2)
+    assert reweighed(before, after) == {"t2": 0}
+    after["targets"][1]["target"] = "10.0.0.3:80"                  # more than a weight
+    assert reweighed(before, after) is None
+    assert reweighed(before, {**before, "targets": before["targets"][:1]}) is None      # one deleted
+    assert reweighed(before, {**before, "services": [{"id": "s"}]}) is None
+    assert reweighed(before, before) is None                        # nothing to tell
