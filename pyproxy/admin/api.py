@@ -271,8 +271,14 @@ class AdminAPI:
 
     def page(self, kind: str, parent: tuple[str, dict[str, object]] | None, query: dict[str, str],
              path: str) -> dict[str, object]:
-        """One page of a list, Kong's way: `data`, and `next` and `offset` while more follow."""
+        """One page of a list, Kong's way: `data`, and `next` and `offset` while more follow; with
+        `?tags=a,b` those tagged both, `?tags=a/b` either."""
         items = self.children(kind, parent)
+        tags = query.get("tags")
+        if tags is not None:
+            wanted, every = _tags_filter(tags)
+            check = all if every else any
+            items = [e for e in items if check(tag in _list(e.get("tags")) for tag in wanted)]
         written = query.get("size")
         size = DEFAULT_SIZE
         if written is not None:
@@ -298,7 +304,8 @@ class AdminAPI:
         answer: dict[str, object] = {"data": data, "next": None}
         if start + size < len(items):
             token = base64.urlsafe_b64encode(str(items[start + size]["id"]).encode()).decode()
-            extra = f"&size={size}" if written is not None else ""
+            extra = (f"&tags={quote(tags)}" if tags is not None else "") + (
+                f"&size={size}" if written is not None else "")
             answer["offset"] = token
             answer["next"] = f"{path}?offset={quote(token)}{extra}"
         return answer
@@ -485,6 +492,27 @@ class AdminAPI:
             sni.update(id=str(uuid.uuid4()), created_at=certificate["created_at"],
                        updated_at=certificate["updated_at"])
             candidate["snis"].append(sni)
+
+
+def _list(value: object) -> list[object]:
+    return value if isinstance(value, list) else []
+
+
+def _tags_filter(text: str) -> tuple[list[str], bool]:
+    """Kong's `tags` filter: (the tags, whether all must be there), or its `invalid options`."""
+    problem = ""
+    every = "/" not in text
+    wanted = text.split("," if every else "/")
+    if not text:
+        problem = "cannot be null"
+    elif ("," in text and "/" in text) or not all(wanted):
+        problem = "invalid filter syntax"
+    elif len(wanted) > 5:
+        problem = "cannot query more than 5 tags"
+    if problem:
+        raise ApiError(400, {"code": 11, "name": "invalid options",
+                             "message": f"invalid option (tags: {problem})", "options": {"tags": problem}})
+    return wanted, every
 
 
 def _get(record: object, *path: str) -> object:

@@ -5,16 +5,18 @@ Like the status process (pyproxy.status), the master forks one small process for
 (so no worker ever holds that socket), keeps the entities (`StateFile`), and after each change that
 loaded it sends the master a SIGHUP: the same reload as `pyproxy -s reload`, coalesced by
 `reload_coalesce`. It holds at most MAX_CLIENTS connections; a request must arrive whole within
-REQUEST_TIMEOUT, its body at most MAX_BODY bytes (413 beyond).
+REQUEST_TIMEOUT, its body at most MAX_BODY bytes (413 beyond); with `admin_token`, its head must
+carry the token in `Kong-Admin-Token` (401 otherwise, before any body is read).
 
 `AdminProcess` is the master's side: it forks the process, restarts it when it dies (after a delay
 that grows while it keeps dying: a port someone else holds), replaces it when a reload changes
-admin_listen or admin_state, and stops it when the master exits.
+admin_listen, admin_state or admin_token, and stops it when the master exits.
 """
 
 from __future__ import annotations
 
 import errno
+import hmac
 import json
 import os
 import signal
@@ -38,9 +40,9 @@ MAX_BODY = 10 << 20           # Kong's nginx_admin_client_max_body_size
 REQUEST_TIMEOUT = 10.0
 STALE_RETRIES = 5             # a change made again on entities that another instance changed meanwhile
 REASONS = {100: "Continue", 200: "OK", 201: "Created", 204: "No Content", 400: "Bad Request",
-           404: "Not Found", 405: "Method Not Allowed", 409: "Conflict", 413: "Payload Too Large",
-           431: "Request Header Fields Too Large", 500: "Internal Server Error", 501: "Not Implemented",
-           503: "Service Unavailable"}
+           401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed", 409: "Conflict",
+           413: "Payload Too Large", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
+           501: "Not Implemented", 503: "Service Unavailable"}
 
 
 class AdminProcess(StatusProcess):
@@ -57,7 +59,8 @@ class AdminProcess(StatusProcess):
     def follow(self, config: Config) -> None:  # type: ignore[override]
         """At start and after each reload that succeeded: an admin process when admin_listen is
         set, started again if its address or state file changed."""
-        settings = (config.admin_listen, config.admin_state, config.admin_database, config.path)
+        settings = (config.admin_listen, config.admin_state, config.admin_database, config.admin_token,
+                    config.path)
         self.config = config
         if settings == self.settings:
             return
@@ -132,6 +135,7 @@ class AdminServer(StatusServer):
         super().__init__(log, [], master_pid, None, "")
         assert config.admin_listen is not None and config.admin_state is not None
         self.address = config.admin_listen
+        self.token = config.admin_token.encode() if config.admin_token is not None else None
         # Imported in the admin process only: the master, which every worker is forked from, does not
         # carry the Admin API's modules (and the Kong translation they import).
         from .api import AdminAPI
@@ -273,6 +277,11 @@ class AdminClient(HttpConnection):
                 name, _, value = line.partition(":")
                 headers[name.strip().lower()] = value.strip()
             self.head = (request[0], request[1], headers, end + 4)
+            token = self.server.token
+            if token is not None and not hmac.compare_digest(
+                    headers.get("kong-admin-token", "").encode("latin-1"), token):
+                self.respond(401, {"message": "Invalid credentials. Token or User credentials required"})
+                return True
         method, target, headers, start = self.head
         length = headers.get("content-length", "0")
         if "chunked" in headers.get("transfer-encoding", "").lower() or not length.isdigit():

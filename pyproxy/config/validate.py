@@ -59,6 +59,7 @@ TOP_LEVEL_KEYS = (
     "plugin_modules", "user", "status_listen",
     "error_log", "log_level", "access_log", "access_log_format", "stream_listen", "ssl", "certificates",
     "upstreams", "services", "plugins", "declarative_config", "gateway", "admin_listen", "admin_state",
+    "admin_token",
 )
 SSL_KEYS = ("protocols", "ciphers", "default_certificate", "client_certificate", "preread_timeout",
             "handshake_timeout")
@@ -175,6 +176,7 @@ def build_config(report: Report, document: object) -> Config | None:
         admin_listen=admin_listen,
         admin_state=os.path.join(base, ADMIN_CACHE) if is_database_url(admin_state) else admin_state,
         admin_database=admin_state if is_database_url(admin_state) else None,
+        admin_token=root.get("admin_token", _admin_token),
         hostnames=tuple(report.hostnames),
     )
 
@@ -453,6 +455,15 @@ def _admin_listen(value: object) -> tuple[str, int]:
         raise Invalid(f"{host_port(host, port)} is not a loopback address, and the Admin API has no "
                       f"authentication: write `{host_port(host, port)} public` to serve it there anyway")
     return host, port
+
+
+def _admin_token(value: object) -> str:
+    """The token every Admin API request must carry in `Kong-Admin-Token` (Kong Enterprise's header)."""
+    text = parse_text(value)
+    if len(text) < 16 or not text.isprintable() or text != text.strip():
+        raise Invalid("expected at least 16 printable characters, without spaces around them (a secret "
+                      "nobody can guess: `openssl rand -hex 24` makes one)")
+    return text
 
 
 def is_database_url(value: object) -> bool:

@@ -3,6 +3,7 @@ bodies, Kong's error fields, and a state file that only ever holds a configurati
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -104,3 +105,24 @@ def test_a_change_of_targets_weights_only_is_told_not_reloaded():
     assert reweighed(before, {**before, "targets": before["targets"][:1]}) is None      # one deleted
     assert reweighed(before, {**before, "services": [{"id": "s"}]}) is None
     assert reweighed(before, before) is None                        # nothing to tell
+
+
+def test_lists_filtered_by_tags_as_kong_does(tmp_path: Path):
+    api = AdminAPI(StateFile(str(tmp_path / "admin_state.yml"), conf(tmp_path, "admin_listen: 8001\n"),
+                             lambda: None, print))
+    for name, tags in (("a", ["db", "eu"]), ("b", ["db"]), ("c", ["eu"]), ("d", None)):
+        assert api.handle("POST", "/upstreams", "application/json",
+                          json.dumps({"name": name, "tags": tags}).encode())[0] == 201
+
+    def names(query: str) -> list[str]:
+        status, page = api.handle("GET", f"/upstreams?{query}", "", b"")
+        assert status == 200, page
+        return [u["name"] for u in page["data"]]
+
+    assert names("tags=db,eu") == ["a"]
+    assert names("tags=db/eu") == ["a", "b", "c"]
+    assert names("tags=db") == ["a", "b"]
+    assert api.handle("GET", "/upstreams?tags=db&size=1", "", b"")[1]["next"].endswith("&tags=db&size=1")
+    assert api.handle("GET", "/upstreams?tags=db,eu/x", "", b"") == (400, {
+        "code": 11, "name": "invalid options", "message": "invalid option (tags: invalid filter syntax)",
+        "options": {"tags": "invalid filter syntax"}})
