@@ -3,10 +3,11 @@
 Like the status process (pyproxy.status), the master forks one small process for it, named
 `pyproxy: admin process`, with one loop of its own and no threads, at nice +10 (under CPU contention
 the workers go first). It binds `admin_listen` itself (so no worker ever holds that socket), keeps
-the entities (`StateFile`), and after each change that loaded it sends the master a SIGHUP: the same reload as `pyproxy -s reload`, coalesced by
-`reload_coalesce`. It holds at most MAX_CLIENTS connections; a request must arrive whole within
-REQUEST_TIMEOUT, its body at most MAX_BODY bytes (413 beyond); with `admin_token`, its head must
-carry the token in `Kong-Admin-Token` (401 otherwise, before any body is read).
+the entities (`StateFile`), and after each change that loaded it sends the master a SIGHUP: the
+same reload as `pyproxy -s reload`, coalesced by `reload_coalesce`. It holds at most MAX_CLIENTS
+connections; a request must arrive whole within REQUEST_TIMEOUT, its body at most MAX_BODY bytes
+(413 beyond); with `admin_token`, its head must carry the token in `Kong-Admin-Token` (401
+otherwise, before any body is read).
 
 `AdminProcess` is the master's side: it forks the process, restarts it when it dies (after a delay
 that grows while it keeps dying: a port someone else holds), replaces it when a reload changes
