@@ -48,6 +48,7 @@ from .entities import (
     unique_violation,
     url_fields,
     with_defaults,
+    with_digest,
 )
 from .state import Document, StateFile, flatten, invalid, plain, reference_id, render
 
@@ -364,6 +365,7 @@ class AdminAPI:
             merge_into(entity, self.resolved(KINDS[kind], values, candidate))
             entity["updated_at"] = int(time.time())
             self.unique(KINDS[kind], entity, candidate)
+            with_digest(KINDS[kind], entity)
             if isinstance(snis, list):
                 self.attach_snis(entity, snis, candidate)
         candidate[kind][index] = entity
@@ -449,6 +451,7 @@ class AdminAPI:
                                  "message": f"primary key violation on key '{{id=\"{entity['id']}\"}}'",
                                  "fields": {"id": entity["id"]}})
         self.unique(kind, entity, candidate)
+        with_digest(kind, entity)
         if isinstance(snis, list):
             self.attach_snis(entity, snis, candidate)
         return entity

@@ -29,7 +29,7 @@ from pyproxy.shared import ADMIN_HEALTHY, ADMIN_UNHEALTHY, HealthTable
 
 from .entities import KINDS, ApiError, schema_violation, url_fields
 
-ORDER = ("services", "routes", "upstreams", "targets", "certificates", "snis", "plugins")
+ORDER = ("services", "routes", "upstreams", "targets", "ca_certificates", "certificates", "snis", "plugins")
 Document = dict[str, list[dict[str, object]]]
 _STEP = re.compile(r"\.?([^.\[\]]+)|\[(\d+)\]")
 
@@ -319,7 +319,8 @@ def flatten(root: object) -> Document:
             add("snis", {"name": sni} if isinstance(sni, str) else sni, f"{path}.snis[{index}]",
                 {"certificate": {"id": full["id"]}})
 
-    for kind in ("certificates", "snis", "upstreams", "targets", "services", "routes", "plugins"):
+    for kind in ("ca_certificates", "certificates", "snis", "upstreams", "targets", "services", "routes",
+                 "plugins"):
         items = root.get(kind)
         for index, entity in enumerate(items if isinstance(items, list) else []):
             add(kind, entity, f"{kind}[{index}]", {})

@@ -126,3 +126,27 @@ def test_lists_filtered_by_tags_as_kong_does(tmp_path: Path):
     assert api.handle("GET", "/upstreams?tags=db,eu/x", "", b"") == (400, {
         "code": 11, "name": "invalid options", "message": "invalid option (tags: invalid filter syntax)",
         "options": {"tags": "invalid filter syntax"}})
+
+
+def test_ca_certificates_with_kongs_digest_and_services_naming_them(tmp_path: Path):
+    import hashlib
+    import ssl
+
+    from tests.support import make_ca
+    api = AdminAPI(StateFile(str(tmp_path / "admin_state.yml"), conf(tmp_path, "admin_listen: 8001\n"),
+                             lambda: None, print))
+    pem = make_ca(tmp_path)[0].read_text()
+    status, ca = api.handle("POST", "/ca_certificates", "application/json",
+                            json.dumps({"cert": pem}).encode())
+    assert status == 201
+    assert ca["cert_digest"] == hashlib.sha256(ssl.PEM_cert_to_DER_cert(pem)).hexdigest()
+    assert api.handle("GET", f"/ca_certificates/{ca['id']}", "", b"") == (200, ca)
+    status, service = api.handle("POST", "/services", "application/x-www-form-urlencoded",
+                                 f"name=s&url=tls://127.0.0.1:9&tls_verify=true&ca_certificates[]={ca['id']}"
+                                 .encode())
+    assert (status, service["ca_certificates"]) == (201, [ca["id"]])
+    status, body = api.handle("PATCH", "/services/s", "application/json",
+                              b'{"ca_certificates": ["6c5f6e36-0ff0-4a8a-8d17-0c9c5a0e6b1d"]}')
+    assert status == 400 and "no such entry in 'ca_certificates'" in body["message"]
+    status, body = api.handle("POST", "/ca_certificates", "application/json", b'{"cert": "not a pem"}')
+    assert (status, list(body["fields"])) == (400, ["cert"])
