@@ -220,3 +220,34 @@ def test_a_restart_during_an_outage_comes_back_with_the_last_entities(fleet, ups
     a.wait_log(f"admin: {postgres.url} answers again", timeout=5)
     assert call(a.admin, "DELETE", "/routes/kept") == (204, None)
     wait_until(lambda: not hashed(port, "127.0.0.1"), timeout=3, what="the route gone")
+
+
+def test_a_change_made_on_entities_another_instance_changed_meanwhile_is_stale(postgres, tmp_path):
+    """Two admin states on one database, without their loops: the second writes without having
+    followed the first's change, and is told so (the admin process then answers again on the newer
+    entities, AdminServer.answer); once it followed, its change is made on top of the first's."""
+    from pyproxy.admin.api import AdminAPI
+    from pyproxy.admin.database import DatabaseState
+    from pyproxy.admin.state import Stale
+    from pyproxy.log import ErrorLog
+
+    states = []
+    for name in ("a", "b"):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "pyproxy.conf").write_text(f"stream_listen: [127.0.0.1:{free_port()}]\naccess_log: off\n"
+                                             f"admin_listen: {free_port()}\nadmin_state: {postgres.url}\n")
+        states.append(DatabaseState(postgres.url, str(folder / "admin_state.cache.yml"),
+                                    str(folder / "pyproxy.conf"), lambda: None, ErrorLog("stderr")))
+    for state in states:
+        state.read()
+        state.sync()
+    a, b = (AdminAPI(state) for state in states)
+    assert a.handle("POST", "/upstreams", "application/json", b'{"name": "first"}')[0] == 201
+    with pytest.raises(Stale):
+        b.handle("POST", "/upstreams", "application/json", b'{"name": "second"}')
+    states[1].refresh()
+    assert b.handle("POST", "/upstreams", "application/json", b'{"name": "second"}')[0] == 201
+    states[0].refresh()
+    assert [u["name"] for u in a.handle("GET", "/upstreams", "", b"")[1]["data"]] == ["first", "second"]
+    assert states[0].version == states[1].version == 2
