@@ -109,7 +109,6 @@ class Reload:
     procs: list[WorkerProcess] = field(default_factory=list)
     old: list[WorkerProcess] = field(default_factory=list)
     deadline: float = 0.0
-    told: int = 0                    # what the Admin API had said of targets when it started loading
 
 
 class Master:
@@ -595,7 +594,9 @@ class Master:
             self.reload_failed(f"cannot start the configuration loader: pipe2() failed "
                                f"({exc.errno}: {exc.strerror})")
             return
-        told = self.shared.health.admin_version()    # the loader reads the admin state after this
+        # Targets' weights the Admin API told the workers are in its state file, which the loader reads
+        # after this: the new generation has them from there, not from what a later change replaced.
+        self.shared.health.forget_weights(self.shared.health.admin_version())
         try:
             pid = self.fork_child()
         except OSError as exc:
@@ -615,7 +616,7 @@ class Master:
             fcntl.fcntl(result_r, fcntl.F_SETPIPE_SZ, 1 << 20)    # fewer wakeups for a large Config
         except OSError:
             pass
-        self.reload = Reload(self.generation + 1, pid, result_r, told=told)
+        self.reload = Reload(self.generation + 1, pid, result_r)
 
     def _read_loader_result(self, reload: Reload) -> None:
         """Take what the loader wrote so far; its end of the pipe closing means it is done."""
@@ -674,7 +675,6 @@ class Master:
         self.listeners.close_unused(configured_listens(config))
         self.log.configure(config.error_log, config.log_level)
         self.config, self.tls = config, tls
-        self.shared.health.forget_weights(reload.told)     # the new generation's config has them
         self.status.follow(config, self.listeners)
         self.admin.follow(config)
         reload.old, reload.phase = old, "quiescing"

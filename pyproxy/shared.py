@@ -215,8 +215,8 @@ class HealthTable:
             self.lock.release()
 
     def forget_weights(self, upto: int) -> None:
-        """In the master, once a generation loaded after version `upto` serves: the weights said
-        until then are in its configuration (the Admin API wrote them to its state first)."""
+        """In the master, before a reload's loader reads the configuration: the weights said until
+        version `upto` are in it (the Admin API wrote them to its state first)."""
         if not self.lock.acquire(timeout=ADMIN_LOCK_WAIT):
             return
         try:

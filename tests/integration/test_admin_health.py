@@ -111,3 +111,15 @@ def test_weight_zero_drains_a_target_its_open_sessions_go_on(proxy, upstreams):
     p.reload()                                   # the state file has the weights: a reload agrees
     assert answering(p) == {"a", "b"}
     assert reloads(p) == before + 1
+
+
+def test_a_weight_told_then_replaced_by_a_reloading_change_is_not_applied_again(proxy, upstreams):
+    p, _, b = start(proxy, upstreams)
+    assert call(p.admin, "PATCH", f"/upstreams/pool/targets/{b.target}", {"weight": 0})[0] == 200
+    wait_until(lambda: answering(p) == {"a"}, timeout=3, what="no new session on b")
+    before = reloads(p)
+    # Not only a weight: a reload, whose new generation has weight 100 from the state file.
+    assert call(p.admin, "PATCH", f"/upstreams/pool/targets/{b.target}", {"weight": 100, "tags": ["back"]}
+                )[0] == 200
+    wait_until(lambda: reloads(p) == before + 1 and settled(p), what="one reload, complete")
+    wait_until(lambda: answering(p) == {"a", "b"}, timeout=3, what="b back in the new generation")
