@@ -38,6 +38,7 @@ from .entities import ApiError
 from .state import ORDER, Document, Stale, StateFile, unlink_if_there
 
 TABLE = "pyproxy_admin_state"       # and the channel a change is notified on
+HEALTH = "pyproxy_admin_health"     # the channel `healthy`/`unhealthy` are told the fleet on
 SCHEMA = (f"CREATE TABLE IF NOT EXISTS {TABLE} ("
           "id smallint PRIMARY KEY CHECK (id = 1), "   # one row
           "version bigint NOT NULL, "                   # raised by one at each change
@@ -119,9 +120,10 @@ class DatabaseState(StateFile):
                 conn.execute(f"INSERT INTO {TABLE} (id, version, document) VALUES (1, 0, '{{}}') "
                              "ON CONFLICT (id) DO NOTHING")
             conn.execute(f"LISTEN {TABLE}")
-            # Notifications only wake `sync`, which reads the version: a handler keeps psycopg from
-            # queueing them for a `notifies()` nobody calls.
-            conn.add_notify_handler(lambda notify: None)
+            conn.execute(f"LISTEN {HEALTH}")
+            # A change's notification only wakes `sync`, which reads the version; a health one is
+            # heard when psycopg reads it, during a query.
+            conn.add_notify_handler(self.heard)
         except BaseException:
             conn.close()
             raise
@@ -132,6 +134,32 @@ class DatabaseState(StateFile):
                         else f"admin: {self.source} answers again")
         self.problem = None
         return conn
+
+    def tell_health(self, upstream: str, addresses: list[tuple[str, int]], healthy: bool) -> None:
+        """Told to this instance's workers, then to the fleet's (as Kong broadcasts it to its cluster):
+        `upstream`, the state and the addresses on HEALTH. Not told further while the database is
+        unreachable (this instance's workers have it)."""
+        super().tell_health(upstream, addresses, healthy)
+        if self.conn is None:
+            return
+        told = "\n".join([upstream, "healthy" if healthy else "unhealthy",
+                          *(f"{ip} {port}" for ip, port in addresses)])
+        try:
+            self.conn.execute("SELECT pg_notify(%s, %s)", (HEALTH, told))
+        except psycopg.Error as exc:
+            self.lost(exc)
+
+    def heard(self, notify: psycopg.Notify) -> None:
+        """Another instance's `healthy`/`unhealthy`: told to this one's workers."""
+        if notify.channel != HEALTH or self.conn is None or notify.pid == self.conn.info.backend_pid:
+            return
+        upstream, state, *addresses = notify.payload.split("\n")
+        pairs = [(ip, int(port)) for ip, _, port in (address.partition(" ") for address in addresses)]
+        try:
+            super().tell_health(upstream, pairs, state == "healthy")
+        except ApiError as exc:
+            self.log.error(f"admin: {state!r} told by another instance for {upstream!r}: "
+                           f"{exc.body.get('message')}")
 
     def lost(self, exc: psycopg.Error) -> None:
         """The connection failed: closed, and said once until the database answers again."""

@@ -20,10 +20,13 @@ import pytest
 from tests.integration.test_admin import _answers, call, curl
 from tests.support import (
     Proxy,
+    connect,
     expected_hash_reply,
     free_port,
     hash_handler,
     pattern_bytes,
+    recv_line,
+    tag_handler,
     upload_and_hash,
     wait_until,
 )
@@ -251,3 +254,33 @@ def test_a_change_made_on_entities_another_instance_changed_meanwhile_is_stale(p
     states[0].refresh()
     assert [u["name"] for u in a.handle("GET", "/upstreams", "", b"")[1]["data"]] == ["first", "second"]
     assert states[0].version == states[1].version == 2
+
+
+def test_unhealthy_on_one_instance_takes_the_target_out_on_the_others(fleet, upstreams):
+    first, second = upstreams(tag_handler, name="first"), upstreams(tag_handler, name="second")
+    port = free_port()
+    a, b = fleet("a", "127.0.0.1", port), fleet("b", "127.0.0.2", port)
+    call(a.admin, "POST", "/upstreams", {"name": "pool"})
+    for up in (first, second):
+        call(a.admin, "POST", "/upstreams/pool/targets", {"target": up.target})
+    call(a.admin, "POST", "/services", {"name": "s", "protocol": "tcp", "host": "pool"})
+    call(a.admin, "POST", "/services/s/routes", {"protocols": ["tcp"], "destinations": [{"port": port}]})
+
+    def answering(host: str) -> set[str]:
+        names = set()
+        for _ in range(8):
+            try:
+                with connect(port, host) as sock:
+                    names.add(recv_line(sock).decode().strip())
+            except OSError:
+                names.add("")
+        return names
+
+    wait_until(lambda: answering("127.0.0.2") == {"first", "second"}, timeout=5, what="b serving both")
+    assert call(a.admin, "PUT", f"/upstreams/pool/targets/{first.target}/unhealthy") == (204, None)
+    wait_until(lambda: answering("127.0.0.2") == {"second"}, timeout=3, what="first out on b too")
+    assert answering("127.0.0.1") == {"second"}
+    by_target = {t["target"]: t["health"] for t in call(b.admin, "GET", "/upstreams/pool/health")[1]["data"]}
+    assert by_target[first.target] == "UNHEALTHY"
+    assert call(b.admin, "PUT", f"/upstreams/pool/targets/{first.target}/healthy") == (204, None)
+    wait_until(lambda: answering("127.0.0.1") == {"first", "second"}, timeout=3, what="first back on a")
