@@ -36,11 +36,13 @@ $(GATEWAY_SECRET): $(DEMO_CERT)
 run-gateway: install $(GATEWAY_SECRET)
 	$(PY) -m pyproxy.demo -c conf/pyproxy-gateway.conf
 
-# Debian packages some tests need (real peers and tools); installed only when missing.
+# Debian packages some tests need (real peers and tools); installed only when missing. PostgreSQL's
+# server is /usr/lib/postgresql/VERSION/bin/postgres, whichever VERSION Debian has.
 TEST_PACKAGES := openssl:openssl haproxy:haproxy nginx:nginx \
                  /usr/lib/nginx/modules/ngx_stream_module.so:libnginx-mod-stream \
                  redis-server:redis-server \
-                 /usr/sbin/dnsmasq:dnsmasq-base
+                 /usr/sbin/dnsmasq:dnsmasq-base \
+                 $(or $(firstword $(wildcard /usr/lib/postgresql/*/bin/postgres)),postgres):postgresql
 
 # Lint (ruff) and types (mypy, strict on pyproxy/): settings in pyproject.toml.
 lint: $(STAMP)

@@ -126,7 +126,7 @@ class Master:
         self.listeners = ListenerSet()
         self.shared = SharedState()      # mapped before any fork: every worker sees the same memory
         self.status = StatusProcess(log)      # /metrics and /status, away from the workers
-        self.admin = AdminProcess(log)        # the Admin API (admin_listen), away from the workers
+        self.admin = AdminProcess(log, self.shared.health)   # the Admin API (admin_listen), away from workers
         self.dns = DnsFollower(self.shared.dns, log.log)    # host names re-resolved, for the workers
         self.workers: dict[int, WorkerProcess] = {}
         self.generation = 1
@@ -613,6 +613,9 @@ class Master:
             self.reload_failed(f"cannot start the configuration loader: pipe2() failed "
                                f"({exc.errno}: {exc.strerror})")
             return
+        # Targets' weights the Admin API told the workers are in its state file, which the loader reads
+        # after this: the new generation has them from there, not from what a later change replaced.
+        self.shared.health.forget_weights(self.shared.health.admin_version())
         try:
             pid = self.fork_child()
         except OSError as exc:

@@ -15,7 +15,9 @@ counted across them (nginx's `limit_conn_zone`, `limit_req_zone`). Two shapes:
   master, which kills a worker whose heartbeat stopped (gunicorn's WorkerTmp, without its fchmod:
   a beat is one store to memory, no syscall).
 - `HealthTable`: each target's health as a worker last changed it (down until when, or healthy),
-  which the next generation's workers start from instead of believing every target healthy.
+  which the next generation's workers start from instead of believing every target healthy; and
+  what the Admin API said of a target (healthy, unhealthy, a new weight), which every worker applies
+  within a second, without a reload.
 - `AddressTable`: the addresses of the host names the master follows (pyproxy.dns), which the
   workers' balancers read again when its generation counter moves.
 
@@ -41,6 +43,10 @@ if TYPE_CHECKING:
 SLOTS = 4096
 ROWS = 256                 # worker processes alive at once, all generations together
 ADDRESS_TABLE_SIZE = 16 << 20    # bytes; pages are only used once written
+ADMIN_SLOTS = 1024         # target addresses the Admin API may have said something of
+ADMIN_FIELDS = 5
+ADMIN_HEALTHY, ADMIN_UNHEALTHY = 1, 2
+ADMIN_LOCK_WAIT = 0.05
 
 
 def slot_of(key: str, slots: int = SLOTS) -> int:
@@ -138,7 +144,14 @@ class HealthTable:
         self._memory = mmap.mmap(-1, slots * 16)
         self.tags = memoryview(self._memory)[:slots * 8].cast("Q")
         self.until = memoryview(self._memory)[slots * 8:].cast("d")
+        self._admin_memory = mmap.mmap(-1, (1 + ADMIN_SLOTS * ADMIN_FIELDS) * 8)
+        self.admin = memoryview(self._admin_memory).cast("q")
         self.lock = multiprocessing.Lock()
+
+    @staticmethod
+    def key(upstream: str, address: str) -> str:
+        """What a target address's health is kept under: its upstream's name and `ip:port`."""
+        return f"{upstream}\n{address}"
 
     def _place(self, key: str) -> tuple[int, int]:
         digest = hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=8).digest()
@@ -164,6 +177,75 @@ class HealthTable:
             return self.until[slot] if self.tags[slot] == tag else None
         finally:
             self.lock.release()
+
+    # -- what the Admin API said ------------------------------------------------------------------
+    # ADMIN_SLOTS entries found by linear probing (never lost to a collision), each ADMIN_FIELDS
+    # int64: a key's tag, the weight it was given (-1: none) and the version it was given at, its
+    # health (ADMIN_HEALTHY, ADMIN_UNHEALTHY; 0: none said) and the version that was said at.
+    # admin[0] is the version: it counts every change. The lock is the health's; one not had within
+    # ADMIN_LOCK_WAIT (a process killed holding it) is a store not made, a read that finds nothing.
+
+    def admin_version(self) -> int:
+        return self.admin[0]
+
+    def tell(self, key: str, weight: int | None = None, health: int | None = None) -> bool:
+        """Store what the Admin API said of `key` (in the admin process); False if it could not."""
+        tag = self._admin_tag(key)
+        if not self.lock.acquire(timeout=ADMIN_LOCK_WAIT):
+            return False
+        try:
+            base = self._admin_entry(tag, insert=True)
+            if base < 0:
+                return False
+            version = self.admin[0] + 1
+            if self.admin[base] != tag:               # a new entry: nothing said yet
+                self.admin[base], self.admin[base + 1], self.admin[base + 3] = tag, -1, 0
+            if weight is not None:
+                self.admin[base + 1], self.admin[base + 2] = weight, version
+            if health is not None:
+                self.admin[base + 3], self.admin[base + 4] = health, version
+            self.admin[0] = version
+            return True
+        finally:
+            self.lock.release()
+
+    def told(self, key: str) -> tuple[int, int, int] | None:
+        """(weight or -1, health or 0, the version the health was said at) for `key`, or None."""
+        tag = self._admin_tag(key)
+        if not self.lock.acquire(timeout=ADMIN_LOCK_WAIT):
+            return None
+        try:
+            base = self._admin_entry(tag, insert=False)
+            if base < 0:
+                return None
+            return self.admin[base + 1], self.admin[base + 3], self.admin[base + 4]
+        finally:
+            self.lock.release()
+
+    def forget_weights(self, upto: int) -> None:
+        """In the master, before a reload's loader reads the configuration: the weights said until
+        version `upto` are in it (the Admin API wrote them to its state first)."""
+        if not self.lock.acquire(timeout=ADMIN_LOCK_WAIT):
+            return
+        try:
+            for base in range(1, 1 + ADMIN_SLOTS * ADMIN_FIELDS, ADMIN_FIELDS):
+                if self.admin[base] and self.admin[base + 1] >= 0 and self.admin[base + 2] <= upto:
+                    self.admin[base + 1] = -1
+        finally:
+            self.lock.release()
+
+    def _admin_tag(self, key: str) -> int:
+        return self._place(key)[1] & (1 << 62) - 1 | 1        # fits int64, never 0
+
+    def _admin_entry(self, tag: int, insert: bool) -> int:
+        for probe in range(ADMIN_SLOTS):
+            base = 1 + (tag + probe) % ADMIN_SLOTS * ADMIN_FIELDS
+            held = self.admin[base]
+            if held == tag:
+                return base
+            if held == 0:
+                return base if insert else -1
+        return -1
 
 
 class AddressTable:

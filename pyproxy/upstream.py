@@ -34,7 +34,7 @@ from collections.abc import Callable, Collection
 
 from pyproxy.addresses import family_of, host_port, is_ip_address
 from pyproxy.config.model import ALGORITHMS, Config, PassiveHealthcheck, Queue, Record, Target
-from pyproxy.shared import AddressTable, CounterRows, HealthTable, slot_of
+from pyproxy.shared import ADMIN_HEALTHY, ADMIN_UNHEALTHY, AddressTable, CounterRows, HealthTable, slot_of
 
 __all__ = ["Peer", "Balancer", "build_balancers", "peer_name", "stable_hash"]
 
@@ -117,7 +117,7 @@ class Balancer:
 
     __slots__ = ("name", "peers", "backups", "algorithm", "hash_on", "passive", "log", "health",
                  "revived_by_checks", "active_checks", "capped", "counts", "targets", "table", "table_seen",
-                 "version", "queue", "queue_slot", "_all_down", "_ring_points", "_ring_peers")
+                 "version", "told", "queue", "queue_slot", "_all_down", "_ring_points", "_ring_peers")
 
     def __init__(self, name: str, peers: list[Peer], algorithm: str = "round-robin", hash_on: str = "ip",
                  passive: PassiveHealthcheck = PassiveHealthcheck(), log: LogFn | None = None,
@@ -144,6 +144,7 @@ class Balancer:
         self.table: AddressTable | None = None
         self.table_seen = 0
         self.version = 0                  # one more at each change of the peers (active checks follow it)
+        self.told = 0                     # the version of what the Admin API said that is applied
         self._all_down = False            # inside the "every target is unhealthy" state (logged once)
         self._ring_points: list[int] = []
         self._ring_peers: list[Peer] = []
@@ -442,14 +443,46 @@ class Balancer:
                 peer.weight = peer.effective_weight = weight
             peers.append(peer)
         self._set_peers(peers)
+        self.told = -1              # the weights the Admin API gave these addresses apply to new peers too
+        self.administer(now, health_too=False)
         names = ", ".join(peer.name for peer in peers) or "none"
         self._say("debug", f'upstream "{self.name}": addresses from DNS: {names}')
+
+    # -- what the Admin API said -----------------------------------------------------------------
+
+    def administer(self, now: float, health_too: bool = True) -> None:
+        """Apply what the Admin API said since the last call (HealthTable.tell), checked every second:
+        a target's new weight (0: no new sessions, those open go on), `healthy` (back in rotation
+        now), `unhealthy` (out until `healthy` or an active check succeeds). Health is an event, so
+        a new generation (`health_too=False`) takes only the weights: `restore` gave it the health."""
+        health = self.health
+        if health is None or health.admin_version() == self.told:
+            return
+        version = health.admin_version()
+        reweighed = False
+        for peer in (*self.peers, *self.backups):
+            said = health.told(self._health_key(peer))
+            if said is None:
+                continue
+            weight, state, at = said
+            if weight >= 0 and weight != peer.weight:
+                peer.weight = peer.effective_weight = weight
+                peer.current_weight = 0
+                reweighed = True
+                self._say("notice", f'upstream "{self.name}": target {peer.name} weight {weight} (Admin API)')
+            if health_too and at > self.told:
+                if state == ADMIN_UNHEALTHY:
+                    self.mark_down(peer, now, reason="set unhealthy through the Admin API")
+                elif state == ADMIN_HEALTHY:
+                    self.mark_up(peer, now)
+        if reweighed and self.algorithm == "consistent-hashing":
+            self._build_ring()
+        self.told = version
 
     # -- across generations ---------------------------------------------------------------------
 
     def _health_key(self, peer: Peer) -> str:
-        """What the peer's health is stored under: the upstream's name and the target's address."""
-        return f"{self.name}\n{peer.name}"
+        return HealthTable.key(self.name, peer.name)
 
     def _store(self, peer: Peer) -> None:
         if self.health is not None:
@@ -457,7 +490,8 @@ class Balancer:
 
     def restore(self, now: float, active_checks: bool) -> None:
         """Start each peer as a previous generation left it. A peer out until an active check passes
-        starts healthy when this generation has no active checks for it: none would bring it back."""
+        starts healthy when this generation has no active checks for it (none would bring it back),
+        unless the Admin API said it is unhealthy (its `healthy` will)."""
         self.active_checks = active_checks
         for peer in (*self.peers, *self.backups):
             self._restore(peer, now)
@@ -466,7 +500,8 @@ class Balancer:
         if self.health is None:
             return
         until = self.health.load(self._health_key(peer))
-        if until is None or until <= now or (until == math.inf and not self.active_checks):
+        if until is None or until <= now or (until == math.inf and not self.active_checks
+                                             and not self._said_unhealthy(peer)):
             return
         peer.down_until = peer.back_at = until
         if peer.slow_start:
@@ -475,6 +510,10 @@ class Balancer:
                 else f"for {_seconds(round(until - now, 1))}")
         self._say("info", f'upstream "{self.name}": target {peer.name} is still down {left} '
                           f'(as the previous generation left it)')
+
+    def _said_unhealthy(self, peer: Peer) -> bool:
+        said = self.health.told(self._health_key(peer)) if self.health is not None else None
+        return said is not None and said[1] == ADMIN_UNHEALTHY
 
     def _say(self, level: str, message: str) -> None:
         if self.log is not None:
@@ -523,6 +562,7 @@ def build_balancers(config: Config, log: LogFn | None = None, health: HealthTabl
         balancer.restore(now, upstream.healthchecks.active.interval > 0)
         if table is not None and any(not is_ip_address(t.host) for t in upstream.targets):
             balancer.follow(upstream.targets, table, now)
+        balancer.administer(now, health_too=False)
         by_upstream[upstream.name] = balancer
     balancers: dict[str, Balancer] = {}
     for service in config.services:

@@ -423,9 +423,12 @@ class Worker:
 
     def heartbeat(self) -> None:
         """Every second: tell the master we are alive (one store to shared memory; a worker whose
-        heartbeat stops is killed and replaced, see pyproxy.master.HEARTBEAT_TIMEOUT), and exit if
-        the master is gone (killed with SIGKILL): nobody would ever stop us otherwise."""
+        heartbeat stops is killed and replaced, see pyproxy.master.HEARTBEAT_TIMEOUT), apply what the
+        Admin API said of targets (Balancer.administer), and exit if the master is gone (killed with
+        SIGKILL): nobody would ever stop us otherwise."""
         self.shared.beats.beat(self.row, self.loop.now)
+        for balancer in self.balancers.values():     # what the Admin API said of targets, if new
+            balancer.administer(self.loop.now)
         if os.getppid() != self.master_pid:
             self.log.error("master process is gone, exiting")
             self.stop_now()

@@ -19,12 +19,16 @@ import os
 import tempfile
 import time
 import uuid
+from collections import defaultdict
+from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 from pyproxy import __version__
+from pyproxy.addresses import host_port
 from pyproxy.config import ConfigError
 from pyproxy.config.loader import read_document
 from pyproxy.kong.translate import STREAM_PLUGINS
+from pyproxy.shared import HealthTable
 
 from .entities import (
     ARRAY_FIELDS,
@@ -44,8 +48,9 @@ from .entities import (
     unique_violation,
     url_fields,
     with_defaults,
+    with_digest,
 )
-from .state import Document, StateFile, flatten, invalid, plain, render
+from .state import Document, StateFile, flatten, invalid, plain, reference_id, render
 
 DEFAULT_SIZE = 100
 MAX_SIZE = 1000
@@ -93,9 +98,15 @@ class AdminAPI:
         parent: tuple[str, dict[str, object]] | None = None
         if len(steps) >= 3:
             child = steps[2]
+            if kind == "upstreams" and child == "health" and len(steps) == 3:
+                _allow(method, "GET")
+                return self.health(steps[1], query)
+            if kind == "upstreams" and child == "targets" and len(steps) in (5, 6) and steps[-1] in (
+                    "healthy", "unhealthy"):
+                _allow(method, "PUT")
+                return self.set_health(steps[1], steps[3], steps[4] if len(steps) == 6 else None,
+                                       steps[-1] == "healthy")
             if (kind, child) not in NESTED:
-                if kind == "upstreams" and (child == "health" or steps[-1] in ("healthy", "unhealthy")):
-                    return 501, {"message": "target health is not settable through the Admin API yet"}
                 raise not_found()
             holder = self.find(kind, steps[1])
             if holder is None:
@@ -127,17 +138,107 @@ class AdminAPI:
         state = self.state
         return 200, {
             "tagline": "Welcome to pyproxy", "version": __version__,
-            "hostname": os.uname().nodename, "node_id": str(uuid.uuid5(uuid.NAMESPACE_URL, state.path)),
-            "configuration": {"database": "off", "admin_state": state.path,
+            "hostname": os.uname().nodename, "node_id": self.node_id(),
+            "configuration": {"database": state.database, "admin_state": state.source,
                               "prefix": os.path.dirname(state.config_path), "role": "traditional"},
             "plugins": {"available_on_server": {name: {"version": __version__} for name in STREAM_PLUGINS},
                         "enabled_in_cluster": sorted({str(p["name"]) for p in state.document["plugins"]})},
         }
 
+    def node_id(self) -> str:
+        return str(uuid.uuid5(uuid.NAMESPACE_URL, self.state.path))
+
     def status(self) -> Answer:
-        """Kong's `GET /status`, of what pyproxy has: the state is a file, always reachable."""
-        return 200, {"database": {"reachable": True},
+        """Kong's `GET /status`, of what pyproxy has: whether changes can be kept now (a file always,
+        a database while it answers), and the hash of the entities served."""
+        return 200, {"database": {"reachable": self.state.reachable},
                      "configuration_hash": _hash(render(self.state.document))}
+
+    # -- targets' health ---------------------------------------------------------------------------
+    def set_health(self, upstream_key: str, target_key: str, address: str | None, healthy: bool) -> Answer:
+        """Kong's `PUT /upstreams/{u}/targets/{t}[/{address}]/healthy|unhealthy`: every worker takes
+        the target's addresses (or that one) in or out of rotation within a second, no reload."""
+        upstream, target, addresses = self.target_addresses(upstream_key, target_key)
+        if address is not None:
+            addresses = [a for a in addresses if address in (a[0], host_port(*a))]
+            if not addresses:
+                raise bad_request(f"target {target['target']} has no address {address}")
+        self.state.tell_health(str(upstream["name"]), addresses, healthy)
+        return 204, None
+
+    def target_addresses(self, upstream_key: str, target_key: str
+                         ) -> tuple[dict[str, object], dict[str, object], list[tuple[str, int]]]:
+        upstream = self.find("upstreams", upstream_key)
+        target = self.find("targets", target_key, ("upstream", upstream)) if upstream is not None else None
+        if upstream is None or target is None:
+            raise not_found()
+        return upstream, target, self.addresses(upstream)[str(target["target"])]
+
+    def addresses(self, upstream: dict[str, object]) -> dict[str, list[tuple[str, int]]]:
+        """An upstream's targets' resolved addresses, by target (`host:port`)."""
+        for loaded in self.state.current().upstreams:
+            if loaded.name == upstream["name"]:
+                return defaultdict(list, {str(t): list(t.addresses) for t in loaded.targets})
+        return defaultdict(list)
+
+    def health(self, upstream_key: str, query: dict[str, str]) -> Answer:
+        """Kong's `GET /upstreams/{u}/health` (`?balancer_health=1`: the upstream's as a whole), as
+        the workers last stored it (pyproxy.shared.HealthTable)."""
+        upstream = self.find("upstreams", upstream_key)
+        if upstream is None:
+            raise not_found()
+        loaded = next(u for u in self.state.current().upstreams if u.name == upstream["name"])
+        passive = loaded.healthchecks.passive
+        checked = (loaded.healthchecks.active.interval > 0 or passive.unhealthy_tcp_failures > 0
+                   or passive.unhealthy_timeouts > 0)
+        addresses = self.addresses(upstream)
+        data, statuses = [], []
+        for target in self.children("targets", ("upstream", upstream)):
+            status = self.target_status(str(upstream["name"]), target, addresses[str(target["target"])],
+                                        checked)
+            health = "DNS_ERROR" if not status["addresses"] else "HEALTHCHECKS_OFF"
+            for address in status["addresses"]:
+                if address["health"] == "HEALTHY":
+                    health = "HEALTHY"
+                    break
+                if address["health"] == "UNHEALTHY":
+                    health = "UNHEALTHY"
+            data.append({**target, "health": health, "data": status})
+            statuses.append(status)
+        if query.get("balancer_health") != "1":
+            return 200, {"data": data, "next": None, "node_id": self.node_id()}
+        total = sum(status["weight"]["total"] for status in statuses)
+        available = sum(status["weight"]["available"] for status in statuses)
+        threshold = float(str(_get(upstream, "healthchecks", "threshold") or 0))
+        healthy = available > 0 and available * 100 >= threshold * total
+        verdict = "HEALTHY" if healthy else "UNHEALTHY"
+        details = {"healthy": healthy, "hosts": statuses,
+                   "weight": {"total": total, "available": available, "unavailable": total - available}}
+        return 200, {"data": {"health": verdict if checked else "HEALTHCHECKS_OFF",
+                              "balancer_health": verdict, "id": upstream["id"], "details": details},
+                     "next": None, "node_id": self.node_id()}
+
+    def target_status(self, upstream: str, target: dict[str, object], addresses: list[tuple[str, int]],
+                      checked: bool) -> dict[str, Any]:
+        """Kong's balancer status of one target: its addresses' health and weights."""
+        weight = int(str(target.get("weight", 100)))
+        table, now = self.state.health, time.monotonic()
+        shown = []
+        for address in addresses:
+            until = table.load(HealthTable.key(upstream, host_port(*address))) if table is not None else None
+            # Kong's words, but a target taken out (by `unhealthy` too) is said so with checks off.
+            health = "HEALTHY" if checked else "HEALTHCHECKS_OFF"
+            if weight == 0:
+                health = "HEALTHCHECKS_OFF"
+            elif until is not None and until > now:
+                health = "UNHEALTHY"
+            shown.append({"ip": address[0], "port": address[1], "weight": weight, "health": health})
+        out = weight * sum(1 for address in shown if address["health"] == "UNHEALTHY")
+        host, _, port = str(target["target"]).rpartition(":")
+        return {"host": host.strip("[]"), "port": int(port), "nodeWeight": weight,
+                "weight": {"total": weight * len(shown), "unavailable": out,
+                           "available": weight * len(shown) - out},
+                "addresses": shown}
 
     # -- reading ----------------------------------------------------------------------------------
     def find(self, kind: str, key: str, parent: tuple[str, dict[str, object]] | None = None
@@ -150,7 +251,7 @@ class AdminAPI:
         if kind == "certificates":          # Kong finds a certificate by one of its SNIs too
             for sni in self.state.document["snis"]:
                 if sni["name"] == key:
-                    return self.find("certificates", str(_ref(sni.get("certificate"))))
+                    return self.find("certificates", str(reference_id(sni.get("certificate"))))
         return None
 
     def children(self, kind: str, parent: tuple[str, dict[str, object]] | None) -> list[dict[str, object]]:
@@ -159,20 +260,26 @@ class AdminAPI:
         if parent is None:
             return items
         field_name, holder = parent
-        return [e for e in items if _ref(e.get(field_name)) == holder["id"]]
+        return [e for e in items if reference_id(e.get(field_name)) == holder["id"]]
 
     def shown(self, kind: str, entity: dict[str, object]) -> dict[str, object]:
         """The entity as Kong answers it (a certificate lists its SNIs)."""
         if kind != "certificates":
             return entity
         snis = sorted(str(s["name"]) for s in self.state.document["snis"]
-                      if _ref(s.get("certificate")) == entity["id"])
+                      if reference_id(s.get("certificate")) == entity["id"])
         return {**entity, "snis": snis}
 
     def page(self, kind: str, parent: tuple[str, dict[str, object]] | None, query: dict[str, str],
              path: str) -> dict[str, object]:
-        """One page of a list, Kong's way: `data`, and `next` and `offset` while more follow."""
+        """One page of a list, Kong's way: `data`, and `next` and `offset` while more follow; with
+        `?tags=a,b` those tagged both, `?tags=a/b` either."""
         items = self.children(kind, parent)
+        tags = query.get("tags")
+        if tags is not None:
+            wanted, every = _tags_filter(tags)
+            check = all if every else any
+            items = [e for e in items if check(tag in _list(e.get("tags")) for tag in wanted)]
         written = query.get("size")
         size = DEFAULT_SIZE
         if written is not None:
@@ -198,7 +305,8 @@ class AdminAPI:
         answer: dict[str, object] = {"data": data, "next": None}
         if start + size < len(items):
             token = base64.urlsafe_b64encode(str(items[start + size]["id"]).encode()).decode()
-            extra = f"&size={size}" if written is not None else ""
+            extra = (f"&tags={quote(tags)}" if tags is not None else "") + (
+                f"&size={size}" if written is not None else "")
             answer["offset"] = token
             answer["next"] = f"{path}?offset={quote(token)}{extra}"
         return answer
@@ -257,6 +365,7 @@ class AdminAPI:
             merge_into(entity, self.resolved(KINDS[kind], values, candidate))
             entity["updated_at"] = int(time.time())
             self.unique(KINDS[kind], entity, candidate)
+            with_digest(KINDS[kind], entity)
             if isinstance(snis, list):
                 self.attach_snis(entity, snis, candidate)
         candidate[kind][index] = entity
@@ -270,10 +379,10 @@ class AdminAPI:
         candidate = copy.deepcopy(self.state.document)
         single = kind[:-1]
         for other in RESTRICT.get(kind, ()):
-            if any(_ref(e.get(single)) == found["id"] for e in candidate[other]):
+            if any(reference_id(e.get(single)) == found["id"] for e in candidate[other]):
                 raise referenced_by(kind, other)
         for other in CASCADE.get(kind, ()):
-            candidate[other] = [e for e in candidate[other] if _ref(e.get(single)) != found["id"]]
+            candidate[other] = [e for e in candidate[other] if reference_id(e.get(single)) != found["id"]]
         candidate[kind] = [e for e in candidate[kind] if e["id"] != found["id"]]
         self.state.commit(candidate, None)
         return 204, None
@@ -342,6 +451,7 @@ class AdminAPI:
                                  "message": f"primary key violation on key '{{id=\"{entity['id']}\"}}'",
                                  "fields": {"id": entity["id"]}})
         self.unique(kind, entity, candidate)
+        with_digest(kind, entity)
         if isinstance(snis, list):
             self.attach_snis(entity, snis, candidate)
         return entity
@@ -369,13 +479,15 @@ class AdminAPI:
         for other in candidate[kind.name]:
             if other["id"] == entity["id"] or other.get(endpoint) != entity.get(endpoint):
                 continue
-            if kind.name == "targets" and _ref(other.get("upstream")) != _ref(entity.get("upstream")):
+            if kind.name == "targets" and (reference_id(other.get("upstream"))
+                                           != reference_id(entity.get("upstream"))):
                 continue
             raise unique_violation(endpoint, entity[endpoint])
 
     def attach_snis(self, certificate: dict[str, object], names: list[object], candidate: Document) -> None:
         """A certificate's `snis` field: the SNI entities that point at it become these names."""
-        candidate["snis"] = [s for s in candidate["snis"] if _ref(s.get("certificate")) != certificate["id"]]
+        candidate["snis"] = [s for s in candidate["snis"]
+                             if reference_id(s.get("certificate")) != certificate["id"]]
         for name in names:
             if any(s["name"] == name for s in candidate["snis"]):
                 raise unique_violation("name", name)
@@ -385,14 +497,38 @@ class AdminAPI:
             candidate["snis"].append(sni)
 
 
+def _list(value: object) -> list[object]:
+    return value if isinstance(value, list) else []
+
+
+def _tags_filter(text: str) -> tuple[list[str], bool]:
+    """Kong's `tags` filter: (the tags, whether all must be there), or its `invalid options`."""
+    problem = ""
+    every = "/" not in text
+    wanted = text.split("," if every else "/")
+    if not text:
+        problem = "cannot be null"
+    elif ("," in text and "/" in text) or not all(wanted):
+        problem = "invalid filter syntax"
+    elif len(wanted) > 5:
+        problem = "cannot query more than 5 tags"
+    if problem:
+        raise ApiError(400, {"code": 11, "name": "invalid options",
+                             "message": f"invalid option (tags: {problem})", "options": {"tags": problem}})
+    return wanted, every
+
+
+def _get(record: object, *path: str) -> object:
+    """record[path[0]][path[1]]…, or None where one is missing."""
+    for step in path:
+        record = record.get(step) if isinstance(record, dict) else None
+    return record
+
+
 def _allow(method: str, allowed: str) -> None:
     """Kong's 405 for a method the path does not take."""
     if method != allowed:
         raise ApiError(405, {"message": "Method not allowed"})
-
-
-def _ref(reference: object) -> object:
-    return reference.get("id") if isinstance(reference, dict) else None
 
 
 def _hash(text: str) -> str:

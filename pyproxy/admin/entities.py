@@ -6,6 +6,8 @@ Kong's error bodies (kong/db/errors.lua: `{"code", "name", "message", "fields"}`
 from __future__ import annotations
 
 import copy
+import hashlib
+import ssl
 import uuid
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -61,6 +63,7 @@ KINDS = {kind.name: kind for kind in (
          {"upstream": "upstreams"}, required=("target",)),
     Kind("certificates", None, {"cert": None, "key": None, "cert_alt": None, "key_alt": None,
                                 "tags": None}, required=("cert", "key")),
+    Kind("ca_certificates", None, {"cert": None, "cert_digest": None, "tags": None}, required=("cert",)),
     Kind("snis", "name", {"name": None, "certificate": None, "tags": None},
          {"certificate": "certificates"}, required=("name", "certificate")),
     Kind("plugins", None, {
@@ -159,6 +162,18 @@ def referenced_by(kind: str, by: str) -> ApiError:
     return ApiError(400, {"code": 4, "name": "foreign key violation",
                           "message": f"an existing '{by}' entity references this '{kind}' entity",
                           "fields": {"@referenced_by": by}})
+
+
+def with_digest(kind: Kind, entity: dict[str, object]) -> None:
+    """A CA certificate's `cert_digest`, as Kong computes it: the SHA-256 of its DER, in hex (left as
+    it is for a `cert` that is not a PEM certificate: the validator says what is wrong with it)."""
+    if kind.name != "ca_certificates" or not isinstance(entity.get("cert"), str):
+        return
+    try:
+        der = ssl.PEM_cert_to_DER_cert(str(entity["cert"]).strip())
+    except ValueError:
+        return
+    entity["cert_digest"] = hashlib.sha256(der).hexdigest()
 
 
 def url_fields(url: str) -> dict[str, object]:

@@ -1,20 +1,23 @@
 """The admin process: Kong's Admin API on `admin_listen`, served away from the workers.
 
 Like the status process (pyproxy.status), the master forks one small process for it, named
-`pyproxy: admin process`, with one loop of its own and no threads. It binds `admin_listen` itself
-(so no worker ever holds that socket), keeps the entities (`StateFile`), and after each change that
-loaded it sends the master a SIGHUP: the same reload as `pyproxy -s reload`, coalesced by
-`reload_coalesce`. It holds at most MAX_CLIENTS connections; a request must arrive whole within
-REQUEST_TIMEOUT, its body at most MAX_BODY bytes (413 beyond).
+`pyproxy: admin process`, with one loop of its own and no threads, at nice +10 (under CPU contention
+the workers go first). It binds `admin_listen` itself (so no worker ever holds that socket), keeps
+the entities (`StateFile`), and after each change that loaded it sends the master a SIGHUP: the
+same reload as `pyproxy -s reload`, coalesced by `reload_coalesce`. It holds at most MAX_CLIENTS
+connections; a request must arrive whole within REQUEST_TIMEOUT, its body at most MAX_BODY bytes
+(413 beyond); with `admin_token`, its head must carry the token in `Kong-Admin-Token` (401
+otherwise, before any body is read).
 
 `AdminProcess` is the master's side: it forks the process, restarts it when it dies (after a delay
 that grows while it keeps dying: a port someone else holds), replaces it when a reload changes
-admin_listen or admin_state, and stops it when the master exits.
+admin_listen, admin_state or admin_token, and stops it when the master exits.
 """
 
 from __future__ import annotations
 
 import errno
+import hmac
 import json
 import os
 import signal
@@ -28,6 +31,7 @@ from pyproxy.addresses import host_port
 from pyproxy.config.model import Config
 from pyproxy.log import ErrorLog
 from pyproxy.loop import EPOLLET, EPOLLIN, Loop
+from pyproxy.shared import HealthTable
 from pyproxy.status import MASTER_SIGNALS, RESPAWN_DELAY, HttpConnection, StatusProcess, StatusServer, _kill
 
 TITLE = "pyproxy: admin process"
@@ -35,9 +39,12 @@ MAX_CLIENTS = 32              # with MAX_BODY, what abusive clients can make the
 MAX_HEAD = 16384              # the request line and headers
 MAX_BODY = 10 << 20           # Kong's nginx_admin_client_max_body_size
 REQUEST_TIMEOUT = 10.0
+NICENESS = 10                 # under CPU contention the workers go first: a flooded Admin API waits
+STALE_RETRIES = 5             # a change made again on entities that another instance changed meanwhile
 REASONS = {100: "Continue", 200: "OK", 201: "Created", 204: "No Content", 400: "Bad Request",
-           404: "Not Found", 405: "Method Not Allowed", 409: "Conflict", 413: "Payload Too Large",
-           431: "Request Header Fields Too Large", 500: "Internal Server Error", 501: "Not Implemented"}
+           401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed", 409: "Conflict",
+           413: "Payload Too Large", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
+           501: "Not Implemented", 503: "Service Unavailable"}
 
 
 class AdminProcess(StatusProcess):
@@ -46,14 +53,16 @@ class AdminProcess(StatusProcess):
 
     NAME = "admin process"
 
-    def __init__(self, log: ErrorLog):
+    def __init__(self, log: ErrorLog, health: HealthTable):
         super().__init__(log)
         self.config: Config | None = None
+        self.health = health            # the workers' (pyproxy.shared), where target health is told
 
     def follow(self, config: Config) -> None:  # type: ignore[override]
         """At start and after each reload that succeeded: an admin process when admin_listen is
         set, started again if its address or state file changed."""
-        settings = (config.admin_listen, config.admin_state, config.path)
+        settings = (config.admin_listen, config.admin_state, config.admin_database, config.admin_token,
+                    config.path)
         self.config = config
         if settings == self.settings:
             return
@@ -91,14 +100,18 @@ class AdminProcess(StatusProcess):
             code = 1
             try:
                 _close_inherited(self.log.fd)
-                code = AdminServer(self.log, config, master_pid).run()
+                code = AdminServer(self.log, config, master_pid, self.health).run()
             finally:
                 os._exit(code)
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         self.pid = pid
         self.started = time.monotonic()
-        self.log.notice(f"start admin process {pid} on {host_port(*config.admin_listen)}, "
-                        f"entities in {config.admin_state}")
+        if config.admin_database is not None:
+            from pyproxy.config.validate import redacted
+            kept = f"{redacted(config.admin_database)} (cached in {config.admin_state})"
+        else:
+            kept = config.admin_state
+        self.log.notice(f"start admin process {pid} on {host_port(*config.admin_listen)}, entities in {kept}")
 
 
 def _close_inherited(log_fd: int) -> None:
@@ -120,24 +133,30 @@ class AdminServer(StatusServer):
 
     NAME = "admin process"
 
-    def __init__(self, log: ErrorLog, config: Config, master_pid: int):
+    def __init__(self, log: ErrorLog, config: Config, master_pid: int, health: HealthTable):
         super().__init__(log, [], master_pid, None, "")
         assert config.admin_listen is not None and config.admin_state is not None
         self.address = config.admin_listen
+        self.token = config.admin_token.encode() if config.admin_token is not None else None
         # Imported in the admin process only: the master, which every worker is forked from, does not
         # carry the Admin API's modules (and the Kong translation they import).
         from .api import AdminAPI
         from .state import StateFile
-        self.state = StateFile(config.admin_state, config.path, self.changed, log.warn)
+        self.state = StateFile(config.admin_state, config.path, self.changed, log.warn, health)
+        if config.admin_database is not None:
+            from .database import DatabaseState
+            self.state = DatabaseState(config.admin_database, config.admin_state, config.path, self.changed,
+                                       log, health)
         self.api = AdminAPI(self.state)
         self.clients: set[HttpConnection] = set()
 
     def init_process(self) -> None:
         setproctitle(TITLE)
+        os.nice(NICENESS)
         self.loop = Loop()
         self.loop.on_error = self.on_callback_error
         self._install_signals()
-        self.state.read()
+        self.state.start(self.loop)
         host, port = self.address
         self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -184,7 +203,18 @@ class AdminServer(StatusServer):
             owner.write()
 
     def answer(self, method: str, target: str, content_type: str, body: bytes) -> tuple[int, object]:
-        status, answer = self.api.handle(method, target, content_type, body)
+        """The API's answer; a change is made on the entities as they are now (another instance may
+        have changed shared ones), and made again on the newer ones if they changed meanwhile."""
+        from .state import Stale
+        for attempt in range(STALE_RETRIES):
+            if method != "GET":
+                self.state.refresh()
+            try:
+                status, answer = self.api.handle(method, target, content_type, body)
+                break
+            except Stale:
+                if attempt + 1 == STALE_RETRIES:
+                    status, answer = 409, {"message": "the entities kept changing meanwhile: try again"}
         if method != "GET" and status < 300:
             self.log.notice(f"admin: {method} {target.split('?', 1)[0]}: {status}")
         return status, answer
@@ -250,6 +280,11 @@ class AdminClient(HttpConnection):
                 name, _, value = line.partition(":")
                 headers[name.strip().lower()] = value.strip()
             self.head = (request[0], request[1], headers, end + 4)
+            token = self.server.token
+            if token is not None and not hmac.compare_digest(
+                    headers.get("kong-admin-token", "").encode("latin-1"), token):
+                self.respond(401, {"message": "Invalid credentials. Token or User credentials required"})
+                return True
         method, target, headers, start = self.head
         length = headers.get("content-length", "0")
         if "chunked" in headers.get("transfer-encoding", "").lower() or not length.isdigit():

@@ -20,13 +20,16 @@ from collections.abc import Callable
 
 import yaml
 
+from pyproxy.addresses import host_port
 from pyproxy.config import Config, ConfigError, ConfigIssue, YamlFile, load_sources
 from pyproxy.config.loader import read_document
 from pyproxy.kong.translate import kong_id
+from pyproxy.loop import Loop
+from pyproxy.shared import ADMIN_HEALTHY, ADMIN_UNHEALTHY, HealthTable
 
 from .entities import KINDS, ApiError, schema_violation, url_fields
 
-ORDER = ("services", "routes", "upstreams", "targets", "certificates", "snis", "plugins")
+ORDER = ("services", "routes", "upstreams", "targets", "ca_certificates", "certificates", "snis", "plugins")
 Document = dict[str, list[dict[str, object]]]
 _STEP = re.compile(r"\.?([^.\[\]]+)|\[(\d+)\]")
 
@@ -35,24 +38,74 @@ def empty() -> Document:
     return {kind: [] for kind in ORDER}
 
 
+class Stale(Exception):
+    """Another instance changed the shared entities since this one read them (DatabaseState): the
+    request is answered again on the newer ones."""
+
+
 class StateFile:
     """The document of entities and the file that keeps it."""
 
-    def __init__(self, path: str, config_path: str, changed: Callable[[], None], warn: Callable[[str], None]):
+    database = "off"          # Kong's `database` setting that this state matches
+
+    def __init__(self, path: str, config_path: str, changed: Callable[[], None], warn: Callable[[str], None],
+                 health: HealthTable | None = None):
         self.path = path
         self.config_path = config_path      # the pyproxy file, loaded with each candidate
         self.changed = changed              # asks the master for a reload
         self.warn = warn
+        self.health = health                # the workers' (pyproxy.shared): targets' weights and health
         self.document = empty()
+        self.config: Config | None = None   # what the document loads into, once asked (`current`)
+
+    @property
+    def source(self) -> str:
+        """Where the entities are kept, as the Admin API's `GET /` shows it."""
+        return self.path
+
+    @property
+    def reachable(self) -> bool:
+        """Whether changes can be kept: a file always can."""
+        return True
+
+    def start(self, loop: Loop) -> None:
+        """In the admin process, once its loop exists: the entities of the state file."""
+        self.read()
 
     def read(self) -> None:
         """The entities of the state file (none when it does not exist yet)."""
         if os.path.exists(self.path):
             self.document = flatten(plain(read_document(self.path).root))
+        self.config = None
+
+    def current(self) -> Config:
+        """The configuration the entities load into (the master's, the targets' addresses resolved
+        here), for what targets' health the Admin API tells the workers."""
+        if self.config is None:
+            try:
+                self.config = load_sources([YamlFile(self.config_path)])
+            except ConfigError as exc:
+                raise ApiError(500, {"message": f"the configuration does not load: {exc}"}) from None
+        return self.config
+
+    def refresh(self) -> None:
+        """Before a change: the entities as they are now. Nobody else changes a file."""
 
     def commit(self, candidate: Document, blame: tuple[str, int] | None) -> None:
         """Make `candidate` the state if the configuration loads with it, else raise Kong's 400,
         its `fields` those of the entity at `blame` (kind, index) and `@entity` the rest."""
+        temporary, config = self.loaded(candidate, blame)
+        try:
+            self.publish(candidate)
+            os.replace(temporary, self.path)
+        except BaseException:
+            unlink_if_there(temporary)
+            raise
+        self.adopted(candidate, config)
+
+    def loaded(self, candidate: Document, blame: tuple[str, int] | None) -> tuple[str, Config]:
+        """A temporary file beside the state file holding `candidate`, and the configuration
+        loaded with it; Kong's 400 (no file left) if it does not load."""
         folder = os.path.dirname(self.path)
         fd, temporary = tempfile.mkstemp(prefix=".admin_state.", suffix=".yml", dir=folder)
         try:
@@ -61,24 +114,32 @@ class StateFile:
                 stream.flush()
                 os.fsync(stream.fileno())
             try:
-                config = load_sources([YamlFile(self.config_path)], admin_state=temporary)
+                return temporary, load_sources([YamlFile(self.config_path)], admin_state=temporary)
             except ConfigError as exc:
                 raise invalid(exc.errors, temporary, blame, self.path) from None
-            os.replace(temporary, self.path)
         except BaseException:
-            try:
-                os.unlink(temporary)
-            except FileNotFoundError:
-                pass
+            unlink_if_there(temporary)
             raise
-        directory = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+
+    def publish(self, candidate: Document) -> None:
+        """Where the state is shared (DatabaseState), `candidate` is written there first; a file is
+        its own truth."""
+
+    def adopted(self, candidate: Document, config: Config) -> None:
+        """`candidate` was renamed over the state file and loads as `config`: it is the state now,
+        and the master reloads; unless only targets' weights changed: the workers are told them
+        (HealthTable.tell), so sessions open on a target whose weight became 0 go on (a reload would
+        end them after worker_shutdown_timeout)."""
+        directory = os.open(os.path.dirname(self.path), os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(directory)
         finally:
             os.close(directory)
+        weights = reweighed(self.document, candidate)
         before = {route["id"]: route for route in self.document["routes"]}
-        self.document = candidate
-        self.changed()
+        self.document, self.config = candidate, config
+        if weights is None or not self.tell_weights(weights):
+            self.changed()
         # Said of the routes this change made or changed (an unnamed route is named by its id).
         changed = {route.get("name") or route["id"] for route in candidate["routes"]
                    if before.get(route["id"]) != route}
@@ -87,6 +148,66 @@ class StateFile:
                 self.warn(f"admin: route {route!r} names destinations port {port}, where no "
                           f"stream_listen entry of {self.config_path} listens: it matches nothing until "
                           "one does")
+
+
+    def tell_weights(self, weights: dict[str, int]) -> bool:
+        """Tell the workers each target's new weight (by target id) for each of its addresses; False
+        if one cannot be told (then a reload applies them)."""
+        if self.health is None:
+            return False
+        upstreams = {u["id"]: u["name"] for u in self.document["upstreams"]}
+        addresses = {(u.name, str(t)): t.addresses for u in self.current().upstreams for t in u.targets}
+        for target in self.document["targets"]:
+            if target["id"] not in weights:
+                continue
+            upstream = upstreams.get(str(reference_id(target.get("upstream"))))
+            found = addresses.get((str(upstream), str(target["target"])))
+            if not found:
+                return False
+            for address in found:
+                if not self.health.tell(HealthTable.key(str(upstream), host_port(*address)),
+                                        weight=weights[str(target["id"])]):
+                    return False
+        return True
+
+    def tell_health(self, upstream: str, addresses: list[tuple[str, int]], healthy: bool) -> None:
+        """`PUT /upstreams/{u}/targets/{t}/healthy|unhealthy`: told to every worker."""
+        state = ADMIN_HEALTHY if healthy else ADMIN_UNHEALTHY
+        for address in addresses:
+            if self.health is None or not self.health.tell(HealthTable.key(upstream, host_port(*address)),
+                                                           health=state):
+                raise ApiError(500, {"message": "the workers' health table is full or busy"})
+
+
+def reweighed(before: Document, after: Document) -> dict[str, int] | None:
+    """{target id: weight} when the only change from `before` to `after` is targets' weights (their
+    `updated_at` aside), else None."""
+    if any(before[kind] != after[kind] for kind in ORDER if kind != "targets"):
+        return None
+    old = {str(t["id"]): t for t in before["targets"]}
+    weights = {}
+    for target in after["targets"]:
+        was = old.pop(str(target["id"]), None)
+        if was is None:
+            return None
+        if {**was, "weight": None, "updated_at": None} != {**target, "weight": None, "updated_at": None}:
+            return None
+        weight = target.get("weight")
+        if was.get("weight") != weight and isinstance(weight, int):
+            weights[str(target["id"])] = weight
+    return weights if weights and not old else None
+
+
+def reference_id(reference: object) -> object:
+    """The id a reference (`{"id": …}`) names."""
+    return reference.get("id") if isinstance(reference, dict) else None
+
+
+def unlink_if_there(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def unheard_ports(config: Config) -> list[tuple[str, int]]:
@@ -198,7 +319,8 @@ def flatten(root: object) -> Document:
             add("snis", {"name": sni} if isinstance(sni, str) else sni, f"{path}.snis[{index}]",
                 {"certificate": {"id": full["id"]}})
 
-    for kind in ("certificates", "snis", "upstreams", "targets", "services", "routes", "plugins"):
+    for kind in ("ca_certificates", "certificates", "snis", "upstreams", "targets", "services", "routes",
+                 "plugins"):
         items = root.get(kind)
         for index, entity in enumerate(items if isinstance(items, list) else []):
             add(kind, entity, f"{kind}[{index}]", {})

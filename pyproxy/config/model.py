@@ -307,6 +307,10 @@ class Config:
         default_factory=dict, compare=False, repr=False)
     admin_listen: tuple[str, int] | None = None   # the Admin API's address (pyproxy.admin)
     admin_state: str | None = None  # the Kong declarative file the Admin API keeps its entities in
+    # `admin_state: postgres://…`: the database a fleet keeps its entities in; admin_state is then the
+    # local cache of them (ADMIN_CACHE beside the file), which the reloads read.
+    admin_database: str | None = None
+    admin_token: str | None = field(default=None, repr=False)   # required in Kong-Admin-Token when set
     # The plugin classes `plugins` may name: the built-ins and those of plugin_modules, imported for
     # this Config alone (pyproxy.plugins.load_plugin_module). Not part of what the Config says.
     plugin_types: Mapping[str, type[PluginClass]] = field(default_factory=_built_in_plugins, compare=False,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import importlib.util
 import ipaddress
 import os
 import pwd
@@ -16,6 +17,7 @@ import re
 import ssl
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit, urlunsplit
 
 from pyproxy.addresses import host_port, is_ip_address, wildcard_addresses
 
@@ -62,6 +64,7 @@ TOP_LEVEL_KEYS = (
     "upstreams", "services", "plugins", "declarative_config", "gateway", "admin_listen", "admin_state",
     "dns_resolver", "dns_hostsfile", "dns_valid_ttl", "dns_stale_ttl", "dns_not_found_ttl", "dns_error_ttl",
     "dns_strict",
+    "admin_token",
 )
 SSL_KEYS = ("protocols", "ciphers", "default_certificate", "client_certificate", "preread_timeout",
             "handshake_timeout")
@@ -74,6 +77,7 @@ TLS_VERSIONS = ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
 OBSOLETE_TLS_VERSIONS = ("TLSv1", "TLSv1.1")
 LISTEN_FLAGS = ("ssl", "proxy_protocol", "reuseport", "backlog")
 ADMIN_STATE = "admin_state.yml"   # the Admin API's entities, beside the file, unless admin_state says
+ADMIN_CACHE = "admin_state.cache.yml"   # with admin_state: postgres://…, the last entities it gave
 MAX_WORKER_PROCESSES = 1024
 C_INT_MAX = 2**31 - 1      # counts that reach C calls (listen's backlog, rlimits) must fit a C int
 
@@ -132,6 +136,8 @@ def build_config(report: Report, document: object) -> Config | None:
     if status_listen is not None:
         _check_status_listen(report, root, status_listen, stream_listen)
     admin_listen = root.get("admin_listen", _admin_listen)
+    admin_state = root.get("admin_state", lambda value: _admin_state(base, value),
+                           os.path.join(base, ADMIN_STATE) if admin_listen is not None else None)
     ssl_settings = root.nested("ssl", lambda r, p, v: _ssl_settings(r, p, v, base), SSLSettings())
     certificates = _certificates(report, root, base)
     upstreams = entities.read_upstreams(report, root)
@@ -173,8 +179,9 @@ def build_config(report: Report, document: object) -> Config | None:
         declarative_config=root.get("declarative_config", lambda value: in_folder(base, value)),
         gateway=gateway,
         admin_listen=admin_listen,
-        admin_state=root.get("admin_state", lambda value: in_folder(base, value),
-                             os.path.join(base, ADMIN_STATE) if admin_listen is not None else None),
+        admin_state=os.path.join(base, ADMIN_CACHE) if is_database_url(admin_state) else admin_state,
+        admin_database=admin_state if is_database_url(admin_state) else None,
+        admin_token=root.get("admin_token", _admin_token),
         hostnames=tuple(report.hostnames),
         dns=_dns_settings(report, root, base),
     )
@@ -489,6 +496,50 @@ def _admin_listen(value: object) -> tuple[str, int]:
         raise Invalid(f"{host_port(host, port)} is not a loopback address, and the Admin API has no "
                       f"authentication: write `{host_port(host, port)} public` to serve it there anyway")
     return host, port
+
+
+def _admin_token(value: object) -> str:
+    """The token every Admin API request must carry in `Kong-Admin-Token` (Kong Enterprise's header)."""
+    text = parse_text(value)
+    if len(text) < 16 or not text.isprintable() or text != text.strip():
+        raise Invalid("expected at least 16 printable characters, without spaces around them (a secret "
+                      "nobody can guess: `openssl rand -hex 24` makes one)")
+    return text
+
+
+def is_database_url(value: object) -> bool:
+    """admin_state names a PostgreSQL database, not a file."""
+    return isinstance(value, str) and value.startswith(("postgres://", "postgresql://"))
+
+
+def _admin_state(base: str, value: object) -> str:
+    """A file (relative to the pyproxy file's folder) or `postgres://[USER[:PASSWORD]@]HOST[:PORT]/DB`
+    (libpq's URL, `?param=` included)."""
+    text = parse_text(value).strip()
+    if not is_database_url(text):
+        return in_folder(base, text)
+    parts = urlsplit(text)
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise Invalid(f"{redacted(text)!r}: the port is not one from 1 to 65535")
+    if not parts.path.strip("/") and "dbname=" not in parts.query:
+        raise Invalid(f"{redacted(text)!r} names no database: postgres://USER@HOST:PORT/DATABASE")
+    if importlib.util.find_spec("psycopg") is None:
+        raise Invalid(f"{redacted(text)!r}: keeping the entities in PostgreSQL needs psycopg, which "
+                      "`pip install 'pyproxy[postgres]'` installs")
+    return text
+
+
+def redacted(url: str) -> str:
+    """A database URL as logs and errors show it: without its password."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    return urlunsplit(parts._replace(netloc=user + parts.netloc.rpartition("@")[2]))
 
 
 # --- ssl and certificates ---------------------------------------------------------------------------

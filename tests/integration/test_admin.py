@@ -300,3 +300,27 @@ def test_a_taken_admin_port_is_logged_and_tried_again_while_the_proxy_serves(pro
     finally:
         holder.close()
     wait_until(lambda: _answers(f"http://127.0.0.1:{admin}"), what="the admin process, started again")
+
+
+def test_admin_token_is_required_in_kong_admin_token(proxy):
+    admin = free_port()
+    token = "0123456789abcdef0123"
+    proxy(f"stream_listen: [127.0.0.1:{free_port()}]\nadmin_listen: {admin}\nadmin_token: {token}\n")
+    base = f"http://127.0.0.1:{admin}"
+    wait_until(lambda: curl_status("-H", f"Kong-Admin-Token: {token}", base + "/status") == "200",
+               what="the Admin API")
+    for header in ("Kong-Admin-Token: wrong-0123456789abcdef", "X-Other: 1"):
+        assert curl_status("-H", header, "-X", "POST", base + "/upstreams", "--data", "name=x") == "401"
+    assert curl("-H", "X-Other: 1", base + "/upstreams") == {
+        "message": "Invalid credentials. Token or User credentials required"}
+    assert curl("-H", f"Kong-Admin-Token: {token}", "-X", "POST", base + "/upstreams",
+                "--data", "name=allowed")["name"] == "allowed"
+    assert [u["name"] for u in curl("-H", f"Kong-Admin-Token: {token}", base + "/upstreams")["data"]] \
+        == ["allowed"]
+
+
+def curl_status(*args: str) -> str:
+    """The HTTP status curl got ("000": none)."""
+    done = subprocess.run(["curl", "-s", "-o", "/dev/null", "--max-time", "5", "-w", "%{http_code}", *args],
+                          capture_output=True, text=True, timeout=10)
+    return done.stdout

@@ -20,7 +20,7 @@ from pyproxy.config.model import (
     Target,
     Upstream,
 )
-from pyproxy.shared import HealthTable
+from pyproxy.shared import ADMIN_HEALTHY, ADMIN_UNHEALTHY, HealthTable
 from pyproxy.upstream import Balancer, Peer, build_balancers, peer_name, stable_hash
 
 A = ("127.0.0.1", 1025)
@@ -575,3 +575,28 @@ def test_health_is_kept_per_upstream_and_target():
     renamed = dataclasses.replace(config, upstreams=(moved, config.upstreams[1]), services=services)
     new = build_balancers(renamed, health=table, now=1.0)
     assert new["echo"].peers[0].down_until == 0.0
+
+
+def test_what_the_admin_api_said_applies_once_and_a_new_generation_keeps_it():
+    table = HealthTable()
+    peers = [Peer(("10.0.0.1", 80)), Peer(("10.0.0.2", 80))]
+    ring = Balancer("pool", peers, "consistent-hashing", health=table)
+    table.tell(HealthTable.key("pool", "10.0.0.1:80"), weight=0)              # drained
+    table.tell(HealthTable.key("pool", "10.0.0.2:80"), health=ADMIN_UNHEALTHY)
+    ring.administer(1.0)
+    assert peers[0].weight == 0 and peers[1].down_until == math.inf
+    assert {ring.pick(1.0, f"key-{i}").name for i in range(50)} == {"10.0.0.2:80"}   # ring rebuilt
+    ring.mark_up(peers[1], 2.0)                        # an active check: the event is not replayed
+    ring.administer(3.0)
+    assert peers[1].down_until == 0.0
+    table.tell(HealthTable.key("pool", "10.0.0.2:80"), health=ADMIN_UNHEALTHY)
+    # A new generation (no active checks) keeps both: the weight, and unhealthy until `healthy`.
+    fresh = [Peer(("10.0.0.1", 80)), Peer(("10.0.0.2", 80))]
+    again = Balancer("pool", fresh, health=table)
+    ring.administer(4.0)
+    again.restore(4.0, active_checks=False)
+    again.administer(4.0, health_too=False)
+    assert fresh[0].weight == 0 and fresh[1].down_until == math.inf
+    table.tell(HealthTable.key("pool", "10.0.0.2:80"), health=ADMIN_HEALTHY)
+    again.administer(5.0)
+    assert fresh[1].down_until == 0.0 and again.pick(5.0) is fresh[1]
