@@ -37,6 +37,7 @@ from pyproxy.router import Router
 from pyproxy.session import ClientAddress, Connection, LingeringClose, Session
 from pyproxy.shared import SharedState
 from pyproxy.tls.contexts import TLSContexts
+from pyproxy.udp import UdpListener, UdpTable
 from pyproxy.upstream import Balancer, build_balancers
 
 WORKER_BOOT_ERROR = 3
@@ -99,6 +100,7 @@ class Worker:
     trimmed_at: int
     metrics: WorkerMetrics | None
     context: WorkerContext
+    udp: UdpTable
     ready_fd: int
     _wakeup: tuple[socket.socket, socket.socket]
 
@@ -173,6 +175,7 @@ class Worker:
             balancers=self.balancers, plugins=self.plugins, server_tls=self.server_tls,
             upstream_tls=self.upstream_tls, congestion=self.congestion, scratch=self.scratch,
             pool=self.pool, metrics=self.metrics, closed=self.session_closed, linger=self.linger)
+        self.udp = UdpTable(self.context, self.sessions, self._next_serial)
         self.resume_accepting()
         self.loop.after_tick.append(self.after_tick)
         self.loop.call_later(1.0, self.heartbeat)
@@ -248,7 +251,10 @@ class Worker:
             return
         self.accepting = True
         for ls in self.listeners:
-            self.loop.add(ls.fd, EPOLLIN, self._acceptor(ls))
+            if ls.listen.udp:
+                self.loop.add(ls.fd, EPOLLIN, UdpListener(self.udp, ls.listen, ls.sock).on_readable)
+            else:
+                self.loop.add(ls.fd, EPOLLIN, self._acceptor(ls))
 
     def pause_accepting(self) -> None:
         if self.accepting:
@@ -314,6 +320,11 @@ class Worker:
             session.start()
 
         return start
+
+    def _next_serial(self) -> int:
+        """The $connection number of a new UDP session (TCP sessions count in _start_session)."""
+        self.serial += 1
+        return self.serial
 
     def _trim_when_idle(self) -> None:
         """Every few seconds: once no session is open and some ran since the last time, give the
@@ -397,8 +408,11 @@ class Worker:
         self.draining = True
         for checker in self.checkers:
             checker.stop()
+        self.udp.close_all_without_socket()
         for ls in self.listeners:
-            ls.sock.close()     # the master (and a successor worker) still hold the socket: no reset
+            # The master (and a successor worker) still hold the socket: no reset. A UDP session
+            # keeps its own connected sockets, so its client's datagrams still reach it (pyproxy.udp).
+            ls.sock.close()
         try:
             os.write(self.ready_fd, QUIESCED)   # tell the master: from now on only the new generation accepts
         except OSError:

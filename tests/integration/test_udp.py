@@ -1,0 +1,395 @@
+"""UDP as a user sees it: dig through pyproxy to a real DNS server, many clients each getting only
+their own replies, consistent hashing, passive health from ICMP port unreachable, read_timeout,
+truncation, the worker_connections cap under a flood of source ports, and a reload mid-flow."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+
+from tests.support import free_port, wait_until
+
+DNSMASQ = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
+
+
+def udp_port() -> int:
+    """A port below 32768 free for both TCP (free_port checks that) and UDP."""
+    for _ in range(50):
+        port = free_port()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free UDP port")
+
+
+class UdpUpstream:
+    """A UDP server on loopback that answers each datagram with `NAME PORT DIGEST`: its name, the
+    source port it came from (the proxy's upstream socket) and a digest of the datagram, so a
+    client can tell that a reply is its own. `silent`: it answers nothing."""
+
+    def __init__(self, name: str, silent: bool = False):
+        self.name = name
+        self.silent = silent
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", udp_port()))
+        self.sock.settimeout(0.1)
+        self.port = self.sock.getsockname()[1]
+        self.received: list[tuple[bytes, tuple[str, int]]] = []
+        self.running = True
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _serve(self) -> None:
+        while self.running:
+            try:
+                data, addr = self.sock.recvfrom(65535)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.received.append((data, addr))
+            if not self.silent:
+                self.sock.sendto(reply_for(self.name, addr[1], data), addr)
+
+    def stop(self) -> None:
+        self.running = False
+        self.thread.join(5)
+        self.sock.close()
+
+
+def reply_for(name: str, port: int, data: bytes) -> bytes:
+    return f"{name} {port} {hashlib.sha256(data).hexdigest()[:16]}".encode()
+
+
+def parse_reply(reply: bytes) -> tuple[str, int, str]:
+    name, port, digest = reply.decode().split()
+    return name, int(port), digest
+
+
+@pytest.fixture
+def udp_upstreams():
+    started: list[UdpUpstream] = []
+
+    def make(name: str, silent: bool = False) -> UdpUpstream:
+        up = UdpUpstream(name, silent)
+        started.append(up)
+        return up
+
+    yield make
+    for up in started:
+        up.stop()
+
+
+def client(source: str = "127.0.0.1") -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((source, 0))
+    sock.settimeout(3)
+    return sock
+
+
+def ask(sock: socket.socket, port: int, data: bytes, host: str = "127.0.0.1") -> tuple[str, int, str]:
+    """Send `data` to the proxy, return the reply's (upstream name, upstream-side port, digest),
+    after checking that it answers this datagram and came from the address it was sent to."""
+    sock.sendto(data, (host, port))
+    reply, addr = sock.recvfrom(65535)
+    assert addr == (host, port)
+    name, up_port, digest = parse_reply(reply)
+    assert digest == hashlib.sha256(data).hexdigest()[:16]
+    return name, up_port, digest
+
+
+def udp_config(port: int, targets: list[str], service: str = "", upstream: str = "",
+               head: str = "worker_processes: 1") -> str:
+    target_lines = "\n".join(f"      - {{target: {t}}}" for t in targets)
+    return f"""
+{head}
+stream_listen: [127.0.0.1:{port} udp]
+upstreams:
+  - name: pool
+{upstream}
+    targets:
+{target_lines}
+services:
+  - name: dns
+    protocol: udp
+    host: pool
+{service}
+    routes:
+      - name: r
+        protocols: [udp]
+        destinations: [{{port: {port}}}]
+"""
+
+
+# -- a real DNS server ------------------------------------------------------------------------
+
+@pytest.fixture
+def dnsmasq(tmp_path):
+    """dnsmasq answering names from a hosts file on a loopback port, and nothing else."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text("192.0.2.10 www.example.test\n198.51.100.7 db.example.test\n")
+    port = udp_port()
+    proc = subprocess.Popen([DNSMASQ, "--keep-in-foreground", "--no-resolv", "--no-hosts",
+                             f"--addn-hosts={hosts}", f"--port={port}", "--listen-address=127.0.0.1",
+                             "--bind-interfaces", "--conf-file=/dev/null", "--pid-file=",
+                             # as us: the hosts file is in pytest's private temporary folder
+                             "--user=" + pwd.getpwuid(os.geteuid()).pw_name,
+                             "--log-facility=-"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: dig_short(port, "www.example.test") == ["192.0.2.10"], 10, what="dnsmasq")
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(5)
+
+
+def dig_short(port: int, name: str, tries: int = 1) -> list[str]:
+    done = subprocess.run(["dig", "@127.0.0.1", "-p", str(port), name, "A", "+short", "+time=1",
+                           f"+tries={tries}", "+notcp"], capture_output=True, text=True, timeout=10)
+    return done.stdout.split()
+
+
+def test_dig_through_pyproxy_to_dnsmasq(proxy, dnsmasq):
+    port = udp_port()
+    p = proxy(udp_config(port, [f"127.0.0.1:{dnsmasq}"], service="    proxy_responses: 1"))
+    assert dig_short(port, "www.example.test") == ["192.0.2.10"]
+    assert dig_short(port, "db.example.test") == ["198.51.100.7"]
+    # proxy_responses 1: each query is a session that ends with its answer, not at read_timeout.
+    lines = p.wait_access(2, timeout=3)
+    assert all(" udp 200 " in line and f'"127.0.0.1:{dnsmasq}"' in line for line in lines), lines
+
+
+def test_tcp_and_udp_on_one_port(proxy, dnsmasq, upstreams):
+    """DNS listens on both: `ADDR:PORT` and `ADDR:PORT udp` are two listeners."""
+    from tests.support import connect, recv_line, tag_handler
+    tcp_up = upstreams(tag_handler, name="tcp")
+    port = udp_port()
+    p = proxy(udp_config(port, [f"127.0.0.1:{dnsmasq}"], service="    proxy_responses: 1")
+              .replace(f"stream_listen: [127.0.0.1:{port} udp]",
+                       f"stream_listen: [127.0.0.1:{port} udp, 127.0.0.1:{port}]")
+              + f"""
+  - name: plain
+    host: 127.0.0.1
+    port: {tcp_up.port}
+    routes:
+      - name: t
+        protocols: [tcp]
+        destinations: [{{port: {port}}}]
+""")
+    assert dig_short(port, "www.example.test") == ["192.0.2.10"]
+    with connect(port) as sock:
+        assert recv_line(sock) == b"tcp\n"
+    p.wait_access(2)
+
+
+# -- sessions ---------------------------------------------------------------------------------
+
+def test_many_concurrent_clients_each_get_only_their_own_replies(proxy, udp_upstreams):
+    ups = [udp_upstreams("a"), udp_upstreams("b")]
+    port = udp_port()
+    proxy(udp_config(port, [u.target for u in ups], head="worker_processes: 2"))
+    failures: list[str] = []
+
+    def run(index: int) -> None:
+        with client() as sock:
+            seen_ports = set()
+            for i in range(20):
+                data = f"client {index} datagram {i} ".encode() * (1 + index % 5)
+                try:
+                    _, up_port, _ = ask(sock, port, data)
+                except (AssertionError, OSError) as exc:
+                    failures.append(f"client {index}: {exc!r}")
+                    return
+                seen_ports.add(up_port)
+            if len(seen_ports) != 1:        # one session: one upstream socket for all 20
+                failures.append(f"client {index}: replies through {seen_ports}")
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(40)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not failures, failures[:5]
+
+
+def test_consistent_hashing_keeps_a_client_address_on_one_target(proxy, udp_upstreams):
+    ups = [udp_upstreams(name) for name in "abc"]
+    port = udp_port()
+    proxy(udp_config(port, [u.target for u in ups], service="    proxy_responses: 1",
+                     upstream="    algorithm: consistent-hashing"))
+    chosen: dict[str, set[str]] = {}
+    for last in range(2, 12):
+        source = f"127.0.0.{last}"
+        for _ in range(5):                  # a new session (and source port) each time
+            with client(source) as sock:
+                name, _, _ = ask(sock, port, b"who")
+            chosen.setdefault(source, set()).add(name)
+    assert all(len(names) == 1 for names in chosen.values()), chosen
+    assert len({next(iter(names)) for names in chosen.values()}) > 1     # and they do spread
+
+
+def test_read_timeout_ends_an_idle_session(proxy, udp_upstreams):
+    up = udp_upstreams("a")
+    port = udp_port()
+    p = proxy(udp_config(port, [up.target], service="    read_timeout: 300ms"))
+    with client() as sock:
+        _, first, _ = ask(sock, port, b"one")
+        _, second, _ = ask(sock, port, b"two")
+        assert first == second                          # one session
+        line = p.wait_access(1, timeout=3)[0]
+        assert " udp 200 " in line
+        _, third, _ = ask(sock, port, b"three")        # idle past read_timeout: a new session
+        assert third != first
+
+
+def test_upstream_that_never_replies_times_out_as_a_502(proxy, udp_upstreams):
+    silent = udp_upstreams("silent", silent=True)
+    port = udp_port()
+    p = proxy(udp_config(port, [silent.target], service="    read_timeout: 300ms\n    proxy_responses: 1"))
+    with client() as sock:
+        sock.sendto(b"anyone?", ("127.0.0.1", port))
+        line = p.wait_access(1, timeout=3)[0]
+    assert " udp 502 " in line
+    assert "upstream timed out (0.3s read_timeout)" in p.log_text()
+    assert f"target {silent.target} is down" in p.log_text()      # passive health counts timeouts
+
+
+def test_icmp_port_unreachable_is_a_failure_and_the_next_target_answers(proxy, udp_upstreams):
+    live = udp_upstreams("live")
+    dead = f"127.0.0.1:{udp_port()}"        # nothing listens: the kernel answers ICMP port unreachable
+    port = udp_port()
+    p = proxy(udp_config(port, [dead, live.target], service="    proxy_responses: 1"))
+    for i in range(6):
+        with client() as sock:
+            assert ask(sock, port, f"q{i}".encode())[0] == "live"
+    log = p.log_text()
+    assert "(111: Connection refused) while proxying datagrams" in log
+    assert f"target {dead} is down" in log
+    assert log.count("Connection refused") == 1       # down after one failure: not tried again
+
+
+def test_datagram_longer_than_the_buffer_is_truncated_and_logged_once(proxy, udp_upstreams):
+    up = udp_upstreams("a")
+    port = udp_port()
+    p = proxy(udp_config(port, [up.target], service="    proxy_buffer_size: 100"))
+    with client() as sock:
+        for _ in range(3):
+            data = os.urandom(500)
+            _, _, digest = parse_reply(_roundtrip(sock, port, data))
+            assert digest == hashlib.sha256(data[:100]).hexdigest()[:16]     # the first 100 bytes
+    assert all(len(data) == 100 for data, _ in up.received)
+    assert p.log_text().count("truncated (logged once)") == 1
+
+
+def _roundtrip(sock: socket.socket, port: int, data: bytes) -> bytes:
+    sock.sendto(data, ("127.0.0.1", port))
+    return sock.recvfrom(65535)[0]
+
+
+def test_proxy_requests_starts_a_new_session_after_that_many_datagrams(proxy, udp_upstreams):
+    up = udp_upstreams("a")
+    port = udp_port()
+    p = proxy(udp_config(port, [up.target], service="    proxy_requests: 2\n    proxy_responses: 1"))
+    with client() as sock:
+        ports = [ask(sock, port, f"d{i}".encode())[1] for i in range(4)]
+    assert ports[0] == ports[1] != ports[2] == ports[3]
+    assert len(p.wait_access(2, timeout=3)) == 2
+
+
+def test_flood_of_source_ports_evicts_idle_sessions_and_others_keep_working(proxy, udp_upstreams):
+    up = udp_upstreams("a")
+    port = udp_port()
+    p = proxy(udp_config(port, [up.target], head="worker_processes: 1\nworker_connections: 20\n"
+                                                 "access_log_format: '$remote_port $protocol $status'"))
+    steady = client()
+    flood = [client() for _ in range(150)]
+    try:
+        ask(steady, port, b"before")
+        for i, sock in enumerate(flood):
+            sock.sendto(b"flood", ("127.0.0.1", port))
+            if i % 10 == 9:
+                ask(steady, port, f"during {i}".encode())       # the active client keeps an answer
+        ask(steady, port, b"after")
+        p.wait_log("worker_connections are not enough: closing the UDP session idle longest")
+        evicted = [line for line in p.wait_access(100, timeout=5) if line.endswith(" udp 503")]
+        assert len(evicted) >= 100
+        # The active client was never the one idle longest: its session was never evicted.
+        assert f"{steady.getsockname()[1]} udp 503" not in evicted
+    finally:
+        steady.close()
+        for sock in flood:
+            sock.close()
+
+
+# -- reloads ------------------------------------------------------------------------------------
+
+def test_a_reload_does_not_split_a_flow(proxy, udp_upstreams):
+    """A client in the middle of a flow keeps its session (its upstream socket) across a reload, on
+    the old generation, and loses no datagram; a new client meets the new generation."""
+    up = udp_upstreams("a")
+    port = udp_port()
+    config = udp_config(port, [up.target], service="    read_timeout: 1s", head="worker_processes: 2")
+    p = proxy(config)
+    replies: list[int] = []
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def flow() -> None:
+        with client() as sock:
+            i = 0
+            while not stop.is_set():
+                try:
+                    replies.append(ask(sock, port, f"flow {i}".encode())[1])
+                except (AssertionError, OSError) as exc:
+                    errors.append(f"datagram {i}: {exc!r}")
+                i += 1
+                time.sleep(0.01)
+
+    thread = threading.Thread(target=flow)
+    thread.start()
+    try:
+        wait_until(lambda: len(replies) >= 10, 5)
+        old_workers = set(p.worker_pids())
+        p.reload(config.replace("read_timeout: 1s", "read_timeout: 2s"))
+        count = len(replies)
+        wait_until(lambda: len(replies) >= count + 30, 5)
+        with client() as sock:
+            _, newcomer, _ = ask(sock, port, b"new client")
+    finally:
+        stop.set()
+        thread.join(10)
+    assert not errors, errors[:3]
+    assert len(set(replies)) == 1, "the flow changed upstream sockets: it was split"
+    assert newcomer not in replies
+    # The old generation served the flow until it went idle, then exited.
+    wait_until(lambda: not (old_workers & set(p.worker_pids())), 10, what="old workers to exit")
+    lines = p.wait_access(2, timeout=5)
+    assert all(" udp 200 " in line for line in lines), lines
+
+
+def test_fast_stop_ends_udp_sessions_with_their_log_line(proxy, udp_upstreams):
+    up = udp_upstreams("a")
+    port = udp_port()
+    p = proxy(udp_config(port, [up.target]))
+    with client() as sock:
+        ask(sock, port, b"hello")
+    p.stop(signal.SIGTERM)
+    lines = p.access_lines()
+    assert len(lines) == 1 and " udp 200 " in lines[0]
