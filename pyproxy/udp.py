@@ -105,7 +105,7 @@ class UdpTable:
         by_client = self.by_client
         if len(self.sessions) < self.limit:
             return True
-        for _ in range(len(by_client)):
+        for _ in range(2 * len(by_client)):        # after one pass, every session had its chance
             key, session = by_client.popitem(last=False)
             if session.last > session.placed:
                 session.placed = session.last
@@ -120,7 +120,7 @@ class UdpTable:
                                     f"session idle longest ({self.evicted} so far)")
             session.close(STATUS_OVER_LIMIT)
             return True
-        return bool(by_client) and len(self.sessions) < self.limit
+        return False
 
     def truncated(self, session: UdpSession, size: int) -> None:
         """A datagram longer than the service's proxy_buffer_size was cut: counted on the session
@@ -148,16 +148,18 @@ class UdpListener:
         self.sock = sock
         self.key = listen.key
         self.routes = table.ctx.router.for_listener(listen)
+        self.buffers = (table.view[:DATAGRAM_MAX],)     # recvmsg_into's
 
     def on_readable(self, mask: int) -> None:
         sock = self.sock
         view = self.table.view
+        buffers = self.buffers
         wildcard = self.listen.wildcard
         local_ip = self.listen.host
         for _ in range(READ_BATCH):
             try:
                 if wildcard:
-                    n, ancdata, _, addr = sock.recvmsg_into((view[:DATAGRAM_MAX],), PKTINFO_SPACE)
+                    n, ancdata, _, addr = sock.recvmsg_into(buffers, PKTINFO_SPACE)
                     local_ip = _pktinfo_address(ancdata) or local_ip
                 else:
                     n, addr = sock.recvfrom_into(view, DATAGRAM_MAX)

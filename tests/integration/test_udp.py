@@ -393,3 +393,27 @@ def test_fast_stop_ends_udp_sessions_with_their_log_line(proxy, udp_upstreams):
     p.stop(signal.SIGTERM)
     lines = p.access_lines()
     assert len(lines) == 1 and " udp 200 " in lines[0]
+
+
+def test_ipv6_and_wildcard_listeners_answer_from_the_address_asked(proxy, udp_upstreams):
+    """On `[::1]` and on `0.0.0.0` (where the session binds the address the datagram was sent to,
+    learnt from IP_PKTINFO), replies come from the address and port the client sent to."""
+    up = udp_upstreams("a")
+    port, wild = udp_port(), udp_port()
+    config = udp_config(port, [up.target]).replace(
+        f"stream_listen: [127.0.0.1:{port} udp]", f"stream_listen: ['[::1]:{port} udp', '0.0.0.0:{wild} udp']"
+    ).replace(f"destinations: [{{port: {port}}}]", f"destinations: [{{port: {port}}}, {{port: {wild}}}]")
+    p = proxy(config)
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(3)
+        sock.bind(("::1", 0))
+        for i in range(3):
+            sock.sendto(f"six {i}".encode(), ("::1", port))
+            reply, addr = sock.recvfrom(65535)
+            assert addr[:2] == ("::1", port)
+            assert parse_reply(reply)[2] == hashlib.sha256(f"six {i}".encode()).hexdigest()[:16]
+    with client("127.0.0.3") as sock:
+        ports = {ask(sock, wild, f"wild {i}".encode(), host="127.0.0.2")[1] for i in range(3)}
+    assert len(ports) == 1
+    p.stop()
+    assert sum(" udp 200 " in line for line in p.access_lines()) == 2
