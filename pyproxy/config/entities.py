@@ -178,7 +178,7 @@ def _active_healthcheck(report: Report, place: Place, value: object) -> ActiveHe
     healthy = _counters(section, "healthy", HEALTHY_KEYS)
     unhealthy = _counters(section, "unhealthy", UNHEALTHY_KEYS)
     check = ActiveHealthcheck(
-        type=section.get("type", one_of(("tcp",)), defaults.type),
+        type=section.get("type", one_of(("tcp", "udp")), defaults.type),
         interval=section.get("interval", parse_duration, defaults.interval),
         timeout=section.get("timeout", positive_duration, defaults.timeout),
         send=section.get("send", _bytes, defaults.send),
@@ -187,6 +187,9 @@ def _active_healthcheck(report: Report, place: Place, value: object) -> ActiveHe
         unhealthy_tcp_failures=unhealthy.get("tcp_failures", defaults.unhealthy_tcp_failures),
         unhealthy_timeouts=unhealthy.get("timeouts", defaults.unhealthy_timeouts),
     )
+    if check.type == "udp" and check.interval > 0 and not check.send:
+        report.error(section.place_of("send") if section.has("send") else place,
+                     "a udp probe is the datagram in `send`: set it (a target answers nothing to nothing)")
     return check
 
 

@@ -104,7 +104,7 @@ class SSLSettings:
 
 @dataclass(frozen=True)
 class ActiveHealthcheck:
-    type: str = "tcp"
+    type: str = "tcp"             # "udp": a datagram probe (pyproxy.healthcheck.UdpChecker)
     interval: float = 0.0         # seconds; 0 = off
     timeout: float = 1.0
     send: bytes | None = None  # optional bytes written after connect

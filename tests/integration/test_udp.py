@@ -39,11 +39,11 @@ class UdpUpstream:
     source port it came from (the proxy's upstream socket) and a digest of the datagram, so a
     client can tell that a reply is its own. `silent`: it answers nothing."""
 
-    def __init__(self, name: str, silent: bool = False):
+    def __init__(self, name: str, silent: bool = False, port: int | None = None):
         self.name = name
         self.silent = silent
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", udp_port()))
+        self.sock.bind(("127.0.0.1", port or udp_port()))
         self.sock.settimeout(0.1)
         self.port = self.sock.getsockname()[1]
         self.received: list[tuple[bytes, tuple[str, int]]] = []
@@ -86,8 +86,8 @@ def parse_reply(reply: bytes) -> tuple[str, int, str]:
 def udp_upstreams():
     started: list[UdpUpstream] = []
 
-    def make(name: str, silent: bool = False) -> UdpUpstream:
-        up = UdpUpstream(name, silent)
+    def make(name: str, silent: bool = False, port: int | None = None) -> UdpUpstream:
+        up = UdpUpstream(name, silent, port)
         started.append(up)
         return up
 
@@ -283,6 +283,26 @@ def test_icmp_port_unreachable_is_a_failure_and_the_next_target_answers(proxy, u
     assert "(111: Connection refused) while proxying datagrams" in log
     assert f"target {dead} is down" in log
     assert log.count("Connection refused") == 1       # down after one failure: not tried again
+
+
+def test_active_udp_checks_take_a_silent_or_refusing_target_out_and_bring_it_back(proxy, udp_upstreams):
+    live = udp_upstreams("live")
+    silent = udp_upstreams("silent", silent=True)
+    dead_port = udp_port()
+    port = udp_port()
+    active = ("    healthchecks:\n      active: {type: udp, interval: 100ms, timeout: 300ms, send: ping, "
+              "expect: 'live ', healthy: {successes: 1}, unhealthy: {tcp_failures: 1, timeouts: 1}}")
+    p = proxy(udp_config(port, [live.target, silent.target, f"127.0.0.1:{dead_port}"], upstream=active,
+                         service="    proxy_responses: 1"))
+    p.wait_log(f"target 127.0.0.1:{dead_port} is down (active health check: read failed "
+               f"(Connection refused))")
+    p.wait_log(f"target {silent.target} is down (active health check: timed out after 0.3s)")
+    for i in range(6):
+        with client() as sock:
+            assert ask(sock, port, f"q{i}".encode())[0] == "live"
+    assert all(data == b"ping" for data, _ in silent.received)      # probes only, no session
+    udp_upstreams("live", port=dead_port)             # answers `live …`: what the probes expect
+    p.wait_log(f"target 127.0.0.1:{dead_port} is up again")
 
 
 def test_datagram_longer_than_the_buffer_is_truncated_and_logged_once(proxy, udp_upstreams):

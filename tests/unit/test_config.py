@@ -807,7 +807,7 @@ def test_healthchecks(conf_dir: Path, fake_dns):
 
 
 @pytest.mark.parametrize("active, key, message", [
-    ("{type: http}", "active.type", "expected one of tcp, got 'http'"),
+    ("{type: http}", "active.type", "expected one of tcp, udp, got 'http'"),
     ("{healthy: {successes: 300}}", "active.healthy.successes", "300 is out of range (0-255)"),
     ("{unhealthy: {http_failures: 1}}", "active.unhealthy.http_failures",
      "unknown key 'http_failures'; did you mean 'tcp_failures'?"),

@@ -120,3 +120,18 @@ def test_wrong_udp_values(conf_dir: Path, fragment: str, message: str):
     error = only_error(conf_dir, UDP.replace("    proxy_requests: 4\n    proxy_buffer_size: 512\n",
                                              f"    {fragment}\n"))
     assert error.message == message
+
+
+def test_a_udp_probe_needs_a_datagram_to_send(conf_dir: Path):
+    text = UDP.replace("services:", """upstreams:
+  - name: pool
+    healthchecks:
+      active: {type: udp, interval: 1s}
+    targets: [{target: "127.0.0.1:53"}]
+services:""")
+    error = only_error(conf_dir, text)
+    assert (error.key, error.message) == (
+        "upstreams[0].healthchecks.active",
+        "a udp probe is the datagram in `send`: set it (a target answers nothing to nothing)")
+    assert load(conf_dir, text.replace("interval: 1s", "interval: 1s, send: ping")).upstreams[0] \
+        .healthchecks.active.type == "udp"
