@@ -51,6 +51,7 @@ DATAGRAM_TYPE = socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
 PKTINFO_SPACE = socket.CMSG_SPACE(40)     # in6_pktinfo (20 bytes) or in_pktinfo (12), with room
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)     # Linux's value; typeshed does not list it
 EVICTION_LOG_INTERVAL = 10.0  # seconds between warnings that full worker_connections evict sessions
+MSG_TRUNC = socket.MSG_TRUNC  # recv_into returns a datagram's whole length, also when it was cut
 DROPPED = (errno.EAGAIN, errno.ENOBUFS, errno.EMSGSIZE)   # a datagram not sent: UDP may lose it
 
 
@@ -355,7 +356,7 @@ class UdpSession(Session):
         size = self.size
         for _ in range(READ_BATCH):
             try:
-                n = recv_into(view, size, socket.MSG_TRUNC)
+                n = recv_into(view, size, MSG_TRUNC)
             except BlockingIOError:
                 return
             except OSError as exc:
@@ -376,7 +377,7 @@ class UdpSession(Session):
         upstream = self.upstream
         assert upstream is not None
         try:
-            self.up_sent += upstream.send(self.table.slice(n))
+            self.up_sent += upstream.send(self.table.slices[n] or self.table.slice(n))
         except OSError as exc:
             if exc.errno not in DROPPED:
                 self._upstream_error(exc)
@@ -415,7 +416,7 @@ class UdpSession(Session):
         reply = self.reply
         for _ in range(READ_BATCH):
             try:
-                n = recv_into(view, size, socket.MSG_TRUNC)
+                n = recv_into(view, size, MSG_TRUNC)
             except BlockingIOError:
                 return
             except OSError as exc:
@@ -430,7 +431,7 @@ class UdpSession(Session):
             self.responses += 1
             self.last = self.loop.now
             try:
-                self.sent += reply(self.table.slice(n))
+                self.sent += reply(self.table.slices[n] or self.table.slice(n))
             except OSError as exc:
                 if exc.errno not in DROPPED:
                     self._client_gone(exc)
