@@ -33,6 +33,7 @@ import errno
 import socket
 from collections import OrderedDict
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING
 
 from pyproxy.config.model import STATUS_BAD_GATEWAY, STATUS_NO_ROUTE, STATUS_OK, STATUS_OVER_LIMIT, Listen
@@ -50,6 +51,10 @@ READ_BATCH = 64               # datagrams read per readiness event of one socket
 DATAGRAM_TYPE = socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
 PKTINFO_SPACE = socket.CMSG_SPACE(40)     # in6_pktinfo (20 bytes) or in_pktinfo (12), with room
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)     # Linux's value; typeshed does not list it
+# Seconds a session's client socket reads with recvfrom, checking who sent each datagram (see
+# UdpSession._checked_reads); then with recv_into. A misdelivered datagram is queued microseconds after
+# the connect at most: a second covers it with room to spare (and a DNS session its whole life).
+CHECKED_FOR = 1.0
 EVICTION_LOG_INTERVAL = 10.0  # seconds between warnings that full worker_connections evict sessions
 MSG_TRUNC = socket.MSG_TRUNC  # recv_into returns a datagram's whole length, also when it was cut
 DROPPED = (errno.EAGAIN, errno.ENOBUFS, errno.EMSGSIZE)   # a datagram not sent: UDP may lose it
@@ -170,6 +175,18 @@ class UdpListener:
                 continue            # an ICMP error queued on the socket: it concerns no session
             self.datagram(n, addr, local_ip)
 
+    def take_leftovers(self, sock: _socket.socket, local_ip: str) -> None:
+        """What waited in an ended session's client socket (UdpSession._release_client), as if it
+        had come to this listener; then the socket is closed."""
+        view = self.table.view
+        while True:
+            try:
+                n, addr = sock.recvfrom_into(view, DATAGRAM_MAX)
+            except OSError:
+                break
+            self.datagram(n, addr, local_ip)
+        sock.close()
+
     def datagram(self, n: int, addr: ClientAddress, local_ip: str) -> None:
         """A datagram of `n` bytes in the table's buffer from `addr`, sent to local_ip."""
         session = self.table.by_client.get((self.key, addr))
@@ -196,8 +213,8 @@ class UdpListener:
 class UdpSession(Session):
     """One client of one UDP listener, and its upstream (see the module's docstring)."""
 
-    __slots__ = ("table", "key", "listener", "shared", "reply", "size", "received", "sent", "up_received",
-                 "up_sent", "requests", "responses", "first", "last", "placed", "truncated")
+    __slots__ = ("table", "key", "listener", "shared", "checked", "reply", "size", "received", "sent",
+                 "up_received", "up_sent", "requests", "responses", "first", "last", "placed", "truncated")
 
     table: UdpTable
     listener: UdpListener
@@ -230,6 +247,7 @@ class UdpSession(Session):
         self.upstream = None
         self.connect_time = None
         self.shared = False             # replies go through the listening socket
+        self.checked = True             # reads check the sender (see _checked_reads)
         self.received = self.sent = self.up_received = self.up_sent = 0
         self.requests = self.responses = self.truncated = 0
         self.first = None
@@ -261,7 +279,7 @@ class UdpSession(Session):
             return
         self.from_client(n)
         if self.phase != CLOSED and not self.shared:
-            self._take_misdelivered()
+            self._checked_reads()
         self._arm_timer()
 
     def _open_client_socket(self, listener: UdpListener) -> None:
@@ -302,21 +320,32 @@ class UdpSession(Session):
             self.log("info", f"no client socket for the session ({exc.strerror or exc}): replies go through "
                              f"the listening socket, and a reload moves the client to the new generation")
 
-    def _take_misdelivered(self) -> None:
-        """Datagrams that reached the client socket between its bind and its connect may be another
-        client's: each goes where the listening socket would have taken it."""
+    def _checked_reads(self) -> None:
+        """The client socket's reads while it is young: a datagram of another client may have been
+        given to it between its bind and its connect (the kernel looks the socket up, on any CPU,
+        before it queues the datagram), so each read says where the datagram came from, and one of
+        another client goes where the listening socket would have taken it."""
+        if self.loop.now - self.started > CHECKED_FOR:
+            self.checked = False
         view = self.table.view
         mine = self.client_addr
-        while True:
+        size = self.size
+        for _ in range(READ_BATCH):
             try:
                 n, addr = self.client.recvfrom_into(view, DATAGRAM_MAX)
-            except OSError:
+            except BlockingIOError:
                 return
-            if addr[:2] == mine[:2]:
-                self.from_client(min(n, self.size))
-            else:
+            except OSError as exc:
+                self._client_gone(exc)
+                return
+            if addr[:2] != mine[:2]:
                 self.listener.datagram(n, addr, self.local_ip())
-            if self.phase == CLOSED:
+            else:
+                if n > size:
+                    self.table.truncated(self, size)
+                    n = size
+                self.from_client(n)
+            if self.shared or self.phase == CLOSED:
                 return
 
     def _next_peer(self) -> bool:
@@ -351,6 +380,9 @@ class UdpSession(Session):
 
     # -- datagrams ------------------------------------------------------------------------
     def on_client(self, mask: int) -> None:
+        if self.checked:
+            self._checked_reads()
+            return
         recv_into = self.client.recv_into
         view = self.table.view
         size = self.size
@@ -394,9 +426,22 @@ class UdpSession(Session):
         if self.table.by_client.get(self.key) is self:
             del self.table.by_client[self.key]
         if not self.shared:
-            self.loop.forget(self.client.fileno())
-            self.client.close()
+            self._release_client()
             self._share_listener(self.listener, None)
+
+    def _release_client(self) -> None:
+        """Give the client back to the listeners. Its next datagram may already be on the way (a DNS
+        client's next query from the same port, sent as soon as the answer came): connected to its
+        own address, the socket matches no datagram from now on, and what was queued in it (or is
+        being queued on another CPU) is read on the next tick and goes where the listener would
+        take it, to a new session. Only then is the socket closed."""
+        sock = self.client
+        self.loop.forget(sock.fileno())
+        try:
+            sock.connect((self.local_ip(), self.listen.port))
+        except OSError:
+            pass                # cannot happen for a bound address; the close comes anyway
+        self.loop.call_soon(partial(self.listener.take_leftovers, sock, self.local_ip()))
 
     def _done(self) -> bool:
         """nginx's test: every client datagram proxy_requests allows came, and proxy_responses
@@ -524,11 +569,10 @@ class UdpSession(Session):
             self.timer.cancel()
             self.timer = None
         self._drop_upstream()
-        if phase == FORWARDING and not self.shared:
-            self.loop.forget(self.client.fileno())
-            self.client.close()
         if self.table.by_client.get(self.key) is self:
             del self.table.by_client[self.key]
+        if phase == FORWARDING and not self.shared:
+            self._release_client()
         if self.peer is not None:
             self.balancer.released(self.peer)
         self.ctx.closed(self)

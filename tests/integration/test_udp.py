@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pwd
+import select
 import shutil
 import signal
 import socket
@@ -243,6 +244,42 @@ def test_consistent_hashing_keeps_a_client_address_on_one_target(proxy, udp_upst
             chosen.setdefault(source, set()).add(name)
     assert all(len(names) == 1 for names in chosen.values()), chosen
     assert len({next(iter(names)) for names in chosen.values()}) > 1     # and they do spread
+
+
+def test_a_query_sent_as_soon_as_the_previous_answer_came_is_answered(proxy, udp_upstreams):
+    """With proxy_responses 1 each answer ends a session; clients that send their next query from
+    the same port as soon as the answer comes may reach the ending session's socket before it is
+    closed: every such query is answered all the same (by a new session)."""
+    up = udp_upstreams("a")
+    port = udp_port()
+    proxy(udp_config(port, [up.target], service="    proxy_responses: 1", head="worker_processes: 2"))
+    epoll = select.epoll()
+    socks = {}
+    for _ in range(32):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+        sock.connect(("127.0.0.1", port))
+        sock.send(b"query")
+        socks[sock.fileno()] = [sock, time.monotonic()]
+        epoll.register(sock.fileno(), select.EPOLLIN)
+    answered = 0
+    stuck: list[int] = []
+    try:
+        deadline = time.monotonic() + 20
+        while answered < 4000 and not stuck and time.monotonic() < deadline:
+            for fd, _ in epoll.poll(0.1):
+                entry = socks[fd]
+                entry[0].recv(65535)
+                answered += 1
+                entry[0].send(b"query")
+                entry[1] = time.monotonic()
+            now = time.monotonic()
+            stuck = [entry[0].getsockname()[1] for entry in socks.values() if now - entry[1] > 2]
+    finally:
+        for sock, _ in socks.values():
+            sock.close()
+        epoll.close()
+    assert not stuck, f"queries from ports {stuck} got no answer ({answered} answered before)"
+    assert answered >= 4000
 
 
 def test_read_timeout_ends_an_idle_session(proxy, udp_upstreams):
