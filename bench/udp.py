@@ -4,15 +4,18 @@
     python -m bench.udp --rounds 1 --duration 2
 
 An nginx (stream module, one worker) answers every datagram with a 100-byte one (`return`: a C
-upstream that is never the bottleneck). In front of it, nginx (`listen … udp reuseport`,
-`proxy_responses 1`) and pyproxy (`ADDR:PORT udp`, `proxy_responses: 1`), two workers each, access
-logs off. Load generator processes keep a window of queries of 40 bytes in flight, two ways:
+upstream that is never the bottleneck). In front of it, nginx (`listen … udp reuseport`) and pyproxy
+(`ADDR:PORT udp`), two workers each, access logs off, each with two listeners. Load generator
+processes keep a window of queries of 40 bytes in flight, two ways:
 
-- query: every query from a new socket (a new source port: a new session), as stub resolvers ask;
-- flow: each socket sends its next query when the reply came (one long session per socket);
+- query: every query from a new socket (a new source port), to the listener with `proxy_responses
+  1`: a session per query, as stub resolvers ask;
+- flow: each socket sends its next query when the reply came, to the listener without
+  `proxy_responses`: one long session per socket (the hot path);
 
-and one socket with one query at a time measures the latency (its p50 minus direct's is the latency
-the proxy adds). Figures: datagrams answered per second, pyproxy/nginx, and p50/p99 round trips.
+and one socket with one query at a time measures the latency on both listeners (its p50 minus
+direct's is the latency the proxy adds). Figures: datagrams answered per second, pyproxy/nginx, and
+p50/p99 round trips.
 `make bench` runs this row after the others (bench.run); its JSON goes in the run's folder as udp.json.
 """
 
@@ -37,7 +40,8 @@ from bench.configs import LOOPBACK, NGINX_STREAM_MODULE
 from bench.processes import Fleet, StartError
 
 BASE_OFFSET = 300              # from bench.run's base port: clear of its layouts (base…+33, +100…+133)
-DEFAULT_BASE_PORT = 24000 + BASE_OFFSET    # upstream, nginx, pyproxy: base, base+1, base+2
+# The upstream on base; nginx on base+1 (query) and base+3 (flow), pyproxy on base+2 and base+4.
+DEFAULT_BASE_PORT = 24000 + BASE_OFFSET
 WORKERS = 2
 GENERATORS = 2                 # load generator processes
 WINDOW = 32                    # queries in flight per generator process
@@ -71,6 +75,11 @@ stream {{
         proxy_responses 1;
         proxy_timeout 10s;
     }}
+    server {{
+        listen {LOOPBACK}:{base + 3} udp reuseport;
+        proxy_pass {LOOPBACK}:{base};
+        proxy_timeout 10s;
+    }}
 }}
 """)
     pyproxy = os.path.join(folder, "pyproxy.yml")
@@ -80,18 +89,27 @@ worker_connections: 65536
 pid: off
 access_log: off
 error_log: {folder}/pyproxy-error.log
-stream_listen: [{LOOPBACK}:{base + 2} udp]
+stream_listen: [{LOOPBACK}:{base + 2} udp, {LOOPBACK}:{base + 4} udp]
 services:
-  - name: dns
+  - name: query
     protocol: udp
     host: {LOOPBACK}
     port: {base}
     read_timeout: 10s
     proxy_responses: 1
     routes:
-      - name: dns
+      - name: query
         protocols: [udp]
         destinations: [{{port: {base + 2}}}]
+  - name: flow
+    protocol: udp
+    host: {LOOPBACK}
+    port: {base}
+    read_timeout: 10s
+    routes:
+      - name: flow
+        protocols: [udp]
+        destinations: [{{port: {base + 4}}}]
 """)
     return upstream, nginx, pyproxy
 
@@ -186,50 +204,54 @@ def measure(port: int, mode: str, seconds: float, generators: int = GENERATORS,
 def run(rounds: int, duration: float, base: int, folder: str) -> dict:
     """Every target, mode and round; the medians, and pyproxy's ratios to nginx."""
     upstream, nginx, pyproxy = write_configs(folder, base)
-    ports = {"direct": base, "nginx": base + 1, "pyproxy": base + 2}
+    ports = {("query", "direct"): base, ("query", "nginx"): base + 1, ("query", "pyproxy"): base + 2,
+             ("flow", "direct"): base, ("flow", "nginx"): base + 3, ("flow", "pyproxy"): base + 4}
     raw: dict[str, list[dict[str, float]]] = {}
     with Fleet(folder) as fleet:
         fleet.start("udp-upstream", ["nginx", "-c", upstream, "-e", f"{folder}/upstream-error.log"])
         fleet.start("udp-nginx", ["nginx", "-c", nginx, "-e", f"{folder}/nginx-error.log"])
         fleet.start("udp-pyproxy", [sys.executable, "-m", "pyproxy", "-c", pyproxy])
-        for port in ports.values():
+        for port in set(ports.values()):
             wait_answering(port)
         for round_ in range(rounds):
             for target in TARGETS[round_ % 3:] + TARGETS[:round_ % 3]:
                 for mode in MODES:
-                    figures = measure(ports[target], mode, duration)
+                    figures = measure(ports[mode, target], mode, duration)
                     raw.setdefault(f"{mode} {target}", []).append(figures)
                     print(f"udp {mode:<5} round {round_ + 1} {target:<8} {figures['rate']:>9.0f} dgram/s  "
                           f"p50 {figures['p50_ms']:.3f} ms  p99 {figures['p99_ms']:.3f} ms  "
                           f"lost {figures['lost']:.0f}", flush=True)
-                probe = measure(ports[target], "flow", duration / 2, generators=1, window=1)
-                raw.setdefault(f"latency {target}", []).append(probe)
-                print(f"udp latency round {round_ + 1} {target:<8} p50 {probe['p50_ms']:.3f} ms  "
-                      f"p99 {probe['p99_ms']:.3f} ms", flush=True)
+                for mode in MODES:
+                    probe = measure(ports[mode, target], mode, duration / 2, generators=1, window=1)
+                    raw.setdefault(f"latency {mode} {target}", []).append(probe)
+                    print(f"udp latency {mode:<5} round {round_ + 1} {target:<8} "
+                          f"p50 {probe['p50_ms']:.3f} ms  p99 {probe['p99_ms']:.3f} ms", flush=True)
     medians = {key: {name: statistics.median(run[name] for run in runs) for name in runs[0]}
                for key, runs in raw.items()}
     summary = {"medians": medians, "rounds": raw}
     for mode in MODES:
         pyproxy, nginx = medians[f"{mode} pyproxy"]["rate"], medians[f"{mode} nginx"]["rate"]
         summary[f"{mode} pyproxy/nginx"] = pyproxy / nginx
-    for target in ("nginx", "pyproxy"):
-        summary[f"added latency p50 ms {target}"] = (medians[f"latency {target}"]["p50_ms"]
-                                                     - medians["latency direct"]["p50_ms"])
+    for mode in MODES:
+        for target in ("nginx", "pyproxy"):
+            summary[f"added p50 ms {mode} {target}"] = (medians[f"latency {mode} {target}"]["p50_ms"]
+                                                        - medians[f"latency {mode} direct"]["p50_ms"])
     return summary
 
 
 def report(summary: dict) -> str:
     medians = summary["medians"]
     lines = ["UDP, DNS-sized datagrams (40-byte query, 100-byte answer), medians:",
-             f"{'':<22}{'direct':>12}{'nginx':>12}{'pyproxy':>12}{'pyproxy/nginx':>16}"]
+             f"{'':<30}{'direct':>12}{'nginx':>12}{'pyproxy':>12}{'pyproxy/nginx':>16}"]
     for mode in MODES:
         rates = [medians[f"{mode} {target}"]["rate"] for target in TARGETS]
-        lines.append(f"{mode + ' (dgram/s)':<22}" + "".join(f"{rate:>12.0f}" for rate in rates)
+        lines.append(f"{mode + ' (dgram/s)':<30}" + "".join(f"{rate:>12.0f}" for rate in rates)
                      + f"{summary[f'{mode} pyproxy/nginx']:>15.2f}x")
-    p50s = [medians[f"latency {target}"]["p50_ms"] for target in TARGETS]
-    lines.append(f"{'latency p50 (ms)':<22}" + "".join(f"{p50:>12.3f}" for p50 in p50s))
-    lines.append(f"{'added p50 (ms)':<22}{'':>12}{summary['added latency p50 ms nginx']:>12.3f}"
-                 f"{summary['added latency p50 ms pyproxy']:>12.3f}")
+    for mode in MODES:
+        p50s = [medians[f"latency {mode} {target}"]["p50_ms"] for target in TARGETS]
+        lines.append(f"{mode + ' p50, 1 at a time (ms)':<30}" + "".join(f"{p50:>12.3f}" for p50 in p50s))
+        lines.append(f"{mode + ' added p50 (ms)':<30}{'':>12}{summary[f'added p50 ms {mode} nginx']:>12.3f}"
+                     f"{summary[f'added p50 ms {mode} pyproxy']:>12.3f}")
     return "\n".join(lines)
 
 
