@@ -138,11 +138,6 @@ class UdpTable:
             session.log("warn", f'datagram longer than proxy_buffer_size ({size}) of service "{name}" '
                                 f"truncated (logged once)")
 
-    def close_all_without_socket(self) -> None:
-        """The listening sockets are closing (a drain): sessions that reply through them must end."""
-        for session in [s for s in self.sessions if type(s) is UdpSession and s.shared]:
-            session.close(STATUS_OK)
-
 
 class UdpListener:
     """The readiness handler of one UDP listening socket in a worker: datagrams of clients that have
@@ -268,7 +263,13 @@ class UdpSession(Session):
             if status:
                 self.close(status)
                 return
-        self._open_client_socket(listener)
+        if service.proxy_responses is None:
+            self._open_client_socket(listener)
+        else:
+            # An exchange (DNS: one query, one answer) ends before a client socket would pay for
+            # itself: its replies go through the listening socket, whose SO_REUSEPORT hash keeps the
+            # client's datagrams on this worker meanwhile (see docs/design/udp.md).
+            self._share_listener(listener, None)
         self.phase = FORWARDING
         if n > self.size:
             self.table.truncated(self, self.size)
@@ -306,7 +307,8 @@ class UdpSession(Session):
 
     def _share_listener(self, listener: UdpListener, exc: OSError | None) -> None:
         """No client socket: reply through the listening socket; datagrams are found by address
-        (`exc`: why the client socket could not be made; None once proxy_requests let it go)."""
+        (`exc`: why the client socket could not be made; None for an exchange, or once
+        proxy_requests let the client go)."""
         self.shared = True
         self.client = listener.sock
         sendto = listener.sock.sendto

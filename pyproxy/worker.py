@@ -408,11 +408,12 @@ class Worker:
         self.draining = True
         for checker in self.checkers:
             checker.stop()
-        self.udp.close_all_without_socket()
         for ls in self.listeners:
-            # The master (and a successor worker) still hold the socket: no reset. A UDP session
-            # keeps its own connected sockets, so its client's datagrams still reach it (pyproxy.udp).
-            ls.sock.close()
+            # The master (and a successor worker) still hold the socket: no reset. A UDP listener
+            # is no longer read but stays open until we exit: the sessions of exchanges (pyproxy.udp)
+            # send their replies through it; the others have sockets of their own.
+            if not ls.listen.udp:
+                ls.sock.close()
         try:
             os.write(self.ready_fd, QUIESCED)   # tell the master: from now on only the new generation accepts
         except OSError:

@@ -40,9 +40,10 @@ class UdpUpstream:
     source port it came from (the proxy's upstream socket) and a digest of the datagram, so a
     client can tell that a reply is its own. `silent`: it answers nothing."""
 
-    def __init__(self, name: str, silent: bool = False, port: int | None = None):
+    def __init__(self, name: str, silent: bool = False, port: int | None = None, delay: float = 0.0):
         self.name = name
         self.silent = silent
+        self.delay = delay
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind(("127.0.0.1", port or udp_port()))
         self.sock.settimeout(0.1)
@@ -65,8 +66,14 @@ class UdpUpstream:
             except OSError:
                 return
             self.received.append((data, addr))
-            if not self.silent:
-                self.sock.sendto(reply_for(self.name, addr[1], data), addr)
+            if self.delay:
+                threading.Timer(self.delay, self._answer, (data, addr)).start()
+            elif not self.silent:
+                self._answer(data, addr)
+
+    def _answer(self, data: bytes, addr: tuple[str, int]) -> None:
+        if not self.silent and self.running:
+            self.sock.sendto(reply_for(self.name, addr[1], data), addr)
 
     def stop(self) -> None:
         self.running = False
@@ -87,8 +94,8 @@ def parse_reply(reply: bytes) -> tuple[str, int, str]:
 def udp_upstreams():
     started: list[UdpUpstream] = []
 
-    def make(name: str, silent: bool = False, port: int | None = None) -> UdpUpstream:
-        up = UdpUpstream(name, silent, port)
+    def make(name: str, silent: bool = False, port: int | None = None, delay: float = 0.0) -> UdpUpstream:
+        up = UdpUpstream(name, silent, port, delay)
         started.append(up)
         return up
 
@@ -439,6 +446,25 @@ def test_a_reload_does_not_split_a_flow(proxy, udp_upstreams):
     wait_until(lambda: not (old_workers & set(p.worker_pids())), 10, what="old workers to exit")
     lines = p.wait_access(2, timeout=5)
     assert all(" udp 200 " in line for line in lines), lines
+
+
+def test_an_exchange_under_way_at_a_reload_gets_its_answer(proxy, udp_upstreams):
+    """A DNS-like exchange (proxy_responses 1) replies through the listening socket: the old
+    generation keeps its copy open while it drains, so an answer that comes after the reload still
+    reaches the client, from the address it asked."""
+    slow = udp_upstreams("slow", delay=1.5)
+    port = udp_port()
+    config = udp_config(port, [slow.target], service="    proxy_responses: 1", head="worker_processes: 2")
+    p = proxy(config)
+    with client() as sock:
+        sock.settimeout(10)
+        sock.sendto(b"question", ("127.0.0.1", port))
+        wait_until(lambda: slow.received, 5)
+        p.reload(config.replace("worker_processes: 2", "worker_processes: 1"))
+        reply, addr = sock.recvfrom(65535)
+    assert addr == ("127.0.0.1", port)
+    assert parse_reply(reply)[2] == hashlib.sha256(b"question").hexdigest()[:16]
+    assert " udp 200 " in p.wait_access(1)[0]
 
 
 def test_fast_stop_ends_udp_sessions_with_their_log_line(proxy, udp_upstreams):
