@@ -6,11 +6,14 @@ import socket
 from pathlib import Path
 
 import pytest
+import yaml
 
+from pyproxy.config.dump import dump_config
 from pyproxy.listeners import open_listener
 from pyproxy.router import Router
 from tests.support import free_port
 from tests.unit.test_config import errors_of, load, only_error
+from tests.unit.test_config_dump import without_places
 
 UDP = """\
 stream_listen: [127.0.0.1:5353 udp, 127.0.0.1:5353]
@@ -135,3 +138,22 @@ services:""")
         "a udp probe is the datagram in `send`: set it (a target answers nothing to nothing)")
     assert load(conf_dir, text.replace("interval: 1s", "interval: 1s, send: ping")).upstreams[0] \
         .healthchecks.active.type == "udp"
+
+
+def test_the_dump_of_a_udp_configuration_loads_and_means_the_same(conf_dir: Path):
+    text = UDP.replace("services:", """upstreams:
+  - name: pool
+    healthchecks:
+      active: {type: udp, interval: 1s, send: ping, expect: pong}
+    targets: [{target: "127.0.0.1:53"}]
+services:""").replace("    host: 127.0.0.1\n    port: 53\n    proxy_responses",
+                       "    host: pool\n    proxy_responses")
+    warnings: list[str] = []
+    original = load(conf_dir, text)
+    document = dump_config(original)
+    assert document["stream_listen"][0] == "127.0.0.1:5353 udp"
+    assert "proxy_responses" not in document["services"][1]       # a tcp service's dump has none
+    (conf_dir / "dumped").mkdir()
+    reloaded = load(conf_dir / "dumped", yaml.safe_dump(document), warnings)
+    assert without_places(reloaded) == without_places(original)
+    assert warnings == []
