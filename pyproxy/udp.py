@@ -3,15 +3,18 @@
 A session is a client address and port on a listener. Its first datagram reaches one of the
 listener's SO_REUSEPORT sockets (one per worker slot, like TCP); the worker routes it, picks an
 upstream target (the balancer, its health, consistent hashing on the client address) and opens two
-connected sockets for the session:
+connected sockets for the session (one for an exchange, below):
 
 - a client socket bound to the address and port the client sent to and connected to the client.
   Linux delivers a datagram to the connected socket that matches its 4-tuple before any unconnected
   one, so from then on every datagram of this client reaches this session in this worker, whichever
   worker or generation reads the listening sockets (the affinity that holds across reloads, see
   docs/design/udp.md). Replies leave from it, so the client sees them come from the address it
-  sent to. Where it cannot be bound (a port below 1024 after `user` dropped privileges) the session
-  replies through the listening socket and its datagrams are found by address instead.
+  sent to. An *exchange*, a session of a service with `proxy_responses` (DNS), lasts one round trip
+  and has none: it replies through the listening socket, and a further datagram of its client comes
+  through the listener (the SO_REUSEPORT hash keeps it on this worker) and is found by address. So
+  does a session whose client socket cannot be bound (a port below 1024 after `user` dropped
+  privileges).
 - an upstream socket connected to the target: replies come back on it alone, and an ICMP port
   unreachable from the target shows as ECONNREFUSED on it (passive health).
 
@@ -94,15 +97,13 @@ class UdpTable:
         self.buffer = bytearray(DATAGRAM_MAX + 1)
         self.view = memoryview(self.buffer)
         # view[:n] for each length n met so far: a datagram is sent without a new memoryview.
-        self.slices: list[memoryview | None] = [None] * (DATAGRAM_MAX + 2)
+        self.slices: dict[int, memoryview] = {}
         self.evicted = 0
         self.evicted_logged_at = -EVICTION_LOG_INTERVAL
         self.truncation_logged: set[str] = set()   # services whose truncation was logged already
 
     def slice(self, n: int) -> memoryview:
-        view = self.slices[n]
-        if view is None:
-            view = self.slices[n] = self.view[:n]
+        view = self.slices[n] = self.view[:n]
         return view
 
     def make_room(self) -> bool:
@@ -161,7 +162,7 @@ class UdpListener:
             try:
                 if wildcard:
                     n, ancdata, _, addr = sock.recvmsg_into(buffers, PKTINFO_SPACE)
-                    local_ip = _pktinfo_address(ancdata) or local_ip
+                    local_ip = _pktinfo_address(ancdata) or self.listen.host
                 else:
                     n, addr = sock.recvfrom_into(view, DATAGRAM_MAX)
             except BlockingIOError:
@@ -411,7 +412,7 @@ class UdpSession(Session):
         upstream = self.upstream
         assert upstream is not None
         try:
-            self.up_sent += upstream.send(self.table.slices[n] or self.table.slice(n))
+            self.up_sent += upstream.send(self.table.slices.get(n) or self.table.slice(n))
         except OSError as exc:
             if exc.errno not in DROPPED:
                 self._upstream_error(exc)
@@ -478,7 +479,7 @@ class UdpSession(Session):
             self.responses += 1
             self.last = self.loop.now
             try:
-                self.sent += reply(self.table.slices[n] or self.table.slice(n))
+                self.sent += reply(self.table.slices.get(n) or self.table.slice(n))
             except OSError as exc:
                 if exc.errno not in DROPPED:
                     self._client_gone(exc)
