@@ -377,6 +377,19 @@ def test_proxy_requests_starts_a_new_session_after_that_many_datagrams(proxy, ud
     assert len(p.wait_access(2, timeout=3)) == 2
 
 
+def test_proxy_requests_on_a_flow_hands_the_client_to_a_new_session(proxy, udp_upstreams):
+    """Without proxy_responses a session has its own client socket; proxy_requests closes it after
+    that many datagrams, and the old session still answers through the listening socket."""
+    up = udp_upstreams("a")
+    port = udp_port()
+    p = proxy(udp_config(port, [up.target], service="    proxy_requests: 2\n    read_timeout: 500ms"))
+    with client() as sock:
+        ports = [ask(sock, port, f"d{i}".encode())[1] for i in range(5)]
+    assert ports[0] == ports[1] != ports[2] == ports[3] != ports[4]
+    lines = p.wait_access(3, timeout=5)
+    assert all(" udp 200 " in line for line in lines), lines
+
+
 def test_flood_of_source_ports_evicts_idle_sessions_and_others_keep_working(proxy, udp_upstreams):
     up = udp_upstreams("a")
     port = udp_port()
