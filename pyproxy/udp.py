@@ -108,7 +108,8 @@ class UdpTable:
 
     def make_room(self) -> bool:
         """At worker_connections: end the UDP session idle longest (second chance: one active since
-        it was last looked at goes to the back). False when no UDP session can go (TCP ones fill it)."""
+        it was last looked at goes to the back), for a new session of either protocol. False when no
+        UDP session can go (TCP ones fill the worker)."""
         by_client = self.by_client
         if len(self.sessions) < self.limit:
             return True

@@ -312,7 +312,8 @@ class Worker:
         def start(conn: _socket.socket, addr: ClientAddress) -> None:
             self.serial += 1
             session = Session(self.context, listen, conn, addr, self.serial)
-            if len(self.sessions) >= limit:
+            # Full: the UDP session idle longest makes room, if there is one (pyproxy.udp).
+            if len(self.sessions) >= limit and not self.udp.make_room():
                 session.log("warn", f"{limit} worker_connections are not enough, refusing")
                 session.close(STATUS_OVER_LIMIT)
                 return

@@ -415,6 +415,39 @@ def test_flood_of_source_ports_evicts_idle_sessions_and_others_keep_working(prox
             sock.close()
 
 
+def test_a_tcp_session_at_worker_connections_takes_the_place_of_an_idle_udp_one(proxy, udp_upstreams,
+                                                                                upstreams):
+    """UDP sessions count against worker_connections, and a UDP flood must not lock TCP clients out:
+    a new TCP session in a full worker closes the UDP session idle longest instead of being refused."""
+    from tests.support import connect, recv_line, tag_handler
+    tcp_up = upstreams(tag_handler, name="tcp")
+    up = udp_upstreams("a")
+    port, tcp_port = udp_port(), udp_port()
+    config = udp_config(port, [up.target], head="worker_processes: 1\nworker_connections: 5").replace(
+        f"stream_listen: [127.0.0.1:{port} udp]",
+        f"stream_listen: [127.0.0.1:{port} udp, 127.0.0.1:{tcp_port}]")
+    p = proxy(config + f"""
+  - name: plain
+    host: 127.0.0.1
+    port: {tcp_up.port}
+    routes:
+      - name: t
+        protocols: [tcp]
+        destinations: [{{port: {tcp_port}}}]
+""")
+    socks = [client() for _ in range(5)]
+    try:
+        for sock in socks:
+            ask(sock, port, b"hold a slot")
+        with connect(tcp_port) as conn:
+            assert recv_line(conn) == b"tcp\n"
+        assert " udp 503 " in p.wait_access(1)[0]
+        assert "worker_connections are not enough, refusing" not in p.log_text()
+    finally:
+        for sock in socks:
+            sock.close()
+
+
 # -- reloads ------------------------------------------------------------------------------------
 
 def test_a_reload_does_not_split_a_flow(proxy, udp_upstreams):
