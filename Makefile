@@ -42,7 +42,8 @@ TEST_PACKAGES := openssl:openssl haproxy:haproxy nginx:nginx \
                  /usr/lib/nginx/modules/ngx_stream_module.so:libnginx-mod-stream \
                  redis-server:redis-server \
                  /usr/sbin/dnsmasq:dnsmasq-base \
-                 $(or $(firstword $(wildcard /usr/lib/postgresql/*/bin/postgres)),postgres):postgresql
+                 $(or $(firstword $(wildcard /usr/lib/postgresql/*/bin/postgres)),postgres):postgresql \
+                 dig:bind9-dnsutils
 
 # Lint (ruff) and types (mypy, strict on pyproxy/): settings in pyproject.toml.
 lint: $(STAMP)

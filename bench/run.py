@@ -3,6 +3,7 @@
     python -m bench.run                     # the full comparison (about 9 minutes)
     python -m bench.run --quick             # one short round of everything (`make bench-smoke`)
     python -m bench.run --only keepalive --rounds 5
+    python -m bench.run --only udp           # the UDP row alone (bench.udp)
 
 It starts the upstreams (an nginx answering "ok" over HTTP and HTTPS, an iperf3 server, an idle holder)
 and the three proxies in front of them, then runs each scenario in rounds, each round visiting every
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 if __package__ in (None, ""):              # `python bench/run.py`: make `bench` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench import configs, report
+from bench import configs, report, udp
 from bench.configs import LOOPBACK, PROXIES, TARGETS, Layout
 from bench.idle import IdleUpstream, measure_idle_memory
 from bench.processes import Fleet, StartError, listening_ports, total_cpu_seconds, total_pss
@@ -84,8 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="smoke mode: one round, 1 s runs, few connections")
-    parser.add_argument("--only", action="append", choices=SCENARIO_NAMES, metavar="SCENARIO",
-                        help=f"run only this scenario (repeatable): {', '.join(SCENARIO_NAMES)}")
+    parser.add_argument("--only", action="append", choices=(*SCENARIO_NAMES, "udp"), metavar="SCENARIO",
+                        help=f"run only this scenario (repeatable): {', '.join(SCENARIO_NAMES)}, udp")
     parser.add_argument("--rounds", type=int, help="interleaved rounds per scenario (default 3, quick 1)")
     parser.add_argument("--duration", type=int, help="seconds per wrk/iperf3 run (default 5, quick 1)")
     parser.add_argument("--idle-connections", type=int,
@@ -389,6 +390,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     settings = Settings.from_args(args)
     scenarios = [scenario for scenario in SCENARIOS if not args.only or scenario.name in args.only]
+    if args.only and not scenarios:          # --only udp
+        return run_udp(args, settings, new_run_dir())
     check_tools()
     layout, fresh_layout = Layout(args.base_port), Layout(args.base_port + FRESH_LAYOUT_OFFSET)
     busy = sorted(set(layout.all_ports() + fresh_layout.all_ports()) & listening_ports())
@@ -479,7 +482,16 @@ def main(argv=None) -> int:
         print(f"results: bench/results/latest.{{json,md,png}} (and {os.path.relpath(run_dir, REPO_DIR)})")
     else:
         print(f"results: {os.path.relpath(run_dir, REPO_DIR)}/results.{{json,md,png}}")
+    if not args.only or "udp" in args.only:
+        return 1 if run_udp(args, settings, run_dir) or failed else 0
     return 1 if failed else 0
+
+
+def run_udp(args: argparse.Namespace, settings: Settings, run_dir: str) -> int:
+    """The UDP row, with its own servers and table (bench/udp.py); its JSON beside the run's."""
+    return udp.main(["--rounds", str(settings.rounds), "--duration", str(settings.duration),
+                     "--base-port", str(args.base_port + udp.BASE_OFFSET),
+                     "--out", os.path.join(run_dir, "udp.json")])
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """Active health checks: probe every target of an upstream on a timer, inside a worker's loop.
 
 A probe is a non-blocking TCP connect, optionally followed by writing `send` and reading until the
-reply starts with `expect`, all within `timeout`. `unhealthy.tcp_failures` failed probes (refused,
-reset, wrong reply) or `unhealthy.timeouts` timed-out probes in a row take the target out;
-`healthy.successes` good probes in a row bring it back — also after passive checks took it out.
+reply starts with `expect`, all within `timeout` (`type: udp`: `send` as one datagram from a
+connected socket, and a datagram back that starts with `expect`; ICMP port unreachable is a
+failure). `unhealthy.tcp_failures` failed probes (refused, reset, wrong reply) or
+`unhealthy.timeouts` timed-out probes in a row take the target out; `healthy.successes` good probes
+in a row bring it back — also after passive checks took it out.
 
 Each worker probes for itself (as Kong's per-worker checkers do): no extra process, and a worker's
 view never waits on another's. With W workers a target sees W probes per interval; the log says
@@ -198,6 +200,52 @@ class ActiveChecker:
         self._schedule(probe)
 
 
+class UdpChecker(ActiveChecker):
+    """`type: udp`: each probe sends `send` as a datagram from a socket connected to the target and
+    waits for a datagram that starts with `expect` (any datagram without it). A refusal (ICMP port
+    unreachable, ECONNREFUSED on the connected socket) is a failure, silence past `timeout` a timeout."""
+
+    def _probe(self, probe: _Probe) -> None:
+        if probe.sock is not None or self.stopped:
+            return
+        try:
+            sock = socket.socket(probe.peer.family,
+                                 socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        except OSError:
+            self._schedule(probe)
+            return
+        try:
+            sock.connect(probe.peer.addr)
+            sock.send(self.settings.send or b"")
+        except OSError as exc:
+            sock.close()
+            self._failed(probe, f"send failed ({exc.strerror})", timed_out=False)
+            return
+        probe.sock, probe.sent = sock, True
+        self.loop.add(sock.fileno(), EPOLLIN, partial(self._on_datagram, probe))
+        probe.timer = self.loop.call_later(self.settings.timeout, partial(self._on_timeout, probe))
+
+    def _on_datagram(self, probe: _Probe, mask: int) -> None:
+        sock = probe.sock
+        if sock is None:
+            return
+        try:
+            reply = sock.recv(65535)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._failed(probe, f"read failed ({exc.strerror})", timed_out=False)
+            return
+        expect = self.settings.expect
+        if expect is None or reply.startswith(expect):
+            self._succeeded(probe)
+        else:
+            self._failed(probe, f"unexpected reply {reply[:len(expect)]!r}", timed_out=False)
+
+
+CHECKERS: dict[str, type[ActiveChecker]] = {"tcp": ActiveChecker, "udp": UdpChecker}
+
+
 def start_active_checks(loop: Loop, balancers: dict[str, Balancer], upstreams: Iterable[Upstream],
                         log: Callable[[str, str], None]) -> list[ActiveChecker]:
     """Start a checker for every upstream with `healthchecks.active.interval` > 0."""
@@ -206,7 +254,7 @@ def start_active_checks(loop: Loop, balancers: dict[str, Balancer], upstreams: I
     for upstream in upstreams:
         settings = upstream.healthchecks.active
         if settings.interval > 0 and upstream.name in by_name:
-            checker = ActiveChecker(loop, by_name[upstream.name], settings, log)
+            checker = CHECKERS[settings.type](loop, by_name[upstream.name], settings, log)
             checker.start()
             checkers.append(checker)
     return checkers

@@ -15,6 +15,7 @@ import socket
 from dataclasses import dataclass
 
 from pyproxy.config.model import Config, Listen
+from pyproxy.udp import prepare_udp_listener
 
 
 def configured_listens(config: Config) -> tuple[Listen, ...]:
@@ -44,19 +45,25 @@ class ListenSocket:
 
 
 def open_listener(listen: Listen, slot: int) -> ListenSocket:
-    """Bind and listen on one address for one worker slot."""
-    sock = socket.socket(listen.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+    """Bind and listen on one address for one worker slot (a `udp` address: bind a datagram socket)."""
+    kind = socket.SOCK_DGRAM if listen.udp else socket.SOCK_STREAM
+    sock = socket.socket(listen.family, kind | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
     try:
+        # SO_REUSEADDR also lets a UDP session's client socket bind the same address (pyproxy.udp).
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        # Accepted sockets inherit TCP_NODELAY from the listener (Linux): one setsockopt here
-        # instead of one per session. A byte-stream proxy must not add Nagle delays.
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if listen.udp:
+            prepare_udp_listener(sock, listen)
+        else:
+            # Accepted sockets inherit TCP_NODELAY from the listener (Linux): one setsockopt here
+            # instead of one per session. A byte-stream proxy must not add Nagle delays.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if listen.family == socket.AF_INET6:
             # nginx's ipv6only=on: "[::]:9000" and "0.0.0.0:9000" are separate sockets.
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind((listen.host, listen.port))
-        sock.listen(listen.backlog)
+        if not listen.udp:
+            sock.listen(listen.backlog)
     except OSError as exc:
         sock.close()
         reason = os.strerror(exc.errno or errno.EIO)
@@ -73,7 +80,7 @@ class ListenerSet:
     """Every listening socket the master holds, keyed by (address key, slot)."""
 
     def __init__(self) -> None:
-        self.sockets: dict[tuple[tuple[str, int], int], ListenSocket] = {}
+        self.sockets: dict[tuple[tuple[str, int, bool], int], ListenSocket] = {}
 
     def slots(self) -> int:
         return 1 + max((slot for _, slot in self.sockets), default=-1)
@@ -94,7 +101,7 @@ class ListenerSet:
                     if current is None:
                         ls = open_listener(listen, slot)
                         created.append(ls)
-                    elif current.listen.backlog != listen.backlog:
+                    elif current.listen.backlog != listen.backlog and not listen.udp:
                         current.sock.listen(listen.backlog)   # listen() again just resizes the queue
         except BindError:
             for ls in created:

@@ -370,15 +370,16 @@ class ListenerRoutes:
 class Router:
     """All routes of a configuration, narrowed per listener.
 
-    A plain listener's sessions are `tcp`; an `ssl` listener's sessions match the `tls` and
-    `tls_passthrough` routes together, and the route that wins says whether to terminate.
+    A plain listener's sessions are `tcp`, a `udp` listener's `udp`; an `ssl` listener's sessions
+    match the `tls` and `tls_passthrough` routes together, and the route that wins says whether to
+    terminate.
     """
 
     def __init__(self, routes: tuple[Route, ...], listens: tuple[Listen, ...]):
         ordered = sorted(routes, key=lambda r: r.index)
-        self.by_listener: dict[tuple[str, int], ListenerRoutes] = {}
+        self.by_listener: dict[tuple[str, int, bool], ListenerRoutes] = {}
         for listen in listens:
-            wanted = ("tls", "tls_passthrough") if listen.ssl else ("tcp",)
+            wanted = ("udp",) if listen.udp else ("tls", "tls_passthrough") if listen.ssl else ("tcp",)
             self.by_listener[listen.key] = ListenerRoutes(
                 [r for r in ordered
                  if any(p in r.protocols for p in wanted) and _could_match_listener(r, listen)],

@@ -37,6 +37,7 @@ from pyproxy.router import Router
 from pyproxy.session import ClientAddress, Connection, LingeringClose, Session
 from pyproxy.shared import SharedState
 from pyproxy.tls.contexts import TLSContexts
+from pyproxy.udp import UdpListener, UdpTable
 from pyproxy.upstream import Balancer, build_balancers
 
 WORKER_BOOT_ERROR = 3
@@ -99,6 +100,7 @@ class Worker:
     trimmed_at: int
     metrics: WorkerMetrics | None
     context: WorkerContext
+    udp: UdpTable
     ready_fd: int
     _wakeup: tuple[socket.socket, socket.socket]
 
@@ -174,6 +176,7 @@ class Worker:
             balancers=self.balancers, plugins=self.plugins, server_tls=self.server_tls,
             upstream_tls=self.upstream_tls, congestion=self.congestion, scratch=self.scratch,
             pool=self.pool, metrics=self.metrics, closed=self.session_closed, linger=self.linger)
+        self.udp = UdpTable(self.context, self.sessions, self._next_serial)
         self.resume_accepting()
         self.loop.after_tick.append(self.after_tick)
         self.loop.call_later(1.0, self.heartbeat)
@@ -249,7 +252,10 @@ class Worker:
             return
         self.accepting = True
         for ls in self.listeners:
-            self.loop.add(ls.fd, EPOLLIN, self._acceptor(ls))
+            if ls.listen.udp:
+                self.loop.add(ls.fd, EPOLLIN, UdpListener(self.udp, ls.listen, ls.sock).on_readable)
+            else:
+                self.loop.add(ls.fd, EPOLLIN, self._acceptor(ls))
 
     def pause_accepting(self) -> None:
         if self.accepting:
@@ -307,7 +313,8 @@ class Worker:
         def start(conn: _socket.socket, addr: ClientAddress) -> None:
             self.serial += 1
             session = Session(self.context, listen, conn, addr, self.serial)
-            if len(self.sessions) >= limit:
+            # Full: the UDP session idle longest makes room, if there is one (pyproxy.udp).
+            if len(self.sessions) >= limit and not self.udp.make_room():
                 session.log("warn", f"{limit} worker_connections are not enough, refusing")
                 session.close(STATUS_OVER_LIMIT)
                 return
@@ -315,6 +322,11 @@ class Worker:
             session.start()
 
         return start
+
+    def _next_serial(self) -> int:
+        """The $connection number of a new UDP session (TCP sessions count in _start_session)."""
+        self.serial += 1
+        return self.serial
 
     def _trim_when_idle(self) -> None:
         """Every few seconds: once no session is open and some ran since the last time, give the
@@ -399,7 +411,11 @@ class Worker:
         for checker in self.checkers:
             checker.stop()
         for ls in self.listeners:
-            ls.sock.close()     # the master (and a successor worker) still hold the socket: no reset
+            # The master (and a successor worker) still hold the socket: no reset. A UDP listener
+            # is no longer read but stays open until we exit: the sessions of exchanges (pyproxy.udp)
+            # send their replies through it; the others have sockets of their own.
+            if not ls.listen.udp:
+                ls.sock.close()
         try:
             os.write(self.ready_fd, QUIESCED)   # tell the master: from now on only the new generation accepts
         except OSError:

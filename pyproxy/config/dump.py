@@ -83,6 +83,8 @@ def _off_if_none(path: str | None) -> str:
 
 
 def _listen(listen: model.Listen) -> str:
+    if listen.udp:
+        return str(listen)          # `ADDRESS:PORT udp`: a datagram socket has no backlog
     flags = [flag for flag, on in (("ssl", listen.ssl), ("proxy_protocol", listen.proxy_protocol)) if on]
     return " ".join([str(listen), *flags, f"backlog={listen.backlog}"])
 
@@ -185,8 +187,15 @@ def _service(service: model.Service) -> Mapping:
         "client_certificate": _cert_key(service.client_certificate) if service.client_certificate else None,
         "proxy_protocol": service.proxy_protocol,
         "tcp_congestion": service.tcp_congestion,
+        **(_udp_service(service) if service.protocol == "udp" else {}),
         "routes": [_route(route) for route in service.routes],
     })
+
+
+def _udp_service(service: model.Service) -> Mapping:
+    """The settings only a `protocol: udp` service takes (on another they are a warning)."""
+    return {"proxy_responses": service.proxy_responses, "proxy_requests": service.proxy_requests,
+            "proxy_buffer_size": service.proxy_buffer_size}
 
 
 def _route(route: model.Route) -> Mapping:

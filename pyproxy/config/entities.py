@@ -67,7 +67,8 @@ TARGET_KEYS = ("target", "weight", "backup", "max_conns", "slow_start")
 SERVICE_KEYS = (
     "name", "protocol", "host", "port", "connect_timeout", "read_timeout", "write_timeout", "retries",
     "tls_verify", "ca_certificates", "tls_server_name", "client_certificate", "proxy_protocol",
-    "tcp_congestion", "routes",
+    "tcp_congestion", "proxy_responses", "proxy_requests", "proxy_buffer_size",
+    "routes",
 )
 CERT_KEY_KEYS = ("cert", "key")
 ROUTE_KEYS = ("name", "protocols", "sources", "destinations", "snis")
@@ -77,6 +78,9 @@ PLUGIN_KEYS = ("name", "route", "service", "config")
 DEFAULT_TARGET_PORT = 8000                  # Kong's default when a target omits its port
 HEALTH_COUNTER = integer(0, 255)            # Kong's range for health check counters
 TLS_ONLY_SERVICE_KEYS = ("tls_verify", "ca_certificates", "tls_server_name", "client_certificate")
+UDP_ONLY_SERVICE_SETTINGS = ("proxy_responses", "proxy_requests", "proxy_buffer_size")
+STREAM_ONLY_SERVICE_SETTINGS = ("proxy_protocol", "tcp_congestion")
+DATAGRAM_COUNT = integer(0, 2**31 - 1)      # proxy_responses, proxy_requests (see Service)
 
 
 @dataclass(frozen=True)
@@ -185,7 +189,7 @@ def _active_healthcheck(report: Report, place: Place, value: object) -> ActiveHe
     healthy = _counters(section, "healthy", HEALTHY_KEYS)
     unhealthy = _counters(section, "unhealthy", UNHEALTHY_KEYS)
     check = ActiveHealthcheck(
-        type=section.get("type", one_of(("tcp",)), defaults.type),
+        type=section.get("type", one_of(("tcp", "udp")), defaults.type),
         interval=section.get("interval", parse_duration, defaults.interval),
         timeout=section.get("timeout", positive_duration, defaults.timeout),
         send=section.get("send", _bytes, defaults.send),
@@ -194,6 +198,9 @@ def _active_healthcheck(report: Report, place: Place, value: object) -> ActiveHe
         unhealthy_tcp_failures=unhealthy.get("tcp_failures", defaults.unhealthy_tcp_failures),
         unhealthy_timeouts=unhealthy.get("timeouts", defaults.unhealthy_timeouts),
     )
+    if check.type == "udp" and check.interval > 0 and not check.send:
+        report.error(section.place_of("send") if section.has("send") else place,
+                     "a udp probe is the datagram in `send`: set it (a target answers nothing to nothing)")
     return check
 
 
@@ -278,7 +285,10 @@ def read_services(report: Report, root: Section, base: str, upstreams: tuple[Ups
         for route_place, route_value in section.items("routes"):
             route = _route(report, route_place, route_value, service.name, route_count, tls, route_names)
             route_count += 1
-            if route is not None:
+            if route is not None and (service.protocol == "udp") != ("udp" in route.protocols):
+                report.error(route_place, "a udp route belongs to a service with protocol udp, and a "
+                                          "service with protocol udp has only udp routes")
+            elif route is not None:
                 routes.append(route)
         if service.name is not None and service_names.claim(section.place_of("name"), service.name):
             services.append(replace(service, routes=tuple(routes)))
@@ -288,7 +298,7 @@ def read_services(report: Report, root: Section, base: str, upstreams: tuple[Ups
 def _service(report: Report, section: Section, base: str, upstream_names: set[str]) -> Service:
     defaults = Service(name="")
     name = section.get("name", parse_name, required=True)
-    protocol = section.get("protocol", one_of(("tcp", "tls")), defaults.protocol)
+    protocol = section.get("protocol", one_of(("tcp", "tls", "udp")), defaults.protocol)
     port = section.get("port", parse_port, defaults.port)
     host = section.get("host", lambda text: _upstream_name_or_host(text, upstream_names), required=True)
     upstream = host if host in upstream_names else None
@@ -300,10 +310,13 @@ def _service(report: Report, section: Section, base: str, upstream_names: set[st
         path = report.convert(place, value, lambda text: in_folder(base, text))
         if path is not None and check_ca_file(report, place, path):
             ca_certificates.append(path)
-    if protocol == "tcp":
+    if protocol in ("tcp", "udp"):
         for key in TLS_ONLY_SERVICE_KEYS:
             if section.has(key) and section.mapping[key] not in (False, []):
                 report.warn(section.place_of(key), f"{key} is only used with protocol tls")
+    for key in UDP_ONLY_SERVICE_SETTINGS if protocol != "udp" else STREAM_ONLY_SERVICE_SETTINGS:
+        if section.has(key) and section.mapping[key] not in (False, "off", None):
+            report.warn(section.place_of(key), f"{key} is not used with protocol {protocol}")
     return Service(
         name=name if name is not None else "",
         protocol=protocol,
@@ -322,6 +335,9 @@ def _service(report: Report, section: Section, base: str, upstream_names: set[st
                                           lambda r, p, v: read_cert_key(r, p, v, base)),
         proxy_protocol=section.get("proxy_protocol", _proxy_protocol_version, defaults.proxy_protocol),
         tcp_congestion=section.get("tcp_congestion", usable_congestion_control, defaults.tcp_congestion),
+        proxy_responses=section.get("proxy_responses", DATAGRAM_COUNT, defaults.proxy_responses),
+        proxy_requests=section.get("proxy_requests", DATAGRAM_COUNT, defaults.proxy_requests),
+        proxy_buffer_size=section.get("proxy_buffer_size", integer(1, 65535), defaults.proxy_buffer_size),
         line=section.place.line,
     )
 
@@ -412,6 +428,10 @@ def _check_route_rules(report: Report, section: Section, protocols: tuple[str, .
     where = section.place_of("protocols") if section.has("protocols") else section.place
     if "tcp" in protocols and not (given("sources") or given("destinations")):
         report.error(where, "a tcp route needs sources or destinations")
+    if "udp" in protocols and not (given("sources") or given("destinations")):
+        report.error(where, "a udp route needs sources or destinations")
+    if "udp" in protocols and len(protocols) > 1:
+        report.error(where, "a udp route has protocols [udp] alone: datagrams are neither TCP nor TLS")
     if "tls" in protocols and not (given("sources") or given("destinations") or given("snis")):
         report.error(where, "a tls route needs sources, destinations or snis")
     if "tls_passthrough" in protocols and not given("snis"):
@@ -419,12 +439,12 @@ def _check_route_rules(report: Report, section: Section, protocols: tuple[str, .
     if "tls" in protocols and "tls_passthrough" in protocols:
         report.error(where, "a route either terminates TLS (tls) or passes it through (tls_passthrough), "
                             "not both")
-    if given("snis") and protocols == ("tcp",):
+    if given("snis") and protocols in (("tcp",), ("udp",)):
         report.error(section.place_of("snis"), "snis need TLS: add tls or tls_passthrough to protocols")
     if "tls" in protocols and not tls.can_terminate:
         report.error(where, "a tls route terminates TLS, but there is no certificate: "
                             "add ssl.default_certificate or certificates")
-    if not tls.has_ssl_listener and any(protocol != "tcp" for protocol in protocols):
+    if not tls.has_ssl_listener and any(protocol in ("tls", "tls_passthrough") for protocol in protocols):
         report.warn(where, "no stream_listen address has the ssl flag: this route never matches TLS")
 
 

@@ -32,13 +32,13 @@ LOG_LEVELS = ("debug", "info", "notice", "warn", "error", "crit")
 # SCHED_BATCH: a worker woken by incoming bytes does not preempt the process that is running, it waits
 # for the next slice or an idle CPU (see README, Performance).
 WORKER_SCHED_POLICIES = ("normal", "batch")
-ROUTE_PROTOCOLS = ("tcp", "tls", "tls_passthrough")
+ROUTE_PROTOCOLS = ("tcp", "tls", "tls_passthrough", "udp")
 ALGORITHMS = ("round-robin", "least-connections", "consistent-hashing")
 
 
 @dataclass(frozen=True)
 class Listen:
-    """One `stream_listen` entry: `address:port [ssl] [proxy_protocol] [backlog=N]`."""
+    """One `stream_listen` entry: `address:port [ssl] [proxy_protocol] [backlog=N]` or `address:port udp`."""
 
     host: str                     # literal IP as written: "0.0.0.0", "127.0.0.1", "::"
     port: int
@@ -47,22 +47,25 @@ class Listen:
     backlog: int = 511            # nginx's default
     line: int = 0                 # where it was written, for messages
     status: bool = False          # the status_listen socket (HTTP /metrics, /status), not a stream
+    udp: bool = False             # Kong's `udp` flag: datagrams (pyproxy.udp), not a stream
 
     @property
     def family(self) -> int:
         return family_of(self.host)
 
     @property
-    def key(self) -> tuple[str, int]:
-        """Identity of the listening socket: a reload keeps sockets whose key is unchanged."""
-        return (self.host, self.port)
+    def key(self) -> tuple[str, int, bool]:
+        """Identity of the listening socket: a reload keeps sockets whose key is unchanged. TCP and
+        UDP on the same address and port are two sockets."""
+        return (self.host, self.port, self.udp)
 
     @property
     def wildcard(self) -> bool:
         return self.host in ("0.0.0.0", "::")
 
     def __str__(self) -> str:
-        return host_port(self.host, self.port)
+        text = host_port(self.host, self.port)
+        return f"{text} udp" if self.udp else text
 
 
 @dataclass(frozen=True)
@@ -101,7 +104,7 @@ class SSLSettings:
 
 @dataclass(frozen=True)
 class ActiveHealthcheck:
-    type: str = "tcp"
+    type: str = "tcp"             # "udp": a datagram probe (pyproxy.healthcheck.UdpChecker)
     interval: float = 0.0         # seconds; 0 = off
     timeout: float = 1.0
     send: bytes | None = None  # optional bytes written after connect
@@ -228,7 +231,7 @@ class Route:
 @dataclass(frozen=True)
 class Service:
     name: str
-    protocol: str = "tcp"         # tcp | tls: encrypt towards the upstream
+    protocol: str = "tcp"         # tcp | tls: encrypt towards the upstream | udp: datagrams (pyproxy.udp)
     host: str = ""
     port: int = 80
     upstream: str | None = None          # set when `host` names an upstream
@@ -243,6 +246,12 @@ class Service:
     client_certificate: CertKey | None = None   # presented to upstreams that ask (Kong's field)
     proxy_protocol: str = "off"   # off | v1 | v2
     tcp_congestion: str | None = None    # TCP congestion control of upstream connections; None: the host's
+    # UDP only, nginx's directives: the datagrams expected from the upstream for each client datagram
+    # (None: no limit, the session ends by read_timeout); the client datagrams after which its next
+    # one starts a new session (0: no limit); the longest datagram forwarded whole.
+    proxy_responses: int | None = None
+    proxy_requests: int = 0
+    proxy_buffer_size: int = 65535
     routes: tuple[Route, ...] = ()
     line: int = field(default=0, compare=False)    # where it was written, for messages
 

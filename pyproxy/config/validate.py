@@ -75,7 +75,7 @@ GATEWAY_KEYS = ("paths", "address", "runtime_dir", "controller_name")
 FRAGMENT_KEYS = ("stream_listen", "certificates", "upstreams", "services")
 TLS_VERSIONS = ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
 OBSOLETE_TLS_VERSIONS = ("TLSv1", "TLSv1.1")
-LISTEN_FLAGS = ("ssl", "proxy_protocol", "reuseport", "backlog")
+LISTEN_FLAGS = ("ssl", "proxy_protocol", "reuseport", "backlog", "udp")
 ADMIN_STATE = "admin_state.yml"   # the Admin API's entities, beside the file, unless admin_state says
 ADMIN_CACHE = "admin_state.cache.yml"   # with admin_state: postgres://…, the last entities it gave
 MAX_WORKER_PROCESSES = 1024
@@ -315,7 +315,7 @@ def _stream_listen(report: Report, root: Section, listeners_elsewhere: bool = Fa
     if (raw is None or raw == []) and not listeners_elsewhere:
         report.error(place, "nothing to listen on: add at least one stream_listen address")
     listens: list[Listen] = []
-    lines_by_address: dict[tuple[str, int], int] = {}
+    lines_by_address: dict[tuple[str, int, bool], int] = {}
     for entry_place, value in entries:
         listen = _listen(report, entry_place, value)
         if listen is None:
@@ -329,7 +329,8 @@ def _stream_listen(report: Report, root: Section, listeners_elsewhere: bool = Fa
 
 
 def _listen(report: Report, place: Place, value: object) -> Listen | None:
-    """One `ADDR:PORT [ssl] [proxy_protocol] [backlog=N] [reuseport]` entry."""
+    """One `ADDR:PORT [ssl] [proxy_protocol] [backlog=N] [reuseport]` or `ADDR:PORT udp [reuseport]`
+    entry."""
     if isinstance(value, int) and not isinstance(value, bool):
         value = str(value)
     if not isinstance(value, str) or not value.split():
@@ -352,18 +353,22 @@ def _listen(report: Report, place: Place, value: object) -> Listen | None:
             flags[name] = True
     if "reuseport" in flags:
         report.warn(place, "reuseport is always on in pyproxy; the flag is ignored")
+    if "udp" in flags:
+        for name in ("ssl", "proxy_protocol", "backlog"):
+            if name in flags:
+                report.error(place, f"listen flag {name!r} is for TCP listeners, not with udp")
     backlog = flags.get("backlog", Listen("", 0).backlog)
     if host_port is None or backlog is None:
         return None
     host, port = host_port
     return Listen(host=host, port=port, ssl="ssl" in flags, proxy_protocol="proxy_protocol" in flags,
-                  backlog=backlog, line=place.line)
+                  backlog=backlog, line=place.line, udp="udp" in flags)
 
 
 def _check_status_listen(report: Report, root: Section, address: tuple[str, int],
                          stream_listen: tuple[Listen, ...]) -> None:
     place = root.place_of("status_listen")
-    if any(listen.key == address for listen in stream_listen):
+    if any((listen.host, listen.port) == address and not listen.udp for listen in stream_listen):
         report.error(place, "the status address is also a stream_listen address")
 
 

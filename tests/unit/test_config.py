@@ -443,7 +443,7 @@ def test_wrong_values(conf_dir: Path, line: str, key: str, message: str):
     ("retries: 40000", "services[0].retries", "40000 is out of range (0-32767)"),
     ("retries: -1", "services[0].retries", "-1 is out of range (0-32767)"),
     ("connect_timeout: 0", "services[0].connect_timeout", "must be longer than 0"),
-    ("protocol: udp", "services[0].protocol", "expected one of tcp, tls, got 'udp'"),
+    ("protocol: quic", "services[0].protocol", "expected one of tcp, tls, udp, got 'quic'"),
     ("proxy_protocol: v3", "services[0].proxy_protocol", "expected one of off, v1, v2, got 'v3'"),
     ("proxy_protocol: true", "services[0].proxy_protocol", "expected one of off, v1, v2, got true"),
     ("tls_verify: maybe", "services[0].tls_verify", "expected true or false, got 'maybe'"),
@@ -816,7 +816,7 @@ def test_healthchecks(conf_dir: Path, fake_dns):
 
 
 @pytest.mark.parametrize("active, key, message", [
-    ("{type: http}", "active.type", "expected one of tcp, got 'http'"),
+    ("{type: http}", "active.type", "expected one of tcp, udp, got 'http'"),
     ("{healthy: {successes: 300}}", "active.healthy.successes", "300 is out of range (0-255)"),
     ("{unhealthy: {http_failures: 1}}", "active.unhealthy.http_failures",
      "unknown key 'http_failures'; did you mean 'tcp_failures'?"),
@@ -902,9 +902,9 @@ services:
     ("{name: r, protocols: [tls, tls_passthrough], snis: [a.example]}", "protocols",
      "a route either terminates TLS (tls) or passes it through (tls_passthrough), not both"),
     ("{name: r, protocols: [], sources: [{port: 1}]}", "protocols",
-     "list at least one of tcp, tls, tls_passthrough"),
+     "list at least one of tcp, tls, tls_passthrough, udp"),
     ("{name: r, protocols: [tpc], sources: [{port: 1}]}", "protocols[0]",
-     "expected one of tcp, tls, tls_passthrough, got 'tpc'; did you mean 'tcp'?"),
+     "expected one of tcp, tls, tls_passthrough, udp, got 'tpc'; did you mean 'tcp'?"),
     ("{name: r, protocols: tcp, sources: [{port: 1}]}", "protocols", "expected a list, got 'tcp'"),
     ("{name: r, sources: [{}]}", "sources[0]", "give an ip, a port or both"),
     ("{name: r, sources: [{ip: 10.0.0.0/33}]}", "sources[0].ip",
