@@ -196,6 +196,8 @@ def translate(resources: list[Resource], options: Options | None = None) -> Tran
     parsed = _parse_all(state, resources)
     for listen in options.stream_listen:
         address, *flags = listen.split()
+        if "udp" in flags:
+            continue            # a UDP port: a TCP or TLS Gateway listener may share its number
         try:
             state.stream_listen[parse_address(address)] = "ssl" in flags
         except Invalid:

@@ -72,6 +72,17 @@ def test_a_port_of_the_file_is_shared_when_it_agrees_and_refused_when_it_does_no
     assert listeners["tls"]["Accepted"] == "PortUnavailable"
 
 
+def test_a_udp_port_of_the_file_does_not_hold_the_number_for_tcp_and_tls(tmp_path):
+    folder = write_manifests(tmp_path / "m", listener("tls", 20002, "TLS", ", tls: {mode: Passthrough}"))
+    config = load(tmp_path, f"stream_listen: ['127.0.0.1:20002 udp']\n"
+                            f"gateway: {{paths: [{folder}], address: 127.0.0.1}}\n")
+    listeners = {entry["name"]: {c["type"]: c["reason"] for c in entry["conditions"]}
+                 for entry in config.gateway_status[("Gateway", "default", "edge")]["status"]["listeners"]}
+    assert listeners["tls"]["Accepted"] == "Accepted"
+    listening = sorted(str(listen) for listen in config.stream_listen)
+    assert listening == ["127.0.0.1:20002", "127.0.0.1:20002 udp"]
+
+
 def test_a_gateway_listener_on_the_status_listen_port_is_refused(tmp_path):
     folder = write_manifests(tmp_path / "m", listener("plain", 20000) + "\n" + listener("metrics", 20003))
     config = load(tmp_path, f"status_listen: 127.0.0.1:20003\n"
