@@ -30,6 +30,7 @@ from pyproxy import __version__, metrics
 from pyproxy.admin import AdminProcess
 from pyproxy.config import ConfigError, ConfigSource, YamlFile, load_sources
 from pyproxy.config.model import Config
+from pyproxy.gateway.cluster import ClusterProcess
 from pyproxy.listeners import BindError, ListenerSet, ListenSocket, configured_listens
 from pyproxy.log import ErrorLog
 from pyproxy.plugins import REGISTRY, load_plugin_module
@@ -122,6 +123,7 @@ class Master:
         self.shared = SharedState()      # mapped before any fork: every worker sees the same memory
         self.status = StatusProcess(log)      # /metrics and /status, away from the workers
         self.admin = AdminProcess(log)        # the Admin API (admin_listen), away from the workers
+        self.cluster = ClusterProcess(log)    # gateway.kubernetes: the API server's watches and Lease
         self.workers: dict[int, WorkerProcess] = {}
         self.generation = 1
         self.signals: list[int] = []
@@ -168,6 +170,7 @@ class Master:
         self.log.notice(f"pyproxy/{__version__} master started, configuration {self.config.path}")
         self.status.start(self.config, self.listeners)
         self.admin.follow(self.config)
+        self.cluster.follow(self.config, self.status.directory)
         # Load ctypes for the workers' heap trim here, once: its pages are then shared with every
         # worker instead of being private to each (1.3 MiB a worker when each loaded its own).
         find_malloc_trim()
@@ -377,6 +380,7 @@ class Master:
                     self.manage_workers()
                     self.status.manage()
                     self.admin.manage()
+                    self.cluster.manage()
                 except MasterError as exc:
                     self.fail(exc)
             self.log.notice("exit")
@@ -386,6 +390,7 @@ class Master:
             self.remove_pid()
             self.status.stop()
             self.admin.stop()
+            self.cluster.stop()
 
     def fail(self, exc: MasterError) -> None:
         """Stop because the master cannot go on (a worker that cannot boot, a failed startup)."""
@@ -454,6 +459,7 @@ class Master:
             if proc is None:
                 self.status.reaped(pid, status)
                 self.admin.reaped(pid, status)
+                self.cluster.reaped(pid, status)
                 continue
             self._forget(proc)
             how = describe_exit(status)
@@ -674,6 +680,7 @@ class Master:
         self.config, self.tls = config, tls
         self.status.follow(config, self.listeners)
         self.admin.follow(config)
+        self.cluster.follow(config)
         reload.old, reload.phase = old, "quiescing"
         reload.deadline = time.monotonic() + QUIESCE_TIMEOUT
 
@@ -760,6 +767,7 @@ class Master:
         self.signal_workers(signal.SIGUSR1)
         self.status.send(signal.SIGUSR1)
         self.admin.send(signal.SIGUSR1)
+        self.cluster.send(signal.SIGUSR1)
 
     def handle_quit(self) -> None:
         """Graceful stop: workers finish their sessions (up to worker_shutdown_timeout)."""

@@ -1,0 +1,400 @@
+"""Cluster mode (issue 17): pyproxy.gateway.cluster's list + watch, relist on 410, a missing CRD,
+status writes and the Lease, against `FakeApiServer`.
+
+No Kubernetes API server can run on this machine (no kube-apiserver binary is reachable from the
+package registries it has), so `FakeApiServer` is a real HTTP server on loopback that answers as the
+API server does, from the bodies in tests/data/kube/ (written from the Kubernetes API reference and
+API concepts): lists with `metadata.resourceVersion`, chunked watch streams of ADDED, MODIFIED,
+DELETED and BOOKMARK events, `410 Gone` (the HTTP status or the watch's ERROR event, the Status
+object with reason Expired), `404` for a resource whose CRD is not installed, the `status`
+subresource (merge patch and PUT, `409 Conflict` on a stale resourceVersion) and Leases. The
+integration tests (tests/integration/test_gateway_cluster.py) run real pyproxy processes against it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import tempfile
+import threading
+import time
+import urllib.parse
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DATA = Path(__file__).resolve().parent.parent / "data" / "kube"
+CORE_KINDS = {"services": "Service", "secrets": "Secret", "configmaps": "ConfigMap",
+              "namespaces": "Namespace"}
+CLUSTER_SCOPED = {"gatewayclasses", "namespaces", "ingressclasses"}
+# group/version/plural of every collection pyproxy reads, as the API server with the Gateway API
+# experimental CRDs and Kong's CRDs serves them (the seed's routes are v1alpha2).
+COLLECTIONS = {
+    "GatewayClass": ("gateway.networking.k8s.io", "v1", "gatewayclasses"),
+    "Gateway": ("gateway.networking.k8s.io", "v1", "gateways"),
+    "TCPRoute": ("gateway.networking.k8s.io", "v1alpha2", "tcproutes"),
+    "TLSRoute": ("gateway.networking.k8s.io", "v1alpha2", "tlsroutes"),
+    "ReferenceGrant": ("gateway.networking.k8s.io", "v1beta1", "referencegrants"),
+    "BackendTLSPolicy": ("gateway.networking.k8s.io", "v1", "backendtlspolicies"),
+    "TCPIngress": ("configuration.konghq.com", "v1beta1", "tcpingresses"),
+    "Service": ("", "v1", "services"),
+    "EndpointSlice": ("discovery.k8s.io", "v1", "endpointslices"),
+    "Secret": ("", "v1", "secrets"),
+    "ConfigMap": ("", "v1", "configmaps"),
+    "Namespace": ("", "v1", "namespaces"),
+    "IngressClass": ("networking.k8s.io", "v1", "ingressclasses"),
+    "Lease": ("coordination.k8s.io", "v1", "leases"),
+}
+
+
+def api_status(name: str, message: str | None = None) -> dict[str, Any]:
+    """A Status body from tests/data/kube (`status-expired-410`, `status-notfound-404`...)."""
+    body: dict[str, Any] = json.loads((DATA / f"{name}.json").read_text())
+    if message is not None:
+        body["message"] = message
+    return body
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch, as the API server applies `application/merge-patch+json`."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    result = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
+
+
+class FakeApiServer:
+    """An in-memory API server on 127.0.0.1:`port` (see the module docstring). Objects are kept per
+    collection (group, version, plural) with one resourceVersion counter, and every change is an
+    event that open watches of its collection receive."""
+
+    def __init__(self, port: int, bookmark_interval: float = 0.5):
+        self.port = port
+        self.bookmark_interval = bookmark_interval
+        self.lock = threading.Condition()
+        self.version = 1000
+        self.announced = 1000           # the last resourceVersion a watch event carried
+        self.objects: dict[tuple[str, str, str], dict[tuple[str, str], dict[str, Any]]] = {}
+        self.events: list[tuple[int, tuple[str, str, str], str, dict[str, Any]]] = []
+        self.installed = {collection for collection in COLLECTIONS.values()}
+        self.compacted = 0              # a watch from an older resourceVersion gets 410 Gone
+        self.gone_as_http = False       # 410 as the HTTP status of the watch request, not an ERROR event
+        self.generation = 0             # bumped by expire(): open watches end with an ERROR 410
+        self.requests: list[tuple[str, str, dict[str, str], Any]] = []   # method, path, query, body
+        self.server: ThreadingHTTPServer | None = None
+
+    # -- life -------------------------------------------------------------------------------------
+    def start(self) -> FakeApiServer:
+        handler = type("Handler", (_Handler,), {"api": self})
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), handler)
+        self.server.daemon_threads = True
+        self.server.block_on_close = False
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
+                         daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        """Down: no new connection is accepted and every open watch ends (its connection closes)."""
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+        with self.lock:
+            self.generation += 1
+            self.lock.notify_all()
+
+    @property
+    def up(self) -> bool:
+        return self.server is not None
+
+    # -- what a test does to the cluster ------------------------------------------------------------
+    def apply(self, obj: dict[str, Any], notify: bool = True) -> dict[str, Any]:
+        """Create or replace an object (its status is kept, as `kubectl apply` keeps it). `notify`
+        False changes it without a watch event: as if the event was lost to compaction."""
+        obj = copy.deepcopy(obj)
+        collection = COLLECTIONS[obj["kind"]]
+        meta = obj.setdefault("metadata", {})
+        if collection[2] not in CLUSTER_SCOPED:
+            meta.setdefault("namespace", "default")
+        key = (meta.get("namespace", ""), meta["name"])
+        with self.lock:
+            old = self.objects.setdefault(collection, {}).get(key)
+            meta.setdefault("uid", f"uid-{collection[2]}-{key[0]}-{key[1]}")
+            meta.setdefault("creationTimestamp", old["metadata"]["creationTimestamp"] if old else
+                            time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+            spec_changed = old is None or old.get("spec") != obj.get("spec")
+            meta["generation"] = (old["metadata"].get("generation", 1) + spec_changed) if old else 1
+            if old is not None and "status" in old and "status" not in obj:
+                obj["status"] = old["status"]
+            self._store(collection, key, obj, "MODIFIED" if old else "ADDED", notify)
+        return obj
+
+    def delete(self, kind: str, name: str, namespace: str = "default") -> None:
+        collection = COLLECTIONS[kind]
+        with self.lock:
+            scope = namespace if collection[2] not in CLUSTER_SCOPED else ""
+            obj = self.objects[collection].pop((scope, name))
+            self.version += 1
+            obj["metadata"]["resourceVersion"] = str(self.version)
+            self.announced = self.version
+            self.events.append((self.version, collection, "DELETED", copy.deepcopy(obj)))
+            self.lock.notify_all()
+
+    def get(self, kind: str, name: str, namespace: str = "default") -> dict[str, Any] | None:
+        collection = COLLECTIONS[kind]
+        with self.lock:
+            obj = self.objects.get(collection, {}).get(
+                ("" if collection[2] in CLUSTER_SCOPED else namespace, name))
+            return copy.deepcopy(obj)
+
+    def expire(self) -> None:
+        """Compaction: every resourceVersion so far is too old to watch from; open watches end with
+        the ERROR event 410 (or, `gone_as_http`, the next watch request is answered 410)."""
+        with self.lock:
+            self.compacted = self.version
+            self.generation += 1
+            self.lock.notify_all()
+
+    def writes(self, method: str = "PATCH", suffix: str = "/status") -> list[tuple[str, Any]]:
+        return [(path, body) for m, path, _, body in self.requests if m == method and path.endswith(suffix)]
+
+    def _store(self, collection: tuple[str, str, str], key: tuple[str, str], obj: dict[str, Any],
+               kind: str, notify: bool = True) -> None:
+        self.version += 1
+        obj["metadata"]["resourceVersion"] = str(self.version)
+        self.objects.setdefault(collection, {})[key] = obj
+        if notify:
+            self.announced = self.version
+            self.events.append((self.version, collection, kind, copy.deepcopy(obj)))
+        self.lock.notify_all()
+
+    # -- requests -----------------------------------------------------------------------------------
+    def list(self, collection: tuple[str, str, str], namespace: str | None,
+             query: dict[str, str]) -> dict[str, Any]:
+        group, version, _ = collection
+        with self.lock:
+            items = [copy.deepcopy(obj) for obj in self.objects.get(collection, {}).values()
+                     if _selected(obj, namespace, query)]
+            listing = {"kind": f"{COLLECTION_KINDS[collection]}List",
+                       "apiVersion": f"{group}/{version}" if group else version,
+                       "metadata": {"resourceVersion": str(self.version)}, "items": items}
+        if not group:   # the API server leaves out each item's kind and apiVersion for built-in lists
+            for item in items:
+                item.pop("kind", None)
+                item.pop("apiVersion", None)
+        return listing
+
+    def watch(self, collection: tuple[str, str, str], namespace: str | None,
+              query: dict[str, str]) -> Iterator[dict[str, Any]]:
+        """The events of a watch from `resourceVersion`, then an ERROR 410 if it expires, bookmarks
+        while nothing happens (`allowWatchBookmarks`), until `timeoutSeconds`."""
+        since = int(query.get("resourceVersion") or self.version)
+        deadline = time.monotonic() + float(query.get("timeoutSeconds") or 1800)
+        bookmarks = query.get("allowWatchBookmarks") == "true"
+        with self.lock:
+            generation = self.generation
+        next_bookmark = time.monotonic() + self.bookmark_interval
+        while time.monotonic() < deadline:
+            with self.lock:
+                if since < self.compacted or generation != self.generation:
+                    if self.up and since < self.compacted:
+                        yield {"type": "ERROR", "object": api_status(
+                            "status-expired-410", f"too old resource version: {since} ({self.compacted})")}
+                    return
+                pending = [(version, kind, obj) for version, where, kind, obj in self.events
+                           if where == collection and version > since and _selected(obj, namespace, query)]
+                if not pending:
+                    self.lock.wait(0.05)
+            for version, kind, obj in pending:
+                since = max(since, version)
+                yield {"type": kind, "object": obj}
+            if bookmarks and time.monotonic() >= next_bookmark:
+                next_bookmark = time.monotonic() + self.bookmark_interval
+                group, version_name, _ = collection
+                with self.lock:
+                    since = max(since, self.announced)
+                yield {"type": "BOOKMARK", "object": {
+                    "kind": COLLECTION_KINDS[collection],
+                    "apiVersion": f"{group}/{version_name}" if group else version_name,
+                    "metadata": {"resourceVersion": str(since), "creationTimestamp": None}}}
+
+    def write(self, method: str, collection: tuple[str, str, str], namespace: str, name: str | None,
+              subresource: str | None, body: Any, content_type: str) -> tuple[int, dict[str, Any]]:
+        """POST (create), PUT (replace, or the status subresource) and PATCH (merge patch of the
+        status subresource): 409 on a stale resourceVersion or an existing name."""
+        key = (namespace, name or (body.get("metadata") or {}).get("name", ""))
+        with self.lock:
+            current = self.objects.get(collection, {}).get(key)
+            if method == "POST":
+                if current is not None:
+                    return 409, api_status("status-alreadyexists-409")
+                obj = copy.deepcopy(body)
+                obj["metadata"]["namespace"] = namespace
+                obj["metadata"].setdefault("creationTimestamp", time.strftime("%Y-%m-%dT%H:%M:%SZ"))
+                self._store(collection, key, obj, "ADDED")
+                return 201, obj
+            if current is None:
+                return 404, api_status("status-notfound-404", f'{collection[2]} "{key[1]}" not found')
+            if method == "PATCH" and content_type != "application/merge-patch+json":
+                return 415, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 415,
+                             "reason": "UnsupportedMediaType", "message": "the body of the request was "
+                             "in an unknown format - accepted media types include: "
+                             "application/json-patch+json, application/merge-patch+json"}
+            wanted = (body.get("metadata") or {}).get("resourceVersion")
+            if wanted is not None and wanted != current["metadata"]["resourceVersion"]:
+                return 409, api_status("status-conflict-409")
+            if subresource == "status":
+                status = (merge_patch(current.get("status"), body.get("status")) if method == "PATCH"
+                          else copy.deepcopy(body.get("status")))
+                obj = {**copy.deepcopy(current), "status": status}
+            else:
+                obj = copy.deepcopy(body)
+                obj["metadata"] = {**current["metadata"], **obj.get("metadata", {})}
+            self._store(collection, key, obj, "MODIFIED")
+            return 200, obj
+
+
+COLLECTION_KINDS = {collection: kind for kind, collection in COLLECTIONS.items()}
+
+
+def _selected(obj: dict[str, Any], namespace: str | None, query: dict[str, str]) -> bool:
+    if namespace is not None and obj["metadata"].get("namespace") != namespace:
+        return False
+    selector = query.get("fieldSelector")
+    if selector:
+        field, _, value = selector.partition("=")
+        if field == "type" and obj.get("type") != value:
+            return False
+    return True
+
+
+class _Handler(BaseHTTPRequestHandler):
+    api: FakeApiServer
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self._serve("GET")
+
+    def do_POST(self) -> None:
+        self._serve("POST")
+
+    def do_PUT(self) -> None:
+        self._serve("PUT")
+
+    def do_PATCH(self) -> None:
+        self._serve("PATCH")
+
+    def _serve(self, method: str) -> None:
+        url = urllib.parse.urlsplit(self.path)
+        query = dict(urllib.parse.parse_qsl(url.query))
+        length = int(self.headers.get("Content-Length") or 0)
+        body = json.loads(self.rfile.read(length)) if length else None
+        self.api.requests.append((method, url.path, query, body))
+        where = _parse_path(url.path)
+        if where is None or where[0] not in self.api.installed:
+            self._answer(404, api_status("status-notfound-404"))
+            return
+        collection, namespace, name, subresource = where
+        if method == "GET" and name is None:
+            if query.get("watch") in ("true", "1"):
+                self._watch(collection, namespace, query)
+            else:
+                self._answer(200, self.api.list(collection, namespace, query))
+        elif method == "GET":
+            with self.api.lock:
+                obj = self.api.objects.get(collection, {}).get((namespace or "", name))
+                obj = copy.deepcopy(obj)
+            self._answer(*(200, obj) if obj else (404, api_status("status-notfound-404",
+                                                                  f'{collection[2]} "{name}" not found')))
+        else:
+            self._answer(*self.api.write(method, collection, namespace or "", name, subresource, body,
+                                         self.headers.get("Content-Type", "").split(";")[0]))
+
+    def _answer(self, code: int, body: dict[str, Any]) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _watch(self, collection: tuple[str, str, str], namespace: str | None, query: dict[str, str]) -> None:
+        since = int(query.get("resourceVersion") or 0)
+        if self.api.gone_as_http and since < self.api.compacted:
+            self._answer(410, api_status("status-expired-410",
+                                         f"too old resource version: {since} ({self.api.compacted})"))
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        try:
+            for event in self.api.watch(collection, namespace, query):
+                if self.api.gone_as_http and event["type"] == "ERROR":
+                    break       # ends the stream: the next watch request is answered 410
+                line = json.dumps(event).encode() + b"\n"
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
+                self.wfile.flush()
+            self.wfile.write(b"0\r\n\r\n")
+        except OSError:
+            pass
+        self.close_connection = True
+
+
+_PATH = re.compile(r"/(?:api/(?P<core>v1)|apis/(?P<group>[^/]+)/(?P<version>[^/]+))"
+                   r"(?:/namespaces/(?P<namespace>[^/]+))?/(?P<plural>[^/]+)(?:/(?P<name>[^/]+))?"
+                   r"(?:/(?P<sub>status))?")
+
+
+def _parse_path(path: str) -> tuple[tuple[str, str, str], str | None, str | None, str | None] | None:
+    """(collection, namespace, name, subresource) of an API path; `/api/v1/namespaces/x` is the
+    Namespace x, not a namespace with no collection."""
+    match = _PATH.fullmatch(path)
+    if match is None:
+        return None
+    if match["core"] and match["namespace"] and match["plural"] in ("status",):
+        return None
+    collection = ("", "v1", match["plural"]) if match["core"] else (match["group"], match["version"],
+                                                                       match["plural"])
+    if match["core"] and match["namespace"] and match["plural"] not in CORE_KINDS:
+        return None
+    return collection, match["namespace"], match["name"], match["sub"]
+
+
+def seed_objects(echo_port: int, ports: tuple[int, int] | None = None) -> list[dict[str, Any]]:
+    """The seed's manifests (examples/gateway/seed.yaml, their listener ports moved to `ports`), the
+    echo Service pointed at 127.0.0.1:`echo_port` and the seed's Secret, as objects to apply."""
+    from tests.unit.test_gateway_seed import EXAMPLES, seed_secret
+    seed = (EXAMPLES / "seed.yaml").read_text()
+    if ports is not None:
+        seed = re.sub(r"port: 9000\b", f"port: {ports[0]}", seed)
+        seed = re.sub(r"port: 9443\b", f"port: {ports[1]}", seed)
+    loopback = (EXAMPLES / "echo-loopback.yaml").read_text().replace(
+        "- {name: tcp, port: 1025, protocol: TCP}\n", f"- {{name: tcp, port: {echo_port}, protocol: TCP}}\n")
+    documents = [document for document in yaml.safe_load_all(seed + "\n---\n" + loopback) if document]
+    with tempfile.TemporaryDirectory() as folder:
+        secret = yaml.safe_load(seed_secret(Path(folder)).read_text())
+    return [*documents, secret]
+
+
+def kubeconfig(folder: Path, port: int) -> Path:
+    """A kubeconfig for the FakeApiServer on `port`, with a bearer token as a service account has."""
+    path = folder / "kubeconfig"
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+        "clusters": [{"name": "fake", "cluster": {"server": f"http://127.0.0.1:{port}"}}],
+        "users": [{"name": "fake", "user": {"token": "fake-token"}}],
+        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}]}))
+    return path
