@@ -211,13 +211,6 @@ class Store:
             self.objects.pop(_key(obj), None)
             self._changed()
 
-    def synced(self, first: bool) -> None:
-        """A collection that has nothing to list (its CRD is missing) counts as listed."""
-        if first:
-            with self.lock:
-                self.unsynced -= 1
-                self._changed()
-
     def get(self, key: tuple[str, str, str]) -> dict[str, Any] | None:
         with self.lock:
             return self.objects.get(key)
@@ -359,12 +352,12 @@ class ClusterWatcher:
     # -- list and watch -----------------------------------------------------------------------------
     def follow(self, kind: Kind, namespace: str | None) -> None:
         """One collection's thread: list, watch until 410, list again; back off on errors."""
-        first, delay, failing = True, 0.0, False
+        first, delay, failing, missing = True, 0.0, False, False
         where = f"{kind.plural} in {namespace}" if namespace else kind.plural
         while not self.stopping:
             try:
                 resource_version = self.list_kind(kind, namespace, first)
-                first, delay = False, 0.0
+                first, delay, missing = False, 0.0, False
                 if failing:
                     self.log.notice(f"{self.NAME}: {where}: listed again after the API server failed")
                     failing = False
@@ -372,12 +365,12 @@ class ClusterWatcher:
             except Gone:
                 self.log.info(f"{self.NAME}: {where}: 410 Gone, the watch expired; listing again")
             except Missing:
-                self.store.synced(first)
-                if first:
+                self.store.replace(kind.kind, namespace, [], first)    # a CRD removed takes its objects
+                if not missing:
                     self.log.notice(f"{self.NAME}: no {kind.kind} is served (versions "
                                     f"{', '.join(kind.versions)} of {kind.group or 'core'} return 404: is "
                                     f"its CRD installed?); trying again every {MISSING_RETRY:g}s")
-                first = False
+                first, missing = False, True
                 self._sleep(MISSING_RETRY)
             except Exception as exc:
                 delay = min(max(delay * 2, BACKOFF_MIN), BACKOFF_MAX)
@@ -405,6 +398,7 @@ class ClusterWatcher:
                 items.append({"apiVersion": kind.api_version(version), "kind": kind.kind, **item})
             self.store.replace(kind.kind, namespace, items, first)
             return str(body.get("metadata", {}).get("resourceVersion", ""))
+        self.versions.pop(kind.kind, None)
         raise Missing()
 
     def watch(self, kind: Kind, namespace: str | None, resource_version: str) -> None:

@@ -25,8 +25,6 @@ from tests.support import (
 )
 from tests.unit.test_gateway_cluster import FakeApiServer, kubeconfig, seed_objects
 
-pytest.importorskip("kubernetes")
-
 GROUP = "gateway.networking.k8s.io"
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import tempfile
 import threading
@@ -25,7 +26,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
+
+from pyproxy.config import ConfigError, load_config
+from pyproxy.gateway.cluster import BY_KIND, KINDS, ClusterWatcher, merged_status
+from pyproxy.log import ErrorLog
+from tests.support import free_port, wait_until
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "kube"
 CORE_KINDS = {"services": "Service", "secrets": "Secret", "configmaps": "ConfigMap",
@@ -90,6 +97,7 @@ class FakeApiServer:
         self.gone_as_http = False       # 410 as the HTTP status of the watch request, not an ERROR event
         self.generation = 0             # bumped by expire(): open watches end with an ERROR 410
         self.requests: list[tuple[str, str, dict[str, str], Any]] = []   # method, path, query, body
+        self.scripted: dict[str, bytes] = {}   # a path's watch answered with these lines, as they are
         self.server: ThreadingHTTPServer | None = None
 
     # -- life -------------------------------------------------------------------------------------
@@ -332,6 +340,17 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _watch(self, collection: tuple[str, str, str], namespace: str | None, query: dict[str, str]) -> None:
         since = int(query.get("resourceVersion") or 0)
+        script = self.api.scripted.pop(urllib.parse.urlsplit(self.path).path, None)
+        if script is not None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for line in script.splitlines(keepends=True):
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
+            self.wfile.write(b"0\r\n\r\n")
+            self.close_connection = True
+            return
         if self.api.gone_as_http and since < self.api.compacted:
             self._answer(410, api_status("status-expired-410",
                                          f"too old resource version: {since} ({self.api.compacted})"))
@@ -398,3 +417,260 @@ def kubeconfig(folder: Path, port: int) -> Path:
         "users": [{"name": "fake", "user": {"token": "fake-token"}}],
         "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}]}))
     return path
+
+
+# --- the tests -------------------------------------------------------------------------------------
+
+CONTROLLER = "gateway.pyproxy.dev/controller"
+
+
+@pytest.fixture
+def api():
+    server = FakeApiServer(free_port()).start()
+    yield server
+    server.stop()
+
+
+def make_watcher(tmp_path: Path, api: FakeApiServer, extra: str = "") -> tuple[ClusterWatcher, Path]:
+    """A ClusterWatcher for `api`, run by the test itself (no fork, no signal handlers), and the
+    log file it writes to."""
+    conf = tmp_path / "pyproxy.conf"
+    conf.write_text(f"gateway:\n  kubernetes:\n    kubeconfig: {kubeconfig(tmp_path, api.port)}\n"
+                    f"    lease_duration: 2s\n    lease_retry: 300ms\n{extra}")
+    (tmp_path / "metrics").mkdir(exist_ok=True)
+    log_path = tmp_path / "error.log"
+    watcher = ClusterWatcher(ErrorLog(str(log_path), "info"), load_config(str(conf)), os.getpid(),
+                             str(tmp_path / "metrics"))
+    watcher.client = watcher._client()
+    os.makedirs(watcher.gateway.runtime_dir, exist_ok=True)
+    return watcher, log_path
+
+
+def route(name: str, backend: str = "echo", **metadata: Any) -> dict[str, Any]:
+    return {"apiVersion": "gateway.networking.k8s.io/v1alpha2", "kind": "TCPRoute",
+            "metadata": {"name": name, **metadata},
+            "spec": {"parentRefs": [{"name": "kong", "sectionName": "stream9000"}],
+                     "rules": [{"backendRefs": [{"name": backend, "port": 1025}]}]}}
+
+
+def test_the_kubernetes_key_is_validated(tmp_path):
+    conf = tmp_path / "pyproxy.conf"
+    (tmp_path / "kubeconfig").write_text("{}")
+    conf.write_text("gateway:\n  kubernetes: {in_cluster: true, kubeconfig: kubeconfig, "
+                    "namespaces: [Bad_Name],"
+                    " lease_duration: 3s, lease_retry: 5s, watch: yes}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(conf))
+    assert [str(error) for error in caught.value.errors] == [
+        f"{conf}:2: gateway.kubernetes.watch: unknown key 'watch'",
+        f"{conf}:2: gateway.kubernetes: expected either kubeconfig: FILE or in_cluster: true",
+        f"{conf}:2: gateway.kubernetes.namespaces[0]: expected a Kubernetes name (lower case letters, "
+        "digits, '-' and '.'), got 'Bad_Name'",
+        f"{conf}:2: gateway.kubernetes.lease_retry: must be shorter than lease_duration (3s): a leader "
+        "renews the Lease every lease_retry",
+    ]
+    conf.write_text("gateway:\n  kubernetes: {kubeconfig: nowhere}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(conf))
+    assert [str(error) for error in caught.value.errors] == [
+        f"{conf}:2: gateway.kubernetes.kubeconfig: no such file: {tmp_path / 'nowhere'}"]
+    # Without paths: the snapshot of the API server's objects is the one manifest path, not there yet.
+    conf.write_text("gateway:\n  kubernetes: {in_cluster: true, namespaces: default, lease_duration: 3s}\n")
+    config = load_config(str(conf))
+    assert config.gateway is not None and config.gateway.kubernetes is not None
+    assert config.gateway.paths == (str(tmp_path / "gateway-runtime" / "cluster-objects.json"),)
+    assert config.gateway.kubernetes.namespaces == ("default",)
+    assert config.gateway.kubernetes.lease_retry == 1.0          # a third of lease_duration
+    assert config.stream_listen == ()
+
+
+def test_a_list_answer_as_the_api_server_writes_it(api, tmp_path):
+    """The fake server's lists have the shape of the reference answers in tests/data/kube, and the
+    watcher gives each item of a built-in list the kind and apiVersion the API server leaves out."""
+    reference = json.loads((DATA / "service-list.json").read_text())
+    api.apply(service := {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "echo"},
+                          "spec": reference["items"][0]["spec"]})
+    listing = api.list(("", "v1", "services"), None, {})
+    assert listing.keys() == reference.keys() and listing["kind"] == reference["kind"]
+    assert "kind" not in listing["items"][0] and int(listing["metadata"]["resourceVersion"]) > 0
+    custom = json.loads((DATA / "tcproute-list.json").read_text())
+    api.apply(custom["items"][0])
+    assert api.list(COLLECTIONS["TCPRoute"], None, {})["items"][0]["kind"] == "TCPRoute"
+
+    watcher, _ = make_watcher(tmp_path, api)
+    version = watcher.list_kind(BY_KIND["Service"], None, True)
+    assert version == str(api.version)
+    assert watcher.store.get(("Service", "default", "echo"))["apiVersion"] == "v1"
+    assert watcher.store.get(("Service", "default", "echo"))["spec"] == service["spec"]
+
+
+def test_a_recorded_watch_stream_is_followed_to_its_410(api, tmp_path):
+    """tests/data/kube/watch-events.jsonl, replayed as one chunked stream: ADDED, MODIFIED, BOOKMARK,
+    DELETED, then the ERROR event 410 that makes the watcher list again."""
+    watcher, _ = make_watcher(tmp_path, api)
+    kind = BY_KIND["TCPRoute"]
+    watcher.list_kind(kind, None, True)
+    path = kind.path("v1alpha2", None)
+    api.scripted[path] = (DATA / "watch-events.jsonl").read_bytes()
+    seen: list[dict[str, Any] | None] = []
+    original = watcher.store.put
+    watcher.store.put = lambda obj: (seen.append(obj), original(obj))[1]   # type: ignore[method-assign]
+    with pytest.raises(Exception) as caught:
+        watcher.watch(kind, None, "1187")
+    assert type(caught.value).__name__ == "Gone"
+    assert [obj["metadata"]["generation"] for obj in seen] == [1, 2]       # ADDED, MODIFIED
+    assert watcher.store.get(("TCPRoute", "default", "second")) is None     # DELETED
+    [watch] = [query for method, where, query, _ in api.requests if where == path and "watch" in query]
+    assert watch["resourceVersion"] == "1187" and watch["allowWatchBookmarks"] == "true"
+    assert int(watch["timeoutSeconds"]) > 0
+
+
+def test_watch_bookmarks_and_http_410_and_a_missing_crd(api, tmp_path):
+    api.installed.discard(COLLECTIONS["TCPIngress"])
+    api.apply(route("first"))
+    watcher, log = make_watcher(tmp_path, api)
+    watcher.collections = [(BY_KIND["TCPRoute"], None), (BY_KIND["TCPIngress"], None)]
+    watcher.store.unsynced = 2
+    for kind, namespace in watcher.collections:
+        threading.Thread(target=watcher.follow, args=(kind, namespace), daemon=True).start()
+    try:
+        wait_until(lambda: watcher.store.unsynced == 0, what="both kinds listed")
+        api.apply(route("second"))
+        wait_until(lambda: watcher.store.get(("TCPRoute", "default", "second")), what="the ADDED event")
+        # Bookmarks move the watch on: after one, a restarted watch starts from the bookmark's version.
+        time.sleep(1.2)
+        watches = [query["resourceVersion"] for _, where, query, _ in api.requests
+                   if where.endswith("/tcproutes") and "watch" in query]
+        assert watches
+        # 410 as the HTTP status of a watch request: listed again, the change it missed is seen.
+        api.gone_as_http = True
+        api.apply(route("first", backend="other"), notify=False)
+        api.expire()
+        wait_until(lambda: watcher.store.get(("TCPRoute", "default", "first"))["spec"]["rules"][0]
+                   ["backendRefs"][0]["name"] == "other", what="the relist after HTTP 410")
+        lists = [query for _, where, query, _ in api.requests
+                 if where.endswith("/tcproutes") and "watch" not in query]
+        assert len(lists) >= 2
+    finally:
+        watcher._stop()
+    assert log.read_text().count("no TCPIngress is served") == 1
+    assert "410 Gone, the watch expired; listing again" in log.read_text()
+
+
+def test_the_snapshot_leaves_out_what_changes_without_meaning(api, tmp_path):
+    watcher, _ = make_watcher(tmp_path, api)
+    obj = api.apply(route("first"))
+    watcher.store.put({**obj, "status": {"parents": []},
+                       "metadata": {**obj["metadata"], "managedFields": [{"manager": "kubectl"}]}})
+    watcher.write_snapshot()
+    path = Path(watcher.snapshot_path)
+    [item] = json.loads(path.read_text())["items"]
+    assert "status" not in item and "resourceVersion" not in item["metadata"]
+    assert "managedFields" not in item["metadata"] and item["metadata"]["generation"] == 1
+    assert path.stat().st_mode & 0o777 == 0o600
+    before = path.stat().st_mtime_ns
+    watcher.store.put({**obj, "metadata": {**obj["metadata"], "resourceVersion": "99999"}})
+    time.sleep(0.01)
+    watcher.write_snapshot()
+    assert path.stat().st_mtime_ns == before        # unchanged in meaning: not written, no reload
+
+
+def test_merged_status_keeps_times_and_other_controllers():
+    live = {"parents": [
+        {"controllerName": "example.net/other", "parentRef": {"name": "theirs"}, "conditions": []},
+        {"controllerName": CONTROLLER, "parentRef": {"name": "kong"}, "conditions": [
+            {"type": "Accepted", "status": "True", "reason": "Accepted",
+             "lastTransitionTime": "2026-01-01T00:00:00Z"},
+            {"type": "ResolvedRefs", "status": "True", "reason": "ResolvedRefs",
+             "lastTransitionTime": "2026-01-01T00:00:00Z"}]}]}
+    computed = {"parents": [
+        {"controllerName": CONTROLLER, "parentRef": {"name": "kong"}, "conditions": [
+            {"type": "Accepted", "status": "True", "reason": "Accepted",
+             "lastTransitionTime": "2026-12-07T10:00:00Z"},
+            {"type": "ResolvedRefs", "status": "False", "reason": "BackendNotFound",
+             "lastTransitionTime": "2026-12-07T10:00:00Z"}]}]}
+    merged = merged_status(computed, live, CONTROLLER)
+    theirs, ours = merged["parents"]
+    assert theirs == live["parents"][0]
+    assert {c["type"]: c["lastTransitionTime"] for c in ours["conditions"]} == {
+        "Accepted": "2026-01-01T00:00:00Z",          # status unchanged: its time stays
+        "ResolvedRefs": "2026-12-07T10:00:00Z"}      # changed: now
+    # Nothing changed: what would be written is the live status itself, so nothing is written.
+    assert merged_status({"parents": [live["parents"][1]]}, live, CONTROLLER) == live
+
+
+def publish(tmp_path: Path, *items: dict[str, Any]) -> None:
+    """What the master writes for GET /gateway/status: the statuses it serves."""
+    (tmp_path / "metrics" / "gateway-status.json").write_text(
+        json.dumps({"apiVersion": "v1", "kind": "List", "items": list(items)}))
+
+
+def accepted(generation: int = 1, reason: str = "Accepted") -> dict[str, Any]:
+    return {"apiVersion": "gateway.networking.k8s.io/v1alpha2", "kind": "TCPRoute",
+            "metadata": {"name": "first", "namespace": "default"},
+            "status": {"parents": [{"controllerName": CONTROLLER, "parentRef": {"name": "kong"},
+                                    "conditions": [
+                {"type": "Accepted", "status": "True", "reason": reason, "observedGeneration": generation,
+                 "lastTransitionTime": "2026-12-07T10:00:00Z", "message": ""}]}]}}
+
+
+def test_statuses_are_written_by_the_lease_holder_with_a_409_retried(api, tmp_path):
+    watcher, _ = make_watcher(tmp_path, api)
+    api.apply(route("first"))
+    watcher.list_kind(BY_KIND["TCPRoute"], None, True)
+    publish(tmp_path, accepted())
+
+    # Another replica holds the Lease and renews it: this one writes nothing.
+    api.apply({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+               "metadata": {"name": "pyproxy-gateway", "namespace": "default"},
+               "spec": {"holderIdentity": "other", "leaseDurationSeconds": 2, "leaseTransitions": 0}})
+    watcher.elect()
+    assert not watcher.leader
+
+    # It stops renewing: after lease_duration as this replica saw it, the Lease is taken over.
+    time.sleep(2.1)
+    watcher.elect()
+    lease = api.get("Lease", "pyproxy-gateway")
+    assert watcher.leader and lease["spec"]["holderIdentity"] == watcher.identity
+    assert lease["spec"]["leaseTransitions"] == 1 and lease["spec"]["renewTime"].endswith("Z")
+
+    # A stale resourceVersion: 409, nothing written; once the watch brought the newer object, written.
+    stale = watcher.store.get(("TCPRoute", "default", "first"))
+    api.apply({**route("first"), "metadata": {"name": "first", "labels": {"a": "b"}}})
+    watcher.write_statuses()
+    assert api.writes()[-1][1]["metadata"]["resourceVersion"] == stale["metadata"]["resourceVersion"]
+    assert "status" not in api.get("TCPRoute", "first")
+    watcher.list_kind(BY_KIND["TCPRoute"], None, False)
+    watcher.write_statuses()
+    written = api.get("TCPRoute", "first")["status"]
+    assert written == accepted()["status"]
+    count = len(api.writes())
+    watcher.write_statuses()                         # unchanged: not written again
+    assert len(api.writes()) == count
+
+    # The same status computed again later: lastTransitionTime stays that of the first write.
+    later = accepted()
+    later["status"]["parents"][0]["conditions"][0]["lastTransitionTime"] = "2026-12-07T11:00:00Z"
+    publish(tmp_path, later)
+    watcher.write_statuses()
+    assert len(api.writes()) == count
+
+    # A reason changed with the status unchanged: written, its time kept.
+    publish(tmp_path, accepted(generation=2, reason="Accepted2"))
+    watcher.write_statuses()
+    [condition] = api.get("TCPRoute", "first")["status"]["parents"][0]["conditions"]
+    assert condition["observedGeneration"] == 2 and condition["lastTransitionTime"] == "2026-12-07T10:00:00Z"
+    # The merge patch went to the status subresource of the version watched.
+    assert api.writes()[-1][0] == ("/apis/gateway.networking.k8s.io/v1alpha2/namespaces/default/"
+                                   "tcproutes/first/status")
+
+    # Released at exit: no holder, so the next replica need not wait for it to expire.
+    watcher.release()
+    assert "holderIdentity" not in api.get("Lease", "pyproxy-gateway")["spec"]
+
+
+def test_every_kind_the_translation_reads_is_watched():
+    from pyproxy.gateway.objects import API_VERSIONS
+    assert {kind.kind for kind in KINDS} == set(API_VERSIONS)
+    for kind in KINDS:
+        assert {kind.api_version(version) for version in kind.versions} <= set(API_VERSIONS[kind.kind])
