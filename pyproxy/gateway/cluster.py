@@ -100,6 +100,8 @@ KINDS = (
     Kind("IngressClass", "networking.k8s.io", ("v1",), "ingressclasses", namespaced=False),
 )
 BY_KIND = {kind.kind: kind for kind in KINDS}
+# The kinds whose status the translation works out, and so the only `*/status` pyproxy writes.
+STATUS_KINDS = ("GatewayClass", "Gateway", "TCPRoute", "TLSRoute", "BackendTLSPolicy", "TCPIngress")
 LEASE = Kind("Lease", "coordination.k8s.io", ("v1",), "leases")
 
 
@@ -568,7 +570,7 @@ class ClusterWatcher:
         controller = self.gateway.controller_name
         for item in listing.get("items") or []:
             key = (item.get("kind", ""), item["metadata"].get("namespace", ""), item["metadata"]["name"])
-            kind = BY_KIND.get(key[0])
+            kind = BY_KIND.get(key[0]) if key[0] in STATUS_KINDS else None
             live = self.store.get(key)
             if kind is None or live is None or kind.kind not in self.versions:
                 continue
