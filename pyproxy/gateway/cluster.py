@@ -160,8 +160,7 @@ class ClusterProcess(StatusProcess):
         if pid == 0:
             code = 1
             try:
-                from pyproxy.admin.server import _close_inherited
-                _close_inherited(self.log.fd)
+                self._close_what_the_master_holds()
                 code = ClusterWatcher(self.log, config, master_pid, self.directory).run()
             finally:
                 os._exit(code)

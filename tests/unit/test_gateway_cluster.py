@@ -35,6 +35,7 @@ from pyproxy.log import ErrorLog
 from tests.support import free_port, wait_until
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "kube"
+TOKEN = "fake-token"            # the bearer token the kubeconfig carries and the server requires
 CORE_KINDS = {"services": "Service", "secrets": "Secret", "configmaps": "ConfigMap",
               "namespaces": "Namespace"}
 CLUSTER_SCOPED = {"gatewayclasses", "namespaces", "ingressclasses"}
@@ -310,6 +311,10 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = json.loads(self.rfile.read(length)) if length else None
         self.api.requests.append((method, url.path, query, body))
+        if self.headers.get("Authorization") != f"Bearer {TOKEN}":
+            self._answer(401, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                               "message": "Unauthorized", "reason": "Unauthorized", "code": 401})
+            return
         where = _parse_path(url.path)
         if where is None or where[0] not in self.api.installed:
             self._answer(404, api_status("status-notfound-404"))
@@ -414,7 +419,7 @@ def kubeconfig(folder: Path, port: int) -> Path:
     path.write_text(yaml.safe_dump({
         "apiVersion": "v1", "kind": "Config", "current-context": "fake",
         "clusters": [{"name": "fake", "cluster": {"server": f"http://127.0.0.1:{port}"}}],
-        "users": [{"name": "fake", "user": {"token": "fake-token"}}],
+        "users": [{"name": "fake", "user": {"token": TOKEN}}],
         "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}]}))
     return path
 
