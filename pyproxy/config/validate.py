@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import importlib.util
 import ipaddress
 import os
 import pwd
@@ -406,6 +407,9 @@ def _kubernetes(report: Report, place: Place, value: object, base: str) -> Kuber
     if section is None:
         return None
     defaults = KubernetesSettings()
+    if importlib.util.find_spec("kubernetes") is None:
+        report.error(place, "reading from an API server needs the Kubernetes client: "
+                            "pip install 'pyproxy[kubernetes]'")
     kubeconfig = section.get("kubeconfig", lambda text: in_folder(base, text))
     in_cluster = section.get("in_cluster", parse_bool, False)
     if (kubeconfig is None) == (not in_cluster):

@@ -267,6 +267,9 @@ class ClusterWatcher:
         self.renewed_at = 0.0
         self.observed: tuple[str, float] | None = None      # the Lease's (resourceVersion, when seen)
         self.written_statuses: dict[tuple[str, str, str], str] = {}
+        self.failures_lock = threading.Lock()
+        self.failing: set[str] = set()          # the collections whose last list or watch failed
+        self.problems: set[str] = set()         # the errors logged since none failed
 
     # -- the process --------------------------------------------------------------------------------
     def run(self) -> int:
@@ -353,15 +356,13 @@ class ClusterWatcher:
     # -- list and watch -----------------------------------------------------------------------------
     def follow(self, kind: Kind, namespace: str | None) -> None:
         """One collection's thread: list, watch until 410, list again; back off on errors."""
-        first, delay, failing, missing = True, 0.0, False, False
+        first, delay, missing = True, 0.0, False
         where = f"{kind.plural} in {namespace}" if namespace else kind.plural
         while not self.stopping:
             try:
                 resource_version = self.list_kind(kind, namespace, first)
                 first, delay, missing = False, 0.0, False
-                if failing:
-                    self.log.notice(f"{self.NAME}: {where}: listed again after the API server failed")
-                    failing = False
+                self._recovered(where)
                 self.watch(kind, namespace, resource_version)
             except Gone:
                 self.log.info(f"{self.NAME}: {where}: 410 Gone, the watch expired; listing again")
@@ -375,11 +376,28 @@ class ClusterWatcher:
                 self._sleep(MISSING_RETRY)
             except Exception as exc:
                 delay = min(max(delay * 2, BACKOFF_MIN), BACKOFF_MAX)
-                if not failing:
-                    self.log.error(f"{self.NAME}: {where}: {_describe(exc)}; trying again with a backoff "
-                                   f"from {BACKOFF_MIN:g}s to {BACKOFF_MAX:g}s")
-                failing = True
+                self._failed(where, _describe(exc))
                 self._sleep(delay)
+
+    def _failed(self, where: str, problem: str) -> None:
+        """One error line per problem, not one per kind: an API server that is down fails them all."""
+        with self.failures_lock:
+            self.failing.add(where)
+            if problem in self.problems:
+                return
+            self.problems.add(problem)
+        self.log.error(f"{self.NAME}: {where}: {problem}; trying again with a backoff from "
+                       f"{BACKOFF_MIN:g}s to {BACKOFF_MAX:g}s (the objects read last go on serving)")
+
+    def _recovered(self, where: str) -> None:
+        with self.failures_lock:
+            if where not in self.failing:
+                return
+            self.failing.discard(where)
+            if self.failing:
+                return
+            self.problems.clear()
+        self.log.notice(f"{self.NAME}: every kind listed again after the API server failed")
 
     def list_kind(self, kind: Kind, namespace: str | None, first: bool) -> str:
         """List `kind` in the first version served; its resourceVersion, kept for the watch."""
@@ -651,10 +669,18 @@ class ApiError(Exception):
 
 
 def _describe(exc: BaseException) -> str:
-    """An error in one line, without the client library's multi-line dumps."""
-    from kubernetes.client.exceptions import ApiException
-    if isinstance(exc, ApiException):
-        return f"HTTP {exc.status} {exc.reason}".strip()
+    """An error in one line, without the client library's multi-line dumps: an HTTP status, the
+    system's word for a connection that failed (through urllib3's wrappers), or the first line."""
+    if type(exc).__name__ == "ApiException":
+        return f"HTTP {getattr(exc, 'status', '')} {getattr(exc, 'reason', '')}".strip()
+    cause: BaseException | None = exc
+    seen = set()
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, OSError) and cause.strerror:
+            return f"cannot reach the API server: {cause.strerror}"
+        reason = getattr(cause, "reason", None)
+        cause = reason if isinstance(reason, BaseException) else (cause.__cause__ or cause.__context__)
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return text[:300]
 

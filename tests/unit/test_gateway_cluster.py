@@ -17,6 +17,7 @@ import copy
 import json
 import os
 import re
+import sys
 import tempfile
 import threading
 import time
@@ -487,6 +488,17 @@ def test_the_kubernetes_key_is_validated(tmp_path):
     assert config.gateway.kubernetes.namespaces == ("default",)
     assert config.gateway.kubernetes.lease_retry == 1.0          # a third of lease_duration
     assert config.stream_listen == ()
+
+
+def test_without_the_kubernetes_package_the_key_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "kubernetes", None)     # as if it were not installed
+    conf = tmp_path / "pyproxy.conf"
+    conf.write_text("gateway:\n  kubernetes: {in_cluster: true}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(conf))
+    assert [str(error) for error in caught.value.errors] == [
+        f"{conf}:2: gateway.kubernetes: reading from an API server needs the Kubernetes client: "
+        "pip install 'pyproxy[kubernetes]'"]
 
 
 def test_a_list_answer_as_the_api_server_writes_it(api, tmp_path):
