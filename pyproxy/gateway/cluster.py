@@ -8,8 +8,9 @@ the status and admin processes; the workers never talk to the API server. The he
   `allowWatchBookmarks` keeps it current while nothing changes, a watch that ends (its
   `timeoutSeconds`) starts again from the last resourceVersion, a `410 Gone` (the watch request's
   HTTP status or the stream's ERROR event) lists again, other errors retry after a backoff of
-  0.5 s doubling to 30 s, and a kind whose CRD is not installed (404 on every version) is logged
-  once and listed again every `MISSING_RETRY` seconds;
+  0.5 s doubling to 30 s, and a kind whose CRD is not installed (404 on every version) or that
+  pyproxy may not list (403) is logged once, held as empty (the others apply) and listed again
+  every `MISSING_RETRY` seconds;
 - writes what it holds, once every kind was listed and then at most every `DEBOUNCE` seconds after a
   change, as one `kind: List` (`gateway.runtime_dir/cluster-objects.json`, written whole and renamed,
   0600: Secrets are in it). Validation makes that file the last of `gateway.paths`, so the master's
@@ -177,6 +178,10 @@ class Gone(Exception):
 
 class Missing(Exception):
     """404 on every version of a kind: its CRD is not installed."""
+
+
+class Forbidden(Exception):
+    """403 on a list: pyproxy's service account may not read that kind."""
 
 
 class Store:
@@ -366,9 +371,13 @@ class ClusterWatcher:
                 self.watch(kind, namespace, resource_version)
             except Gone:
                 self.log.info(f"{self.NAME}: {where}: 410 Gone, the watch expired; listing again")
-            except Missing:
-                self.store.replace(kind.kind, namespace, [], first)    # a CRD removed takes its objects
-                if not missing:
+            except (Missing, Forbidden) as exc:
+                # Listed as empty, so that the other kinds apply: a CRD removed takes its objects.
+                self.store.replace(kind.kind, namespace, [], first)
+                if not missing and isinstance(exc, Forbidden):
+                    self.log.error(f"{self.NAME}: {where}: {exc} (the RBAC of deploy/gateway/rbac.yaml "
+                                   f"grants what pyproxy reads); trying again every {MISSING_RETRY:g}s")
+                elif not missing:
                     self.log.notice(f"{self.NAME}: no {kind.kind} is served (versions "
                                     f"{', '.join(kind.versions)} of {kind.group or 'core'} return 404: is "
                                     f"its CRD installed?); trying again every {MISSING_RETRY:g}s")
@@ -408,6 +417,8 @@ class ClusterWatcher:
                 continue
             if status == 410:
                 raise Gone()
+            if status == 403:
+                raise Forbidden(ApiError(status, body))
             if status != 200:
                 raise ApiError(status, body)
             self.versions[kind.kind] = version

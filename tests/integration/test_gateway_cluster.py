@@ -168,6 +168,14 @@ def test_watch_events_apply_with_open_sessions_going_on(api, cluster, proxy, tmp
         assert time.monotonic() - changed < 3.0
         assert echoed_digest(before, payload) == hashlib.sha256(payload).hexdigest()
 
+    # A burst of changes is written as one snapshot, or a few: not one reload per event.
+    reloads = p.log_text().count("reloading configuration")
+    for round_ in range(20):
+        api.apply(endpoint_slice("one", (two, one)[round_ % 2].port))     # ends on backend one
+    wait_until(lambda: greeting(port) == b"one\n", timeout=10, what="the last of the burst")
+    time.sleep(1.5)
+    assert p.log_text().count("reloading configuration") - reloads <= 3
+
     # A TCPRoute added, on a listener added to the Gateway.
     second = free_port()
     api.apply(endpoint_slice("one", one.port))

@@ -100,6 +100,7 @@ class FakeApiServer:
         self.generation = 0             # bumped by expire(): open watches end with an ERROR 410
         self.requests: list[tuple[str, str, dict[str, str], Any]] = []   # method, path, query, body
         self.scripted: dict[str, bytes] = {}   # a path's watch answered with these lines, as they are
+        self.forbidden: set[tuple[str, str, str]] = set()   # collections the token may not read
         self.server: ThreadingHTTPServer | None = None
 
     # -- life -------------------------------------------------------------------------------------
@@ -321,6 +322,14 @@ class _Handler(BaseHTTPRequestHandler):
             self._answer(404, api_status("status-notfound-404"))
             return
         collection, namespace, name, subresource = where
+        if collection in self.api.forbidden:
+            group, _, plural = collection
+            self._answer(403, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                               "message": f'{plural}{"." + group if group else ""} is forbidden: User '
+                               f'"system:serviceaccount:pyproxy:pyproxy" cannot list resource "{plural}" in '
+                               f'API group "{group}" at the cluster scope', "reason": "Forbidden",
+                               "details": {"group": group, "kind": plural}, "code": 403})
+            return
         if method == "GET" and name is None:
             if query.get("watch") in ("true", "1"):
                 self._watch(collection, namespace, query)
@@ -691,3 +700,33 @@ def test_every_kind_the_translation_reads_is_watched():
     assert {kind.kind for kind in KINDS} == set(API_VERSIONS)
     for kind in KINDS:
         assert {kind.api_version(version) for version in kind.versions} <= set(API_VERSIONS[kind.kind])
+
+
+def test_namespaces_limit_what_is_watched(api, tmp_path):
+    api.apply(route("mine"))
+    api.apply({**route("theirs"), "metadata": {"name": "theirs", "namespace": "other"}})
+    watcher, _ = make_watcher(tmp_path, api, "    namespaces: [default]\n")
+    assert (BY_KIND["TCPRoute"], "default") in watcher.collections
+    assert (BY_KIND["GatewayClass"], None) in watcher.collections        # cluster-scoped: whole
+    assert not any(namespace is None for kind, namespace in watcher.collections if kind.namespaced)
+    watcher.list_kind(BY_KIND["TCPRoute"], "default", True)
+    assert watcher.store.get(("TCPRoute", "default", "mine")) is not None
+    assert watcher.store.get(("TCPRoute", "other", "theirs")) is None
+    assert api.requests[-1][1] == "/apis/gateway.networking.k8s.io/v1alpha2/namespaces/default/tcproutes"
+
+
+def test_a_kind_pyproxy_may_not_list_is_logged_and_does_not_hold_the_others(api, tmp_path):
+    api.forbidden.add(COLLECTIONS["ConfigMap"])
+    api.apply(route("first"))
+    watcher, log = make_watcher(tmp_path, api)
+    watcher.collections = [(BY_KIND["TCPRoute"], None), (BY_KIND["ConfigMap"], None)]
+    watcher.store.unsynced = 2
+    for kind, namespace in watcher.collections:
+        threading.Thread(target=watcher.follow, args=(kind, namespace), daemon=True).start()
+    try:
+        wait_until(lambda: watcher.store.unsynced == 0, what="both kinds counted as listed")
+    finally:
+        watcher._stop()
+    assert watcher.store.get(("TCPRoute", "default", "first")) is not None
+    [line] = [line for line in log.read_text().splitlines() if "configmaps" in line]
+    assert "[error]" in line and "HTTP 403 Forbidden: configmaps is forbidden" in line
