@@ -270,6 +270,7 @@ class ClusterWatcher:
         self.identity = f"{socket.gethostname()}_{master_pid}"
         self.leader = False
         self.renewed_at = 0.0
+        self.lease_problem = ""                 # the last error of the Lease, logged once
         self.observed: tuple[str, float] | None = None      # the Lease's (resourceVersion, when seen)
         self.written_statuses: dict[tuple[str, str, str], str] = {}
         self.failures_lock = threading.Lock()
@@ -515,9 +516,13 @@ class ClusterWatcher:
         expiry is judged by when this replica saw it change, not by the holder's clock)."""
         try:
             self._elect()
+            self.lease_problem = ""
         except Exception as exc:
-            self.log.warn(f"{self.NAME}: the Lease {self.lease_namespace}/{self.settings.lease_name}: "
-                          f"{_describe(exc)}")
+            problem = _describe(exc)
+            if problem != self.lease_problem:       # once, not at every lease_retry
+                self.log.warn(f"{self.NAME}: the Lease {self.lease_namespace}/{self.settings.lease_name}: "
+                              f"{problem}")
+            self.lease_problem = problem
         if self.leader and time.monotonic() - self.renewed_at > self.settings.lease_duration:
             self.leader = False
             self.log.notice(f"{self.NAME}: could not renew the Lease for {self.settings.lease_duration:g}s; "
