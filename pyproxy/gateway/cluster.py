@@ -143,6 +143,7 @@ class ClusterProcess(StatusProcess):
 
     def stop(self) -> None:
         self.config = None
+        self.settings = ()          # nothing to start again
         self.directory = None       # the status process's handle removes the metrics folder
         super().stop()
 
@@ -191,9 +192,8 @@ class Store:
         self.lock = threading.Condition()
         self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
         self.unsynced = collections         # collections not listed yet
-        self.changes = 0
-        self.changed_at = 0.0
-        self.first_unwritten = 0.0
+        self.changed_at = 0.0               # monotonic time of the last change
+        self.first_unwritten = 0.0          # ... of the first change not in a snapshot yet (0: none)
 
     def replace(self, kind: str, namespace: str | None, items: list[dict[str, Any]], first: bool) -> None:
         """A list's result: every object of `kind` (in `namespace`, or all) is these."""
@@ -223,9 +223,7 @@ class Store:
 
     def _changed(self) -> None:
         now = time.monotonic()
-        if self.changes == 0 or not self.first_unwritten:
-            self.first_unwritten = now
-        self.changes += 1
+        self.first_unwritten = self.first_unwritten or now
         self.changed_at = now
         self.lock.notify_all()
 
@@ -623,8 +621,9 @@ class ClusterWatcher:
                               f"{_describe(exc)}")
                 return
             if code == 200:
+                # Not put into the store: the watch brings the written object in its order, and a
+                # newer version of it may be there already (a spec changed meanwhile).
                 self.written_statuses[key] = version
-                self.store.put(answer)
                 self.log.info(f"{self.NAME}: wrote the status of {key[0]} {'/'.join(filter(None, key[1:]))}")
             elif code not in (404, 409):    # 409: a newer version is on its way through the watch
                 self.log.warn(f"{self.NAME}: cannot write the status of {key[0]} {'/'.join(key[1:])}: "

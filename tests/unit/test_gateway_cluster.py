@@ -22,7 +22,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -101,6 +101,7 @@ class FakeApiServer:
         self.requests: list[tuple[str, str, dict[str, str], Any]] = []   # method, path, query, body
         self.scripted: dict[str, bytes] = {}   # a path's watch answered with these lines, as they are
         self.forbidden: set[tuple[str, str, str]] = set()   # collections the token may not read
+        self.after_write: Callable[[], None] | None = None  # run once a write is stored, before its answer
         self.server: ThreadingHTTPServer | None = None
 
     # -- life -------------------------------------------------------------------------------------
@@ -271,7 +272,9 @@ class FakeApiServer:
                 obj = copy.deepcopy(body)
                 obj["metadata"] = {**current["metadata"], **obj.get("metadata", {})}
             self._store(collection, key, obj, "MODIFIED")
-            return 200, obj
+        if self.after_write is not None:
+            self.after_write()
+        return 200, obj
 
 
 COLLECTION_KINDS = {collection: kind for kind, collection in COLLECTIONS.items()}
@@ -671,6 +674,9 @@ def test_statuses_are_written_by_the_lease_holder_with_a_409_retried(api, tmp_pa
     written = api.get("TCPRoute", "first")["status"]
     assert written == accepted()["status"]
     count = len(api.writes())
+    watcher.write_statuses()                         # the watch did not bring it yet: not again
+    assert len(api.writes()) == count
+    watcher.list_kind(BY_KIND["TCPRoute"], None, False)     # as the watch brings the written object
     watcher.write_statuses()                         # unchanged: not written again
     assert len(api.writes()) == count
 
@@ -684,11 +690,27 @@ def test_statuses_are_written_by_the_lease_holder_with_a_409_retried(api, tmp_pa
     # A reason changed with the status unchanged: written, its time kept.
     publish(tmp_path, accepted(generation=2, reason="Accepted2"))
     watcher.write_statuses()
+    assert len(api.writes()) == count + 1
     [condition] = api.get("TCPRoute", "first")["status"]["parents"][0]["conditions"]
     assert condition["observedGeneration"] == 2 and condition["lastTransitionTime"] == "2026-12-07T10:00:00Z"
     # The merge patch went to the status subresource of the version watched.
     assert api.writes()[-1][0] == ("/apis/gateway.networking.k8s.io/v1alpha2/namespaces/default/"
                                    "tcproutes/first/status")
+
+    # A spec changed while a status is written, the watch bringing it before the write's answer:
+    # what the watch brought stays (the answer, older, does not replace it in the snapshot).
+    def changed_meanwhile() -> None:
+        api.after_write = None
+        api.apply({**route("first", backend="other"), "metadata": {"name": "first"}})
+        watcher.store.put(api.get("TCPRoute", "first"))
+
+    api.after_write = changed_meanwhile
+    watcher.list_kind(BY_KIND["TCPRoute"], None, False)
+    publish(tmp_path, accepted(generation=3))
+    watcher.write_statuses()
+    assert api.after_write is None                  # written
+    held = watcher.store.get(("TCPRoute", "default", "first"))
+    assert held["spec"]["rules"][0]["backendRefs"][0]["name"] == "other"
 
     # Released at exit: no holder, so the next replica need not wait for it to expire.
     watcher.release()
