@@ -464,6 +464,15 @@ def make_watcher(tmp_path: Path, api: FakeApiServer, extra: str = "") -> tuple[C
     return watcher, log_path
 
 
+def follow(watcher: ClusterWatcher, *kinds: str) -> None:
+    """Only these kinds, each listed and watched in its thread as the cluster process does
+    (the test stops them with watcher._stop())."""
+    watcher.collections = [(BY_KIND[kind], None) for kind in kinds]
+    watcher.store.unsynced = len(kinds)
+    for kind, namespace in watcher.collections:
+        threading.Thread(target=watcher.follow, args=(kind, namespace), daemon=True).start()
+
+
 def route(name: str, backend: str = "echo", **metadata: Any) -> dict[str, Any]:
     return {"apiVersion": "gateway.networking.k8s.io/v1alpha2", "kind": "TCPRoute",
             "metadata": {"name": name, **metadata},
@@ -558,10 +567,7 @@ def test_watch_bookmarks_and_http_410_and_a_missing_crd(api, tmp_path):
     api.installed.discard(COLLECTIONS["TCPIngress"])
     api.apply(route("first"))
     watcher, log = make_watcher(tmp_path, api)
-    watcher.collections = [(BY_KIND["TCPRoute"], None), (BY_KIND["TCPIngress"], None)]
-    watcher.store.unsynced = 2
-    for kind, namespace in watcher.collections:
-        threading.Thread(target=watcher.follow, args=(kind, namespace), daemon=True).start()
+    follow(watcher, "TCPRoute", "TCPIngress")
     try:
         wait_until(lambda: watcher.store.unsynced == 0, what="both kinds listed")
         api.apply(route("second"))
@@ -662,6 +668,9 @@ def test_statuses_are_written_by_the_lease_holder_with_a_409_retried(api, tmp_pa
     lease = api.get("Lease", "pyproxy-gateway")
     assert watcher.leader and lease["spec"]["holderIdentity"] == watcher.identity
     assert lease["spec"]["leaseTransitions"] == 1 and lease["spec"]["renewTime"].endswith("Z")
+    reference = json.loads((DATA / "lease.json").read_text())     # a Lease as client-go writes it
+    assert lease["spec"].keys() == reference["spec"].keys()
+    assert len(lease["spec"]["renewTime"]) == len(reference["spec"]["renewTime"])    # MicroTime
 
     # A stale resourceVersion: 409, nothing written; once the watch brought the newer object, written.
     stale = watcher.store.get(("TCPRoute", "default", "first"))
@@ -741,10 +750,7 @@ def test_a_kind_pyproxy_may_not_list_is_logged_and_does_not_hold_the_others(api,
     api.forbidden.add(COLLECTIONS["ConfigMap"])
     api.apply(route("first"))
     watcher, log = make_watcher(tmp_path, api)
-    watcher.collections = [(BY_KIND["TCPRoute"], None), (BY_KIND["ConfigMap"], None)]
-    watcher.store.unsynced = 2
-    for kind, namespace in watcher.collections:
-        threading.Thread(target=watcher.follow, args=(kind, namespace), daemon=True).start()
+    follow(watcher, "TCPRoute", "ConfigMap")
     try:
         wait_until(lambda: watcher.store.unsynced == 0, what="both kinds counted as listed")
     finally:
