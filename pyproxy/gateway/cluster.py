@@ -117,14 +117,14 @@ class ClusterProcess(StatusProcess):
         super().__init__(log)
         self.config: Config | None = None
 
-    def follow(self, config: Config, directory: str | None = None) -> None:  # type: ignore[override]
+    def follow(self, config: Config, directory: str | None) -> None:  # type: ignore[override]
         """At start and after each reload that succeeded. `directory` is the metrics folder, where
         the master writes the statuses it serves."""
         gateway = config.gateway
         settings = ((gateway.kubernetes, gateway.runtime_dir, gateway.controller_name)
                     if gateway is not None and gateway.kubernetes is not None else None,)
         self.config = config
-        self.directory = directory if directory is not None else self.directory
+        self.directory = directory
         if settings == self.settings:
             return
         self.settings = settings
@@ -341,7 +341,9 @@ class ClusterWatcher:
                     store.lock.wait(0.1)
 
     def write_snapshot(self) -> None:
-        data = json.dumps(self.store.snapshot(), indent=1, sort_keys=True).encode()
+        """The objects held, as the manifest file the master reloads when it changes (only then)."""
+        snapshot = self.store.snapshot()
+        data = json.dumps(snapshot, indent=1, sort_keys=True).encode()
         try:
             with open(self.snapshot_path, "rb") as stream:
                 if stream.read() == data:
@@ -356,6 +358,8 @@ class ClusterWatcher:
             os.replace(staged, self.snapshot_path)
         except OSError as exc:
             self.log.error(f'{self.NAME}: cannot write "{exc.filename or staged}": {exc.strerror or exc}')
+        else:
+            self.log.info(f"{self.NAME}: {len(snapshot['items'])} objects written to {self.snapshot_path}")
 
     # -- list and watch -----------------------------------------------------------------------------
     def follow(self, kind: Kind, namespace: str | None) -> None:

@@ -217,23 +217,28 @@ class FakeApiServer:
         next_bookmark = time.monotonic() + self.bookmark_interval
         while time.monotonic() < deadline:
             with self.lock:
-                if since < self.compacted or generation != self.generation:
-                    if self.up and since < self.compacted:
-                        yield {"type": "ERROR", "object": api_status(
-                            "status-expired-410", f"too old resource version: {since} ({self.compacted})")}
-                    return
+                ended = since < self.compacted or generation != self.generation
+                expired = self.up and since < self.compacted
                 pending = [(version, kind, obj) for version, where, kind, obj in self.events
                            if where == collection and version > since and _selected(obj, namespace, query)]
-                if not pending:
+                if not pending and not ended:
                     self.lock.wait(0.05)
+            if ended:
+                if expired:
+                    yield {"type": "ERROR", "object": api_status(
+                        "status-expired-410", f"too old resource version: {since} ({self.compacted})")}
+                return
             for version, kind, obj in pending:
                 since = max(since, version)
                 yield {"type": kind, "object": obj}
             if bookmarks and time.monotonic() >= next_bookmark:
-                next_bookmark = time.monotonic() + self.bookmark_interval
                 group, version_name, _ = collection
                 with self.lock:
+                    if any(where == collection and version > since and _selected(obj, namespace, query)
+                           for version, where, _, obj in self.events):
+                        continue        # events came meanwhile: they go first, the bookmark after
                     since = max(since, self.announced)
+                next_bookmark = time.monotonic() + self.bookmark_interval
                 yield {"type": "BOOKMARK", "object": {
                     "kind": COLLECTION_KINDS[collection],
                     "apiVersion": f"{group}/{version_name}" if group else version_name,
