@@ -316,6 +316,8 @@ class ClusterWatcher:
             kube_config.load_kube_config(  # type: ignore[no-untyped-call]
                 config_file=self.settings.kubeconfig, context=self.settings.context,
                 client_configuration=configuration, persist_config=False)
+        # Each watch holds a connection for its whole life; the Lease and status writes need one more.
+        configuration.connection_pool_maxsize = len(self.collections) + 1
         return client.ApiClient(configuration)
 
     def loop(self) -> None:
