@@ -60,6 +60,7 @@ BACKOFF_MIN, BACKOFF_MAX = 0.5, 30.0      # seconds before trying an API server 
 MISSING_RETRY = 60.0        # seconds between lists of a kind whose CRD is not installed
 WATCH_TIMEOUT = 300         # seconds: the API server ends each watch after this (timeoutSeconds)
 REQUEST_TIMEOUT = 10.0      # seconds for a list, a status write or a Lease request
+RELEASE_TIMEOUT = 2.0       # ... for each of the two requests that give the Lease up at exit
 STATUS_INTERVAL = 1.0       # seconds between comparisons of the statuses served and written
 SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 VOLATILE_METADATA = ("resourceVersion", "managedFields")
@@ -482,7 +483,8 @@ class ClusterWatcher:
         return getattr(core, f"list_{singular}_for_all_namespaces")  # type: ignore[no-any-return]
 
     def request(self, method: str, path: str, query: list[tuple[str, Any]] | None = None,
-                body: Any = None, content_type: str = "application/json") -> tuple[int, Any]:
+                body: Any = None, content_type: str = "application/json",
+                timeout: float = REQUEST_TIMEOUT) -> tuple[int, Any]:
         """One request through the client's connection pool and credentials: (status, JSON body)."""
         client = self.client
         headers = {"Accept": "application/json", "Content-Type": content_type}
@@ -492,7 +494,7 @@ class ClusterWatcher:
             from urllib.parse import urlencode
             url += "?" + urlencode(query)
         response = client.rest_client.request(method, url, headers=headers,
-                                              body=body, _request_timeout=REQUEST_TIMEOUT)
+                                              body=body, _request_timeout=timeout)
         data = response.read()
         try:
             return response.status, json.loads(data) if data else None
@@ -586,11 +588,11 @@ class ClusterWatcher:
             return
         try:
             path = LEASE.path("v1", self.lease_namespace, self.settings.lease_name)
-            status, lease = self.request("GET", path)
+            status, lease = self.request("GET", path, timeout=RELEASE_TIMEOUT)
             if status == 200 and (lease.get("spec") or {}).get("holderIdentity") == self.identity:
                 spec = {key: value for key, value in lease["spec"].items() if key != "holderIdentity"}
-                self.request("PUT", path, body={**lease, "spec": {**spec, "leaseDurationSeconds": 1,
-                                                                  "renewTime": _micro_time()}})
+                released = {**spec, "leaseDurationSeconds": 1, "renewTime": _micro_time()}
+                self.request("PUT", path, body={**lease, "spec": released}, timeout=RELEASE_TIMEOUT)
         except Exception as exc:
             self.log.warn(f"{self.NAME}: could not release the Lease: {_describe(exc)}")
 
