@@ -40,6 +40,7 @@ from pyproxy.tls.contexts import TLSContexts
 from pyproxy.worker import QUIESCED, READY, WORKER_BOOT_ERROR, Worker, find_malloc_trim, worker_main
 
 if TYPE_CHECKING:
+    from pyproxy.gateway.cluster import ClusterProcess
     from pyproxy.gateway.source import FileState
 
 READY_TIMEOUT = 15.0          # seconds a new worker has to report ready
@@ -128,6 +129,8 @@ class Master:
         self.status = StatusProcess(log)      # /metrics and /status, away from the workers
         self.admin = AdminProcess(log, self.shared.health)   # the Admin API (admin_listen), away from workers
         self.dns = DnsFollower(self.shared.dns, log.log)    # host names re-resolved, for the workers
+        # gateway.kubernetes: the API server's watches and Lease (made with the first such config).
+        self.cluster: ClusterProcess | None = None
         self.workers: dict[int, WorkerProcess] = {}
         self.generation = 1
         self.signals: list[int] = []
@@ -174,6 +177,7 @@ class Master:
         self.log.notice(f"pyproxy/{__version__} master started, configuration {self.config.path}")
         self.status.start(self.config, self.listeners)
         self.admin.follow(self.config)
+        self.follow_cluster(self.config)
         # Load ctypes for the workers' heap trim here, once: its pages are then shared with every
         # worker instead of being private to each (1.3 MiB a worker when each loaded its own).
         find_malloc_trim()
@@ -385,6 +389,8 @@ class Master:
                     self.manage_workers()
                     self.status.manage()
                     self.admin.manage()
+                    if self.cluster is not None:
+                        self.cluster.manage()
                 except MasterError as exc:
                     self.fail(exc)
             self.log.notice("exit")
@@ -395,6 +401,8 @@ class Master:
             self.status.stop()
             self.admin.stop()
             self.dns.close()
+            if self.cluster is not None:
+                self.cluster.stop()
 
     def fail(self, exc: MasterError) -> None:
         """Stop because the master cannot go on (a worker that cannot boot, a failed startup)."""
@@ -472,6 +480,8 @@ class Master:
             if proc is None:
                 self.status.reaped(pid, status)
                 self.admin.reaped(pid, status)
+                if self.cluster is not None:
+                    self.cluster.reaped(pid, status)
                 continue
             self._forget(proc)
             how = describe_exit(status)
@@ -567,6 +577,17 @@ class Master:
                          key=lambda path: path in self.manifests[0])     # a file before its folder
         if changed:
             self.request_reload(f"gateway manifests changed: {changed[0]}")
+
+    def follow_cluster(self, config: Config) -> None:
+        """At start and after each reload that succeeded: the gateway cluster process runs while the
+        configuration has `gateway.kubernetes`. Its module is imported only then: the workers are
+        forked from the master, which need not carry it otherwise."""
+        if self.cluster is None:
+            if config.gateway is None or config.gateway.kubernetes is None:
+                return
+            from pyproxy.gateway.cluster import ClusterProcess
+            self.cluster = ClusterProcess(self.log)
+        self.cluster.follow(config, self.status.directory)
 
     @staticmethod
     def _manifests_now(config: Config) -> tuple[tuple[str, ...], tuple[FileState, ...]]:
@@ -698,6 +719,7 @@ class Master:
         self.dns.keep_only(config.dns_answers)
         self.status.follow(config, self.listeners)
         self.admin.follow(config)
+        self.follow_cluster(config)
         reload.old, reload.phase = old, "quiescing"
         reload.deadline = time.monotonic() + QUIESCE_TIMEOUT
 
@@ -784,6 +806,8 @@ class Master:
         self.signal_workers(signal.SIGUSR1)
         self.status.send(signal.SIGUSR1)
         self.admin.send(signal.SIGUSR1)
+        if self.cluster is not None:
+            self.cluster.send(signal.SIGUSR1)
 
     def handle_quit(self) -> None:
         """Graceful stop: workers finish their sessions (up to worker_shutdown_timeout)."""

@@ -90,8 +90,19 @@ def _listen(listen: model.Listen) -> str:
 
 
 def _gateway(settings: model.GatewaySettings) -> Mapping:
-    return {"paths": list(settings.paths), "address": list(settings.addresses),
-            "runtime_dir": settings.runtime_dir, "controller_name": settings.controller_name}
+    kubernetes = settings.kubernetes
+    # With an API server, `paths` ends with the snapshot of its objects, which validation adds.
+    paths = settings.paths[:-1] if kubernetes is not None else settings.paths
+    return _without_nones({
+        "paths": list(paths) or None, "address": list(settings.addresses),
+        "runtime_dir": settings.runtime_dir, "controller_name": settings.controller_name,
+        "kubernetes": _without_nones({
+            "kubeconfig": kubernetes.kubeconfig, "context": kubernetes.context,
+            "in_cluster": True if kubernetes.kubeconfig is None else None,
+            "namespaces": list(kubernetes.namespaces) or None, "lease_name": kubernetes.lease_name,
+            "lease_namespace": kubernetes.lease_namespace,
+            "lease_duration": format_duration(kubernetes.lease_duration),
+            "lease_retry": format_duration(kubernetes.lease_retry)}) if kubernetes is not None else None})
 
 
 def _ssl(settings: model.SSLSettings) -> Mapping:

@@ -271,6 +271,19 @@ def _built_in_plugins() -> dict[str, type[PluginClass]]:
 
 
 @dataclass(frozen=True)
+class KubernetesSettings:
+    """The `gateway.kubernetes` key: read the manifests from an API server (pyproxy.gateway.cluster)."""
+
+    kubeconfig: str | None = None     # absolute; None: in_cluster (the Pod's service account)
+    context: str | None = None        # the kubeconfig's context; None: its current-context
+    namespaces: tuple[str, ...] = ()  # the namespaces watched; (): all
+    lease_name: str = "pyproxy-gateway"
+    lease_namespace: str | None = None    # None: the Pod's namespace in a cluster, else "default"
+    lease_duration: float = 15.0      # seconds a leader holds the Lease without renewing it
+    lease_retry: float = 2.0          # seconds between tries to acquire or renew it
+
+
+@dataclass(frozen=True)
 class GatewaySettings:
     """The `gateway` key: Kubernetes Gateway API (and Kong TCPIngress) manifests read from files as a
     second configuration source (pyproxy.gateway.source)."""
@@ -282,6 +295,8 @@ class GatewaySettings:
     runtime_dir: str = ""         # absolute: the PEM files made from Secrets, the translated entities
     controller_name: str = "gateway.pyproxy.dev/controller"
     line: int = field(default=0, compare=False)    # where the key was written, for messages
+    # From an API server: its objects, as a snapshot in runtime_dir that `paths` ends with.
+    kubernetes: KubernetesSettings | None = None
 
 
 @dataclass(frozen=True)

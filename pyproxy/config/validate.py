@@ -32,6 +32,7 @@ from .model import (
     Config,
     DnsSettings,
     GatewaySettings,
+    KubernetesSettings,
     Listen,
     SSLSettings,
 )
@@ -40,6 +41,7 @@ from .tlsfiles import DecodedCertificate, certificate_names, check_ca_file
 from .values import (
     Converter,
     did_you_mean,
+    format_duration,
     in_folder,
     integer,
     one_of,
@@ -70,7 +72,11 @@ SSL_KEYS = ("protocols", "ciphers", "default_certificate", "client_certificate",
             "handshake_timeout")
 CLIENT_CERTIFICATE_KEYS = ("ca", "verify", "depth", "crl")
 CERTIFICATE_KEYS = ("cert", "key", "snis")
-GATEWAY_KEYS = ("paths", "address", "runtime_dir", "controller_name")
+GATEWAY_KEYS = ("paths", "address", "runtime_dir", "controller_name", "kubernetes")
+KUBERNETES_KEYS = ("kubeconfig", "context", "in_cluster", "namespaces", "lease_name", "lease_namespace",
+                   "lease_duration", "lease_retry")
+# The objects read from an API server (pyproxy.gateway.cluster), in gateway.runtime_dir.
+CLUSTER_SNAPSHOT = "cluster-objects.json"
 # What the Gateway API manifests source adds to the pyproxy file (pyproxy.gateway.source).
 FRAGMENT_KEYS = ("stream_listen", "certificates", "upstreams", "services")
 TLS_VERSIONS = ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
@@ -381,7 +387,8 @@ def _gateway(report: Report, place: Place, value: object, base: str) -> GatewayS
         return None
     defaults = GatewaySettings(paths=())
     paths = []
-    if not section.has("paths"):
+    kubernetes = section.nested("kubernetes", lambda r, p, v: _kubernetes(r, p, v, base))
+    if not section.has("paths") and not section.has("kubernetes"):
         report.error(section.place_of("paths"),
                      "required key is missing: list the manifest files and folders")
     for item_place, item in _one_or_more(report, section, "paths"):
@@ -395,14 +402,69 @@ def _gateway(report: Report, place: Place, value: object, base: str) -> GatewayS
         address = report.convert(item_place, item, _ip_address)
         if address is not None:
             addresses.append(address)
+    runtime_dir = section.get("runtime_dir", lambda text: in_folder(base, text),
+                              os.path.join(base, "gateway-runtime"))
+    if kubernetes is not None:
+        paths.append(os.path.join(runtime_dir, CLUSTER_SNAPSHOT))
     return GatewaySettings(
         paths=tuple(paths),
         addresses=tuple(addresses) or wildcard_addresses(),
-        runtime_dir=section.get("runtime_dir", lambda text: in_folder(base, text),
-                                os.path.join(base, "gateway-runtime")),
+        runtime_dir=runtime_dir,
         controller_name=section.get("controller_name", _controller_name, defaults.controller_name),
         line=place.line,
+        kubernetes=kubernetes,
     )
+
+
+def _kubernetes(report: Report, place: Place, value: object, base: str) -> KubernetesSettings | None:
+    """`gateway.kubernetes`: where the API server is (a kubeconfig or the Pod's service account),
+    which namespaces to watch, and the Lease that elects the replica writing statuses."""
+    section = report.section(place, value, KUBERNETES_KEYS)
+    if section is None:
+        return None
+    defaults = KubernetesSettings()
+    if importlib.util.find_spec("kubernetes") is None:
+        report.error(place, "reading from an API server needs the Kubernetes client: "
+                            "pip install 'pyproxy[kubernetes]'")
+    kubeconfig = section.get("kubeconfig", lambda text: in_folder(base, text))
+    in_cluster = section.get("in_cluster", parse_bool, False)
+    if (kubeconfig is None) == (not in_cluster):
+        report.error(place, "expected either kubeconfig: FILE or in_cluster: true")
+    elif kubeconfig is not None and not os.path.isfile(kubeconfig):
+        report.error(section.place_of("kubeconfig"), f"no such file: {kubeconfig}")
+    if in_cluster and section.has("context"):
+        report.error(section.place_of("context"),
+                     "a context names a kubeconfig's cluster: not with in_cluster")
+    namespaces = []
+    for item_place, item in _one_or_more(report, section, "namespaces"):
+        namespace = report.convert(item_place, item, _object_name)
+        if namespace is not None:
+            namespaces.append(namespace)
+    duration = section.get("lease_duration", positive_duration, defaults.lease_duration)
+    retry = section.get("lease_retry", positive_duration, min(defaults.lease_retry, duration / 3))
+    if retry >= duration and section.has("lease_retry"):
+        report.error(section.place_of("lease_retry"),
+                     f"must be shorter than lease_duration ({format_duration(duration)}): a leader "
+                     f"renews the Lease every lease_retry")
+    return KubernetesSettings(
+        kubeconfig=kubeconfig if not in_cluster else None,
+        context=section.get("context", parse_text),
+        namespaces=tuple(namespaces),
+        lease_name=section.get("lease_name", _object_name, defaults.lease_name),
+        lease_namespace=section.get("lease_namespace", _object_name),
+        lease_duration=duration,
+        lease_retry=retry,
+    )
+
+
+def _object_name(value: object) -> str:
+    """A Kubernetes object or namespace name (RFC 1123 subdomain)."""
+    text = parse_text(value)
+    label = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+    if len(text) > 253 or not re.fullmatch(rf"{label}(\.{label})*", text):
+        raise Invalid("expected a Kubernetes name (lower case letters, digits, '-' and '.'), "
+                      f"got {describe(text)}")
+    return text
 
 
 def _one_or_more(report: Report, section: Section, key: str) -> list[tuple[Place, object]]:

@@ -63,8 +63,7 @@ class GatewayManifests:
         return os.path.join(self.settings.runtime_dir, TRANSLATED)
 
     def load(self, warn: Warn) -> Loaded:
-        resources, notices = read_paths(self.settings.paths,
-                                        cache=os.path.join(self.settings.runtime_dir, PARSED))
+        resources, notices = read_paths(self.paths(), cache=os.path.join(self.settings.runtime_dir, PARSED))
         unreadable = [ConfigIssue(notice.file, notice.line, "", notice.message)
                       for notice in notices if notice.unreadable]
         if unreadable:
@@ -98,6 +97,14 @@ class GatewayManifests:
             return None, errors
         versions = {_identity(resource): resource.api_version for resource in resources}
         return replace(fragment, gateway_status=kubectl_statuses(translation.statuses, versions)), errors
+
+    def paths(self) -> tuple[str, ...]:
+        """The manifests to read: with `gateway.kubernetes`, `paths` ends with the snapshot of the API
+        server's objects (pyproxy.gateway.cluster), which does not exist until it was first read."""
+        paths = self.settings.paths
+        if self.settings.kubernetes is not None and not os.path.exists(paths[-1]):
+            return paths[:-1]
+        return paths
 
     def _keep_last_valid(self, resources: list[Resource], warn: Warn) -> tuple[list[Resource], bytes]:
         """`resources` with each malformed object of a kind pyproxy reads replaced by its last valid

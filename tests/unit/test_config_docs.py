@@ -47,6 +47,7 @@ SCHEMAS = {
     "ADDRESS_MATCH_KEYS": ["services[].routes[].sources[].", "services[].routes[].destinations[]."],
     "PLUGIN_KEYS": ["plugins[]."],
     "GATEWAY_KEYS": ["gateway."],
+    "KUBERNETES_KEYS": ["gateway.kubernetes."],
 }
 # A subset of SERVICE_KEYS, for a warning; the keys another source (the gateway manifests) writes.
 NOT_SCHEMAS = {"TLS_ONLY_SERVICE_KEYS", "FRAGMENT_KEYS"}
