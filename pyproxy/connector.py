@@ -79,6 +79,12 @@ class UpstreamConnector(SessionBase):
 
     def connect_phase(self) -> None:
         self.connect_started = self.loop.now
+        service = self.service
+        if service.reject_share and self.ctx.rejected(service):
+            self.log("info", f'session refused: it falls in the reject_share ({service.reject_share:g}) of '
+                             f'service "{service.name}"')
+            self._refuse(STATUS_BAD_GATEWAY)
+            return
         self.try_next_peer()
 
     def try_next_peer(self) -> None:

@@ -48,3 +48,15 @@ class WorkerContext:
     # A refused client's socket, already shut down for writing, to read until its FIN (see
     # session.LingeringClose).
     linger: Callable[[Connection], None]
+    # Services with a reject_share: how far each is into refusing its next session (rejected()).
+    reject_credit: dict[str, float]
+
+    def rejected(self, service: Service) -> bool:
+        """Whether this new session of `service` falls in its `reject_share`. Each session adds the
+        share to the service's credit and a refusal pays one back, so a worker refuses exactly that
+        share of its sessions, evenly spread (0.3: the 4th, 7th and 10th of every ten), as smooth
+        weighted round robin spreads a target's."""
+        credit = self.reject_credit.get(service.name, 0.0) + service.reject_share
+        refused = credit >= 1.0 - 1e-9
+        self.reject_credit[service.name] = credit - 1.0 if refused else credit
+        return refused

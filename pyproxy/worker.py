@@ -175,7 +175,8 @@ class Worker:
             loop=self.loop, config=config, log=self.log, router=self.router, services=self.services,
             balancers=self.balancers, plugins=self.plugins, server_tls=self.server_tls,
             upstream_tls=self.upstream_tls, congestion=self.congestion, scratch=self.scratch,
-            pool=self.pool, metrics=self.metrics, closed=self.session_closed, linger=self.linger)
+            pool=self.pool, metrics=self.metrics, closed=self.session_closed, linger=self.linger,
+            reject_credit={})
         self.udp = UdpTable(self.context, self.sessions, self._next_serial)
         self.resume_accepting()
         self.loop.after_tick.append(self.after_tick)

@@ -198,6 +198,7 @@ def _service(service: model.Service) -> Mapping:
         "client_certificate": _cert_key(service.client_certificate) if service.client_certificate else None,
         "proxy_protocol": service.proxy_protocol,
         "tcp_congestion": service.tcp_congestion,
+        "reject_share": service.reject_share,
         **(_udp_service(service) if service.protocol == "udp" else {}),
         "routes": [_route(route) for route in service.routes],
     })

@@ -67,7 +67,7 @@ TARGET_KEYS = ("target", "weight", "backup", "max_conns", "slow_start")
 SERVICE_KEYS = (
     "name", "protocol", "host", "port", "connect_timeout", "read_timeout", "write_timeout", "retries",
     "tls_verify", "ca_certificates", "tls_server_name", "client_certificate", "proxy_protocol",
-    "tcp_congestion", "proxy_responses", "proxy_requests", "proxy_buffer_size",
+    "tcp_congestion", "proxy_responses", "proxy_requests", "proxy_buffer_size", "reject_share",
     "routes",
 )
 CERT_KEY_KEYS = ("cert", "key")
@@ -79,7 +79,7 @@ DEFAULT_TARGET_PORT = 8000                  # Kong's default when a target omits
 HEALTH_COUNTER = integer(0, 255)            # Kong's range for health check counters
 TLS_ONLY_SERVICE_KEYS = ("tls_verify", "ca_certificates", "tls_server_name", "client_certificate")
 UDP_ONLY_SERVICE_SETTINGS = ("proxy_responses", "proxy_requests", "proxy_buffer_size")
-STREAM_ONLY_SERVICE_SETTINGS = ("proxy_protocol", "tcp_congestion")
+STREAM_ONLY_SERVICE_SETTINGS = ("proxy_protocol", "tcp_congestion", "reject_share")
 DATAGRAM_COUNT = integer(0, 2**31 - 1)      # proxy_responses, proxy_requests (see Service)
 
 
@@ -335,6 +335,7 @@ def _service(report: Report, section: Section, base: str, upstream_names: set[st
                                           lambda r, p, v: read_cert_key(r, p, v, base)),
         proxy_protocol=section.get("proxy_protocol", _proxy_protocol_version, defaults.proxy_protocol),
         tcp_congestion=section.get("tcp_congestion", usable_congestion_control, defaults.tcp_congestion),
+        reject_share=section.get("reject_share", _share, defaults.reject_share),
         proxy_responses=section.get("proxy_responses", DATAGRAM_COUNT, defaults.proxy_responses),
         proxy_requests=section.get("proxy_requests", DATAGRAM_COUNT, defaults.proxy_requests),
         proxy_buffer_size=section.get("proxy_buffer_size", integer(1, 65535), defaults.proxy_buffer_size),
@@ -371,6 +372,13 @@ def _upstream_name_or_host(value: object, upstream_names: set[str]) -> str:
     except Invalid as problem:
         # An upstream name may hold what a host name cannot (`~`): a misspelt one fails here, not at DNS.
         raise Invalid(f"{problem}{did_you_mean(value, upstream_names, kind='upstream')}") from None
+
+
+def _share(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise Invalid(f"expected a number from 0 to 1 (0.25: a quarter of the sessions), "
+                      f"got {describe(value)}")
+    return float(value)
 
 
 def _server_name(value: object) -> str:

@@ -246,6 +246,9 @@ class Service:
     client_certificate: CertKey | None = None   # presented to upstreams that ask (Kong's field)
     proxy_protocol: str = "off"   # off | v1 | v2
     tcp_congestion: str | None = None    # TCP congestion control of upstream connections; None: the host's
+    # The share of new sessions refused at once, before any target is tried (0 to 1): the Gateway API
+    # asks that an invalid backendRef's share of connections be rejected, not given to the others.
+    reject_share: float = 0.0
     # UDP only, nginx's directives: the datagrams expected from the upstream for each client datagram
     # (None: no limit, the session ends by read_timeout); the client datagrams after which its next
     # one starts a new session (0: no limit); the longest datagram forwarded whole.

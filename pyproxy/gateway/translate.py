@@ -730,10 +730,15 @@ def _program_route(state: _State, route: objects.Route, attachments: list[_Attac
             originated.append(pyproxy_route)
     if routes or originated:
         upstream = _upstream(state, base, backends)
+        # An invalid backendRef's share (by weight) of the connections is rejected (GW BackendRef);
+        # all of them: the upstream has no target, every session ends with 502.
+        weighed = sum(backend.weight for backend in backends)
+        rejected = sum(backend.weight for backend in backends if not backend.targets)
+        share = {"reject_share": round(rejected / weighed, 6)} if 0 < rejected < weighed else {}
         for name, chosen, extra in ((base, routes, {}), (f"{base}.backend-tls", originated, settings)):
             if chosen:
                 state.programs.append((route.meta.resource.age_key, len(state.programs),
-                                       {"name": name, "host": upstream, **extra, "routes": chosen}))
+                                       {"name": name, "host": upstream, **extra, **share, "routes": chosen}))
 
 
 def _backend_tls(state: _State, gateway: objects.Gateway,
@@ -766,8 +771,9 @@ def _upstream(state: _State, name: str, backends: list[_Backend]) -> str:
     """The upstream of a set of weighted backends; its name.
 
     One backend: the Service port's own upstream, shared by every route to it. Several: an upstream of
-    the route whose target weights give each backend its share (brief §1.4). Invalid backends and
-    weight 0 are left out: the model has no "reject this share" yet.
+    the route whose target weights give each valid backend its share among them (brief §1.4). Invalid
+    backends (and those without a ready endpoint) and weight 0 are left out: the service's
+    `reject_share` refuses the invalid ones' share (_program_route).
     """
     valid = [backend for backend in backends if backend.targets and backend.weight > 0]
     if len(backends) == 1 and valid:

@@ -292,3 +292,31 @@ def test_a_pyproxy_started_without_manifests_opens_their_listeners_when_they_com
     p.wait_log("reload complete", timeout=10)
     assert f"gateway manifests changed: {folder / 'all.yaml'}" in p.log_text()
     assert greeting(port) == b"one\n"
+
+
+def test_an_invalid_backend_s_share_of_the_connections_is_refused(proxy, manifests):
+    """GW BackendRef: 'connections that would have been routed to an invalid backend are rejected' —
+    by weight: 30 of every 100 sessions end at once (EOF or RST, nothing from any backend), the other
+    70 reach the valid backend, never the invalid one's share given to it."""
+    folder, port = manifests
+    (folder / "route.yaml").write_text(tcp_route("echo", "one").replace(
+        "backendRefs: [{name: one, port: 1025}]",
+        "backendRefs: [{name: one, port: 1025, weight: 70}, {name: gone, port: 1025, weight: 30}]"))
+    p = proxy(f"""
+        worker_processes: 2
+        gateway:
+          paths: [{folder}]
+          address: 127.0.0.1
+        """)
+    answers = []
+    for _ in range(100):
+        try:
+            answers.append(greeting(port))
+        except ConnectionResetError:
+            answers.append(b"")
+    refused = answers.count(b"")
+    # Each worker refuses exactly 30% of its own sessions (an evenly spread credit), so the total is
+    # 30 give or take one per worker.
+    assert 28 <= refused <= 32, answers
+    assert answers.count(b"one\n") == 100 - refused
+    p.wait_log('session refused: it falls in the reject_share (0.3) of service "tcproute.default.echo"')

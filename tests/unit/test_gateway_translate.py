@@ -468,6 +468,18 @@ def test_weighted_backend_refs_share_by_weight(tmp_path):
     load(tmp_path, result)
 
 
+def test_an_invalid_backend_s_weight_is_the_service_s_reject_share(tmp_path):
+    result = run(tmp_path, gateway([listener("tcp", 9300)]), service("v1", addresses=("10.0.0.1",)),
+                 service("empty", addresses=()),
+                 tcp_route("r", [{"name": "gw"}], [backend("v1", weight=60), backend("missing", weight=30),
+                                                   backend("empty", weight=10)]))
+    assert parent(result, "TCPRoute", "r")["ResolvedRefs"] == ("False", "BackendNotFound")
+    config = load(tmp_path, result)
+    [service_] = config.services
+    assert service_.reject_share == pytest.approx(0.4)
+    assert [str(target) for target in config.upstream(service_.upstream).targets] == ["10.0.0.1:1025"]
+
+
 def test_nonexistent_backend_is_backend_not_found(tmp_path):
     result = run(tmp_path, gateway([listener("tcp", 9300)]),
                  tcp_route("r", [{"name": "gw"}], [backend("nonexistent-service", 8080)]))

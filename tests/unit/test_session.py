@@ -54,7 +54,7 @@ class Harness:
             plugins=PluginChains(config, PluginContext(self.log.log, self.shared, str(tmp_path))),
             server_tls=tls.server, upstream_tls=tls.upstream, congestion={},
             scratch=memoryview(bytearray(SCRATCH_SIZE)), pool=self.pool, metrics=None,
-            closed=self.session_closed, linger=self.linger)
+            closed=self.session_closed, linger=self.linger, reject_credit={})
 
     def session_closed(self, session: Session) -> None:
         self.closed.append(session)
@@ -202,6 +202,27 @@ def test_no_reachable_upstream_is_502_and_the_client_gets_an_end_of_stream(harne
     assert result.get("received") == 0, result
     assert session.status == STATUS_BAD_GATEWAY
     assert 'no upstream could be reached for service "svc"' in h.error_log.read_text()
+
+
+def test_a_reject_share_refuses_that_share_of_sessions_evenly_before_any_upstream(harness, upstreams):
+    """`reject_share: 0.3`: the 4th, 7th and 10th of every ten sessions end with 502 and an end of
+    stream, without a connect to any target; the others carry their bytes."""
+    up = upstreams(echo_handler)
+    h = harness(plain_config(free_port(), up.port).replace("    port:", "    reject_share: 0.3\n    port:"))
+    statuses = []
+    for _ in range(20):
+        ours, theirs = socket.socketpair()
+        result: dict = {}
+        client = threading.Thread(target=talk, args=(theirs, b"hello", result))
+        client.start()
+        h.closed.clear()
+        statuses.append(h.run(ours).status)
+        client.join(TIMEOUT)
+        assert result.get("received") == (0 if statuses[-1] == STATUS_BAD_GATEWAY else 5), result
+    refused = [index + 1 for index, status in enumerate(statuses) if status == STATUS_BAD_GATEWAY]
+    assert refused == [4, 7, 10, 14, 17, 20]
+    assert statuses.count(STATUS_OK) == 14
+    assert 'it falls in the reject_share (0.3) of service "svc"' in h.error_log.read_text()
 
 
 def test_a_client_no_route_accepts_is_404_before_any_upstream_is_tried(harness, upstreams):
