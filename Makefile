@@ -38,7 +38,8 @@ run-gateway: install $(GATEWAY_SECRET)
 
 # Debian packages some tests need (real peers and tools); installed only when missing.
 TEST_PACKAGES := openssl:openssl haproxy:haproxy nginx:nginx \
-                 /usr/lib/nginx/modules/ngx_stream_module.so:libnginx-mod-stream
+                 /usr/lib/nginx/modules/ngx_stream_module.so:libnginx-mod-stream \
+                 /usr/lib/postgresql/15/bin/postgres:postgresql-15 psql:postgresql-client-15
 
 # Lint (ruff) and types (mypy, strict on pyproxy/): settings in pyproject.toml.
 lint: $(STAMP)

@@ -3,6 +3,10 @@ of `ssl` listeners, and the TLS handshake with the client when the route termina
 
 Nothing here consumes a byte the upstream should see: the PROXY header is read exactly, the
 ClientHello only peeked at (passthrough forwards it untouched, termination lets OpenSSL read it).
+PostgreSQL's SSLRequest, which a client sends before its ClientHello and waits for an answer to, is
+consumed and answered here; a passthrough upstream is sent it again (UpstreamConnector), a
+terminating route's upstream gets the plain protocol that follows the handshake, as it would from a
+client with `sslmode=disable`.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from pyproxy.forward import SCRATCH_SIZE
 from pyproxy.phases import HANDSHAKE, NO_IO, PREREAD, Connection, SessionBase, ssl_reason
 from pyproxy.proxy_protocol import DEFAULT_MAX_SIZE as PROXY_HEADER_MAX_SIZE
 from pyproxy.proxy_protocol import ProxyProtocolError, parse_proxy_header, proxy_header_need
-from pyproxy.tls.clienthello import ClientHelloError, ClientHelloReader, parse_client_hello
+from pyproxy.tls.clienthello import ClientHelloError, ClientHelloReader, StartTLSRequest, parse_client_hello
 
 if TYPE_CHECKING:
     from pyproxy.tls.stream import TLSStream
@@ -37,6 +41,13 @@ NO_CERTIFICATE_REASONS = frozenset(("NO_SUITABLE_SIGNATURE_ALGORITHM", "NO_SHARE
 # What it says when `ssl.client_certificate.verify: on` and the client sent none (TLS 1.3, 1.2).
 NO_CLIENT_CERTIFICATE_REASONS = frozenset(("PEER_DID_NOT_RETURN_A_CERTIFICATE", "CERTIFICATE_REQUIRED"))
 X509_V_ERR_CERT_CHAIN_TOO_LONG = 22
+# PostgreSQL's requests before its ClientHello (protocol.html, "SSL Session Encryption"): an Int32
+# length (8) and an Int32 code, 80877103 (SSLRequest, answered `S`: TLS follows) or 80877104
+# (GSSENCRequest, answered `N`: no GSSAPI encryption here, and the client may ask for TLS instead).
+SSL_REQUEST = b"\x00\x00\x00\x08\x04\xd2\x16\x2f"
+GSSENC_REQUEST = b"\x00\x00\x00\x08\x04\xd2\x16\x30"
+START_TLS_REQUEST_LENGTH = 8
+GSSENC_ANSWERED = b""       # `starttls` once a GSSENCRequest was answered: nothing to replay upstream
 
 
 def _proxy_header_need(session: ClientPreread, data: bytes) -> int:
@@ -154,6 +165,9 @@ class ClientPreread(SessionBase):
                 parsed = parse(data, limit)
                 if parsed is None:
                     self.preread_need = next_need(self, data)
+        except StartTLSRequest as exc:            # (only the ClientHello's parser raises it)
+            self._start_tls_request(data, str(exc), ended)
+            return None
         except error as exc:
             self._bad_preread(f"{broken}: {exc}")
             return None
@@ -165,6 +179,41 @@ class ClientPreread(SessionBase):
         if parsed is None and ended:
             self._bad_preread(f"client closed the connection before a complete {what}")
         return parsed
+
+    def _start_tls_request(self, data: bytes, not_tls: str, ended: bool) -> None:
+        """The client's first bytes start with 0x00: PostgreSQL's SSLRequest is answered `S` and
+        its GSSENCRequest `N` (each consumed, as a PostgreSQL server does), and the ClientHello
+        that follows is read as any other; anything else is not TLS. Like PostgreSQL since
+        CVE-2021-23214, bytes sent after a request before its answer are refused: they would
+        have to be taken as the encrypted stream's, which they are not."""
+        request = data[:START_TLS_REQUEST_LENGTH]
+        answered = self.starttls
+        if request == SSL_REQUEST and answered != SSL_REQUEST:
+            name, answer = "SSLRequest", b"S"
+        elif request == GSSENC_REQUEST and answered is None:
+            name, answer = "GSSENCRequest", b"N"
+        elif (len(data) < START_TLS_REQUEST_LENGTH and not ended
+              and (SSL_REQUEST.startswith(data) or GSSENC_REQUEST.startswith(data))):
+            self.preread_need = START_TLS_REQUEST_LENGTH      # the rest of the request
+            return
+        else:
+            after = " after the PostgreSQL SSLRequest" if answered == SSL_REQUEST else ""
+            self._bad_preread(f"not a TLS ClientHello{after}: {not_tls}")
+            return
+        if len(data) > START_TLS_REQUEST_LENGTH:
+            self._bad_preread(f"PostgreSQL client sent {len(data) - START_TLS_REQUEST_LENGTH} bytes "
+                              f"after its {name}, before the answer")
+            return
+        try:
+            self.client.recv(START_TLS_REQUEST_LENGTH)     # peeked: all there
+            self.client.send(answer)                       # a fresh socket's buffer takes a byte
+        except OSError as exc:
+            self._bad_preread(f"answering the PostgreSQL {name} failed ({exc.errno}: {exc.strerror})")
+            return
+        self.starttls = SSL_REQUEST if answer == b"S" else GSSENC_ANSWERED
+        self.preread_need = 1
+        if ended:
+            self._bad_preread(f"client closed the connection after its PostgreSQL {name}")
 
     def _bad_preread(self, reason: str) -> None:
         self.log("info", reason)

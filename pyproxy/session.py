@@ -45,6 +45,7 @@ from pyproxy.phases import (
     PROXY_HEADER,
     UPSTREAM_HANDSHAKE,
     UPSTREAM_HUP,
+    UPSTREAM_STARTTLS,
     ClientAddress,
     Connection,
 )
@@ -93,6 +94,7 @@ class Session(ClientPreread, UpstreamConnector, Forwarder):
         # ClientPreread's
         self.preread_need = 1
         self.hello_reader = None
+        self.starttls = None
         # UpstreamConnector's (service and balancer: set by routing)
         self.tried = []
         self.peer = None
@@ -187,6 +189,8 @@ class Session(ClientPreread, UpstreamConnector, Forwarder):
             self.connect_event(mask)
         elif phase == UPSTREAM_HANDSHAKE:
             self.upstream_handshake()
+        elif phase == UPSTREAM_STARTTLS:
+            self.upstream_starttls()
 
     # -- route ----------------------------------------------------------------------------
     def route_phase(self) -> None:
@@ -296,7 +300,7 @@ class Session(ClientPreread, UpstreamConnector, Forwarder):
         elif phase == HANDSHAKE:
             self.log("info", f"SSL handshake timed out after {self.ctx.config.ssl.handshake_timeout:g}s")
             self.close(STATUS_BAD_REQUEST)
-        elif phase in (CONNECTING, UPSTREAM_HANDSHAKE):
+        elif phase in (CONNECTING, UPSTREAM_HANDSHAKE, UPSTREAM_STARTTLS):
             self._connect_failed(self.tried[-1], f"timed out after {self.service.connect_timeout:g}s "
                                                  f"(connect_timeout)", timed_out=True)
         elif phase == PROXY_HEADER:
