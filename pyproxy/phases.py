@@ -66,7 +66,7 @@ class SessionBase:
     __slots__ = (
         # Session's
         "ctx", "loop", "listen", "client", "client_addr", "phase", "route", "status", "started", "ended",
-        "timer", "deadline", "serial", "protocol", "sni", "ssl_protocol", "ssl_cipher", "notes",
+        "timer", "deadline", "serial", "protocol", "sni", "alpn", "ssl_protocol", "ssl_cipher", "notes",
         "_local_ip", "hups",
         # ClientPreread's
         "preread_need", "hello_reader", "starttls",
@@ -87,6 +87,7 @@ class SessionBase:
     serial: int
     protocol: str           # "tcp", "tls" (terminated), "tls_passthrough": the access log's $protocol
     sni: str | None
+    alpn: tuple[str, ...]   # the ALPN protocols of the client's ClientHello, for routing
     ssl_protocol: str | None
     ssl_cipher: str | None
     hups: int               # CLIENT_HUP | UPSTREAM_HUP: a FIN or error epoll reported

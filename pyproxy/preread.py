@@ -137,6 +137,7 @@ class ClientPreread(SessionBase):
         if hello is None:
             return
         self.sni = hello.sni
+        self.alpn = hello.alpn
         self.ssl_protocol = hello.protocol
         self.phase = NO_IO
         self.route_phase()

@@ -86,6 +86,7 @@ class Session(ClientPreread, UpstreamConnector, Forwarder):
         self.serial = serial
         self.protocol = "tls" if listen.ssl else "tcp"
         self.sni = None
+        self.alpn = ()
         self.ssl_protocol = None
         self.ssl_cipher = None
         self.notes = None
@@ -197,7 +198,8 @@ class Session(ClientPreread, UpstreamConnector, Forwarder):
         ctx = self.ctx
         routes = ctx.router.for_listener(self.listen)
         local_ip = self.local_ip() if routes.needs_local_ip else None
-        route = routes.match(self.client_addr[0], self.client_addr[1], local_ip, self.listen.port, self.sni)
+        route = routes.match(self.client_addr[0], self.client_addr[1], local_ip, self.listen.port, self.sni,
+                             self.alpn)
         if route is None:
             tls = ctx.server_tls
             if self.listen.ssl and tls is not None and (tls.has_default or tls.context_for(self.sni)):

@@ -89,6 +89,7 @@ def _ssl(settings: model.SSLSettings) -> Mapping:
                                if settings.client_certificate else None),
         "preread_timeout": format_duration(settings.preread_timeout),
         "handshake_timeout": format_duration(settings.handshake_timeout),
+        "alpn": list(settings.alpn) if settings.alpn else None,
     })
 
 
@@ -180,6 +181,7 @@ def _route(route: model.Route) -> Mapping:
         "sources": [_address_match(match) for match in route.sources],
         "destinations": [_address_match(match) for match in route.destinations],
         "snis": list(route.snis),
+        **({"alpn": list(route.alpn)} if route.alpn else {}),
     }
 
 

@@ -68,7 +68,7 @@ SERVICE_KEYS = (
     "tcp_congestion", "routes",
 )
 CERT_KEY_KEYS = ("cert", "key")
-ROUTE_KEYS = ("name", "protocols", "sources", "destinations", "snis")
+ROUTE_KEYS = ("name", "protocols", "sources", "destinations", "snis", "alpn")
 ADDRESS_MATCH_KEYS = ("ip", "port")
 PLUGIN_KEYS = ("name", "route", "service", "config")
 
@@ -120,6 +120,23 @@ def read_snis(report: Report, place: Place, value: object) -> list[tuple[Place, 
         if sni is not None:
             snis.append((item_place, sni))
     return snis
+
+
+def _alpn_protocol(value: object) -> str:
+    """An ALPN protocol ID as IANA registers them (`h2`, `http/1.1`, `postgresql`): 1-255 printable
+    ASCII characters."""
+    name = parse_text(value)
+    if len(name) > 255 or not name.isascii() or not name.isprintable() or " " in name:
+        raise Invalid(f"{describe(name)} is not an ALPN protocol ID (1-255 printable ASCII characters, "
+                      f"no space: h2, http/1.1)")
+    return name
+
+
+def read_alpn(report: Report, place: Place, value: object) -> tuple[str, ...]:
+    """The ALPN protocol IDs of an `alpn` list (ssl.alpn, a route's), in order, each once."""
+    names = [report.convert(item_place, item, _alpn_protocol)
+             for item_place, item in report.items(place, value)]
+    return tuple(dict.fromkeys(name for name in names if name is not None))
 
 
 # --- upstreams --------------------------------------------------------------------------------------
@@ -366,12 +383,13 @@ def _route(report: Report, place: Place, value: object, service: str | None, ind
     sources = _address_matches(report, section, "sources")
     destinations = _address_matches(report, section, "destinations")
     snis = read_snis(report, section.place_of("snis"), section.mapping["snis"]) if section.has("snis") else []
+    alpn = read_alpn(report, section.place_of("alpn"), section.mapping["alpn"]) if section.has("alpn") else ()
     if protocols is not None:
         _check_route_rules(report, section, protocols, tls)
     if name is None or protocols is None or service is None:
         return None
     return Route(name=name, service=service, protocols=protocols, sources=sources,
-                 destinations=destinations, snis=tuple(dict.fromkeys(sni for _, sni in snis)),
+                 destinations=destinations, snis=tuple(dict.fromkeys(sni for _, sni in snis)), alpn=alpn,
                  index=index, line=place.line)
 
 
@@ -405,6 +423,8 @@ def _check_route_rules(report: Report, section: Section, protocols: tuple[str, .
                             "not both")
     if given("snis") and protocols == ("tcp",):
         report.error(section.place_of("snis"), "snis need TLS: add tls or tls_passthrough to protocols")
+    if given("alpn") and protocols == ("tcp",):
+        report.error(section.place_of("alpn"), "alpn needs TLS: add tls or tls_passthrough to protocols")
     if "tls" in protocols and not tls.can_terminate:
         report.error(where, "a tls route terminates TLS, but there is no certificate: "
                             "add ssl.default_certificate or certificates")

@@ -96,6 +96,7 @@ class SSLSettings:
     default_certificate: CertKey | None = None
     client_certificate: ClientCertificate | None = None
     preread_timeout: float = 5.0       # seconds to receive a whole ClientHello
+    alpn: tuple[str, ...] = ()         # ALPN protocols a terminating handshake selects from, preferred first
     handshake_timeout: float = 10.0
 
 
@@ -178,6 +179,7 @@ class Route:
     sources: tuple[AddressMatch, ...] = ()
     destinations: tuple[AddressMatch, ...] = ()
     snis: tuple[str, ...] = ()    # lower-cased; "*.example.com" or "example.*" wildcards allowed
+    alpn: tuple[str, ...] = ()    # matches a ClientHello offering one of these ALPN protocols
     index: int = 0                # position in the file over all services: ties go to the first written
     line: int = 0
 

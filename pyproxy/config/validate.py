@@ -59,7 +59,7 @@ TOP_LEVEL_KEYS = (
     "upstreams", "services", "plugins", "declarative_config", "gateway", "admin_listen", "admin_state",
 )
 SSL_KEYS = ("protocols", "ciphers", "default_certificate", "client_certificate", "preread_timeout",
-            "handshake_timeout")
+            "handshake_timeout", "alpn")
 CLIENT_CERTIFICATE_KEYS = ("ca", "verify", "depth", "crl")
 CERTIFICATE_KEYS = ("cert", "key", "snis")
 GATEWAY_KEYS = ("paths", "address", "runtime_dir", "controller_name")
@@ -467,6 +467,8 @@ def _ssl_settings(report: Report, place: Place, value: object, base: str) -> SSL
                                           lambda r, p, v: _client_certificate(r, p, v, base)),
         preread_timeout=section.get("preread_timeout", positive_duration, defaults.preread_timeout),
         handshake_timeout=section.get("handshake_timeout", positive_duration, defaults.handshake_timeout),
+        alpn=entities.read_alpn(report, section.place_of("alpn"), section.mapping["alpn"])
+        if section.has("alpn") else defaults.alpn,
     )
 
 

@@ -60,6 +60,10 @@ def _server_context(settings: SSLSettings, cert: str | None, key: str | None) ->
         if client.crl is not None:
             ctx.load_verify_locations(cafile=client.crl)
             ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+    if settings.alpn:
+        # Selected by OpenSSL in the handshake (the first of ours the client offers), on whichever
+        # context SNI switched to: every server context offers the same.
+        ctx.set_alpn_protocols(list(settings.alpn))
     if cert is not None:
         ctx.load_cert_chain(cert, key)
     return ctx
@@ -106,7 +110,7 @@ def _server_key(kind: str, settings: SSLSettings, cert: str | None, key: str | N
     verify = (() if client is None else
               (client.verify, client.ca, file_digest(client.ca),
                client.crl, file_digest(client.crl) if client.crl is not None else None))
-    return (kind, settings.protocols, settings.ciphers, files, verify)
+    return (kind, settings.protocols, settings.ciphers, settings.alpn, files, verify)
 
 
 def default_certificate_files(config: Config) -> tuple[str | None, str | None]:

@@ -246,11 +246,13 @@ def test_a_gssencrequest_is_answered_n_and_the_sslrequest_after_it_s(proxy, pg):
 
 def test_direct_tls_of_postgresql_17_routes_by_its_sni(proxy, pg):
     """`sslnegotiation=direct` (PostgreSQL 17) is a ClientHello with ALPN postgresql and no
-    SSLRequest before it: routed like any other."""
+    SSLRequest before it: routed like any other. libpq 17 then requires the server to have selected
+    ALPN postgresql, which `ssl.alpn` offers."""
     port = free_port()
-    p = proxy(config(port, pg))
+    p = proxy(config(port, pg, ssl_extra="\n  alpn: [postgresql]"))
     with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
             _client_context(["postgresql"]).wrap_socket(raw, server_hostname="alpha.db.test") as tls:
+        assert tls.selected_alpn_protocol() == "postgresql"
         assert cluster_name(tls) == "alpha"
     assert p.wait_access(1) == ["200 tls alpha.db.test alpha"]
 

@@ -1,0 +1,41 @@
+"""`alpn` on routes and `ssl.alpn` (issue 19): what -t takes and what it refuses, with the place."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.unit.test_config import TLS_BASE, certificate_folder, conf_dir, errors_of, load  # noqa: F401 (fixtures)
+
+
+def test_route_and_ssl_alpn_are_read_in_order_each_once(conf_dir: Path):  # noqa: F811 (the fixture imported above)
+    text = TLS_BASE.replace("ROUTE", "{name: r, protocols: [tls], snis: [a.example], "
+                                     "alpn: [h2, http/1.1, h2]}")
+    text = text.replace("ssl: {", "ssl: {alpn: [postgresql, h2], ")
+    config = load(conf_dir, text)
+    assert config.routes[0].alpn == ("h2", "http/1.1")
+    assert config.ssl.alpn == ("postgresql", "h2")
+    plain = TLS_BASE.replace("ROUTE", "{name: r, protocols: [tls], snis: [a.example]}")
+    assert load(conf_dir, plain).ssl.alpn == ()
+
+
+@pytest.mark.parametrize("route, key, message", [
+    ("{name: r, protocols: [tcp], sources: [{port: 1}], alpn: [h2]}", "alpn",
+     "alpn needs TLS: add tls or tls_passthrough to protocols"),
+    ("{name: r, protocols: [tls], snis: [a.example], alpn: ['h 2']}", "alpn[0]",
+     "'h 2' is not an ALPN protocol ID (1-255 printable ASCII characters, no space: h2, http/1.1)"),
+    ("{name: r, protocols: [tls], snis: [a.example], alpn: ['']}", "alpn[0]", "expected a non-empty string"),
+    ("{name: r, protocols: [tls], snis: [a.example], alpn: h2}", "alpn", "expected a list, got 'h2'"),
+])
+def test_route_alpn_refused(conf_dir: Path, route: str, key: str, message: str):  # noqa: F811
+    errors = errors_of(conf_dir, TLS_BASE.replace("ROUTE", route))
+    assert (errors[0].line, errors[0].key, errors[0].message) == (7, f"services[0].routes[0].{key}", message)
+
+
+def test_ssl_alpn_refused_with_its_place(conf_dir: Path):  # noqa: F811 (the fixture imported above)
+    text = TLS_BASE.replace("ROUTE", "{name: r, protocols: [tls], snis: [a.example]}")
+    errors = errors_of(conf_dir, text.replace("ssl: {", "ssl: {alpn: [h2, 'é'], "))
+    assert (errors[0].key, errors[0].message) == (
+        "ssl.alpn[1]",
+        "'é' is not an ALPN protocol ID (1-255 printable ASCII characters, no space: h2, http/1.1)")
