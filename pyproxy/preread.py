@@ -222,9 +222,11 @@ class ClientPreread(SessionBase):
 
     # -- TLS termination ------------------------------------------------------------------
     def start_handshake(self) -> None:
-        server_tls, client = self.ctx.server_tls, self.client
+        server_tls, client, route = self.ctx.server_tls, self.client, self.route
         if TYPE_CHECKING:       # an ssl listener's worker has server contexts; not terminated yet
             assert server_tls is not None and isinstance(client, _socket.socket)
+        if route is not None and route.client_certificate is not None:
+            server_tls = server_tls.routes[route.name]      # the contexts asking for its certificate
         self.phase = HANDSHAKE
         self.protocol = "tls"
         self.ssl_protocol = None
@@ -264,7 +266,11 @@ class ClientPreread(SessionBase):
                 metrics.handshake(ok=False)
             self.close(STATUS_BAD_REQUEST)
             return
-        depth = server_tls.client_depth
+        route = self.route
+        if route is not None and route.client_certificate is not None:
+            depth: int | None = route.client_certificate.depth
+        else:
+            depth = server_tls.client_depth
         if depth is not None and not self._client_chain_fits(client, depth):
             return
         if metrics is not None:

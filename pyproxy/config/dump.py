@@ -182,6 +182,8 @@ def _route(route: model.Route) -> Mapping:
         "destinations": [_address_match(match) for match in route.destinations],
         "snis": list(route.snis),
         **({"alpn": list(route.alpn)} if route.alpn else {}),
+        **({"ssl": {"client_certificate": _client_certificate(route.client_certificate)}}
+           if route.client_certificate else {}),
     }
 
 

@@ -21,6 +21,7 @@ from .model import (
     ActiveHealthcheck,
     AddressMatch,
     CertKey,
+    ClientCertificate,
     Healthchecks,
     PassiveHealthcheck,
     Plugin,
@@ -68,7 +69,9 @@ SERVICE_KEYS = (
     "tcp_congestion", "routes",
 )
 CERT_KEY_KEYS = ("cert", "key")
-ROUTE_KEYS = ("name", "protocols", "sources", "destinations", "snis", "alpn")
+ROUTE_KEYS = ("name", "protocols", "sources", "destinations", "snis", "alpn", "ssl")
+ROUTE_SSL_KEYS = ("client_certificate",)
+CLIENT_CERTIFICATE_KEYS = ("ca", "verify", "depth", "crl")
 ADDRESS_MATCH_KEYS = ("ip", "port")
 PLUGIN_KEYS = ("name", "route", "service", "config")
 
@@ -137,6 +140,34 @@ def read_alpn(report: Report, place: Place, value: object) -> tuple[str, ...]:
     names = [report.convert(item_place, item, _alpn_protocol)
              for item_place, item in report.items(place, value)]
     return tuple(dict.fromkeys(name for name in names if name is not None))
+
+
+def read_client_certificate(report: Report, place: Place, value: object,
+                            base: str) -> ClientCertificate | None:
+    """An `ssl.client_certificate` mapping (the top-level `ssl`'s, a route's), or None when wrong."""
+    section = report.section(place, value, CLIENT_CERTIFICATE_KEYS)
+    if section is None:
+        return None
+    defaults = ClientCertificate(ca="")
+    ca = section.get("ca", lambda v: in_folder(base, v), required=True)
+    crl = section.get("crl", lambda v: in_folder(base, v))
+    verify = section.get("verify", _verify_client, defaults.verify)
+    depth = section.get("depth", integer(0, 100), defaults.depth)
+    ca_ok = ca is not None and check_ca_file(report, section.place_of("ca"), ca)
+    crl_ok = crl is None or check_ca_file(report, section.place_of("crl"), crl, "CRLs")
+    if ca is None or not ca_ok or not crl_ok or verify is None or depth is None:
+        return None
+    return ClientCertificate(ca=ca, verify=verify, depth=depth, crl=crl)
+
+
+def _verify_client(value: object) -> str:
+    # YAML reads a bare `on` as true.
+    if value is True or value == "on":
+        return "on"
+    if value == "optional":
+        return "optional"
+    raise Invalid(f"expected on or optional, got {describe(value)} "
+                  "(without client_certificate, no certificate is asked for)")
 
 
 # --- upstreams --------------------------------------------------------------------------------------
@@ -277,7 +308,8 @@ def read_services(report: Report, root: Section, base: str, upstreams: tuple[Ups
         service = _service(report, section, base, upstream_names)
         routes = []
         for route_place, route_value in section.items("routes"):
-            route = _route(report, route_place, route_value, service.name, route_count, tls, route_names)
+            route = _route(report, route_place, route_value, service.name, route_count, tls, route_names,
+                           base)
             route_count += 1
             if route is not None:
                 routes.append(route)
@@ -372,7 +404,7 @@ def _proxy_protocol_version(value: object) -> str:
 
 
 def _route(report: Report, place: Place, value: object, service: str | None, index: int,
-           tls: TLSContext, names: _UniqueNames) -> Route | None:
+           tls: TLSContext, names: _UniqueNames, base: str) -> Route | None:
     section = report.section(place, value, ROUTE_KEYS)
     if section is None:
         return None
@@ -384,13 +416,23 @@ def _route(report: Report, place: Place, value: object, service: str | None, ind
     destinations = _address_matches(report, section, "destinations")
     snis = read_snis(report, section.place_of("snis"), section.mapping["snis"]) if section.has("snis") else []
     alpn = read_alpn(report, section.place_of("alpn"), section.mapping["alpn"]) if section.has("alpn") else ()
+    client_certificate = None
+    if section.has("ssl"):
+        route_ssl = report.section(section.place_of("ssl"), section.mapping["ssl"], ROUTE_SSL_KEYS)
+        if route_ssl is not None:
+            client_certificate = route_ssl.nested(
+                "client_certificate", lambda r, p, v: read_client_certificate(r, p, v, base))
+            if client_certificate is not None and protocols is not None and "tls" not in protocols:
+                report.error(route_ssl.place_of("client_certificate"),
+                             "ssl.client_certificate needs a tls route: a passthrough route never sees "
+                             "the client's certificate")
     if protocols is not None:
         _check_route_rules(report, section, protocols, tls)
     if name is None or protocols is None or service is None:
         return None
     return Route(name=name, service=service, protocols=protocols, sources=sources,
                  destinations=destinations, snis=tuple(dict.fromkeys(sni for _, sni in snis)), alpn=alpn,
-                 index=index, line=place.line)
+                 client_certificate=client_certificate, index=index, line=place.line)
 
 
 def _route_protocols(report: Report, place: Place, value: object) -> tuple[str, ...] | None:

@@ -180,6 +180,8 @@ class Route:
     destinations: tuple[AddressMatch, ...] = ()
     snis: tuple[str, ...] = ()    # lower-cased; "*.example.com" or "example.*" wildcards allowed
     alpn: tuple[str, ...] = ()    # matches a ClientHello offering one of these ALPN protocols
+    # `ssl.client_certificate` of a tls route: its clients' certificates, instead of the top-level one
+    client_certificate: ClientCertificate | None = None
     index: int = 0                # position in the file over all services: ties go to the first written
     line: int = 0
 

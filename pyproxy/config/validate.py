@@ -26,14 +26,13 @@ from .model import (
     LOG_LEVELS,
     WORKER_SCHED_POLICIES,
     Certificate,
-    ClientCertificate,
     Config,
     GatewaySettings,
     Listen,
     SSLSettings,
 )
 from .sections import Place, Report, Section
-from .tlsfiles import DecodedCertificate, certificate_names, check_ca_file
+from .tlsfiles import DecodedCertificate, certificate_names
 from .values import (
     Converter,
     did_you_mean,
@@ -60,7 +59,6 @@ TOP_LEVEL_KEYS = (
 )
 SSL_KEYS = ("protocols", "ciphers", "default_certificate", "client_certificate", "preread_timeout",
             "handshake_timeout", "alpn")
-CLIENT_CERTIFICATE_KEYS = ("ca", "verify", "depth", "crl")
 CERTIFICATE_KEYS = ("cert", "key", "snis")
 GATEWAY_KEYS = ("paths", "address", "runtime_dir", "controller_name")
 # What the Gateway API manifests source adds to the pyproxy file (pyproxy.gateway.source).
@@ -464,7 +462,7 @@ def _ssl_settings(report: Report, place: Place, value: object, base: str) -> SSL
         ciphers=section.get("ciphers", _cipher_list, defaults.ciphers),
         default_certificate=default_certificate,
         client_certificate=section.nested("client_certificate",
-                                          lambda r, p, v: _client_certificate(r, p, v, base)),
+                                          lambda r, p, v: entities.read_client_certificate(r, p, v, base)),
         preread_timeout=section.get("preread_timeout", positive_duration, defaults.preread_timeout),
         handshake_timeout=section.get("handshake_timeout", positive_duration, defaults.handshake_timeout),
         alpn=entities.read_alpn(report, section.place_of("alpn"), section.mapping["alpn"])
@@ -494,32 +492,6 @@ def _cipher_list(value: object) -> str:
     except ssl.SSLError:
         raise Invalid(f"OpenSSL accepts no cipher from {describe(ciphers)}") from None
     return ciphers
-
-
-def _client_certificate(report: Report, place: Place, value: object, base: str) -> ClientCertificate | None:
-    section = report.section(place, value, CLIENT_CERTIFICATE_KEYS)
-    if section is None:
-        return None
-    defaults = ClientCertificate(ca="")
-    ca = section.get("ca", lambda v: in_folder(base, v), required=True)
-    crl = section.get("crl", lambda v: in_folder(base, v))
-    verify = section.get("verify", _verify_client, defaults.verify)
-    depth = section.get("depth", integer(0, 100), defaults.depth)
-    ca_ok = ca is not None and check_ca_file(report, section.place_of("ca"), ca)
-    crl_ok = crl is None or check_ca_file(report, section.place_of("crl"), crl, "CRLs")
-    if ca is None or not ca_ok or not crl_ok or verify is None or depth is None:
-        return None
-    return ClientCertificate(ca=ca, verify=verify, depth=depth, crl=crl)
-
-
-def _verify_client(value: object) -> str:
-    # YAML reads a bare `on` as true.
-    if value is True or value == "on":
-        return "on"
-    if value == "optional":
-        return "optional"
-    raise Invalid(f"expected on or optional, got {describe(value)} "
-                  "(without client_certificate, no certificate is asked for)")
 
 
 def _certificates(report: Report, root: Section, base: str) -> tuple[Certificate, ...]:

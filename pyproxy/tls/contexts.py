@@ -22,7 +22,7 @@ from collections.abc import Callable, Hashable
 from functools import partial
 
 from pyproxy.addresses import is_ip_address
-from pyproxy.config.model import Config, Service, SSLSettings
+from pyproxy.config.model import ClientCertificate, Config, Route, Service, SSLSettings
 from pyproxy.loop import Loop
 from pyproxy.tls.stream import TLSStream, UpstreamTLSStream
 
@@ -34,7 +34,8 @@ _VERSIONS = {
 }
 
 
-def _server_context(settings: SSLSettings, cert: str | None, key: str | None) -> ssl.SSLContext:
+def _server_context(settings: SSLSettings, client: ClientCertificate | None, cert: str | None,
+                    key: str | None) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     versions = [_VERSIONS[p] for p in settings.protocols]
     if ssl.TLSVersion.TLSv1 in versions or ssl.TLSVersion.TLSv1_1 in versions:
@@ -51,7 +52,6 @@ def _server_context(settings: SSLSettings, cert: str | None, key: str | None) ->
     # One TLS 1.3 session ticket per handshake (OpenSSL sends two): a resuming client uses one,
     # and gets a fresh one on every connection. Go's TLS server sends one too.
     ctx.num_tickets = 1
-    client = settings.client_certificate
     if client is not None:
         # Every context asks: the one SNI switches to verifies with its own store and the listening
         # context's mode. Depth is checked after the handshake (Python cannot set OpenSSL's).
@@ -104,9 +104,9 @@ class ContextCache:
         return ctx
 
 
-def _server_key(kind: str, settings: SSLSettings, cert: str | None, key: str | None) -> Hashable:
+def _server_key(kind: str, settings: SSLSettings, client: ClientCertificate | None, cert: str | None,
+                key: str | None) -> Hashable:
     files = (cert, file_digest(cert), key, file_digest(key)) if cert is not None and key is not None else ()
-    client = settings.client_certificate
     verify = (() if client is None else
               (client.verify, client.ca, file_digest(client.ca),
                client.crl, file_digest(client.crl) if client.crl is not None else None))
@@ -125,31 +125,38 @@ def default_certificate_files(config: Config) -> tuple[str | None, str | None]:
 
 
 class ServerTLS:
-    """Everything a worker needs to terminate TLS: the listening context and the SNI → context map."""
+    """Everything a worker needs to terminate TLS: the listening context and the SNI → context map.
 
-    def __init__(self, config: Config, cache: ContextCache):
+    The listener's asks clients for the certificate `ssl.client_certificate` says; each route with
+    an `ssl.client_certificate` of its own has a ServerTLS asking for that one (`routes`, by route
+    name), whose contexts are the listener's when both ask the same."""
+
+    def __init__(self, config: Config, cache: ContextCache, route: Route | None = None):
         settings = config.ssl
         cert, key = default_certificate_files(config)
         self.has_default = cert is not None       # a certificate for clients whose SNI has none
-        client = settings.client_certificate
+        client = settings.client_certificate if route is None else route.client_certificate
         # The depth a client's chain may have, when clients are asked for a certificate.
         self.client_depth: int | None = client.depth if client is not None else None
         # The listening context carries the session-ticket keys (OpenSSL encrypts tickets with the
         # keys of the context the handshake began on, whatever context SNI switches to): kept while
         # the default certificate and the settings are, sessions resume across reloads. It serves
         # clients without SNI or with a name no certificate has.
-        self.context = cache.get(_server_key("listen", settings, cert, key),
-                                 partial(_server_context, settings, cert, key))
+        self.context = cache.get(_server_key("listen", settings, client, cert, key),
+                                 partial(_server_context, settings, client, cert, key))
         self.exact: dict[str, ssl.SSLContext] = {}
         self.wildcards: list[tuple[str, ssl.SSLContext]] = []
         for certificate in config.certificates:
-            ctx = cache.get(_server_key("sni", settings, certificate.cert, certificate.key),
-                            partial(_server_context, settings, certificate.cert, certificate.key))
+            ctx = cache.get(_server_key("sni", settings, client, certificate.cert, certificate.key),
+                            partial(_server_context, settings, client, certificate.cert, certificate.key))
             for name in certificate.snis:
                 if name.startswith("*.") or name.endswith(".*"):
                     self.wildcards.append((name, ctx))
                 else:
                     self.exact.setdefault(name, ctx)
+        self.routes: dict[str, ServerTLS] = {} if route is not None else {
+            r.name: ServerTLS(config, cache, r) for r in config.routes
+            if r.client_certificate is not None and "tls" in r.protocols}
 
     def install(self) -> None:
         """Point the listening context's SNI callback at this generation's names. The context may be
@@ -158,6 +165,8 @@ class ServerTLS:
         sets the callback, so a reload that fails leaves nothing holding on to its contexts."""
         # Only with per-name certificates: a Python callback on every handshake otherwise.
         self.context.sni_callback = self._on_sni if self.exact or self.wildcards else None
+        for route_tls in self.routes.values():
+            route_tls.install()
 
     def context_for(self, server_name: str | None) -> ssl.SSLContext | None:
         """The context of the certificate for this name, or None for the default certificate."""

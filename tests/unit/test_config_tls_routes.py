@@ -1,4 +1,4 @@
-"""`alpn` on routes and `ssl.alpn` (issue 19): what -t takes and what it refuses, with the place."""
+"""`alpn` on routes, `ssl.alpn`, a route's `ssl.client_certificate` (issue 19): what -t takes and refuses."""
 
 from __future__ import annotations
 
@@ -39,3 +39,19 @@ def test_ssl_alpn_refused_with_its_place(conf_dir: Path):  # noqa: F811 (the fix
     assert (errors[0].key, errors[0].message) == (
         "ssl.alpn[1]",
         "'é' is not an ALPN protocol ID (1-255 printable ASCII characters, no space: h2, http/1.1)")
+
+
+def test_a_routes_client_certificate_is_read_and_needs_a_tls_route(conf_dir: Path):  # noqa: F811
+    ca = conf_dir / "certs" / "default.crt"
+    route = (f"{{name: r, protocols: [tls], snis: [a.example], "
+             f"ssl: {{client_certificate: {{ca: {ca}, depth: 2}}}}}}")
+    client = load(conf_dir, TLS_BASE.replace("ROUTE", route)).routes[0].client_certificate
+    assert (client.ca, client.verify, client.depth) == (str(ca), "on", 2)
+    passthrough = route.replace("[tls]", "[tls_passthrough]")
+    errors = errors_of(conf_dir, TLS_BASE.replace("ROUTE", passthrough))
+    assert (errors[0].key, errors[0].message) == (
+        "services[0].routes[0].ssl.client_certificate",
+        "ssl.client_certificate needs a tls route: a passthrough route never sees the client's certificate")
+    misspelt = route.replace("client_certificate", "client_cert")
+    unknown = errors_of(conf_dir, TLS_BASE.replace("ROUTE", misspelt))
+    assert unknown[0].key == "services[0].routes[0].ssl.client_cert"

@@ -1,0 +1,160 @@
+"""Client certificates per route: `services[].routes[].ssl.client_certificate` (issue 19).
+
+The route is chosen from the ClientHello (SNI, ALPN, addresses) before the handshake, so the
+handshake asks for the certificate that route wants, verified against its CA; routes without one
+are left as the top-level `ssl.client_certificate` says."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.integration.test_tls_client_certificates import PrivateCA, fingerprint, subject
+from tests.support import free_port, make_cert, recv_line, tag_handler
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    d = tmp_path_factory.mktemp("route-pki")
+    ours, theirs = PrivateCA(d, "ours-ca"), PrivateCA(d, "theirs-ca")
+    return {
+        "server": make_cert(d, "mtls.example", ["*.mtls.example"]),
+        "ours": ours, "theirs": theirs,
+        "alice": ours.issue("alice"),
+        "bob": theirs.issue("bob"),
+    }
+
+
+def exchange(port: int, name: str, cert) -> bytes:
+    """What a client asking for `name` and presenting `cert` (or none) reads first; b"" if refused."""
+    import socket
+    import ssl
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    if cert is not None:
+        ctx.load_cert_chain(str(cert[0]), str(cert[1]))
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+            ctx.wrap_socket(raw, server_hostname=name) as sock:
+        try:
+            return recv_line(sock)
+        except (ssl.SSLError, ConnectionResetError):
+            return b""
+
+
+def config(port: int, pki, up: int, top: str = "") -> str:
+    return f"""
+stream_listen:
+  - 127.0.0.1:{port} ssl
+access_log_format: '$status $route $ssl_client_verify "$ssl_client_s_dn" $ssl_client_fingerprint'
+{top}
+certificates:
+  - {{cert: {pki['server'][0]}, key: {pki['server'][1]}}}
+services:
+  - name: app
+    host: 127.0.0.1
+    port: {up}
+    routes:
+      - name: open
+        protocols: [tls]
+        snis: [open.mtls.example]
+      - name: ours
+        protocols: [tls]
+        snis: [ours.mtls.example]
+        ssl:
+          client_certificate: {{ca: {pki['ours'].crt}, verify: on}}
+      - name: theirs
+        protocols: [tls]
+        snis: [theirs.mtls.example]
+        ssl:
+          client_certificate: {{ca: {pki['theirs'].crt}, verify: optional}}
+"""
+
+
+def test_each_route_asks_for_its_own_certificate(proxy, upstreams, pki):
+    up = upstreams(tag_handler, name="app")
+    port = free_port()
+    p = proxy(config(port, pki, up.port))
+    assert exchange(port, "open.mtls.example", None) == b"app\n"          # not asked
+    assert exchange(port, "ours.mtls.example", pki["alice"]) == b"app\n"
+    assert exchange(port, "ours.mtls.example", None) == b""               # verify: on
+    assert exchange(port, "ours.mtls.example", pki["bob"]) == b""         # another CA's
+    assert exchange(port, "theirs.mtls.example", pki["bob"]) == b"app\n"
+    assert exchange(port, "theirs.mtls.example", None) == b"app\n"        # verify: optional
+    assert exchange(port, "theirs.mtls.example", pki["alice"]) == b""
+    alice, bob = pki["alice"], pki["bob"]
+    assert p.wait_access(7) == [
+        '200 open NONE "-" -',
+        f'200 ours SUCCESS "{subject(alice)}" {fingerprint(alice)}',
+        '400 ours NONE "-" -',
+        '400 ours FAILED:unable to get local issuer certificate "-" -',
+        f'200 theirs SUCCESS "{subject(bob)}" {fingerprint(bob)}',
+        '200 theirs NONE "-" -',
+        '400 theirs FAILED:unable to get local issuer certificate "-" -',
+    ]
+
+
+def test_a_routes_certificate_replaces_the_top_level_one(proxy, upstreams, pki):
+    """Top level: ours, required. The `theirs` route asks for theirs (optional) instead; `open`
+    keeps the top-level one."""
+    up = upstreams(tag_handler, name="app")
+    port = free_port()
+    p = proxy(config(port, pki, up.port, f"ssl:\n  client_certificate: {{ca: {pki['ours'].crt}}}"))
+    assert exchange(port, "open.mtls.example", None) == b""
+    assert exchange(port, "open.mtls.example", pki["alice"]) == b"app\n"
+    assert exchange(port, "theirs.mtls.example", None) == b"app\n"
+    assert exchange(port, "theirs.mtls.example", pki["bob"]) == b"app\n"
+    lines = p.wait_access(4)
+    assert [line.split(" ")[:3] for line in lines] == [
+        ["400", "open", "NONE"], ["200", "open", "SUCCESS"],
+        ["200", "theirs", "NONE"], ["200", "theirs", "SUCCESS"]]
+
+
+def test_a_session_resumed_on_one_route_is_not_resumed_on_another(proxy, upstreams, pki):
+    """Two routes for the same name, on two ports: a ticket from the one that asks nothing must not
+    let a client skip the other's check (a resumed session is not asked for a certificate). Each
+    route's contexts have their own ticket keys: the second port makes a full handshake."""
+    import socket
+    import ssl
+
+    up = upstreams(tag_handler, name="app")
+    open_port, ours_port = free_port(), free_port()
+    proxy(f"""
+stream_listen:
+  - 127.0.0.1:{open_port} ssl
+  - 127.0.0.1:{ours_port} ssl
+certificates:
+  - {{cert: {pki['server'][0]}, key: {pki['server'][1]}}}
+services:
+  - name: app
+    host: 127.0.0.1
+    port: {up.port}
+    routes:
+      - name: open
+        protocols: [tls]
+        snis: [same.mtls.example]
+        destinations: [{{port: {open_port}}}]
+      - name: ours
+        protocols: [tls]
+        snis: [same.mtls.example]
+        destinations: [{{port: {ours_port}}}]
+        ssl:
+          client_certificate: {{ca: {pki['ours'].crt}, verify: on}}
+""")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+
+    def visit(port, session=None):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+                ctx.wrap_socket(raw, server_hostname="same.mtls.example", session=session) as sock:
+            try:
+                answer = recv_line(sock)
+            except (ssl.SSLError, ConnectionResetError):
+                answer = b""
+            return answer, sock.session, sock.session_reused
+
+    answer, session, _ = visit(open_port)
+    assert answer == b"app\n"
+    assert visit(open_port, session)[::2] == (b"app\n", True)         # resumable where it was made
+    assert visit(ours_port, session)[::2] == (b"", False)             # not there
