@@ -95,13 +95,19 @@ def _rfc2253_value(value: str) -> str:
     return value
 
 
+def rfc2253_subject(cert: dict[str, Any]) -> str:
+    """The subject of a certificate as getpeercert() gives it, in RFC 2253 as OpenSSL and nginx
+    write it (`O=Example,CN=alice`)."""
+    return ",".join("+".join(f"{_SHORT_NAMES.get(name, name)}={_rfc2253_value(value)}" for name, value in rdn)
+                    for rdn in reversed(cert["subject"]))
+
+
 def _client_subject(s: Session) -> str:
     """nginx's $ssl_client_s_dn: the verified client certificate's subject, RFC 2253 (`CN=…,O=…`)."""
     cert = _client_certificate(s, False)
     if not cert or "subject" not in cert:
         return "-"
-    return ",".join("+".join(f"{_SHORT_NAMES.get(name, name)}={_rfc2253_value(value)}" for name, value in rdn)
-                    for rdn in reversed(cert["subject"]))
+    return rfc2253_subject(cert)
 
 
 def _client_fingerprint(s: Session) -> str:

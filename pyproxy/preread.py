@@ -20,7 +20,8 @@ import termios
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
-from pyproxy.config.model import STATUS_BAD_REQUEST, STATUS_INTERNAL
+from pyproxy.accesslog import rfc2253_subject
+from pyproxy.config.model import STATUS_BAD_REQUEST, STATUS_INTERNAL, STATUS_NO_ROUTE
 from pyproxy.forward import SCRATCH_SIZE
 from pyproxy.phases import HANDSHAKE, NO_IO, PREREAD, Connection, SessionBase, ssl_reason
 from pyproxy.proxy_protocol import DEFAULT_MAX_SIZE as PROXY_HEADER_MAX_SIZE
@@ -28,6 +29,7 @@ from pyproxy.proxy_protocol import ProxyProtocolError, parse_proxy_header, proxy
 from pyproxy.tls.clienthello import ClientHelloError, ClientHelloReader, StartTLSRequest, parse_client_hello
 
 if TYPE_CHECKING:
+    from pyproxy.config.model import Route
     from pyproxy.tls.stream import TLSStream
 
 T = TypeVar("T")
@@ -278,11 +280,48 @@ class ClientPreread(SessionBase):
         self.ssl_protocol = client.version()
         cipher = client.cipher()
         self.ssl_cipher = cipher[0] if cipher else None
-        if self.route is None:
+        if route is None:
             self._no_route()
+            return
+        if route.client_identities and not self._route_on_certificate(client, route):
             return
         self.phase = NO_IO
         self.access_phase()
+
+    def _route_on_certificate(self, client: TLSStream, first: Route) -> bool:
+        """`first` won with its client_identities taken as matching; now that the certificate is
+        verified, route again knowing its identity (its subject and subjectAltNames). The new
+        winner must ask for the certificate the handshake asked for (or none): a route whose
+        `ssl.client_certificate` is another was not checked against. False: the session ended."""
+        cert = client.obj.getpeercert()
+        identity: frozenset[str] = frozenset()
+        if cert:
+            identity = frozenset((rfc2253_subject(cert),
+                                  *(f"{kind}:{value}" for kind, value in cert.get("subjectAltName", ()))))
+        ctx = self.ctx
+        routes = ctx.router.for_listener(self.listen)
+        local_ip = self.local_ip() if routes.needs_local_ip else None
+        route = routes.match(self.client_addr[0], self.client_addr[1], local_ip, self.listen.port, self.sni,
+                             self.alpn, identity)
+        if route is None:
+            self.route = None
+            self.log("info", "no route matched the client certificate, closing")
+            self._refuse(STATUS_NO_ROUTE)
+            return False
+        if route is not first:
+            asked = ctx.config.ssl.client_certificate
+            if "tls" not in route.protocols or (route.client_certificate or asked) not in (
+                    None, first.client_certificate or asked):
+                self.route = None
+                self.log("info", f'route "{route.name}" matches the client certificate, but it asks for '
+                                 f'another client certificate than route "{first.name}", whose handshake '
+                                 f'this was; closing')
+                self._refuse(STATUS_NO_ROUTE)
+                return False
+            self.route = route
+            self.service = ctx.services[route.service]
+            self.balancer = ctx.balancers[route.service]
+        return True
 
     def _client_chain_fits(self, client: TLSStream, depth: int) -> bool:
         """Whether the client's verified chain holds at most `depth` certificates above its own

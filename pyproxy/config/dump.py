@@ -184,6 +184,7 @@ def _route(route: model.Route) -> Mapping:
         **({"alpn": list(route.alpn)} if route.alpn else {}),
         **({"ssl": {"client_certificate": _client_certificate(route.client_certificate)}}
            if route.client_certificate else {}),
+        **({"client_identities": list(route.client_identities)} if route.client_identities else {}),
     }
 
 

@@ -69,8 +69,11 @@ SERVICE_KEYS = (
     "tcp_congestion", "routes",
 )
 CERT_KEY_KEYS = ("cert", "key")
-ROUTE_KEYS = ("name", "protocols", "sources", "destinations", "snis", "alpn", "ssl")
+ROUTE_KEYS = ("name", "protocols", "sources", "destinations", "snis", "alpn", "ssl", "client_identities")
 ROUTE_SSL_KEYS = ("client_certificate",)
+# The subjectAltName types a route's client_identities may name, as Python's getpeercert() and
+# OpenSSL's text form write them.
+SAN_TYPES = ("DNS", "email", "URI", "IP Address")
 CLIENT_CERTIFICATE_KEYS = ("ca", "verify", "depth", "crl")
 ADDRESS_MATCH_KEYS = ("ip", "port")
 PLUGIN_KEYS = ("name", "route", "service", "config")
@@ -86,6 +89,7 @@ class TLSContext:
 
     can_terminate: bool          # a default certificate or at least one certificate
     has_ssl_listener: bool
+    asks_client_certificate: bool = False     # the top-level ssl.client_certificate is set
 
 
 class _UniqueNames:
@@ -133,6 +137,18 @@ def _alpn_protocol(value: object) -> str:
         raise Invalid(f"{describe(name)} is not an ALPN protocol ID (1-255 printable ASCII characters, "
                       f"no space: h2, http/1.1)")
     return name
+
+
+def _client_identity(value: object) -> str:
+    """A subject as $ssl_client_s_dn writes it (`CN=alice,O=Example`) or a subjectAltName with its
+    type (`DNS:alice.example`, `email:alice@example.com`, `URI:spiffe://example/alice`,
+    `IP Address:10.0.0.1`)."""
+    text = parse_text(value)
+    kind = text.split(":", 1)[0] if ":" in text else None
+    if kind in SAN_TYPES or ("=" in text and kind is None):
+        return text
+    raise Invalid(f"{describe(text)} is neither a subject (CN=alice,O=Example) nor a subjectAltName "
+                  f"with its type ({', '.join(f'{t}:…' for t in SAN_TYPES)})")
 
 
 def read_alpn(report: Report, place: Place, value: object) -> tuple[str, ...]:
@@ -416,6 +432,10 @@ def _route(report: Report, place: Place, value: object, service: str | None, ind
     destinations = _address_matches(report, section, "destinations")
     snis = read_snis(report, section.place_of("snis"), section.mapping["snis"]) if section.has("snis") else []
     alpn = read_alpn(report, section.place_of("alpn"), section.mapping["alpn"]) if section.has("alpn") else ()
+    identities = tuple(dict.fromkeys(
+        identity for identity in (report.convert(item_place, item, _client_identity)
+                                  for item_place, item in section.items("client_identities"))
+        if identity is not None))
     client_certificate = None
     if section.has("ssl"):
         route_ssl = report.section(section.place_of("ssl"), section.mapping["ssl"], ROUTE_SSL_KEYS)
@@ -426,13 +446,23 @@ def _route(report: Report, place: Place, value: object, service: str | None, ind
                 report.error(route_ssl.place_of("client_certificate"),
                              "ssl.client_certificate needs a tls route: a passthrough route never sees "
                              "the client's certificate")
+    if identities and protocols is not None:
+        if "tls" not in protocols:
+            report.error(section.place_of("client_identities"),
+                         "client_identities need a tls route: a passthrough route never sees the client's "
+                         "certificate")
+        elif client_certificate is None and not tls.asks_client_certificate:
+            report.error(section.place_of("client_identities"),
+                         "client_identities match a verified client certificate: set ssl.client_certificate "
+                         "(the route's or the top-level one)")
     if protocols is not None:
         _check_route_rules(report, section, protocols, tls)
     if name is None or protocols is None or service is None:
         return None
     return Route(name=name, service=service, protocols=protocols, sources=sources,
                  destinations=destinations, snis=tuple(dict.fromkeys(sni for _, sni in snis)), alpn=alpn,
-                 client_certificate=client_certificate, index=index, line=place.line)
+                 client_certificate=client_certificate, client_identities=identities, index=index,
+                 line=place.line)
 
 
 def _route_protocols(report: Report, place: Place, value: object) -> tuple[str, ...] | None:

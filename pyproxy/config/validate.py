@@ -131,6 +131,7 @@ def build_config(report: Report, document: object) -> Config | None:
     tls = entities.TLSContext(
         can_terminate=bool(certificates) or ssl_settings.default_certificate is not None,
         has_ssl_listener=any(listen.ssl for listen in stream_listen),
+        asks_client_certificate=ssl_settings.client_certificate is not None,
     )
     services = entities.read_services(report, root, base, upstreams, tls)
     plugin_modules, plugin_types = _plugin_modules(report, root)

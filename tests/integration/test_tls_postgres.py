@@ -179,7 +179,7 @@ def test_passthrough_to_a_server_without_tls_fails_the_attempt(proxy, pg):
     result = psql(port, "nossl.db.test")
     assert result.returncode != 0
     assert p.wait_access(1) == ["502 tls_passthrough nossl.db.test nossl"]
-    assert "failed: the upstream answered it b'N' instead of 'S' to the PostgreSQL SSLRequest" in p.log_text()
+    p.wait_log("failed: the upstream answered it b'N' instead of 'S' to the PostgreSQL SSLRequest")
 
 
 # -- the protocol by hand: what psql 15 does not send ------------------------------------------------
@@ -275,7 +275,7 @@ def test_an_sslrequest_followed_by_no_clienthello_costs_only_its_session(proxy, 
             raw.sendall(after)
         assert raw.recv(100) == b""                 # closed, nothing answered
     assert p.wait_access(1) == ["400 tls - -"]
-    assert reason in p.log_text()
+    p.wait_log(reason)
     # the next client is served
     with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
         raw.sendall(SSL_REQUEST)
@@ -292,7 +292,7 @@ def test_bytes_sent_with_the_sslrequest_before_its_answer_are_refused(proxy, pg)
         raw.sendall(SSL_REQUEST + b"\0\0\0\x08injected")
         assert raw.recv(100) == b""
     assert p.wait_access(1) == ["400 tls - -"]
-    assert "PostgreSQL client sent 12 bytes after its SSLRequest, before the answer" in p.log_text()
+    p.wait_log("PostgreSQL client sent 12 bytes after its SSLRequest, before the answer")
 
 
 def test_an_sslrequest_in_pieces_is_answered_once_whole(proxy, pg):

@@ -158,3 +158,95 @@ services:
     assert answer == b"app\n"
     assert visit(open_port, session)[::2] == (b"app\n", True)         # resumable where it was made
     assert visit(ours_port, session)[::2] == (b"", False)             # not there
+
+
+def test_routes_match_on_the_verified_certificates_subject_or_san(proxy, upstreams, pki, tmp_path):
+    """client_identities: the route is chosen again after the handshake, knowing the certificate;
+    a certificate no route names goes to the route without client_identities, and where there is
+    none, the session ends with 404."""
+    ours = pki["ours"]
+    carol = make_cert(tmp_path, "carol", ["carol.clients.example"], ca=(ours.crt, ours.key))
+    dave = ours.issue("dave")
+    ups = {name: upstreams(tag_handler, name=name) for name in ("alice", "carol", "anyone")}
+    port = free_port()
+    p = proxy(f"""
+stream_listen:
+  - 127.0.0.1:{port} ssl
+access_log_format: '$status $route $ssl_client_verify'
+ssl:
+  client_certificate: {{ca: {ours.crt}, verify: optional}}
+certificates:
+  - {{cert: {pki['server'][0]}, key: {pki['server'][1]}}}
+services:
+  - name: alice
+    host: 127.0.0.1
+    port: {ups['alice'].port}
+    routes:
+      - name: alice
+        protocols: [tls]
+        snis: [app.mtls.example, strict.mtls.example]
+        client_identities: ["{subject(pki['alice'])}"]
+  - name: carol
+    host: 127.0.0.1
+    port: {ups['carol'].port}
+    routes:
+      - name: carol
+        protocols: [tls]
+        snis: [app.mtls.example]
+        client_identities: ["DNS:carol.clients.example"]
+  - name: anyone
+    host: 127.0.0.1
+    port: {ups['anyone'].port}
+    routes:
+      - name: anyone
+        protocols: [tls]
+        snis: [app.mtls.example]
+""")
+    assert exchange(port, "app.mtls.example", pki["alice"]) == b"alice\n"
+    assert exchange(port, "app.mtls.example", carol) == b"carol\n"
+    assert exchange(port, "app.mtls.example", dave) == b"anyone\n"
+    assert exchange(port, "app.mtls.example", None) == b"anyone\n"
+    assert exchange(port, "strict.mtls.example", pki["alice"]) == b"alice\n"
+    assert exchange(port, "strict.mtls.example", dave) == b""
+    assert p.wait_access(6) == ["200 alice SUCCESS", "200 carol SUCCESS", "200 anyone SUCCESS",
+                                "200 anyone NONE", "200 alice SUCCESS", "404 - SUCCESS"]
+    p.wait_log("no route matched the client certificate")
+    assert ups["alice"].connections == 2 and ups["anyone"].connections == 2
+
+
+def test_a_certificate_verified_for_one_route_is_not_taken_for_a_route_trusting_another_ca(
+        proxy, upstreams, pki):
+    """`ours` (its own CA, client_identities alice) wins before the handshake; dave's certificate,
+    verified against ours' CA, names nobody, and the fallback trusts another CA: refused."""
+    up = upstreams(tag_handler, name="app")
+    dave = pki["ours"].issue("dave2")
+    port = free_port()
+    p = proxy(f"""
+stream_listen:
+  - 127.0.0.1:{port} ssl
+access_log_format: '$status $route $ssl_client_verify'
+certificates:
+  - {{cert: {pki['server'][0]}, key: {pki['server'][1]}}}
+services:
+  - name: app
+    host: 127.0.0.1
+    port: {up.port}
+    routes:
+      - name: ours
+        protocols: [tls]
+        snis: [x.mtls.example]
+        client_identities: ["{subject(pki['alice'])}"]
+        ssl:
+          client_certificate: {{ca: {pki['ours'].crt}}}
+      - name: theirs
+        protocols: [tls]
+        snis: [x.mtls.example]
+        ssl:
+          client_certificate: {{ca: {pki['theirs'].crt}}}
+""")
+    assert exchange(port, "x.mtls.example", pki["alice"]) == b"app\n"
+    assert exchange(port, "x.mtls.example", dave) == b""
+    assert p.wait_access(2) == ["200 ours SUCCESS", "404 - SUCCESS"]
+    p.wait_log('route "theirs" matches the client certificate, but it asks for another client certificate '
+               'than route "ours"')
+    assert up.connections == 1

@@ -55,3 +55,29 @@ def test_a_routes_client_certificate_is_read_and_needs_a_tls_route(conf_dir: Pat
     misspelt = route.replace("client_certificate", "client_cert")
     unknown = errors_of(conf_dir, TLS_BASE.replace("ROUTE", misspelt))
     assert unknown[0].key == "services[0].routes[0].ssl.client_cert"
+
+
+@pytest.mark.parametrize("route, message", [
+    ("{name: r, protocols: [tls], snis: [a.example], client_identities: [CN=alice]}",
+     "client_identities match a verified client certificate: set ssl.client_certificate "
+     "(the route's or the top-level one)"),
+    ("{name: r, protocols: [tls_passthrough], snis: [a.example], client_identities: [CN=alice]}",
+     "client_identities need a tls route: a passthrough route never sees the client's certificate"),
+])
+def test_client_identities_need_a_verified_certificate(conf_dir: Path, route: str, message: str):  # noqa: F811
+    errors = errors_of(conf_dir, TLS_BASE.replace("ROUTE", route))
+    assert (errors[0].key, errors[0].message) == ("services[0].routes[0].client_identities", message)
+
+
+def test_client_identities_are_subjects_or_typed_sans(conf_dir: Path):  # noqa: F811
+    ca = conf_dir / "certs" / "default.crt"
+    text = TLS_BASE.replace("ssl: {", f"ssl: {{client_certificate: {{ca: {ca}}}, ").replace(
+        "ROUTE", "{name: r, protocols: [tls], snis: [a.example], "
+                 "client_identities: ['CN=alice,O=Example', 'DNS:a.example', 'URI:spiffe://x/y', alice]}")
+    errors = errors_of(conf_dir, text)
+    assert (errors[0].key, errors[0].message) == (
+        "services[0].routes[0].client_identities[3]",
+        "'alice' is neither a subject (CN=alice,O=Example) nor a subjectAltName with its type "
+        "(DNS:…, email:…, URI:…, IP Address:…)")
+    route = load(conf_dir, text.replace(", alice]", "]")).routes[0]
+    assert route.client_identities == ("CN=alice,O=Example", "DNS:a.example", "URI:spiffe://x/y")
