@@ -75,7 +75,7 @@ def test_passthrough_routes_on_the_alpn_list(proxy, upstreams, cert):
     assert hello(port, ["http/1.1", "h2c"])[0] == b"h2\n"
     assert hello(port, ["http/1.1"])[0] == b"other\n"
     assert hello(port, None)[0] == b"other\n"
-    assert p.wait_access(4) == ["200 h2 -", "200 h2 -", "200 other -", "200 other -"]
+    assert sorted(p.wait_access(4)) == sorted(["200 h2 -", "200 h2 -", "200 other -", "200 other -"])
 
 
 def test_terminating_routes_on_the_alpn_list_and_selects_from_ssl_alpn(proxy, upstreams, cert):
@@ -87,7 +87,8 @@ def test_terminating_routes_on_the_alpn_list_and_selects_from_ssl_alpn(proxy, up
     assert hello(port, ["http/1.1"]) == (b"other\n", "http/1.1")
     assert hello(port, ["spdy/3"]) == (b"other\n", None)                # nothing in common: no ALPN
     assert hello(port, None) == (b"other\n", None)
-    assert p.wait_access(4) == ["200 h2 h2", "200 other http/1.1", "200 other -", "200 other -"]
+    assert sorted(p.wait_access(4)) == sorted(["200 h2 h2", "200 other http/1.1", "200 other -",
+                                               "200 other -"])
 
 
 def test_without_ssl_alpn_a_terminating_handshake_selects_none(proxy, upstreams, cert):
@@ -132,7 +133,7 @@ services:
     assert hello(port, ["acme-tls/1"], "www.alpn.test")[0] == b"other\n"
     assert hello(port, ["acme-tls/1"], "x.alpn.test")[0] == b"acme\n"
     assert hello(port, ["h2"], "x.alpn.test")[0] == b"other\n"
-    assert p.wait_access(3) == ["200 other", "200 acme", "200 other-wildcard"]
+    assert sorted(p.wait_access(3)) == sorted(["200 other", "200 acme", "200 other-wildcard"])
 
 
 def test_an_alpn_list_of_10000_entries_costs_only_its_session(proxy, upstreams, cert):
@@ -148,7 +149,7 @@ def test_an_alpn_list_of_10000_entries_costs_only_its_session(proxy, upstreams, 
     assert hello(port, ["x"] * 10000) == (b"other\n", None)
     assert hello(port, ["http/1.1"]) == (b"other\n", "http/1.1")
     assert time.monotonic() - started < 5
-    assert p.wait_access(4) == ["200 h2 h2", "200 h2 h2", "200 other -", "200 other http/1.1"]
+    assert sorted(p.wait_access(4)) == sorted(["200 h2 h2", "200 h2 h2", "200 other -", "200 other http/1.1"])
 
 
 @pytest.mark.skipif(not (shutil.which("nginx") and shutil.which("curl")), reason="nginx and curl")
