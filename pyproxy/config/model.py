@@ -76,6 +76,7 @@ class Certificate:
     cert: str
     key: str
     snis: tuple[str, ...] = ()    # lower-cased; empty = the names inside the certificate
+    ocsp_response: str | None = None     # absolute path of a DER OCSP response stapled with it
 
 
 @dataclass(frozen=True)

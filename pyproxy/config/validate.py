@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from pyproxy.addresses import host_port
+from pyproxy.tls.ocsp import OCSPResponseError, read_response
 
 from . import entities
 from .errors import ConfigIssue, Invalid, describe
@@ -59,7 +60,7 @@ TOP_LEVEL_KEYS = (
 )
 SSL_KEYS = ("protocols", "ciphers", "default_certificate", "client_certificate", "preread_timeout",
             "handshake_timeout", "alpn")
-CERTIFICATE_KEYS = ("cert", "key", "snis")
+CERTIFICATE_KEYS = ("cert", "key", "snis", "ocsp_response")
 GATEWAY_KEYS = ("paths", "address", "runtime_dir", "controller_name")
 # What the Gateway API manifests source adds to the pyproxy file (pyproxy.gateway.source).
 FRAGMENT_KEYS = ("stream_listen", "certificates", "upstreams", "services")
@@ -514,10 +515,22 @@ def _certificates(report: Report, root: Section, base: str) -> tuple[Certificate
             if first_index != index:
                 report.error(sni_place, f"server name {sni!r} is already served by the certificate "
                                         f"at line {first_line}")
+        ocsp = section.get("ocsp_response", lambda v: _ocsp_response_file(base, v))
         if files is not None:
             unique_snis = tuple(dict.fromkeys(sni for _, sni in snis))
-            certificates.append(Certificate(cert=files[0], key=files[1], snis=unique_snis))
+            certificates.append(Certificate(cert=files[0], key=files[1], snis=unique_snis,
+                                            ocsp_response=ocsp))
     return tuple(certificates)
+
+
+def _ocsp_response_file(base: str, value: object) -> str:
+    """An OCSP response file that is there and DER (it is read again whenever it changes)."""
+    path = in_folder(base, value)
+    try:
+        read_response(path)
+    except OCSPResponseError as problem:
+        raise Invalid(str(problem)) from None
+    return path
 
 
 def _names_inside(report: Report, place: Place, decoded: DecodedCertificate) -> list[tuple[Place, str]]:

@@ -35,8 +35,12 @@ _VERSIONS = {
 
 
 def _server_context(settings: SSLSettings, client: ClientCertificate | None, cert: str | None,
-                    key: str | None) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+                    key: str | None, ocsp: str | None = None) -> ssl.SSLContext:
+    if ocsp is None:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    else:
+        from pyproxy.tls.stapling import StaplingContext  # ctypes: only where a response is stapled
+        ctx = StaplingContext(ocsp)
     versions = [_VERSIONS[p] for p in settings.protocols]
     if ssl.TLSVersion.TLSv1 in versions or ssl.TLSVersion.TLSv1_1 in versions:
         ctx.set_ciphers(settings.ciphers + ":@SECLEVEL=0")    # old protocols need OpenSSL's level 0
@@ -105,23 +109,26 @@ class ContextCache:
 
 
 def _server_key(kind: str, settings: SSLSettings, client: ClientCertificate | None, cert: str | None,
-                key: str | None) -> Hashable:
+                key: str | None, ocsp: str | None = None) -> Hashable:
     files = (cert, file_digest(cert), key, file_digest(key)) if cert is not None and key is not None else ()
     verify = (() if client is None else
               (client.verify, client.ca, file_digest(client.ca),
                client.crl, file_digest(client.crl) if client.crl is not None else None))
-    return (kind, settings.protocols, settings.ciphers, settings.alpn, files, verify)
+    # The response file's path only: its content is read again when it changes (Staple).
+    return (kind, settings.protocols, settings.ciphers, settings.alpn, files, verify, ocsp)
 
 
-def default_certificate_files(config: Config) -> tuple[str | None, str | None]:
-    """The certificate and key served without a matching SNI: `ssl.default_certificate`, else the
-    first of `certificates` (as nginx serves its first), else none (no handshake can complete)."""
+def default_certificate_files(config: Config) -> tuple[str | None, str | None, str | None]:
+    """The certificate, key and OCSP response file served without a matching SNI:
+    `ssl.default_certificate`, else the first of `certificates` (as nginx serves its first), else
+    none (no handshake can complete)."""
     default = config.ssl.default_certificate
     if default is not None:
-        return default.cert, default.key
+        return default.cert, default.key, None
     if config.certificates:
-        return config.certificates[0].cert, config.certificates[0].key
-    return None, None
+        first = config.certificates[0]
+        return first.cert, first.key, first.ocsp_response
+    return None, None, None
 
 
 class ServerTLS:
@@ -133,7 +140,7 @@ class ServerTLS:
 
     def __init__(self, config: Config, cache: ContextCache, route: Route | None = None):
         settings = config.ssl
-        cert, key = default_certificate_files(config)
+        cert, key, ocsp = default_certificate_files(config)
         self.has_default = cert is not None       # a certificate for clients whose SNI has none
         client = settings.client_certificate if route is None else route.client_certificate
         # The depth a client's chain may have, when clients are asked for a certificate.
@@ -142,13 +149,15 @@ class ServerTLS:
         # keys of the context the handshake began on, whatever context SNI switches to): kept while
         # the default certificate and the settings are, sessions resume across reloads. It serves
         # clients without SNI or with a name no certificate has.
-        self.context = cache.get(_server_key("listen", settings, client, cert, key),
-                                 partial(_server_context, settings, client, cert, key))
+        self.context = cache.get(_server_key("listen", settings, client, cert, key, ocsp),
+                                 partial(_server_context, settings, client, cert, key, ocsp))
         self.exact: dict[str, ssl.SSLContext] = {}
         self.wildcards: list[tuple[str, ssl.SSLContext]] = []
         for certificate in config.certificates:
-            ctx = cache.get(_server_key("sni", settings, client, certificate.cert, certificate.key),
-                            partial(_server_context, settings, client, certificate.cert, certificate.key))
+            ctx = cache.get(_server_key("sni", settings, client, certificate.cert, certificate.key,
+                                        certificate.ocsp_response),
+                            partial(_server_context, settings, client, certificate.cert, certificate.key,
+                                    certificate.ocsp_response))
             for name in certificate.snis:
                 if name.startswith("*.") or name.endswith(".*"):
                     self.wildcards.append((name, ctx))
