@@ -227,8 +227,8 @@ class ClientPreread(SessionBase):
         server_tls, client, route = self.ctx.server_tls, self.client, self.route
         if TYPE_CHECKING:       # an ssl listener's worker has server contexts; not terminated yet
             assert server_tls is not None and isinstance(client, _socket.socket)
-        if route is not None and route.client_certificate is not None:
-            server_tls = server_tls.routes[route.name]      # the contexts asking for its certificate
+        if route is not None and (route.client_certificate is not None or route.ssl_alpn is not None):
+            server_tls = server_tls.routes[route.name]      # its contexts: its certificate, its ALPN
         self.phase = HANDSHAKE
         self.protocol = "tls"
         self.ssl_protocol = None

@@ -183,8 +183,11 @@ def _route(route: model.Route) -> Mapping:
         "destinations": [_address_match(match) for match in route.destinations],
         "snis": list(route.snis),
         **({"alpn": list(route.alpn)} if route.alpn else {}),
-        **({"ssl": {"client_certificate": _client_certificate(route.client_certificate)}}
-           if route.client_certificate else {}),
+        **({"ssl": _without_nones({
+            "client_certificate": (_client_certificate(route.client_certificate)
+                                   if route.client_certificate else None),
+            "alpn": list(route.ssl_alpn) if route.ssl_alpn is not None else None})}
+           if route.client_certificate or route.ssl_alpn is not None else {}),
         **({"client_identities": list(route.client_identities)} if route.client_identities else {}),
     }
 

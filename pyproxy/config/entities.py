@@ -70,7 +70,7 @@ SERVICE_KEYS = (
 )
 CERT_KEY_KEYS = ("cert", "key")
 ROUTE_KEYS = ("name", "protocols", "sources", "destinations", "snis", "alpn", "ssl", "client_identities")
-ROUTE_SSL_KEYS = ("client_certificate",)
+ROUTE_SSL_KEYS = ("client_certificate", "alpn")
 # The subjectAltName types a route's client_identities may name, as Python's getpeercert() and
 # OpenSSL's text form write them.
 SAN_TYPES = ("DNS", "email", "URI", "IP Address")
@@ -437,9 +437,15 @@ def _route(report: Report, place: Place, value: object, service: str | None, ind
                                   for item_place, item in section.items("client_identities"))
         if identity is not None))
     client_certificate = None
+    ssl_alpn = None
     if section.has("ssl"):
         route_ssl = report.section(section.place_of("ssl"), section.mapping["ssl"], ROUTE_SSL_KEYS)
         if route_ssl is not None:
+            if route_ssl.has("alpn"):
+                ssl_alpn = read_alpn(report, route_ssl.place_of("alpn"), route_ssl.mapping["alpn"])
+                if protocols is not None and "tls" not in protocols:
+                    report.error(route_ssl.place_of("alpn"), "ssl.alpn needs a tls route: a passthrough "
+                                                             "route's upstream selects the protocol")
             client_certificate = route_ssl.nested(
                 "client_certificate", lambda r, p, v: read_client_certificate(r, p, v, base))
             if client_certificate is not None and protocols is not None and "tls" not in protocols:
@@ -461,7 +467,8 @@ def _route(report: Report, place: Place, value: object, service: str | None, ind
         return None
     return Route(name=name, service=service, protocols=protocols, sources=sources,
                  destinations=destinations, snis=tuple(dict.fromkeys(sni for _, sni in snis)), alpn=alpn,
-                 client_certificate=client_certificate, client_identities=identities, index=index,
+                 client_certificate=client_certificate, ssl_alpn=ssl_alpn, client_identities=identities,
+                 index=index,
                  line=place.line)
 
 

@@ -183,6 +183,8 @@ class Route:
     alpn: tuple[str, ...] = ()    # matches a ClientHello offering one of these ALPN protocols
     # `ssl.client_certificate` of a tls route: its clients' certificates, instead of the top-level one
     client_certificate: ClientCertificate | None = None
+    # `ssl.alpn` of a tls route: the protocols its handshakes select from, instead of the top-level ones
+    ssl_alpn: tuple[str, ...] | None = None
     # matches a verified client certificate whose subject (RFC 2253) or a subjectAltName
     # ("DNS:a.example") is one of these; known only after the handshake (see Session.route_phase)
     client_identities: tuple[str, ...] = ()

@@ -34,8 +34,8 @@ _VERSIONS = {
 }
 
 
-def _server_context(settings: SSLSettings, client: ClientCertificate | None, cert: str | None,
-                    key: str | None, ocsp: str | None = None) -> ssl.SSLContext:
+def _server_context(settings: SSLSettings, client: ClientCertificate | None, alpn: tuple[str, ...],
+                    cert: str | None, key: str | None, ocsp: str | None = None) -> ssl.SSLContext:
     if ocsp is None:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     else:
@@ -64,10 +64,10 @@ def _server_context(settings: SSLSettings, client: ClientCertificate | None, cer
         if client.crl is not None:
             ctx.load_verify_locations(cafile=client.crl)
             ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
-    if settings.alpn:
+    if alpn:
         # Selected by OpenSSL in the handshake (the first of ours the client offers), on whichever
-        # context SNI switched to: every server context offers the same.
-        ctx.set_alpn_protocols(list(settings.alpn))
+        # context SNI switched to: every server context of a ServerTLS offers the same.
+        ctx.set_alpn_protocols(list(alpn))
     if cert is not None:
         ctx.load_cert_chain(cert, key)
     return ctx
@@ -108,14 +108,14 @@ class ContextCache:
         return ctx
 
 
-def _server_key(kind: str, settings: SSLSettings, client: ClientCertificate | None, cert: str | None,
-                key: str | None, ocsp: str | None = None) -> Hashable:
+def _server_key(kind: str, settings: SSLSettings, client: ClientCertificate | None, alpn: tuple[str, ...],
+                cert: str | None, key: str | None, ocsp: str | None = None) -> Hashable:
     files = (cert, file_digest(cert), key, file_digest(key)) if cert is not None and key is not None else ()
     verify = (() if client is None else
               (client.verify, client.ca, file_digest(client.ca),
                client.crl, file_digest(client.crl) if client.crl is not None else None))
     # The response file's path only: its content is read again when it changes (Staple).
-    return (kind, settings.protocols, settings.ciphers, settings.alpn, files, verify, ocsp)
+    return (kind, settings.protocols, settings.ciphers, alpn, files, verify, ocsp)
 
 
 def default_certificate_files(config: Config) -> tuple[str | None, str | None, str | None]:
@@ -134,30 +134,34 @@ def default_certificate_files(config: Config) -> tuple[str | None, str | None, s
 class ServerTLS:
     """Everything a worker needs to terminate TLS: the listening context and the SNI → context map.
 
-    The listener's asks clients for the certificate `ssl.client_certificate` says; each route with
-    an `ssl.client_certificate` of its own has a ServerTLS asking for that one (`routes`, by route
-    name), whose contexts are the listener's when both ask the same."""
+    The listener's asks clients for the certificate `ssl.client_certificate` says and selects ALPN
+    from `ssl.alpn`; each route with an `ssl` of its own has a ServerTLS made with its
+    `client_certificate` and `alpn` in their place (`routes`, by route name), whose contexts are
+    the listener's when both are the same."""
 
     def __init__(self, config: Config, cache: ContextCache, route: Route | None = None):
         settings = config.ssl
         cert, key, ocsp = default_certificate_files(config)
         self.has_default = cert is not None       # a certificate for clients whose SNI has none
-        client = settings.client_certificate if route is None else route.client_certificate
+        client = settings.client_certificate
+        alpn = settings.alpn
+        if route is not None:
+            client = route.client_certificate or client
+            alpn = route.ssl_alpn if route.ssl_alpn is not None else alpn
         # The depth a client's chain may have, when clients are asked for a certificate.
         self.client_depth: int | None = client.depth if client is not None else None
         # The listening context carries the session-ticket keys (OpenSSL encrypts tickets with the
         # keys of the context the handshake began on, whatever context SNI switches to): kept while
         # the default certificate and the settings are, sessions resume across reloads. It serves
         # clients without SNI or with a name no certificate has.
-        self.context = cache.get(_server_key("listen", settings, client, cert, key, ocsp),
-                                 partial(_server_context, settings, client, cert, key, ocsp))
+        self.context = cache.get(_server_key("listen", settings, client, alpn, cert, key, ocsp),
+                                 partial(_server_context, settings, client, alpn, cert, key, ocsp))
         self.exact: dict[str, ssl.SSLContext] = {}
         self.wildcards: list[tuple[str, ssl.SSLContext]] = []
         for certificate in config.certificates:
-            ctx = cache.get(_server_key("sni", settings, client, certificate.cert, certificate.key,
-                                        certificate.ocsp_response),
-                            partial(_server_context, settings, client, certificate.cert, certificate.key,
-                                    certificate.ocsp_response))
+            files = (certificate.cert, certificate.key, certificate.ocsp_response)
+            ctx = cache.get(_server_key("sni", settings, client, alpn, *files),
+                            partial(_server_context, settings, client, alpn, *files))
             for name in certificate.snis:
                 if name.startswith("*.") or name.endswith(".*"):
                     self.wildcards.append((name, ctx))
@@ -165,7 +169,7 @@ class ServerTLS:
                     self.exact.setdefault(name, ctx)
         self.routes: dict[str, ServerTLS] = {} if route is not None else {
             r.name: ServerTLS(config, cache, r) for r in config.routes
-            if r.client_certificate is not None and "tls" in r.protocols}
+            if (r.client_certificate is not None or r.ssl_alpn is not None) and "tls" in r.protocols}
 
     def install(self) -> None:
         """Point the listening context's SNI callback at this generation's names. The context may be

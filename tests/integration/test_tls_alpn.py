@@ -209,3 +209,41 @@ services:
     assert result.stdout == "nginx saw HTTP/2.0\n", result.stderr
     assert "ALPN: server accepted h2" in result.stderr or "ALPN, server accepted to use h2" in result.stderr
     assert p.wait_access(1) == ["200 web h2"]
+
+
+def test_a_routes_ssl_alpn_replaces_the_top_level_one(proxy, upstreams, cert):
+    """The route is chosen before the handshake: its own `ssl.alpn` is what that handshake selects
+    from (a database route selects postgresql, the web route h2, on one port)."""
+    web = upstreams(tag_handler, name="web")
+    db = upstreams(tag_handler, name="db")
+    port = free_port()
+    p = proxy(f"""
+stream_listen:
+  - 127.0.0.1:{port} ssl
+access_log_format: '$status $route $ssl_alpn_protocol'
+ssl:
+  alpn: [h2, http/1.1]
+certificates:
+  - {{cert: {cert[0]}, key: {cert[1]}}}
+services:
+  - name: web
+    host: 127.0.0.1
+    port: {web.port}
+    routes:
+      - name: web
+        protocols: [tls]
+        snis: [www.alpn.test]
+  - name: db
+    host: 127.0.0.1
+    port: {db.port}
+    routes:
+      - name: db
+        protocols: [tls]
+        snis: [db.alpn.test]
+        ssl:
+          alpn: [postgresql]
+""")
+    assert hello(port, ["h2", "postgresql"], "www.alpn.test") == (b"web\n", "h2")
+    assert hello(port, ["h2", "postgresql"], "db.alpn.test") == (b"db\n", "postgresql")
+    assert hello(port, ["h2"], "db.alpn.test") == (b"db\n", None)
+    assert sorted(p.wait_access(3)) == sorted(["200 web h2", "200 db postgresql", "200 db -"])

@@ -81,3 +81,12 @@ def test_client_identities_are_subjects_or_typed_sans(conf_dir: Path):  # noqa: 
         "(DNS:…, email:…, URI:…, IP Address:…)")
     route = load(conf_dir, text.replace(", alice]", "]")).routes[0]
     assert route.client_identities == ("CN=alice,O=Example", "DNS:a.example", "URI:spiffe://x/y")
+
+
+def test_a_routes_ssl_alpn_is_read_and_needs_a_tls_route(conf_dir: Path):  # noqa: F811
+    route = "{name: r, protocols: [tls], snis: [a.example], ssl: {alpn: [postgresql]}}"
+    assert load(conf_dir, TLS_BASE.replace("ROUTE", route)).routes[0].ssl_alpn == ("postgresql",)
+    errors = errors_of(conf_dir, TLS_BASE.replace("ROUTE", route.replace("[tls]", "[tls_passthrough]")))
+    assert (errors[0].key, errors[0].message) == (
+        "services[0].routes[0].ssl.alpn",
+        "ssl.alpn needs a tls route: a passthrough route's upstream selects the protocol")
