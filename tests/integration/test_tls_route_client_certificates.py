@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.integration.test_tls_client_certificates import PrivateCA, fingerprint, subject
+from tests.integration.test_tls_client_certificates import PrivateCA, exchange, fingerprint, subject
 from tests.support import free_port, make_cert, recv_line, tag_handler
 
 
@@ -22,24 +22,6 @@ def pki(tmp_path_factory):
         "alice": ours.issue("alice"),
         "bob": theirs.issue("bob"),
     }
-
-
-def exchange(port: int, name: str, cert) -> bytes:
-    """What a client asking for `name` and presenting `cert` (or none) reads first; b"" if refused."""
-    import socket
-    import ssl
-
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    if cert is not None:
-        ctx.load_cert_chain(str(cert[0]), str(cert[1]))
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
-            ctx.wrap_socket(raw, server_hostname=name) as sock:
-        try:
-            return recv_line(sock)
-        except (ssl.SSLError, ConnectionResetError):
-            return b""
 
 
 def config(port: int, pki, up: int, top: str = "") -> str:
@@ -75,13 +57,13 @@ def test_each_route_asks_for_its_own_certificate(proxy, upstreams, pki):
     up = upstreams(tag_handler, name="app")
     port = free_port()
     p = proxy(config(port, pki, up.port))
-    assert exchange(port, "open.mtls.example", None) == b"app\n"          # not asked
-    assert exchange(port, "ours.mtls.example", pki["alice"]) == b"app\n"
-    assert exchange(port, "ours.mtls.example", None) == b""               # verify: on
-    assert exchange(port, "ours.mtls.example", pki["bob"]) == b""         # another CA's
-    assert exchange(port, "theirs.mtls.example", pki["bob"]) == b"app\n"
-    assert exchange(port, "theirs.mtls.example", None) == b"app\n"        # verify: optional
-    assert exchange(port, "theirs.mtls.example", pki["alice"]) == b""
+    assert exchange(port, None, "open.mtls.example") == b"app\n"          # not asked
+    assert exchange(port, pki["alice"], "ours.mtls.example") == b"app\n"
+    assert exchange(port, None, "ours.mtls.example") == b""               # verify: on
+    assert exchange(port, pki["bob"], "ours.mtls.example") == b""         # another CA's
+    assert exchange(port, pki["bob"], "theirs.mtls.example") == b"app\n"
+    assert exchange(port, None, "theirs.mtls.example") == b"app\n"        # verify: optional
+    assert exchange(port, pki["alice"], "theirs.mtls.example") == b""
     alice, bob = pki["alice"], pki["bob"]
     assert sorted(p.wait_access(7)) == sorted([
         '200 open NONE "-" -',
@@ -100,10 +82,10 @@ def test_a_routes_certificate_replaces_the_top_level_one(proxy, upstreams, pki):
     up = upstreams(tag_handler, name="app")
     port = free_port()
     p = proxy(config(port, pki, up.port, f"ssl:\n  client_certificate: {{ca: {pki['ours'].crt}}}"))
-    assert exchange(port, "open.mtls.example", None) == b""
-    assert exchange(port, "open.mtls.example", pki["alice"]) == b"app\n"
-    assert exchange(port, "theirs.mtls.example", None) == b"app\n"
-    assert exchange(port, "theirs.mtls.example", pki["bob"]) == b"app\n"
+    assert exchange(port, None, "open.mtls.example") == b""
+    assert exchange(port, pki["alice"], "open.mtls.example") == b"app\n"
+    assert exchange(port, None, "theirs.mtls.example") == b"app\n"
+    assert exchange(port, pki["bob"], "theirs.mtls.example") == b"app\n"
     lines = p.wait_access(4)
     assert sorted(line.split(" ")[:3] for line in lines) == sorted([
         ["400", "open", "NONE"], ["200", "open", "SUCCESS"],
@@ -202,12 +184,12 @@ services:
         protocols: [tls]
         snis: [app.mtls.example]
 """)
-    assert exchange(port, "app.mtls.example", pki["alice"]) == b"alice\n"
-    assert exchange(port, "app.mtls.example", carol) == b"carol\n"
-    assert exchange(port, "app.mtls.example", dave) == b"anyone\n"
-    assert exchange(port, "app.mtls.example", None) == b"anyone\n"
-    assert exchange(port, "strict.mtls.example", pki["alice"]) == b"alice\n"
-    assert exchange(port, "strict.mtls.example", dave) == b""
+    assert exchange(port, pki["alice"], "app.mtls.example") == b"alice\n"
+    assert exchange(port, carol, "app.mtls.example") == b"carol\n"
+    assert exchange(port, dave, "app.mtls.example") == b"anyone\n"
+    assert exchange(port, None, "app.mtls.example") == b"anyone\n"
+    assert exchange(port, pki["alice"], "strict.mtls.example") == b"alice\n"
+    assert exchange(port, dave, "strict.mtls.example") == b""
     assert sorted(p.wait_access(6)) == sorted(["200 alice SUCCESS", "200 carol SUCCESS", "200 anyone SUCCESS",
                                 "200 anyone NONE", "200 alice SUCCESS", "404 - SUCCESS"])
     p.wait_log("no route matched the client certificate")
@@ -244,8 +226,8 @@ services:
         ssl:
           client_certificate: {{ca: {pki['theirs'].crt}}}
 """)
-    assert exchange(port, "x.mtls.example", pki["alice"]) == b"app\n"
-    assert exchange(port, "x.mtls.example", dave) == b""
+    assert exchange(port, pki["alice"], "x.mtls.example") == b"app\n"
+    assert exchange(port, dave, "x.mtls.example") == b""
     assert sorted(p.wait_access(2)) == sorted(["200 ours SUCCESS", "404 - SUCCESS"])
     p.wait_log('route "theirs" matches the client certificate, but it asks for another client certificate '
                'than route "ours"')
