@@ -43,7 +43,8 @@ TEST_PACKAGES := openssl:openssl haproxy:haproxy nginx:nginx \
                  redis-server:redis-server \
                  /usr/sbin/dnsmasq:dnsmasq-base \
                  $(or $(firstword $(wildcard /usr/lib/postgresql/*/bin/postgres)),postgres):postgresql \
-                 dig:bind9-dnsutils
+                 dig:bind9-dnsutils \
+                 psql:postgresql-client
 
 # Lint (ruff) and types (mypy, strict on pyproxy/): settings in pyproject.toml.
 lint: $(STAMP)

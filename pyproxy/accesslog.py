@@ -59,6 +59,14 @@ def _client_certificate(s: Session, binary_form: bool) -> Any:
     return client.obj.getpeercert(binary_form)
 
 
+def _alpn_protocol(s: Session) -> str:
+    """nginx's $ssl_alpn_protocol: the protocol a terminating handshake selected (ssl.alpn)."""
+    client = s.client
+    if type(client) is not TLSStream or s.ssl_cipher is None:
+        return "-"
+    return _dash(client.obj.selected_alpn_protocol())
+
+
 def _client_verify(s: Session) -> str:
     """nginx's $ssl_client_verify: SUCCESS, NONE, or FAILED:reason (noted by the failed handshake)."""
     noted = s.annotation("ssl_client_verify")
@@ -87,13 +95,19 @@ def _rfc2253_value(value: str) -> str:
     return value
 
 
+def rfc2253_subject(cert: dict[str, Any]) -> str:
+    """The subject of a certificate as getpeercert() gives it, in RFC 2253 as OpenSSL and nginx
+    write it (`O=Example,CN=alice`)."""
+    return ",".join("+".join(f"{_SHORT_NAMES.get(name, name)}={_rfc2253_value(value)}" for name, value in rdn)
+                    for rdn in reversed(cert["subject"]))
+
+
 def _client_subject(s: Session) -> str:
     """nginx's $ssl_client_s_dn: the verified client certificate's subject, RFC 2253 (`CN=…,O=…`)."""
     cert = _client_certificate(s, False)
     if not cert or "subject" not in cert:
         return "-"
-    return ",".join("+".join(f"{_SHORT_NAMES.get(name, name)}={_rfc2253_value(value)}" for name, value in rdn)
-                    for rdn in reversed(cert["subject"]))
+    return rfc2253_subject(cert)
 
 
 def _client_fingerprint(s: Session) -> str:
@@ -123,6 +137,7 @@ GETTERS: dict[str, Getter] = {
     "ssl_client_verify": _client_verify,
     "ssl_client_s_dn": _client_subject,
     "ssl_client_fingerprint": _client_fingerprint,
+    "ssl_alpn_protocol": _alpn_protocol,
     "route": lambda s: s.route.name if s.route is not None else "-",
     "service": lambda s: s.route.service if s.route is not None else "-",
     "time_local": lambda s: CLOCK.local,

@@ -21,6 +21,7 @@ from pyproxy.phases import (
     NO_IO,
     UPSTREAM_HANDSHAKE,
     UPSTREAM_HUP,
+    UPSTREAM_STARTTLS,
     SessionBase,
     ssl_reason,
 )
@@ -191,6 +192,9 @@ class UpstreamConnector(SessionBase):
         send_header = SEND_PROXY_HEADER.get(service.proxy_protocol)
         if send_header is not None and not self._send_proxy_header(sock, send_header):
             return
+        if self.starttls and self.protocol == "tls_passthrough":
+            self._replay_starttls(sock)
+            return
         tls = self.ctx.upstream_tls.get(service.name)
         if tls is None:
             self._connected()
@@ -219,6 +223,47 @@ class UpstreamConnector(SessionBase):
                                  timed_out=False)
             return False
         return True
+
+    def _replay_starttls(self, sock: _socket.socket) -> None:
+        """The client's TLS goes through untouched to an upstream that expects PostgreSQL's
+        SSLRequest first, which pyproxy consumed and answered: send it, and splice once the
+        upstream answers `S` (upstream_starttls)."""
+        request = self.starttls
+        if TYPE_CHECKING:
+            assert request is not None
+        try:
+            sent = sock.send(request)       # 8 bytes into a fresh socket's buffer
+        except OSError as exc:
+            self._connect_failed(self.tried[-1], f"failed sending the PostgreSQL SSLRequest ({exc.strerror})",
+                                 timed_out=False)
+            return
+        if sent != len(request):
+            self._connect_failed(self.tried[-1], "failed sending the PostgreSQL SSLRequest (short write)",
+                                 timed_out=False)
+            return
+        self.phase = UPSTREAM_STARTTLS
+        self.upstream_starttls()
+
+    def upstream_starttls(self) -> None:
+        """The upstream's one-byte answer to the SSLRequest: `S` (TLS follows) or a failed attempt."""
+        sock = self.upstream
+        if TYPE_CHECKING:
+            assert isinstance(sock, _socket.socket)
+        try:
+            answer = sock.recv(1)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._connect_failed(self.tried[-1], f"failed: reading the answer to the PostgreSQL SSLRequest "
+                                                 f"failed ({exc.errno}: {exc.strerror})", timed_out=False)
+            return
+        if answer != b"S":
+            said = f"answered it {answer!r}" if answer else "closed the connection"
+            self._connect_failed(self.tried[-1], f"failed: the upstream {said} instead of 'S' to the "
+                                                 f"PostgreSQL SSLRequest (is it a PostgreSQL server with "
+                                                 f"ssl = on?)", timed_out=False)
+            return
+        self._connected()
 
     def upstream_handshake(self) -> None:
         upstream = self.upstream

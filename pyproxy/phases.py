@@ -35,6 +35,8 @@ LINGER_RESET = struct.pack("ii", 1, 0)      # SO_LINGER {on, 0s}: close() sends 
 # Phases. NO_IO: nothing is awaited from either socket; the session runs through code that does
 # not wait (routing, the plugins' access checks) and events only set readiness flags.
 PROXY_HEADER, PREREAD, HANDSHAKE, NO_IO, CONNECTING, UPSTREAM_HANDSHAKE, FORWARDING, CLOSED = range(8)
+# A passthrough session whose client sent PostgreSQL's SSLRequest: the upstream's answer to it is awaited.
+UPSTREAM_STARTTLS = 8
 
 
 def send_reset(sock: Connection) -> None:
@@ -64,10 +66,10 @@ class SessionBase:
     __slots__ = (
         # Session's
         "ctx", "loop", "listen", "client", "client_addr", "phase", "route", "status", "started", "ended",
-        "timer", "deadline", "serial", "protocol", "sni", "ssl_protocol", "ssl_cipher", "notes",
+        "timer", "deadline", "serial", "protocol", "sni", "alpn", "ssl_protocol", "ssl_cipher", "notes",
         "_local_ip", "hups",
         # ClientPreread's
-        "preread_need", "hello_reader",
+        "preread_need", "hello_reader", "starttls",
         # UpstreamConnector's
         "service", "balancer", "tried", "peer", "upstream", "connect_started", "connect_time",
         # Forwarder's
@@ -85,9 +87,14 @@ class SessionBase:
     serial: int
     protocol: str           # "tcp", "tls" (terminated), "tls_passthrough": the access log's $protocol
     sni: str | None
+    alpn: tuple[str, ...]   # the ALPN protocols of the client's ClientHello, for routing
     ssl_protocol: str | None
     ssl_cipher: str | None
     hups: int               # CLIENT_HUP | UPSTREAM_HUP: a FIN or error epoll reported
+    # The PostgreSQL request the client sent before its ClientHello, which ClientPreread answered:
+    # its SSLRequest (replayed to a passthrough upstream by UpstreamConnector), b"" after a
+    # GSSENCRequest (nothing to replay), or None.
+    starttls: bytes | None
     timer: Timer | None
     deadline: float
     _local_ip: str | None

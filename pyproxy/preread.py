@@ -3,6 +3,10 @@ of `ssl` listeners, and the TLS handshake with the client when the route termina
 
 Nothing here consumes a byte the upstream should see: the PROXY header is read exactly, the
 ClientHello only peeked at (passthrough forwards it untouched, termination lets OpenSSL read it).
+PostgreSQL's SSLRequest, which a client sends before its ClientHello and waits for an answer to, is
+consumed and answered here; a passthrough upstream is sent it again (UpstreamConnector), a
+terminating route's upstream gets the plain protocol that follows the handshake, as it would from a
+client with `sslmode=disable`.
 """
 
 from __future__ import annotations
@@ -16,14 +20,16 @@ import termios
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
-from pyproxy.config.model import STATUS_BAD_REQUEST, STATUS_INTERNAL
+from pyproxy.accesslog import rfc2253_subject
+from pyproxy.config.model import STATUS_BAD_REQUEST, STATUS_INTERNAL, STATUS_NO_ROUTE
 from pyproxy.forward import SCRATCH_SIZE
 from pyproxy.phases import HANDSHAKE, NO_IO, PREREAD, Connection, SessionBase, ssl_reason
 from pyproxy.proxy_protocol import DEFAULT_MAX_SIZE as PROXY_HEADER_MAX_SIZE
 from pyproxy.proxy_protocol import ProxyProtocolError, parse_proxy_header, proxy_header_need
-from pyproxy.tls.clienthello import ClientHelloError, ClientHelloReader, parse_client_hello
+from pyproxy.tls.clienthello import ClientHelloError, ClientHelloReader, StartTLSRequest, parse_client_hello
 
 if TYPE_CHECKING:
+    from pyproxy.config.model import Route
     from pyproxy.tls.stream import TLSStream
 
 T = TypeVar("T")
@@ -37,6 +43,13 @@ NO_CERTIFICATE_REASONS = frozenset(("NO_SUITABLE_SIGNATURE_ALGORITHM", "NO_SHARE
 # What it says when `ssl.client_certificate.verify: on` and the client sent none (TLS 1.3, 1.2).
 NO_CLIENT_CERTIFICATE_REASONS = frozenset(("PEER_DID_NOT_RETURN_A_CERTIFICATE", "CERTIFICATE_REQUIRED"))
 X509_V_ERR_CERT_CHAIN_TOO_LONG = 22
+# PostgreSQL's requests before its ClientHello (protocol.html, "SSL Session Encryption"): an Int32
+# length (8) and an Int32 code, 80877103 (SSLRequest, answered `S`: TLS follows) or 80877104
+# (GSSENCRequest, answered `N`: no GSSAPI encryption here, and the client may ask for TLS instead).
+SSL_REQUEST = b"\x00\x00\x00\x08\x04\xd2\x16\x2f"
+GSSENC_REQUEST = b"\x00\x00\x00\x08\x04\xd2\x16\x30"
+START_TLS_REQUEST_LENGTH = 8
+GSSENC_ANSWERED = b""       # `starttls` once a GSSENCRequest was answered: nothing to replay upstream
 
 
 def _proxy_header_need(session: ClientPreread, data: bytes) -> int:
@@ -126,6 +139,7 @@ class ClientPreread(SessionBase):
         if hello is None:
             return
         self.sni = hello.sni
+        self.alpn = hello.alpn
         self.ssl_protocol = hello.protocol
         self.phase = NO_IO
         self.route_phase()
@@ -154,6 +168,9 @@ class ClientPreread(SessionBase):
                 parsed = parse(data, limit)
                 if parsed is None:
                     self.preread_need = next_need(self, data)
+        except StartTLSRequest as exc:            # (only the ClientHello's parser raises it)
+            self._start_tls_request(data, str(exc), ended)
+            return None
         except error as exc:
             self._bad_preread(f"{broken}: {exc}")
             return None
@@ -166,15 +183,52 @@ class ClientPreread(SessionBase):
             self._bad_preread(f"client closed the connection before a complete {what}")
         return parsed
 
+    def _start_tls_request(self, data: bytes, not_tls: str, ended: bool) -> None:
+        """The client's first bytes start with 0x00: PostgreSQL's SSLRequest is answered `S` and
+        its GSSENCRequest `N` (each consumed, as a PostgreSQL server does), and the ClientHello
+        that follows is read as any other; anything else is not TLS. Like PostgreSQL since
+        CVE-2021-23214, bytes sent after a request before its answer are refused: they would
+        have to be taken as the encrypted stream's, which they are not."""
+        request = data[:START_TLS_REQUEST_LENGTH]
+        answered = self.starttls
+        if request == SSL_REQUEST and answered != SSL_REQUEST:
+            name, answer = "SSLRequest", b"S"
+        elif request == GSSENC_REQUEST and answered is None:
+            name, answer = "GSSENCRequest", b"N"
+        elif (len(data) < START_TLS_REQUEST_LENGTH and not ended
+              and (SSL_REQUEST.startswith(data) or GSSENC_REQUEST.startswith(data))):
+            self.preread_need = START_TLS_REQUEST_LENGTH      # the rest of the request
+            return
+        else:
+            after = " after the PostgreSQL SSLRequest" if answered == SSL_REQUEST else ""
+            self._bad_preread(f"not a TLS ClientHello{after}: {not_tls}")
+            return
+        if len(data) > START_TLS_REQUEST_LENGTH:
+            self._bad_preread(f"PostgreSQL client sent {len(data) - START_TLS_REQUEST_LENGTH} bytes "
+                              f"after its {name}, before the answer")
+            return
+        try:
+            self.client.recv(START_TLS_REQUEST_LENGTH)     # peeked: all there
+            self.client.send(answer)                       # a fresh socket's buffer takes a byte
+        except OSError as exc:
+            self._bad_preread(f"answering the PostgreSQL {name} failed ({exc.errno}: {exc.strerror})")
+            return
+        self.starttls = SSL_REQUEST if answer == b"S" else GSSENC_ANSWERED
+        self.preread_need = 1
+        if ended:
+            self._bad_preread(f"client closed the connection after its PostgreSQL {name}")
+
     def _bad_preread(self, reason: str) -> None:
         self.log("info", reason)
         self._refuse(STATUS_BAD_REQUEST)
 
     # -- TLS termination ------------------------------------------------------------------
     def start_handshake(self) -> None:
-        server_tls, client = self.ctx.server_tls, self.client
+        server_tls, client, route = self.ctx.server_tls, self.client, self.route
         if TYPE_CHECKING:       # an ssl listener's worker has server contexts; not terminated yet
             assert server_tls is not None and isinstance(client, _socket.socket)
+        if route is not None and (route.client_certificate is not None or route.ssl_alpn is not None):
+            server_tls = server_tls.routes[route.name]      # its contexts: its certificate, its ALPN
         self.phase = HANDSHAKE
         self.protocol = "tls"
         self.ssl_protocol = None
@@ -214,7 +268,11 @@ class ClientPreread(SessionBase):
                 metrics.handshake(ok=False)
             self.close(STATUS_BAD_REQUEST)
             return
-        depth = server_tls.client_depth
+        route = self.route
+        if route is not None and route.client_certificate is not None:
+            depth: int | None = route.client_certificate.depth
+        else:
+            depth = server_tls.client_depth
         if depth is not None and not self._client_chain_fits(client, depth):
             return
         if metrics is not None:
@@ -222,11 +280,48 @@ class ClientPreread(SessionBase):
         self.ssl_protocol = client.version()
         cipher = client.cipher()
         self.ssl_cipher = cipher[0] if cipher else None
-        if self.route is None:
+        if route is None:
             self._no_route()
+            return
+        if route.client_identities and not self._route_on_certificate(client, route):
             return
         self.phase = NO_IO
         self.access_phase()
+
+    def _route_on_certificate(self, client: TLSStream, first: Route) -> bool:
+        """`first` won with its client_identities taken as matching; now that the certificate is
+        verified, route again knowing its identity (its subject and subjectAltNames). The new
+        winner must ask for the certificate the handshake asked for (or none): a route whose
+        `ssl.client_certificate` is another was not checked against. False: the session ended."""
+        cert = client.obj.getpeercert()
+        identity: frozenset[str] = frozenset()
+        if cert:
+            identity = frozenset((rfc2253_subject(cert),
+                                  *(f"{kind}:{value}" for kind, value in cert.get("subjectAltName", ()))))
+        ctx = self.ctx
+        routes = ctx.router.for_listener(self.listen)
+        local_ip = self.local_ip() if routes.needs_local_ip else None
+        route = routes.match(self.client_addr[0], self.client_addr[1], local_ip, self.listen.port, self.sni,
+                             self.alpn, identity)
+        if route is None:
+            self.route = None
+            self.log("info", "no route matched the client certificate, closing")
+            self._refuse(STATUS_NO_ROUTE)
+            return False
+        if route is not first:
+            asked = ctx.config.ssl.client_certificate
+            if "tls" not in route.protocols or (route.client_certificate or asked) not in (
+                    None, first.client_certificate or asked):
+                self.route = None
+                self.log("info", f'route "{route.name}" matches the client certificate, but it asks for '
+                                 f'another client certificate than route "{first.name}", whose handshake '
+                                 f'this was; closing')
+                self._refuse(STATUS_NO_ROUTE)
+                return False
+            self.route = route
+            self.service = ctx.services[route.service]
+            self.balancer = ctx.balancers[route.service]
+        return True
 
     def _client_chain_fits(self, client: TLSStream, depth: int) -> bool:
         """Whether the client's verified chain holds at most `depth` certificates above its own

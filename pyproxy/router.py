@@ -2,12 +2,17 @@
 
 Specificity, compared in this order (ties go to the route written first):
   1. exact SNI over wildcard SNI over no SNI,
-  2. more fields set (sources, destinations, snis) over fewer,
+  2. more fields set (sources, destinations, snis, alpn, client_identities) over fewer,
   3. longer matching address prefixes (sources + destinations) over shorter,
   4. more matching ports written over fewer.
 
 Wildcard SNIs follow nginx's `server_name`: `*.example.com` matches any name ending in
 `.example.com` (one label or more), `example.*` any name starting with `example.`.
+A route's `alpn` matches a ClientHello whose ALPN list holds one of its protocols (HAProxy's
+`req.ssl_alpn`, Traefik's `ALPN()`). Its `client_identities` match the verified client certificate,
+known only after the handshake: before it (`identity` None) they are taken as matching, so that the
+route that could win is the one whose handshake is made; after it, the session is routed again
+with the certificate's identity (Session.handshake).
 Candidates are narrowed per listener once, when the router is built; a listener whose answer cannot
 depend on the client is resolved once and never evaluated per session. A listener with more than
 `LINEAR_MAX` candidates is looked up in a `RouteIndex`, whose cost per session does not grow with the
@@ -31,6 +36,9 @@ _ADDRESSES_MAX = 4096          # a worker's recent clients; emptied when full (n
 LINEAR_MAX = 1                 # candidates a listener scores in turn; more go through a RouteIndex
 
 Score = tuple[int, int, int, int]
+# A verified client certificate as client_identities name it: its subject (RFC 2253) and each
+# subjectAltName with its type ("DNS:a.example").
+Identity = frozenset[str]
 Hit = tuple[int, Route]        # (position among the listener's candidates, route): the position breaks ties
 
 
@@ -80,7 +88,7 @@ def _address_score(entries: tuple[AddressMatch, ...], ip: IPAddress | None,
 
 
 def _route_score(route: Route, src: IPAddress | None, src_port: int, dst: IPAddress | None, dst_port: int,
-                 sni: str | None) -> Score | None:
+                 sni: str | None, alpn: tuple[str, ...], identity: Identity | None) -> Score | None:
     """The route's specificity for this session, compared as a tuple; None when it does not match."""
     rank = 0
     if route.snis:
@@ -98,29 +106,45 @@ def _route_score(route: Route, src: IPAddress | None, src_port: int, dst: IPAddr
             prefix += score[0]
             ports += score[1]
     fields = bool(route.sources) + bool(route.destinations) + bool(route.snis)
+    if route.alpn:
+        for name in route.alpn:
+            if name in alpn:
+                break
+        else:
+            return None
+        fields += 1
+    if route.client_identities:
+        if identity is not None:
+            for name in route.client_identities:
+                if name in identity:
+                    break
+            else:
+                return None
+        fields += 1
     return (rank, fields, prefix, ports)
 
 
 def select_linear(candidates: list[Route], src: IPAddress | None, src_port: int, dst: IPAddress | None,
-                  dst_port: int, sni: str | None) -> Route | None:
+                  dst_port: int, sni: str | None, alpn: tuple[str, ...] = (),
+                  identity: Identity | None = None) -> Route | None:
     """The winner among `candidates` (in the order written), every one of them scored."""
     best_route: Route | None = None
     best_score: Score | None = None
     for route in candidates:
-        score = _route_score(route, src, src_port, dst, dst_port, sni)
+        score = _route_score(route, src, src_port, dst, dst_port, sni, alpn, identity)
         if score is not None and (best_score is None or score > best_score):
             best_route, best_score = route, score
     return best_route
 
 
 def _best(hits: list[Hit], src: IPAddress | None, src_port: int, dst: IPAddress | None, dst_port: int,
-          sni: str | None) -> Hit | None:
+          sni: str | None, alpn: tuple[str, ...], identity: Identity | None) -> Hit | None:
     """What select_linear gives over the routes of `hits` (in any order, repeated or not), with its
     position."""
     best: Hit | None = None
     best_key = ((0, 0, 0, 0), 0)
     for hit in hits:
-        score = _route_score(hit[1], src, src_port, dst, dst_port, sni)
+        score = _route_score(hit[1], src, src_port, dst, dst_port, sni, alpn, identity)
         if score is not None and (best is None or (score, -hit[0]) > best_key):
             best, best_key = hit, (score, -hit[0])
     return best
@@ -129,7 +153,7 @@ def _best(hits: list[Hit], src: IPAddress | None, src_port: int, dst: IPAddress 
 class _Names:
     """The routes under one SNI key of a RouteIndex. A route that sets nothing but `snis` matches
     whenever its key does, so only the first written of them counts (`sure`); one that also sets
-    addresses (in `checked`) beats it when its addresses match too, by having more fields."""
+    addresses or alpn (in `checked`) beats it when those match too, by having more fields."""
 
     __slots__ = ("sure", "checked")
 
@@ -139,7 +163,7 @@ class _Names:
 
     def add(self, hit: Hit) -> None:
         route = hit[1]
-        if route.sources or route.destinations:
+        if route.sources or route.destinations or route.alpn or route.client_identities:
             self.checked.append(hit)
         elif self.sure is None:
             self.sure = hit
@@ -202,15 +226,17 @@ class _AddressIndex:
 class RouteIndex:
     """One listener's candidates indexed for lookup: the routes with `snis` by exact name, by wildcard
     suffix (`*.example.com` under `.example.com`) and prefix (`example.*` under `example.`); the
-    others by their `sources`, those without by their `destinations`, and the first written of those
-    without either on its own. A session looks up only what can match it, so its cost does not grow
-    with the number of routes, only with the routes that share its SNI key or its address. The
+    others by their `sources`, those without by their `destinations`, those without either by their
+    `alpn` protocols, and the first written of those without any on its own. A session looks up only
+    what can match it, so its cost does not grow with the number of routes, only with the routes
+    that share its SNI key, its address or its ALPN protocols. The
     winner is select_linear's: by rank first (a route whose SNI pattern equals the name beats every
     other, one with a matching wildcard beats every route without `snis`), then the routes found
     are scored the same way (a route that sets only the field it is found by has its score known).
     """
 
-    __slots__ = ("exact", "wildcards", "sources", "destinations", "by_source", "by_destination", "anything")
+    __slots__ = ("exact", "wildcards", "sources", "destinations", "by_source", "by_destination", "by_alpn",
+                 "by_identity", "anything")
 
     def __init__(self, candidates: list[Route]):
         self.exact: dict[str, _Names] = {}
@@ -219,6 +245,9 @@ class RouteIndex:
         wildcards: dict[tuple[bool, int], dict[str, _Names]] = {}
         self.sources = _AddressIndex()
         self.destinations = _AddressIndex()
+        # ALPN protocol → the routes that set only `alpn` among the fields and list it
+        self.by_alpn: dict[str, list[AddressHit]] = {}
+        self.by_identity: list[AddressHit] = []     # the routes that set only client_identities
         self.anything: Route | None = None      # the first written of the routes that set no field
         for hit in enumerate(candidates):
             position, route = hit
@@ -232,9 +261,16 @@ class RouteIndex:
                         key = pattern[:-1]
                         _names(wildcards.setdefault((False, key.count(".")), {}), key).add(hit)
             elif route.sources:
-                self.sources.add(route, position, route.sources, alone=not route.destinations)
+                self.sources.add(route, position, route.sources,
+                                 alone=not (route.destinations or route.alpn or route.client_identities))
             elif route.destinations:
-                self.destinations.add(route, position, route.destinations, alone=True)
+                self.destinations.add(route, position, route.destinations,
+                                      alone=not (route.alpn or route.client_identities))
+            elif route.alpn:
+                for name in route.alpn:
+                    self.by_alpn.setdefault(name, []).append((None, None, position, route))
+            elif route.client_identities:
+                self.by_identity.append((None, None, position, route))
             elif self.anything is None:
                 self.anything = route
         self.wildcards = [(suffix, depth, table) for (suffix, depth), table in wildcards.items()]
@@ -243,19 +279,19 @@ class RouteIndex:
                                   for route in candidates)
 
     def select(self, src: Address, src_port: int, dst: Address, dst_port: int,
-               sni: str | None) -> Route | None:
+               sni: str | None, alpn: tuple[str, ...] = (), identity: Identity | None = None) -> Route | None:
         """select_linear's answer."""
         if sni is not None:
             if sni in self.exact:
                 names = self.exact[sni]
                 if names.checked:
-                    hit = _best(names.checked, src[0], src_port, dst[0], dst_port, sni)
+                    hit = _best(names.checked, src[0], src_port, dst[0], dst_port, sni, alpn, identity)
                     if hit is not None:
                         return hit[1]
                 if names.sure is not None:
                     return names.sure[1]
             if self.wildcards:
-                route = self._wildcard(src, src_port, dst, dst_port, sni)
+                route = self._wildcard(src, src_port, dst, dst_port, sni, alpn, identity)
                 if route is not None:
                     return route
         hits: list[AddressHit] = []
@@ -263,11 +299,18 @@ class RouteIndex:
             self.sources.collect(src, src_port, hits)
         if self.by_destination:
             self.destinations.collect(dst, dst_port, hits)
+        if self.by_alpn and alpn:
+            by_alpn = self.by_alpn
+            for name in set(alpn):          # once each: a client may repeat one 10,000 times
+                if name in by_alpn:
+                    hits += by_alpn[name]
+        if self.by_identity:
+            hits += self.by_identity
         best = self.anything            # (0, 0, 0, 0): any route found by an address beats it
         best_key = ((0, 0, 0, 0), 0)
         for _, score, position, route in hits:
             if score is None:
-                score = _route_score(route, src[0], src_port, dst[0], dst_port, sni)
+                score = _route_score(route, src[0], src_port, dst[0], dst_port, sni, alpn, identity)
                 if score is None:
                     continue
             key = (score, -position)
@@ -275,7 +318,8 @@ class RouteIndex:
                 best, best_key = route, key
         return best
 
-    def _wildcard(self, src: Address, src_port: int, dst: Address, dst_port: int, sni: str) -> Route | None:
+    def _wildcard(self, src: Address, src_port: int, dst: Address, dst_port: int, sni: str,
+                  alpn: tuple[str, ...], identity: Identity | None) -> Route | None:
         """The best route with a wildcard pattern matching `sni`: one lookup per depth in use."""
         labels = sni.split(".")
         count = len(labels)
@@ -300,7 +344,7 @@ class RouteIndex:
                 if names.sure is not None and (sure is None or names.sure[0] < sure[0]):
                     sure = names.sure
         if checked:         # a route here that also equals the name failed on its addresses already
-            hit = _best(checked, src[0], src_port, dst[0], dst_port, sni)
+            hit = _best(checked, src[0], src_port, dst[0], dst_port, sni, alpn, identity)
             if hit is not None:
                 return hit[1]
         return None if sure is None else sure[1]
@@ -329,8 +373,9 @@ def _could_match_listener(route: Route, listen: Listen) -> bool:
 
 
 def _client_independent(route: Route, listen: Listen) -> bool:
-    """True when nothing about the client (its address, the actual local address, the SNI) matters."""
-    if route.sources or route.snis:
+    """True when nothing about the client (its address, the actual local address, the SNI, the ALPN
+    list) matters."""
+    if route.sources or route.snis or route.alpn or route.client_identities:
         return False
     return not (listen.wildcard and any(e.network is not None for e in route.destinations))
 
@@ -357,14 +402,17 @@ class ListenerRoutes:
             self.index = RouteIndex(routes)
 
     def match(self, src_ip: str, src_port: int, dst_ip: str | None, dst_port: int,
-              sni: str | None = None) -> Route | None:
+              sni: str | None = None, alpn: tuple[str, ...] = (),
+              identity: Identity | None = None) -> Route | None:
+        """The winning route; `identity`: the verified client certificate's, after the handshake
+        (None before it: client_identities are then taken as matching)."""
         if self.resolved:
             return self.static
         src = parsed_address(src_ip)
         dst = parsed_address(dst_ip) if dst_ip is not None else self.listener_address
         if self.index is None:
-            return select_linear(self.candidates, src[0], src_port, dst[0], dst_port, sni)
-        return self.index.select(src, src_port, dst, dst_port, sni)
+            return select_linear(self.candidates, src[0], src_port, dst[0], dst_port, sni, alpn, identity)
+        return self.index.select(src, src_port, dst, dst_port, sni, alpn, identity)
 
 
 class Router:

@@ -45,6 +45,7 @@ from pyproxy.phases import (
     PROXY_HEADER,
     UPSTREAM_HANDSHAKE,
     UPSTREAM_HUP,
+    UPSTREAM_STARTTLS,
     ClientAddress,
     Connection,
 )
@@ -87,6 +88,7 @@ class Session(ClientPreread, UpstreamConnector, Forwarder):
         self.serial = serial
         self.protocol = "tls" if listen.ssl else "tcp"
         self.sni = None
+        self.alpn = ()
         self.ssl_protocol = None
         self.ssl_cipher = None
         self.notes = None
@@ -95,6 +97,7 @@ class Session(ClientPreread, UpstreamConnector, Forwarder):
         # ClientPreread's
         self.preread_need = 1
         self.hello_reader = None
+        self.starttls = None
         # UpstreamConnector's (service and balancer: set by routing)
         self.tried = []
         self.peer = None
@@ -189,13 +192,16 @@ class Session(ClientPreread, UpstreamConnector, Forwarder):
             self.connect_event(mask)
         elif phase == UPSTREAM_HANDSHAKE:
             self.upstream_handshake()
+        elif phase == UPSTREAM_STARTTLS:
+            self.upstream_starttls()
 
     # -- route ----------------------------------------------------------------------------
     def route_phase(self) -> None:
         ctx = self.ctx
         routes = ctx.router.for_listener(self.listen)
         local_ip = self.local_ip() if routes.needs_local_ip else None
-        route = routes.match(self.client_addr[0], self.client_addr[1], local_ip, self.listen.port, self.sni)
+        route = routes.match(self.client_addr[0], self.client_addr[1], local_ip, self.listen.port, self.sni,
+                             self.alpn)
         if route is None:
             tls = ctx.server_tls
             if self.listen.ssl and tls is not None and (tls.has_default or tls.context_for(self.sni)):
@@ -317,7 +323,7 @@ class Session(ClientPreread, UpstreamConnector, Forwarder):
         elif phase == HANDSHAKE:
             self.log("info", f"SSL handshake timed out after {self.ctx.config.ssl.handshake_timeout:g}s")
             self.close(STATUS_BAD_REQUEST)
-        elif phase in (CONNECTING, UPSTREAM_HANDSHAKE):
+        elif phase in (CONNECTING, UPSTREAM_HANDSHAKE, UPSTREAM_STARTTLS):
             self._connect_failed(self.tried[-1], f"timed out after {self.service.connect_timeout:g}s "
                                                  f"(connect_timeout)", timed_out=True)
         elif phase == PROXY_HEADER:

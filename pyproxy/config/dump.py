@@ -115,6 +115,7 @@ def _ssl(settings: model.SSLSettings) -> Mapping:
                                if settings.client_certificate else None),
         "preread_timeout": format_duration(settings.preread_timeout),
         "handshake_timeout": format_duration(settings.handshake_timeout),
+        "alpn": list(settings.alpn) if settings.alpn else None,
     })
 
 
@@ -129,7 +130,8 @@ def _client_certificate(client: model.ClientCertificate) -> Mapping:
 
 def _certificate(certificate: model.Certificate) -> Mapping:
     # The SNIs the loader settled on (those written, or the certificate's own names), written out.
-    return {"cert": certificate.cert, "key": certificate.key, "snis": list(certificate.snis)}
+    return {"cert": certificate.cert, "key": certificate.key, "snis": list(certificate.snis),
+            **({"ocsp_response": certificate.ocsp_response} if certificate.ocsp_response else {})}
 
 
 def _upstream(upstream: model.Upstream) -> Mapping:
@@ -217,6 +219,13 @@ def _route(route: model.Route) -> Mapping:
         "sources": [_address_match(match) for match in route.sources],
         "destinations": [_address_match(match) for match in route.destinations],
         "snis": list(route.snis),
+        **({"alpn": list(route.alpn)} if route.alpn else {}),
+        **({"ssl": _without_nones({
+            "client_certificate": (_client_certificate(route.client_certificate)
+                                   if route.client_certificate else None),
+            "alpn": list(route.ssl_alpn) if route.ssl_alpn is not None else None})}
+           if route.client_certificate or route.ssl_alpn is not None else {}),
+        **({"client_identities": list(route.client_identities)} if route.client_identities else {}),
     }
 
 

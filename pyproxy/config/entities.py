@@ -21,6 +21,7 @@ from .model import (
     ActiveHealthcheck,
     AddressMatch,
     CertKey,
+    ClientCertificate,
     Healthchecks,
     PassiveHealthcheck,
     Plugin,
@@ -71,7 +72,12 @@ SERVICE_KEYS = (
     "routes",
 )
 CERT_KEY_KEYS = ("cert", "key")
-ROUTE_KEYS = ("name", "protocols", "sources", "destinations", "snis")
+ROUTE_KEYS = ("name", "protocols", "sources", "destinations", "snis", "alpn", "ssl", "client_identities")
+ROUTE_SSL_KEYS = ("client_certificate", "alpn")
+# The subjectAltName types a route's client_identities may name, as Python's getpeercert() and
+# OpenSSL's text form write them.
+SAN_TYPES = ("DNS", "email", "URI", "IP Address")
+CLIENT_CERTIFICATE_KEYS = ("ca", "verify", "depth", "crl")
 ADDRESS_MATCH_KEYS = ("ip", "port")
 PLUGIN_KEYS = ("name", "route", "service", "config")
 
@@ -89,6 +95,7 @@ class TLSContext:
 
     can_terminate: bool          # a default certificate or at least one certificate
     has_ssl_listener: bool
+    asks_client_certificate: bool = False     # the top-level ssl.client_certificate is set
 
 
 class _UniqueNames:
@@ -126,6 +133,63 @@ def read_snis(report: Report, place: Place, value: object) -> list[tuple[Place, 
         if sni is not None:
             snis.append((item_place, sni))
     return snis
+
+
+def _alpn_protocol(value: object) -> str:
+    """An ALPN protocol ID as IANA registers them (`h2`, `http/1.1`, `postgresql`): 1-255 printable
+    ASCII characters."""
+    name = parse_text(value)
+    if len(name) > 255 or not name.isascii() or not name.isprintable() or " " in name:
+        raise Invalid(f"{describe(name)} is not an ALPN protocol ID (1-255 printable ASCII characters, "
+                      f"no space: h2, http/1.1)")
+    return name
+
+
+def _client_identity(value: object) -> str:
+    """A subject as $ssl_client_s_dn writes it (`CN=alice,O=Example`) or a subjectAltName with its
+    type (`DNS:alice.example`, `email:alice@example.com`, `URI:spiffe://example/alice`,
+    `IP Address:10.0.0.1`)."""
+    text = parse_text(value)
+    kind = text.split(":", 1)[0] if ":" in text else None
+    if kind in SAN_TYPES or ("=" in text and kind is None):
+        return text
+    raise Invalid(f"{describe(text)} is neither a subject (CN=alice,O=Example) nor a subjectAltName "
+                  f"with its type ({', '.join(f'{t}:…' for t in SAN_TYPES)})")
+
+
+def read_alpn(report: Report, place: Place, value: object) -> tuple[str, ...]:
+    """The ALPN protocol IDs of an `alpn` list (ssl.alpn, a route's), in order, each once."""
+    names = [report.convert(item_place, item, _alpn_protocol)
+             for item_place, item in report.items(place, value)]
+    return tuple(dict.fromkeys(name for name in names if name is not None))
+
+
+def read_client_certificate(report: Report, place: Place, value: object,
+                            base: str) -> ClientCertificate | None:
+    """An `ssl.client_certificate` mapping (the top-level `ssl`'s, a route's), or None when wrong."""
+    section = report.section(place, value, CLIENT_CERTIFICATE_KEYS)
+    if section is None:
+        return None
+    defaults = ClientCertificate(ca="")
+    ca = section.get("ca", lambda v: in_folder(base, v), required=True)
+    crl = section.get("crl", lambda v: in_folder(base, v))
+    verify = section.get("verify", _verify_client, defaults.verify)
+    depth = section.get("depth", integer(0, 100), defaults.depth)
+    ca_ok = ca is not None and check_ca_file(report, section.place_of("ca"), ca)
+    crl_ok = crl is None or check_ca_file(report, section.place_of("crl"), crl, "CRLs")
+    if ca is None or not ca_ok or not crl_ok or verify is None or depth is None:
+        return None
+    return ClientCertificate(ca=ca, verify=verify, depth=depth, crl=crl)
+
+
+def _verify_client(value: object) -> str:
+    # YAML reads a bare `on` as true.
+    if value is True or value == "on":
+        return "on"
+    if value == "optional":
+        return "optional"
+    raise Invalid(f"expected on or optional, got {describe(value)} "
+                  "(without client_certificate, no certificate is asked for)")
 
 
 # --- upstreams --------------------------------------------------------------------------------------
@@ -283,7 +347,8 @@ def read_services(report: Report, root: Section, base: str, upstreams: tuple[Ups
         service = _service(report, section, base, upstream_names)
         routes = []
         for route_place, route_value in section.items("routes"):
-            route = _route(report, route_place, route_value, service.name, route_count, tls, route_names)
+            route = _route(report, route_place, route_value, service.name, route_count, tls, route_names,
+                           base)
             route_count += 1
             if route is not None and (service.protocol == "udp") != ("udp" in route.protocols):
                 report.error(route_place, "a udp route belongs to a service with protocol udp, and a "
@@ -395,7 +460,7 @@ def _proxy_protocol_version(value: object) -> str:
 
 
 def _route(report: Report, place: Place, value: object, service: str | None, index: int,
-           tls: TLSContext, names: _UniqueNames) -> Route | None:
+           tls: TLSContext, names: _UniqueNames, base: str) -> Route | None:
     section = report.section(place, value, ROUTE_KEYS)
     if section is None:
         return None
@@ -406,13 +471,45 @@ def _route(report: Report, place: Place, value: object, service: str | None, ind
     sources = _address_matches(report, section, "sources")
     destinations = _address_matches(report, section, "destinations")
     snis = read_snis(report, section.place_of("snis"), section.mapping["snis"]) if section.has("snis") else []
+    alpn = read_alpn(report, section.place_of("alpn"), section.mapping["alpn"]) if section.has("alpn") else ()
+    identities = tuple(dict.fromkeys(
+        identity for identity in (report.convert(item_place, item, _client_identity)
+                                  for item_place, item in section.items("client_identities"))
+        if identity is not None))
+    client_certificate = None
+    ssl_alpn = None
+    if section.has("ssl"):
+        route_ssl = report.section(section.place_of("ssl"), section.mapping["ssl"], ROUTE_SSL_KEYS)
+        if route_ssl is not None:
+            if route_ssl.has("alpn"):
+                ssl_alpn = read_alpn(report, route_ssl.place_of("alpn"), route_ssl.mapping["alpn"])
+                if protocols is not None and "tls" not in protocols:
+                    report.error(route_ssl.place_of("alpn"), "ssl.alpn needs a tls route: a passthrough "
+                                                             "route's upstream selects the protocol")
+            client_certificate = route_ssl.nested(
+                "client_certificate", lambda r, p, v: read_client_certificate(r, p, v, base))
+            if client_certificate is not None and protocols is not None and "tls" not in protocols:
+                report.error(route_ssl.place_of("client_certificate"),
+                             "ssl.client_certificate needs a tls route: a passthrough route never sees "
+                             "the client's certificate")
+    if identities and protocols is not None:
+        if "tls" not in protocols:
+            report.error(section.place_of("client_identities"),
+                         "client_identities need a tls route: a passthrough route never sees the client's "
+                         "certificate")
+        elif client_certificate is None and not tls.asks_client_certificate:
+            report.error(section.place_of("client_identities"),
+                         "client_identities match a verified client certificate: set ssl.client_certificate "
+                         "(the route's or the top-level one)")
     if protocols is not None:
         _check_route_rules(report, section, protocols, tls)
     if name is None or protocols is None or service is None:
         return None
     return Route(name=name, service=service, protocols=protocols, sources=sources,
-                 destinations=destinations, snis=tuple(dict.fromkeys(sni for _, sni in snis)),
-                 index=index, line=place.line)
+                 destinations=destinations, snis=tuple(dict.fromkeys(sni for _, sni in snis)), alpn=alpn,
+                 client_certificate=client_certificate, ssl_alpn=ssl_alpn, client_identities=identities,
+                 index=index,
+                 line=place.line)
 
 
 def _route_protocols(report: Report, place: Place, value: object) -> tuple[str, ...] | None:
@@ -449,6 +546,8 @@ def _check_route_rules(report: Report, section: Section, protocols: tuple[str, .
                             "not both")
     if given("snis") and protocols in (("tcp",), ("udp",)):
         report.error(section.place_of("snis"), "snis need TLS: add tls or tls_passthrough to protocols")
+    if given("alpn") and protocols == ("tcp",):
+        report.error(section.place_of("alpn"), "alpn needs TLS: add tls or tls_passthrough to protocols")
     if "tls" in protocols and not tls.can_terminate:
         report.error(where, "a tls route terminates TLS, but there is no certificate: "
                             "add ssl.default_certificate or certificates")

@@ -79,6 +79,7 @@ class Certificate:
     cert: str
     key: str
     snis: tuple[str, ...] = ()    # lower-cased; empty = the names inside the certificate
+    ocsp_response: str | None = None     # absolute path of a DER OCSP response stapled with it
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,7 @@ class SSLSettings:
     default_certificate: CertKey | None = None
     client_certificate: ClientCertificate | None = None
     preread_timeout: float = 5.0       # seconds to receive a whole ClientHello
+    alpn: tuple[str, ...] = ()         # ALPN protocols a terminating handshake selects from, preferred first
     handshake_timeout: float = 10.0
 
 
@@ -224,6 +226,14 @@ class Route:
     sources: tuple[AddressMatch, ...] = ()
     destinations: tuple[AddressMatch, ...] = ()
     snis: tuple[str, ...] = ()    # lower-cased; "*.example.com" or "example.*" wildcards allowed
+    alpn: tuple[str, ...] = ()    # matches a ClientHello offering one of these ALPN protocols
+    # `ssl.client_certificate` of a tls route: its clients' certificates, instead of the top-level one
+    client_certificate: ClientCertificate | None = None
+    # `ssl.alpn` of a tls route: the protocols its handshakes select from, instead of the top-level ones
+    ssl_alpn: tuple[str, ...] | None = None
+    # matches a verified client certificate whose subject (RFC 2253) or a subjectAltName
+    # ("DNS:a.example") is one of these; known only after the handshake (see Session.route_phase)
+    client_identities: tuple[str, ...] = ()
     index: int = 0                # position in the file over all services: ties go to the first written
     line: int = 0
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
 from pyproxy.addresses import host_port, is_ip_address, wildcard_addresses
+from pyproxy.tls.ocsp import OCSPResponseError, read_response
 
 from . import entities
 from .errors import ConfigIssue, Invalid, describe
@@ -28,7 +29,6 @@ from .model import (
     LOG_LEVELS,
     WORKER_SCHED_POLICIES,
     Certificate,
-    ClientCertificate,
     Config,
     DnsSettings,
     GatewaySettings,
@@ -37,7 +37,7 @@ from .model import (
     SSLSettings,
 )
 from .sections import Place, Report, Section
-from .tlsfiles import DecodedCertificate, certificate_names, check_ca_file
+from .tlsfiles import DecodedCertificate, certificate_names
 from .values import (
     Converter,
     did_you_mean,
@@ -69,9 +69,8 @@ TOP_LEVEL_KEYS = (
     "admin_token",
 )
 SSL_KEYS = ("protocols", "ciphers", "default_certificate", "client_certificate", "preread_timeout",
-            "handshake_timeout")
-CLIENT_CERTIFICATE_KEYS = ("ca", "verify", "depth", "crl")
-CERTIFICATE_KEYS = ("cert", "key", "snis")
+            "handshake_timeout", "alpn")
+CERTIFICATE_KEYS = ("cert", "key", "snis", "ocsp_response")
 GATEWAY_KEYS = ("paths", "address", "runtime_dir", "controller_name", "kubernetes")
 KUBERNETES_KEYS = ("kubeconfig", "context", "in_cluster", "namespaces", "lease_name", "lease_namespace",
                    "lease_duration", "lease_retry")
@@ -150,6 +149,7 @@ def build_config(report: Report, document: object) -> Config | None:
     tls = entities.TLSContext(
         can_terminate=bool(certificates) or ssl_settings.default_certificate is not None,
         has_ssl_listener=any(listen.ssl for listen in stream_listen),
+        asks_client_certificate=ssl_settings.client_certificate is not None,
     )
     services = entities.read_services(report, root, base, upstreams, tls)
     plugin_modules, plugin_types = _plugin_modules(report, root)
@@ -623,9 +623,11 @@ def _ssl_settings(report: Report, place: Place, value: object, base: str) -> SSL
         ciphers=section.get("ciphers", _cipher_list, defaults.ciphers),
         default_certificate=default_certificate,
         client_certificate=section.nested("client_certificate",
-                                          lambda r, p, v: _client_certificate(r, p, v, base)),
+                                          lambda r, p, v: entities.read_client_certificate(r, p, v, base)),
         preread_timeout=section.get("preread_timeout", positive_duration, defaults.preread_timeout),
         handshake_timeout=section.get("handshake_timeout", positive_duration, defaults.handshake_timeout),
+        alpn=entities.read_alpn(report, section.place_of("alpn"), section.mapping["alpn"])
+        if section.has("alpn") else defaults.alpn,
     )
 
 
@@ -653,32 +655,6 @@ def _cipher_list(value: object) -> str:
     return ciphers
 
 
-def _client_certificate(report: Report, place: Place, value: object, base: str) -> ClientCertificate | None:
-    section = report.section(place, value, CLIENT_CERTIFICATE_KEYS)
-    if section is None:
-        return None
-    defaults = ClientCertificate(ca="")
-    ca = section.get("ca", lambda v: in_folder(base, v), required=True)
-    crl = section.get("crl", lambda v: in_folder(base, v))
-    verify = section.get("verify", _verify_client, defaults.verify)
-    depth = section.get("depth", integer(0, 100), defaults.depth)
-    ca_ok = ca is not None and check_ca_file(report, section.place_of("ca"), ca)
-    crl_ok = crl is None or check_ca_file(report, section.place_of("crl"), crl, "CRLs")
-    if ca is None or not ca_ok or not crl_ok or verify is None or depth is None:
-        return None
-    return ClientCertificate(ca=ca, verify=verify, depth=depth, crl=crl)
-
-
-def _verify_client(value: object) -> str:
-    # YAML reads a bare `on` as true.
-    if value is True or value == "on":
-        return "on"
-    if value == "optional":
-        return "optional"
-    raise Invalid(f"expected on or optional, got {describe(value)} "
-                  "(without client_certificate, no certificate is asked for)")
-
-
 def _certificates(report: Report, root: Section, base: str) -> tuple[Certificate, ...]:
     certificates: list[Certificate] = []
     owner: dict[str, tuple[int, int]] = {}     # SNI → (index, line) of the first certificate serving it
@@ -698,10 +674,22 @@ def _certificates(report: Report, root: Section, base: str) -> tuple[Certificate
             if first_index != index:
                 report.error(sni_place, f"server name {sni!r} is already served by the certificate "
                                         f"at line {first_line}")
+        ocsp = section.get("ocsp_response", lambda v: _ocsp_response_file(base, v))
         if files is not None:
             unique_snis = tuple(dict.fromkeys(sni for _, sni in snis))
-            certificates.append(Certificate(cert=files[0], key=files[1], snis=unique_snis))
+            certificates.append(Certificate(cert=files[0], key=files[1], snis=unique_snis,
+                                            ocsp_response=ocsp))
     return tuple(certificates)
+
+
+def _ocsp_response_file(base: str, value: object) -> str:
+    """An OCSP response file that is there and DER (it is read again whenever it changes)."""
+    path = in_folder(base, value)
+    try:
+        read_response(path)
+    except OCSPResponseError as problem:
+        raise Invalid(str(problem)) from None
+    return path
 
 
 def _names_inside(report: Report, place: Place, decoded: DecodedCertificate) -> list[tuple[Place, str]]:

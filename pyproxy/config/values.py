@@ -27,7 +27,7 @@ ACCESS_LOG_VARIABLES = (
     "remote_addr", "remote_port", "server_addr", "server_port", "protocol", "status", "bytes_sent",
     "bytes_received", "session_time", "upstream_addr", "upstream_bytes_sent", "upstream_bytes_received",
     "upstream_connect_time", "ssl_server_name", "ssl_protocol", "ssl_cipher", "ssl_client_verify",
-    "ssl_client_s_dn", "ssl_client_fingerprint", "route", "service",
+    "ssl_client_s_dn", "ssl_client_fingerprint", "route", "service", "ssl_alpn_protocol",
     "time_local", "time_iso8601", "connection", "pid",
 )
 

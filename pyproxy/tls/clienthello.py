@@ -67,6 +67,7 @@ __all__ = [
     "MAX_RECORD_LENGTH",
     "ClientHello",
     "ClientHelloError",
+    "StartTLSRequest",
     "is_grease",
     "parse_client_hello",
 ]
@@ -130,6 +131,13 @@ _CONTENT_TYPE_NAMES = {
 
 class ClientHelloError(ValueError):
     """The bytes are not (the beginning of) a valid TLS ClientHello."""
+
+
+class StartTLSRequest(ClientHelloError):
+    """The stream starts with a 0x00 byte: not a ClientHello, but it may be a request to start TLS
+    that a protocol sends before its ClientHello (PostgreSQL's SSLRequest, which begins with its
+    uint32 length, 8). The caller that knows such requests looks at the bytes; to any other this is
+    the ClientHelloError it always was."""
 
 
 def is_grease(value: int) -> bool:
@@ -340,7 +348,8 @@ def _check_record_header(data: Data, offset: int, available: int, number: int) -
     content_type = data[offset]
     if content_type != CONTENT_TYPE_HANDSHAKE:
         if number == 1:
-            raise ClientHelloError(_describe_first_byte(content_type))
+            error = StartTLSRequest if content_type == 0 else ClientHelloError
+            raise error(_describe_first_byte(content_type))
         raise ClientHelloError(
             f"record #{number} has content type {_content_type_name(content_type)},"
             " but the ClientHello is not complete"

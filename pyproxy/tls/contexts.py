@@ -22,7 +22,7 @@ from collections.abc import Callable, Hashable
 from functools import partial
 
 from pyproxy.addresses import is_ip_address
-from pyproxy.config.model import Config, Service, SSLSettings
+from pyproxy.config.model import ClientCertificate, Config, Route, Service, SSLSettings
 from pyproxy.loop import Loop
 from pyproxy.tls.stream import TLSStream, UpstreamTLSStream
 
@@ -34,8 +34,13 @@ _VERSIONS = {
 }
 
 
-def _server_context(settings: SSLSettings, cert: str | None, key: str | None) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+def _server_context(settings: SSLSettings, client: ClientCertificate | None, alpn: tuple[str, ...],
+                    cert: str | None, key: str | None, ocsp: str | None = None) -> ssl.SSLContext:
+    if ocsp is None:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    else:
+        from pyproxy.tls.stapling import StaplingContext  # ctypes: only where a response is stapled
+        ctx = StaplingContext(ocsp)
     versions = [_VERSIONS[p] for p in settings.protocols]
     if ssl.TLSVersion.TLSv1 in versions or ssl.TLSVersion.TLSv1_1 in versions:
         ctx.set_ciphers(settings.ciphers + ":@SECLEVEL=0")    # old protocols need OpenSSL's level 0
@@ -51,7 +56,6 @@ def _server_context(settings: SSLSettings, cert: str | None, key: str | None) ->
     # One TLS 1.3 session ticket per handshake (OpenSSL sends two): a resuming client uses one,
     # and gets a fresh one on every connection. Go's TLS server sends one too.
     ctx.num_tickets = 1
-    client = settings.client_certificate
     if client is not None:
         # Every context asks: the one SNI switches to verifies with its own store and the listening
         # context's mode. Depth is checked after the handshake (Python cannot set OpenSSL's).
@@ -60,6 +64,10 @@ def _server_context(settings: SSLSettings, cert: str | None, key: str | None) ->
         if client.crl is not None:
             ctx.load_verify_locations(cafile=client.crl)
             ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+    if alpn:
+        # Selected by OpenSSL in the handshake (the first of ours the client offers), on whichever
+        # context SNI switched to: every server context of a ServerTLS offers the same.
+        ctx.set_alpn_protocols(list(alpn))
     if cert is not None:
         ctx.load_cert_chain(cert, key)
     return ctx
@@ -100,52 +108,68 @@ class ContextCache:
         return ctx
 
 
-def _server_key(kind: str, settings: SSLSettings, cert: str | None, key: str | None) -> Hashable:
+def _server_key(kind: str, settings: SSLSettings, client: ClientCertificate | None, alpn: tuple[str, ...],
+                cert: str | None, key: str | None, ocsp: str | None = None) -> Hashable:
     files = (cert, file_digest(cert), key, file_digest(key)) if cert is not None and key is not None else ()
-    client = settings.client_certificate
     verify = (() if client is None else
               (client.verify, client.ca, file_digest(client.ca),
                client.crl, file_digest(client.crl) if client.crl is not None else None))
-    return (kind, settings.protocols, settings.ciphers, files, verify)
+    # The response file's path only: its content is read again when it changes (Staple).
+    return (kind, settings.protocols, settings.ciphers, alpn, files, verify, ocsp)
 
 
-def default_certificate_files(config: Config) -> tuple[str | None, str | None]:
-    """The certificate and key served without a matching SNI: `ssl.default_certificate`, else the
-    first of `certificates` (as nginx serves its first), else none (no handshake can complete)."""
+def default_certificate_files(config: Config) -> tuple[str | None, str | None, str | None]:
+    """The certificate, key and OCSP response file served without a matching SNI:
+    `ssl.default_certificate`, else the first of `certificates` (as nginx serves its first), else
+    none (no handshake can complete)."""
     default = config.ssl.default_certificate
     if default is not None:
-        return default.cert, default.key
+        return default.cert, default.key, None
     if config.certificates:
-        return config.certificates[0].cert, config.certificates[0].key
-    return None, None
+        first = config.certificates[0]
+        return first.cert, first.key, first.ocsp_response
+    return None, None, None
 
 
 class ServerTLS:
-    """Everything a worker needs to terminate TLS: the listening context and the SNI → context map."""
+    """Everything a worker needs to terminate TLS: the listening context and the SNI → context map.
 
-    def __init__(self, config: Config, cache: ContextCache):
+    The listener's asks clients for the certificate `ssl.client_certificate` says and selects ALPN
+    from `ssl.alpn`; each route with an `ssl` of its own has a ServerTLS made with its
+    `client_certificate` and `alpn` in their place (`routes`, by route name), whose contexts are
+    the listener's when both are the same."""
+
+    def __init__(self, config: Config, cache: ContextCache, route: Route | None = None):
         settings = config.ssl
-        cert, key = default_certificate_files(config)
+        cert, key, ocsp = default_certificate_files(config)
         self.has_default = cert is not None       # a certificate for clients whose SNI has none
         client = settings.client_certificate
+        alpn = settings.alpn
+        if route is not None:
+            client = route.client_certificate or client
+            alpn = route.ssl_alpn if route.ssl_alpn is not None else alpn
         # The depth a client's chain may have, when clients are asked for a certificate.
         self.client_depth: int | None = client.depth if client is not None else None
         # The listening context carries the session-ticket keys (OpenSSL encrypts tickets with the
         # keys of the context the handshake began on, whatever context SNI switches to): kept while
         # the default certificate and the settings are, sessions resume across reloads. It serves
         # clients without SNI or with a name no certificate has.
-        self.context = cache.get(_server_key("listen", settings, cert, key),
-                                 partial(_server_context, settings, cert, key))
+        self.context = cache.get(_server_key("listen", settings, client, alpn, cert, key, ocsp),
+                                 partial(_server_context, settings, client, alpn, cert, key, ocsp))
         self.exact: dict[str, ssl.SSLContext] = {}
         self.wildcards: list[tuple[str, ssl.SSLContext]] = []
         for certificate in config.certificates:
-            ctx = cache.get(_server_key("sni", settings, certificate.cert, certificate.key),
-                            partial(_server_context, settings, certificate.cert, certificate.key))
+            files = (certificate.cert, certificate.key, certificate.ocsp_response)
+            ctx = cache.get(_server_key("sni", settings, client, alpn, *files),
+                            partial(_server_context, settings, client, alpn, *files))
             for name in certificate.snis:
                 if name.startswith("*.") or name.endswith(".*"):
                     self.wildcards.append((name, ctx))
                 else:
                     self.exact.setdefault(name, ctx)
+        self.routes: dict[str, ServerTLS] = {} if route is not None else {
+            r.name: ServerTLS(config, cache, r) for r in config.routes
+            if (r.client_certificate is not None or r.ssl_alpn is not None) and "tls" in r.protocols}
 
     def install(self) -> None:
         """Point the listening context's SNI callback at this generation's names. The context may be
@@ -154,6 +178,8 @@ class ServerTLS:
         sets the callback, so a reload that fails leaves nothing holding on to its contexts."""
         # Only with per-name certificates: a Python callback on every handshake otherwise.
         self.context.sni_callback = self._on_sni if self.exact or self.wildcards else None
+        for route_tls in self.routes.values():
+            route_tls.install()
 
     def context_for(self, server_name: str | None) -> ssl.SSLContext | None:
         """The context of the certificate for this name, or None for the default certificate."""

@@ -111,17 +111,17 @@ services:
 """
 
 
-def exchange(port: int, cert: tuple[Path, Path] | None) -> bytes:
-    """What a client presenting `cert` (or none) reads first through the proxy; b"" when the
-    proxy refused it. In TLS 1.3 the server checks the client's certificate after the client's
-    side of the handshake is done, so a refusal shows at the first read."""
+def exchange(port: int, cert: tuple[Path, Path] | None, name: str = "mtls.example") -> bytes:
+    """What a client asking for `name` and presenting `cert` (or none) reads first through the
+    proxy; b"" when the proxy refused it. In TLS 1.3 the server checks the client's certificate
+    after the client's side of the handshake is done, so a refusal shows at the first read."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     if cert is not None:
         ctx.load_cert_chain(str(cert[0]), str(cert[1]))
     with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
-            ctx.wrap_socket(raw, server_hostname="mtls.example") as sock:
+            ctx.wrap_socket(raw, server_hostname=name) as sock:
         try:
             return recv_line(sock)
         except (ssl.SSLError, ConnectionResetError):

@@ -44,6 +44,15 @@ def networks(draw):
 entries = st.builds(AddressMatch, network=st.one_of(st.none(), networks()),
                     port=st.one_of(st.none(), st.sampled_from(PORTS)))
 protocols = st.sampled_from([("tcp",), ("tls",), ("tls_passthrough",), ("tcp", "tls")])
+ALPN = ["h2", "http/1.1", "postgresql", "acme-tls/1"]
+route_alpn = st.lists(st.sampled_from(ALPN), max_size=2).map(lambda names: tuple(dict.fromkeys(names)))
+# A client's list: as the parser gives it (any order, repeats possible from a hostile client).
+client_alpn = st.lists(st.sampled_from([*ALPN, "spdy/3"]), max_size=4).map(tuple)
+IDENTITIES = ["CN=alice", "CN=bob,O=Example", "DNS:alice.example", "URI:spiffe://example/bob"]
+route_identities = st.lists(st.sampled_from(IDENTITIES), max_size=2).map(
+    lambda names: tuple(dict.fromkeys(names)))
+# Before the handshake (None: client_identities taken as matching), or a verified certificate's.
+client_identity = st.one_of(st.none(), st.frozensets(st.sampled_from([*IDENTITIES, "CN=carol"]), max_size=3))
 
 
 # Few patterns, nested and repeated: ties between routes found under different keys.
@@ -62,26 +71,29 @@ def route_sets(draw, max_size=30, patterns=patterns):
             sources=tuple(draw(st.lists(entries, max_size=3))),
             destinations=tuple(draw(st.lists(entries, max_size=3))),
             snis=tuple(draw(st.lists(patterns, max_size=3))),
+            alpn=draw(route_alpn),
+            client_identities=draw(route_identities),
             index=draw(st.integers(0, 10))))          # repeated indexes: the order given breaks the tie
     return tuple(routes)
 
 
 # A wildcard listener's local address, or None: not asked for (no route of the listener looks at it).
 sessions = st.tuples(st.sampled_from(V4 + V6), st.sampled_from(PORTS),
-                     st.one_of(st.none(), st.sampled_from(V4 + V6)), st.one_of(st.none(), client_names))
+                     st.one_of(st.none(), st.sampled_from(V4 + V6)), st.one_of(st.none(), client_names),
+                     client_alpn, client_identity)
 
 
 def answers(routes, listen, session):
     """(linear answer, indexed answer) for one session on one listener."""
-    src_text, src_port, local_text, sni = session
+    src_text, src_port, local_text, sni, alpn, identity = session
     candidates = Router(routes, (listen,)).for_listener(listen).candidates
     src = parsed_address(src_text)
     if not listen.wildcard:
         dst = parsed_address(listen.host)
     else:
         dst = parsed_address(local_text) if local_text is not None else UNKNOWN
-    return (select_linear(candidates, src[0], src_port, dst[0], listen.port, sni),
-            RouteIndex(candidates).select(src, src_port, dst, listen.port, sni))
+    return (select_linear(candidates, src[0], src_port, dst[0], listen.port, sni, alpn, identity),
+            RouteIndex(candidates).select(src, src_port, dst, listen.port, sni, alpn, identity))
 
 
 @fuzz
@@ -94,8 +106,8 @@ def test_index_picks_what_scoring_every_route_picks(routes, listen, session_list
 
 @fuzz
 @given(route_sets(max_size=12, patterns=st.sampled_from(CROWDED)), st.sampled_from(LISTENS),
-       st.lists(st.tuples(st.sampled_from(V4), st.sampled_from(PORTS), st.none(), crowded_names),
-                min_size=1, max_size=8))
+       st.lists(st.tuples(st.sampled_from(V4), st.sampled_from(PORTS), st.none(), crowded_names,
+                          client_alpn, client_identity), min_size=1, max_size=8))
 def test_crowded_names_pick_the_same_route(routes, listen, session_list):
     for session in session_list:
         linear, indexed = answers(routes, listen, session)
@@ -116,7 +128,8 @@ def test_sessions_that_hit_routes_pick_the_same_route(routes, data):
     for _ in range(4):
         session = (data.draw(st.sampled_from(pool_addresses)), data.draw(st.sampled_from(PORTS)),
                    data.draw(st.one_of(st.none(), st.sampled_from(pool_addresses))),
-                   data.draw(st.one_of(st.none(), st.sampled_from(pool_names))))
+                   data.draw(st.one_of(st.none(), st.sampled_from(pool_names))),
+                   data.draw(client_alpn), data.draw(client_identity))
         linear, indexed = answers(routes, listen, session)
         assert indexed is linear
 
