@@ -12,6 +12,7 @@ and its errors become Kong's 400.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import re
 import tempfile
@@ -171,12 +172,15 @@ class StateFile:
         return True
 
     def tell_health(self, upstream: str, addresses: list[tuple[str, int]], healthy: bool) -> None:
-        """`PUT /upstreams/{u}/targets/{t}/healthy|unhealthy`: told to every worker."""
+        """`PUT /upstreams/{u}/targets/{t}/healthy|unhealthy`: told to every worker, and stored as the
+        target's health too, so that a generation booting meanwhile (whose workers take the health
+        the table holds, not the Admin API's events) starts with it."""
         state = ADMIN_HEALTHY if healthy else ADMIN_UNHEALTHY
         for address in addresses:
-            if self.health is None or not self.health.tell(HealthTable.key(upstream, host_port(*address)),
-                                                           health=state):
+            key = HealthTable.key(upstream, host_port(*address))
+            if self.health is None or not self.health.tell(key, health=state):
                 raise ApiError(500, {"message": "the workers' health table is full or busy"})
+            self.health.store(key, 0.0 if healthy else math.inf)
 
 
 def reweighed(before: Document, after: Document) -> dict[str, int] | None:
