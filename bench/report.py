@@ -71,7 +71,7 @@ def build_rows(runs: list[Run]) -> list[Row]:
                   to_direct)
         if metric.target is not None:
             row.target = metric.target.describe()
-            met = metric.target.met(ratios["pyproxy"], to_direct)
+            met = metric.target.met(ratios["pyproxy"], to_direct, values["pyproxy"])
             row.verdict = "NO DATA" if met is None else ("PASS" if met else "FAIL")
         rows.append(row)
         if metric.overhead_row and values["direct"] is not None:

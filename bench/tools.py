@@ -113,3 +113,55 @@ def run_iperf3(host: str, port: int, *, streams: int, duration: int, total_bytes
                 raise
             time.sleep(IPERF_BUSY_WAIT)
     raise AssertionError("unreachable")
+
+
+def parse_redis_benchmark_csv(text: str) -> dict[str, float]:
+    """{test name in lower case: requests per second} from `redis-benchmark --csv`."""
+    rates = {}
+    for line in text.splitlines():
+        fields = [field.strip('"') for field in line.split(",")]
+        if len(fields) >= 2 and fields[0] != "test":
+            try:
+                rates[fields[0].lower()] = float(fields[1])
+            except ValueError:
+                continue
+    if not rates:
+        raise ToolError(f"redis-benchmark printed no result:\n{text[-2000:]}")
+    return rates
+
+
+def run_redis_benchmark(host: str, port: int, *, requests: int, pipeline: int = 16,
+                        clients: int = 50, timeout: float = 120.0) -> dict[str, float]:
+    """`redis-benchmark -P pipeline -t set,get -n requests` against host:port: {"set": ops/s, "get": …}."""
+    argv = ["redis-benchmark", "-h", host, "-p", str(port), "-P", str(pipeline), "-c", str(clients),
+            "-t", "set,get", "-n", str(requests), "--csv"]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise ToolError(f"redis-benchmark did not finish within {timeout:.0f}s") from None
+    if done.returncode != 0:
+        raise ToolError(f"redis-benchmark exited with {done.returncode}:\n{done.stderr[-1000:]}")
+    return parse_redis_benchmark_csv(done.stdout)
+
+
+def parse_pgbench(text: str) -> float:
+    """The transactions per second pgbench reports (without the initial connection time)."""
+    for line in text.splitlines():
+        if line.startswith("tps = "):
+            return float(line.split()[2])
+    raise ToolError(f"pgbench printed no tps:\n{text[-2000:]}")
+
+
+def run_pgbench(host: str, port: int, *, user: str, database: str, seconds: int, clients: int = 8,
+                threads: int = 2) -> dict[str, float]:
+    """Select-only pgbench (`-S`) for `seconds`: {"tps": …, "transactions": …}."""
+    argv = ["pgbench", "-h", host, "-p", str(port), "-U", user, "-c", str(clients), "-j", str(threads),
+            "-T", str(seconds), "-S", "-n", database]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + TOOL_GRACE)
+    except subprocess.TimeoutExpired:
+        raise ToolError(f"pgbench did not finish within {seconds + TOOL_GRACE:.0f}s") from None
+    if done.returncode != 0:
+        raise ToolError(f"pgbench exited with {done.returncode}:\n{done.stdout[-500:]}{done.stderr[-1000:]}")
+    tps = parse_pgbench(done.stdout)
+    return {"tps": tps}
