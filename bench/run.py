@@ -380,18 +380,31 @@ class Bench:
             return self.iperf3(scenario, target)
         if scenario.tool == "tlsbulk":
             return self.tls_bulk(scenario, target)
-        if scenario.tool == "redis":
-            rates = run_redis_benchmark(LOOPBACK, self.layout.front(target).redis,
-                                        requests=self.settings.redis_requests)
-            return {"set": rates["set"], "get": rates["get"]}
-        if scenario.tool == "pgbench":
-            return run_pgbench(LOOPBACK, self.layout.front(target).postgres, user=PG_USER,
-                               database=PG_DATABASE, seconds=self.duration(scenario))
+        if scenario.tool in ("redis", "pgbench"):
+            return self.database(scenario, target)
         if scenario.tool == "tlssni":
             return self.tls_sni(scenario, target)
         if scenario.tool == "reload":
             return self.reload(target)
         return self.idle(scenario, target)
+
+    def database(self, scenario: Scenario, target: str) -> dict[str, float]:
+        """redis-benchmark or pgbench through `target`, and the proxy's CPU per operation."""
+        server = self.fleet.servers.get(target)             # None for direct
+        cpu_before = total_cpu_seconds(server.processes()) if server else 0.0
+        if scenario.tool == "redis":
+            rates = run_redis_benchmark(LOOPBACK, self.layout.front(target).redis,
+                                        requests=self.settings.redis_requests)
+            measures = {"set": rates["set"], "get": rates["get"]}
+            operations = 2 * self.settings.redis_requests
+        else:
+            measures = run_pgbench(LOOPBACK, self.layout.front(target).postgres, user=PG_USER,
+                                   database=PG_DATABASE, seconds=self.duration(scenario))
+            operations = int(measures["transactions"])
+        if server:
+            cpu = total_cpu_seconds(server.processes()) - cpu_before
+            measures["cpu_us_per_op"] = cpu / operations * 1e6
+        return measures
 
     def tlsload(self, *args: str, timeout: float) -> dict[str, float]:
         """Run `python -m bench.tlsload ARGS` and return the JSON it prints."""

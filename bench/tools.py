@@ -144,12 +144,18 @@ def run_redis_benchmark(host: str, port: int, *, requests: int, pipeline: int = 
     return parse_redis_benchmark_csv(done.stdout)
 
 
-def parse_pgbench(text: str) -> float:
-    """The transactions per second pgbench reports (without the initial connection time)."""
+def parse_pgbench(text: str) -> dict[str, float]:
+    """The transactions per second pgbench reports (without the initial connection time) and the
+    number of transactions."""
+    figures = {}
     for line in text.splitlines():
         if line.startswith("tps = "):
-            return float(line.split()[2])
-    raise ToolError(f"pgbench printed no tps:\n{text[-2000:]}")
+            figures["tps"] = float(line.split()[2])
+        elif line.startswith("number of transactions actually processed: "):
+            figures["transactions"] = float(line.split(": ")[1].split("/")[0])
+    if len(figures) < 2:
+        raise ToolError(f"pgbench printed no tps:\n{text[-2000:]}")
+    return figures
 
 
 def run_pgbench(host: str, port: int, *, user: str, database: str, seconds: int, clients: int = 8,
@@ -163,5 +169,4 @@ def run_pgbench(host: str, port: int, *, user: str, database: str, seconds: int,
         raise ToolError(f"pgbench did not finish within {seconds + TOOL_GRACE:.0f}s") from None
     if done.returncode != 0:
         raise ToolError(f"pgbench exited with {done.returncode}:\n{done.stdout[-500:]}{done.stderr[-1000:]}")
-    tps = parse_pgbench(done.stdout)
-    return {"tps": tps}
+    return parse_pgbench(done.stdout)
