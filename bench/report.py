@@ -159,7 +159,7 @@ def markdown_report(rows: list[Row], machine: dict, settings: dict, notes: list[
     ]
     if notes:
         parts += ["", "## Notes", "", *(f"- {note}" for note in notes)]
-    parts += ["", "Reproduce with `make bench` (about 9 minutes; `make bench-smoke` for a quick check)."]
+    parts += ["", "Reproduce with `make bench` (about 16 minutes; `make bench-smoke` for a quick check)."]
     return "\n".join(parts) + "\n"
 
 

@@ -1,6 +1,6 @@
 """`make bench`: pyproxy against nginx stream and HAProxy (mode tcp), with the same workers, in one run.
 
-    python -m bench.run                     # the full comparison (about 9 minutes)
+    python -m bench.run                     # the full comparison (about 16 minutes)
     python -m bench.run --quick             # one short round of everything (`make bench-smoke`)
     python -m bench.run --only keepalive --rounds 5
 
