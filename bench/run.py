@@ -312,7 +312,7 @@ class Bench:
     """Runs measurements against the started servers."""
 
     def __init__(self, fleet: Fleet, layout: Layout, settings: Settings, fresh: FreshProxies | None,
-                 extras: Extras):
+                 extras: Extras | None = None):
         self.fleet = fleet
         self.layout = layout
         self.settings = settings
@@ -325,6 +325,7 @@ class Bench:
     def prepare(self, scenario: Scenario) -> None:
         """Start what `scenario` needs that is not running yet."""
         up, extras = self.layout.upstream, self.extras
+        assert extras is not None, "main() gives the Bench its Extras (bench.profile runs wrk scenarios only)"
         if scenario.tool == "redis" and "redis" not in extras.started:
             start_redis(self.fleet, up.redis, extras.folder)
             extras.started.add("redis")
