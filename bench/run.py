@@ -734,6 +734,13 @@ def main(argv=None) -> int:
         "loopback TCP work done in the proxy's system calls is included, as it is for every proxy.",
         "Latency with one connection (its p99 above all) moves with anything else running on the machine; "
         "each round's figure is in the JSON (results[].runs).",
+        "tls-sni-10k: proxies of their own with 10,000 SNI routes and 1,000 certificates; nginx 1.22 (no "
+        "`server_name` in its stream module) takes `ssl_certificate` from a map of $ssl_server_name and "
+        "reads the files on every handshake; HAProxy a crt-list; pyproxy `certificates`. The rate is "
+        "bounded by the 4 client processes: compare the CPU per connection.",
+        "reload-10k and idle-memory-9k: nginx and pyproxy only (HAProxy is one process: 18,000 sessions "
+        "need more descriptors than `ulimit -n` gives it, and it reloads on SIGHUP only in master-worker "
+        "mode).",
     ]
     failed = [run for run in runs if run.error]
     if failed:
