@@ -147,6 +147,19 @@ http {{
 """
 
 
+def nginx_stream_head(folder: str, name: str, workers: int, connections: int = NGINX_CONNECTIONS) -> str:
+    """The lines before `stream {` of an nginx stream proxy run as server `name` (its pid file and
+    error log are named after it), with `connections` a worker (each proxied session takes two)."""
+    return f"""load_module {NGINX_STREAM_MODULE};
+worker_processes {workers};
+worker_rlimit_nofile {NOFILE};
+pid {folder}/{name}.pid;
+daemon off;
+error_log {folder}/{name}.error.log warn;
+events {{ worker_connections {connections}; }}
+"""
+
+
 def nginx_stream_conf(folder: str, layout: Layout, cert: Certificate, workers: int,
                       connections: int = NGINX_CONNECTIONS) -> str:
     """nginx's stream module in front of the upstreams (`reuseport`: one accept queue per worker, as
@@ -154,14 +167,7 @@ def nginx_stream_conf(folder: str, layout: Layout, cert: Certificate, workers: i
     front, up = layout.front("nginx"), layout.upstream
     listen = f"reuseport backlog={LISTEN_BACKLOG}"
     return f"""# nginx stream proxy for the benchmark.
-load_module {NGINX_STREAM_MODULE};
-worker_processes {workers};
-worker_rlimit_nofile {NOFILE};
-pid {folder}/nginx.pid;
-daemon off;
-error_log {folder}/nginx.error.log warn;
-events {{ worker_connections {connections}; }}   # each proxied session takes two
-stream {{
+{nginx_stream_head(folder, "nginx", workers, connections)}stream {{
     proxy_timeout {IDLE_TIMEOUT};
     server {{ listen {LOOPBACK}:{front.http} {listen}; proxy_pass {LOOPBACK}:{up.http}; }}
     server {{
@@ -222,6 +228,18 @@ BULK_CONGESTION = "cubic" if congestion_control_refused("cubic") is None else No
 BULK_SERVICE_EXTRA = f"\n    tcp_congestion: {BULK_CONGESTION}" if BULK_CONGESTION else ""
 
 
+def pyproxy_head(folder: str, name: str, workers: int) -> str:
+    """The process settings of a pyproxy run as server `name` (its pid file and error log are named
+    after it)."""
+    return f"""worker_processes: {workers}
+worker_connections: 16384
+pid: {folder}/{name}.pid
+error_log: {folder}/{name}.error.log
+log_level: notice
+access_log: off
+"""
+
+
 def pyproxy_conf(folder: str, layout: Layout, cert: Certificate, workers: int) -> str:
     """pyproxy with one service per upstream, routed by listener port; TLS terminated on the https port."""
     front, up = layout.front("pyproxy"), layout.upstream
@@ -240,13 +258,7 @@ def pyproxy_conf(folder: str, layout: Layout, cert: Certificate, workers: int) -
 """
 
     return f"""# pyproxy for the benchmark.
-worker_processes: {workers}
-worker_connections: 16384
-pid: {folder}/pyproxy.pid
-error_log: {folder}/pyproxy.error.log
-log_level: notice
-access_log: off
-
+{pyproxy_head(folder, "pyproxy", workers)}
 stream_listen:
   - {LOOPBACK}:{front.http} backlog={LISTEN_BACKLOG}
   - {LOOPBACK}:{front.https} ssl backlog={LISTEN_BACKLOG}
@@ -386,14 +398,7 @@ def sni_nginx_conf(folder: str, layout: Layout, cert: Certificate, many: ManyCer
     certificates = "\n".join(f"        {name} {path};" for name, path in by_name.items())
     upstreams = "\n".join(f"        {sni_name(i)} {LOOPBACK}:{up.http};" for i in range(routes))
     return f"""# nginx stream: TLS terminated, {len(many.certs)} certificates and {routes} names.
-load_module {NGINX_STREAM_MODULE};
-worker_processes {workers};
-worker_rlimit_nofile {NOFILE};
-pid {folder}/nginx-sni.pid;
-daemon off;
-error_log {folder}/nginx-sni.error.log warn;
-events {{ worker_connections 10000; }}
-stream {{
+{nginx_stream_head(folder, "nginx-sni", workers)}stream {{
     {NGINX_MAP_HASH}
     map $ssl_server_name $sni_certificate {{
         default {cert.combined};
@@ -455,13 +460,7 @@ def sni_pyproxy_conf(folder: str, layout: Layout, cert: Certificate, many: ManyC
     route_lines = "".join(f"      - {{name: r{i}, protocols: [tls], snis: [{sni_name(i)}]}}\n"
                           for i in range(routes))
     return f"""# pyproxy: TLS terminated, {len(many.certs)} certificates and {routes} SNI routes.
-worker_processes: {workers}
-worker_connections: 16384
-pid: {folder}/pyproxy-sni.pid
-error_log: {folder}/pyproxy-sni.error.log
-log_level: notice
-access_log: off
-
+{pyproxy_head(folder, "pyproxy-sni", workers)}
 stream_listen:
   - {LOOPBACK}:{front.sni} ssl backlog={LISTEN_BACKLOG}
 
@@ -504,14 +503,7 @@ def reload_nginx_conf(folder: str, layout: Layout, workers: int, routes: int, ta
     front, up = layout.front("nginx"), layout.upstream
     names = "\n".join(f"        {sni_name(i)} {LOOPBACK}:{up.https};" for i in range(routes))
     return f"""# nginx stream for the reload scenario: {routes} SNI routes.
-load_module {NGINX_STREAM_MODULE};
-worker_processes {workers};
-worker_rlimit_nofile {NOFILE};
-pid {folder}/nginx-reload.pid;
-daemon off;
-error_log {folder}/nginx-reload.error.log warn;
-events {{ worker_connections 10000; }}
-stream {{
+{nginx_stream_head(folder, "nginx-reload", workers)}stream {{
     {NGINX_MAP_HASH}
     map $ssl_preread_server_name $reload_upstream {{
         default {LOOPBACK}:{up.https};
@@ -545,13 +537,7 @@ def reload_pyproxy_conf(folder: str, layout: Layout, cert: Certificate, workers:
                              for i in range(routes))
         certificates = ""
     return f"""# pyproxy for the reload scenario: {routes} TLS route(s).
-worker_processes: {workers}
-worker_connections: 16384
-pid: {folder}/pyproxy-reload.pid
-error_log: {folder}/pyproxy-reload.error.log
-log_level: notice
-access_log: off
-
+{pyproxy_head(folder, "pyproxy-reload", workers)}
 stream_listen:
   - {LOOPBACK}:{front.reload} backlog={LISTEN_BACKLOG}
   - {LOOPBACK}:{front.reload_tls} ssl backlog={LISTEN_BACKLOG}
