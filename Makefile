@@ -62,7 +62,7 @@ unit: $(STAMP)
 integration: $(STAMP)
 	$(PY) -m pytest -q tests/integration
 
-# The comparison with nginx stream and HAProxy (issue 4): installs what it needs, about 9 minutes.
+# The comparison with nginx stream and HAProxy (issues 4, 21): installs what it needs, about 16 minutes.
 # BENCH_ARGS passes options, e.g. `make bench BENCH_ARGS="--only keepalive --rounds 5"`.
 bench: $(STAMP)
 	bash bench/install.sh $(PY)

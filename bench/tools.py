@@ -67,6 +67,18 @@ def parse_wrk_report(output: str) -> WrkResult:
     raise ToolError(f"wrk printed no report:\n{output[-2000:]}")
 
 
+def run_tool(argv: list[str], timeout: float) -> str:
+    """Run a load tool; its standard output, or ToolError naming it when it fails or overruns."""
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise ToolError(f"{argv[0]} did not finish within {timeout:.0f}s") from None
+    if done.returncode != 0:
+        raise ToolError(f"{argv[0]} exited with {done.returncode}:\n"
+                        f"{done.stdout[-1000:]}{done.stderr[-1000:]}")
+    return done.stdout
+
+
 def run_wrk(url: str, *, connections: int, threads: int, duration: int,
             headers: Sequence[str] = ()) -> WrkResult:
     """Run wrk against `url` for `duration` seconds and return what it measured."""
@@ -74,13 +86,7 @@ def run_wrk(url: str, *, connections: int, threads: int, duration: int,
     for header in headers:
         argv += ["-H", header]
     argv.append(url)
-    try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + TOOL_GRACE)
-    except subprocess.TimeoutExpired:
-        raise ToolError(f"wrk did not finish within {duration + TOOL_GRACE:.0f}s") from None
-    if done.returncode != 0:
-        raise ToolError(f"wrk exited with {done.returncode}:\n{done.stdout[-1000:]}{done.stderr[-1000:]}")
-    return parse_wrk_report(done.stdout)
+    return parse_wrk_report(run_tool(argv, duration + TOOL_GRACE))
 
 
 def parse_iperf3_json(text: str) -> IperfResult:
@@ -113,3 +119,48 @@ def run_iperf3(host: str, port: int, *, streams: int, duration: int, total_bytes
                 raise
             time.sleep(IPERF_BUSY_WAIT)
     raise AssertionError("unreachable")
+
+
+def parse_redis_benchmark_csv(text: str) -> dict[str, float]:
+    """{test name in lower case: requests per second} from `redis-benchmark --csv`."""
+    rates = {}
+    for line in text.splitlines():
+        fields = [field.strip('"') for field in line.split(",")]
+        if len(fields) >= 2 and fields[0] != "test":
+            try:
+                rates[fields[0].lower()] = float(fields[1])
+            except ValueError:
+                continue
+    if not rates:
+        raise ToolError(f"redis-benchmark printed no result:\n{text[-2000:]}")
+    return rates
+
+
+def run_redis_benchmark(host: str, port: int, *, requests: int, pipeline: int = 16,
+                        clients: int = 50, timeout: float = 120.0) -> dict[str, float]:
+    """`redis-benchmark -P pipeline -t set,get -n requests` against host:port: {"set": ops/s, "get": …}."""
+    argv = ["redis-benchmark", "-h", host, "-p", str(port), "-P", str(pipeline), "-c", str(clients),
+            "-t", "set,get", "-n", str(requests), "--csv"]
+    return parse_redis_benchmark_csv(run_tool(argv, timeout))
+
+
+def parse_pgbench(text: str) -> dict[str, float]:
+    """The transactions per second pgbench reports (without the initial connection time) and the
+    number of transactions."""
+    figures = {}
+    for line in text.splitlines():
+        if line.startswith("tps = "):
+            figures["tps"] = float(line.split()[2])
+        elif line.startswith("number of transactions actually processed: "):
+            figures["transactions"] = float(line.split(": ")[1].split("/")[0])
+    if len(figures) < 2:
+        raise ToolError(f"pgbench printed no tps:\n{text[-2000:]}")
+    return figures
+
+
+def run_pgbench(host: str, port: int, *, user: str, database: str, seconds: int, clients: int = 8,
+                threads: int = 2) -> dict[str, float]:
+    """Select-only pgbench (`-S`) for `seconds`: {"tps": …, "transactions": …}."""
+    argv = ["pgbench", "-h", host, "-p", str(port), "-U", user, "-c", str(clients), "-j", str(threads),
+            "-T", str(seconds), "-S", "-n", database]
+    return parse_pgbench(run_tool(argv, seconds + TOOL_GRACE))

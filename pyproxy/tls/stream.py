@@ -36,6 +36,8 @@ class RenegotiationRefused(ssl.SSLError):
 # Upstream sessions kept per service and worker: (peer, name) pairs, the name perhaps the client's SNI.
 UPSTREAM_SESSIONS_MAX = 1024
 FLUSH_AT = 64 * 1024            # ciphertext that send() hands to the socket without waiting for flush()
+RECORD_MAX = 16384              # the most plaintext one TLS record carries (RFC 8446, 5.1)
+CIPHERTEXT_MAX = 5 + RECORD_MAX + 256   # a record's largest ciphertext, header included: one is whole
 
 
 class SSLObject(Protocol):
@@ -201,14 +203,24 @@ class TLSStream:
                     raise WantRead
                 continue
             try:
-                return obj.read(len(buffer), buffer)
+                n = obj.read(len(buffer), buffer)
             except WantRead:
                 if not self._fill():
                     if self.outgoing.pending:
                         self._answer_peer()
                     raise
+                continue
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                 return 0            # EOF without close_notify: only without OP_IGNORE_UNEXPECTED_EOF
+            # A full record with whole ones still buffered is bulk: decrypt them into the same buffer,
+            # so that the destination gets one send for up to its size instead of one per 16 KiB
+            # (nginx's ngx_ssl_recv fills its buffer the same way). A small message skips this.
+            while n == RECORD_MAX and incoming.pending >= CIPHERTEXT_MAX and len(buffer) - n >= RECORD_MAX:
+                try:
+                    n += obj.read(RECORD_MAX, buffer[n:])
+                except (WantRead, ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                    break           # not application data after all: the next call sees it
+            return n
 
     def _answer_peer(self) -> None:
         """Reading is over for now and OpenSSL has records to send. In TLS 1.3 they are session

@@ -11,7 +11,7 @@ import ssl
 import pytest
 
 from pyproxy.loop import Loop
-from pyproxy.tls.stream import TLSStream
+from pyproxy.tls.stream import RECORD_MAX, TLSStream
 from tests.support import make_cert
 
 
@@ -199,3 +199,17 @@ def test_what_a_pump_wrote_to_tls_leaves_even_when_its_source_then_failed(server
     assert pump.received == pump.sent == len(b"the last reply") and not pump.pending
     assert read_available(client)[0] == b"the last reply"
     ours.close()
+
+
+def test_buffered_full_records_come_out_of_one_read(server_context):
+    # Bulk: one recv_into gives the destination several 16 KiB records at once (one send for
+    # them, as nginx's ngx_ssl_recv fills its buffer), and the bytes stay whole and in order.
+    client, server = connected_pair(server_context)
+    payload = os.urandom(4 * RECORD_MAX)
+    assert client.send(payload) == len(payload)
+    client.flush()
+    buf = memoryview(bytearray(65536))
+    first = server.recv_into(buf)
+    assert first > RECORD_MAX
+    received = bytes(buf[:first]) + read_available(server)[0]
+    assert received == payload
