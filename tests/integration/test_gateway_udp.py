@@ -1,0 +1,92 @@
+"""A UDPRoute served by a running pyproxy in gateway file mode (issues 17 and 22): the UDP listener
+opens, datagrams reach the Service's endpoint and each reply is the client's own; dig through it to
+a real DNS server; the statuses on /gateway/status."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+
+from tests.integration.test_udp import ask, client, dig_short, dnsmasq, udp_port, udp_upstreams  # noqa: F401
+
+MANIFESTS = """\
+apiVersion: gateway.networking.k8s.io/v1
+kind: GatewayClass
+metadata: {{name: pyproxy}}
+spec: {{controllerName: gateway.pyproxy.dev/controller}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: edge, namespace: default}}
+spec:
+  gatewayClassName: pyproxy
+  listeners:
+  - {{name: dns, port: {port}, protocol: UDP, allowedRoutes: {{kinds: [{{kind: UDPRoute}}]}}}}
+---
+apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: UDPRoute
+metadata: {{name: coredns, namespace: default}}
+spec:
+  parentRefs: [{{name: edge, sectionName: dns}}]
+  rules: [{{backendRefs: [{{name: coredns, port: 53}}]}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: coredns, namespace: default}}
+spec:
+  ports: [{{name: dns, port: 53, protocol: UDP}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: coredns-loopback
+  namespace: default
+  labels: {{kubernetes.io/service-name: coredns}}
+addressType: IPv4
+ports: [{{name: dns, port: {target}, protocol: UDP}}]
+endpoints: [{{addresses: ["127.0.0.1"], conditions: {{ready: true}}}}]
+"""
+
+
+def start(proxy, tmp_path, target: int):
+    port, status_port = udp_port(), udp_port()
+    folder = tmp_path / "manifests"
+    folder.mkdir()
+    (folder / "dns.yaml").write_text(MANIFESTS.format(port=port, target=target))
+    p = proxy(f"""
+        worker_processes: 2
+        status_listen: 127.0.0.1:{status_port}
+        gateway:
+          paths: [{folder}]
+          address: 127.0.0.1
+        """)
+    return p, port, status_port
+
+
+def test_a_udp_route_carries_datagrams_to_its_backend(proxy, udp_upstreams, tmp_path):  # noqa: F811 (a fixture)
+    backend = udp_upstreams("coredns")
+    p, port, status_port = start(proxy, tmp_path, backend.port)
+    sock = client()
+    try:
+        for payload in (b"first", bytes(range(256)) * 4, b"third"):
+            name, _, _ = ask(sock, port, payload)          # the reply names this datagram's digest
+            assert name == "coredns"
+    finally:
+        sock.close()
+    assert [data for data, _ in backend.received] == [b"first", bytes(range(256)) * 4, b"third"]
+    with urllib.request.urlopen(f"http://127.0.0.1:{status_port}/gateway/status", timeout=10) as answer:
+        listing = json.load(answer)
+    by_name = {(item["kind"], item["metadata"]["name"]): item["status"] for item in listing["items"]}
+    [parent] = by_name[("UDPRoute", "coredns")]["parents"]
+    assert {c["type"]: c["reason"] for c in parent["conditions"]} == {"Accepted": "Accepted",
+                                                                       "ResolvedRefs": "ResolvedRefs"}
+    [dns] = by_name[("Gateway", "edge")]["listeners"]
+    assert dns["attachedRoutes"] == 1
+    assert dns["supportedKinds"] == [{"group": "gateway.networking.k8s.io", "kind": "UDPRoute"}]
+    assert "internal error" not in p.log_text()
+
+
+def test_dig_through_a_udp_route_to_dnsmasq(proxy, dnsmasq, tmp_path):  # noqa: F811 (a fixture)
+    _, port, _ = start(proxy, tmp_path, dnsmasq)
+    assert dig_short(port, "www.example.test", tries=2) == ["192.0.2.10"]
+    assert dig_short(port, "db.example.test", tries=2) == ["198.51.100.7"]
