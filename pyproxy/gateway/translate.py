@@ -981,7 +981,7 @@ def _udp_ingress(state: _State, ingress: objects.UDPIngress, ports: set[int]) ->
     resource = ingress.meta.resource
     namespace = ingress.meta.namespace
     for index, rule in enumerate(ingress.rules):
-        name = f"udp.{namespace}.{ingress.meta.name}.{index}"
+        name = f"{namespace}.{ingress.meta.name}.{index}.udp"         # §5.3, apart from a TCPIngress
         if rule.port not in ports:
             state.notices.append(resource.notice(
                 f"port {rule.port} is neither a `udp` stream_listen port nor a UDP Gateway listener's: the "

@@ -192,7 +192,7 @@ def test_udp_ingress_translates_as_kic(tmp_path):
     assert not result.notices
     config = load(tmp_path, result, {"stream_listen": ["127.0.0.1:9999 udp"]})
     [svc] = config.services
-    assert svc.protocol == "udp" and svc.name == f"udp.{INFRA}.dns.0"
+    assert svc.protocol == "udp" and svc.name == f"{INFRA}.dns.0.udp"
     [udp] = svc.routes
     assert udp.protocols == ("udp",) and [d.port for d in udp.destinations] == [9999]
     assert [str(target) for target in config.upstream(svc.upstream).targets] == ["127.0.0.1:5353"]
