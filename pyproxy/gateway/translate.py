@@ -1,4 +1,4 @@
-"""Gateway API and Kong TCPIngress objects → pyproxy configuration entities and object statuses.
+"""Gateway API and Kong TCPIngress/UDPIngress objects → pyproxy configuration entities and object statuses.
 
 `translate(resources, options)` is pure: it writes no file and opens no socket (a Secret's key pair is
 checked in memory files) and returns `Translation(entities, statuses, files, notices)`:
