@@ -1,13 +1,22 @@
 """A UDPRoute served by a running pyproxy in gateway file mode (issues 17 and 22): the UDP listener
 opens, datagrams reach the Service's endpoint and each reply is the client's own; dig through it to
-a real DNS server; the statuses on /gateway/status."""
+a real DNS server; the statuses on /gateway/status; the same objects read from an API server."""
 
 from __future__ import annotations
 
 import json
 import urllib.request
 
+import yaml
+
+from tests.integration.test_gateway_cluster import (
+    api,  # noqa: F401 (a fixture)
+    conditions,
+)
+from tests.integration.test_gateway_cluster import config as cluster_config
 from tests.integration.test_udp import ask, client, dig_short, dnsmasq, udp_port, udp_upstreams  # noqa: F401
+from tests.support import wait_until
+from tests.unit.test_gateway_cluster import kubeconfig
 
 MANIFESTS = """\
 apiVersion: gateway.networking.k8s.io/v1
@@ -90,3 +99,23 @@ def test_dig_through_a_udp_route_to_dnsmasq(proxy, dnsmasq, tmp_path):  # noqa: 
     _, port, _ = start(proxy, tmp_path, dnsmasq)
     assert dig_short(port, "www.example.test", tries=2) == ["192.0.2.10"]
     assert dig_short(port, "db.example.test", tries=2) == ["198.51.100.7"]
+
+
+def test_a_udp_route_from_the_api_server_answers_and_gets_its_status(api, proxy, udp_upstreams,  # noqa: F811
+                                                                      tmp_path):
+    """Cluster mode: the objects of MANIFESTS from the (fake) API server; the Lease holder writes the
+    UDPRoute's status subresource."""
+    backend = udp_upstreams("coredns")
+    port = udp_port()
+    for obj in yaml.safe_load_all(MANIFESTS.format(port=port, target=backend.port)):
+        api.apply(obj)
+    proxy(cluster_config(kubeconfig(tmp_path, api.port)))
+    wait_until(lambda: conditions(api.get("UDPRoute", "coredns")).get("Accepted"), timeout=15,
+               what="the UDPRoute's status")
+    assert conditions(api.get("UDPRoute", "coredns")) == {"Accepted": "Accepted",
+                                                          "ResolvedRefs": "ResolvedRefs"}
+    sock = client()
+    try:
+        assert ask(sock, port, b"from the cluster")[0] == "coredns"
+    finally:
+        sock.close()
