@@ -969,11 +969,16 @@ def _tcp_ingress(state: _State, ingress: objects.TCPIngress, ports: dict[int, bo
             {target: 100 for target in backend.targets})})
         state.programs.append((ingress.meta.resource.age_key, len(state.programs),
                                {"name": name, "host": backend.upstream, "routes": [route]}))
+    state.statuses[("TCPIngress", namespace, ingress.meta.name)] = _ingress_status(state)
+
+
+def _ingress_status(state: _State) -> dict[str, Any]:
+    """A TCPIngress's or UDPIngress's status: the addresses clients reach pyproxy at."""
     status: dict[str, Any] = {"loadBalancer": {}}
     if state.options.publish_addresses:
         status["loadBalancer"]["ingress"] = [{"ip" if is_ip_address(address) else "hostname": address}
                                              for address in state.options.publish_addresses]
-    state.statuses[("TCPIngress", namespace, ingress.meta.name)] = status
+    return status
 
 
 def _udp_ingress(state: _State, ingress: objects.UDPIngress, ports: set[int]) -> None:
@@ -1000,11 +1005,7 @@ def _udp_ingress(state: _State, ingress: objects.UDPIngress, ports: set[int]) ->
         route = {"name": name, "protocols": ["udp"], "destinations": [{"port": rule.port}]}
         state.programs.append((resource.age_key, len(state.programs), {
             "name": name, "protocol": "udp", "host": backend.upstream, "routes": [route]}))
-    status: dict[str, Any] = {"loadBalancer": {}}
-    if state.options.publish_addresses:
-        status["loadBalancer"]["ingress"] = [{"ip" if is_ip_address(address) else "hostname": address}
-                                             for address in state.options.publish_addresses]
-    state.statuses[("UDPIngress", namespace, ingress.meta.name)] = status
+    state.statuses[("UDPIngress", namespace, ingress.meta.name)] = _ingress_status(state)
 
 
 # --- the entities -----------------------------------------------------------------------------------

@@ -14,54 +14,50 @@ from tests.integration.test_gateway_cluster import (
     conditions,
 )
 from tests.integration.test_gateway_cluster import config as cluster_config
+from tests.integration.test_gateway_file_source import CLASS_AND_GATEWAY, listener
 from tests.integration.test_udp import ask, client, dig_short, dnsmasq, udp_port, udp_upstreams  # noqa: F401
 from tests.support import wait_until
 from tests.unit.test_gateway_cluster import kubeconfig
 
-MANIFESTS = """\
-apiVersion: gateway.networking.k8s.io/v1
-kind: GatewayClass
-metadata: {{name: pyproxy}}
-spec: {{controllerName: gateway.pyproxy.dev/controller}}
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {{name: edge, namespace: default}}
-spec:
-  gatewayClassName: pyproxy
-  listeners:
-  - {{name: dns, port: {port}, protocol: UDP, allowedRoutes: {{kinds: [{{kind: UDPRoute}}]}}}}
+ROUTE_AND_SERVICE = """\
 ---
 apiVersion: gateway.networking.k8s.io/v1alpha2
 kind: UDPRoute
-metadata: {{name: coredns, namespace: default}}
+metadata: {name: coredns, namespace: default}
 spec:
-  parentRefs: [{{name: edge, sectionName: dns}}]
-  rules: [{{backendRefs: [{{name: coredns, port: 53}}]}}]
+  parentRefs: [{name: edge, sectionName: dns}]
+  rules: [{backendRefs: [{name: coredns, port: 53}]}]
 ---
 apiVersion: v1
 kind: Service
-metadata: {{name: coredns, namespace: default}}
+metadata: {name: coredns, namespace: default}
 spec:
-  ports: [{{name: dns, port: 53, protocol: UDP}}]
+  ports: [{name: dns, port: 53, protocol: UDP}]
 ---
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
 metadata:
   name: coredns-loopback
   namespace: default
-  labels: {{kubernetes.io/service-name: coredns}}
+  labels: {kubernetes.io/service-name: coredns}
 addressType: IPv4
-ports: [{{name: dns, port: {target}, protocol: UDP}}]
-endpoints: [{{addresses: ["127.0.0.1"], conditions: {{ready: true}}}}]
+ports: [{name: dns, port: TARGET, protocol: UDP}]
+endpoints: [{addresses: ["127.0.0.1"], conditions: {ready: true}}]
 """
+
+
+def manifests(port: int, target: int) -> str:
+    """A Gateway with the UDP listener `dns` on `port`, a UDPRoute to Service `coredns` (UDP port 53),
+    whose endpoint is 127.0.0.1:`target`."""
+    dns = listener("dns", port, "UDP", ", allowedRoutes: {kinds: [{kind: UDPRoute}]}")
+    return CLASS_AND_GATEWAY.format(listeners=dns) + ROUTE_AND_SERVICE.replace("TARGET", str(target))
 
 
 def start(proxy, tmp_path, target: int):
     port, status_port = udp_port(), udp_port()
     folder = tmp_path / "manifests"
     folder.mkdir()
-    (folder / "dns.yaml").write_text(MANIFESTS.format(port=port, target=target))
+    (folder / "dns.yaml").write_text(manifests(port, target))
     p = proxy(f"""
         worker_processes: 2
         status_listen: 127.0.0.1:{status_port}
@@ -103,11 +99,11 @@ def test_dig_through_a_udp_route_to_dnsmasq(proxy, dnsmasq, tmp_path):  # noqa: 
 
 def test_a_udp_route_from_the_api_server_answers_and_gets_its_status(api, proxy, udp_upstreams,  # noqa: F811
                                                                       tmp_path):
-    """Cluster mode: the objects of MANIFESTS from the (fake) API server; the Lease holder writes the
+    """Cluster mode: the objects of `manifests` from the (fake) API server; the Lease holder writes the
     UDPRoute's status subresource."""
     backend = udp_upstreams("coredns")
     port = udp_port()
-    for obj in yaml.safe_load_all(MANIFESTS.format(port=port, target=backend.port)):
+    for obj in yaml.safe_load_all(manifests(port, backend.port)):
         api.apply(obj)
     proxy(cluster_config(kubeconfig(tmp_path, api.port)))
     wait_until(lambda: conditions(api.get("UDPRoute", "coredns")).get("Accepted"), timeout=15,
