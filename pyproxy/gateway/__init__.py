@@ -1,4 +1,4 @@
-"""Kubernetes Gateway API (L4) and Kong TCPIngress objects → pyproxy configuration entities.
+"""Kubernetes Gateway API (L4) and Kong TCPIngress and UDPIngress objects → pyproxy configuration entities.
 
     translation = translate_paths(["manifests/"], Options(runtime_dir="/run/pyproxy/gateway"))
     write_pem_files(translation.files)

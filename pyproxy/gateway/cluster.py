@@ -91,9 +91,11 @@ KINDS = (
     Kind("Gateway", GATEWAY_GROUP, ("v1", "v1beta1"), "gateways"),
     Kind("TCPRoute", GATEWAY_GROUP, ("v1", "v1alpha2"), "tcproutes"),
     Kind("TLSRoute", GATEWAY_GROUP, ("v1", "v1alpha3", "v1alpha2"), "tlsroutes"),
+    Kind("UDPRoute", GATEWAY_GROUP, ("v1alpha2",), "udproutes"),
     Kind("ReferenceGrant", GATEWAY_GROUP, ("v1", "v1beta1"), "referencegrants"),
     Kind("BackendTLSPolicy", GATEWAY_GROUP, ("v1", "v1alpha3"), "backendtlspolicies"),
     Kind("TCPIngress", KONG_GROUP, ("v1beta1",), "tcpingresses"),
+    Kind("UDPIngress", KONG_GROUP, ("v1beta1",), "udpingresses"),
     Kind("Service", "", ("v1",), "services"),
     Kind("EndpointSlice", "discovery.k8s.io", ("v1",), "endpointslices"),
     Kind("Secret", "", ("v1",), "secrets", field_selector="type=kubernetes.io/tls"),
@@ -103,7 +105,8 @@ KINDS = (
 )
 BY_KIND = {kind.kind: kind for kind in KINDS}
 # The kinds whose status the translation works out, and so the only `*/status` pyproxy writes.
-STATUS_KINDS = ("GatewayClass", "Gateway", "TCPRoute", "TLSRoute", "BackendTLSPolicy", "TCPIngress")
+STATUS_KINDS = ("GatewayClass", "Gateway", "TCPRoute", "TLSRoute", "UDPRoute", "BackendTLSPolicy",
+                "TCPIngress", "UDPIngress")
 LEASE = Kind("Lease", "coordination.k8s.io", ("v1",), "leases")
 
 

@@ -25,8 +25,10 @@ API_VERSIONS: dict[str, tuple[str, ...]] = {
     "Gateway": (f"{GATEWAY_GROUP}/v1", f"{GATEWAY_GROUP}/v1beta1"),
     "TCPRoute": (f"{GATEWAY_GROUP}/v1", f"{GATEWAY_GROUP}/v1alpha2"),
     "TLSRoute": (f"{GATEWAY_GROUP}/v1", f"{GATEWAY_GROUP}/v1alpha3", f"{GATEWAY_GROUP}/v1alpha2"),
+    "UDPRoute": (f"{GATEWAY_GROUP}/v1alpha2",),          # no other version upstream (GW apis/)
     "ReferenceGrant": (f"{GATEWAY_GROUP}/v1", f"{GATEWAY_GROUP}/v1beta1", f"{GATEWAY_GROUP}/v1alpha2"),
     "TCPIngress": (f"{KONG_GROUP}/v1beta1",),
+    "UDPIngress": (f"{KONG_GROUP}/v1beta1",),
     "Service": ("v1",),
     "Secret": ("v1",),
     "Namespace": ("v1",),
@@ -36,7 +38,7 @@ API_VERSIONS: dict[str, tuple[str, ...]] = {
     "ConfigMap": ("v1",),
     "IngressClass": ("networking.k8s.io/v1",),
 }
-ROUTE_KINDS = ("TCPRoute", "TLSRoute")
+ROUTE_KINDS = ("TCPRoute", "TLSRoute", "UDPRoute")
 MAX_WEIGHT = 1_000_000
 SECRET_TYPE_TLS = "kubernetes.io/tls"
 INGRESS_CLASS_ANNOTATION = "kubernetes.io/ingress.class"
@@ -136,7 +138,7 @@ class Gateway:
 
 @dataclass(frozen=True)
 class Route:
-    """A TCPRoute or a TLSRoute: `hostnames` is empty for a TCPRoute."""
+    """A TCPRoute, a TLSRoute or a UDPRoute: `hostnames` is empty for a TCPRoute and a UDPRoute."""
 
     meta: Meta
     kind: str
@@ -240,8 +242,17 @@ class TCPIngress:
     tls: tuple[tuple[str, tuple[str, ...]], ...]   # (secretName, hosts)
 
 
+@dataclass(frozen=True)
+class UDPIngress:
+    """Kong's UDPIngress (KIC `UDPIngressRule`): a port and a backend per rule, no host."""
+
+    meta: Meta
+    ingress_class: str | None
+    rules: tuple[IngressRule, ...]             # host is None
+
+
 Parsed = (GatewayClass | Gateway | Route | ReferenceGrant | Service | EndpointSlice | Endpoints | Secret
-          | Namespace | TCPIngress | BackendTLSPolicy | ConfigMap | IngressClass)
+          | Namespace | TCPIngress | UDPIngress | BackendTLSPolicy | ConfigMap | IngressClass)
 
 
 def parse(resource: Resource) -> Parsed:
@@ -277,6 +288,8 @@ def parse(resource: Resource) -> Parsed:
         return _reference_grant(meta, spec)
     if kind == "TCPIngress":
         return _tcp_ingress(meta, spec)
+    if kind == "UDPIngress":
+        return _udp_ingress(meta, spec)
     if kind == "BackendTLSPolicy":
         return _backend_tls_policy(meta, spec)
     raise AssertionError(f"no parser for {kind}")
@@ -598,18 +611,7 @@ def _secret(meta: Meta, body: dict[str, Any]) -> Secret:
 def _tcp_ingress(meta: Meta, spec: dict[str, Any]) -> TCPIngress:
     annotations = _labels(meta.resource.metadata.get("annotations"), "metadata.annotations")
     protocols = annotations.get(PROTOCOLS_ANNOTATION)
-    rules = []
-    for index, item in enumerate(_items(spec.get("rules"), "spec.rules")):
-        field = f"spec.rules[{index}]"
-        rule = _mapping(item, field)
-        backend = _mapping(rule.get("backend"), f"{field}.backend")
-        host = rule.get("host")
-        rules.append(IngressRule(
-            host=None if host in (None, "") else _hostname(host, f"{field}.host"),
-            port=_port(rule.get("port"), f"{field}.port"),
-            service_name=_text(backend.get("serviceName"), f"{field}.backend.serviceName", required=True),
-            service_port=_port(backend.get("servicePort"), f"{field}.backend.servicePort"),
-        ))
+    rules = _ingress_rules(spec, with_host=True)
     tls = []
     for index, item in enumerate(_items(spec.get("tls"), "spec.tls")):
         entry = _mapping(item, f"spec.tls[{index}]")
@@ -620,6 +622,28 @@ def _tcp_ingress(meta: Meta, spec: dict[str, Any]) -> TCPIngress:
         meta,
         annotations.get(INGRESS_CLASS_ANNOTATION),
         None if protocols is None else tuple(word.strip() for word in protocols.split(",") if word.strip()),
-        tuple(rules),
+        rules,
         tuple(tls),
     )
+
+
+def _udp_ingress(meta: Meta, spec: dict[str, Any]) -> UDPIngress:
+    annotations = _labels(meta.resource.metadata.get("annotations"), "metadata.annotations")
+    return UDPIngress(meta, annotations.get(INGRESS_CLASS_ANNOTATION), _ingress_rules(spec, with_host=False))
+
+
+def _ingress_rules(spec: dict[str, Any], with_host: bool) -> tuple[IngressRule, ...]:
+    """`spec.rules` of a TCPIngress (`host` read) or a UDPIngress (which has none)."""
+    rules = []
+    for index, item in enumerate(_items(spec.get("rules"), "spec.rules")):
+        field = f"spec.rules[{index}]"
+        rule = _mapping(item, field)
+        backend = _mapping(rule.get("backend"), f"{field}.backend")
+        host = rule.get("host") if with_host else None
+        rules.append(IngressRule(
+            host=None if host in (None, "") else _hostname(host, f"{field}.host"),
+            port=_port(rule.get("port"), f"{field}.port"),
+            service_name=_text(backend.get("serviceName"), f"{field}.backend.serviceName", required=True),
+            service_port=_port(backend.get("servicePort"), f"{field}.backend.servicePort"),
+        ))
+    return tuple(rules)

@@ -44,7 +44,8 @@ PARSED = "parsed.marshal"          # the manifest files' documents by their text
 _Dumper = yaml.CSafeDumper if yaml.__with_libyaml__ else yaml.SafeDumper
 
 # The order `-t --status` lists the objects in: a Gateway's class first, the routes after it.
-KIND_ORDER = ("GatewayClass", "Gateway", "TCPRoute", "TLSRoute", "BackendTLSPolicy", "TCPIngress")
+KIND_ORDER = ("GatewayClass", "Gateway", "TCPRoute", "TLSRoute", "UDPRoute", "BackendTLSPolicy", "TCPIngress",
+              "UDPIngress")
 # One file's state as the master compares it: (path, mtime in ns, size); a folder's too (add, remove).
 FileState = tuple[str, int, int]
 

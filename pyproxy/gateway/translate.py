@@ -1,4 +1,4 @@
-"""Gateway API and Kong TCPIngress objects → pyproxy configuration entities and object statuses.
+"""Gateway API and Kong TCPIngress/UDPIngress objects → pyproxy configuration entities and object statuses.
 
 `translate(resources, options)` is pure: it writes no file and opens no socket (a Secret's key pair is
 checked in memory files) and returns `Translation(entities, statuses, files, notices)`:
@@ -32,7 +32,7 @@ from .secrets import ca_path, check_ca_bundle, check_pair, pem_paths
 
 CONTROLLER_NAME = "gateway.pyproxy.dev/controller"
 SUPPORTED_FEATURES = ("BackendTLSPolicy", "Gateway", "ReferenceGrant", "TCPRoute", "TLSRoute",
-                      "TLSRouteModeMixed", "TLSRouteModeTerminate")
+                      "TLSRouteModeMixed", "TLSRouteModeTerminate", "UDPRoute")
 ROUTE_PROTOCOLS = ("tcp", "tls", "tls_passthrough")
 Entities = dict[str, list[Any]]
 StatusKey = tuple[str, str, str]         # (kind, namespace, name); namespace "" for a GatewayClass
@@ -156,6 +156,7 @@ class _State:
     # (precedence, service entity): sorted before they are written, so the oldest route comes first.
     programs: list[_Program] = field(default_factory=list)
     stream_listen: dict[tuple[str, int], bool] = field(default_factory=dict)  # (host, port) → ssl
+    udp_listen: set[tuple[str, int]] = field(default_factory=set)             # the file's `udp` ones
     tls_listeners: dict[int, list[_Listener]] = field(default_factory=lambda: defaultdict(list))
     port_hostnames: dict[int, hostnames.PortHostnames] = field(default_factory=dict)   # of tls_listeners
     key_pairs: dict[tuple[bytes, bytes], tuple[tuple[str, ...], str | None]] = field(default_factory=dict)
@@ -196,10 +197,11 @@ def translate(resources: list[Resource], options: Options | None = None) -> Tran
     parsed = _parse_all(state, resources)
     for listen in options.stream_listen:
         address, *flags = listen.split()
-        if "udp" in flags:
-            continue            # a UDP port: a TCP or TLS Gateway listener may share its number
         try:
-            state.stream_listen[parse_address(address)] = "ssl" in flags
+            if "udp" in flags:      # a UDP port: a TCP or TLS Gateway listener may share its number
+                state.udp_listen.add(parse_address(address))
+            else:
+                state.stream_listen[parse_address(address)] = "ssl" in flags
         except Invalid:
             continue            # the validator reports the file's own entries
     for item in parsed:
@@ -245,9 +247,18 @@ def translate(resources: list[Resource], options: Options | None = None) -> Tran
                         == options.ingress_class),
                        key=lambda ingress: ingress.meta.resource.age_key)
     ports = {port: ssl for (_, port), ssl in state.stream_listen.items()}
-    ports.update({entry.spec.port: entry.spec.protocol == "TLS" for entry in listeners if entry.accepted[0]})
+    ports.update({entry.spec.port: entry.spec.protocol == "TLS" for entry in listeners
+                  if entry.accepted[0] and entry.spec.protocol != "UDP"})
     for ingress in ingresses:
         _tcp_ingress(state, ingress, ports)
+    udp_ports = {port for _, port in state.udp_listen}
+    udp_ports.update(entry.spec.port for entry in listeners
+                     if entry.accepted[0] and entry.spec.protocol == "UDP")
+    for udp_ingress in sorted((item for item in parsed if isinstance(item, objects.UDPIngress)
+                               and (item.ingress_class or (options.ingress_class if by_default else None))
+                               == options.ingress_class),
+                              key=lambda ingress: ingress.meta.resource.age_key):
+        _udp_ingress(state, udp_ingress, udp_ports)
     return Translation(_entities(state, listeners), state.statuses, state.files, state.notices)
 
 
@@ -304,6 +315,8 @@ def _supported_kinds(listener: objects.Listener) -> tuple[list[tuple[str, str]],
     """`(supported (group, kind) list, kinds refused)` (GW AllowedRoutes.Kinds; brief §2.2)."""
     if listener.protocol == "TCP":
         defaults = ["TCPRoute"]
+    elif listener.protocol == "UDP":
+        defaults = ["UDPRoute"]
     elif listener.protocol == "TLS" and listener.tls_mode == "Passthrough":
         defaults = ["TLSRoute"]
     elif listener.protocol == "TLS":
@@ -323,6 +336,7 @@ def _listeners(state: _State, gateways: list[objects.Gateway]) -> list[_Listener
     entries: list[_Listener] = []
     # Listeners accepted so far, per port — earlier Gateways win.
     taken: dict[int, _PortHolders] = defaultdict(_PortHolders)
+    udp_taken: dict[int, objects.Gateway] = {}      # UDP listeners accepted so far: port → Gateway
     for gateway in gateways:
         mine = []
         for spec in gateway.listeners:
@@ -331,21 +345,25 @@ def _listeners(state: _State, gateways: list[objects.Gateway]) -> list[_Listener
             if refused:
                 entry.resolved = (False, "InvalidRouteKinds",
                                   f"not route kinds of a {spec.protocol} listener: {', '.join(refused)}")
-            if spec.protocol not in ("TCP", "TLS"):
+            if spec.protocol not in ("TCP", "TLS", "UDP"):
                 entry.accepted = (False, "UnsupportedProtocol",
-                                  f"pyproxy serves TCP and TLS listeners, not {spec.protocol}")
+                                  f"pyproxy serves TCP, TLS and UDP listeners, not {spec.protocol}")
             mine.append(entry)
-        by_port: dict[int, list[_Listener]] = defaultdict(list)
+        # Listeners conflict within a transport: a UDP listener shares its number with any TCP or TLS one.
+        by_port: dict[tuple[bool, int], list[_Listener]] = defaultdict(list)
         for entry in mine:
             if entry.accepted[0]:
-                by_port[entry.spec.port].append(entry)
-        for port, group in by_port.items():
+                by_port[(entry.spec.protocol == "UDP", entry.spec.port)].append(entry)
+        for (_, port), group in by_port.items():
             if len(group) > 1 and any(entry.spec.protocol == "TCP" for entry in group):
                 for entry in group:
                     entry.conflicted = "ProtocolConflict"
                     entry.accepted = (False, "ProtocolConflict",
                                       f"port {port} has a TCP listener and another listener in this Gateway")
         for entry in mine:
+            if entry.spec.protocol == "UDP":
+                _check_udp_port(entry, udp_taken)
+                continue
             if entry.accepted[0]:
                 _check_port(state, entry, taken[entry.spec.port])
             if entry.accepted[0]:
@@ -423,6 +441,18 @@ def _check_port(state: _State, entry: _Listener, earlier: _PortHolders) -> None:
                               f"port {port} is a stream_listen address of the configuration file "
                               f"{'with' if ssl else 'without'} ssl")
             return
+
+
+def _check_udp_port(entry: _Listener, taken: dict[int, objects.Gateway]) -> None:
+    """Refuse a UDP listener whose port an earlier Gateway's UDP listener holds; else take the port.
+    (A `udp` stream_listen entry of the configuration file on that port is shared, as for TCP.)"""
+    if not entry.accepted[0]:
+        return
+    port = entry.spec.port
+    holder = taken.setdefault(port, entry.gateway)
+    if holder is not entry.gateway:
+        entry.accepted = (False, "PortUnavailable", f"port {port} is already used by a UDP listener of "
+                                                    f"Gateway {holder.meta.namespace}/{holder.meta.name}")
 
 
 def _listener_certificate(state: _State, entry: _Listener) -> None:
@@ -584,7 +614,9 @@ def _route(state: _State, route: objects.Route, listeners: dict[tuple[str, str],
         })
     if parents:
         state.statuses[(route.kind, namespace, route.meta.name)] = {"parents": parents}
-    if attachments and backends is not None:
+    if attachments and backends is not None and route.kind == "UDPRoute":
+        _program_udp_route(state, route, attachments, backends)
+    elif attachments and backends is not None:
         _program_route(state, route, attachments, backends)
 
 
@@ -600,8 +632,8 @@ def _attach(state: _State, route: objects.Route, ref: ObjectRef,
     if not allowed:
         return (False, "NotAllowedByListeners",
                 f"no selected listener allows {route.kind}s from namespace {route.meta.namespace}"), []
-    if route.kind == "TCPRoute" and len(route.rules) > 1:
-        return (False, "UnsupportedValue", "a TCPRoute has only one rule"), []
+    if route.kind in ("TCPRoute", "UDPRoute") and len(route.rules) > 1:
+        return (False, "UnsupportedValue", f"a {route.kind} has only one rule"), []
     attached = []
     for entry in allowed:
         snis = hostnames.route_hostnames(entry.spec.hostname, route.hostnames)
@@ -651,17 +683,22 @@ def _backend(state: _State, route: objects.Route, ref: ObjectRef) -> _Backend:
     if service.type == "ExternalName":
         return _Backend("", [], ref.weight, "BackendNotFound",
                         f"{what} is an ExternalName Service, which Gateway API backends may not be")
-    return _service_backend(state, service, ref.port, ref.weight)
+    protocol = "UDP" if route.kind == "UDPRoute" else "TCP"
+    return _service_backend(state, service, ref.port, ref.weight, protocol)
 
 
-def _service_backend(state: _State, service: objects.Service, port: int, weight: int) -> _Backend:
-    """A Service port's ready endpoints: Service port → its name → the EndpointSlices' port of that name
-    (the v1 Endpoints object's, for a Service that has no EndpointSlice)."""
+def _service_backend(state: _State, service: objects.Service, port: int, weight: int,
+                     protocol: str = "TCP") -> _Backend:
+    """A Service port's ready endpoints: Service port (of `protocol`) → its name → the EndpointSlices'
+    port of that name (the v1 Endpoints object's, for a Service that has no EndpointSlice)."""
     what = f"Service {service.meta.namespace}/{service.meta.name}"
     upstream = f"k8s.{service.meta.namespace}.{service.meta.name}.{port}"
-    service_port = next((item for item in service.ports if (item.port, item.protocol) == (port, "TCP")), None)
+    if protocol == "UDP":
+        upstream += ".udp"      # DNS: port 53 is a TCP port and a UDP port, of different upstreams
+    service_port = next((item for item in service.ports if (item.port, item.protocol) == (port, protocol)),
+                        None)
     if service_port is None:
-        return _Backend(upstream, [], weight, "BackendNotFound", f"{what} has no TCP port {port}")
+        return _Backend(upstream, [], weight, "BackendNotFound", f"{what} has no {protocol} port {port}")
     if service.type == "ExternalName" and service.external_name:
         return _Backend(upstream, [(service.external_name, port)], weight)
     targets: dict[tuple[str, int], None] = {}
@@ -739,6 +776,27 @@ def _program_route(state: _State, route: objects.Route, attachments: list[_Attac
             if chosen:
                 state.programs.append((route.meta.resource.age_key, len(state.programs),
                                        {"name": name, "host": upstream, **extra, **share, "routes": chosen}))
+
+
+def _program_udp_route(state: _State, route: objects.Route, attachments: list[_Attachment],
+                       backends: list[_Backend]) -> None:
+    """A UDPRoute's `udp` service, one `udp` route per UDP listener it attached to, and its upstream.
+
+    pyproxy cannot refuse a share of datagrams (`reject_share` is for TCP sessions): the invalid
+    backendRefs' share goes to the valid ones, which a notice says."""
+    base = f"{route.kind.lower()}.{route.meta.namespace}.{route.meta.name}"
+    routes = [{"name": f"{base}.{index}.{entry.spec.name}", "protocols": ["udp"],
+               "destinations": [{"port": entry.spec.port}]}
+              for index, entry, _ in attachments if entry.usable]
+    if not routes:
+        return
+    if any(not backend.targets for backend in backends) and any(backend.targets for backend in backends):
+        state.notices.append(route.meta.resource.notice(
+            "some backendRefs are invalid: their share of the datagrams goes to the valid ones (pyproxy "
+            "rejects a share of TCP connections only)"))
+    upstream = _upstream(state, base, backends)
+    state.programs.append((route.meta.resource.age_key, len(state.programs),
+                           {"name": base, "protocol": "udp", "host": upstream, "routes": routes}))
 
 
 def _backend_tls(state: _State, gateway: objects.Gateway,
@@ -911,27 +969,61 @@ def _tcp_ingress(state: _State, ingress: objects.TCPIngress, ports: dict[int, bo
             {target: 100 for target in backend.targets})})
         state.programs.append((ingress.meta.resource.age_key, len(state.programs),
                                {"name": name, "host": backend.upstream, "routes": [route]}))
+    state.statuses[("TCPIngress", namespace, ingress.meta.name)] = _ingress_status(state)
+
+
+def _ingress_status(state: _State) -> dict[str, Any]:
+    """A TCPIngress's or UDPIngress's status: the addresses clients reach pyproxy at."""
     status: dict[str, Any] = {"loadBalancer": {}}
     if state.options.publish_addresses:
         status["loadBalancer"]["ingress"] = [{"ip" if is_ip_address(address) else "hostname": address}
                                              for address in state.options.publish_addresses]
-    state.statuses[("TCPIngress", namespace, ingress.meta.name)] = status
+    return status
+
+
+def _udp_ingress(state: _State, ingress: objects.UDPIngress, ports: set[int]) -> None:
+    """KIC's translation of a UDPIngress: a `udp` service and route per rule, on the rule's port."""
+    resource = ingress.meta.resource
+    namespace = ingress.meta.namespace
+    for index, rule in enumerate(ingress.rules):
+        name = f"{namespace}.{ingress.meta.name}.{index}.udp"         # §5.3, apart from a TCPIngress
+        if rule.port not in ports:
+            state.notices.append(resource.notice(
+                f"port {rule.port} is neither a `udp` stream_listen port nor a UDP Gateway listener's: the "
+                "rule never matches", f"spec.rules[{index}].port"))
+        service = state.services.get((namespace, rule.service_name))
+        if service is None:
+            backend = _Backend(f"k8s.{namespace}.{rule.service_name}.{rule.service_port}.udp", [], 1,
+                               "BackendNotFound", f"Service {namespace}/{rule.service_name} not found")
+        else:
+            backend = _service_backend(state, service, rule.service_port, 1, "UDP")
+        if backend.reason:
+            state.notices.append(resource.notice(f"{backend.message}: its datagrams are dropped",
+                                                 f"spec.rules[{index}].backend"))
+        state.upstreams.setdefault(backend.upstream, {"name": backend.upstream, "targets": _targets(
+            {target: 100 for target in backend.targets})})
+        route = {"name": name, "protocols": ["udp"], "destinations": [{"port": rule.port}]}
+        state.programs.append((resource.age_key, len(state.programs), {
+            "name": name, "protocol": "udp", "host": backend.upstream, "routes": [route]}))
+    state.statuses[("UDPIngress", namespace, ingress.meta.name)] = _ingress_status(state)
 
 
 # --- the entities -----------------------------------------------------------------------------------
 
 def _entities(state: _State, listeners: list[_Listener]) -> Entities:
     stream_listen = []
-    opened: set[tuple[str, int]] = set(state.stream_listen)
+    opened = {(host, port, False) for host, port in state.stream_listen}
+    opened.update((host, port, True) for host, port in state.udp_listen)
     for entry in listeners:
         if not entry.accepted[0]:
             continue
+        udp = entry.spec.protocol == "UDP"
         for address in state.options.addresses:
-            key = (address, entry.spec.port)
+            key = (address, entry.spec.port, udp)
             if key in opened:
                 continue
             opened.add(key)
-            flags = " ssl" if entry.spec.protocol == "TLS" else ""
+            flags = " ssl" if entry.spec.protocol == "TLS" else " udp" if udp else ""
             stream_listen.append(host_port(address, entry.spec.port) + flags)
     services = [service for _, _, service in sorted(state.programs, key=_precedence)]
     return {

@@ -116,7 +116,7 @@ class KongDeclarative:
             translation.refused.add("stream_listen")
             if not translation.errors:
                 translation.errors.append(ConfigIssue(
-                    self.path, 1, "", f"nothing to listen on: no tcp or tls route names a destinations "
+                    self.path, 1, "", f"nothing to listen on: no tcp, tls or udp route names a destinations "
                                       f"port; set {LISTEN_ENV} (Kong's stream_listen), or name this file "
                                       "in a pyproxy file's declarative_config"))
             return notes
@@ -128,9 +128,11 @@ class KongDeclarative:
 
 def derived_listens(root: YamlMap, translation: Translation) -> tuple[list[str], list[str]]:
     """`stream_listen` entries on LISTEN_HOST for the `destinations` ports of the translated routes,
-    `ssl` for those of TLS routes; notes on routes that give no port. A port that both a tcp route and
-    a TLS route want is an error (a listener is either TLS or not)."""
+    `ssl` for those of TLS routes, `udp` for those of udp routes; notes on routes that give no port. A
+    port that both a tcp route and a TLS route want is an error (a listener is either TLS or not); a
+    udp route's port is another listener (UDP), which a tcp or TLS one may share the number of."""
     ports: dict[int, tuple[bool, str]] = {}      # port → (ssl, the first route's Kong path)
+    udp_ports: set[int] = set()
     notes = []
     services = root.get("services")
     for service_index, service in enumerate(services if isinstance(services, YamlList) else []):
@@ -141,6 +143,7 @@ def derived_listens(root: YamlMap, translation: Translation) -> tuple[list[str],
             path = f"services[{service_index}].routes[{index}]"
             protocols = route.get("protocols")
             tls = isinstance(protocols, list) and "tcp" not in protocols
+            udp = isinstance(protocols, list) and "udp" in protocols
             destinations = route.get("destinations")
             found = [port for entry in (destinations if isinstance(destinations, list) else [])
                      if isinstance(entry, YamlMap) and isinstance(port := entry.get("port"), int)
@@ -148,6 +151,9 @@ def derived_listens(root: YamlMap, translation: Translation) -> tuple[list[str],
             if not found:
                 notes.append(f"{translation.file}:{route.line}: {translation.kong_path(path)}: no "
                              f"destinations port, so no listener is made for it ({LISTEN_ENV} sets them)")
+            if udp:
+                udp_ports.update(found)
+                continue
             for port in found:
                 ssl, first = ports.setdefault(port, (tls, path))
                 if ssl != tls:
@@ -155,7 +161,9 @@ def derived_listens(root: YamlMap, translation: Translation) -> tuple[list[str],
                         translation.file, route.line, translation.kong_path(path),
                         f"port {port} is wanted for TLS and for plain TCP (by "
                         f"{translation.kong_path(first)}): a listener is one or the other; set {LISTEN_ENV}"))
-    return [f"{LISTEN_HOST}:{port}{' ssl' if ssl else ''}" for port, (ssl, _) in sorted(ports.items())], notes
+    listens = [(port, f"{LISTEN_HOST}:{port}{' ssl' if ssl else ''}") for port, (ssl, _) in ports.items()]
+    listens += [(port, f"{LISTEN_HOST}:{port} udp") for port in udp_ports]
+    return [listen for _, listen in sorted(listens)], notes
 
 
 def pem_folder() -> str:

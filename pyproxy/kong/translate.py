@@ -78,8 +78,8 @@ HTTP_CHECK_DEFAULTS: dict[str, dict[str, object]] = {
 HEALTHY_FIELDS = ("interval", "successes", "http_statuses")
 UNHEALTHY_FIELDS = ("interval", "tcp_failures", "timeouts", "http_failures", "http_statuses")
 
-STREAM_PROTOCOLS = ("tcp", "tls", "tls_passthrough")
-SERVICE_PROTOCOLS = ("tcp", "tls")
+STREAM_PROTOCOLS = ("tcp", "tls", "tls_passthrough", "udp")
+SERVICE_PROTOCOLS = ("tcp", "tls", "udp")
 DEFAULT_PORTS = {"http": 80, "https": 443}
 ALGORITHMS = ("round-robin", "consistent-hashing", "least-connections")
 # Plugins pyproxy runs, with the settings of Kong's plugin it takes; a plugin only pyproxy has (no Kong
@@ -523,8 +523,7 @@ class Translator:
             protocol = None
         elif protocol not in SERVICE_PROTOCOLS:
             label = f"{entity.path} {name!r}" if isinstance(name, str) else entity.path
-            kind = "UDP" if protocol == "udp" else "HTTP only"
-            self.ignore(f"{label} (protocol {protocol}: {kind}) with its routes and plugins")
+            self.ignore(f"{label} (protocol {protocol}: HTTP only) with its routes and plugins")
             protocol = None
         if protocol is None:
             for key in keys:
@@ -654,9 +653,16 @@ class Translator:
                        "expected an array of strings")
             return
         route_id = self.check_id(entity, "routes", name if isinstance(name, str) else None)
-        stream = [protocol for protocol in protocols if protocol in STREAM_PROTOCOLS]
+        # pyproxy's udp routes are those of udp services, and only they lead to one (Kong's stream
+        # routes mix them: the other kind is ignored).
+        udp = service.get("protocol") == "udp"
+        stream = [protocol for protocol in protocols
+                  if protocol in STREAM_PROTOCOLS and (protocol == "udp") == udp]
         if not stream:
-            kind = "UDP" if "udp" in protocols else "HTTP only"
+            if not any(protocol in STREAM_PROTOCOLS for protocol in protocols):
+                kind = "HTTP only"
+            else:
+                kind = "its service is udp" if udp else "its service is not udp"
             del self.out.ignored[notes:]
             self.ignore(f"{label} (protocols {', '.join(protocols)}: {kind})")
             self.routes_of_ignored(entity)
@@ -668,10 +674,10 @@ class Translator:
         if "protocols" in entity.kong:
             _copy(route, entity.kong, "protocols")
             if len(stream) != len(protocols) and isinstance(written, YamlList):
-                self.ignore(f"{key_path(entity.path, 'protocols')} udp")
+                dropped = [protocol for protocol in protocols if protocol not in stream]
+                self.ignore(f"{key_path(entity.path, 'protocols')} {', '.join(dropped)}")
                 pairs = zip(written, written.item_lines, strict=True)
-                route["protocols"] = _list(written.line, [(p, line) for p, line in pairs
-                                                          if p in STREAM_PROTOCOLS])
+                route["protocols"] = _list(written.line, [(p, line) for p, line in pairs if p in stream])
         for key in ("sources", "destinations"):
             self.address_matches(entity, key)
             _copy(route, entity.kong, key)

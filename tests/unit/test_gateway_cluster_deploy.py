@@ -51,6 +51,10 @@ def test_the_cluster_role_covers_every_kind_watched_and_nothing_more(documents):
     written = {(BY_KIND[kind].group, f"{BY_KIND[kind].plural}/status"): {"update", "patch"}
                for kind in STATUS_KINDS}
     assert granted == {**read, **written}
+    for group, plural in (("gateway.networking.k8s.io", "udproutes"),           # issue 22
+                          ("configuration.konghq.com", "udpingresses")):
+        assert granted[(group, plural)] == {"get", "list", "watch"}
+        assert granted[(group, f"{plural}/status")] == {"update", "patch"}
 
 
 def test_the_lease_is_granted_in_pyproxy_s_namespace_only(documents):

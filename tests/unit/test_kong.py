@@ -142,7 +142,7 @@ def test_test_mode_prints_what_was_ignored_and_why_nothing_listens(tmp_path: Pat
     result = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert "ignored (HTTP only, or not in pyproxy): consumers (1); services[0] 'my-service'" in result.stderr
-    assert "nothing to listen on: no tcp or tls route names a destinations port" in result.stderr
+    assert "nothing to listen on: no tcp, tls or udp route names a destinations port" in result.stderr
     assert "Traceback" not in result.stderr
 
 
