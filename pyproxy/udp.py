@@ -265,6 +265,11 @@ class UdpSession(Session):
             if status:
                 self.close(status)
                 return
+        if service.reject_share and ctx.rejected(service):
+            self.log("info", f'session refused: it falls in the reject_share ({service.reject_share:g}) of '
+                             f'service "{service.name}"; its datagram is dropped')
+            self.close(STATUS_BAD_GATEWAY)
+            return
         if service.proxy_responses is None:
             self._open_client_socket(listener)
         else:

@@ -85,7 +85,7 @@ DEFAULT_TARGET_PORT = 8000                  # Kong's default when a target omits
 HEALTH_COUNTER = integer(0, 255)            # Kong's range for health check counters
 TLS_ONLY_SERVICE_KEYS = ("tls_verify", "ca_certificates", "tls_server_name", "client_certificate")
 UDP_ONLY_SERVICE_SETTINGS = ("proxy_responses", "proxy_requests", "proxy_buffer_size")
-STREAM_ONLY_SERVICE_SETTINGS = ("proxy_protocol", "tcp_congestion", "reject_share")
+STREAM_ONLY_SERVICE_SETTINGS = ("proxy_protocol", "tcp_congestion")
 DATAGRAM_COUNT = integer(0, 2**31 - 1)      # proxy_responses, proxy_requests (see Service)
 
 

@@ -767,36 +767,37 @@ def _program_route(state: _State, route: objects.Route, attachments: list[_Attac
             originated.append(pyproxy_route)
     if routes or originated:
         upstream = _upstream(state, base, backends)
-        # An invalid backendRef's share (by weight) of the connections is rejected (GW BackendRef);
-        # all of them: the upstream has no target, every session ends with 502.
-        weighed = sum(backend.weight for backend in backends)
-        rejected = sum(backend.weight for backend in backends if not backend.targets)
-        share = {"reject_share": round(rejected / weighed, 6)} if 0 < rejected < weighed else {}
+        share = _reject_share(backends)
         for name, chosen, extra in ((base, routes, {}), (f"{base}.backend-tls", originated, settings)):
             if chosen:
                 state.programs.append((route.meta.resource.age_key, len(state.programs),
                                        {"name": name, "host": upstream, **extra, **share, "routes": chosen}))
 
 
+def _reject_share(backends: list[_Backend]) -> dict[str, float]:
+    """`{"reject_share": …}` when some backendRefs are invalid: their share (by weight) of the
+    connections is rejected (GW BackendRef). All of them: the upstream has no target, and every
+    session ends with 502 without it."""
+    weighed = sum(backend.weight for backend in backends)
+    rejected = sum(backend.weight for backend in backends if not backend.targets)
+    return {"reject_share": round(rejected / weighed, 6)} if 0 < rejected < weighed else {}
+
+
 def _program_udp_route(state: _State, route: objects.Route, attachments: list[_Attachment],
                        backends: list[_Backend]) -> None:
-    """A UDPRoute's `udp` service, one `udp` route per UDP listener it attached to, and its upstream.
-
-    pyproxy cannot refuse a share of datagrams (`reject_share` is for TCP sessions): the invalid
-    backendRefs' share goes to the valid ones, which a notice says."""
+    """A UDPRoute's `udp` service, one `udp` route per UDP listener it attached to, and its upstream;
+    the invalid backendRefs' share of the sessions (a client's flow, a DNS query) is refused by
+    `reject_share`, as for TCP."""
     base = f"{route.kind.lower()}.{route.meta.namespace}.{route.meta.name}"
     routes = [{"name": f"{base}.{index}.{entry.spec.name}", "protocols": ["udp"],
                "destinations": [{"port": entry.spec.port}]}
               for index, entry, _ in attachments if entry.usable]
     if not routes:
         return
-    if any(not backend.targets for backend in backends) and any(backend.targets for backend in backends):
-        state.notices.append(route.meta.resource.notice(
-            "some backendRefs are invalid: their share of the datagrams goes to the valid ones (pyproxy "
-            "rejects a share of TCP connections only)"))
     upstream = _upstream(state, base, backends)
     state.programs.append((route.meta.resource.age_key, len(state.programs),
-                           {"name": base, "protocol": "udp", "host": upstream, "routes": routes}))
+                           {"name": base, "protocol": "udp", "host": upstream, **_reject_share(backends),
+                            "routes": routes}))
 
 
 def _backend_tls(state: _State, gateway: objects.Gateway,

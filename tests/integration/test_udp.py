@@ -546,3 +546,23 @@ def test_ipv6_and_wildcard_listeners_answer_from_the_address_asked(proxy, udp_up
     assert len(ports) == 1
     p.stop()
     assert sum(" udp 200 " in line for line in p.access_lines()) == 2
+
+
+def test_a_reject_share_drops_that_share_of_new_sessions(proxy, udp_upstreams):
+    """The Gateway API's invalid-backend share, for datagrams: of ten one-query sessions (a new source
+    port each), the 4th, 7th and 10th get no answer, the others theirs."""
+    up = udp_upstreams("one")
+    port = udp_port()
+    p = proxy(udp_config(port, [f"127.0.0.1:{up.port}"],
+                         service="    proxy_responses: 1\n    reject_share: 0.3"))
+    answered = []
+    for index in range(10):
+        with client() as sock:
+            sock.settimeout(1.0)
+            try:
+                ask(sock, port, f"query {index}".encode())
+                answered.append(True)
+            except TimeoutError:
+                answered.append(False)
+    assert [index + 1 for index, ok in enumerate(answered) if not ok] == [4, 7, 10]
+    p.wait_log('it falls in the reject_share (0.3) of service "dns"; its datagram is dropped')

@@ -153,7 +153,7 @@ def test_a_udp_route_backend_in_another_namespace_needs_a_reference_grant(tmp_pa
     load(tmp_path, granted)
 
 
-def test_udp_route_weights_split_the_sessions_and_an_invalid_share_is_a_notice(tmp_path):
+def test_udp_route_weights_split_the_sessions_and_an_invalid_share_is_rejected(tmp_path):
     gw = gateway([listener("dns", 5300, "UDP")])
     result = run(tmp_path, gw, udp_service("a", target=5301), udp_service("b", target=5302),
                  udp_route("r", [{"name": "gw"}], [backend("a", 53, weight=3), backend("b", 53, weight=1),
@@ -161,10 +161,9 @@ def test_udp_route_weights_split_the_sessions_and_an_invalid_share_is_a_notice(t
     assert parent(result, "UDPRoute", "r")["ResolvedRefs"] == ("False", "BackendNotFound")
     config = load(tmp_path, result)
     [svc] = config.services
-    assert svc.reject_share == 0.0          # not a thing for datagrams
+    assert svc.reject_share == pytest.approx(1 / 5)      # "missing" weighs 1 of 3 + 1 + 1
     weights = {str(target): target.weight for target in config.upstream(svc.upstream).targets}
     assert weights == {"127.0.0.1:5301": 65535, "127.0.0.1:5302": 21845}
-    assert any("share of the datagrams goes to the valid ones" in notice.message for notice in result.notices)
 
 
 def test_a_udp_route_with_two_rules_is_unsupported(tmp_path):
