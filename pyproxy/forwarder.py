@@ -53,7 +53,9 @@ class Forwarder(SessionBase):
         self.phase = FORWARDING
         now = self.loop.now
         self.c2u.last_io = self.u2c.last_io = now
-        self._due_by(now + min(self.service.read_timeout, self.service.write_timeout))
+        service = self.service
+        self._due_by(now + (service.read_timeout if service.read_timeout < service.write_timeout
+                            else service.write_timeout))     # min() of two: a builtin call dearer than this
         self.forward()
 
     def forward(self) -> None:
