@@ -34,7 +34,11 @@ class Forwarder(SessionBase):
     service: Service
     upstream: Connection | None
 
-    def forward_phase(self) -> None:
+    def forward_phase(self, upstream_readable: bool = True) -> None:
+        """`upstream_readable`: False when a plain upstream's connect event said it has sent nothing,
+        so the first pass makes no recv only to hear EAGAIN (a system call and an exception); what
+        it sends later is a new edge. The client is always tried: its events while connecting were
+        not recorded, and a TLS client may hold decrypted bytes that no event announces."""
         client, upstream = self.client, self.upstream
         if TYPE_CHECKING:       # for mypy only, here and below: what the phase guarantees
             assert upstream is not None
@@ -48,7 +52,7 @@ class Forwarder(SessionBase):
         # What we know of readiness so far; anything unknown is simply tried (EAGAIN costs little).
         self.c2u.readable = True
         self.c2u.writable = True
-        self.u2c.readable = True
+        self.u2c.readable = upstream_readable
         self.u2c.writable = True
         self.phase = FORWARDING
         now = self.loop.now
