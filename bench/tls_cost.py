@@ -40,6 +40,7 @@ import time
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.calls import free_port
 from bench.configs import LOOPBACK, make_certificate
 
 FEW, MANY = 40, 240
@@ -162,19 +163,6 @@ def wait_ready(proc: subprocess.Popen[str]) -> list[str]:
     return line[1:]
 
 
-def listen_port() -> int:
-    """A free loopback port below 32768, from a random place (other benchmarks may run)."""
-    start = random.randrange(20000, 31000)
-    for port in range(start, start + 1000):
-        with socket.socket() as probe:
-            try:
-                probe.bind((LOOPBACK, port))
-            except OSError:
-                continue
-            return port
-    raise SystemExit("tls_cost: no free port")
-
-
 def callgrind_costs(path: str) -> collections.Counter[str]:
     """Self cost (instructions) per object file in a callgrind output file."""
     costs: collections.Counter[str] = collections.Counter()
@@ -228,7 +216,7 @@ def measure(python: str, sessions: int, folder: str, tree: str | None) -> dict[s
                           cwd=here, env=env, stdout=subprocess.PIPE, text=True)
     out = os.path.join(folder, f"callgrind.{sessions}.out")
     try:
-        port = listen_port()
+        port = free_port(random.randrange(20000, 31000))     # from anywhere: other benchmarks may run
         config = write_config(folder, port, int(wait_ready(up)[0]))
         worker = subprocess.Popen(["valgrind", "--tool=callgrind", "--trace-children=no", "--dump-line=no",
                                    f"--callgrind-out-file={out}", python, "-m", "bench.tls_cost",
