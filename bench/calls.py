@@ -65,16 +65,16 @@ class _EchoHandler(socketserver.BaseRequestHandler):
             pass
 
 
-def free_port() -> int:
-    """A loopback port below 32768 that is free now."""
-    for port in range(27000, 32000):
+def free_port(first: int = 27000) -> int:
+    """A loopback port below 32768 that is free now, the first from `first` on."""
+    for port in range(first, 32000):
         with socket.socket() as probe:
             try:
                 probe.bind((LOOPBACK, port))
             except OSError:
                 continue
             return port
-    raise SystemExit("calls: no free port between 27000 and 32000")
+    raise SystemExit(f"calls: no free port between {first} and 32000")
 
 
 def write_config(folder: str, mode: str, listen_port: int, upstream_port: int) -> str:

@@ -18,6 +18,7 @@ from pyproxy.phases import (
     CLOSED,
     CONNECTING,
     ERR_EVENTS,
+    IN_EVENTS,
     NO_IO,
     UPSTREAM_HANDSHAKE,
     UPSTREAM_HUP,
@@ -197,7 +198,8 @@ class UpstreamConnector(SessionBase):
             return
         tls = self.ctx.upstream_tls.get(service.name)
         if tls is None:
-            self._connected()
+            # This event is the socket's first (edge-triggered): bytes the upstream sent are in it.
+            self._connected(upstream_readable=bool(mask & IN_EVENTS))
             return
         self.phase = UPSTREAM_HANDSHAKE
         try:
@@ -282,10 +284,12 @@ class UpstreamConnector(SessionBase):
             return
         self._connected()
 
-    def _connected(self) -> None:
+    def _connected(self, upstream_readable: bool = True) -> None:
+        """`upstream_readable`: False when the upstream is known to have sent nothing yet (see
+        Forwarder.forward_phase)."""
         now = self.loop.now
         peer = self.tried[-1]
         self.peer = peer
         self.balancer.connected(peer, now)
         self.connect_time = now - self.connect_started
-        self.forward_phase()
+        self.forward_phase(upstream_readable)

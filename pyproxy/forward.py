@@ -295,20 +295,10 @@ class BufferPump:
         return n
 
     def run(self, now: float) -> int:
-        result = self._move(now)
-        tls_dst = self.tls_dst
-        if tls_dst is not None and tls_dst.unsent and result != DST_ERROR:
-            # What this run wrote towards TLS leaves in one send (see TLSStream.send), also when
-            # the source has just failed: what it sent before is still owed to the destination.
-            try:
-                if not tls_dst.flush():
-                    self._blocked(now)
-            except OSError as exc:
-                self.error = exc.errno or errno.ECONNRESET
-                return DST_ERROR
-        return result
-
-    def _move(self, now: float) -> int:
+        """Move what can move now; what this run wrote towards TLS then leaves in one send (see
+        TLSStream.send), also when the source has just failed: what it sent before is still owed
+        to the destination. (One method, not a loop and a wrapper that flushes: a run is the pump's
+        one call per readiness event, a dozen per short TLS session.)"""
         if self.done:
             return DONE
         scratch = self.scratch
@@ -317,42 +307,52 @@ class BufferPump:
             if tls_dst is not None and tls_dst.backlog is not None:
                 # Ciphertext of an earlier write goes out before anything else.
                 if not self.writable:
-                    return WAIT
+                    result = WAIT
+                    break
                 try:
                     flushed = tls_dst.flush()
                 except OSError as exc:
                     self.error = exc.errno or errno.ECONNRESET
                     return DST_ERROR
                 if not flushed:
-                    return self._blocked(now)
+                    result = self._blocked(now)
+                    break
                 self.blocked_at = 0.0
                 self.last_io = now
             if self.held is not None:
                 if not self.writable:
-                    return WAIT
+                    result = WAIT
+                    break
                 if self._send(self.held, now, scratch=False) < 0:
                     return DST_ERROR
                 if self.held is not None:
-                    return WAIT
+                    result = WAIT
+                    break
                 self.last_io = now
                 continue
             if self.bulk:
-                return MORE         # everything read was delivered: the session switches to splice
+                result = MORE       # everything read was delivered: the session switches to splice
+                break
             if self.eof:
-                return DONE if self.finish() else WAIT
+                result = DONE if self.finish() else WAIT
+                break
             if not self.readable:
-                return WAIT
+                result = WAIT
+                break
             try:
                 n = self.src.recv_into(scratch)
             except _WANT:
                 self.readable = False
-                return WAIT
+                result = WAIT
+                break
             except ssl.SSLError:
                 self.error = errno.EPROTO
-                return SRC_ERROR
+                result = SRC_ERROR
+                break
             except OSError as exc:
                 self.error = exc.errno or errno.ECONNRESET
-                return SRC_ERROR
+                result = SRC_ERROR
+                break
             if not n:
                 self.eof = True
                 continue
@@ -365,10 +365,20 @@ class BufferPump:
                 self.bulk = True
             if not self.writable:
                 self.held = memoryview(bytes(scratch[:n]))
-                return self._blocked(now)
+                result = self._blocked(now)
+                break
             if self._send(scratch[:n], now, scratch=True) < 0:
                 return DST_ERROR
-        return MORE
+        else:
+            result = MORE
+        if tls_dst is not None and tls_dst.unsent:
+            try:
+                if not tls_dst.flush():
+                    self._blocked(now)
+            except OSError as exc:
+                self.error = exc.errno or errno.ECONNRESET
+                return DST_ERROR
+        return result
 
     def finish(self) -> bool:
         """Pass the FIN on; towards a TLS peer, after a close_notify (see TLSStream.close_notify).

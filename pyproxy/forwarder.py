@@ -34,7 +34,11 @@ class Forwarder(SessionBase):
     service: Service
     upstream: Connection | None
 
-    def forward_phase(self) -> None:
+    def forward_phase(self, upstream_readable: bool = True) -> None:
+        """`upstream_readable`: False when a plain upstream's connect event said it has sent nothing,
+        so the first pass makes no recv only to hear EAGAIN (a system call and an exception); what
+        it sends later is a new edge. The client is always tried: its events while connecting were
+        not recorded, and a TLS client may hold decrypted bytes that no event announces."""
         client, upstream = self.client, self.upstream
         if TYPE_CHECKING:       # for mypy only, here and below: what the phase guarantees
             assert upstream is not None
@@ -48,12 +52,14 @@ class Forwarder(SessionBase):
         # What we know of readiness so far; anything unknown is simply tried (EAGAIN costs little).
         self.c2u.readable = True
         self.c2u.writable = True
-        self.u2c.readable = True
+        self.u2c.readable = upstream_readable
         self.u2c.writable = True
         self.phase = FORWARDING
         now = self.loop.now
         self.c2u.last_io = self.u2c.last_io = now
-        self._due_by(now + min(self.service.read_timeout, self.service.write_timeout))
+        service = self.service
+        self._due_by(now + (service.read_timeout if service.read_timeout < service.write_timeout
+                            else service.write_timeout))     # min() of two: a builtin call dearer than this
         self.forward()
 
     def forward(self) -> None:

@@ -277,8 +277,9 @@ class ClientPreread(SessionBase):
             return
         if metrics is not None:
             metrics.handshake(ok=True)
-        self.ssl_protocol = client.version()
-        cipher = client.cipher()
+        obj = client.obj                # OpenSSL's answers without the stream's wrappers
+        self.ssl_protocol = obj.version()
+        cipher = obj.cipher()
         self.ssl_cipher = cipher[0] if cipher else None
         if route is None:
             self._no_route()

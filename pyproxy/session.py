@@ -293,9 +293,11 @@ class Session(ClientPreread, UpstreamConnector, Forwarder):
         """The current phase (PROXY header, preread, handshake, connect attempt) must be over within
         `delay` seconds. One timer serves every phase, lazily, like the forwarding one: it is only
         moved when the new deadline comes sooner than it is set for; when it fires too early,
-        on_timer sets it again. A short session so costs one timer, not one per phase."""
-        self.deadline = self.loop.now + delay
-        self._due_by(self.deadline)
+        on_timer sets it again. A short session so costs one timer, not one per phase. (_due_by's
+        test, written out: a phase's start is on every session's path.)"""
+        self.deadline = deadline = self.loop.now + delay
+        if self.timer is None or self.timer.deadline > deadline:
+            self._set_timer(deadline)
 
     def _due_by(self, deadline: float) -> None:
         """Have the timer fire no later than `deadline`; a timer set sooner stays as it is."""

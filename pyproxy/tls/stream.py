@@ -63,7 +63,7 @@ class TLSStream:
     """A TLS connection (either side) over `sock`, whose readiness the caller tracks."""
 
     __slots__ = ("sock", "obj", "incoming", "outgoing", "scratch", "backlog", "notified", "unsent",
-                 "loop", "empty_at", "hup", "renegotiation_refused", "_fileno")
+                 "loop", "empty_at", "hup", "renegotiation_refused", "tls13", "_fileno")
 
     def __init__(self, sock: _socket.socket, context: ssl.SSLContext, server_side: bool,
                  scratch: memoryview, server_hostname: str | None = None, loop: Loop | None = None):
@@ -84,6 +84,7 @@ class TLSStream:
         self.empty_at = -1
         self.hup = False
         self.renegotiation_refused = False
+        self.tls13 = False              # the handshake completed with TLS 1.3 (see _answer_peer)
         self._fileno = sock.fileno()
 
     # -- the socket underneath --------------------------------------------------------------
@@ -164,17 +165,20 @@ class TLSStream:
         """One step of the handshake: True once it completed, False while waiting for the peer.
         Raises ssl.SSLError (or OSError) when it failed; an alert for the peer is sent first."""
         obj = self.obj
+        outgoing = self.outgoing
         if obj.server_side and not self.incoming.pending:
             # Nothing new for OpenSSL (it would only answer "want read"): read first. (A client
             # calls OpenSSL first: its first step has nothing to read and writes the ClientHello.)
-            self.flush()
+            if self.backlog is not None or outgoing.pending:
+                self.flush()
             if not self._fill():
                 return False
         while True:
             try:
                 obj.do_handshake()
             except WantRead:
-                self.flush()
+                if self.backlog is not None or outgoing.pending:
+                    self.flush()
                 if not self._fill():
                     return False
             except ssl.SSLError:
@@ -184,7 +188,8 @@ class TLSStream:
                 # A TLS 1.3 server ends its handshake with session tickets, which the client does
                 # not wait for: they leave with the first reply (one send and one wake-up of the
                 # client less). Anything else may be a flight the peer is waiting for.
-                if not (obj.server_side and obj.version() == TLS1_3):
+                self.tls13 = obj.version() == TLS1_3
+                if not (obj.server_side and self.tls13):
                     self.flush()
                 return True
 
@@ -198,7 +203,7 @@ class TLSStream:
                 # OpenSSL has nothing to decrypt and would only raise "want read" (an exception
                 # built from its error queue, several times dearer than this test): refill first.
                 if not self._fill():
-                    if self.outgoing.pending:
+                    if self.outgoing.pending and not self.tls13:
                         self._answer_peer()
                     raise WantRead
                 continue
@@ -206,7 +211,7 @@ class TLSStream:
                 n = obj.read(len(buffer), buffer)
             except WantRead:
                 if not self._fill():
-                    if self.outgoing.pending:
+                    if self.outgoing.pending and not self.tls13:
                         self._answer_peer()
                     raise
                 continue
@@ -223,16 +228,15 @@ class TLSStream:
             return n
 
     def _answer_peer(self) -> None:
-        """Reading is over for now and OpenSSL has records to send. In TLS 1.3 they are session
-        tickets, or a KeyUpdate's answer: they leave with the next write or the close_notify (RFC
-        8446 only asks for the answer before our next application data). In TLS 1.2 and earlier,
+        """Reading is over for now and OpenSSL has records to send, in TLS 1.2 or earlier (the
+        callers check `tls13`: in TLS 1.3 they are session tickets, or a KeyUpdate's answer, which
+        leave with the next write or the close_notify; RFC 8446 only asks for the answer before
+        our next application data, and no call is spent on them). In TLS 1.2 and earlier,
         reading writes only when the peer started a renegotiation, and the peer now waits for the
         answer, so it leaves at once: our ClientHello when an upstream asked us to renegotiate,
         the no_renegotiation alert when a client tried to (a server context has
         OP_NO_RENEGOTIATION). Then, like nginx ("SSL renegotiation disabled"), the server ends the
         connection: a client that renegotiates is in no state we can serve."""
-        if self.obj.version() == TLS1_3:
-            return
         self._flush_quietly()
         if self.obj.server_side:
             self.renegotiation_refused = True

@@ -41,7 +41,8 @@ services:
 """)
     url = f"https://admin.example:{front}/status"
     resolve = ("--resolve", f"admin.example:{front}:127.0.0.1")
-    ok = curl(url, *resolve, "--cacert", str(server[0]), "--cert", str(operator[0]), "--key", str(operator[1]))
+    ok = curl(url, *resolve, "--cacert", str(server[0]),
+              "--cert", str(operator[0]), "--key", str(operator[1]))
     assert ok.returncode == 0, ok.stderr
     assert "database" in json.loads(ok.stdout)
     created = curl(f"https://admin.example:{front}/upstreams", *resolve, "--cacert", str(server[0]),
