@@ -185,11 +185,12 @@ class TLSStream:
                 self._flush_quietly()       # the alert that tells the peer why
                 raise
             else:
-                # A TLS 1.3 server ends its handshake with session tickets, which the client does
-                # not wait for: they leave with the first reply (one send and one wake-up of the
-                # client less). Anything else may be a flight the peer is waiting for.
+                # What the handshake wrote leaves now, a TLS 1.3 server's session tickets too: held
+                # until the first reply, they left nothing to acknowledge the client's Finished but
+                # the delayed-ACK timer, and a client with Nagle's algorithm on (no TCP_NODELAY:
+                # Java's and Python's default sockets) then waited ~40 ms to send its first request.
                 self.tls13 = obj.version() == TLS1_3
-                if not (obj.server_side and self.tls13):
+                if self.backlog is not None or outgoing.pending:
                     self.flush()
                 return True
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import select
 import shutil
 import socket
 import ssl
@@ -577,3 +578,23 @@ def test_a_renewed_certificate_is_served_and_the_others_still_resume(proxy, upst
     assert "reused 4 TLS contexts, built 1" in p.log_text()
     assert (before, resume(ctx, port, "a.example", None)[2]) == ("a.example", "a-renewed.example")
     assert resume(ctx, port, "b.example", session_b)[1:] == (True, "b.example")
+
+
+def test_a_tls13_session_ticket_leaves_with_the_handshake_not_with_the_first_reply(proxy, upstreams, certs):
+    """A client with Nagle's algorithm on (no TCP_NODELAY) sends its first request only once its
+    Finished is acknowledged; a server that keeps its session ticket until its first reply leaves that
+    to the delayed-ACK timer (~40 ms a session). The ticket must arrive before the client says
+    anything: the client's socket is readable right after the handshake."""
+    echo = upstreams(echo_handler)
+    port = free_port()
+    proxy(sni_config(port, certs, service("a", echo.port, "tls", "a.example")))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
+            ctx.wrap_socket(raw, server_hostname="a.example") as sock:
+        assert sock.version() == "TLSv1.3"
+        readable, _, _ = select.select([sock], [], [], 2.0)
+        assert readable, "no session ticket before the client's first request"
+        sock.sendall(b"after the ticket\n")
+        assert recv_line(sock) == b"after the ticket\n"
