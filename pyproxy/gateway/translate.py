@@ -933,7 +933,9 @@ def _entities(state: _State, listeners: list[_Listener]) -> Entities:
             opened.add(key)
             flags = " ssl" if entry.spec.protocol == "TLS" else ""
             stream_listen.append(host_port(address, entry.spec.port) + flags)
-    services = [service for _, _, service in sorted(state.programs, key=_precedence)]
+    # pyproxy gives a tie between routes to the one written first: oldest first (creationTimestamp,
+    # namespace, name: GW Listener.AllowedRoutes).
+    services = [service for _, _, service in sorted(state.programs, key=lambda program: program[:2])]
     return {
         "stream_listen": stream_listen,
         "certificates": list(state.certificates.values()),
@@ -941,15 +943,3 @@ def _entities(state: _State, listeners: list[_Listener]) -> Entities:
         "services": services,
     }
 
-
-def _precedence(program: _Program) -> tuple[int, tuple[str, str, str], int]:
-    """Where a service is written: pyproxy gives a tie between routes to the one written first.
-
-    Oldest first (creationTimestamp, namespace, name: GW Listener.AllowedRoutes), except that a service
-    whose routes have a wildcard SNI of more labels comes before: pyproxy's router ranks all wildcards
-    alike, the Gateway API ranks `*.foo.example.com` over `*.example.com` (brief §9.2 c).
-    """
-    age, order, service = program
-    depth = max((sni.count(".") for route in service["routes"] for sni in route.get("snis", ())
-                 if sni.startswith("*.")), default=0)
-    return (-depth, age, order)

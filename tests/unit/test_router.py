@@ -7,7 +7,7 @@ import ipaddress
 import pytest
 
 from pyproxy.config.model import AddressMatch, Listen, Route
-from pyproxy.router import Router, sni_rank
+from pyproxy.router import EXACT, Router, sni_rank
 
 
 def net(text):
@@ -86,11 +86,14 @@ def test_ipv6_sources_do_not_match_ipv4_clients():
 
 
 @pytest.mark.parametrize("patterns,sni,rank", [
-    (("a.example.com",), "a.example.com", 2),
-    (("*.example.com",), "a.example.com", 1),
-    (("*.example.com",), "a.b.example.com", 1),
+    (("a.example.com",), "a.example.com", EXACT),
+    (("*.example.com",), "a.example.com", 2),
+    (("*.example.com",), "a.b.example.com", 2),
+    (("*.example.com", "*.b.example.com", "*.com"), "a.b.example.com", 3),
+    (("*.b.example.com", "a.b.example.com"), "a.b.example.com", EXACT),
     (("*.example.com",), "example.com", 0),
     (("example.*",), "example.org", 1),
+    (("www.example.*",), "www.example.org", 2),
     (("example.*",), "example.", 0),
     (("other.com",), "a.example.com", 0),
 ])
