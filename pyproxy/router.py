@@ -64,10 +64,13 @@ def sni_rank(patterns: tuple[str, ...], sni: str) -> int:
         if pattern == sni:
             return EXACT
         if pattern.startswith("*."):
-            if sni.endswith(pattern[1:]) and len(sni) > len(pattern) - 1:
-                best = max(best, pattern.count("."))
-        elif pattern.endswith(".*") and sni.startswith(pattern[:-1]) and len(sni) > len(pattern) - 1:
-            best = max(best, pattern.count("."))
+            if not (sni.endswith(pattern[1:]) and len(sni) > len(pattern) - 1):
+                continue
+        elif not (pattern.endswith(".*") and sni.startswith(pattern[:-1]) and len(sni) > len(pattern) - 1):
+            continue
+        depth = pattern.count(".")
+        if depth > best:
+            best = depth
     return best
 
 
