@@ -936,8 +936,9 @@ def _entities(state: _State, listeners: list[_Listener]) -> Entities:
     services = [service for _, _, service in sorted(state.programs, key=lambda program: program[:2])]
     upstreams = list(state.upstreams.values())
     # GW "Listener Isolation": an SNI of a listener's hostname that a less specific listener of the port
-    # covers too is refused when no route of its own listener takes it. A passthrough route to no
-    # target, written last: it loses a tie to the listener's own routes (as specific as its hostname,
+    # covers too is refused when no route of its own listener takes it. A passthrough route whose
+    # service refuses every session (reject_share 1; its upstream has no target), written last: it
+    # loses a tie to the listener's own routes (as specific as its hostname,
     # or more), and the less specific listener's routes rank below it (their names under this hostname
     # are taken out by PortHostnames.isolated; a wildcard of fewer labels or no SNI remains).
     refusals = [{"name": f"{ISOLATION}.{port}", "protocols": ["tls_passthrough"], "snis": shadowed,
@@ -947,7 +948,7 @@ def _entities(state: _State, listeners: list[_Listener]) -> Entities:
                 if shadowed]
     if refusals:
         upstreams.append({"name": ISOLATION, "targets": []})
-        services.append({"name": ISOLATION, "host": ISOLATION, "routes": refusals})
+        services.append({"name": ISOLATION, "host": ISOLATION, "reject_share": 1, "routes": refusals})
     return {
         "stream_listen": stream_listen,
         "certificates": list(state.certificates.values()),

@@ -86,3 +86,4 @@ def test_an_sni_whose_listener_has_no_route_for_it_is_refused(gateway_port, sni)
         answer(port, sni)
     [line] = p.wait_access(1)
     assert " tls_passthrough 502 " in line and "gateway_listener-isolation" in line
+    assert "[error]" not in p.log_text()        # a refusal by design, logged at info level
