@@ -124,3 +124,15 @@ def test_destination_address_on_a_listener_bound_to_one_address():
                         destinations=[AddressMatch(network=net("127.0.0.1/32"), port=9443)])]
     tls = Listen("127.0.0.1", 9443, ssl=True)
     assert match(tls_routes, tls, sni="a.example") == "sni+dst"
+
+
+def test_a_passthrough_route_by_port_alone_takes_every_sni_no_sni_route_takes():
+    """A tls_passthrough route without snis (a Gateway API Passthrough listener without hostname) ranks
+    below every route with a matching SNI, and takes the clients without SNI."""
+    routes = [route("any", 0, protocols=("tls_passthrough",), destinations=[AddressMatch(port=9443)]),
+              route("wild", 1, protocols=("tls_passthrough",), snis=["*.example.com"]),
+              route("exact", 2, protocols=("tls_passthrough",), snis=["a.example.com"])]
+    assert match(routes, TLS, sni="a.example.com") == "exact"
+    assert match(routes, TLS, sni="b.example.com") == "wild"
+    assert match(routes, TLS, sni="example.org") == "any"
+    assert match(routes, TLS, sni=None) == "any"
