@@ -1,7 +1,8 @@
 """Route matching with Kong's rules: every field a route sets must match; the most specific match wins.
 
 Specificity, compared in this order (ties go to the route written first):
-  1. exact SNI over wildcard SNI over no SNI,
+  1. exact SNI over wildcard SNI over no SNI, and a wildcard of more labels over one of fewer
+     (`*.foo.example.com` over `*.example.com`: the Gateway API's and nginx's order; Kong ranks them alike),
   2. more fields set (sources, destinations, snis, alpn, client_identities) over fewer,
   3. longer matching address prefixes (sources + destinations) over shorter,
   4. more matching ports written over fewer.
@@ -34,6 +35,7 @@ UNKNOWN: Address = (None, 0, 0)
 _ADDRESSES: dict[str, Address] = {}     # address text → Address: clients come back, parsing costs
 _ADDRESSES_MAX = 4096          # a worker's recent clients; emptied when full (no LRU bookkeeping)
 LINEAR_MAX = 1                 # candidates a listener scores in turn; more go through a RouteIndex
+EXACT = 1 << 16                # sni_rank of an exact SNI: above a wildcard of any number of labels
 
 Score = tuple[int, int, int, int]
 # A verified client certificate as client_identities name it: its subject (RFC 2253) and each
@@ -55,16 +57,20 @@ def parsed_address(text: str) -> Address:
 
 
 def sni_rank(patterns: tuple[str, ...], sni: str) -> int:
-    """2 when `sni` equals a pattern, 1 when it matches a wildcard pattern, 0 when nothing matches."""
+    """EXACT when `sni` equals a pattern; else the labels written in the longest wildcard pattern that
+    matches it (`*.example.com`: 2, `example.*`: 1), its dots; 0 when nothing matches."""
     best = 0
     for pattern in patterns:
         if pattern == sni:
-            return 2
+            return EXACT
         if pattern.startswith("*."):
-            if sni.endswith(pattern[1:]) and len(sni) > len(pattern) - 1:
-                best = 1
-        elif pattern.endswith(".*") and sni.startswith(pattern[:-1]) and len(sni) > len(pattern) - 1:
-            best = 1
+            if not (sni.endswith(pattern[1:]) and len(sni) > len(pattern) - 1):
+                continue
+        elif not (pattern.endswith(".*") and sni.startswith(pattern[:-1]) and len(sni) > len(pattern) - 1):
+            continue
+        depth = pattern.count(".")
+        if depth > best:
+            best = depth
     return best
 
 
@@ -231,8 +237,9 @@ class RouteIndex:
     what can match it, so its cost does not grow with the number of routes, only with the routes
     that share its SNI key, its address or its ALPN protocols. The
     winner is select_linear's: by rank first (a route whose SNI pattern equals the name beats every
-    other, one with a matching wildcard beats every route without `snis`), then the routes found
-    are scored the same way (a route that sets only the field it is found by has its score known).
+    other, one with a matching wildcard beats one with a wildcard of fewer labels and every route
+    without `snis`), then the routes found are scored the same way (a route that sets only the field
+    it is found by has its score known).
     """
 
     __slots__ = ("exact", "wildcards", "sources", "destinations", "by_source", "by_destination", "by_alpn",
@@ -320,10 +327,15 @@ class RouteIndex:
 
     def _wildcard(self, src: Address, src_port: int, dst: Address, dst_port: int, sni: str,
                   alpn: tuple[str, ...], identity: Identity | None) -> Route | None:
-        """The best route with a wildcard pattern matching `sni`: one lookup per depth in use."""
+        """The best route with a wildcard pattern matching `sni`: one lookup per depth in use.
+
+        A route that sets only `snis` and is first written under its key is `sure` there, with the
+        key's depth as its rank: its rank may be higher by another of its patterns, but then it is
+        under that pattern's key too, where it is sure or loses to the one that is."""
         labels = sni.split(".")
         count = len(labels)
         sure: Hit | None = None
+        sure_depth = 0
         checked: list[Hit] = []
         for suffix, depth, table in self.wildcards:
             # The name has `depth` dots or more, and one more label, not empty, before (`*.x`) or
@@ -341,11 +353,13 @@ class RouteIndex:
             if key in table:
                 names = table[key]
                 checked += names.checked
-                if names.sure is not None and (sure is None or names.sure[0] < sure[0]):
-                    sure = names.sure
+                found = names.sure
+                if found is not None and (sure is None or (depth, -found[0]) > (sure_depth, -sure[0])):
+                    sure, sure_depth = found, depth
         if checked:         # a route here that also equals the name failed on its addresses already
             hit = _best(checked, src[0], src_port, dst[0], dst_port, sni, alpn, identity)
-            if hit is not None:
+            # It sets more fields than a sure route: it wins unless that one's wildcard is longer.
+            if hit is not None and (sure is None or sni_rank(hit[1].snis, sni) >= sure_depth):
                 return hit[1]
         return None if sure is None else sure[1]
 

@@ -539,8 +539,8 @@ def _check_route_rules(report: Report, section: Section, protocols: tuple[str, .
         report.error(where, "a udp route has protocols [udp] alone: datagrams are neither TCP nor TLS")
     if "tls" in protocols and not (given("sources") or given("destinations") or given("snis")):
         report.error(where, "a tls route needs sources, destinations or snis")
-    if "tls_passthrough" in protocols and not given("snis"):
-        report.error(where, "a tls_passthrough route needs snis")
+    if "tls_passthrough" in protocols and not (given("sources") or given("destinations") or given("snis")):
+        report.error(where, "a tls_passthrough route needs sources, destinations or snis")
     if "tls" in protocols and "tls_passthrough" in protocols:
         report.error(where, "a route either terminates TLS (tls) or passes it through (tls_passthrough), "
                             "not both")

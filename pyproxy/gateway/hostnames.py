@@ -109,6 +109,14 @@ class PortHostnames:
         return tuple(name for name in names
                      if not any(specificity(other) > rank for other in self.covering(name)))
 
+    def shadowed(self) -> list[str]:
+        """The hostnames of the set that a less specific one covers too (no hostname covers every
+        name): their SNIs belong to their own listener and never reach the other's routes (GW
+        "Listener Isolation")."""
+        return [name for name in self.count if name is not None
+                and (None in self.count or any(specificity(other) < specificity(name)
+                                               for other in self.covering(name)))]
+
     def overlaps(self, hostname: str | None) -> bool:
         """Whether another listener of the set (another entry than this one) overlaps `hostname`."""
         others = sum(self.count.values()) - 1

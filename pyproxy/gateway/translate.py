@@ -34,6 +34,9 @@ CONTROLLER_NAME = "gateway.pyproxy.dev/controller"
 SUPPORTED_FEATURES = ("BackendTLSPolicy", "Gateway", "ReferenceGrant", "TCPRoute", "TLSRoute",
                       "TLSRouteModeMixed", "TLSRouteModeTerminate", "UDPRoute")
 ROUTE_PROTOCOLS = ("tcp", "tls", "tls_passthrough")
+# The service, upstream and routes (`.PORT`) that refuse an isolated listener's SNIs: `_` is in no
+# Kubernetes name, so no translated name can be this.
+ISOLATION = "gateway_listener-isolation"
 Entities = dict[str, list[Any]]
 StatusKey = tuple[str, str, str]         # (kind, namespace, name); namespace "" for a GatewayClass
 _Condition = tuple[bool, str, str]       # (status, reason, message) of a condition being decided
@@ -744,11 +747,6 @@ def _program_route(state: _State, route: objects.Route, attachments: list[_Attac
             snis = state.port_hostnames[spec.port].isolated(spec.hostname, snis)
             if not snis:
                 continue        # every hostname belongs to a more specific listener of the port
-        if protocols == ["tls_passthrough"] and not snis:
-            state.notices.append(route.meta.resource.notice(
-                f"listener {spec.name} has no hostname and the route none: pyproxy passes TLS through by "
-                "SNI only, so this attachment carries no traffic"))
-            continue
         pyproxy_route: dict[str, Any] = {"name": f"{base}.{index}.{spec.name}", "protocols": protocols,
                                          "destinations": [{"port": spec.port}]}
         if snis:
@@ -1026,23 +1024,28 @@ def _entities(state: _State, listeners: list[_Listener]) -> Entities:
             opened.add(key)
             flags = " ssl" if entry.spec.protocol == "TLS" else " udp" if udp else ""
             stream_listen.append(host_port(address, entry.spec.port) + flags)
-    services = [service for _, _, service in sorted(state.programs, key=_precedence)]
+    # pyproxy gives a tie between routes to the one written first: oldest first (creationTimestamp,
+    # namespace, name: GW Listener.AllowedRoutes).
+    services = [service for _, _, service in sorted(state.programs, key=lambda program: program[:2])]
+    upstreams = list(state.upstreams.values())
+    # GW "Listener Isolation": an SNI of a listener's hostname that a less specific listener of the port
+    # covers too is refused when no route of its own listener takes it. A passthrough route whose
+    # service refuses every session (reject_share 1; its upstream has no target), written last: it
+    # loses a tie to the listener's own routes (as specific as its hostname,
+    # or more), and the less specific listener's routes rank below it (their names under this hostname
+    # are taken out by PortHostnames.isolated; a wildcard of fewer labels or no SNI remains).
+    refusals = [{"name": f"{ISOLATION}.{port}", "protocols": ["tls_passthrough"], "snis": shadowed,
+                 "destinations": [{"port": port}]}
+                for port, shadowed in ((port, names.shadowed())
+                                       for port, names in state.port_hostnames.items())
+                if shadowed]
+    if refusals:
+        upstreams.append({"name": ISOLATION, "targets": []})
+        services.append({"name": ISOLATION, "host": ISOLATION, "reject_share": 1, "routes": refusals})
     return {
         "stream_listen": stream_listen,
         "certificates": list(state.certificates.values()),
-        "upstreams": list(state.upstreams.values()),
+        "upstreams": upstreams,
         "services": services,
     }
 
-
-def _precedence(program: _Program) -> tuple[int, tuple[str, str, str], int]:
-    """Where a service is written: pyproxy gives a tie between routes to the one written first.
-
-    Oldest first (creationTimestamp, namespace, name: GW Listener.AllowedRoutes), except that a service
-    whose routes have a wildcard SNI of more labels comes before: pyproxy's router ranks all wildcards
-    alike, the Gateway API ranks `*.foo.example.com` over `*.example.com` (brief §9.2 c).
-    """
-    age, order, service = program
-    depth = max((sni.count(".") for route in service["routes"] for sni in route.get("snis", ())
-                 if sni.startswith("*.")), default=0)
-    return (-depth, age, order)

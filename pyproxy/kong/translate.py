@@ -667,6 +667,11 @@ class Translator:
             self.ignore(f"{label} (protocols {', '.join(protocols)}: {kind})")
             self.routes_of_ignored(entity)
             return
+        if "tls_passthrough" in stream and not entity.kong.get("snis"):
+            # Kong's rule; pyproxy's own files may pass TLS through by address alone.
+            self.error(entity.kong.value_lines["protocols"], key_path(entity.path, "protocols"),
+                       "a tls_passthrough route needs snis")
+            return
         routes = self.place_in(entity, service, "routes")
         route = YamlMap(entity.kong.line)
         route_name = name if isinstance(name, str) else route_id

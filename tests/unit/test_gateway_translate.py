@@ -912,6 +912,7 @@ def test_a_hostname_goes_to_the_most_specific_listener_of_its_port(tmp_path, cer
         "tlsroute.infra.r.0.wild": (("tls_passthrough",), ("other.example.com",)),
         "tlsroute.infra.r.0.exact": (("tls",), ("tls.example.com",)),
         "tlsroute.infra.r.0.any": (("tls_passthrough",), ("x.example.org",)),
+        "gateway_listener-isolation.8443": (("tls_passthrough",), ("*.example.com", "tls.example.com")),
     }
 
 
@@ -933,6 +934,70 @@ def test_longer_wildcard_wins_over_an_older_shorter_one(tmp_path):
     assert chosen("b.foo.example.com") == "tlsroute.infra.long.0.tls"
     assert chosen("b.example.com") == "tlsroute.infra.short.0.tls"
     assert chosen("a.foo.example.com") == "tlsroute.infra.exact.0.tls"
+
+
+def chooser(tmp_path, result: Translation, port: int = 8443):
+    """The name of the route a TLS client of `port` takes for an SNI (None: no SNI), "" for none."""
+    config = load(tmp_path, result)
+    listen = next(listen for listen in config.stream_listen if listen.port == port)
+    routes = Router(config.routes, config.stream_listen).for_listener(listen)
+
+    def chosen(sni: str | None) -> str:
+        found = routes.match("192.0.2.1", 40000, "127.0.0.1", port, sni)
+        return found.name if found is not None else ""
+    return chosen
+
+
+def test_passthrough_without_any_hostname_takes_every_client(tmp_path):
+    """GW: a Passthrough listener without hostname and a TLSRoute without hostnames carry every SNI, and
+    clients without SNI too (brief §9.2 f); a route with hostnames on the listener wins for its names."""
+    gw = gateway([listener("tls", 8443, "TLS", tls={"mode": "Passthrough"})])
+    result = run(tmp_path, gw, service("any"), service("named"),
+                 route("TLSRoute", "any", [{"name": "gw"}], [backend("any")], created="2026-01-01T00:00:00Z"),
+                 tls_route("named", [{"name": "gw"}], [backend("named")], ["a.example.com"],
+                           created="2026-01-02T00:00:00Z"))
+    assert result.notices == []
+    assert parent(result, "TLSRoute", "any")["Accepted"] == ACCEPTED
+    chosen = chooser(tmp_path, result)
+    assert chosen("b.example.org") == "tlsroute.infra.any.0.tls"
+    assert chosen(None) == "tlsroute.infra.any.0.tls"
+    assert chosen("a.example.com") == "tlsroute.infra.named.0.tls"
+
+
+def test_an_sni_of_a_more_specific_listener_never_reaches_a_less_specific_one(tmp_path):
+    """GW "Listener Isolation": a name under a listener's hostname is served by that listener's routes
+    or refused, even where a less specific listener of the port has a route that would take it."""
+    gw = gateway([listener("wild", 8443, "TLS", hostname="*.example.com", tls={"mode": "Passthrough"}),
+                  listener("exact", 8443, "TLS", hostname="abc.example.com", tls={"mode": "Passthrough"}),
+                  listener("foo", 8443, "TLS", hostname="*.foo.example.com", tls={"mode": "Passthrough"}),
+                  listener("any", 8443, "TLS", tls={"mode": "Passthrough"})])
+    result = run(tmp_path, gw, service("wild"), service("foo"), service("any"),
+                 tls_route("wild", [{"name": "gw", "sectionName": "wild"}], [backend("wild")],
+                           ["*.example.com"]),
+                 tls_route("foo", [{"name": "gw", "sectionName": "foo"}], [backend("foo")],
+                           ["a.foo.example.com"]),
+                 route("TLSRoute", "any", [{"name": "gw", "sectionName": "any"}], [backend("any")]))
+    assert [listener_status(result, name)["attachedRoutes"] for name in ("wild", "exact", "foo", "any")] == [
+        1, 0, 1, 1]
+    chosen = chooser(tmp_path, result)
+    refused = "gateway_listener-isolation.8443"
+    assert chosen("b.example.com") == "tlsroute.infra.wild.0.wild"
+    assert chosen("abc.example.com") == refused         # its listener has no route
+    assert chosen("a.foo.example.com") == "tlsroute.infra.foo.0.foo"
+    assert chosen("b.foo.example.com") == refused
+    assert chosen("x.example.org") == "tlsroute.infra.any.0.any"
+    assert chosen(None) == "tlsroute.infra.any.0.any"
+    config = load(tmp_path, result)
+    assert [target for upstream in config.upstreams if upstream.name == "gateway_listener-isolation"
+            for target in upstream.targets] == []
+
+
+def test_a_port_without_nested_listener_hostnames_needs_no_refusal(tmp_path):
+    gw = gateway([listener("a", 8443, "TLS", hostname="a.example.com", tls={"mode": "Passthrough"}),
+                  listener("b", 8443, "TLS", hostname="*.example.org", tls={"mode": "Passthrough"})])
+    result = run(tmp_path, gw, service("a"),
+                 tls_route("a", [{"name": "gw"}], [backend("a")], ["a.example.com"]))
+    assert [service["name"] for service in result.entities["services"]] == ["tlsroute.infra.a"]
 
 
 @pytest.mark.parametrize(("default", "translated"), [("true", True), ("false", False), (None, False)])

@@ -7,7 +7,7 @@ import ipaddress
 import pytest
 
 from pyproxy.config.model import AddressMatch, Listen, Route
-from pyproxy.router import Router, sni_rank
+from pyproxy.router import EXACT, Router, sni_rank
 
 
 def net(text):
@@ -86,11 +86,14 @@ def test_ipv6_sources_do_not_match_ipv4_clients():
 
 
 @pytest.mark.parametrize("patterns,sni,rank", [
-    (("a.example.com",), "a.example.com", 2),
-    (("*.example.com",), "a.example.com", 1),
-    (("*.example.com",), "a.b.example.com", 1),
+    (("a.example.com",), "a.example.com", EXACT),
+    (("*.example.com",), "a.example.com", 2),
+    (("*.example.com",), "a.b.example.com", 2),
+    (("*.example.com", "*.b.example.com", "*.com"), "a.b.example.com", 3),
+    (("*.b.example.com", "a.b.example.com"), "a.b.example.com", EXACT),
     (("*.example.com",), "example.com", 0),
     (("example.*",), "example.org", 1),
+    (("www.example.*",), "www.example.org", 2),
     (("example.*",), "example.", 0),
     (("other.com",), "a.example.com", 0),
 ])
@@ -121,3 +124,15 @@ def test_destination_address_on_a_listener_bound_to_one_address():
                         destinations=[AddressMatch(network=net("127.0.0.1/32"), port=9443)])]
     tls = Listen("127.0.0.1", 9443, ssl=True)
     assert match(tls_routes, tls, sni="a.example") == "sni+dst"
+
+
+def test_a_passthrough_route_by_port_alone_takes_every_sni_no_sni_route_takes():
+    """A tls_passthrough route without snis (a Gateway API Passthrough listener without hostname) ranks
+    below every route with a matching SNI, and takes the clients without SNI."""
+    routes = [route("any", 0, protocols=("tls_passthrough",), destinations=[AddressMatch(port=9443)]),
+              route("wild", 1, protocols=("tls_passthrough",), snis=["*.example.com"]),
+              route("exact", 2, protocols=("tls_passthrough",), snis=["a.example.com"])]
+    assert match(routes, TLS, sni="a.example.com") == "exact"
+    assert match(routes, TLS, sni="b.example.com") == "wild"
+    assert match(routes, TLS, sni="example.org") == "any"
+    assert match(routes, TLS, sni=None) == "any"

@@ -63,16 +63,18 @@ crowded_names = st.sampled_from(["a.example.com", "a.b.example.com", "b.example.
 
 
 @st.composite
-def route_sets(draw, max_size=30, patterns=patterns):
+def route_sets(draw, max_size=30, patterns=patterns, bare=False):
+    """Routes; with `bare`, half of them set nothing but `snis` (the index's `sure` routes)."""
     routes = []
     for position in range(draw(st.integers(0, max_size))):
+        alone = bare and draw(st.booleans())
         routes.append(Route(
             name=f"r{position}", service="svc", protocols=draw(protocols),
-            sources=tuple(draw(st.lists(entries, max_size=3))),
-            destinations=tuple(draw(st.lists(entries, max_size=3))),
+            sources=() if alone else tuple(draw(st.lists(entries, max_size=3))),
+            destinations=() if alone else tuple(draw(st.lists(entries, max_size=3))),
             snis=tuple(draw(st.lists(patterns, max_size=3))),
-            alpn=draw(route_alpn),
-            client_identities=draw(route_identities),
+            alpn=() if alone else draw(route_alpn),
+            client_identities=() if alone else draw(route_identities),
             index=draw(st.integers(0, 10))))          # repeated indexes: the order given breaks the tie
     return tuple(routes)
 
@@ -105,7 +107,7 @@ def test_index_picks_what_scoring_every_route_picks(routes, listen, session_list
 
 
 @fuzz
-@given(route_sets(max_size=12, patterns=st.sampled_from(CROWDED)), st.sampled_from(LISTENS),
+@given(route_sets(max_size=12, patterns=st.sampled_from(CROWDED), bare=True), st.sampled_from(LISTENS),
        st.lists(st.tuples(st.sampled_from(V4), st.sampled_from(PORTS), st.none(), crowded_names,
                           client_alpn, client_identity), min_size=1, max_size=8))
 def test_crowded_names_pick_the_same_route(routes, listen, session_list):
@@ -209,16 +211,22 @@ def test_a_name_that_equals_a_wildcard_pattern_is_an_exact_match():
     routes = [route("com", 0, protocols=("tls",), snis=["*.com"]),
               route("literal", 1, protocols=("tls",), snis=["*.example.com"])]
     assert match(routes, TLS, sni="*.example.com") == "literal"
-    assert match(routes, TLS, sni="a.example.com") == "com"
+    assert match(routes, TLS, sni="a.other.com") == "com"
 
 
 @pytest.mark.parametrize("sources", [(), ("127.0.0.0/8",)])
-def test_a_tie_between_wildcards_of_different_depths_goes_to_the_first_written(sources):
+def test_a_wildcard_of_more_labels_wins_over_one_written_first(sources):
+    """`*.b.example.com` over `*.example.com` for `a.b.example.com` (Gateway API, nginx), and the
+    first written still wins between two wildcards of one depth (`example.*` is as deep as `*.com`)."""
     sources = [AddressMatch(network=net(s)) for s in sources]
     routes = [route("other", 0, protocols=("tls",), snis=["*.zzz.com"]),
-              route("deep", 1, protocols=("tls",), snis=["*.b.example.com"], sources=sources),
-              route("shallow", 2, protocols=("tls",), snis=["*.example.com"], sources=sources)]
+              route("shallow", 1, protocols=("tls",), snis=["*.example.com"], sources=sources),
+              route("deep", 2, protocols=("tls",), snis=["*.b.example.com"], sources=sources),
+              route("com", 3, protocols=("tls",), snis=["*.com"], sources=sources),
+              route("prefix", 4, protocols=("tls",), snis=["a.*"], sources=sources)]
     assert match(routes, TLS, sni="a.b.example.com") == "deep"
+    assert match(routes, TLS, sni="c.example.com") == "shallow"
+    assert match(routes, TLS, sni="a.other.com") == "com"
 
 
 @pytest.mark.parametrize("sni", ["a.example.com", "a.b.example.com"])
@@ -229,12 +237,15 @@ def test_a_tie_between_routes_with_the_same_name_goes_to_the_first_written(sni):
     assert match(routes, TLS, sni=sni) == "first"
 
 
-def test_wildcards_at_every_depth_are_ranked_alike_then_by_fields():
+def test_a_wildcard_of_more_labels_beats_more_fields_and_fields_break_a_tie_of_depth():
     routes = [route("deep", 0, protocols=("tls",), snis=["*.b.example.com"]),
               route("shallow+src", 1, protocols=("tls",), snis=["*.example.com"],
-                    sources=[AddressMatch(network=net("127.0.0.0/8"))])]
-    assert match(routes, TLS, sni="a.b.example.com") == "shallow+src"
-    assert match(routes, TLS, src="10.0.0.1", sni="a.b.example.com") == "deep"
+                    sources=[AddressMatch(network=net("127.0.0.0/8"))]),
+              route("deep+src", 2, protocols=("tls",), snis=["*.b.example.com"],
+                    sources=[AddressMatch(network=net("127.0.0.2/32"))])]
+    assert match(routes, TLS, sni="a.b.example.com") == "deep"
+    assert match(routes, TLS, sni="c.example.com") == "shallow+src"
+    assert match(routes, TLS, src="127.0.0.2", sni="a.b.example.com") == "deep+src"
 
 
 def test_more_fields_beat_fewer():
