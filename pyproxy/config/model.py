@@ -83,6 +83,9 @@ class Certificate:
     # The ssl listeners it serves, as (host, port), host None for every address of the port;
     # empty = every ssl listener.
     listen: tuple[tuple[str | None, int], ...] = ()
+    # "one": a `*.` name covers one label (RFC 6125); "any": one or more (nginx's server_name, a
+    # Gateway listener's hostname).
+    wildcard_depth: str = "one"
 
     def serves(self, listen: Listen) -> bool:
         """Whether clients of the ssl listener `listen` may get this certificate."""

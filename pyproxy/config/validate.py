@@ -71,7 +71,8 @@ TOP_LEVEL_KEYS = (
 )
 SSL_KEYS = ("protocols", "ciphers", "default_certificate", "client_certificate", "preread_timeout",
             "handshake_timeout", "alpn")
-CERTIFICATE_KEYS = ("cert", "key", "snis", "ocsp_response", "listen")
+CERTIFICATE_KEYS = ("cert", "key", "snis", "ocsp_response", "listen", "wildcard_depth")
+WILDCARD_DEPTHS = ("one", "any")
 GATEWAY_KEYS = ("paths", "address", "runtime_dir", "controller_name", "kubernetes")
 KUBERNETES_KEYS = ("kubeconfig", "context", "in_cluster", "namespaces", "lease_name", "lease_namespace",
                    "lease_duration", "lease_retry")
@@ -684,10 +685,11 @@ def _certificates(report: Report, root: Section, base: str,
                                         f"at line {first}")
             others.append((place.line, scope))
         ocsp = section.get("ocsp_response", lambda v: _ocsp_response_file(base, v))
+        depth = section.get("wildcard_depth", one_of(WILDCARD_DEPTHS), "one")
         if files is not None:
             unique_snis = tuple(dict.fromkeys(sni for _, sni in snis))
             certificates.append(Certificate(cert=files[0], key=files[1], snis=unique_snis,
-                                            ocsp_response=ocsp, listen=scope.listen))
+                                            ocsp_response=ocsp, listen=scope.listen, wildcard_depth=depth))
     return tuple(certificates)
 
 

@@ -471,9 +471,11 @@ def _add_certificate(state: _State, secret: objects.Secret, snis: tuple[str, ...
     """Serve `secret` for `snis` (None: the names inside it) on the ssl listeners of `port` (its
     `listen`), or on every listener (None: a TCPIngress's, as KIC's are); a name already served on
     the same listeners stays with the first. A listener's certificate takes its names over the
-    TCPIngresses' there."""
+    TCPIngresses' there, and serves its wildcard hostname as the listener matches it: one label or
+    more (`wildcard_depth: any`)."""
     assert secret.certificate is not None and secret.key is not None
     cert_path, key_path = pem_paths(state.options.runtime_dir, secret.certificate, secret.key)
+    deep = port is not None and snis is not None     # a listener's hostname
     if snis is None:
         snis = tuple(name for name in state.key_pair(secret)[0] if _is_sni(name))
     entry = state.certificates.get((cert_path, port))
@@ -492,6 +494,8 @@ def _add_certificate(state: _State, secret: objects.Secret, snis: tuple[str, ...
             state.files[cert_path], state.files[key_path] = secret.certificate, secret.key
         if sni not in entry["snis"]:
             entry["snis"].append(sni)
+        if deep and sni.startswith("*."):
+            entry["wildcard_depth"] = "any"
 
 
 def _is_sni(name: str) -> bool:

@@ -9,7 +9,9 @@ over the certificates without `listen` and the first of them is the default (ngi
 certificates): each set of listeners served by the same certificates has its own listening context
 and SNI map, chosen once per listener when a worker starts (`TLSContexts.listeners`).
 Certificate wildcards follow RFC 6125: `*.example.com` covers one label (`a.example.com`, not
-`a.b.example.com`); `example.*` any ending, as Kong allows.
+`a.b.example.com`); `example.*` any ending, as Kong allows. A certificate's `wildcard_depth: any`
+makes its `*.` names cover one label or more, as nginx's server_name and Gateway API listener
+hostnames do: they are tried after the others, the one with the most labels first.
 
 Contexts outlive a reload when nothing they depend on changed (`TLSContexts`): a reload then costs
 no certificate parsing, and clients resume their sessions across it.
@@ -170,15 +172,19 @@ class ServerTLS:
                                  partial(_server_context, settings, client, alpn, cert, key, ocsp))
         self.exact: dict[str, ssl.SSLContext] = {}
         self.wildcards: list[tuple[str, ssl.SSLContext]] = []
+        self.deep_wildcards: list[tuple[str, ssl.SSLContext]] = []      # their suffix: ".example.com"
         for certificate in certificates:
             files = (certificate.cert, certificate.key, certificate.ocsp_response)
             ctx = cache.get(_server_key("sni", settings, client, alpn, *files),
                             partial(_server_context, settings, client, alpn, *files))
             for name in certificate.snis:
-                if name.startswith("*.") or name.endswith(".*"):
+                if name.startswith("*.") and certificate.wildcard_depth == "any":
+                    self.deep_wildcards.append((name[1:], ctx))
+                elif name.startswith("*.") or name.endswith(".*"):
                     self.wildcards.append((name, ctx))
                 else:
                     self.exact.setdefault(name, ctx)
+        self.deep_wildcards.sort(key=lambda item: -item[0].count("."))     # stable: first written first
         self.routes: dict[str, ServerTLS] = {} if route is not None else {
             r.name: ServerTLS(config, cache, certificates, r) for r in config.routes
             if (r.client_certificate is not None or r.ssl_alpn is not None) and "tls" in r.protocols}
@@ -189,7 +195,8 @@ class ServerTLS:
         before every fork, and the worker's copy of the context keeps what it found. Nothing else
         sets the callback, so a reload that fails leaves nothing holding on to its contexts."""
         # Only with per-name certificates: a Python callback on every handshake otherwise.
-        self.context.sni_callback = self._on_sni if self.exact or self.wildcards else None
+        named = self.exact or self.wildcards or self.deep_wildcards
+        self.context.sni_callback = self._on_sni if named else None
         for route_tls in self.routes.values():
             route_tls.install()
 
@@ -207,6 +214,9 @@ class ServerTLS:
                 if name.endswith(suffix) and "." not in name[:-len(suffix)] and len(name) > len(suffix):
                     return ctx
             elif name.startswith(pattern[:-1]) and len(name) > len(pattern) - 1:
+                return ctx
+        for suffix, ctx in self.deep_wildcards:
+            if name.endswith(suffix) and len(name) > len(suffix):
                 return ctx
         return None
 

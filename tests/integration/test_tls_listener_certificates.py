@@ -82,3 +82,33 @@ def test_a_reload_scopes_a_certificate_to_its_listener(proxy, upstreams, certs):
     p.reload(scoped_config(ports, certs, up.port))
     assert served(ports["a"], "-servername", "shared.example")[0] == b"subject=CN = port-a.example\n"
     assert served(ports["c"], "-servername", "shared.example")[0] == b"subject=CN = everywhere.example\n"
+
+
+def test_wildcard_depth_any_covers_names_deeper_than_one_label(proxy, upstreams, tmp_path):
+    up = upstreams(tag_handler, name="tagged")
+    port = free_port()
+    default = make_cert(tmp_path, "default.example", ["default.example"])
+    deep = make_cert(tmp_path, "deep.example", ["*.deep.example"])
+    shallow = make_cert(tmp_path, "shallow.example", ["*.shallow.example"])
+    deeper = make_cert(tmp_path, "deeper.example", ["*.b.deep.example"])
+    proxy(f"""
+stream_listen: [127.0.0.1:{port} ssl]
+ssl: {{default_certificate: {{cert: {default[0]}, key: {default[1]}}}}}
+certificates:
+  - {{cert: {deep[0]}, key: {deep[1]}, wildcard_depth: any, listen: [{port}]}}
+  - {{cert: {shallow[0]}, key: {shallow[1]}}}
+  - {{cert: {deeper[0]}, key: {deeper[1]}, wildcard_depth: any}}
+services:
+  - name: web
+    host: 127.0.0.1
+    port: {up.port}
+    routes:
+      - {{name: all, protocols: [tls], destinations: [{{port: {port}}}]}}
+""")
+    for name, expected in (("a.deep.example", b"deep"), ("a.b.c.deep.example", b"deep"),
+                           ("a.c.b.deep.example", b"deeper"),    # the one with the most labels
+                           ("a.shallow.example", b"shallow"),
+                           ("a.b.shallow.example", b"default"),   # RFC 6125: one label
+                           ("deep.example", b"default")):
+        subject = b"subject=CN = " + expected + b".example\n"
+        assert served(port, "-servername", name) == (subject, b"tagged\n"), name

@@ -1337,6 +1337,8 @@ def test_certificate_listen_scopes_a_certificate_to_listeners(conf_dir: Path):
     ("[70000]", "certificates[1].listen[0]", "port 70000 is out of range (1-65535)"),
     ("[]", "certificates[1].listen", "list at least one listener (without listen: every one)"),
     ("8443", "certificates[1].listen", "expected a list, got 8443"),
+    ("[8443]\n    wildcard_depth: deep", "certificates[1].wildcard_depth",
+     "expected one of one, any, got 'deep'"),
 ])
 def test_certificate_listen_errors_name_the_place(conf_dir: Path, listen: str, key: str, message: str):
     text = SCOPED.format(more=f"""\

@@ -424,6 +424,17 @@ def test_two_ports_serve_one_hostname_each_with_its_own_secret(tmp_path, certs):
     assert config.certificates[0].cert != config.certificates[1].cert
 
 
+def test_a_wildcard_listener_s_certificate_covers_its_names_of_any_depth(tmp_path, certs):
+    gw = gateway([listener("wild", 8443, "TLS", hostname="*.example.com",
+                           tls={"certificateRefs": [{"name": "cert"}]}),
+                  listener("exact", 8443, "TLS", hostname="exact.example.net",
+                           tls={"certificateRefs": [{"name": "other"}]})])
+    result = run(tmp_path, gw, tls_secret("cert", certs["tls"]), tls_secret("other", certs["other"]))
+    assert [(c["snis"], c.get("wildcard_depth")) for c in result.entities["certificates"]] == [
+        (["*.example.com"], "any"), (["exact.example.net"], None)]
+    assert [c.wildcard_depth for c in load(tmp_path, result).certificates] == ["any", "one"]
+
+
 def test_unchanged_secret_keeps_its_file_names(tmp_path, certs):
     gw = gateway([listener("tls", 8443, "TLS", hostname="a.example.com",
                            tls={"certificateRefs": [{"name": "cert"}]})])
