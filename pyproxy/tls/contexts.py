@@ -124,16 +124,14 @@ def _server_key(kind: str, settings: SSLSettings, client: ClientCertificate | No
     return (kind, settings.protocols, settings.ciphers, alpn, files, verify, ocsp, scope)
 
 
-def default_certificate_files(config: Config, certificates: tuple[Certificate, ...] | None = None,
+def default_certificate_files(config: Config, certificates: tuple[Certificate, ...],
                               ) -> tuple[str | None, str | None, str | None]:
     """The certificate, key and OCSP response file served without a matching SNI:
     `ssl.default_certificate`, else the first of `certificates` (those of one listener, its own
-    first; by default all of them) as nginx serves its first, else none (no handshake can complete)."""
+    first) as nginx serves its first, else none (no handshake can complete)."""
     default = config.ssl.default_certificate
     if default is not None:
         return default.cert, default.key, None
-    if certificates is None:
-        certificates = config.certificates
     if certificates:
         first = certificates[0]
         return first.cert, first.key, first.ocsp_response
