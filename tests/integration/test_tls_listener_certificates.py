@@ -112,3 +112,13 @@ services:
                            ("deep.example", b"default")):
         subject = b"subject=CN = " + expected + b".example\n"
         assert served(port, "-servername", name) == (subject, b"tagged\n"), name
+
+
+def test_t_says_a_listener_s_own_first_certificate_is_its_default(proxy, certs):
+    ports = {name: free_port() for name in "abc"}
+    p = proxy(scoped_config(ports, certs, free_port()), start=False)
+    result = p.run_cli("-t")
+    assert result.returncode == 0, result.stderr
+    assert (f"pyproxy: [notice] no ssl.default_certificate: clients without a matching server name get "
+            f"{certs['everywhere'][0]} (the first certificate), on a listener with certificates of its own "
+            "the first of them") in result.stderr.splitlines(), result.stderr
