@@ -67,8 +67,13 @@ def _default_certificate_notice(config: Config) -> None:
     does not: nginx's rule, the first certificate, which a user may not expect."""
     if (config.ssl.default_certificate is None and config.certificates
             and any(listen.ssl for listen in config.stream_listen)):
-        console(f"pyproxy: [notice] no ssl.default_certificate: clients without a matching server name "
-                f"get {config.certificates[0].cert} (the first certificate)")
+        first = next((c.cert for c in config.certificates if not c.listen), None)
+        get = f"get {first} (the first certificate)" if first is not None else "get"
+        if any(c.listen for c in config.certificates):
+            # A listener's own certificates (certificates[].listen) come first there.
+            get += ("," if first is not None else "") + (" on a listener with certificates of its own "
+                                                          "the first of them")
+        console(f"pyproxy: [notice] no ssl.default_certificate: clients without a matching server name {get}")
 
 
 def test_config(path: str, dump: bool = False, status: str | None = None) -> int:

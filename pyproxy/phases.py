@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from pyproxy.config.model import Listen, Route
     from pyproxy.context import WorkerContext
     from pyproxy.loop import Loop, Timer
+    from pyproxy.tls.contexts import ServerTLS
 
 # A socket as accept() gives it (the C type), or the TLS connection over it once terminated.
 Connection = _socket.socket | TLSStream
@@ -67,7 +68,7 @@ class SessionBase:
         # Session's
         "ctx", "loop", "listen", "client", "client_addr", "phase", "route", "status", "started", "ended",
         "timer", "deadline", "serial", "protocol", "sni", "alpn", "ssl_protocol", "ssl_cipher", "notes",
-        "_local_ip", "hups",
+        "_local_ip", "hups", "server_tls",
         # ClientPreread's
         "preread_need", "hello_reader", "starttls",
         # UpstreamConnector's
@@ -98,6 +99,8 @@ class SessionBase:
     timer: Timer | None
     deadline: float
     _local_ip: str | None
+    # The TLS contexts of the listener it came to (its certificates), None on a listener without ssl.
+    server_tls: ServerTLS | None
 
     if TYPE_CHECKING:
         # Session's, which the parts call.

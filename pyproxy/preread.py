@@ -224,7 +224,7 @@ class ClientPreread(SessionBase):
 
     # -- TLS termination ------------------------------------------------------------------
     def start_handshake(self) -> None:
-        server_tls, client, route = self.ctx.server_tls, self.client, self.route
+        server_tls, client, route = self.server_tls, self.client, self.route
         if TYPE_CHECKING:       # an ssl listener's worker has server contexts; not terminated yet
             assert server_tls is not None and isinstance(client, _socket.socket)
         if route is not None and (route.client_certificate is not None or route.ssl_alpn is not None):

@@ -57,6 +57,7 @@ if TYPE_CHECKING:
     from pyproxy.context import WorkerContext
     from pyproxy.loop import Loop
     from pyproxy.plugins import Plugin
+    from pyproxy.tls.contexts import ServerTLS
 
 __all__ = ["ClientAddress", "Connection", "LINGER_TIMEOUT", "LingeringClose", "Session"]
 
@@ -73,10 +74,11 @@ class Session(ClientPreread, UpstreamConnector, Forwarder):
     notes: dict[str, Any] | None    # what plugins wrote on the session (annotate)
 
     def __init__(self, ctx: WorkerContext, listen: Listen, client: _socket.socket, client_addr: ClientAddress,
-                 serial: int):
+                 serial: int, server_tls: ServerTLS | None):
         self.ctx = ctx
         self.loop = loop = ctx.loop
         self.listen = listen
+        self.server_tls = server_tls
         self.client = client
         self.client_addr = client_addr
         self.phase = NO_IO
@@ -203,8 +205,8 @@ class Session(ClientPreread, UpstreamConnector, Forwarder):
         route = routes.match(self.client_addr[0], self.client_addr[1], local_ip, self.listen.port, self.sni,
                              self.alpn)
         if route is None:
-            tls = ctx.server_tls
-            if self.listen.ssl and tls is not None and (tls.has_default or tls.context_for(self.sni)):
+            tls = self.server_tls
+            if tls is not None and (tls.has_default or tls.context_for(self.sni)):
                 # Like Kong: the client still gets a certificate (its SNI's or the default one)
                 # and a completed handshake, and only then the close; nothing reaches an upstream.
                 self.start_handshake()

@@ -108,6 +108,7 @@ class Worker:
                  log: ErrorLog, shared: SharedState, row: int, tls: TLSContexts):
         self.slot = slot
         self.server_tls = tls.server          # shared by the generation: see TLSContexts
+        self.listener_tls = tls.listeners
         self.upstream_tls = tls.upstream
         self.shared = shared
         self.row = row
@@ -310,10 +311,11 @@ class Worker:
 
     def _start_session(self, listen: Listen) -> Callable[[_socket.socket, ClientAddress], None]:
         limit = self.config.worker_connections
+        server_tls = self.listener_tls.get(listen.key)     # its certificates, if it has ssl
 
         def start(conn: _socket.socket, addr: ClientAddress) -> None:
             self.serial += 1
-            session = Session(self.context, listen, conn, addr, self.serial)
+            session = Session(self.context, listen, conn, addr, self.serial, server_tls)
             # Full: the UDP session idle longest makes room, if there is one (pyproxy.udp).
             if len(self.sessions) >= limit and not self.udp.make_room():
                 session.log("warn", f"{limit} worker_connections are not enough, refusing")

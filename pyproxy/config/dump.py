@@ -131,7 +131,10 @@ def _client_certificate(client: model.ClientCertificate) -> Mapping:
 def _certificate(certificate: model.Certificate) -> Mapping:
     # The SNIs the loader settled on (those written, or the certificate's own names), written out.
     return {"cert": certificate.cert, "key": certificate.key, "snis": list(certificate.snis),
-            **({"ocsp_response": certificate.ocsp_response} if certificate.ocsp_response else {})}
+            **({"ocsp_response": certificate.ocsp_response} if certificate.ocsp_response else {}),
+            **({"listen": [host_port(host, port) if host is not None else port
+                           for host, port in certificate.listen]} if certificate.listen else {}),
+            **({"wildcard_depth": certificate.wildcard_depth} if certificate.wildcard_depth != "one" else {})}
 
 
 def _upstream(upstream: model.Upstream) -> Mapping:

@@ -80,6 +80,26 @@ class Certificate:
     key: str
     snis: tuple[str, ...] = ()    # lower-cased; empty = the names inside the certificate
     ocsp_response: str | None = None     # absolute path of a DER OCSP response stapled with it
+    # The ssl listeners it serves, as (host, port), host None for every address of the port;
+    # empty = every ssl listener.
+    listen: tuple[tuple[str | None, int], ...] = ()
+    # "one": a `*.` name covers one label (RFC 6125); "any": one or more (nginx's server_name, a
+    # Gateway listener's hostname).
+    wildcard_depth: str = "one"
+
+    def serves(self, listen: Listen) -> bool:
+        """Whether clients of the ssl listener `listen` may get this certificate."""
+        return not self.listen or any(port == listen.port and host in (None, listen.host)
+                                      for host, port in self.listen)
+
+    def competes_with(self, other: Certificate) -> bool:
+        """Whether both would serve a name they share on some ssl listener (then they may not share
+        one): neither has `listen`, or their `listen` have a listener in common. One with `listen`
+        takes a name over one without, on its listeners."""
+        if not self.listen or not other.listen:
+            return not self.listen and not other.listen
+        return any(port == other_port and (host is None or other_host is None or host == other_host)
+                   for host, port in self.listen for other_host, other_port in other.listen)
 
 
 @dataclass(frozen=True)

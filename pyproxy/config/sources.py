@@ -22,6 +22,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Protocol
 
+from pyproxy.addresses import host_port
+
 from .errors import ConfigError, ConfigIssue
 from .loader import YamlMap, read_document
 from .model import Config
@@ -126,7 +128,7 @@ def merge(fragments: Sequence[Config]) -> Config:
 
     Route indexes go on counting over the sources, so a tie between routes still goes to the first
     written. Raises ConfigError for each upstream, service or route name that two sources define, and
-    for each server name two sources' certificates serve."""
+    for each server name two sources' certificates serve (on one listener)."""
     merged, *others = fragments
     if not others:
         return merged
@@ -151,8 +153,12 @@ def merge(fragments: Sequence[Config]) -> Config:
             for route in service.routes:
                 claim(fragment, "route", route.name, route.line)
         for certificate in fragment.certificates:
+            # One with `listen` competes only with those of its listeners (Certificate.competes_with).
+            ons = [f" on {port}" if host is None else f" on {host_port(host, port)}"
+                   for host, port in certificate.listen] or [""]
             for sni in certificate.snis:
-                claim(fragment, "certificate for server name", sni, 0)
+                for on in ons:
+                    claim(fragment, "certificate for server name", sni + on, 0)
     if errors:
         raise ConfigError(errors)
     for fragment in others:

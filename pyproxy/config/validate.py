@@ -50,6 +50,7 @@ from .values import (
     parse_duration,
     parse_host_port,
     parse_log_format,
+    parse_port,
     parse_sni,
     parse_text,
     positive_duration,
@@ -70,7 +71,8 @@ TOP_LEVEL_KEYS = (
 )
 SSL_KEYS = ("protocols", "ciphers", "default_certificate", "client_certificate", "preread_timeout",
             "handshake_timeout", "alpn")
-CERTIFICATE_KEYS = ("cert", "key", "snis", "ocsp_response")
+CERTIFICATE_KEYS = ("cert", "key", "snis", "ocsp_response", "listen", "wildcard_depth")
+WILDCARD_DEPTHS = ("one", "any")
 GATEWAY_KEYS = ("paths", "address", "runtime_dir", "controller_name", "kubernetes")
 KUBERNETES_KEYS = ("kubeconfig", "context", "in_cluster", "namespaces", "lease_name", "lease_namespace",
                    "lease_duration", "lease_retry")
@@ -144,7 +146,7 @@ def build_config(report: Report, document: object) -> Config | None:
     admin_state = root.get("admin_state", lambda value: _admin_state(base, value),
                            os.path.join(base, ADMIN_STATE) if admin_listen is not None else None)
     ssl_settings = root.nested("ssl", lambda r, p, v: _ssl_settings(r, p, v, base), SSLSettings())
-    certificates = _certificates(report, root, base)
+    certificates = _certificates(report, root, base, stream_listen)
     upstreams = entities.read_upstreams(report, root)
     tls = entities.TLSContext(
         can_terminate=bool(certificates) or ssl_settings.default_certificate is not None,
@@ -537,7 +539,7 @@ def validate_fragment(path: str, document: Document, base: Config) -> tuple[Conf
         return None, document.issues + report.errors
     stream_listen = tuple(listen for place, value in root.items("stream_listen")
                           if (listen := _listen(report, place, value)) is not None)
-    certificates = _certificates(report, root, os.path.dirname(path))
+    certificates = _certificates(report, root, os.path.dirname(path), base.stream_listen + stream_listen)
     upstreams = entities.read_upstreams(report, root)
     tls = entities.TLSContext(
         can_terminate=bool(certificates or base.certificates) or base.ssl.default_certificate is not None,
@@ -655,10 +657,14 @@ def _cipher_list(value: object) -> str:
     return ciphers
 
 
-def _certificates(report: Report, root: Section, base: str) -> tuple[Certificate, ...]:
+def _certificates(report: Report, root: Section, base: str,
+                  stream_listen: tuple[Listen, ...]) -> tuple[Certificate, ...]:
+    """The `certificates`; each `listen` entry must name some ssl listener of `stream_listen`."""
     certificates: list[Certificate] = []
-    owner: dict[str, tuple[int, int]] = {}     # SNI → (index, line) of the first certificate serving it
-    for index, (place, value) in enumerate(root.items("certificates")):
+    # SNI → (line, certificate) of the certificates serving it so far
+    owners: dict[str, list[tuple[int, Certificate]]] = {}
+    ssl_listeners = [listen for listen in stream_listen if listen.ssl]
+    for place, value in root.items("certificates"):
         section = report.section(place, value, CERTIFICATE_KEYS)
         if section is None:
             continue
@@ -669,17 +675,47 @@ def _certificates(report: Report, root: Section, base: str) -> tuple[Certificate
             snis = _names_inside(report, section.place_of("cert"), files[2])
         else:
             snis = []
+        scope = Certificate(cert="", key="", listen=_certificate_listen(report, section, ssl_listeners))
         for sni_place, sni in snis:
-            first_index, first_line = owner.setdefault(sni, (index, place.line))
-            if first_index != index:
-                report.error(sni_place, f"server name {sni!r} is already served by the certificate "
-                                        f"at line {first_line}")
+            others = owners.setdefault(sni, [])
+            first = next((line for line, other in others if other.competes_with(scope)), None)
+            if first is not None:
+                on = " on a listener both serve" if scope.listen else ""
+                report.error(sni_place, f"server name {sni!r} is already served{on} by the certificate "
+                                        f"at line {first}")
+            others.append((place.line, scope))
         ocsp = section.get("ocsp_response", lambda v: _ocsp_response_file(base, v))
+        depth = section.get("wildcard_depth", one_of(WILDCARD_DEPTHS), "one")
         if files is not None:
             unique_snis = tuple(dict.fromkeys(sni for _, sni in snis))
             certificates.append(Certificate(cert=files[0], key=files[1], snis=unique_snis,
-                                            ocsp_response=ocsp))
+                                            ocsp_response=ocsp, listen=scope.listen, wildcard_depth=depth))
     return tuple(certificates)
+
+
+def _certificate_listen(report: Report, section: Section,
+                        ssl_listeners: list[Listen]) -> tuple[tuple[str | None, int], ...]:
+    """A certificate's `listen`: `PORT` (every ssl listener on it) or `ADDRESS:PORT` entries."""
+    entries: dict[tuple[str | None, int], None] = {}
+    for place, value in section.items("listen"):
+        entry = report.convert(place, value, _listen_entry)
+        if entry is None:
+            continue
+        host, port = entry
+        if not any(listen.port == port and host in (None, listen.host) for listen in ssl_listeners):
+            report.error(place, f"no ssl listener in stream_listen is on {host_port(host or '*', port)}")
+        entries[entry] = None
+    if section.mapping.get("listen") == []:
+        report.error(section.place_of("listen"), "list at least one listener (without listen: every one)")
+    return tuple(entries)
+
+
+def _listen_entry(value: object) -> tuple[str | None, int]:
+    """`PORT` (host None: every address) or `ADDRESS:PORT` as stream_listen writes it."""
+    if (isinstance(value, int) and not isinstance(value, bool)) or (
+            isinstance(value, str) and value.strip().isascii() and value.strip().isdigit()):
+        return None, parse_port(value)
+    return parse_address(value)
 
 
 def _ocsp_response_file(base: str, value: object) -> str:

@@ -153,8 +153,9 @@ class _State:
     grants: dict[str, list[objects.ReferenceGrant]] = field(default_factory=lambda: defaultdict(list))
     statuses: dict[StatusKey, dict[str, Any]] = field(default_factory=dict)
     files: dict[str, bytes] = field(default_factory=dict)
-    certificates: dict[str, dict[str, Any]] = field(default_factory=dict)     # cert path → entry
-    sni_owner: dict[str, str] = field(default_factory=dict)                    # SNI → cert path
+    # (cert path, listener port or None: every listener) → entry
+    certificates: dict[tuple[str, int | None], dict[str, Any]] = field(default_factory=dict)
+    sni_owner: dict[tuple[str, int | None], str] = field(default_factory=dict)  # (SNI, port) → cert path
     upstreams: dict[str, dict[str, Any]] = field(default_factory=dict)
     # (precedence, service entity): sorted before they are written, so the oldest route comes first.
     programs: list[_Program] = field(default_factory=list)
@@ -484,7 +485,8 @@ def _listener_certificate(state: _State, entry: _Listener) -> None:
     if entry.certificate is not None and entry.accepted[0]:
         hostname = entry.spec.hostname
         _add_certificate(state, entry.certificate, (hostname,) if hostname else None,
-                         f"listener {entry.spec.name} of {gateway.meta.resource.ref}", gateway.meta.resource)
+                         f"listener {entry.spec.name} of {gateway.meta.resource.ref}", gateway.meta.resource,
+                         entry.spec.port)
 
 
 def _unusable_secret(state: _State, secret: objects.Secret | None) -> str | None:
@@ -498,28 +500,35 @@ def _unusable_secret(state: _State, secret: objects.Secret | None) -> str | None
 
 
 def _add_certificate(state: _State, secret: objects.Secret, snis: tuple[str, ...] | None, user: str,
-                     resource: Resource) -> None:
-    """Serve `secret` for `snis` (None: the names inside it); a name already served stays with the first.
-
-    pyproxy's certificates are global: one certificate per server name over every listener.
-    """
+                     resource: Resource, port: int | None = None) -> None:
+    """Serve `secret` for `snis` (None: the names inside it) on the ssl listeners of `port` (its
+    `listen`), or on every listener (None: a TCPIngress's, as KIC's are); a name already served on
+    the same listeners stays with the first. A listener's certificate takes its names over the
+    TCPIngresses' there, and serves its wildcard hostname as the listener matches it: one label or
+    more (`wildcard_depth: any`)."""
     assert secret.certificate is not None and secret.key is not None
     cert_path, key_path = pem_paths(state.options.runtime_dir, secret.certificate, secret.key)
+    deep = port is not None and snis is not None     # a listener's hostname
     if snis is None:
         snis = tuple(name for name in state.key_pair(secret)[0] if _is_sni(name))
-    entry = state.certificates.get(cert_path)
+    entry = state.certificates.get((cert_path, port))
     for sni in snis:
-        owner = state.sni_owner.setdefault(sni, cert_path)
+        owner = state.sni_owner.setdefault((sni, port), cert_path)
         if owner != cert_path:
+            where = f"port {port}" if port is not None else "every listener"
             state.notices.append(resource.notice(
-                f"{user}: {sni} is already served by another Secret's certificate, which it keeps "
-                "(pyproxy's certificates are not per listener yet)"))
+                f"{user}: {sni} is already served on {where} by another Secret's certificate, "
+                "which it keeps"))
             continue
         if entry is None:
-            entry = state.certificates[cert_path] = {"cert": cert_path, "key": key_path, "snis": []}
+            entry = state.certificates[cert_path, port] = {"cert": cert_path, "key": key_path, "snis": []}
+            if port is not None:
+                entry["listen"] = [port]
             state.files[cert_path], state.files[key_path] = secret.certificate, secret.key
         if sni not in entry["snis"]:
             entry["snis"].append(sni)
+        if deep and sni.startswith("*."):
+            entry["wildcard_depth"] = "any"
 
 
 def _is_sni(name: str) -> bool:

@@ -4,9 +4,14 @@ Termination uses a single listening context whose `sni_callback` swaps in the co
 certificate for the name the client asked for (exact names first, then wildcards), or keeps the
 listening context for no or unknown SNI — Kong's `certificates`/`snis` entities. That context holds
 `ssl.default_certificate`, else the first of `certificates` (nginx's rule: the first certificate is
-the default).
+the default). A certificate with `listen` serves those ssl listeners only, where it takes its names
+over the certificates without `listen` and the first of them is the default (nginx's per-`server`
+certificates): each set of listeners served by the same certificates has its own listening context
+and SNI map, chosen once per listener when a worker starts (`TLSContexts.listeners`).
 Certificate wildcards follow RFC 6125: `*.example.com` covers one label (`a.example.com`, not
-`a.b.example.com`); `example.*` any ending, as Kong allows.
+`a.b.example.com`); `example.*` any ending, as Kong allows. A certificate's `wildcard_depth: any`
+makes its `*.` names cover one label or more, as nginx's server_name and Gateway API listener
+hostnames do: they are tried after the others, the one with the most labels first.
 
 Contexts outlive a reload when nothing they depend on changed (`TLSContexts`): a reload then costs
 no certificate parsing, and clients resume their sessions across it.
@@ -22,7 +27,7 @@ from collections.abc import Callable, Hashable
 from functools import partial
 
 from pyproxy.addresses import is_ip_address
-from pyproxy.config.model import ClientCertificate, Config, Route, Service, SSLSettings
+from pyproxy.config.model import Certificate, ClientCertificate, Config, Route, Service, SSLSettings
 from pyproxy.loop import Loop
 from pyproxy.tls.stream import TLSStream, UpstreamTLSStream
 
@@ -109,24 +114,26 @@ class ContextCache:
 
 
 def _server_key(kind: str, settings: SSLSettings, client: ClientCertificate | None, alpn: tuple[str, ...],
-                cert: str | None, key: str | None, ocsp: str | None = None) -> Hashable:
+                cert: str | None, key: str | None, ocsp: str | None = None,
+                scope: Hashable = None) -> Hashable:
     files = (cert, file_digest(cert), key, file_digest(key)) if cert is not None and key is not None else ()
     verify = (() if client is None else
               (client.verify, client.ca, file_digest(client.ca),
                client.crl, file_digest(client.crl) if client.crl is not None else None))
     # The response file's path only: its content is read again when it changes (Staple).
-    return (kind, settings.protocols, settings.ciphers, alpn, files, verify, ocsp)
+    return (kind, settings.protocols, settings.ciphers, alpn, files, verify, ocsp, scope)
 
 
-def default_certificate_files(config: Config) -> tuple[str | None, str | None, str | None]:
+def default_certificate_files(config: Config, certificates: tuple[Certificate, ...],
+                              ) -> tuple[str | None, str | None, str | None]:
     """The certificate, key and OCSP response file served without a matching SNI:
-    `ssl.default_certificate`, else the first of `certificates` (as nginx serves its first), else
-    none (no handshake can complete)."""
+    `ssl.default_certificate`, else the first of `certificates` (those of one listener, its own
+    first) as nginx serves its first, else none (no handshake can complete)."""
     default = config.ssl.default_certificate
     if default is not None:
         return default.cert, default.key, None
-    if config.certificates:
-        first = config.certificates[0]
+    if certificates:
+        first = certificates[0]
         return first.cert, first.key, first.ocsp_response
     return None, None, None
 
@@ -137,11 +144,14 @@ class ServerTLS:
     The listener's asks clients for the certificate `ssl.client_certificate` says and selects ALPN
     from `ssl.alpn`; each route with an `ssl` of its own has a ServerTLS made with its
     `client_certificate` and `alpn` in their place (`routes`, by route name), whose contexts are
-    the listener's when both are the same."""
+    the listener's when both are the same.
 
-    def __init__(self, config: Config, cache: ContextCache, route: Route | None = None):
+    `certificates` are those of the listeners it serves (see TLSContexts.listeners)."""
+
+    def __init__(self, config: Config, cache: ContextCache, certificates: tuple[Certificate, ...],
+                 route: Route | None = None):
         settings = config.ssl
-        cert, key, ocsp = default_certificate_files(config)
+        cert, key, ocsp = default_certificate_files(config, certificates)
         self.has_default = cert is not None       # a certificate for clients whose SNI has none
         client = settings.client_certificate
         alpn = settings.alpn
@@ -153,22 +163,28 @@ class ServerTLS:
         # The listening context carries the session-ticket keys (OpenSSL encrypts tickets with the
         # keys of the context the handshake began on, whatever context SNI switches to): kept while
         # the default certificate and the settings are, sessions resume across reloads. It serves
-        # clients without SNI or with a name no certificate has.
-        self.context = cache.get(_server_key("listen", settings, client, alpn, cert, key, ocsp),
+        # clients without SNI or with a name no certificate has. Listeners served by other
+        # certificates need another one: its SNI callback looks in another map.
+        scope = None if certificates == config.certificates else certificates
+        self.context = cache.get(_server_key("listen", settings, client, alpn, cert, key, ocsp, scope),
                                  partial(_server_context, settings, client, alpn, cert, key, ocsp))
         self.exact: dict[str, ssl.SSLContext] = {}
         self.wildcards: list[tuple[str, ssl.SSLContext]] = []
-        for certificate in config.certificates:
+        self.deep_wildcards: list[tuple[str, ssl.SSLContext]] = []      # their suffix: ".example.com"
+        for certificate in certificates:
             files = (certificate.cert, certificate.key, certificate.ocsp_response)
             ctx = cache.get(_server_key("sni", settings, client, alpn, *files),
                             partial(_server_context, settings, client, alpn, *files))
             for name in certificate.snis:
-                if name.startswith("*.") or name.endswith(".*"):
+                if name.startswith("*.") and certificate.wildcard_depth == "any":
+                    self.deep_wildcards.append((name[1:], ctx))
+                elif name.startswith("*.") or name.endswith(".*"):
                     self.wildcards.append((name, ctx))
                 else:
                     self.exact.setdefault(name, ctx)
+        self.deep_wildcards.sort(key=lambda item: -item[0].count("."))     # stable: first written first
         self.routes: dict[str, ServerTLS] = {} if route is not None else {
-            r.name: ServerTLS(config, cache, r) for r in config.routes
+            r.name: ServerTLS(config, cache, certificates, r) for r in config.routes
             if (r.client_certificate is not None or r.ssl_alpn is not None) and "tls" in r.protocols}
 
     def install(self) -> None:
@@ -177,7 +193,8 @@ class ServerTLS:
         before every fork, and the worker's copy of the context keeps what it found. Nothing else
         sets the callback, so a reload that fails leaves nothing holding on to its contexts."""
         # Only with per-name certificates: a Python callback on every handshake otherwise.
-        self.context.sni_callback = self._on_sni if self.exact or self.wildcards else None
+        named = self.exact or self.wildcards or self.deep_wildcards
+        self.context.sni_callback = self._on_sni if named else None
         for route_tls in self.routes.values():
             route_tls.install()
 
@@ -195,6 +212,9 @@ class ServerTLS:
                 if name.endswith(suffix) and "." not in name[:-len(suffix)] and len(name) > len(suffix):
                     return ctx
             elif name.startswith(pattern[:-1]) and len(name) > len(pattern) - 1:
+                return ctx
+        for suffix, ctx in self.deep_wildcards:
+            if name.endswith(suffix) and len(name) > len(suffix):
                 return ctx
         return None
 
@@ -291,8 +311,21 @@ class TLSContexts:
 
     def __init__(self, config: Config, previous: TLSContexts | None = None):
         cache = ContextCache(previous.contexts if previous is not None else {})
-        needs_server = any(listen.ssl for listen in config.stream_listen)
-        self.server: ServerTLS | None = ServerTLS(config, cache) if needs_server else None
+        # Each ssl listener's, by Listen.key: one ServerTLS per set of certificates serving listeners
+        # (one for all of them while no certificate has `listen`).
+        self.listeners: dict[tuple[str, int, bool], ServerTLS] = {}
+        made: dict[tuple[Certificate, ...], ServerTLS] = {}
+        for listen in config.stream_listen:
+            if listen.ssl:
+                # Its own first (they take their names over the others', and the first is its default).
+                serving = (tuple(c for c in config.certificates if c.listen and c.serves(listen))
+                           + tuple(c for c in config.certificates if not c.listen))
+                server = made.get(serving)
+                if server is None:
+                    server = made[serving] = ServerTLS(config, cache, serving)
+                self.listeners[listen.key] = server
+        # The first ssl listener's: the `ssl` settings every listener shares (client_depth).
+        self.server: ServerTLS | None = next(iter(made.values()), None)
         services = [s for s in config.services if s.protocol == "tls"]
         system_ca = system_ca_fingerprint() if any(s.tls_verify for s in services) else None
         self.upstream = {s.name: UpstreamTLS(s, cache, system_ca) for s in services}
@@ -302,5 +335,5 @@ class TLSContexts:
     def install(self) -> None:
         """Before forking a worker of this generation, and before terminating TLS with these
         contexts in this process: see ServerTLS.install."""
-        if self.server is not None:
-            self.server.install()
+        for server in set(self.listeners.values()):
+            server.install()

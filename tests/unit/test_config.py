@@ -1297,3 +1297,81 @@ def test_auto_workers_follow_the_cgroup_cpu_quota(tmp_path: Path, files: dict, e
         (tmp_path / name).write_text(text)
     affinity = len(os.sched_getaffinity(0))
     assert usable_cpus(str(tmp_path)) == (affinity if expected is None else min(expected, affinity))
+
+
+SCOPED = """\
+stream_listen: [127.0.0.1:9000, 127.0.0.1:8443 ssl, 127.0.0.1:9443 ssl, 127.0.0.2:9443 ssl]
+certificates:
+  - cert: certs/default.crt
+    key: certs/default.key
+    snis: [a.example]
+{more}"""
+
+
+def test_certificate_listen_scopes_a_certificate_to_listeners(conf_dir: Path):
+    text = SCOPED.format(more="""\
+  - cert: certs/tls9443.kong.example.crt
+    key: certs/tls9443.kong.example.key
+    snis: [a.example]
+    listen: [8443, "127.0.0.1:9443"]
+  - cert: certs/multi.crt
+    key: certs/multi.key
+    snis: [a.example]
+    listen: ["127.0.0.2:9443"]
+""")
+    config = load_config(write(conf_dir, text))
+    assert [c.listen for c in config.certificates] == [(), ((None, 8443), ("127.0.0.1", 9443)),
+                                                       (("127.0.0.2", 9443),)]
+    serving = {str(listen): [c.cert.rsplit("/", 1)[1] for c in config.certificates if c.serves(listen)]
+               for listen in config.stream_listen if listen.ssl}
+    assert serving == {"127.0.0.1:8443": ["default.crt", "tls9443.kong.example.crt"],
+                       "127.0.0.1:9443": ["default.crt", "tls9443.kong.example.crt"],
+                       "127.0.0.2:9443": ["default.crt", "multi.crt"]}
+
+
+@pytest.mark.parametrize(("listen", "key", "message"), [
+    ("[9000]", "certificates[1].listen[0]", "no ssl listener in stream_listen is on *:9000"),
+    ('["127.0.0.3:9443"]', "certificates[1].listen[0]",
+     "no ssl listener in stream_listen is on 127.0.0.3:9443"),
+    ("[tls]", "certificates[1].listen[0]", "expected ADDRESS:PORT (or a port alone), got 'tls'"),
+    ("[70000]", "certificates[1].listen[0]", "port 70000 is out of range (1-65535)"),
+    ("[]", "certificates[1].listen", "list at least one listener (without listen: every one)"),
+    ("8443", "certificates[1].listen", "expected a list, got 8443"),
+    ("[8443]\n    wildcard_depth: deep", "certificates[1].wildcard_depth",
+     "expected one of one, any, got 'deep'"),
+])
+def test_certificate_listen_errors_name_the_place(conf_dir: Path, listen: str, key: str, message: str):
+    text = SCOPED.format(more=f"""\
+  - cert: certs/multi.crt
+    key: certs/multi.key
+    snis: [b.example]
+    listen: {listen}
+""")
+    error = only_error(conf_dir, text)
+    assert (error.key, error.message) == (key, message)
+
+
+@pytest.mark.parametrize(("first", "second", "clash"), [
+    ("[8443]", '["127.0.0.1:8443"]', True),          # the port's every listener includes that one
+    ('["127.0.0.1:9443"]', '["127.0.0.2:9443"]', False),
+    ("[9443]", "[8443]", False),
+])
+def test_certificates_with_listen_share_a_name_on_no_common_listener(conf_dir: Path, first: str, second: str,
+                                                                     clash: bool):
+    text = SCOPED.format(more=f"""\
+  - cert: certs/tls9443.kong.example.crt
+    key: certs/tls9443.kong.example.key
+    snis: [b.example]
+    listen: {first}
+  - cert: certs/multi.crt
+    key: certs/multi.key
+    snis: [b.example]
+    listen: {second}
+""")
+    if not clash:
+        assert len(load_config(write(conf_dir, text)).certificates) == 3
+        return
+    error = only_error(conf_dir, text)
+    assert (error.line, error.key, error.message) == (
+        12, "certificates[2].snis[0]",
+        "server name 'b.example' is already served on a listener both serve by the certificate at line 6")

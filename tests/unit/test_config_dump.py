@@ -51,7 +51,7 @@ ssl:
 certificates:
   - {{cert: certs/tls9443.kong.example.crt, key: certs/tls9443.kong.example.key,
       snis: [tls9443.kong.example, "*.w.example"]}}
-  - {{cert: certs/multi.crt, key: certs/multi.key}}
+  - {{cert: certs/multi.crt, key: certs/multi.key, listen: [9443, "[::1]:9500"], wildcard_depth: any}}
 
 upstreams:
   - name: pool

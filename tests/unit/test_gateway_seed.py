@@ -78,8 +78,11 @@ def test_seed_gateway_listeners(seed):
 def test_seed_entities(seed):
     entities = seed.entities
     assert entities["stream_listen"] == ["0.0.0.0:9000", "0.0.0.0:9443 ssl"]
-    [certificate] = entities["certificates"]       # the listener's and the TCPIngress's Secret: one file
-    assert certificate["snis"] == ["tls9443.kong.example"]
+    # The listener's Secret on its port, the TCPIngress's (the same Secret: one file) on every listener.
+    listener_certificate, ingress_certificate = entities["certificates"]
+    assert listener_certificate["snis"] == ingress_certificate["snis"] == ["tls9443.kong.example"]
+    assert listener_certificate["listen"] == [9443] and "listen" not in ingress_certificate
+    assert listener_certificate["cert"] == ingress_certificate["cert"]
     assert entities["upstreams"] == [{"name": "k8s.default.echo.1025",
                                       "targets": [{"target": "127.0.0.1:1025", "weight": 100}]}]
     routes = {r["name"]: (svc["host"], r) for svc in entities["services"] for r in svc["routes"]}

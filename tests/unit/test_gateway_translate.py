@@ -391,7 +391,7 @@ def test_terminate_listener_binds_its_certificate_to_its_hostname(tmp_path, cert
                                         {"group": GROUP, "kind": "TCPRoute"}]
     assert status["attachedRoutes"] == 2
     [certificate] = result.entities["certificates"]
-    assert certificate["snis"] == ["serve.example.net"]
+    assert (certificate["snis"], certificate["listen"]) == (["serve.example.net"], [8443])
     assert not (tmp_path / "run").exists()          # translate() writes nothing: write_pem_files does
     config = load(tmp_path, result)
     assert config.certificates[0].snis == ("serve.example.net",)
@@ -399,6 +399,40 @@ def test_terminate_listener_binds_its_certificate_to_its_hostname(tmp_path, cert
     assert [(r.name, r.protocols, r.snis) for r in config.routes] == [
         ("tlsroute.infra.r.0.tls", ("tls",), ("serve.example.net",)),
         ("tcproute.infra.plain.0.tls", ("tls",), ("serve.example.net",))]
+
+
+def test_two_ports_serve_one_hostname_each_with_its_own_secret(tmp_path, certs):
+    """A Terminate listener's Secret is served on its port only (certificates[].listen): two listeners
+    on two ports with two Secrets for one hostname each serve their own, without a notice."""
+    gw = gateway([listener("a", 8443, "TLS", hostname="shared.example.com",
+                           tls={"certificateRefs": [{"name": "cert-a"}]}),
+                  listener("b", 9443, "TLS", hostname="shared.example.com",
+                           tls={"certificateRefs": [{"name": "cert-b"}]}),
+                  listener("b-more", 9443, "TLS", hostname="more.example.com",
+                           tls={"certificateRefs": [{"name": "cert-b"}]})])
+    result = run(tmp_path, gw, tls_secret("cert-a", certs["tls"]), tls_secret("cert-b", certs["other"]))
+    assert result.notices == []
+    for name in ("a", "b", "b-more"):
+        assert conditions(listener_status(result, name)["conditions"])["Programmed"] == ("True", "Programmed")
+    assert [(c["snis"], c["listen"]) for c in result.entities["certificates"]] == [
+        (["shared.example.com"], [8443]), (["shared.example.com", "more.example.com"], [9443])]
+    config = load(tmp_path, result)
+    assert [(c.cert, c.snis, c.listen) for c in config.certificates] == [
+        (result.entities["certificates"][0]["cert"], ("shared.example.com",), ((None, 8443),)),
+        (result.entities["certificates"][1]["cert"], ("shared.example.com", "more.example.com"),
+         ((None, 9443),))]
+    assert config.certificates[0].cert != config.certificates[1].cert
+
+
+def test_a_wildcard_listener_s_certificate_covers_its_names_of_any_depth(tmp_path, certs):
+    gw = gateway([listener("wild", 8443, "TLS", hostname="*.example.com",
+                           tls={"certificateRefs": [{"name": "cert"}]}),
+                  listener("exact", 8443, "TLS", hostname="exact.example.net",
+                           tls={"certificateRefs": [{"name": "other"}]})])
+    result = run(tmp_path, gw, tls_secret("cert", certs["tls"]), tls_secret("other", certs["other"]))
+    assert [(c["snis"], c.get("wildcard_depth")) for c in result.entities["certificates"]] == [
+        (["*.example.com"], "any"), (["exact.example.net"], None)]
+    assert [c.wildcard_depth for c in load(tmp_path, result).certificates] == ["any", "one"]
 
 
 def test_unchanged_secret_keeps_its_file_names(tmp_path, certs):

@@ -44,7 +44,7 @@ class Harness:
         self.log = ErrorLog(str(self.error_log), "info")
         self.shared = SharedState()
         self.closed: list[Session] = []
-        tls = TLSContexts(config)
+        tls = self.tls = TLSContexts(config)
         tls.install()               # as the master does before it forks a worker
         self.pool = PipePool()
         self.ctx = WorkerContext(
@@ -65,7 +65,9 @@ class Harness:
 
     def run(self, client: socket.socket, client_addr=("127.0.0.1", 40000)) -> Session:
         client.setblocking(False)
-        session = Session(self.ctx, self.config.stream_listen[0], client, client_addr, serial=1)
+        listen = self.config.stream_listen[0]
+        session = Session(self.ctx, listen, client, client_addr, serial=1,
+                          server_tls=self.tls.listeners.get(listen.key))
         session.start()
         deadline = self.loop.now + TIMEOUT
         while not self.closed and self.loop.now < deadline:

@@ -111,3 +111,29 @@ def test_upstream_contexts_follow_their_ca_files(files, tmp_path):
     assert third.upstream["one"].chain_only is not one.chain_only
     plain = TLSContexts(config(files, services=services(False)), third)
     assert plain.upstream["one"].context is plain.upstream["one"].chain_only
+
+
+def test_listeners_served_by_other_certificates_get_their_own_listening_context(files):
+    """certificates[].listen: each set of listeners has its own SNI map, so its own listening context
+    (the callback is the context's); listeners served alike share one, and a reload reuses them."""
+    a, b = (Listen("127.0.0.1", port, ssl=True) for port in (8443, 9443))
+    c = Listen("127.0.0.2", 9443, ssl=True)
+
+    def scoped(files) -> Config:
+        default = files["default"]
+        return Config(path="/etc/pyproxy.conf", stream_listen=(a, b, c),
+                      ssl=SSLSettings(default_certificate=CertKey(str(default[0]), str(default[1]))),
+                      certificates=(Certificate(str(files["a"][0]), str(files["a"][1]), ("a.example",)),
+                                    Certificate(str(files["b"][0]), str(files["b"][1]), ("a.example",),
+                                                listen=((None, 9443),))))
+
+    first = TLSContexts(scoped(files))
+    first.install()
+    on_a, on_b, on_c = (first.listeners[listen.key] for listen in (a, b, c))
+    assert on_b is on_c and on_a is not on_b
+    assert on_a.context is not on_b.context
+    assert on_a.context_for("a.example") is on_a.exact["a.example"] is not on_b.context_for("a.example")
+    assert on_a.context.sni_callback.__self__ is on_a and on_b.context.sni_callback.__self__ is on_b
+    second = TLSContexts(scoped(files), first)
+    assert (second.built, second.reused) == (0, 4)
+    assert second.listeners[b.key].context is on_b.context
