@@ -184,6 +184,19 @@ class StatusProcess:
             self.pid = 0
 
     def _spawn(self) -> None:
+        def serve(master_pid: int) -> int:
+            self._close_what_the_master_holds()
+            assert self.directory is not None, "start() made the metrics folder before any spawn"
+            return StatusServer(self.log, self.sockets, master_pid, self.user, self.directory).run()
+
+        if pid := self._fork(serve):
+            where = ", ".join(str(ls.listen) for ls in self.sockets)
+            self.log.notice(f"start status process {pid} on {where}")
+
+    def _fork(self, run: Callable[[int], int]) -> int:
+        """Fork this helper process, which runs `run(master pid)` and exits with what it returns;
+        its pid, or 0 when fork() failed (logged; `manage` tries again after RESPAWN_DELAY). The
+        admin and the gateway cluster processes are forked the same way."""
         master_pid = os.getpid()
         # As for workers (Master.fork_child): the master's signals stay blocked in the child until
         # it has its own handlers, so a stop sent to the whole process group is not lost.
@@ -193,22 +206,19 @@ class StatusProcess:
         except OSError as exc:          # out of processes or memory: the master tries again later
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
             self.respawn_at = time.monotonic() + RESPAWN_DELAY
-            self.log.error(f"cannot start the status process: fork() failed ({exc.strerror}); "
+            self.log.error(f"cannot start the {self.NAME}: fork() failed ({exc.strerror}); "
                            f"trying again in {RESPAWN_DELAY:g}s")
-            return
+            return 0
         if pid == 0:
             code = 1
             try:
-                self._close_what_the_master_holds()
-                assert self.directory is not None, "start() made the metrics folder before any spawn"
-                code = StatusServer(self.log, self.sockets, master_pid, self.user, self.directory).run()
+                code = run(master_pid)
             finally:
                 os._exit(code)
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         self.pid = pid
         self.started = time.monotonic()
-        where = ", ".join(str(ls.listen) for ls in self.sockets)
-        self.log.notice(f"start status process {pid} on {where}")
+        return pid
 
     def _close_what_the_master_holds(self) -> None:
         """In the fresh child: keep the status sockets and the error log, close every other fd.

@@ -32,7 +32,7 @@ from pyproxy.config.model import Config
 from pyproxy.log import ErrorLog
 from pyproxy.loop import EPOLLET, EPOLLIN, Loop
 from pyproxy.shared import HealthTable
-from pyproxy.status import MASTER_SIGNALS, RESPAWN_DELAY, HttpConnection, StatusProcess, StatusServer, _kill
+from pyproxy.status import HttpConnection, StatusProcess, StatusServer, _kill
 
 TITLE = "pyproxy: admin process"
 MAX_CLIENTS = 32              # with MAX_BODY, what abusive clients can make the process hold
@@ -87,25 +87,14 @@ class AdminProcess(StatusProcess):
     def _spawn(self) -> None:
         config = self.config
         assert config is not None and config.admin_listen is not None and config.admin_state is not None
-        master_pid = os.getpid()
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, MASTER_SIGNALS)
-        try:
-            pid = os.fork()
-        except OSError as exc:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-            self.respawn_at = time.monotonic() + RESPAWN_DELAY
-            self.log.error(f"cannot start the admin process: fork() failed ({exc.strerror})")
+
+        def serve(master_pid: int) -> int:
+            _close_inherited(self.log.fd)
+            return AdminServer(self.log, config, master_pid, self.health).run()
+
+        pid = self._fork(serve)
+        if not pid:
             return
-        if pid == 0:
-            code = 1
-            try:
-                _close_inherited(self.log.fd)
-                code = AdminServer(self.log, config, master_pid, self.health).run()
-            finally:
-                os._exit(code)
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-        self.pid = pid
-        self.started = time.monotonic()
         if config.admin_database is not None:
             from pyproxy.config.validate import redacted
             kept = f"{redacted(config.admin_database)} (cached in {config.admin_state})"

@@ -154,25 +154,14 @@ class ClusterProcess(StatusProcess):
     def _spawn(self) -> None:
         config = self.config
         assert config is not None and config.gateway is not None and config.gateway.kubernetes is not None
-        master_pid = os.getpid()
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, MASTER_SIGNALS)
-        try:
-            pid = os.fork()
-        except OSError as exc:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-            self.respawn_at = time.monotonic() + 1.0
-            self.log.error(f"cannot start the {self.NAME}: fork() failed ({exc.strerror})")
+
+        def watch(master_pid: int) -> int:
+            self._close_what_the_master_holds()
+            return ClusterWatcher(self.log, config, master_pid, self.directory).run()
+
+        pid = self._fork(watch)
+        if not pid:
             return
-        if pid == 0:
-            code = 1
-            try:
-                self._close_what_the_master_holds()
-                code = ClusterWatcher(self.log, config, master_pid, self.directory).run()
-            finally:
-                os._exit(code)
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-        self.pid = pid
-        self.started = time.monotonic()
         where = config.gateway.kubernetes.kubeconfig or "the Pod's service account"
         self.log.notice(f"start {self.NAME} {pid}: watching the API server of {where}")
 

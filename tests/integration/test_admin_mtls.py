@@ -9,7 +9,7 @@ import json
 import subprocess
 
 from tests.integration.test_tls_client_certificates import PrivateCA
-from tests.support import free_port, make_cert
+from tests.support import free_port, make_cert, wait_until
 
 
 def curl(url: str, *args: str) -> subprocess.CompletedProcess:
@@ -41,8 +41,13 @@ services:
 """)
     url = f"https://admin.example:{front}/status"
     resolve = ("--resolve", f"admin.example:{front}:127.0.0.1")
-    ok = curl(url, *resolve, "--cacert", str(server[0]),
-              "--cert", str(operator[0]), "--key", str(operator[1]))
+    def operator_call():
+        return curl(url, *resolve, "--cacert", str(server[0]), "--cert", str(operator[0]),
+                    "--key", str(operator[1]))
+
+    # The admin process starts beside the workers: wait until it answers.
+    wait_until(lambda: operator_call().returncode == 0, what="the Admin API through the mTLS route")
+    ok = operator_call()
     assert ok.returncode == 0, ok.stderr
     assert "database" in json.loads(ok.stdout)
     created = curl(f"https://admin.example:{front}/upstreams", *resolve, "--cacert", str(server[0]),
