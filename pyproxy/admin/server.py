@@ -1,7 +1,7 @@
 """The admin process: Kong's Admin API on `admin_listen`, served away from the workers.
 
 Like the status process (pyproxy.status), the master forks one small process for it, named
-`pyproxy: admin process`, with one loop of its own and no threads, at nice +10 (under CPU contention
+`pyproxy: admin process`, with one loop of its own and no threads, at nice +19 (under CPU contention
 the workers go first). It binds `admin_listen` itself (so no worker ever holds that socket), keeps
 the entities (`StateFile`), and after each change that loaded it sends the master a SIGHUP: the
 same reload as `pyproxy -s reload`, coalesced by `reload_coalesce`. It holds at most MAX_CLIENTS
@@ -39,7 +39,7 @@ MAX_CLIENTS = 32              # with MAX_BODY, what abusive clients can make the
 MAX_HEAD = 16384              # the request line and headers
 MAX_BODY = 10 << 20           # Kong's nginx_admin_client_max_body_size
 REQUEST_TIMEOUT = 10.0
-NICENESS = 10                 # under CPU contention the workers go first: a flooded Admin API waits
+NICENESS = 19                 # the lowest: under CPU contention the workers go first (bench.admin_flood)
 STALE_RETRIES = 5             # a change made again on entities that another instance changed meanwhile
 REASONS = {100: "Continue", 200: "OK", 201: "Created", 204: "No Content", 400: "Bad Request",
            401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed", 409: "Conflict",
