@@ -559,10 +559,13 @@ def build_balancers(config: Config, log: LogFn | None = None, health: HealthTabl
     for upstream in config.upstreams:
         balancer = Balancer(upstream.name, _peers_of(upstream.targets), upstream.algorithm, upstream.hash_on,
                             upstream.healthchecks.passive, log, health, counts, upstream.queue)
+        # What the Admin API said is taken before the health is restored: a health said after this
+        # is applied at the worker's next heartbeat, one said before is in the table (the admin
+        # process stores it before telling it), so none falls between the two (test_admin_fleet).
+        balancer.administer(now, health_too=False)
         balancer.restore(now, upstream.healthchecks.active.interval > 0)
         if table is not None and any(not is_ip_address(t.host) for t in upstream.targets):
             balancer.follow(upstream.targets, table, now)
-        balancer.administer(now, health_too=False)
         by_upstream[upstream.name] = balancer
     balancers: dict[str, Balancer] = {}
     for service in config.services:

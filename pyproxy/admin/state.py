@@ -178,9 +178,11 @@ class StateFile:
         state = ADMIN_HEALTHY if healthy else ADMIN_UNHEALTHY
         for address in addresses:
             key = HealthTable.key(upstream, host_port(*address))
-            if self.health is None or not self.health.tell(key, health=state):
+            if self.health is None:
                 raise ApiError(500, {"message": "the workers' health table is full or busy"})
-            self.health.store(key, 0.0 if healthy else math.inf)
+            self.health.store(key, 0.0 if healthy else math.inf)    # first: see build_balancers
+            if not self.health.tell(key, health=state):
+                raise ApiError(500, {"message": "the workers' health table is full or busy"})
 
 
 def reweighed(before: Document, after: Document) -> dict[str, int] | None:
