@@ -33,7 +33,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -48,6 +47,7 @@ BACKEND_OFFSETS = (2, 3)     # the two tagging backends `one` and `two`
 STATUS_OFFSET = 4
 SESSION_EVERY = 0.005        # seconds between two probe sessions while waiting for the switch
 SWITCH_TIMEOUT = 10.0
+REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def certificates(names: list[str], folder: str) -> dict[str, tuple[bytes, bytes]]:
@@ -148,37 +148,6 @@ def best_of(repeats: int, run) -> float:
     return min(times)
 
 
-class TaggingServer:
-    """Says its name to every session it accepts, then closes it; in a thread of this process."""
-
-    def __init__(self, name: str, port: int):
-        self.name = name.encode() + b"\n"
-        self.listener = socket.create_server(("127.0.0.1", port), backlog=512)
-        self.listener.settimeout(0.2)
-        self.running = True
-        self.thread = threading.Thread(target=self.serve, daemon=True)
-        self.thread.start()
-
-    def serve(self) -> None:
-        while self.running:
-            try:
-                conn, _ = self.listener.accept()
-            except (TimeoutError, BlockingIOError):
-                continue
-            except OSError:
-                return
-            with conn:
-                try:
-                    conn.sendall(self.name)
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        self.running = False
-        self.listener.close()
-        self.thread.join()
-
-
 def reached(port: int) -> bytes:
     """The name of the backend a new session on `port` reaches (b"" when none answers)."""
     try:
@@ -246,8 +215,12 @@ def main() -> int:
         print(f"load_config at a start:                               {started * 1000:.0f} ms")
         print(f"load_config at a reload after a route changed:        {route_changed * 1000:.0f} ms")
 
-        servers = [TaggingServer("one", one_port), TaggingServer("two", two_port)]
         with Fleet(folder) as fleet:
+            # Each backend says its name to every session and closes it (bench.tlsload's tag server).
+            for name, port in (("one", one_port), ("two", two_port)):
+                fleet.start(f"tag-{name}", [sys.executable, "-m", "bench.tlsload", "tag", str(port), name],
+                            cwd=REPO_DIR)
+                fleet.wait_ready(f"tag-{name}", [port])
             fleet.start("pyproxy", [sys.executable, "-m", "pyproxy", "-c", conf])
             fleet.wait_ready("pyproxy", [base + TCP_PORT_OFFSET, base + TLS_PORT_OFFSET], processes=3,
                              timeout=60)
@@ -264,8 +237,6 @@ def main() -> int:
                         raise SystemExit(f"no session reached {target} within {SWITCH_TIMEOUT:.0f} s")
                     time.sleep(SESSION_EVERY)
                 delays.append(time.perf_counter() - changed_at)
-        for server in servers:
-            server.close()
         print(f"manifest change to serving ({args.switches} switches, {args.routes} TLSRoutes also served): "
               f"median {statistics.median(delays) * 1000:.0f} ms, max {max(delays) * 1000:.0f} ms")
     finally:
