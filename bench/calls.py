@@ -3,6 +3,7 @@
     python -m bench.calls                    # plain TCP and terminated TLS, 300 sessions each
     python -m bench.calls --mode tls -n 1000 --functions
     python -m bench.calls --bytecodes        # bytecodes executed instead of calls (slower)
+    python -m bench.calls --mode tls --bytecodes --functions --no-access-log   # by function, as make bench
 
 A real Worker runs in this process (its init_process, its loop, its signal handling) in front of an
 echo upstream; a client thread opens sessions one after another (each sends 1000 bytes, reads them
@@ -77,13 +78,14 @@ def free_port(first: int = 27000) -> int:
     raise SystemExit(f"calls: no free port between {first} and 32000")
 
 
-def write_config(folder: str, mode: str, listen_port: int, upstream_port: int) -> str:
+def write_config(folder: str, mode: str, listen_port: int, upstream_port: int,
+                 access_log: bool = True) -> str:
     cert = make_certificate(folder)
     path = os.path.join(folder, "pyproxy.conf")
     ssl_flag, protocols = (" ssl", "tls") if mode == "tls" else ("", "tcp")
     with open(path, "w") as out:
         out.write(f"""error_log: {folder}/error.log
-access_log: {folder}/access.log
+access_log: {f"{folder}/access.log" if access_log else "off"}
 log_level: notice
 worker_processes: 1
 stream_listen:
@@ -109,7 +111,7 @@ class Counter:
         self.on = False
         self.calls: collections.Counter[tuple[str, str]] = collections.Counter()
         self.c_calls = 0
-        self.bytecodes: collections.Counter[str] = collections.Counter()
+        self.bytecodes: collections.Counter[tuple[str, str]] = collections.Counter()
 
     def profile(self, frame: FrameType, event: str, arg: Any) -> None:
         if not self.on:
@@ -124,7 +126,7 @@ class Counter:
         if not self.on:
             return None
         frame.f_trace_opcodes = True
-        name = os.path.basename(frame.f_code.co_filename)
+        name = (os.path.basename(frame.f_code.co_filename), frame.f_code.co_name)
         bytecodes = self.bytecodes
 
         def local(frame: FrameType, event: str, arg: Any) -> Any:
@@ -168,7 +170,7 @@ def client(mode: str, port: int, sessions: int, worker: Worker, counter: Counter
         os.kill(os.getpid(), signal.SIGTERM)        # the worker's stop: its loop returns
 
 
-def count(mode: str, sessions: int, bytecodes: bool) -> Counter:
+def count(mode: str, sessions: int, bytecodes: bool, access_log: bool = True) -> Counter:
     """Run a worker in this process for `sessions` counted sessions of `mode` ("tcp" or "tls")."""
     # Imported here: main() may have put another version's tree first on sys.path (--tree).
     from pyproxy.config import load_config
@@ -182,7 +184,7 @@ def count(mode: str, sessions: int, bytecodes: bool) -> Counter:
         upstream = _EchoServer((LOOPBACK, 0), _EchoHandler)
         threading.Thread(target=upstream.serve_forever, daemon=True).start()
         listen_port = free_port()
-        config = load_config(write_config(folder, mode, listen_port, upstream.server_address[1]))
+        config = load_config(write_config(folder, mode, listen_port, upstream.server_address[1], access_log))
         shared = SharedState()
         log = ErrorLog(config.error_log, config.log_level)
         worker = Worker(0, 1, config, [open_listener(listen, 0) for listen in config.stream_listen], log,
@@ -215,9 +217,14 @@ def count(mode: str, sessions: int, bytecodes: bool) -> Counter:
 def report(mode: str, sessions: int, counter: Counter, functions: bool) -> None:
     if counter.bytecodes:
         total = sum(counter.bytecodes.values())
-        ours = sum(n for name, n in counter.bytecodes.items() if name in SESSION_FILES)
+        ours = sum(n for key, n in counter.bytecodes.items() if key[0] in SESSION_FILES)
         print(f"{mode}: bytecodes per session: {ours / sessions:.1f} in session code, "
               f"{total / sessions:.1f} in all")
+        if functions:
+            by_count = sorted(counter.bytecodes.items(), key=lambda item: (-item[1], item[0]))
+            for (name, function), n in by_count:
+                tick = "  (per tick)" if (name, function) in PER_TICK else ""
+                print(f"  {n / sessions:8.1f}  {name}:{function}{tick}")
         return
     calls = counter.calls
     total = sum(calls.values())
@@ -237,6 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mode", choices=("tcp", "tls"), action="append",
                         help="plain TCP, or TLS terminated by pyproxy (default: both)")
     parser.add_argument("-n", "--sessions", type=int, default=300, help="sessions counted (default 300)")
+    parser.add_argument("--no-access-log", action="store_true", help="access_log: off, as make bench runs")
     parser.add_argument("--bytecodes", action="store_true", help="count bytecodes executed, by file")
     parser.add_argument("--functions", action="store_true", help="list the calls by function")
     parser.add_argument("--tree", metavar="DIR", help="count the pyproxy package in DIR (another version)")
@@ -252,7 +260,8 @@ def main(argv: list[str] | None = None) -> None:
         if pid == 0:
             code = 1
             try:
-                report(mode, args.sessions, count(mode, args.sessions, args.bytecodes), args.functions)
+                counter = count(mode, args.sessions, args.bytecodes, not args.no_access_log)
+                report(mode, args.sessions, counter, args.functions)
                 code = 0
             finally:
                 sys.stdout.flush()

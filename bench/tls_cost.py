@@ -41,7 +41,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.calls import free_port
-from bench.configs import LOOPBACK, make_certificate
+from bench.configs import LOOPBACK, SSL_PROTOCOLS, make_certificate, nginx_stream_head
 
 FEW, MANY = 40, 240
 TIMEOUT = 10.0
@@ -53,7 +53,7 @@ RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok
 REQUEST = b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
 # Where an instruction runs, by the file name of its object.
 GROUPS = (("libpython", "libpython"), ("python", "python3"), ("libssl", "libssl"), ("libcrypto", "libcrypto"),
-          ("_ssl", "_ssl"), ("libc", "libc.so"))
+          ("_ssl", "_ssl"), ("libc", "libc.so"), ("nginx", "nginx"), ("stream", "ngx_stream"))
 
 
 def write_config(folder: str, listen_port: int, upstream_port: int) -> str:
@@ -207,8 +207,43 @@ def grouped(costs: collections.Counter[str]) -> dict[str, int]:
     return out
 
 
-def measure(python: str, sessions: int, folder: str, tree: str | None) -> dict[str, int]:
-    """Instructions of a worker that served `sessions` sessions, by group."""
+def nginx_config(folder: str, listen_port: int, upstream_port: int) -> str:
+    """The benchmark's nginx stream settings for its https port (bench.configs.nginx_stream_conf), in
+    one process (no master): the process valgrind traces is the one that serves."""
+    cert = make_certificate(folder)
+    path = os.path.join(folder, "nginx.conf")
+    with open(path, "w") as out:
+        out.write(f"""{nginx_stream_head(folder, "nginx", 1)}master_process off;
+stream {{
+    server {{
+        listen {LOOPBACK}:{listen_port} ssl;
+        ssl_certificate {cert.cert};
+        ssl_certificate_key {cert.key};
+        ssl_protocols {SSL_PROTOCOLS};
+        proxy_pass {LOOPBACK}:{upstream_port};
+    }}
+}}
+""")
+    return path
+
+
+def wait_listening(port: int, proc: subprocess.Popen[str]) -> None:
+    """Until something accepts on `port` (one connection, closed at once: the same in both runs)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit("tls_cost: the traced server exited")
+        try:
+            socket.create_connection((LOOPBACK, port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise SystemExit(f"tls_cost: nothing listens on {port}")
+
+
+def measure(python: str, sessions: int, folder: str, tree: str | None,
+            proxy: str = "pyproxy") -> dict[str, int]:
+    """Instructions of a worker (of `proxy`: pyproxy or nginx) that served `sessions` sessions, by group."""
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     # `tree` first: its pyproxy package is the one measured.
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (tree, here))))
@@ -217,12 +252,18 @@ def measure(python: str, sessions: int, folder: str, tree: str | None) -> dict[s
     out = os.path.join(folder, f"callgrind.{sessions}.out")
     try:
         port = free_port(random.randrange(20000, 31000))     # from anywhere: other benchmarks may run
-        config = write_config(folder, port, int(wait_ready(up)[0]))
+        upstream_port = int(wait_ready(up)[0])
+        if proxy == "nginx":
+            command = ["nginx", "-p", folder, "-c", nginx_config(folder, port, upstream_port)]
+        else:
+            command = [python, "-m", "bench.tls_cost", "--serve", write_config(folder, port, upstream_port)]
         worker = subprocess.Popen(["valgrind", "--tool=callgrind", "--trace-children=no", "--dump-line=no",
-                                   f"--callgrind-out-file={out}", python, "-m", "bench.tls_cost",
-                                   "--serve", config], cwd=here, env=env, stdout=subprocess.PIPE, text=True,
-                                  stderr=subprocess.DEVNULL)
-        wait_ready(worker)
+                                   f"--callgrind-out-file={out}", *command], cwd=here, env=env,
+                                  stdout=subprocess.PIPE, text=True, stderr=subprocess.DEVNULL)
+        if proxy == "nginx":
+            wait_listening(port, worker)
+        else:
+            wait_ready(worker)
         subprocess.run([python, "-m", "bench.tls_cost", "--client", str(port), str(sessions),
                         str(worker.pid)], cwd=here, env=env, check=True)
         if worker.wait(timeout=600) != 0:
@@ -240,6 +281,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--many", type=int, default=MANY)
     parser.add_argument("--tree", metavar="DIR", help="measure the pyproxy package in DIR (another version, "
                         "say `git archive <commit> pyproxy | tar -x -C DIR`)")
+    parser.add_argument("--proxy", choices=("pyproxy", "nginx"), default="pyproxy",
+                        help="trace pyproxy's worker or nginx's stream module (one process)")
     parser.add_argument("--keep", metavar="DIR", help="keep the callgrind files in DIR (callgrind_annotate)")
     parser.add_argument("--serve", metavar="CONFIG", help=argparse.SUPPRESS)
     parser.add_argument("--upstream", type=int, help=argparse.SUPPRESS)
@@ -257,11 +300,12 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="pyproxy-tlscost-") as folder:
         if args.keep:
             os.makedirs(args.keep, exist_ok=True)
-        few = measure(args.python, args.few, args.keep or folder, args.tree)
-        many = measure(args.python, args.many, args.keep or folder, args.tree)
+        few = measure(args.python, args.few, args.keep or folder, args.tree, args.proxy)
+        many = measure(args.python, args.many, args.keep or folder, args.tree, args.proxy)
     sessions = args.many - args.few
     total = sum(many.values()) - sum(few.values())
-    print(f"instructions per TLS session ({args.python}): {total / sessions:,.0f}")
+    who = "nginx" if args.proxy == "nginx" else args.python
+    print(f"instructions per TLS session ({who}): {total / sessions:,.0f}")
     for group in sorted(set(few) | set(many), key=lambda g: -(many.get(g, 0) - few.get(g, 0))):
         n = (many.get(group, 0) - few.get(group, 0)) / sessions
         print(f"  {group:10} {n:12,.0f}  {100 * n * sessions / total:5.1f} %")
