@@ -82,6 +82,44 @@ class Forwarder(SessionBase):
             self.scheduled = True
             self.loop.call_soon(self._resume)
 
+    # What an event tells one pump: the client readable, or the upstream writable while client →
+    # upstream was waiting for it (`writable` False: the pump held bytes or ciphertext it could not
+    # send), moves client → upstream; and the other way round. A pump the event tells nothing has
+    # nothing new to do: it stopped because its source was dry or its destination full, and neither
+    # changed; one that stopped with work left queued a _resume, which runs both. So the pumps of a
+    # short session run about half as often. Both run (forward) when the event concerns both.
+    def forward_up(self) -> None:
+        """Client → upstream only; see above."""
+        c2u = self.c2u
+        up = c2u.run(self.loop.now)
+        if up >= SRC_ERROR:
+            self._pump_failed(c2u, up, client_is_source=True)
+        elif up == DONE:
+            if self.u2c.done:
+                self.close(STATUS_OK)
+        elif up == MORE:
+            if c2u.bulk:
+                self.c2u = c2u.spliced()
+            if not self.scheduled:
+                self.scheduled = True
+                self.loop.call_soon(self._resume)
+
+    def forward_down(self) -> None:
+        """Upstream → client only; see above."""
+        u2c = self.u2c
+        down = u2c.run(self.loop.now)
+        if down >= SRC_ERROR:
+            self._pump_failed(u2c, down, client_is_source=False)
+        elif down == DONE:
+            if self.c2u.done:
+                self.close(STATUS_OK)
+        elif down == MORE:
+            if u2c.bulk:
+                self.u2c = u2c.spliced()
+            if not self.scheduled:
+                self.scheduled = True
+                self.loop.call_soon(self._resume)
+
     def _resume(self) -> None:
         self.scheduled = False
         if self.phase == FORWARDING:

@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, TypeVar
 from pyproxy.accesslog import rfc2253_subject
 from pyproxy.config.model import STATUS_BAD_REQUEST, STATUS_INTERNAL, STATUS_NO_ROUTE
 from pyproxy.forward import SCRATCH_SIZE
-from pyproxy.phases import HANDSHAKE, NO_IO, PREREAD, Connection, SessionBase, ssl_reason
+from pyproxy.loop import EPOLLIN
+from pyproxy.phases import HANDSHAKE, IN_EVENTS, NO_IO, PREREAD, Connection, SessionBase, ssl_reason
 from pyproxy.proxy_protocol import DEFAULT_MAX_SIZE as PROXY_HEADER_MAX_SIZE
 from pyproxy.proxy_protocol import ProxyProtocolError, parse_proxy_header, proxy_header_need
 from pyproxy.tls.clienthello import ClientHelloError, ClientHelloReader, StartTLSRequest, parse_client_hello
@@ -242,11 +243,14 @@ class ClientPreread(SessionBase):
         self._phase_deadline(self.ctx.config.ssl.handshake_timeout)
         self.handshake()
 
-    def handshake(self) -> None:
+    def handshake(self, mask: int = EPOLLIN) -> None:
+        """One step of the handshake with the client, on an event of its socket (`mask`)."""
         client, ctx = self.client, self.ctx
         server_tls = ctx.server_tls
         if TYPE_CHECKING:
             assert isinstance(client, TLSStream) and server_tls is not None
+        if not mask & IN_EVENTS and client.backlog is None:
+            return      # writable, with nothing of ours waiting for it: no step to take
         metrics = ctx.metrics
         try:
             if not client.handshake():
@@ -277,9 +281,8 @@ class ClientPreread(SessionBase):
             return
         if metrics is not None:
             metrics.handshake(ok=True)
-        obj = client.obj                # OpenSSL's answers without the stream's wrappers
-        self.ssl_protocol = obj.version()
-        cipher = obj.cipher()
+        self.ssl_protocol = client.negotiated
+        cipher = client.obj.cipher()    # OpenSSL's answer, without the stream's wrapper
         self.ssl_cipher = cipher[0] if cipher else None
         if route is None:
             self._no_route()

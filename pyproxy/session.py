@@ -167,29 +167,50 @@ class Session(ClientPreread, UpstreamConnector, Forwarder):
             self._hung_up(CLIENT_HUP, self.client)
         phase = self.phase
         if phase == FORWARDING:
+            # Edge-triggered epoll reports EPOLLOUT with every event of a writable socket: it only
+            # concerns the pump that writes here if that pump was waiting for it (see forward_up).
+            u2c = self.u2c
+            down = mask & OUT_EVENTS and not u2c.writable
+            if down:
+                u2c.writable = True
             if mask & IN_EVENTS:
                 self.c2u.readable = True
-            if mask & OUT_EVENTS:
-                self.u2c.writable = True
-            self.forward()
+                if down:
+                    self.forward()
+                else:
+                    self.forward_up()
+            elif down:
+                self.forward_down()
             return
+        # Before forwarding, only what the client sends moves a phase on: the EPOLLOUT alone of a
+        # fresh registration (reported at the first poll, before the hello may be there) would only
+        # cost a read that finds nothing. (A handshake also waits for EPOLLOUT: see handshake.)
         if phase == PREREAD:
-            self.preread(ended=bool(mask & HUP_EVENTS))
+            if mask & IN_EVENTS:
+                self.preread(ended=bool(mask & HUP_EVENTS))
         elif phase == PROXY_HEADER:
-            self.read_proxy_header(ended=bool(mask & HUP_EVENTS))
+            if mask & IN_EVENTS:
+                self.read_proxy_header(ended=bool(mask & HUP_EVENTS))
         elif phase == HANDSHAKE:
-            self.handshake()
+            self.handshake(mask)
 
     def on_upstream_event(self, mask: int) -> None:
         if mask & HUP_EVENTS:
             self._hung_up(UPSTREAM_HUP, self.upstream)
         phase = self.phase
         if phase == FORWARDING:
+            c2u = self.c2u
+            up = mask & OUT_EVENTS and not c2u.writable
+            if up:
+                c2u.writable = True
             if mask & IN_EVENTS:
                 self.u2c.readable = True
-            if mask & OUT_EVENTS:
-                self.c2u.writable = True
-            self.forward()
+                if up:
+                    self.forward()
+                else:
+                    self.forward_down()
+            elif up:
+                self.forward_up()
         elif phase == CONNECTING:
             self.connect_event(mask)
         elif phase == UPSTREAM_HANDSHAKE:

@@ -121,6 +121,11 @@ _VERSION_NAMES = {
     0x0304: "TLSv1.3",
 }
 
+# `ClientHello.protocol` by version list: clients send few distinct lists (GREASE is removed), and a
+# terminating listener asks on every handshake. Bounded, so a client making up lists cannot grow it.
+_PROTOCOL_OF: dict[tuple[int, ...], str] = {}
+_PROTOCOL_OF_MAX = 256
+
 _CONTENT_TYPE_NAMES = {
     0x14: "change_cipher_spec",
     0x15: "alert",
@@ -174,8 +179,14 @@ class ClientHello:
     def protocol(self) -> str:
         """The highest version offered, named like OpenSSL/nginx do (``TLSv1.3``), as nginx's
         ``$ssl_preread_protocol``; ``""`` when no known version is offered."""
-        known = [v for v in self.versions if v in _VERSION_NAMES]
-        return _VERSION_NAMES[max(known)] if known else ""
+        versions = self.versions
+        name = _PROTOCOL_OF.get(versions)
+        if name is None:
+            known = [v for v in versions if v in _VERSION_NAMES]
+            name = _VERSION_NAMES[max(known)] if known else ""
+            if len(_PROTOCOL_OF) < _PROTOCOL_OF_MAX:
+                _PROTOCOL_OF[versions] = name
+        return name
 
 
 def parse_client_hello(data: Data,

@@ -63,7 +63,7 @@ class TLSStream:
     """A TLS connection (either side) over `sock`, whose readiness the caller tracks."""
 
     __slots__ = ("sock", "obj", "incoming", "outgoing", "scratch", "backlog", "notified", "unsent",
-                 "loop", "empty_at", "hup", "renegotiation_refused", "tls13", "_fileno")
+                 "loop", "empty_at", "hup", "renegotiation_refused", "tls13", "negotiated", "_fileno")
 
     def __init__(self, sock: _socket.socket, context: ssl.SSLContext, server_side: bool,
                  scratch: memoryview, server_hostname: str | None = None, loop: Loop | None = None):
@@ -85,6 +85,7 @@ class TLSStream:
         self.hup = False
         self.renegotiation_refused = False
         self.tls13 = False              # the handshake completed with TLS 1.3 (see _answer_peer)
+        self.negotiated: str | None = None    # the version it completed with ("TLSv1.3"), once it has
         self._fileno = sock.fileno()
 
     # -- the socket underneath --------------------------------------------------------------
@@ -189,7 +190,8 @@ class TLSStream:
                 # until the first reply, they left nothing to acknowledge the client's Finished but
                 # the delayed-ACK timer, and a client with Nagle's algorithm on (no TCP_NODELAY:
                 # Java's and Python's default sockets) then waited ~40 ms to send its first request.
-                self.tls13 = obj.version() == TLS1_3
+                self.negotiated = version = obj.version()
+                self.tls13 = version == TLS1_3
                 if self.backlog is not None or outgoing.pending:
                     self.flush()
                 return True
