@@ -240,21 +240,21 @@ def _parse_common_case(data: bytes, max_size: int) -> ClientHello | None:
         sni: str | None = None
         alpn: tuple[str, ...] = ()
         versions: tuple[int, ...] = (legacy_version,)
-        types = []
+        types: list[int] = []
+        append = types.append                      # (some 17 extensions: the loop is the parse's cost)
         while pos < end:
             ext_type, ext_length = _EXTENSION_HEADER(data, pos)
-            pos += 4
-            ext_end = pos + ext_length
+            ext_end = pos + 4 + ext_length
             if ext_end > end:                      # (a header past the end fails here too)
                 return None
-            types.append(ext_type)
+            append(ext_type)
             if ext_type in _PARSED_EXTENSIONS:
                 if ext_type == EXT_SERVER_NAME:
-                    sni = _parse_server_name(data, pos, ext_end)
+                    sni = _parse_server_name(data, pos + 4, ext_end)
                 elif ext_type == EXT_ALPN:
-                    alpn = _parse_alpn(data, pos, ext_end)
+                    alpn = _parse_alpn(data, pos + 4, ext_end)
                 else:
-                    versions = _parse_supported_versions(data, pos, ext_end)
+                    versions = _parse_supported_versions(data, pos + 4, ext_end)
             pos = ext_end
         if len(set(types)) != len(types) or (EXT_PRE_SHARED_KEY in types and types[-1] != EXT_PRE_SHARED_KEY):
             return None
