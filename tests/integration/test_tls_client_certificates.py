@@ -201,6 +201,25 @@ def test_depth_bounds_the_chain(proxy, upstreams, pki):
     assert up.connections == 0
 
 
+def test_an_oversized_certificate_chain_costs_only_its_session(proxy, upstreams, pki, tmp_path):
+    """A client whose Certificate message is over OpenSSL's 100 KiB for a peer's chain (alice's
+    certificate and 300 copies of the CA's) is refused in the handshake, logged in one line; the
+    next client is served."""
+    up = upstreams(tag_handler, name="app")
+    port = free_port()
+    p = proxy(mtls_config(port, pki, up.port, f"{{ca: {pki['ca'].crt}, verify: on}}"))
+    chain = tmp_path / "oversized.pem"
+    ca_pem = pki["ca"].crt.read_text()
+    chain.write_text(pki["alice"][0].read_text() + ca_pem * 300)
+    assert len(chain.read_bytes()) > 150_000
+    assert exchange(port, (chain, pki["alice"][1])) == b""
+    assert p.wait_access(1)[0].startswith("400 ")
+    assert "SSL handshake with the client failed (EXCESSIVE_MESSAGE_SIZE)" in p.log_text()
+    assert up.connections == 0
+    assert exchange(port, pki["alice"]) == b"app\n"
+    assert p.wait_access(2)[1].startswith("200 SUCCESS ")
+
+
 def test_openssl_s_client_with_a_client_certificate(proxy, upstreams, pki):
     up = upstreams(tag_handler, name="app")
     port = free_port()
