@@ -62,7 +62,8 @@ NESTED = {("services", "routes"): "service", ("services", "plugins"): "service",
 # What deleting an entity deletes with it (Kong's `on_delete = "cascade"`), and what forbids it.
 CASCADE = {"services": ("plugins",), "routes": ("plugins",), "upstreams": ("targets",),
            "certificates": ("snis",)}
-RESTRICT = {"services": ("routes",)}
+# Entities that cannot be deleted while others refer to them: the kind and field that refer.
+RESTRICT = {"services": (("routes", "service"),), "certificates": (("services", "client_certificate"),)}
 
 
 class AdminAPI:
@@ -378,8 +379,8 @@ class AdminAPI:
             return 204, None
         candidate = copy.deepcopy(self.state.document)
         single = kind[:-1]
-        for other in RESTRICT.get(kind, ()):
-            if any(reference_id(e.get(single)) == found["id"] for e in candidate[other]):
+        for other, field_name in RESTRICT.get(kind, ()):
+            if any(reference_id(e.get(field_name)) == found["id"] for e in candidate[other]):
                 raise referenced_by(kind, other)
         for other in CASCADE.get(kind, ()):
             candidate[other] = [e for e in candidate[other] if reference_id(e.get(single)) != found["id"]]

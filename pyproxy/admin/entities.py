@@ -47,7 +47,8 @@ KINDS = {kind.name: kind for kind in (
         "name": None, "protocol": "http", "host": None, "port": 80, "path": None, "retries": 5,
         "connect_timeout": 60000, "write_timeout": 60000, "read_timeout": 60000, "tags": None,
         "client_certificate": None, "tls_verify": None, "tls_verify_depth": None,
-        "ca_certificates": None, "enabled": True}, required=("host",)),
+        "ca_certificates": None, "enabled": True}, {"client_certificate": "certificates"},
+        required=("host",)),
     Kind("routes", "name", {
         "name": None, "protocols": ["http", "https"], "methods": None, "hosts": None, "paths": None,
         "headers": None, "https_redirect_status_code": 426, "regex_priority": 0, "strip_path": True,

@@ -551,9 +551,7 @@ class Translator:
         if self.typed(entity, "tls_verify", _boolean) is not None:
             _copy(service, entity.kong, "tls_verify")
         self.ca_certificates_of(entity, service)
-        if entity.kong.get("client_certificate") is not None:
-            self.ignore(f"{key_path(entity.path, 'client_certificate')} "
-                        "(pyproxy presents no client certificate)")
+        self.client_certificate_of(entity, service)
         for key in ("tls_verify_depth", "tls_sans"):
             if entity.kong.get(key) is not None:
                 self.ignore(key_path(entity.path, key))
@@ -618,6 +616,26 @@ class Translator:
             files.append(found)
             files.item_lines.append(item_line)
         _set(service, "ca_certificates", files, line)
+
+    def client_certificate_of(self, entity: _Entity, service: YamlMap) -> None:
+        """Kong's `client_certificate`, a reference to a certificate (its id, or `{id: …}` as the
+        Admin API keeps it): that certificate's pair, which pyproxy presents to an upstream that asks
+        (`services[].client_certificate: {cert, key}`)."""
+        value = entity.kong.get("client_certificate")
+        if value is None:
+            return
+        line = entity.kong.value_lines["client_certificate"]
+        certificate = self.certificates.get(_reference_key(value) or "")
+        if certificate is None:
+            self.error(line, key_path(entity.path, "client_certificate"),
+                       f"invalid reference 'client_certificate: {_shown(value)}' "
+                       "(no such entry in 'certificates')")
+            return
+        pair = YamlMap(line)
+        for key in ("cert", "key"):
+            if key in certificate:
+                _set(pair, key, certificate[key], line)
+        _set(service, "client_certificate", pair, line)
 
     def routes_of_ignored(self, entity: _Entity) -> None:
         name = entity.kong.get("name")

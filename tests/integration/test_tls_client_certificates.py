@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import free_port, make_ca, make_cert, recv_line, s_client_lines, tag_handler
+from tests.support import free_port, make_ca, make_cert, recv_line, s_client_lines, tag_handler, wait_until
 
 
 def openssl(*args: str, cwd: Path) -> None:
@@ -341,3 +341,84 @@ services:
         except ConnectionResetError:
             said = b""
     assert said == (b"hello alice\n" if presented else b"")
+
+
+def test_a_kong_service_presents_its_client_certificate_entity(tmp_path, upstreams, pki, proxy):
+    """Kong's `client_certificate` on a service names a certificate entity: a kong.yml run as is
+    presents that certificate to an upstream that asks for one."""
+    up = upstreams(upstream_asking_for_a_certificate(pki))
+    port = free_port()
+    cert, key = pki["alice"]
+    indent = "\n      "
+    kong = tmp_path / "kong.yml"
+    kong.write_text(f"""_format_version: "3.0"
+certificates:
+  - id: 2e1f6d3a-8a63-4f0b-9c87-31c1b9d3a001
+    cert: |
+      {indent.join(cert.read_text().splitlines())}
+    key: |
+      {indent.join(key.read_text().splitlines())}
+services:
+  - name: backend
+    url: tls://127.0.0.1:{up.port}
+    client_certificate: 2e1f6d3a-8a63-4f0b-9c87-31c1b9d3a001
+    routes:
+      - name: all
+        protocols: [tcp]
+        destinations: [{{port: {port}}}]
+""")
+    proxy(f"stream_listen: [127.0.0.1:{port}]\ndeclarative_config: {kong}\n")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        assert recv_line(sock) == b"hello alice\n"
+
+
+def test_a_kong_client_certificate_naming_no_certificate_names_its_place(tmp_path, pki, proxy):
+    kong = tmp_path / "kong.yml"
+    kong.write_text("""_format_version: "3.0"
+services:
+  - name: backend
+    url: tls://127.0.0.1:1
+    client_certificate: {id: 2e1f6d3a-8a63-4f0b-9c87-31c1b9d3a0ff}
+""")
+    config = tmp_path / "pyproxy.conf"
+    config.write_text(f"stream_listen: [127.0.0.1:{free_port()}]\ndeclarative_config: {kong}\n")
+    result = subprocess.run([sys.executable, "-m", "pyproxy", "-t", "-c", str(config)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert (f"{kong}:5: services[0].client_certificate: invalid reference 'client_certificate: "
+            '{"id":"2e1f6d3a-8a63-4f0b-9c87-31c1b9d3a0ff"}\' (no such entry in \'certificates\')'
+            ) in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_an_admin_api_service_presents_its_client_certificate(proxy, upstreams, pki):
+    """The same through Kong's Admin API: a certificate, then a service whose `client_certificate`
+    names it (`client_certificate.id=…`, Kong's form syntax); a reference to no certificate is
+    Kong's foreign key violation, and the certificate cannot be deleted while the service uses it."""
+    from tests.integration.test_admin import call, curl, start
+
+    up = upstreams(upstream_asking_for_a_certificate(pki))
+    port = free_port()
+    p = start(proxy, port)
+    cert, key = pki["alice"]
+    certificate = curl("-X", "POST", f"{p.admin}/certificates", "-F", f"cert=@{cert}", "-F", f"key=@{key}")
+    nothing = "00000000-0000-4000-8000-000000000000"
+    status, body = call(p.admin, "POST", "/services", {"name": "backend", "url": f"tls://127.0.0.1:{up.port}",
+                                                       "client_certificate": {"id": nothing}})
+    assert status == 400 and body["name"] == "foreign key violation"
+    service = curl("-X", "POST", f"{p.admin}/services", "--data", "name=backend", "--data",
+                   f"url=tls://127.0.0.1:{up.port}", "--data", f"client_certificate.id={certificate['id']}")
+    assert service["client_certificate"] == {"id": certificate["id"]}
+    curl("-X", "POST", f"{p.admin}/services/backend/routes", "--data", "protocols[]=tcp",
+         "--data", f"destinations[1].port={port}")
+
+    def greeted() -> bytes:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                return recv_line(sock)
+        except OSError:
+            return b""
+    assert wait_until(greeted, what="the upstream's greeting") == b"hello alice\n"
+    status, body = call(p.admin, "DELETE", f"/certificates/{certificate['id']}")
+    assert status == 400
+    assert body["message"] == "an existing 'services' entity references this 'certificates' entity"
