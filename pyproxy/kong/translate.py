@@ -47,13 +47,13 @@ ROUTE_HTTP_FIELDS: dict[str, object] = {
     "https_redirect_status_code": 426, "regex_priority": 0, "strip_path": True, "path_handling": "v0",
     "preserve_host": False, "request_buffering": True, "response_buffering": True, "priority": 0,
 }
-UPSTREAM_FIELDS = ("name", "algorithm", "hash_on", "healthchecks", "targets")
+UPSTREAM_FIELDS = ("name", "algorithm", "hash_on", "healthchecks", "targets", "client_certificate")
 UPSTREAM_HTTP_FIELDS: dict[str, object] = {
     "hash_fallback": "none", "hash_on_header": None, "hash_fallback_header": None, "hash_on_cookie": None,
     "hash_on_cookie_path": "/", "hash_on_query_arg": None, "hash_fallback_query_arg": None,
     "hash_on_uri_capture": None, "hash_fallback_uri_capture": None, "host_header": None,
     "sticky_sessions_cookie": None, "sticky_sessions_cookie_path": "/",
-    "slots": 10000, "use_srv_name": False, "client_certificate": None,
+    "slots": 10000, "use_srv_name": False,
 }
 TARGET_FIELDS = ("target", "weight", "upstream")
 CERTIFICATE_FIELDS = ("cert", "key", "cert_alt", "key_alt", "snis")
@@ -166,6 +166,8 @@ class Translator:
         self.routes: dict[str, str | None] = {}            # name and id → pyproxy route name
         self.upstreams: dict[str, YamlMap] = {}            # name and id → pyproxy upstream
         self.certificates: dict[str, YamlMap] = {}         # id → pyproxy certificate
+        # id() of a translated upstream → the client certificate its Kong entity names.
+        self.upstream_client_certificates: dict[int, YamlMap] = {}
         self.ca_files: dict[str, str] = {}                 # id → file
         self.plugins: list[tuple[_Entity, str | None, str | None]] = []   # with their route, service
         self.py_services = YamlList(root.line)
@@ -393,6 +395,9 @@ class Translator:
                                                                                               entity.kong.line))
         _set(upstream, "targets", YamlList(entity.kong.value_lines.get("targets", entity.kong.line)),
              entity.kong.value_lines.get("targets", entity.kong.line))
+        certificate = self.client_certificate_of(entity)
+        if certificate is not None:
+            self.upstream_client_certificates[id(upstream)] = certificate
         name = entity.kong.get("name")
         upstream_id = self.check_id(entity, "upstreams", name if isinstance(name, str) else None)
         self.upstreams[upstream_id] = upstream
@@ -551,7 +556,18 @@ class Translator:
         if self.typed(entity, "tls_verify", _boolean) is not None:
             _copy(service, entity.kong, "tls_verify")
         self.ca_certificates_of(entity, service)
-        self.client_certificate_of(entity, service)
+        # Kong's: the service's client_certificate, else that of the upstream its host names.
+        certificate = self.client_certificate_of(entity)
+        upstream = self.upstreams.get(host) if isinstance(host, str) else None
+        if certificate is None and entity.kong.get("client_certificate") is None and upstream is not None:
+            certificate = self.upstream_client_certificates.get(id(upstream))
+        if certificate is not None:
+            line = entity.kong.value_lines.get("client_certificate", entity.kong.line)
+            pair = YamlMap(line)
+            for key in ("cert", "key"):
+                if key in certificate:
+                    _set(pair, key, certificate[key], line)
+            _set(service, "client_certificate", pair, line)
         for key in ("tls_verify_depth", "tls_sans"):
             if entity.kong.get(key) is not None:
                 self.ignore(key_path(entity.path, key))
@@ -617,25 +633,20 @@ class Translator:
             files.item_lines.append(item_line)
         _set(service, "ca_certificates", files, line)
 
-    def client_certificate_of(self, entity: _Entity, service: YamlMap) -> None:
-        """Kong's `client_certificate`, a reference to a certificate (its id, or `{id: …}` as the
-        Admin API keeps it): that certificate's pair, which pyproxy presents to an upstream that asks
-        (`services[].client_certificate: {cert, key}`)."""
+    def client_certificate_of(self, entity: _Entity) -> YamlMap | None:
+        """The certificate Kong's `client_certificate` of `entity` (a service or an upstream) names,
+        by its id or `{id: …}` as the Admin API keeps it: its pair is what pyproxy presents to an
+        upstream that asks (`services[].client_certificate: {cert, key}`). None when it names none."""
         value = entity.kong.get("client_certificate")
         if value is None:
-            return
-        line = entity.kong.value_lines["client_certificate"]
+            return None
         certificate = self.certificates.get(_reference_key(value) or "")
         if certificate is None:
-            self.error(line, key_path(entity.path, "client_certificate"),
+            self.error(entity.kong.value_lines["client_certificate"],
+                       key_path(entity.path, "client_certificate"),
                        f"invalid reference 'client_certificate: {_shown(value)}' "
                        "(no such entry in 'certificates')")
-            return
-        pair = YamlMap(line)
-        for key in ("cert", "key"):
-            if key in certificate:
-                _set(pair, key, certificate[key], line)
-        _set(service, "client_certificate", pair, line)
+        return certificate
 
     def routes_of_ignored(self, entity: _Entity) -> None:
         name = entity.kong.get("name")

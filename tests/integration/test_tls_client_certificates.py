@@ -343,13 +343,16 @@ services:
     assert said == (b"hello alice\n" if presented else b"")
 
 
-def test_a_kong_service_presents_its_client_certificate_entity(tmp_path, upstreams, pki, proxy):
-    """Kong's `client_certificate` on a service names a certificate entity: a kong.yml run as is
-    presents that certificate to an upstream that asks for one."""
+@pytest.mark.parametrize("on", ["service", "upstream"])
+def test_a_kong_service_presents_its_client_certificate_entity(tmp_path, upstreams, pki, proxy, on):
+    """Kong's `client_certificate` on a service names a certificate entity (else the one of the
+    upstream the service's host names, as Kong falls back): a kong.yml run as is presents that
+    certificate to an upstream that asks for one."""
     up = upstreams(upstream_asking_for_a_certificate(pki))
     port = free_port()
     cert, key = pki["alice"]
     indent = "\n      "
+    reference = "client_certificate: 2e1f6d3a-8a63-4f0b-9c87-31c1b9d3a001"
     kong = tmp_path / "kong.yml"
     kong.write_text(f"""_format_version: "3.0"
 certificates:
@@ -358,10 +361,15 @@ certificates:
       {indent.join(cert.read_text().splitlines())}
     key: |
       {indent.join(key.read_text().splitlines())}
+upstreams:
+  - name: backends
+    {reference if on == "upstream" else ""}
+    targets: [{{target: "127.0.0.1:{up.port}"}}]
 services:
   - name: backend
-    url: tls://127.0.0.1:{up.port}
-    client_certificate: 2e1f6d3a-8a63-4f0b-9c87-31c1b9d3a001
+    protocol: tls
+    host: backends
+    {reference if on == "service" else ""}
     routes:
       - name: all
         protocols: [tcp]
