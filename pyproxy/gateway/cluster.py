@@ -60,6 +60,7 @@ BACKOFF_MIN, BACKOFF_MAX = 0.5, 30.0      # seconds before trying an API server 
 MISSING_RETRY = 60.0        # seconds between lists of a kind whose CRD is not installed
 WATCH_TIMEOUT = 300         # seconds: the API server ends each watch after this (timeoutSeconds)
 REQUEST_TIMEOUT = 10.0      # seconds for a list, a status write or a Lease request
+LIST_PAGE = 500             # objects per page of a list (client-go's informers ask for as many)
 RELEASE_TIMEOUT = 2.0       # ... for each of the two requests that give the Lease up at exit
 STATUS_INTERVAL = 1.0       # seconds between comparisons of the statuses served and written
 SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
@@ -407,25 +408,36 @@ class ClusterWatcher:
         self.log.notice(f"{self.NAME}: every kind listed again after the API server failed")
 
     def list_kind(self, kind: Kind, namespace: str | None, first: bool) -> str:
-        """List `kind` in the first version served; its resourceVersion, kept for the watch."""
+        """List `kind` in the first version served, LIST_PAGE objects a request (a cluster of
+        thousands of Secrets or EndpointSlices is not asked for in one answer), following the API
+        server's `continue` tokens; the resourceVersion of the list, kept for the watch. A token that
+        expired meanwhile is 410 Gone, as a watch's: the whole list is made again."""
         for version in ([self.versions[kind.kind]] if kind.kind in self.versions else kind.versions):
-            query = [("fieldSelector", kind.field_selector)] if kind.field_selector else []
-            status, body = self.request("GET", kind.path(version, namespace), query)
-            if status == 404:
-                continue
-            if status == 410:
-                raise Gone()
-            if status == 403:
-                raise Forbidden(ApiError(status, body))
-            if status != 200:
-                raise ApiError(status, body)
-            self.versions[kind.kind] = version
-            items = []
-            for item in body.get("items") or []:
-                # The API server leaves out kind and apiVersion of the items of a built-in list.
-                items.append({"apiVersion": kind.api_version(version), "kind": kind.kind, **item})
-            self.store.replace(kind.kind, namespace, items, first)
-            return str(body.get("metadata", {}).get("resourceVersion", ""))
+            base = [("limit", LIST_PAGE)]
+            if kind.field_selector:
+                base.append(("fieldSelector", kind.field_selector))
+            items: list[dict[str, Any]] = []
+            token = ""
+            while True:
+                query = [*base, ("continue", token)] if token else base
+                status, body = self.request("GET", kind.path(version, namespace), query)
+                if status == 404 and not token:
+                    break
+                if status == 410:
+                    raise Gone()
+                if status == 403:
+                    raise Forbidden(ApiError(status, body))
+                if status != 200:
+                    raise ApiError(status, body)
+                for item in body.get("items") or []:
+                    # The API server leaves out kind and apiVersion of the items of a built-in list.
+                    items.append({"apiVersion": kind.api_version(version), "kind": kind.kind, **item})
+                metadata = body.get("metadata") or {}
+                token = metadata.get("continue") or ""
+                if not token:
+                    self.versions[kind.kind] = version
+                    self.store.replace(kind.kind, namespace, items, first)
+                    return str(metadata.get("resourceVersion", ""))
         self.versions.pop(kind.kind, None)
         raise Missing()
 

@@ -198,9 +198,19 @@ class FakeApiServer:
         with self.lock:
             items = [copy.deepcopy(obj) for obj in self.objects.get(collection, {}).values()
                      if _selected(obj, namespace, query)]
+            metadata: dict[str, Any] = {"resourceVersion": str(self.version)}
+            # A page of `limit` items and, while more follow, a `continue` token (here the offset of
+            # the next page; the API server's is opaque), as the API server pages a list.
+            start = int(query.get("continue") or 0)
+            limit = int(query.get("limit") or 0)
+            if limit:
+                if start + limit < len(items):
+                    metadata["continue"] = str(start + limit)
+                    metadata["remainingItemCount"] = len(items) - start - limit
+                items = items[start:start + limit]
             listing = {"kind": f"{COLLECTION_KINDS[collection]}List",
                        "apiVersion": f"{group}/{version}" if group else version,
-                       "metadata": {"resourceVersion": str(self.version)}, "items": items}
+                       "metadata": metadata, "items": items}
         if not group:   # the API server leaves out each item's kind and apiVersion for built-in lists
             for item in items:
                 item.pop("kind", None)
@@ -547,6 +557,22 @@ def test_a_list_answer_as_the_api_server_writes_it(api, tmp_path):
     assert version == str(api.version)
     assert watcher.store.get(("Service", "default", "echo"))["apiVersion"] == "v1"
     assert watcher.store.get(("Service", "default", "echo"))["spec"] == service["spec"]
+
+
+def test_a_large_list_is_read_in_pages(api, tmp_path):
+    """1,201 Services are listed in three pages of at most 500, each asked for with the `continue`
+    token of the one before: every Service is in the store, and no request asked for all at once."""
+    for number in range(1201):
+        api.apply({"apiVersion": "v1", "kind": "Service", "metadata": {"name": f"s{number:04d}"},
+                   "spec": {"ports": [{"port": 80}]}}, notify=False)
+    watcher, _ = make_watcher(tmp_path, api)
+    api.requests.clear()
+    watcher.list_kind(BY_KIND["Service"], None, True)
+    lists = [query for method, path, query, _ in api.requests
+             if method == "GET" and path == "/api/v1/services"]
+    assert [(query.get("limit"), query.get("continue")) for query in lists] == [
+        ("500", None), ("500", "500"), ("500", "1000")]
+    assert all(watcher.store.get(("Service", "default", f"s{number:04d}")) for number in range(1201))
 
 
 def test_a_recorded_watch_stream_is_followed_to_its_410(api, tmp_path):
