@@ -19,11 +19,11 @@ from .sections import Place, Report
 
 DecodedCertificate = dict[str, Any]   # the dict form of ssl.SSLSocket.getpeercert()
 
-# Key pairs this process found usable, by the SHA-256 of both contents: their decoded certificate.
-# A pair checked once is not loaded into OpenSSL again (its dates and the key file's mode are checked
-# each time): a Gateway Secret is checked by the translation and again as the file it is written to,
-# and the loader child of a reload, forked from the master, inherits what the start checked, so a
-# reload that changes routes costs no certificate check (1,000 pairs: ~1.3 s of OpenSSL).
+# Key pairs this process found usable, by the SHA-256 of both contents (pair_digest): their decoded
+# certificate. A pair checked once is not loaded into OpenSSL again (its dates and the key file's mode
+# are checked each time): a Gateway Secret is checked by the translation and again as the file it is
+# written to, and the loader child of a reload, forked from the master, inherits what the start
+# checked, so a reload that changes routes costs no certificate check (1,000 pairs: ~1.3 s of OpenSSL).
 _USABLE_PAIRS: dict[bytes, DecodedCertificate] = {}
 
 
@@ -105,13 +105,22 @@ def load_certificate_pair(report: Report, cert_place: Place, key_place: Place,
 
 
 def _pair_digest(cert_path: str, key_path: str) -> bytes:
+    with open(cert_path, "rb") as cert_file, open(key_path, "rb") as key_file:
+        return pair_digest(cert_file.read(), key_file.read())
+
+
+def pair_digest(certificate: bytes, key: bytes) -> bytes:
     """What identifies a key pair whatever its files are called: a hash of both contents."""
-    digest = hashlib.sha256()
-    for path in (cert_path, key_path):
-        with open(path, "rb") as file:
-            digest.update(file.read())
-        digest.update(b"\0")
-    return digest.digest()
+    return hashlib.sha256(certificate + b"\0" + key + b"\0").digest()
+
+
+def usable_pair(certificate: bytes, key: bytes) -> DecodedCertificate | None:
+    """The decoded certificate of a key pair, given as its contents, that this process found usable
+    already and that is still in date; otherwise None (`load_certificate_pair` says why not)."""
+    known = _USABLE_PAIRS.get(pair_digest(certificate, key))
+    if known is None or not _check_dates(Report(""), Place("", 1), "", known):
+        return None
+    return known
 
 
 def _decode_certificate(path: str) -> DecodedCertificate:
