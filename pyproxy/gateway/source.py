@@ -5,8 +5,9 @@ The pyproxy file's `gateway` key names manifest files and folders; `GatewayManif
 
     read_paths → translate → write the PEM files and the translated entities → validate_fragment
 
-The translated entities are written as `translated.yaml` in `gateway.runtime_dir` and validated from
-there like any file, so an error in them names a line one can read. A manifest file that cannot be
+The translated entities are written as `translated.yaml` in `gateway.runtime_dir` and validated as
+read from there, so an error in them names a line one can read (`dump_document` builds what reading
+the file gives as it writes it, rather than parsing it back). A manifest file that cannot be
 read or is not YAML fails the source, and with it the load: the running configuration keeps serving.
 A malformed object is a warning (`FILE:LINE: Kind namespace/name: field: message`); the other
 objects apply, and so does its last valid version if pyproxy read one (as the API server refuses a
@@ -24,10 +25,8 @@ import os
 from dataclasses import replace
 from typing import Any
 
-import yaml
-
 from pyproxy.config import Config, ConfigError, ConfigIssue
-from pyproxy.config.loader import read_document
+from pyproxy.config.loader import dump_document, read_document
 from pyproxy.config.sources import Loaded, Warn
 from pyproxy.config.validate import validate_fragment
 
@@ -40,8 +39,6 @@ from .translate import Options, StatusKey, translate
 TRANSLATED = "translated.yaml"
 LAST_VALID = "last-valid.json"
 PARSED = "parsed.marshal"          # the manifest files' documents by their text's hash (read_paths)
-# libyaml's emitter when PyYAML has it (10x faster: 1,000 routes' entities in 0.05 s, not 0.5 s).
-_Dumper = yaml.CSafeDumper if yaml.__with_libyaml__ else yaml.SafeDumper
 
 # The order `-t --status` lists the objects in: a Gateway's class first, the routes after it.
 KIND_ORDER = ("GatewayClass", "Gateway", "TCPRoute", "TLSRoute", "UDPRoute", "BackendTLSPolicy", "TCPIngress",
@@ -80,13 +77,14 @@ class GatewayManifests:
             for notice in notices + translation.notices:
                 warn(str(notice))
         entities = {key: items for key, items in translation.entities.items() if items}
-        files = {**translation.files,
-                 self.name: yaml.dump(entities, Dumper=_Dumper, sort_keys=False, width=1 << 16).encode(),
+        text, document = dump_document(entities)
+        files = {**translation.files, self.name: text.encode(),
                  os.path.join(self.settings.runtime_dir, LAST_VALID): last_valid}
         try:
             write_pem_files(files)
             _remove_stale_pem_files(self.settings.runtime_dir, files)
-            document = read_document(self.name)
+            if document is None:
+                document = read_document(self.name)
         except OSError as exc:
             where = f' "{exc.filename}"' if exc.filename else ""
             return None, [ConfigIssue(self.file.path, self.settings.line, "gateway.runtime_dir",
