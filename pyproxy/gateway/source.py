@@ -66,13 +66,13 @@ class GatewayManifests:
                       for notice in notices if notice.unreadable]
         if unreadable:
             return None, unreadable
-        resources, last_valid = self._keep_last_valid(resources, warn)
+        resources, last_valid, known = self._keep_last_valid(resources, warn)
         options = Options(controller_name=self.settings.controller_name, addresses=self.settings.addresses,
                           runtime_dir=self.settings.runtime_dir,
                           stream_listen=tuple(f"{listen}{' ssl' if listen.ssl else ''}"
                                               for listen in self.file.stream_listen),
                           status_listen=self.file.status_listen)
-        translation = translate(resources, options)
+        translation = translate(resources, options, known)
         if warn is not None:
             for notice in notices + translation.notices:
                 warn(str(notice))
@@ -105,10 +105,11 @@ class GatewayManifests:
             return paths[:-1]
         return paths
 
-    def _keep_last_valid(self, resources: list[Resource], warn: Warn) -> tuple[list[Resource], bytes]:
+    def _keep_last_valid(self, resources: list[Resource],
+                         warn: Warn) -> tuple[list[Resource], bytes, dict[int, objects.Parsed]]:
         """`resources` with each malformed object of a kind pyproxy reads replaced by its last valid
-        version, when there is one (the translation reports and skips the others); and the valid
-        objects as `last-valid.json` will hold them."""
+        version, when there is one (the translation reports and skips the others); the valid
+        objects as `last-valid.json` will hold them; and what they parsed to, by their id()."""
         path = os.path.join(self.settings.runtime_dir, LAST_VALID)
         try:
             with open(path, "rb") as stream:
@@ -117,10 +118,11 @@ class GatewayManifests:
         except (OSError, ValueError, TypeError):
             previous = {}           # none yet, or not ours: nothing to fall back on
         kept, valid = [], []
+        known: dict[int, objects.Parsed] = {}
         for resource in resources:
             if resource.api_version in objects.API_VERSIONS.get(resource.kind, ()):
                 try:
-                    objects.parse(resource)
+                    known[id(resource)] = objects.parse(resource)
                 except Malformed as error:
                     last = previous.get(_identity(resource))
                     if last is None:
@@ -132,7 +134,7 @@ class GatewayManifests:
                     resource = last
                 valid.append(resource)
             kept.append(resource)
-        return kept, json.dumps([vars(resource) for resource in valid], default=str).encode()
+        return kept, json.dumps([vars(resource) for resource in valid], default=str).encode(), known
 
 
 def _remove_stale_pem_files(folder: str, files: dict[str, bytes]) -> None:
