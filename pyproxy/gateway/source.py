@@ -110,13 +110,7 @@ class GatewayManifests:
         """`resources` with each malformed object of a kind pyproxy reads replaced by its last valid
         version, when there is one (the translation reports and skips the others); the valid
         objects as `last-valid.json` will hold them; and what they parsed to, by their id()."""
-        path = os.path.join(self.settings.runtime_dir, LAST_VALID)
-        try:
-            with open(path, "rb") as stream:
-                previous = {_identity(resource): resource
-                            for resource in (Resource(**fields) for fields in json.load(stream))}
-        except (OSError, ValueError, TypeError):
-            previous = {}           # none yet, or not ours: nothing to fall back on
+        previous: dict[StatusKey, Resource] | None = None       # read at the first malformed object
         kept, valid = [], []
         known: dict[int, objects.Parsed] = {}
         for resource in resources:
@@ -124,6 +118,8 @@ class GatewayManifests:
                 try:
                     known[id(resource)] = objects.parse(resource)
                 except Malformed as error:
+                    if previous is None:
+                        previous = self._last_valid()
                     last = previous.get(_identity(resource))
                     if last is None:
                         kept.append(resource)
@@ -135,6 +131,15 @@ class GatewayManifests:
                 valid.append(resource)
             kept.append(resource)
         return kept, json.dumps([vars(resource) for resource in valid], default=str).encode(), known
+
+    def _last_valid(self) -> dict[StatusKey, Resource]:
+        """The objects `last-valid.json` holds, by identity."""
+        try:
+            with open(os.path.join(self.settings.runtime_dir, LAST_VALID), "rb") as stream:
+                return {_identity(resource): resource
+                        for resource in (Resource(**fields) for fields in json.load(stream))}
+        except (OSError, ValueError, TypeError):
+            return {}           # none yet, or not ours: nothing to fall back on
 
 
 def _remove_stale_pem_files(folder: str, files: dict[str, bytes]) -> None:
@@ -157,14 +162,14 @@ def kubectl_statuses(statuses: dict[StatusKey, dict[str, Any]],
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
     def stamped(value: Any) -> Any:
+        """A copy of the dict or list `value`, its conditions stamped (scalars are not copied)."""
         if isinstance(value, dict):
-            value = {key: stamped(item) for key, item in value.items()}
+            value = {key: stamped(item) if isinstance(item, (dict, list)) else item
+                     for key, item in value.items()}
             if "type" in value and "reason" in value and "status" in value:
                 value["lastTransitionTime"] = now
             return value
-        if isinstance(value, list):
-            return [stamped(item) for item in value]
-        return value
+        return [stamped(item) if isinstance(item, (dict, list)) else item for item in value]
 
     objects = {}
     for key, status in statuses.items():
