@@ -28,7 +28,7 @@ from typing import Any
 from pyproxy.config import Config, ConfigError, ConfigIssue
 from pyproxy.config.loader import dump_document, read_document
 from pyproxy.config.sources import Loaded, Warn
-from pyproxy.config.validate import validate_fragment
+from pyproxy.config.validate import collector_paused, validate_fragment
 
 from . import objects
 from .manifests import Resource, manifest_files, read_paths
@@ -61,6 +61,10 @@ class GatewayManifests:
         return os.path.join(self.settings.runtime_dir, TRANSLATED)
 
     def load(self, warn: Warn) -> Loaded:
+        with collector_paused():        # as the other sources load: see there
+            return self._load(warn)
+
+    def _load(self, warn: Warn) -> Loaded:
         resources, notices = read_paths(self.paths(), cache=os.path.join(self.settings.runtime_dir, PARSED))
         unreadable = [ConfigIssue(notice.file, notice.line, "", notice.message)
                       for notice in notices if notice.unreadable]
