@@ -24,6 +24,7 @@ import yaml
 
 from pyproxy import __version__
 from pyproxy.config import Config, ConfigError, YamlFile, config_as_yaml, load_config, load_sources
+from pyproxy.config.tlsfiles import keeping_checked_contexts
 from pyproxy.log import ErrorLog, console
 
 DEFAULT_CONFIG = "conf/pyproxy.conf"
@@ -135,16 +136,18 @@ def send_signal(path: str, name: str) -> int:
 def run(path: str, daemon: bool) -> int:
     from pyproxy.master import Master, MasterError, daemonize
 
-    config = _load(path)
-    if config is None:
-        return 1
-    log = ErrorLog(config.error_log, config.log_level)
-    master = Master(config, log, " ".join(["-c", config.path] + (["-d"] if daemon else [])))
-    try:
-        master.bind()
-    except MasterError as exc:
-        console(f"pyproxy: [emerg] {exc}")
-        return 1
+    # The SSL contexts the configuration's key pairs are checked with serve them (master.bind).
+    with keeping_checked_contexts():
+        config = _load(path)
+        if config is None:
+            return 1
+        log = ErrorLog(config.error_log, config.log_level)
+        master = Master(config, log, " ".join(["-c", config.path] + (["-d"] if daemon else [])))
+        try:
+            master.bind()
+        except MasterError as exc:
+            console(f"pyproxy: [emerg] {exc}")
+            return 1
     if daemon:
         daemonize(log)
     return master.run()

@@ -12,6 +12,7 @@ does, the old one stays.
 from __future__ import annotations
 
 import fcntl
+import gc
 import math
 import os
 import pickle
@@ -870,6 +871,9 @@ def _run_loader(sources: list[ConfigSource], result_fd: int, log: ErrorLog) -> N
     code = 1
     try:
         setproctitle("pyproxy: configuration loader")
+        # What the loader inherits from the master is never its garbage: out of the collector's
+        # passes, which would walk (and so copy, page by page) the master's whole heap.
+        gc.freeze()
         for sig in (*STOP_SIGNALS, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)       # a stop for the group ends the loader too
         for sig in (signal.SIGHUP, signal.SIGUSR1):

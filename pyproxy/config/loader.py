@@ -438,3 +438,135 @@ _NO_KEY = object()      # a mapping entry whose key is unusable: its value is re
 
 def _no_parser() -> yaml.Event:
     raise RuntimeError("no YAML document is being read")
+
+
+# --- writing -------------------------------------------------------------------------------------
+
+# PyYAML's emitter when it has libyaml's (10x faster than its Python one).
+_Dumper = yaml.CSafeDumper if _LIBYAML else yaml.SafeDumper
+_WIDTH = 1 << 16        # no line of a dumped file is folded
+# A string yaml.dump writes as it is (plain) when no implicit tag resolves it (it is not `true`, `1.5`,
+# a date…): these characters (no indicator first), no `:` before a space or last, no space last or twice.
+_PLAIN = re.compile(r"[A-Za-z0-9_/][A-Za-z0-9_/.: -]*")
+# The longest string dump_document writes itself: yaml.dump may fold a longer one, where it is written.
+_MAX_STRING = 1000
+
+
+def dump_document(root: dict[str, Any]) -> tuple[str, Document | None]:
+    """`root` as YAML text, as `yaml.dump(root, sort_keys=False)` writes it (lines never folded), and
+    the Document `read_document` reads from that text, built as the text is written rather than
+    parsed back. The Document is None when `root` holds what this does not write itself (a value
+    other than a dict, list, str, int, bool or None; an empty root; a list or dict in two places,
+    which yaml.dump anchors; a key yaml.dump quotes, a long string): read the file written."""
+    lines: list[str] = []
+    try:
+        if root:
+            document = Document(_Writer(lines).mapping(root, 0, ""))
+            lines.append("")
+            return "\n".join(lines), document
+    except _NotWritten:
+        pass
+    return yaml.dump(root, Dumper=_Dumper, sort_keys=False, width=_WIDTH), None
+
+
+class _NotWritten(Exception):
+    """A value dump_document leaves to yaml.dump."""
+
+
+class _Writer:
+    """Block-style YAML into `lines`, as PyYAML's emitter lays it out: a mapping's keys one a line, a
+    list's items under its key (not indented), the first key of a mapping in a list on the item's line,
+    empty collections as `{}` and `[]`."""
+
+    def __init__(self, lines: list[str]):
+        self.lines = lines
+        self.quoted: dict[str, str] = {}     # what yaml.dump wrote for the strings not written plain
+        self.seen: set[int] = set()     # id() of the lists and dicts written
+
+    def mapping(self, value: dict[str, Any], indent: int, prefix: str) -> YamlMap:
+        """Write `value` at `indent`, its first key after `prefix` (what its line starts with)."""
+        self.once(value)
+        result = YamlMap(len(self.lines) + 1)
+        for key, item in value.items():
+            line = len(self.lines) + 1
+            # Plain keys only: yaml.dump writes a long key, or one on two lines, otherwise.
+            if not (isinstance(key, str) and len(key) < 128 and self.scalar(key) == key):
+                raise _NotWritten(key)
+            head = f"{prefix}{key}:"
+            prefix = " " * indent
+            result.key_lines[key] = line
+            if type(item) is dict and item:
+                self.lines.append(head)
+                result[key] = self.mapping(item, indent + 2, " " * (indent + 2))
+                result.value_lines[key] = line + 1
+            elif type(item) is list and item:
+                self.lines.append(head)
+                result[key] = self.sequence(item, indent, prefix)
+                result.value_lines[key] = line + 1
+            else:
+                result[key] = self.flow(item, head + " ", line)
+                result.value_lines[key] = line
+        return result
+
+    def sequence(self, value: list[object], indent: int, prefix: str) -> YamlList:
+        """Write `value`'s items at `indent`, the first after `prefix`."""
+        self.once(value)
+        result = YamlList(len(self.lines) + 1)
+        for item in value:
+            line = len(self.lines) + 1
+            head = f"{prefix}- "
+            prefix = " " * indent
+            if type(item) is dict and item:
+                result.append(self.mapping(item, indent + 2, head))
+            elif type(item) is list and item:
+                result.append(self.sequence(item, indent + 2, head))
+            else:
+                result.append(self.flow(item, head, line))
+            result.item_lines.append(line)
+        return result
+
+    def flow(self, value: object, head: str, line: int) -> object:
+        """Write a scalar or an empty collection on one line after `head`; what reading it gives."""
+        if type(value) is dict:
+            self.once(value)
+            self.lines.append(head + "{}")
+            return YamlMap(line)
+        if type(value) is list:
+            self.once(value)
+            self.lines.append(head + "[]")
+            return YamlList(line)
+        text = self.scalar(value)
+        if text is None:
+            raise _NotWritten(value)
+        self.lines.append(head + text)
+        return value
+
+    def once(self, value: object) -> None:
+        if id(value) in self.seen:
+            raise _NotWritten(value)
+        self.seen.add(id(value))
+
+    def scalar(self, value: object) -> str | None:
+        """How yaml.dump writes a str, int, bool or None on one line (None for another value, a
+        string longer than _MAX_STRING, or one it writes on several lines)."""
+        kind = type(value)
+        if kind is not str:
+            if value is None:
+                return "null"
+            if kind is bool:
+                return "true" if value else "false"
+            return str(value) if kind is int else None
+        assert isinstance(value, str)
+        if len(value) > _MAX_STRING:
+            return None
+        if (_PLAIN.fullmatch(value) and not value.endswith((":", " "))
+                and ": " not in value and "  " not in value
+                and not any(pattern.match(value) for _, pattern in _RESOLVERS.get(value[0], ()))):
+            return value
+        text = self.quoted.get(value)
+        if text is None:
+            dumped = yaml.dump([value], Dumper=_Dumper, width=_WIDTH)
+            if not dumped.startswith("- ") or dumped.count("\n") != 1:
+                return None
+            text = self.quoted[value] = dumped[2:-1]
+        return text

@@ -12,19 +12,27 @@ import re
 import ssl
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from .sections import Place, Report
 
 DecodedCertificate = dict[str, Any]   # the dict form of ssl.SSLSocket.getpeercert()
 
-# Key pairs this process found usable, by the SHA-256 of both contents: their decoded certificate.
-# A pair checked once is not loaded into OpenSSL again (its dates and the key file's mode are checked
-# each time): a Gateway Secret is checked by the translation and again as the file it is written to,
-# and the loader child of a reload, forked from the master, inherits what the start checked, so a
-# reload that changes routes costs no certificate check (1,000 pairs: ~1.3 s of OpenSSL).
-_USABLE_PAIRS: dict[bytes, DecodedCertificate] = {}
+# Key pairs this process found usable, by the SHA-256 of both contents (pair_digest): their decoded
+# certificate and its validity in seconds (_validity). A pair checked once is not loaded into OpenSSL
+# again (its dates and the key file's mode are checked each time): a Gateway Secret is checked by the
+# translation and again as the file it is written to, and the loader child of a reload, forked from
+# the master, inherits what the start checked, so a reload that changes routes costs no certificate
+# check (1,000 pairs: ~1.3 s of OpenSSL).
+_USABLE_PAIRS: dict[bytes, tuple[DecodedCertificate, tuple[float, float] | None]] = {}
+# Within `keeping_checked_contexts()` (a start: its configuration checked, then its SSL contexts made
+# in the same process), the SSL context each usable key pair was checked with, by pair_digest, for
+# `checked_context` to give once: the pair is not loaded into OpenSSL a second time (10,000 pairs:
+# ~1.1 ms each). None otherwise: a reload's loader child, whose contexts the master cannot use, or
+# the Admin API's checks keep none.
+_CHECKED_CONTEXTS: dict[bytes, ssl.SSLContext] | None = None
 
 
 class _EncryptedKey(Exception):
@@ -70,16 +78,17 @@ def load_certificate_pair(report: Report, cert_place: Place, key_place: Place,
         digest = b""            # reported by the checks below, which read the files again
     known = _USABLE_PAIRS.get(digest)
     if known is not None:
-        if not _check_dates(report, cert_place, cert_path, known):
+        if not _check_dates(report, cert_place, cert_path, *known):
             return None
         _check_key_permissions(report, key_place, key_path)
-        return known
+        return known[0]
     try:
         decoded = _decode_certificate(cert_path)
     except (ssl.SSLError, OSError) as error:
         report.error(cert_place, f"not a PEM certificate: {cert_path} ({_reason(error)})")
         return None
-    if not _check_dates(report, cert_place, cert_path, decoded):
+    validity = _validity(decoded)
+    if not _check_dates(report, cert_place, cert_path, decoded, validity):
         return None
     _check_key_permissions(report, key_place, key_path)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -98,20 +107,53 @@ def load_certificate_pair(report: Report, cert_place: Place, key_place: Place,
         return None
     try:
         if digest and _pair_digest(cert_path, key_path) == digest:     # not replaced while checked
-            _USABLE_PAIRS[digest] = decoded
+            _USABLE_PAIRS[digest] = decoded, validity
+            if _CHECKED_CONTEXTS is not None:
+                _CHECKED_CONTEXTS[digest] = context
     except OSError:
         pass
     return decoded
 
 
+@contextmanager
+def keeping_checked_contexts() -> Iterator[None]:
+    """Keep the contexts key pairs are checked with, for `checked_context`, until the block ends."""
+    global _CHECKED_CONTEXTS
+    _CHECKED_CONTEXTS = {}
+    try:
+        yield
+    finally:
+        _CHECKED_CONTEXTS = None
+
+
+def checked_context(cert_path: str, key_path: str) -> ssl.SSLContext | None:
+    """The context the pair in these files (as they are now) was checked with, kept by
+    `keeping_checked_contexts`, with nothing but that pair loaded; given once, None otherwise."""
+    if not _CHECKED_CONTEXTS:
+        return None
+    try:
+        return _CHECKED_CONTEXTS.pop(_pair_digest(cert_path, key_path), None)
+    except OSError:
+        return None
+
+
 def _pair_digest(cert_path: str, key_path: str) -> bytes:
+    with open(cert_path, "rb") as cert_file, open(key_path, "rb") as key_file:
+        return pair_digest(cert_file.read(), key_file.read())
+
+
+def pair_digest(certificate: bytes, key: bytes) -> bytes:
     """What identifies a key pair whatever its files are called: a hash of both contents."""
-    digest = hashlib.sha256()
-    for path in (cert_path, key_path):
-        with open(path, "rb") as file:
-            digest.update(file.read())
-        digest.update(b"\0")
-    return digest.digest()
+    return hashlib.sha256(certificate + b"\0" + key + b"\0").digest()
+
+
+def usable_pair(certificate: bytes, key: bytes) -> DecodedCertificate | None:
+    """The decoded certificate of a key pair, given as its contents, that this process found usable
+    already and that is still in date; otherwise None (`load_certificate_pair` says why not)."""
+    known = _USABLE_PAIRS.get(pair_digest(certificate, key))
+    if known is None or not _check_dates(Report(""), Place("", 1), "", *known):
+        return None
+    return known[0]
 
 
 def _decode_certificate(path: str) -> DecodedCertificate:
@@ -121,13 +163,20 @@ def _decode_certificate(path: str) -> DecodedCertificate:
     return decode(path)
 
 
-def _check_dates(report: Report, place: Place, path: str, decoded: DecodedCertificate) -> bool:
+def _validity(decoded: DecodedCertificate) -> tuple[float, float] | None:
+    """`(notBefore, notAfter)` in seconds since the epoch; None when they cannot be read."""
     try:
-        not_after = ssl.cert_time_to_seconds(decoded["notAfter"])
-        not_before = ssl.cert_time_to_seconds(decoded["notBefore"])
+        return ssl.cert_time_to_seconds(decoded["notBefore"]), ssl.cert_time_to_seconds(decoded["notAfter"])
     except (KeyError, ValueError):
+        return None
+
+
+def _check_dates(report: Report, place: Place, path: str, decoded: DecodedCertificate,
+                 validity: tuple[float, float] | None) -> bool:
+    if validity is None:
         report.error(place, f"cannot read the validity dates of {path}")
         return False
+    not_before, not_after = validity
     now = time.time()
     if not_after < now:
         report.error(place, f"the certificate {path} expired on {decoded['notAfter']}")

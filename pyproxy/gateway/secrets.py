@@ -2,8 +2,10 @@
 
 `check_pair` decides whether a Secret's `tls.crt`/`tls.key` is a usable key pair with the very checks
 `pyproxy -t` makes on files (`pyproxy.config.tlsfiles.load_certificate_pair`), reading the PEM from
-memory files so that the translation writes nothing. `pem_paths` names the files after their content,
-so an unchanged Secret keeps its paths across translations; `write_pem_files` writes them (0600).
+memory files so that the translation writes nothing; a pair this process found usable already is only
+checked for its dates (a reload's loader child inherits what the start checked). `pem_paths` names
+the files after their content, so an unchanged Secret keeps its paths across translations;
+`write_pem_files` writes them (0600).
 """
 
 from __future__ import annotations
@@ -13,11 +15,14 @@ import os
 import ssl
 
 from pyproxy.config.sections import Place, Report
-from pyproxy.config.tlsfiles import certificate_names, load_certificate_pair
+from pyproxy.config.tlsfiles import certificate_names, load_certificate_pair, usable_pair
 
 
 def check_pair(certificate: bytes, key: bytes) -> tuple[tuple[str, ...], str | None]:
     """`(names the certificate covers, None)` for a usable pair, else `((), why not)`."""
+    known = usable_pair(certificate, key)
+    if known is not None:
+        return certificate_names(known), None
     descriptors = []
     try:
         for label, data in (("tls.crt", certificate), ("tls.key", key)):

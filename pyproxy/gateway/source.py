@@ -5,8 +5,9 @@ The pyproxy file's `gateway` key names manifest files and folders; `GatewayManif
 
     read_paths → translate → write the PEM files and the translated entities → validate_fragment
 
-The translated entities are written as `translated.yaml` in `gateway.runtime_dir` and validated from
-there like any file, so an error in them names a line one can read. A manifest file that cannot be
+The translated entities are written as `translated.yaml` in `gateway.runtime_dir` and validated as
+read from there, so an error in them names a line one can read (`dump_document` builds what reading
+the file gives as it writes it, rather than parsing it back). A manifest file that cannot be
 read or is not YAML fails the source, and with it the load: the running configuration keeps serving.
 A malformed object is a warning (`FILE:LINE: Kind namespace/name: field: message`); the other
 objects apply, and so does its last valid version if pyproxy read one (as the API server refuses a
@@ -24,12 +25,10 @@ import os
 from dataclasses import replace
 from typing import Any
 
-import yaml
-
 from pyproxy.config import Config, ConfigError, ConfigIssue
-from pyproxy.config.loader import read_document
+from pyproxy.config.loader import dump_document, read_document
 from pyproxy.config.sources import Loaded, Warn
-from pyproxy.config.validate import validate_fragment
+from pyproxy.config.validate import collector_paused, validate_fragment
 
 from . import objects
 from .manifests import Resource, manifest_files, read_paths
@@ -40,8 +39,6 @@ from .translate import Options, StatusKey, translate
 TRANSLATED = "translated.yaml"
 LAST_VALID = "last-valid.json"
 PARSED = "parsed.marshal"          # the manifest files' documents by their text's hash (read_paths)
-# libyaml's emitter when PyYAML has it (10x faster: 1,000 routes' entities in 0.05 s, not 0.5 s).
-_Dumper = yaml.CSafeDumper if yaml.__with_libyaml__ else yaml.SafeDumper
 
 # The order `-t --status` lists the objects in: a Gateway's class first, the routes after it.
 KIND_ORDER = ("GatewayClass", "Gateway", "TCPRoute", "TLSRoute", "UDPRoute", "BackendTLSPolicy", "TCPIngress",
@@ -64,29 +61,34 @@ class GatewayManifests:
         return os.path.join(self.settings.runtime_dir, TRANSLATED)
 
     def load(self, warn: Warn) -> Loaded:
+        with collector_paused():        # as the other sources load: see there
+            return self._load(warn)
+
+    def _load(self, warn: Warn) -> Loaded:
         resources, notices = read_paths(self.paths(), cache=os.path.join(self.settings.runtime_dir, PARSED))
         unreadable = [ConfigIssue(notice.file, notice.line, "", notice.message)
                       for notice in notices if notice.unreadable]
         if unreadable:
             return None, unreadable
-        resources, last_valid = self._keep_last_valid(resources, warn)
+        resources, last_valid, known = self._keep_last_valid(resources, warn)
         options = Options(controller_name=self.settings.controller_name, addresses=self.settings.addresses,
                           runtime_dir=self.settings.runtime_dir,
                           stream_listen=tuple(f"{listen}{' ssl' if listen.ssl else ''}"
                                               for listen in self.file.stream_listen),
                           status_listen=self.file.status_listen)
-        translation = translate(resources, options)
+        translation = translate(resources, options, known)
         if warn is not None:
             for notice in notices + translation.notices:
                 warn(str(notice))
         entities = {key: items for key, items in translation.entities.items() if items}
-        files = {**translation.files,
-                 self.name: yaml.dump(entities, Dumper=_Dumper, sort_keys=False, width=1 << 16).encode(),
+        text, document = dump_document(entities)
+        files = {**translation.files, self.name: text.encode(),
                  os.path.join(self.settings.runtime_dir, LAST_VALID): last_valid}
         try:
             write_pem_files(files)
             _remove_stale_pem_files(self.settings.runtime_dir, files)
-            document = read_document(self.name)
+            if document is None:
+                document = read_document(self.name)
         except OSError as exc:
             where = f' "{exc.filename}"' if exc.filename else ""
             return None, [ConfigIssue(self.file.path, self.settings.line, "gateway.runtime_dir",
@@ -107,23 +109,21 @@ class GatewayManifests:
             return paths[:-1]
         return paths
 
-    def _keep_last_valid(self, resources: list[Resource], warn: Warn) -> tuple[list[Resource], bytes]:
+    def _keep_last_valid(self, resources: list[Resource],
+                         warn: Warn) -> tuple[list[Resource], bytes, dict[int, objects.Parsed]]:
         """`resources` with each malformed object of a kind pyproxy reads replaced by its last valid
-        version, when there is one (the translation reports and skips the others); and the valid
-        objects as `last-valid.json` will hold them."""
-        path = os.path.join(self.settings.runtime_dir, LAST_VALID)
-        try:
-            with open(path, "rb") as stream:
-                previous = {_identity(resource): resource
-                            for resource in (Resource(**fields) for fields in json.load(stream))}
-        except (OSError, ValueError, TypeError):
-            previous = {}           # none yet, or not ours: nothing to fall back on
+        version, when there is one (the translation reports and skips the others); the valid
+        objects as `last-valid.json` will hold them; and what they parsed to, by their id()."""
+        previous: dict[StatusKey, Resource] | None = None       # read at the first malformed object
         kept, valid = [], []
+        known: dict[int, objects.Parsed] = {}
         for resource in resources:
             if resource.api_version in objects.API_VERSIONS.get(resource.kind, ()):
                 try:
-                    objects.parse(resource)
+                    known[id(resource)] = objects.parse(resource)
                 except Malformed as error:
+                    if previous is None:
+                        previous = self._last_valid()
                     last = previous.get(_identity(resource))
                     if last is None:
                         kept.append(resource)
@@ -134,7 +134,16 @@ class GatewayManifests:
                     resource = last
                 valid.append(resource)
             kept.append(resource)
-        return kept, json.dumps([vars(resource) for resource in valid], default=str).encode()
+        return kept, json.dumps([vars(resource) for resource in valid], default=str).encode(), known
+
+    def _last_valid(self) -> dict[StatusKey, Resource]:
+        """The objects `last-valid.json` holds, by identity."""
+        try:
+            with open(os.path.join(self.settings.runtime_dir, LAST_VALID), "rb") as stream:
+                return {_identity(resource): resource
+                        for resource in (Resource(**fields) for fields in json.load(stream))}
+        except (OSError, ValueError, TypeError):
+            return {}           # none yet, or not ours: nothing to fall back on
 
 
 def _remove_stale_pem_files(folder: str, files: dict[str, bytes]) -> None:
@@ -157,14 +166,14 @@ def kubectl_statuses(statuses: dict[StatusKey, dict[str, Any]],
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
     def stamped(value: Any) -> Any:
+        """A copy of the dict or list `value`, its conditions stamped (scalars are not copied)."""
         if isinstance(value, dict):
-            value = {key: stamped(item) for key, item in value.items()}
+            value = {key: stamped(item) if isinstance(item, (dict, list)) else item
+                     for key, item in value.items()}
             if "type" in value and "reason" in value and "status" in value:
                 value["lastTransitionTime"] = now
             return value
-        if isinstance(value, list):
-            return [stamped(item) for item in value]
-        return value
+        return [stamped(item) if isinstance(item, (dict, list)) else item for item in value]
 
     objects = {}
     for key, status in statuses.items():

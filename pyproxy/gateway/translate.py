@@ -194,11 +194,13 @@ class _State:
 
 # --- entry point ------------------------------------------------------------------------------------
 
-def translate(resources: list[Resource], options: Options | None = None) -> Translation:
-    """Translate the objects (as read by `read_paths` or from the API); see the module docstring."""
+def translate(resources: list[Resource], options: Options | None = None,
+              known: dict[int, objects.Parsed] | None = None) -> Translation:
+    """Translate the objects (as read by `read_paths` or from the API); see the module docstring.
+    `known`: `objects.parse` of some of them, by their id(), which are not parsed again."""
     options = options or Options()
     state = _State(options, [])
-    parsed = _parse_all(state, resources)
+    parsed = _parse_all(state, resources, known or {})
     for listen in options.stream_listen:
         address, *flags = listen.split()
         try:
@@ -266,8 +268,10 @@ def translate(resources: list[Resource], options: Options | None = None) -> Tran
     return Translation(_entities(state, listeners), state.statuses, state.files, state.notices)
 
 
-def _parse_all(state: _State, resources: list[Resource]) -> list[objects.Parsed]:
-    """The objects of the kinds pyproxy reads, typed; one notice per other kind, one per bad object."""
+def _parse_all(state: _State, resources: list[Resource],
+               known: dict[int, objects.Parsed]) -> list[objects.Parsed]:
+    """The objects of the kinds pyproxy reads, typed (those `known` by their id() as they are there);
+    one notice per other kind, one per bad object."""
     parsed: list[objects.Parsed] = []
     ignored: dict[tuple[str, str], list[Resource]] = defaultdict(list)
     seen: dict[tuple[str, str, str], Resource] = {}
@@ -282,8 +286,9 @@ def _parse_all(state: _State, resources: list[Resource]) -> list[objects.Parsed]
                                                  "this one is skipped"))
             continue
         seen[identity] = resource
+        item = known.get(id(resource))
         try:
-            parsed.append(objects.parse(resource))
+            parsed.append(item if item is not None else objects.parse(resource))
         except Malformed as error:
             state.notices.append(resource.notice(f"{error.message}; the object is skipped", error.field))
     for (api_version, kind), skipped in ignored.items():

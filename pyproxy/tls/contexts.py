@@ -28,6 +28,7 @@ from functools import partial
 
 from pyproxy.addresses import is_ip_address
 from pyproxy.config.model import Certificate, ClientCertificate, Config, Route, Service, SSLSettings
+from pyproxy.config.tlsfiles import checked_context
 from pyproxy.loop import Loop
 from pyproxy.tls.stream import TLSStream, UpstreamTLSStream
 
@@ -41,7 +42,12 @@ _VERSIONS = {
 
 def _server_context(settings: SSLSettings, client: ClientCertificate | None, alpn: tuple[str, ...],
                     cert: str | None, key: str | None, ocsp: str | None = None) -> ssl.SSLContext:
-    if ocsp is None:
+    # At a start, the context the configuration's check loaded this very pair into (settings are
+    # applied below as to a new one): OpenSSL parses each certificate and key once.
+    checked = checked_context(cert, key) if cert is not None and key is not None and ocsp is None else None
+    if checked is not None:
+        ctx = checked
+    elif ocsp is None:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     else:
         from pyproxy.tls.stapling import StaplingContext  # ctypes: only where a response is stapled
@@ -73,7 +79,7 @@ def _server_context(settings: SSLSettings, client: ClientCertificate | None, alp
         # Selected by OpenSSL in the handshake (the first of ours the client offers), on whichever
         # context SNI switched to: every server context of a ServerTLS offers the same.
         ctx.set_alpn_protocols(list(alpn))
-    if cert is not None:
+    if cert is not None and checked is None:
         ctx.load_cert_chain(cert, key)
     return ctx
 
