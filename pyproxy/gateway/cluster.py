@@ -413,7 +413,7 @@ class ClusterWatcher:
         server's `continue` tokens; the resourceVersion of the list, kept for the watch. A token that
         expired meanwhile is 410 Gone, as a watch's: the whole list is made again."""
         for version in ([self.versions[kind.kind]] if kind.kind in self.versions else kind.versions):
-            base = [("limit", LIST_PAGE)]
+            base: list[tuple[str, Any]] = [("limit", LIST_PAGE)]
             if kind.field_selector:
                 base.append(("fieldSelector", kind.field_selector))
             items: list[dict[str, Any]] = []
