@@ -444,3 +444,29 @@ services:
     finally:
         for p in instances:
             p.stop()
+
+
+def test_the_admin_api_takes_the_redis_record_and_names_a_bad_key(proxy, upstreams, redis):
+    """Kong's Admin API, as a Kong 3.6 user posts a limit: the record works and a typo in it is
+    Kong's 400, naming the key."""
+    from tests.integration.test_admin import call, settled, start
+    server = redis()
+    up = upstreams(tag_handler, name="up")
+    port = free_port()
+    p = start(proxy, port)
+    call(p.admin, "POST", "/services", {"name": "svc", "protocol": "tcp", "host": "127.0.0.1",
+                                        "port": up.port})
+    assert call(p.admin, "POST", "/services/svc/routes",
+                {"name": "main", "protocols": ["tcp"], "destinations": [{"port": port}]})[0] == 201
+    status, body = call(p.admin, "POST", "/routes/main/plugins", {"name": "limit-conn", "config": {
+        "limit": 1, "per": "route", "policy": "redis", "redis": {"hots": "127.0.0.1", "port": server.port}}})
+    assert status == 400 and "redis.hots: unknown key; did you mean 'host'?" in body["message"], body
+    status, body = call(p.admin, "POST", "/routes/main/plugins", {"name": "limit-conn", "config": {
+        "limit": 1, "per": "route", "policy": "redis", "fault_tolerant": False,
+        "redis": {"host": "127.0.0.1", "port": server.port}}})
+    assert status == 201, body
+    wait_until(lambda: settled(p), what="the new generation with the plugin")
+    held = opened(port)
+    assert held is not None and opened(port) is None   # limit 1…
+    assert _count(server) == 1                         # …counted in the Redis the record names
+    held.close()
