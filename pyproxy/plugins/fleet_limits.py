@@ -126,7 +126,8 @@ def redis_settings(config: PluginConfig) -> PluginConfig:
     nested = config.get("redis")
     settings = {field: config.get(f"redis_{field}") for field in REDIS_FIELDS}
     if isinstance(nested, dict):
-        settings.update((field, value) for field, value in nested.items() if value is not None)
+        settings.update((field, value) for field, value in nested.items()
+                        if field in settings and value is not None)
     return {field: value for field, value in settings.items() if value is not None}
 
 
