@@ -612,15 +612,20 @@ def _known_plugin(report: Report, place: Place, name: str, types: Mapping[str, t
 def _check_plugin_config(report: Report, place: Place, plugin: type[PluginClass],
                          config: tuple[tuple[str, object], ...]) -> None:
     """The plugin's own checks; its problems are reported at the config's line (their keys inside
-    `config` are named in the key path)."""
+    `config`, and inside a record in it, `redis.host`, are named in the key path)."""
     from pyproxy.plugins import plain
     for key, message in plugin.check(plain(config) or {}):
         head, bracket, index = key.partition("[")      # "allow[2]" → allow, then the index
-        path = key_path(place.path, head)
-        if path == place.path:                         # not a plain word: the path stays one word
-            message = f"{head!r}: {message}"
-        elif bracket:
-            path += bracket + index
+        path = place.path
+        for word in head.split("."):                   # "redis.host": `host` in the record `redis`
+            inner = key_path(path, word)
+            if inner == path:                          # not a plain word: the path stays one word
+                message = f"{word!r}: {message}"
+                break
+            path = inner
+        else:
+            if bracket:
+                path += bracket + index
         report.error(Place(path, place.line), message)
 
 

@@ -3,9 +3,11 @@
     - name: limit-conn
       config: {limit: 100, per: ip, policy: redis, redis_host: 10.0.0.5, redis_timeout: 200}
 
-The fields are Kong's (`policy`, `redis_host`, `redis_port`, `redis_username`, `redis_password`,
-`redis_database`, `redis_timeout` in milliseconds, default 2000, `redis_ssl`, `redis_ssl_verify`,
-`redis_server_name`). Each worker process has one
+The fields are Kong's: `policy`, `fault_tolerant`, and the Redis connection as Kong 3.6 and later
+write it, `redis: {host, port, username, password, database, timeout, ssl, ssl_verify,
+server_name}` (`timeout` in milliseconds, default 2000), or as the flat shorthands older Kongs wrote
+and newer ones still take (`redis_host`, `redis_port`…): the same meaning, and a field given both
+ways with two different values is refused, as Kong 3.8 and later refuse it. Each worker process has one
 connection to each Redis it is given, in its own event loop (pyproxy.plugins.redis_client): a
 session on a limited route waits for one round trip, other sessions do not wait at all, and the
 commands of one tick go out in one write.
@@ -36,7 +38,9 @@ plugins fail open, as Kong does: every session waiting on it and every later one
 local policy (the instance's shared-memory counts, which always count every session the instance
 holds) until Redis answers again. The error log says it once when it starts and once when it ends,
 per worker process. Sessions decided locally meanwhile are counted in Redis once it is back (the
-re-assert above).
+re-assert above). With `fault_tolerant: false` (Kong's field; true by default) the sessions that
+would be decided locally are refused instead, status 500 as Kong's 500 then (not the limit's 503:
+nobody knows whether the limit was reached); the log lines are the same.
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ import os
 import socket
 from typing import TYPE_CHECKING
 
+from pyproxy.config.model import STATUS_INTERNAL
+from pyproxy.config.values import did_you_mean
 from pyproxy.phases import CLOSED
 from pyproxy.plugins import PENDING, PluginConfig, PluginContext
 from pyproxy.plugins.limits import LimitConn, RateLimit, _key
@@ -56,8 +62,9 @@ if TYPE_CHECKING:
     from pyproxy.session import Session
 
 POLICIES = ("local", "redis")
-REDIS_KEYS = ("policy", "redis_host", "redis_port", "redis_username", "redis_password", "redis_database",
-              "redis_timeout", "redis_ssl", "redis_ssl_verify", "redis_server_name")
+REDIS_FIELDS = ("host", "port", "username", "password", "database", "timeout", "ssl", "ssl_verify",
+                "server_name")     # Kong's `redis: {…}` record (3.6 and later); `redis_<field>` before
+REDIS_KEYS = ("policy", *(f"redis_{field}" for field in REDIS_FIELDS), "fault_tolerant", "redis")
 LEASE_MS = 5000          # a worker's counts stop counting this long after its last renewal
 BEAT = 1.0               # seconds between renewals, while the worker holds sessions on the key
 BEAT_KEYS = 200          # keys per renewal command
@@ -113,42 +120,80 @@ return 1
 """
 
 
+def redis_settings(config: PluginConfig) -> PluginConfig:
+    """The Redis connection's fields (`host`, `port`…) that are set, from `redis: {…}` or the flat
+    `redis_*` shorthands (check_policy has refused the two disagreeing)."""
+    nested = config.get("redis")
+    settings = {field: config.get(f"redis_{field}") for field in REDIS_FIELDS}
+    if isinstance(nested, dict):
+        settings.update((field, value) for field, value in nested.items()
+                        if field in settings and value is not None)
+    return {field: value for field, value in settings.items() if value is not None}
+
+
 def check_policy(config: PluginConfig) -> list[tuple[str, str]]:
-    """Problems with `policy` and the `redis_*` fields (None is Kong's "not set")."""
+    """Problems with `policy`, `fault_tolerant` and the Redis fields (None is Kong's "not set"); a
+    problem names the key the value came from (`redis.port` or `redis_port`)."""
     problems: list[tuple[str, str]] = []
     policy = config.get("policy", "local")
     if policy not in POLICIES:
         problems.append(("policy", f"expected one of {', '.join(POLICIES)}, got {policy!r}"))
-    host = config.get("redis_host")
+    fault_tolerant = config.get("fault_tolerant")
+    if fault_tolerant is not None and not isinstance(fault_tolerant, bool):
+        problems.append(("fault_tolerant", f"expected true or false, got {fault_tolerant!r}"))
+    nested = config.get("redis")
+    if nested is not None and not isinstance(nested, dict):
+        problems.append(("redis", f"expected a mapping of {', '.join(REDIS_FIELDS)}, got {nested!r}"))
+        nested = None
+    where = {field: f"redis_{field}" for field in REDIS_FIELDS}
+    for field, value in (nested or {}).items():
+        flat = f"redis_{field}"
+        if field not in REDIS_FIELDS:
+            hint = did_you_mean(field, REDIS_FIELDS)
+            problems.append((f"redis.{field}",
+                             f"unknown key{hint}" if hint else
+                             f"unknown key; expected one of {', '.join(REDIS_FIELDS)}"))
+        elif value is not None:
+            where[field] = f"redis.{field}"
+            if config.get(flat) is not None and config[flat] != value:
+                # Kong ≥ 3.8 refuses a deprecated field that disagrees with its replacement.
+                problems.append((f"redis.{field}", f"{value!r} disagrees with {flat}: {config[flat]!r}; "
+                                                   f"give one of the two (redis_* is Kong's older form)"))
+    settings = redis_settings(config)
+    host = settings.get("host")
     if policy == "redis" and host is None:
-        problems.append(("redis_host", "required with policy: redis"))
+        problems.append(("redis.host" if nested else "redis_host", "required with policy: redis"))
     if host is not None and (not isinstance(host, str) or not host):
-        problems.append(("redis_host", f"expected a host name or address, got {host!r}"))
-    for key, low, high in (("redis_port", 1, 65535), ("redis_database", 0, 1 << 31),
-                           ("redis_timeout", 1, 3_600_000)):
-        value = config.get(key)
+        problems.append((where["host"], f"expected a host name or address, got {host!r}"))
+    for field, low, high in (("port", 1, 65535), ("database", 0, 1 << 31), ("timeout", 1, 3_600_000)):
+        value = settings.get(field)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                   or not low <= value <= high):
-            problems.append((key, f"expected an integer from {low} to {high}, got {value!r}"))
-    for key in ("redis_username", "redis_password", "redis_server_name"):
-        value = config.get(key)
+            problems.append((where[field], f"expected an integer from {low} to {high}, got {value!r}"))
+    for field in ("username", "password", "server_name"):
+        value = settings.get(field)
         if value is not None and not isinstance(value, str):
-            problems.append((key, f"expected a string, got {value!r}"))
-    for key in ("redis_ssl", "redis_ssl_verify"):
-        value = config.get(key)
+            problems.append((where[field], f"expected a string, got {value!r}"))
+    for field in ("ssl", "ssl_verify"):
+        value = settings.get(field)
         if value is not None and not isinstance(value, bool):
-            problems.append((key, f"expected true or false, got {value!r}"))
+            problems.append((where[field], f"expected true or false, got {value!r}"))
     return problems
 
 
 def _client(config: PluginConfig, context: PluginContext) -> RedisClient:
-    port, database, timeout = (config.get("redis_port"), config.get("redis_database"),
-                               config.get("redis_timeout"))
-    return client_for(config["redis_host"], 6379 if port is None else port,
-                      (2000 if timeout is None else timeout) / 1000, context.log,
-                      config.get("redis_username"), config.get("redis_password"),
-                      0 if database is None else database, bool(config.get("redis_ssl")),
-                      bool(config.get("redis_ssl_verify")), config.get("redis_server_name"))
+    settings = redis_settings(config)
+    return client_for(settings["host"], settings.get("port", 6379), settings.get("timeout", 2000) / 1000,
+                      context.log, settings.get("username"), settings.get("password"),
+                      settings.get("database", 0), bool(settings.get("ssl")),
+                      bool(settings.get("ssl_verify")), settings.get("server_name"))
+
+
+def _unavailable(plugin: LimitConn | RateLimit, session: Session) -> int:
+    """`fault_tolerant: false` and Redis cannot be asked: the session is refused, status 500 (Kong's
+    answer then; 503, the limit's refusal, would say the limit was reached, which nobody knows)."""
+    session.log("info", f"{plugin.name}: Redis unavailable and fault_tolerant is false; session refused")
+    return STATUS_INTERNAL
 
 
 def _worker_id() -> str:
@@ -171,6 +216,7 @@ class FleetLimitConn(LimitConn):
         self.asking: dict[str, int] = {}     # Redis key -> admissions sent, not answered yet
         self.loop: Loop | None = None
         self.beat_timer: Timer | None = None
+        self.fault_tolerant = config.get("fault_tolerant") is not False
         client.on_up.append(self.beat)
 
     def access(self, session: Session) -> int | None:
@@ -208,8 +254,10 @@ class FleetLimitConn(LimitConn):
             session.resume_access(self, self._local(session, key, rkey))
 
     def _local(self, session: Session, key: str, rkey: str) -> int | None:
-        """The local policy's verdict (Redis is down); an admitted session is counted in Redis too
-        once it is back (beat)."""
+        """The local policy's verdict (Redis is down), or a refusal with `fault_tolerant: false`; an
+        admitted session is counted in Redis too once it is back (beat)."""
+        if not self.fault_tolerant:
+            return _unavailable(self, session)
         slot = slot_of(f"limit-conn|{self.scope}|{key}")
         self.counts.add(slot, 1)
         if self.counts.total(slot) > self.limit:
@@ -271,6 +319,7 @@ class FleetRateLimit(RateLimit):
         self.gcra_sha = self.client.script(GCRA)
         interval = 1000.0 / self.rate
         self.interval, self.tolerance = f"{interval:.6f}", f"{(self.burst - 1) * interval:.6f}"
+        self.fault_tolerant = config.get("fault_tolerant") is not False
 
     def access(self, session: Session) -> int | None:
         key = _key(self.per, session)
@@ -283,12 +332,16 @@ class FleetRateLimit(RateLimit):
             elif reply == 0:
                 session.resume_access(self, self.refuse(session, key, " across the fleet"))
             else:                               # UNAVAILABLE: Redis failed, decide locally
-                session.resume_access(self, RateLimit.access(self, session))
+                session.resume_access(self, self._local(session))
 
         if self.client.call(session.loop, answered, "EVALSHA", self.gcra_sha, 1,
                             f"pyproxy:rate-limit:{self.scope}:{key}", self.interval, self.tolerance):
             return PENDING
-        return RateLimit.access(self, session)
+        return self._local(session)
+
+    def _local(self, session: Session) -> int | None:
+        """The local policy's verdict (Redis is down), or a refusal with `fault_tolerant: false`."""
+        return RateLimit.access(self, session) if self.fault_tolerant else _unavailable(self, session)
 
     def close(self) -> None:
         self.client.close()

@@ -59,12 +59,17 @@ def fleet(tmp_path):
 config = with_plugins       # a route `main` on the port, to the upstream, with these plugins
 
 
-def limit_conn(redis_port: int, limit: int, timeout_ms: int = 1000) -> str:
+def limit_conn(redis_port: int, limit: int, timeout_ms: int = 1000, nested: bool = False,
+               more: str = "") -> str:
+    """`nested`: the Redis settings as Kong 3.6 writes them (`redis: {host, …}`); `more`: more config."""
+    if nested:
+        redis = f"redis: {{host: 127.0.0.1, port: {redis_port}, timeout: {timeout_ms}}}"
+    else:
+        redis = f"redis_host: 127.0.0.1, redis_port: {redis_port}, redis_timeout: {timeout_ms}"
     return f"""
   - name: limit-conn
     route: main
-    config: {{limit: {limit}, per: route, policy: redis, redis_host: 127.0.0.1, redis_port: {redis_port},
-              redis_timeout: {timeout_ms}}}
+    config: {{limit: {limit}, per: route, policy: redis, {redis}{more}}}
 """
 
 
@@ -77,11 +82,12 @@ def opened(port: int) -> socket.socket | None:
     return None
 
 
-def test_two_instances_share_one_connection_limit(fleet, upstreams, redis):
+@pytest.mark.parametrize("nested", [False, True], ids=["redis_host", "redis.host"])
+def test_two_instances_share_one_connection_limit(fleet, upstreams, redis, nested):
     server = redis()
     up = upstreams(tag_handler, name="up")
     ports = [free_port(), free_port()]
-    instances = fleet(lambda port: config(port, up.port, limit_conn(server.port, 3)), ports)
+    instances = fleet(lambda port: config(port, up.port, limit_conn(server.port, 3, nested=nested)), ports)
     held = []
     for i in range(3):                              # a, b, a: three sessions in all, on two instances
         sock = opened(ports[i % 2])
@@ -117,13 +123,16 @@ def test_a_crashed_instance_stops_counting_when_its_lease_ends(fleet, upstreams,
     assert 3 < time.monotonic() - killed < 8         # the lease (5 s) ended, not before
 
 
-def test_two_instances_share_one_rate_limit(fleet, upstreams, redis):
+@pytest.mark.parametrize("nested", [False, True], ids=["redis_host", "redis.host"])
+def test_two_instances_share_one_rate_limit(fleet, upstreams, redis, nested):
     server = redis()
     up = upstreams(tag_handler, name="up")
     ports = [free_port(), free_port()]
+    where = (f"redis: {{host: 127.0.0.1, port: {server.port}}}" if nested else
+             f"redis_host: 127.0.0.1, redis_port: {server.port}")
     plugin = f"""
   - name: rate-limit
-    config: {{rate: 1, burst: 4, per: ip, policy: redis, redis_host: 127.0.0.1, redis_port: {server.port}}}
+    config: {{rate: 1, burst: 4, per: ip, policy: redis, {where}}}
 """
     fleet(lambda port: config(port, up.port, plugin), ports)
     started = time.monotonic()
@@ -325,3 +334,139 @@ def test_sessions_of_a_draining_generation_still_count_in_redis(proxy, upstreams
     assert opened(port) is None
     for sock in held:
         sock.close()
+
+
+def with_unlimited_route(text: str, port: int, free: int) -> str:
+    """`text` (config()) with a second listener, `free`, whose route `other` no plugin limits."""
+    other = f"""
+      - name: other
+        protocols: [tcp]
+        destinations: [{{port: {free}}}]
+plugins:"""
+    listeners = f"[127.0.0.1:{port}, 127.0.0.1:{free}]"
+    return text.replace("plugins:", other).replace(f"[127.0.0.1:{port}]", listeners)
+
+
+def test_not_fault_tolerant_refuses_the_limited_route_while_redis_is_away(proxy, upstreams, redis):
+    """fault_tolerant: false: with Redis stopped the limited route's sessions are refused (status
+    500, logged once as unavailable), the unlimited route still serves; Redis back: served again."""
+    server = redis()
+    up = upstreams(tag_handler, name="up")
+    port, free = free_port(), free_port()
+    plugin = limit_conn(server.port, 5, timeout_ms=500, nested=True, more=", fault_tolerant: false")
+    p = proxy(with_unlimited_route(config(port, up.port, plugin, workers=1), port, free))
+    first = opened(port)
+    assert first is not None                        # Redis up: served (1 of 5)
+    server.stop()
+    assert [opened(port) for _ in range(3)] == [None, None, None]   # far below the limit: refused
+    served = opened(free)
+    assert served is not None                       # no limit there: Redis does not matter
+    served.close()
+    p.wait_log(DOWN)
+    assert "fault_tolerant is false; session refused" in p.log_text()
+    statuses = [line.split()[1] for line in p.wait_access(4)]     # `first` is still open
+    assert statuses == ["500"] * 3 + ["200"], statuses
+
+    server = redis(server.port)
+    p.wait_log(BACK, timeout=5)
+    again = opened(port)
+    assert again is not None                        # served again once Redis answers
+    again.close()
+    first.close()
+    log = p.log_text()
+    assert log.count(DOWN) == 1 and log.count(BACK) == 1
+
+
+def test_a_bad_key_in_the_redis_record_is_refused_by_t(proxy):
+    text = config(free_port(), free_port(), """
+  - name: limit-conn
+    config: {limit: 3, policy: redis, redis: {hots: 127.0.0.1, port: 6379}}
+""")
+    result = proxy(text, start=False).run_cli("-t")
+    assert result.returncode != 0
+    assert "plugins[0].config.redis.hots: unknown key; did you mean 'host'?" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_kong_file_with_the_redis_record_limits_across_two_instances(tmp_path, upstreams, redis,
+                                                                       monkeypatch):
+    """A kong.yml as deck dumps a Kong 3.6 limit (`redis: {…}`, the shorthands beside it, equal or
+    null), run as is by two pyproxy instances: one limit for both."""
+    from tests.integration.test_kong import KongProxy
+    server = redis()
+    up = upstreams(tag_handler, name="up")
+    ports = [free_port(), free_port()]
+    monkeypatch.delenv("KONG_STREAM_LISTEN", raising=False)
+    instances = []
+    try:
+        for port in ports:
+            folder = tmp_path / str(port)
+            folder.mkdir()
+            instances.append(KongProxy(folder, f"""_format_version: "3.0"
+services:
+- name: echo
+  protocol: tcp
+  host: 127.0.0.1
+  port: {up.port}
+  routes:
+  - name: main
+    protocols: [tcp]
+    destinations: [{{port: {port}}}]
+    plugins:
+    - name: limit-conn
+      config:
+        limit: 2
+        per: route
+        policy: redis
+        fault_tolerant: true
+        redis_host: 127.0.0.1
+        redis_port: null
+        redis_password: null
+        redis:
+          host: 127.0.0.1
+          port: {server.port}
+          timeout: 1000
+          database: 0
+          username: null
+          password: null
+          ssl: false
+          ssl_verify: false
+          server_name: null
+""").start())
+        held = [opened(ports[0]), opened(ports[1])]
+        assert all(held)
+        assert opened(ports[0]) is None and opened(ports[1]) is None    # 2 in all, on both instances
+        assert _count(server) == 2                  # counted in the Redis the record names
+        for sock in held:
+            sock.close()
+        for p in instances:
+            assert DOWN not in p.log_text() and "internal error" not in p.log_text()
+    finally:
+        for p in instances:
+            p.stop()
+
+
+def test_the_admin_api_takes_the_redis_record_and_names_a_bad_key(proxy, upstreams, redis):
+    """Kong's Admin API, as a Kong 3.6 user posts a limit: the record works and a typo in it is
+    Kong's 400, naming the key."""
+    from tests.integration.test_admin import call, settled, start
+    server = redis()
+    up = upstreams(tag_handler, name="up")
+    port = free_port()
+    p = start(proxy, port)
+    call(p.admin, "POST", "/services", {"name": "svc", "protocol": "tcp", "host": "127.0.0.1",
+                                        "port": up.port})
+    assert call(p.admin, "POST", "/services/svc/routes",
+                {"name": "main", "protocols": ["tcp"], "destinations": [{"port": port}]})[0] == 201
+    status, body = call(p.admin, "POST", "/routes/main/plugins", {"name": "limit-conn", "config": {
+        "limit": 1, "per": "route", "policy": "redis", "redis": {"hots": "127.0.0.1", "port": server.port}}})
+    assert status == 400 and "redis.hots: unknown key; did you mean 'host'?" in body["message"], body
+    status, body = call(p.admin, "POST", "/routes/main/plugins", {"name": "limit-conn", "config": {
+        "limit": 1, "per": "route", "policy": "redis", "fault_tolerant": False,
+        "redis": {"host": "127.0.0.1", "port": server.port}}})
+    assert status == 201, body
+    wait_until(lambda: settled(p), what="the new generation with the plugin")
+    held = opened(port)
+    assert held is not None and opened(port) is None   # limit 1…
+    assert _count(server) == 1                         # …counted in the Redis the record names
+    held.close()

@@ -45,7 +45,25 @@ needs_redis = pytest.mark.skipif(shutil.which("redis-server") is None, reason="n
      "expected true or false, got 'yes please'"),
     ("{limit: 1, redis_hots: r}", "redis_hots",
      "unknown key; expected one of limit, per, policy, redis_host, redis_port, redis_username, "
-     "redis_password, redis_database, redis_timeout, redis_ssl, redis_ssl_verify, redis_server_name"),
+     "redis_password, redis_database, redis_timeout, redis_ssl, redis_ssl_verify, redis_server_name, "
+     "fault_tolerant, redis"),
+    # Kong 3.6's nested record: the same checks, named where the value is.
+    ("{limit: 1, redis: {hots: r}}", "redis.hots", "unknown key; did you mean 'host'?"),
+    ("{limit: 1, policy: redis, redis: {host: r, colour: blue}}", "redis.colour",
+     "unknown key; expected one of host, port, username, password, database, timeout, ssl, ssl_verify, "
+     "server_name"),
+    ("{limit: 1, policy: redis, redis: {port: 6379}}", "redis.host", "required with policy: redis"),
+    ("{limit: 1, policy: redis, redis: {host: r, port: 70000}}", "redis.port",
+     "expected an integer from 1 to 65535, got 70000"),
+    ("{limit: 1, policy: redis, redis: {host: r, ssl: maybe}}", "redis.ssl",
+     "expected true or false, got 'maybe'"),
+    ("{limit: 1, redis: r:6379}", "redis",
+     "expected a mapping of host, port, username, password, database, timeout, ssl, ssl_verify, server_name, "
+     "got 'r:6379'"),
+    ("{limit: 1, policy: redis, redis_port: 6380, redis: {host: r, port: 6379}}", "redis.port",
+     "6379 disagrees with redis_port: 6380; give one of the two (redis_* is Kong's older form)"),
+    ("{limit: 1, policy: redis, redis_host: r, fault_tolerant: no thanks}", "fault_tolerant",
+     "expected true or false, got 'no thanks'"),
 ])
 def test_bad_redis_settings_are_named_where_they_are(tmp_path: Path, config: str, key: str, message: str):
     error = only_error(tmp_path, MINIMAL + f"plugins:\n  - {{name: limit-conn, config: {config}}}\n")
@@ -63,6 +81,23 @@ def test_kong_style_settings_with_nulls_load(tmp_path: Path):
 """
     config = load_config(write(tmp_path, MINIMAL + plugins))
     assert [entry.name for entry in config.plugins] == ["rate-limit", "limit-conn"]
+
+
+def test_kong_nested_redis_settings_load_and_mean_the_flat_ones(tmp_path: Path):
+    """What Kong 3.6 and later write (deck dumps the shorthands too, equal, and nulls)."""
+    from pyproxy.plugins import plain
+    from pyproxy.plugins.fleet_limits import redis_settings
+    plugins = """plugins:
+  - name: limit-conn
+    config: {limit: 5, policy: redis, fault_tolerant: false, redis_host: redis.internal, redis_port: null,
+             redis: {host: redis.internal, port: 6380, timeout: 300, ssl: false, password: null}}
+  - name: rate-limit
+    config: {rate: 5, policy: redis, redis_host: redis.internal, redis_port: 6380, redis_timeout: 300,
+             redis_ssl: false}
+"""
+    nested, flat = load_config(write(tmp_path, MINIMAL + plugins)).plugins
+    assert redis_settings(plain(nested.config)) == redis_settings(plain(flat.config)) == {
+        "host": "redis.internal", "port": 6380, "timeout": 300, "ssl": False}
 
 
 # -- RESP ------------------------------------------------------------------------------------------
