@@ -109,6 +109,7 @@ class SplicePump:
     __slots__ = ("pool", "src", "dst", "readable", "writable", "eof", "done", "pending", "pipe",
                  "received", "sent", "error", "last_io", "blocked_at")
     bulk: Literal[False] = False        # already spliced (see BufferPump.bulk)
+    tls_dst: None = None                # plain to plain (see BufferPump.tls_dst)
 
     def __init__(self, pool: PipePool, src: Stream, dst: Stream):
         self.pool = pool

@@ -86,8 +86,13 @@ class Forwarder(SessionBase):
     # upstream was waiting for it (`writable` False: the pump held bytes or ciphertext it could not
     # send), moves client → upstream; and the other way round. A pump the event tells nothing has
     # nothing new to do: it stopped because its source was dry or its destination full, and neither
-    # changed; one that stopped with work left queued a _resume, which runs both. So the pumps of a
-    # short session run about half as often. Both run (forward) when the event concerns both.
+    # changed; one that stopped with work left queued a _resume, which runs both. Except: a pump
+    # whose FIN waits for its close_notify, which waits until the other pump has read the records
+    # its TLS peer sent (TLSStream.close_notify), runs after it; and towards a TLS upstream both
+    # run on every upstream event, since reading the upstream may leave ciphertext for client →
+    # upstream to send (the answer to a TLS 1.2 renegotiation, TLSStream._answer_peer). So the
+    # pumps of a short session run about half as often. Both run (forward) when the event
+    # concerns both.
     def forward_up(self) -> None:
         """Client → upstream only; see above."""
         c2u = self.c2u

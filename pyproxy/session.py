@@ -168,9 +168,10 @@ class Session(ClientPreread, UpstreamConnector, Forwarder):
         phase = self.phase
         if phase == FORWARDING:
             # Edge-triggered epoll reports EPOLLOUT with every event of a writable socket: it only
-            # concerns the pump that writes here if that pump was waiting for it (see forward_up).
+            # concerns the pump that writes here if that pump was waiting for it, or waits for its
+            # close_notify, which waits for the client's records to be read (see forward_up).
             u2c = self.u2c
-            down = mask & OUT_EVENTS and not u2c.writable
+            down = (mask & OUT_EVENTS and not u2c.writable) or (u2c.eof and not u2c.done)
             if down:
                 u2c.writable = True
             if mask & IN_EVENTS:
@@ -200,7 +201,8 @@ class Session(ClientPreread, UpstreamConnector, Forwarder):
         phase = self.phase
         if phase == FORWARDING:
             c2u = self.c2u
-            up = mask & OUT_EVENTS and not c2u.writable
+            up = ((mask & OUT_EVENTS and not c2u.writable) or (c2u.eof and not c2u.done)
+                  or c2u.tls_dst is not None)
             if up:
                 c2u.writable = True
             if mask & IN_EVENTS:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import select
 import shutil
 import socket
@@ -465,6 +466,38 @@ def test_upstream_closing_first_reaches_a_tls_client_as_close_notify(proxy, upst
     wait_until(lambda: seen, what="the upstream's view of the close")
     assert seen == ["clean"]
     assert "Protocol error" not in p.log_text()
+
+
+def test_an_upload_to_an_upstream_that_half_closed_first_ends_with_its_close_notify(proxy, upstreams, certs):
+    """The client uploads 4 MiB to an upstream that reads nothing at first, then answers and
+    half-closes while the upload waits in the proxy (a record half read from the client), then
+    reads it all: the upload goes through whole (hashed by the upstream), and the client, having
+    read the answer, gets the close_notify once its records are read."""
+    from tests.support import pattern_bytes
+
+    payload = pattern_bytes(4 << 20, seed=21)
+    got = []
+
+    def answers_then_reads_slowly(conn, up):
+        time.sleep(0.3)                            # the upload fills what is between, and waits
+        conn.sendall(b"bye\n")
+        conn.shutdown(socket.SHUT_WR)
+        time.sleep(0.3)
+        digest, total = hashlib.sha256(), 0
+        while chunk := conn.recv(65536):
+            digest.update(chunk)
+            total += len(chunk)
+        got.append((total, digest.hexdigest()))
+
+    up = upstreams(answers_then_reads_slowly)
+    port = free_port()
+    proxy(sni_config(port, certs, service("a", up.port, "tls", "a.example")))
+    with tls_client(port, "a.example", timeout=20) as sock:
+        sock.sendall(payload)
+        assert recv_line(sock) == b"bye\n"
+        assert sock.recv(10) == b""                # the close_notify, then the FIN
+    wait_until(lambda: got, what="the upstream's count of the upload")
+    assert got == [(len(payload), hashlib.sha256(payload).hexdigest())]
 
 
 @pytest.mark.parametrize("when", ["after the client's FIN", "right behind the reply"])
