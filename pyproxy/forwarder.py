@@ -92,7 +92,8 @@ class Forwarder(SessionBase):
     # run on every upstream event, since reading the upstream may leave ciphertext for client →
     # upstream to send (the answer to a TLS 1.2 renegotiation, TLSStream._answer_peer). So the
     # pumps of a short session run about half as often. Both run (forward) when the event
-    # concerns both.
+    # concerns both. The two methods mirror each other, as forward() spells both directions out:
+    # one method taking the direction would add a call to every event.
     def forward_up(self) -> None:
         """Client → upstream only; see above."""
         c2u = self.c2u

@@ -63,7 +63,8 @@ NESTED = {("services", "routes"): "service", ("services", "plugins"): "service",
 CASCADE = {"services": ("plugins",), "routes": ("plugins",), "upstreams": ("targets",),
            "certificates": ("snis",)}
 # Entities that cannot be deleted while others refer to them: the kind and field that refer.
-RESTRICT = {"services": (("routes", "service"),), "certificates": (("services", "client_certificate"),)}
+RESTRICT = {"services": (("routes", "service"),),
+            "certificates": (("services", "client_certificate"), ("upstreams", "client_certificate"))}
 
 
 class AdminAPI:

@@ -59,7 +59,7 @@ KINDS = {kind.name: kind for kind in (
         "name": None, "algorithm": "round-robin", "hash_on": "none", "hash_fallback": "none",
         "hash_on_cookie_path": "/", "slots": 10000, "healthchecks": _HEALTHCHECKS, "tags": None,
         "host_header": None, "client_certificate": None, "use_srv_name": False},
-        required=("name",)),
+        {"client_certificate": "certificates"}, required=("name",)),
     Kind("targets", "target", {"target": None, "weight": 100, "upstream": None, "tags": None},
          {"upstream": "upstreams"}, required=("target",)),
     Kind("certificates", None, {"cert": None, "key": None, "cert_alt": None, "key_alt": None,
