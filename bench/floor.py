@@ -27,6 +27,7 @@ import argparse
 import datetime
 import os
 import select
+import shlex
 import socket
 import ssl
 import statistics
@@ -235,7 +236,7 @@ def start_floor(fleet: Fleet, port: int, upstream_port: int, cert: configs.Certi
     argv = [sys.executable, "-m", "bench.floor", "--serve", str(port), str(upstream_port), cert.cert,
             cert.key, bio, "1" if preread else "0"]
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    fleet.start("floor", ["sh", "-c", " & ".join([" ".join(argv)] * WORKERS) + "; wait"], cwd=here)
+    fleet.start("floor", ["sh", "-c", " & ".join([shlex.join(argv)] * WORKERS) + "; wait"], cwd=here)
     fleet.wait_ready("floor", [port], processes=1 + WORKERS)
 
 

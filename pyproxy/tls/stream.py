@@ -313,10 +313,9 @@ class UpstreamTLSStream(TLSStream):
             self.obj.session = session
 
     def close(self) -> None:
-        obj = self.obj
-        version = obj.version()                 # None: no handshake completed
+        version = self.negotiated               # None: no handshake completed
         if version is not None:
-            session = obj.session
+            session = self.obj.session
             if session is not None and (session.has_ticket if version == TLS1_3 else session.id):
                 sessions = self.sessions
                 if len(sessions) >= UPSTREAM_SESSIONS_MAX and self.key not in sessions:
